@@ -1,0 +1,193 @@
+"""The `nodeagent` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from nodeagent import __version__
+from nodeagent.observability import configure_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+LAB_OPTION = click.option("--lab", "lab_name", default="lab", envvar="NODEAGENT_LAB", show_default=True,
+                          help="lab name: the prefix of all its namespaces and cgroups")
+
+
+def _lab_errors(func: F) -> F:
+    """Turn lab errors into a one-paragraph message and exit status 1, not a traceback."""
+    from nodeagent.lab.errors import LabError
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LabError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-json", is_flag=True, help="JSON log lines (the default for `run`)")
+def main(log_level: str, log_json: bool) -> None:
+    """nodeagent: kube-proxy replacement and zero-trust mesh node agent."""
+    configure_logging(json=log_json, level=log_level)
+
+
+@main.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(f"nodeagent {__version__}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def doctor(as_json: bool) -> None:
+    """Check every prerequisite (kernel features, tools, bcc) and say how to fix what is missing."""
+    from nodeagent.doctor import format_checks, run_all
+
+    checks = run_all()
+    if as_json:
+        click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        click.echo(format_checks(checks))
+    sys.exit(0 if all(c.ok for c in checks) else 1)
+
+
+@main.group()
+def lab() -> None:
+    """The local lab: nodes and pods as network namespaces and cgroups on this machine."""
+
+
+@lab.command("up")
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@LAB_OPTION
+@_lab_errors
+def lab_up(directory: Path | None, lab_name: str) -> None:
+    """Create a lab from the Kubernetes manifests in DIRECTORY (the built-in default lab without one)."""
+    from nodeagent.lab import lab as labs
+    from nodeagent.lab.demo import describe
+
+    created = labs.up(lab_name, directory)
+    click.echo(describe(created))
+    click.echo(f"manifests as the agent sees them: {created.record.manifests_path}")
+
+
+@lab.command("down")
+@LAB_OPTION
+@_lab_errors
+def lab_down(lab_name: str) -> None:
+    """Remove everything the lab created (also after a crash)."""
+    from nodeagent.lab import lab as labs
+
+    for line in labs.down(lab_name):
+        click.echo(f"removed {line}")
+
+
+@lab.command("status")
+@LAB_OPTION
+@_lab_errors
+def lab_status(lab_name: str) -> None:
+    """Show the lab's recorded objects and whether each really exists."""
+    from nodeagent.lab import lab as labs
+
+    record, rows = labs.status(lab_name)
+    click.echo(f"lab {record.name}: {record.phase} (from {record.source})")
+    for row in rows:
+        click.echo(f"  {'present' if row.present else 'MISSING'}  {row.kind:<8} {row.name}  {row.detail}")
+    if not all(row.present for row in rows):
+        sys.exit(1)
+
+
+@lab.command("list")
+def lab_list() -> None:
+    """List the labs recorded on this machine."""
+    from nodeagent.lab.state import LabRecord, recorded_labs
+
+    for name in recorded_labs():
+        record = LabRecord.load(name)
+        if record is not None:
+            click.echo(f"{name}\t{record.phase}\t{len(record.netns)} netns\t{record.source}")
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@LAB_OPTION
+@click.option("--node", help="run in this node's namespace instead of a pod's")
+@click.argument("target", required=False)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_lab_errors
+def lab_exec(lab_name: str, node: str | None, target: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND in pod TARGET (ns/name or name), e.g. `lab exec demo/client -- ip addr`."""
+    from nodeagent.lab import lab as labs
+
+    if node is not None and target is not None:
+        command = (target, *command)
+        target = None
+    sys.exit(labs.exec_in(lab_name, command, pod=target, node=node))
+
+
+@lab.command("demo")
+@LAB_OPTION
+@click.option("--keep", is_flag=True, help="leave the lab up afterwards")
+@_lab_errors
+def lab_demo(lab_name: str, keep: bool) -> None:
+    """Bring up the default lab, show requests between pods on both nodes, tear it down."""
+    from nodeagent.lab.demo import run_demo
+
+    run_demo(lab_name, keep, click.echo)
+
+
+@main.group(hidden=True)
+def workload() -> None:
+    """The lab's pod workload (echo server and client)."""
+
+
+@workload.command("serve")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--udp-port", type=int, default=None)
+def workload_serve(port: int, udp_port: int | None) -> None:
+    """Echo server answering with its pod name and the peer address it saw."""
+    from nodeagent.lab.workload import serve
+
+    asyncio.run(serve(port, udp_port))
+
+
+@workload.command("request")
+@click.argument("target")
+@click.option("--udp", is_flag=True)
+@click.option("--message", default="hello", show_default=True)
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def workload_request(target: str, udp: bool, message: str, timeout: float) -> None:
+    """Send one request to TARGET (ip:port) and print the JSON answer."""
+    from nodeagent.lab.workload import request_tcp, request_udp
+
+    host, _, port = target.rpartition(":")
+    try:
+        if udp:
+            answer = request_udp(host, int(port), message, timeout)
+        else:
+            answer = asyncio.run(request_tcp(host, int(port), message, timeout))
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise click.ClickException(f"{target}: {exc or type(exc).__name__}") from exc
+    click.echo(json.dumps(answer))
+
+
+@workload.command("idle")
+def workload_idle() -> None:
+    """Do nothing until terminated (a pod's main process)."""
+    from nodeagent.lab.workload import idle
+
+    idle()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""`lab up | down | status | exec | list`: building and removing labs, journaled so nothing leaks.
+
+Order of `up`: read and validate manifests (pure; any problem stops here with nothing created),
+check the machine, take the lab's lock, refuse if the lab or stray objects of it exist, then create
+objects one by one, recording each before it is made. Any failure removes everything recorded and
+reports what went wrong; `up` never leaves a half-built lab.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import yaml
+
+from nodeagent.lab import cgroups, netns, processes
+from nodeagent.lab.errors import LabBuildError, LabEnvironmentError, LabError, LabExistsError, LabNotFoundError
+from nodeagent.lab.manifests import DEFAULT_MANIFESTS, Document, load_default, load_directory, parse_text
+from nodeagent.lab.plan import LabPlan, check_lab_name, netns_prefix, plan_lab
+from nodeagent.lab.state import LabRecord, Process, locked, recorded_labs
+from nodeagent.lab.topology import LabTopology, build_topology, iter_ports
+
+log = structlog.get_logger("nodeagent.lab")
+
+
+@dataclass(frozen=True)
+class Lab:
+    """A lab that is up: its record, its plan and its topology."""
+
+    record: LabRecord
+    plan: LabPlan
+    topology: LabTopology
+
+
+def require_root() -> None:
+    """Labs create namespaces and cgroups: that needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN)."""
+    if os.geteuid() != 0:
+        raise LabEnvironmentError("the lab creates network namespaces and cgroups and needs root: run it with sudo")
+
+
+def read_manifests(directory: Path | None) -> tuple[str, list[Document]]:
+    """The documents of `directory`, or of the built-in default lab when it is None."""
+    if directory is None:
+        return DEFAULT_MANIFESTS, load_default()
+    return str(directory), load_directory(directory)
+
+
+def up(name: str, directory: Path | None = None) -> Lab:
+    """Create lab `name` from the manifests in `directory` (default lab if None); see the module doc."""
+    check_lab_name(name)
+    source, documents = read_manifests(directory)
+    topology = build_topology(documents)
+    plan = plan_lab(name, topology)
+    require_root()
+    cgroups.cgroup2_mount()
+    with locked(name):
+        _refuse_existing(name)
+        record = LabRecord(name=name, source=source)
+        record.save()
+        try:
+            _build(record, plan, topology)
+        except BaseException as exc:
+            log.error("lab.up.failed", lab=name, error=str(exc))
+            _teardown(name, record)
+            if isinstance(exc, LabError):
+                raise LabBuildError(f"lab {name!r} could not be built, everything it had created was removed: "
+                                    f"{exc}") from exc
+            if isinstance(exc, Exception):
+                raise LabBuildError(f"lab {name!r} could not be built ({type(exc).__name__}: {exc}); "
+                                    "everything it had created was removed") from exc
+            raise
+    log.info("lab.up", lab=name, nodes=len(plan.nodes), pods=len(plan.pods), source=source)
+    return Lab(record=record, plan=plan, topology=topology)
+
+
+def _refuse_existing(name: str) -> None:
+    existing = LabRecord.load(name)
+    if existing is not None:
+        raise LabExistsError(f"lab {name!r} already exists (phase {existing.phase}, from {existing.source}); "
+                             f"remove it first with `nodeagent lab down --lab {name}`")
+    stray = [ns for ns in netns.list_netns() if ns.startswith(netns_prefix(name))]
+    if stray or cgroups.path_of(f"{name}-lab").exists():
+        raise LabExistsError(f"lab {name!r} has no record but its objects exist ({stray or name + '-lab cgroup'}); "
+                             f"`nodeagent lab down --lab {name}` removes them")
+
+
+def _new_netns(record: LabRecord, name: str) -> None:
+    record.netns.append(name)
+    record.save()
+    netns.create(name)
+
+
+def _new_cgroup(record: LabRecord, relative: str) -> Path:
+    record.cgroups.append(relative)
+    record.save()
+    return cgroups.create(relative)
+
+
+def _build(record: LabRecord, plan: LabPlan, topology: LabTopology) -> None:
+    _new_cgroup(record, plan.cgroup_root)
+    _new_netns(record, plan.fabric_netns)
+    netns.build_fabric(plan.fabric_netns)
+    for node in plan.nodes:
+        _new_netns(record, node.netns)
+        netns.attach_node(plan.fabric_netns, node)
+        _new_cgroup(record, node.cgroup)
+    for pod in plan.pods:
+        _new_netns(record, pod.netns)
+        netns.attach_pod(pod)
+        _new_cgroup(record, pod.cgroup)
+    record.manifests_path.parent.mkdir(parents=True, exist_ok=True)
+    record.manifests_path.write_text(yaml.safe_dump_all(topology.documents, sort_keys=False))
+
+    started = []
+    for pod in plan.pods:
+        env = {"POD_NAME": pod.pod.name, "POD_NAMESPACE": pod.pod.namespace, "NODE_NAME": pod.pod.node,
+               "POD_IP": str(pod.pod.ip), "NODEAGENT_LAB": plan.name}
+        for container in pod.pod.containers:
+            logfile = record.directory / "logs" / f"{pod.pod.namespace}.{pod.pod.name}.{container.name}.log"
+            pid = processes.spawn(pod.netns, cgroups.path_of(pod.cgroup), container.argv,
+                                  {**env, **dict(container.env)}, logfile)
+            record.processes.append(Process(owner=pod.pod.key, container=container.name, pid=pid,
+                                            log=str(logfile)))
+            record.save()
+            started.append((f"pod {pod.pod.key} container {container.name}", pid, container.ports, logfile))
+    for what, pid, ports, logfile in started:
+        processes.wait_serving(what, pid, ports, logfile)
+    record.phase = "up"
+    record.save()
+
+
+def _teardown(name: str, record: LabRecord | None) -> list[str]:
+    """Remove everything of lab `name`: recorded objects and any stray object with its prefix."""
+    removed: list[str] = []
+    cgroup_root = f"{name}-lab"
+    cgroups.kill_tree(cgroup_root)
+    cgroups.remove_tree(cgroup_root)
+    removed.append(f"cgroup {cgroup_root}")
+    recorded = list(reversed(record.netns)) if record else []
+    stray = [ns for ns in netns.list_netns() if ns.startswith(netns_prefix(name)) and ns not in recorded]
+    for ns in recorded + sorted(stray, reverse=True):
+        if netns.exists(ns):
+            netns.remove(ns)
+            removed.append(f"netns {ns}")
+    if record is not None:
+        for path in sorted(record.directory.rglob("*"), key=lambda p: -len(p.parts)):
+            path.rmdir() if path.is_dir() else path.unlink()
+        record.directory.rmdir()
+    return removed
+
+
+def down(name: str) -> list[str]:
+    """Remove lab `name` (also a half-built or crashed one). Returns what was removed."""
+    check_lab_name(name)
+    require_root()
+    with locked(name):
+        record = LabRecord.load(name)
+        stray = [ns for ns in netns.list_netns() if ns.startswith(netns_prefix(name))]
+        if record is None and not stray and not cgroups.path_of(f"{name}-lab").exists():
+            raise LabNotFoundError(f"no lab {name!r}; labs here: {recorded_labs() or 'none'}")
+        removed = _teardown(name, record)
+    log.info("lab.down", lab=name, removed=len(removed))
+    return removed
+
+
+def load(name: str) -> Lab:
+    """The lab `name` as recorded, with its plan rebuilt from the manifests it was created with."""
+    check_lab_name(name)
+    record = LabRecord.load(name)
+    if record is None:
+        raise LabNotFoundError(f"no lab {name!r}; labs here: {recorded_labs() or 'none'} "
+                               "(create one with `nodeagent lab up`)")
+    if not record.manifests_path.exists():
+        raise LabError(f"lab {name!r} is {record.phase} and has no manifests yet")
+    documents = list(parse_text(record.manifests_path.read_text(), str(record.manifests_path)))
+    topology = build_topology(documents)
+    return Lab(record=record, plan=plan_lab(name, topology), topology=topology)
+
+
+@dataclass(frozen=True)
+class ObjectStatus:
+    """One object of a lab and whether it is really there."""
+
+    kind: str
+    name: str
+    present: bool
+    detail: str = ""
+
+
+def status(name: str) -> tuple[LabRecord, list[ObjectStatus]]:
+    """Compare what lab `name` recorded against what exists in the kernel now."""
+    check_lab_name(name)
+    record = LabRecord.load(name)
+    if record is None:
+        raise LabNotFoundError(f"no lab {name!r}; labs here: {recorded_labs() or 'none'}")
+    rows = [ObjectStatus("netns", ns, netns.exists(ns)) for ns in record.netns]
+    rows += [ObjectStatus("cgroup", cg, cgroups.path_of(cg).is_dir(), f"{len(cgroups.pids(cg))} process(es)")
+             for cg in record.cgroups]
+    rows += [ObjectStatus("process", f"{p.owner}/{p.container}", Path(f"/proc/{p.pid}").exists(),
+                          f"pid {p.pid}, log {p.log}") for p in record.processes]
+    return record, rows
+
+
+def exec_in(name: str, command: Sequence[str], *, pod: str | None = None, node: str | None = None,
+            timeout: float | None = None) -> int:
+    """Run `command` in a pod's (or node's) netns and cgroup with this terminal; return its exit code."""
+    lab = load(name)
+    if (pod is None) == (node is None):
+        raise LabError("name exactly one pod or one node to run the command in")
+    if pod is not None:
+        target = lab.plan.pod(pod)
+        where, cgroup = target.netns, target.cgroup
+        env = {"POD_NAME": target.pod.name, "POD_NAMESPACE": target.pod.namespace, "NODE_NAME": target.pod.node}
+    else:
+        node_plan = lab.plan.node(node or "")
+        where, cgroup, env = node_plan.netns, node_plan.cgroup, {"NODE_NAME": node_plan.node.name}
+    argv = processes.enter_argv(where, cgroups.path_of(cgroup), command)
+    return subprocess.run(argv, env=processes.child_env({**env, "NODEAGENT_LAB": name}), timeout=timeout,
+                          check=False).returncode
+
+
+def declared_ports(lab: Lab, pod: str) -> list[str]:
+    """`port/PROTO` strings of a pod's containers (for status output)."""
+    return [f"{p.port}/{p.protocol}" for p in iter_ports(lab.plan.pod(pod).pod)]
