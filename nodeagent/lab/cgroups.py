@@ -102,14 +102,24 @@ def _wait_empty(relative: str, seconds: float) -> bool:
     return True
 
 
-def remove_tree(relative: str) -> None:
-    """Remove the cgroup and its children, deepest first; it must be empty of processes."""
+def remove_tree(relative: str, timeout: float = 10.0) -> None:
+    """Remove the cgroup and its children, deepest first, once their processes are gone.
+
+    An exited process whose parent has not reaped it yet no longer shows in cgroup.procs but still
+    keeps its cgroup busy (EBUSY); orphans are reaped by init, a little later. So rmdir is retried.
+    """
     root = path_of(relative)
     if not root.exists():
         return
+    deadline = time.monotonic() + timeout
     for directory, _, _ in sorted(os.walk(root), key=lambda entry: -entry[0].count("/")):
-        try:
-            os.rmdir(directory)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        while True:
+            try:
+                os.rmdir(directory)
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    break
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise LabEnvironmentError(f"cannot remove cgroup {directory}: {exc.strerror}") from exc
+                time.sleep(0.05)

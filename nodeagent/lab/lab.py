@@ -8,8 +8,11 @@ reports what went wrong; `up` never leaves a half-built lab.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,8 @@ from nodeagent.lab.manifests import DEFAULT_MANIFESTS, Document, load_default, l
 from nodeagent.lab.plan import LabPlan, check_lab_name, netns_prefix, plan_lab
 from nodeagent.lab.state import LabRecord, Process, locked, recorded_labs
 from nodeagent.lab.topology import LabTopology, build_topology, iter_ports
+
+__all__ = ["Lab", "LabNotFoundError", "down", "exec_in", "load", "status", "up"]
 
 log = structlog.get_logger("nodeagent.lab")
 
@@ -126,9 +131,10 @@ def _build(record: LabRecord, plan: LabPlan, topology: LabTopology) -> None:
             record.processes.append(Process(owner=pod.pod.key, container=container.name, pid=pid,
                                             log=str(logfile)))
             record.save()
-            started.append((f"pod {pod.pod.key} container {container.name}", pid, container.ports, logfile))
-    for what, pid, ports, logfile in started:
-        processes.wait_serving(what, pid, ports, logfile)
+            started.append((f"pod {pod.pod.key} container {container.name}", pid, cgroups.path_of(pod.cgroup),
+                            container.ports, logfile))
+    for what, pid, cgroup, ports, logfile in started:
+        processes.wait_serving(what, pid, cgroup, ports, logfile)
     record.phase = "up"
     record.save()
 
@@ -137,7 +143,7 @@ def _teardown(name: str, record: LabRecord | None) -> list[str]:
     """Remove everything of lab `name`: recorded objects and any stray object with its prefix."""
     removed: list[str] = []
     cgroup_root = f"{name}-lab"
-    cgroups.kill_tree(cgroup_root)
+    _stop_processes(name, cgroup_root, [p.pid for p in record.processes] if record else [])
     cgroups.remove_tree(cgroup_root)
     removed.append(f"cgroup {cgroup_root}")
     recorded = list(reversed(record.netns)) if record else []
@@ -151,6 +157,27 @@ def _teardown(name: str, record: LabRecord | None) -> list[str]:
             path.rmdir() if path.is_dir() else path.unlink()
         record.directory.rmdir()
     return removed
+
+
+def _stop_processes(name: str, cgroup_root: str, shims: list[int], timeout: float = 15.0) -> None:
+    """Stop the supervising shims and everything in the lab's cgroups, until both stay empty.
+
+    Repeated because a shim that was still starting (lab up killed early) may put its child into a
+    pod cgroup after the first sweep; SIGKILL after the first round for anything that ignores SIGTERM.
+    """
+    deadline = time.monotonic() + timeout
+    sig = signal.SIGTERM
+    while True:
+        for pid in shims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        cgroups.kill_tree(cgroup_root)
+        shims = processes.wait_gone(shims, timeout=2.0)
+        if not shims and not cgroups.all_pids(cgroup_root):
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"lab {name!r}: processes {shims + cgroups.all_pids(cgroup_root)} do not exit")
+        sig = signal.SIGKILL
 
 
 def down(name: str) -> list[str]:

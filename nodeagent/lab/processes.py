@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import time
+
+import psutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -17,10 +19,10 @@ from nodeagent.lab.topology import ContainerPort
 _PROC_TABLES = {"TCP": (("tcp", "tcp6"), "0A"), "UDP": (("udp", "udp6"), "07"), "SCTP": ((), "")}
 
 
-def enter_argv(netns: str, cgroup: Path, command: Sequence[str]) -> list[str]:
+def enter_argv(netns: str, cgroup: Path, command: Sequence[str], *, supervise: bool = False) -> list[str]:
     """The argv that runs `command` inside `netns` and `cgroup` through the enter shim."""
-    return [sys.executable, "-m", "nodeagent.lab.enter", "--netns", netns, "--cgroup", str(cgroup), "--",
-            *command]
+    return [sys.executable, "-m", "nodeagent.lab.enter", *(["--supervise"] if supervise else []),
+            "--netns", netns, "--cgroup", str(cgroup), "--", *command]
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -32,18 +34,22 @@ def child_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 
 def spawn(netns: str, cgroup: Path, command: Sequence[str], env: Mapping[str, str], log: Path) -> int:
-    """Start `command` as a daemon in `netns` and `cgroup`; its output goes to `log`. Returns its pid."""
+    """Start `command` as a daemon in `netns` and `cgroup`, under a supervising shim that stays outside
+    them; output goes to `log`. Returns the shim's pid (it lives exactly as long as the command)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(enter_argv(netns, cgroup, command), stdin=subprocess.DEVNULL, stdout=out,
+        proc = subprocess.Popen(enter_argv(netns, cgroup, command, supervise=True), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=child_env(env), start_new_session=True)
     return proc.pid
 
 
-def bound_ports(pid: int, protocol: str) -> set[int]:
-    """Ports bound (listening, for TCP) in the network namespace of process `pid`."""
+def bound_ports(pids: Iterable[int], protocol: str) -> set[int]:
+    """Ports bound (listening, for TCP) in the network namespace of the first live process of `pids`."""
     tables, state = _PROC_TABLES[protocol]
     ports: set[int] = set()
+    pid = next(iter(pids), None)
+    if pid is None:
+        return ports
     for table in tables:
         try:
             lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
@@ -56,12 +62,15 @@ def bound_ports(pid: int, protocol: str) -> set[int]:
     return ports
 
 
-def wait_serving(what: str, pid: int, ports: Iterable[ContainerPort], log: Path, timeout: float = 20.0) -> None:
-    """Poll until process `pid` has bound every declared TCP/UDP port; fail early if it exits."""
+def wait_serving(what: str, pid: int, cgroup: Path, ports: Iterable[ContainerPort], log: Path,
+                 timeout: float = 20.0) -> None:
+    """Poll until the pod (the processes of `cgroup`) has bound every declared TCP/UDP port; fail early
+    if the supervised command (shim `pid`) exits."""
     wanted = [p for p in ports if p.protocol in ("TCP", "UDP")]
     deadline = time.monotonic() + timeout
     while True:
-        missing = [p for p in wanted if p.port not in bound_ports(pid, p.protocol)]
+        members = [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+        missing = [p for p in wanted if p.port not in bound_ports(members, p.protocol)]
         if not missing:
             return
         if _exited(pid):
@@ -86,3 +95,22 @@ def _tail(log: Path, lines: int = 10) -> str:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return "(no log)"
+
+
+def wait_gone(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
+    """Poll until every process of `pids` has exited (a zombie counts as exited); return those that did not."""
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while left:
+        left = [pid for pid in left if _running(pid)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return left
+
+
+def _running(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False

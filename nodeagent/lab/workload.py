@@ -26,7 +26,8 @@ def identity() -> dict[str, str]:
     """Who this workload is, from the environment the lab (or a Downward API) sets."""
     pod = os.environ.get("POD_NAME") or socket.gethostname()
     namespace = os.environ.get("POD_NAMESPACE", "default")
-    return {"pod": f"{namespace}/{pod}", "node": os.environ.get("NODE_NAME", "")}
+    return {"pod": f"{namespace}/{pod}", "node": os.environ.get("NODE_NAME", ""),
+            "lab": os.environ.get("NODEAGENT_LAB", "")}
 
 
 def _addr(sockname: Any) -> str:
@@ -79,12 +80,13 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(json.dumps(reply).encode(), addr)
 
 
-async def serve(port: int, udp_port: int | None, host: str = "0.0.0.0") -> None:
-    """Serve TCP on `port` (and UDP on `udp_port`) until SIGTERM or SIGINT."""
+async def serve(port: int, udp_port: int | None, host: str = "0.0.0.0", stop: asyncio.Event | None = None) -> None:
+    """Serve TCP on `port` (and UDP on `udp_port`) until SIGTERM/SIGINT, or until `stop` is set if given."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     server = await asyncio.start_server(_serve_tcp_client, host, port, limit=MAX_LINE, reuse_address=True)
     transport = None
     if udp_port is not None:
