@@ -1,0 +1,32 @@
+"""The command line: version, and errors that say what to do instead of a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from nodeagent import __version__
+from nodeagent.cli import main
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(main, ["version"])
+    assert result.exit_code == 0 and result.output.strip() == f"nodeagent {__version__}"
+
+
+def test_lab_up_with_a_bad_manifest_names_file_object_and_field(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.244.1.0/33}\n"
+        "---\napiVersion: v1\nkind: Gadget\nmetadata: {name: g}\n"
+    )
+    result = CliRunner().invoke(main, ["lab", "up", str(tmp_path), "--lab", "unitbad"])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'bad.yaml'}#0: Node n1: spec.podCIDR: not an IPv4 CIDR" in result.output
+    assert f"{tmp_path / 'bad.yaml'}#1: Gadget g: kind: unknown kind 'Gadget'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_lab_name_is_validated_before_anything_else() -> None:
+    result = CliRunner().invoke(main, ["lab", "down", "--lab", "Bad-Name"])
+    assert result.exit_code == 1 and "invalid lab name 'Bad-Name'" in result.output
