@@ -93,7 +93,8 @@ def check_bpf_cgroup_attach() -> list[Check]:
         probe.mkdir(exist_ok=True)
         try:
             syscall.attach_detach_connect4(fd, str(probe))
-            checks.append(Check("cgroup sock_addr attach", True, f"attached to and detached from a cgroup under {mount}"))
+            checks.append(Check("cgroup sock_addr attach", True,
+                                f"attached to and detached from a cgroup under {mount}"))
         finally:
             probe.rmdir()
     except (OSError, LabEnvironmentError) as exc:

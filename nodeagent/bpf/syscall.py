@@ -20,7 +20,7 @@ _ALLOW_PROGRAM = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95
 
 
 class _ProgLoadAttr(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 - ctypes wants a class-level list
+    _fields_ = [
         ("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32), ("insns", ctypes.c_uint64),
         ("license", ctypes.c_uint64), ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
         ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32),
@@ -30,7 +30,7 @@ class _ProgLoadAttr(ctypes.Structure):
 
 
 class _AttachAttr(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("target_fd", ctypes.c_uint32), ("attach_bpf_fd", ctypes.c_uint32),
         ("attach_type", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32), ("_pad", ctypes.c_uint8 * 112),
     ]

@@ -6,6 +6,7 @@ written to, and nothing is attached to it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -77,18 +78,14 @@ def kill_tree(relative: str, grace_seconds: float = 2.0) -> None:
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _reap(pid: int) -> None:
     # Processes this one started (lab up in-process, tests) stay zombies until waited for.
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def _wait_empty(relative: str, seconds: float) -> bool:

@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
 
+from nodeagent.lab.errors import LabEnvironmentError
 from nodeagent.lab.plan import BRIDGE, UPLINK, NodePlan, PodPlan, Route
 
 NETNS_DIR = Path("/run/netns")
@@ -44,9 +46,15 @@ def remove(name: str) -> None:
 
 @contextmanager
 def _ipr(name: str) -> Iterator[IPRoute]:
+    """netlink in namespace `name`; kernel refusals become errors that say what is probably missing."""
     ipr = IPRoute(netns=name)
     try:
         yield ipr
+    except NetlinkError as exc:
+        raise LabEnvironmentError(
+            f"netlink in namespace {name} refused an operation: {exc.args[-1]} (errno {exc.code}); if the "
+            "kernel lacks veth or bridge support (CONFIG_VETH, CONFIG_BRIDGE), `nodeagent doctor` shows it"
+        ) from exc
     finally:
         ipr.close()
 

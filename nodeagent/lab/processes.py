@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 import time
-
-import psutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+import psutil
 
 from nodeagent.lab.errors import LabBuildError
 from nodeagent.lab.topology import ContainerPort
@@ -26,7 +26,7 @@ def enter_argv(netns: str, cgroup: Path, command: Sequence[str], *, supervise: b
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """The environment of lab processes: ours, with this interpreter's bin dir first so `nodeagent` resolves."""
+    """The environment of lab processes: ours, with this interpreter's bin dir first (`nodeagent` resolves)."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "/usr/bin:/bin")])
     env.update(extra)
@@ -38,8 +38,8 @@ def spawn(netns: str, cgroup: Path, command: Sequence[str], env: Mapping[str, st
     them; output goes to `log`. Returns the shim's pid (it lives exactly as long as the command)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(enter_argv(netns, cgroup, command, supervise=True), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=child_env(env), start_new_session=True)
+        proc = subprocess.Popen(enter_argv(netns, cgroup, command, supervise=True), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, env=child_env(env), start_new_session=True)
     return proc.pid
 
 

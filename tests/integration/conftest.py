@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +42,5 @@ def make_lab() -> Iterator[Callable[..., labs.Lab]]:
 
     yield make
     for name in made:
-        try:
+        with contextlib.suppress(labs.LabNotFoundError):
             labs.down(name)
-        except labs.LabNotFoundError:
-            pass

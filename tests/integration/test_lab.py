@@ -7,6 +7,7 @@ read (to prove it is left alone).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pyroute2 import IPRoute
 from nodeagent.lab import cgroups, netns
 from nodeagent.lab import lab as labs
 from nodeagent.lab.demo import request_from
-from nodeagent.lab.errors import LabBuildError, LabExistsError, LabManifestError
+from nodeagent.lab.errors import LabBuildError, LabError, LabExistsError, LabManifestError
 from nodeagent.lab.state import LabRecord
 from tests.integration.conftest import leftovers, unique_lab_name
 
@@ -113,7 +114,7 @@ def test_two_labs_side_by_side_do_not_see_each_other(make_lab, tmp_path: Path) -
     # The same node address exists in both labs, in different namespaces: each answers in its own lab.
     answer = request_from(first, "demo/client", f"{first.plan.pod('demo/echo-0').pod.ip}:8080")
     assert answer["lab"] == first.record.name
-    with pytest.raises(Exception, match="10.244.1.50:8080"):
+    with pytest.raises(LabError, match=re.escape("request from demo/client to 10.244.1.50:8080 failed")):
         request_from(first, "demo/client", "10.244.1.50:8080", timeout=1.0)
     assert request_from(second, "default/web", "10.244.1.50:8080")["lab"] == second.record.name
     assert not set(first.plan.all_netns()) & set(second.plan.all_netns())
@@ -122,7 +123,7 @@ def test_two_labs_side_by_side_do_not_see_each_other(make_lab, tmp_path: Path) -
 def test_lab_up_twice_fails_clearly_and_changes_nothing(make_lab) -> None:  # type: ignore[no-untyped-def]
     lab = make_lab()
     before = netns.list_netns()
-    with pytest.raises(LabExistsError, match=f"lab down --lab {lab.record.name}"):
+    with pytest.raises(LabExistsError, match=re.escape(f"lab down --lab {lab.record.name}")):
         labs.up(lab.record.name)
     assert netns.list_netns() == before
     assert request_from(lab, "demo/client", f"{lab.plan.pod('demo/echo-1').pod.ip}:8080")["pod"] == "demo/echo-1"

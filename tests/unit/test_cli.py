@@ -30,3 +30,10 @@ def test_lab_up_with_a_bad_manifest_names_file_object_and_field(tmp_path: Path) 
 def test_lab_name_is_validated_before_anything_else() -> None:
     result = CliRunner().invoke(main, ["lab", "down", "--lab", "Bad-Name"])
     assert result.exit_code == 1 and "invalid lab name 'Bad-Name'" in result.output
+
+
+def test_lab_up_without_root_says_so(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    result = CliRunner().invoke(main, ["lab", "up", "--lab", "unitnoroot"])
+    assert result.exit_code == 1
+    assert "needs root: run it with sudo" in result.output
