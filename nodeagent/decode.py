@@ -1,0 +1,573 @@
+"""Kubernetes JSON to model objects, validated the way a proxy must: field by field, never all or nothing.
+
+`decode(raw)` never raises. It returns the object (or None when the object as a whole is unusable)
+and every rejection with the object and the field path. What makes an object unusable: no name, an
+unknown kind, a Service without a parseable primary cluster IP, an EndpointSlice without its
+Service label. Anything smaller (one port, one endpoint, one external IP) is dropped alone and
+reported, and the rest of the object is kept: one bad port must not take its Service down.
+
+IP addresses are parsed strictly: IPv4 with leading zeros ("010.0.0.1") is rejected (the API server
+rejects it too since StrictIPCIDRValidation; kube-proxy's ParseIPSloppy would read it as decimal,
+which is how such an address came to mean different things to different components).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from nodeagent.model import (
+    MESH_GROUP,
+    AddressType,
+    AuthorizationPolicy,
+    ContainerPort,
+    Endpoint,
+    EndpointConditions,
+    EndpointPort,
+    EndpointSlice,
+    IPAddress,
+    IPNetwork,
+    Kind,
+    Namespace,
+    Node,
+    Object,
+    ObjectRef,
+    PeerAuthentication,
+    PeerAuthenticationMode,
+    Pod,
+    PolicyAction,
+    PolicyOperation,
+    PolicyRule,
+    PolicySource,
+    Protocol,
+    Rejection,
+    Service,
+    ServicePort,
+    ServiceType,
+    SessionAffinity,
+    TrafficPolicy,
+)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MAX_AFFINITY_TIMEOUT = 86400
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_PORT_NAME = re.compile(r"^(?=.{1,15}$)(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")  # IANA_SVC_NAME
+_NAMESPACED = {Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.POD, Kind.AUTHORIZATION_POLICY, Kind.PEER_AUTHENTICATION}
+_API_GROUPS = {
+    Kind.SERVICE: ("",), Kind.POD: ("",), Kind.NODE: ("",), Kind.NAMESPACE: ("",),
+    Kind.ENDPOINT_SLICE: ("discovery.k8s.io",),
+    Kind.AUTHORIZATION_POLICY: (MESH_GROUP, "security.istio.io"),
+    Kind.PEER_AUTHENTICATION: (MESH_GROUP, "security.istio.io"),
+}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The result of decoding one object: the object (None if unusable) and why anything was dropped."""
+
+    obj: Object | None
+    rejections: tuple[Rejection, ...] = ()
+
+
+class _Unusable(Exception):
+    """The object as a whole cannot be used; raised inside decoding only, never out of `decode`."""
+
+
+class _Ctx:
+    """The object being decoded and the rejections found so far."""
+
+    def __init__(self, ref: ObjectRef) -> None:
+        self.ref = ref
+        self.rejections: list[Rejection] = []
+
+    def drop(self, field: str, reason: str) -> None:
+        self.rejections.append(Rejection(self.ref, field, reason))
+
+    def fail(self, field: str, reason: str) -> _Unusable:
+        self.rejections.append(Rejection(self.ref, field, reason, whole_object=True))
+        return _Unusable()
+
+
+def object_ref(raw: Any) -> ObjectRef | None:
+    """The ref of a raw object if its kind is known and it has a name (namespace defaults to 'default')."""
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        kind = Kind(str(raw.get("kind")))
+    except ValueError:
+        return None
+    meta = raw.get("metadata")
+    if not isinstance(meta, Mapping):
+        return None
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    namespace = meta.get("namespace") if kind in _NAMESPACED else ""
+    return ObjectRef(kind, namespace if isinstance(namespace, str) and namespace else
+                     ("default" if kind in _NAMESPACED else ""), name)
+
+
+def decode(raw: Any) -> Decoded:
+    """Decode and validate one Kubernetes object; never raises (see the module doc)."""
+    ref = object_ref(raw)
+    if ref is None:
+        return Decoded(None, (_unnamed_rejection(raw),))
+    ctx = _Ctx(ref)
+    try:
+        obj = _decode_known(ctx, raw)
+    except _Unusable:
+        return Decoded(None, tuple(ctx.rejections))
+    except Exception as exc:  # a decoder bug must not take the watch down; report it on the object
+        ctx.fail("-", f"internal decoding error {type(exc).__name__}: {exc}")
+        return Decoded(None, tuple(ctx.rejections))
+    return Decoded(obj, tuple(ctx.rejections))
+
+
+def _unnamed_rejection(raw: Any) -> Rejection:
+    kind = raw.get("kind") if isinstance(raw, Mapping) else None
+    known = {k.value for k in Kind}
+    if not isinstance(raw, Mapping):
+        reason, field = f"not an object but {type(raw).__name__}", "-"
+    elif kind not in known:
+        reason, field = f"unknown kind {kind!r}; nodeagent reads {sorted(known)}", "kind"
+    else:
+        reason, field = "missing", "metadata.name"
+    return Rejection(ObjectRef(Kind.NAMESPACE, "", "<unknown>"), field, reason, whole_object=True)
+
+
+def _decode_known(ctx: _Ctx, raw: Mapping[str, Any]) -> Object:
+    group = str(raw.get("apiVersion", "")).rpartition("/")[0]
+    if group not in _API_GROUPS[ctx.ref.kind]:
+        raise ctx.fail("apiVersion", f"{raw.get('apiVersion')!r} is not an API version of {ctx.ref.kind}")
+    name_ok = _DNS_LABEL if ctx.ref.kind is Kind.NAMESPACE else _DNS_SUBDOMAIN
+    if not name_ok.match(ctx.ref.name):
+        raise ctx.fail("metadata.name", f"{ctx.ref.name!r} is not a valid name")
+    if ctx.ref.namespace and not _DNS_LABEL.match(ctx.ref.namespace):
+        raise ctx.fail("metadata.namespace", f"{ctx.ref.namespace!r} is not a valid namespace name")
+    decoder: Callable[[_Ctx, Mapping[str, Any]], Object] = _DECODERS[ctx.ref.kind]
+    return decoder(ctx, raw)
+
+
+# --- small typed accessors -------------------------------------------------------------------------
+
+
+def _map(ctx: _Ctx, value: Any, field: str, *, whole: bool = False) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return value
+    if whole:
+        raise ctx.fail(field, f"must be an object, got {type(value).__name__}")
+    ctx.drop(field, f"must be an object, got {type(value).__name__}")
+    return {}
+
+
+def _list(ctx: _Ctx, value: Any, field: str) -> Sequence[Any]:
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return value
+    ctx.drop(field, f"must be a list, got {type(value).__name__}")
+    return ()
+
+
+def _string_map(ctx: _Ctx, value: Any, field: str) -> dict[str, str]:
+    """Labels, annotations, selectors: wrong ones make the object unusable (selection would be wrong)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in value.items()):
+        raise ctx.fail(field, "must map strings to strings")
+    return dict(value)
+
+
+def _meta(ctx: _Ctx, raw: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str], str]:
+    meta = _map(ctx, raw.get("metadata"), "metadata", whole=True)
+    rv = meta.get("resourceVersion", "")
+    return (_string_map(ctx, meta.get("labels"), "metadata.labels"),
+            _string_map(ctx, meta.get("annotations"), "metadata.annotations"), rv if isinstance(rv, str) else "")
+
+
+def _int(value: Any, low: int, high: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        return None
+    return value
+
+
+def _enum(ctx: _Ctx, enum: type[T], value: Any, default: T, field: str) -> T:
+    if value is None or value == "":
+        return default
+    try:
+        return enum(value)  # type: ignore[call-arg]
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in enum)  # type: ignore[attr-defined]
+        raise ctx.fail(field, f"{value!r} is not one of {allowed}") from None
+
+
+def parse_ip(value: Any) -> IPAddress | None:
+    """A strictly parsed address (no leading zeros, no zone, no surrounding space), or None."""
+    if not isinstance(value, str) or value != value.strip() or "%" in value:
+        return None
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def parse_cidr(value: Any) -> IPNetwork | None:
+    """A strictly parsed CIDR whose host bits are zero, or None."""
+    if not isinstance(value, str) or "/" not in value:
+        return None
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        return None
+
+
+def _ips(ctx: _Ctx, values: Any, field: str, family: int | None = None) -> Iterator[IPAddress]:
+    for i, value in enumerate(_list(ctx, values, field)):
+        ip = parse_ip(value)
+        if ip is None:
+            ctx.drop(f"{field}[{i}]", f"{value!r} is not a valid IP address")
+        elif family is not None and ip.version != family:
+            ctx.drop(f"{field}[{i}]", f"{ip} is IPv{ip.version} but the Service is IPv{family}")
+        else:
+            yield ip
+
+
+# --- kinds -----------------------------------------------------------------------------------------
+
+
+def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
+    labels, annotations, rv = _meta(ctx, raw)
+    spec = _map(ctx, raw.get("spec"), "spec", whole=True)
+    svc_type = _enum(ctx, ServiceType, spec.get("type"), ServiceType.CLUSTER_IP, "spec.type")
+    if svc_type is ServiceType.EXTERNAL_NAME:
+        name = spec.get("externalName")
+        if not isinstance(name, str) or not name:
+            raise ctx.fail("spec.externalName", "an ExternalName Service needs externalName")
+        return Service(ref=ctx.ref, type=svc_type, cluster_ips=(), ports=(), external_name=name, labels=labels,
+                       annotations=annotations, resource_version=rv)
+
+    cluster_ips, headless = _cluster_ips(ctx, spec)
+    family = cluster_ips[0].version if cluster_ips else None
+    ports = _service_ports(ctx, spec, svc_type)
+    selector = spec.get("selector")
+    affinity = _enum(ctx, SessionAffinity, spec.get("sessionAffinity"), SessionAffinity.NONE, "spec.sessionAffinity")
+    timeout = 10800
+    if affinity is SessionAffinity.CLIENT_IP:
+        raw_timeout = _map(ctx, _map(ctx, spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
+                           .get("clientIP"), "spec.sessionAffinityConfig.clientIP").get("timeoutSeconds")
+        if raw_timeout is not None:
+            parsed = _int(raw_timeout, 1, MAX_AFFINITY_TIMEOUT)
+            if parsed is None:
+                ctx.drop("spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                         f"must be 1-{MAX_AFFINITY_TIMEOUT}, got {raw_timeout!r}; using 10800")
+            else:
+                timeout = parsed
+    etp_raw = spec.get("externalTrafficPolicy")
+    etp = _enum(ctx, TrafficPolicy, "Cluster" if etp_raw == "Global" else etp_raw, TrafficPolicy.CLUSTER,
+                "spec.externalTrafficPolicy")
+    itp = _enum(ctx, TrafficPolicy, spec.get("internalTrafficPolicy"), TrafficPolicy.CLUSTER,
+                "spec.internalTrafficPolicy")
+    hc_port = None
+    if spec.get("healthCheckNodePort") is not None:
+        hc_port = _int(spec.get("healthCheckNodePort"), 1, 65535)
+        if hc_port is None:
+            ctx.drop("spec.healthCheckNodePort", f"must be 1-65535, got {spec.get('healthCheckNodePort')!r}")
+    lb_ips: list[IPAddress] = []
+    status = _map(ctx, raw.get("status"), "status")
+    for i, ingress in enumerate(_list(ctx, _map(ctx, status.get("loadBalancer"), "status.loadBalancer")
+                                      .get("ingress"), "status.loadBalancer.ingress")):
+        ingress = _map(ctx, ingress, f"status.loadBalancer.ingress[{i}]")
+        if "ip" in ingress:  # hostname-only ingress (some cloud LBs) is not proxied, as in kube-proxy
+            lb_ips.extend(_ips(ctx, [ingress["ip"]], f"status.loadBalancer.ingress[{i}].ip", family))
+    source_ranges = []
+    for i, value in enumerate(_list(ctx, spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
+        cidr = parse_cidr(value.strip() if isinstance(value, str) else value)
+        if cidr is None:
+            ctx.drop(f"spec.loadBalancerSourceRanges[{i}]", f"{value!r} is not a CIDR")
+        else:
+            source_ranges.append(cidr)
+    return Service(
+        ref=ctx.ref, type=svc_type, cluster_ips=cluster_ips, headless=headless, ports=ports,
+        selector=None if selector is None else _string_map(ctx, selector, "spec.selector"),
+        external_ips=tuple(_ips(ctx, spec.get("externalIPs"), "spec.externalIPs", family)),
+        load_balancer_ips=tuple(lb_ips), load_balancer_source_ranges=tuple(source_ranges),
+        session_affinity=affinity, affinity_timeout_seconds=timeout, external_traffic_policy=etp,
+        internal_traffic_policy=itp, health_check_node_port=hc_port, labels=labels, annotations=annotations,
+        resource_version=rv,
+    )
+
+
+def _cluster_ips(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[tuple[IPAddress, ...], bool]:
+    raw_ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") is not None else [])
+    field = "spec.clusterIPs" if spec.get("clusterIPs") else "spec.clusterIP"
+    if not isinstance(raw_ips, list) or not raw_ips:
+        raise ctx.fail(field, "missing: the API server allocates it, so this object is incomplete")
+    if raw_ips[0] == "None":
+        return (), True
+    primary = parse_ip(raw_ips[0])
+    if primary is None:
+        raise ctx.fail(f"{field}[0]" if field.endswith("s") else field,
+                       f"{raw_ips[0]!r} is not a valid IP address")
+    ips = [primary]
+    for i, value in enumerate(raw_ips[1:], start=1):
+        ip = parse_ip(value)
+        if ip is None or ip.version == primary.version:
+            ctx.drop(f"spec.clusterIPs[{i}]", f"{value!r} is not a valid secondary IP of the other family")
+        else:
+            ips.append(ip)
+    return tuple(ips), False
+
+
+def _service_ports(ctx: _Ctx, spec: Mapping[str, Any], svc_type: ServiceType) -> tuple[ServicePort, ...]:
+    raw_ports = _list(ctx, spec.get("ports"), "spec.ports")
+    ports: list[ServicePort] = []
+    seen: set[tuple[int, Protocol]] = set()
+    names: set[str] = set()
+    for i, raw in enumerate(raw_ports):
+        field = f"spec.ports[{i}]"
+        if not isinstance(raw, Mapping):
+            ctx.drop(field, "must be an object")
+            continue
+        port = _int(raw.get("port"), 1, 65535)
+        if port is None:
+            ctx.drop(f"{field}.port", f"must be 1-65535, got {raw.get('port')!r}")
+            continue
+        try:
+            protocol = Protocol(raw.get("protocol") or "TCP")
+        except ValueError:
+            ctx.drop(f"{field}.protocol", f"{raw.get('protocol')!r} is not TCP, UDP or SCTP")
+            continue
+        name = raw.get("name") or ""
+        if not isinstance(name, str) or (name and not _DNS_LABEL.match(name)):
+            ctx.drop(f"{field}.name", f"{name!r} is not a valid port name")
+            continue
+        if len(raw_ports) > 1 and not name:
+            ctx.drop(f"{field}.name", "required when a Service has more than one port")
+            continue
+        if name in names:
+            ctx.drop(f"{field}.name", f"duplicate port name {name!r}")
+            continue
+        if (port, protocol) in seen:
+            ctx.drop(field, f"duplicate port {port}/{protocol}")
+            continue
+        target = raw.get("targetPort", port)
+        if isinstance(target, str) and target.isdigit():
+            target = int(target)
+        if not ((isinstance(target, int) and _int(target, 1, 65535) is not None)
+                or (isinstance(target, str) and _PORT_NAME.match(target))):
+            ctx.drop(f"{field}.targetPort", f"must be 1-65535 or a port name, got {target!r}")
+            continue
+        node_port = None
+        if svc_type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) and raw.get("nodePort") is not None:
+            node_port = _int(raw.get("nodePort"), 1, 65535)
+            if node_port is None:
+                ctx.drop(f"{field}.nodePort", f"must be 1-65535, got {raw.get('nodePort')!r}")
+                continue
+        seen.add((port, protocol))
+        names.add(name)
+        ports.append(ServicePort(name=name, protocol=protocol, port=port, target_port=target, node_port=node_port))
+    return tuple(ports)
+
+
+def _endpoint_slice(ctx: _Ctx, raw: Mapping[str, Any]) -> EndpointSlice:
+    labels, _, rv = _meta(ctx, raw)
+    service = labels.get(SERVICE_NAME_LABEL)
+    if not service:
+        raise ctx.fail(f"metadata.labels[{SERVICE_NAME_LABEL}]", "missing: the slice belongs to no Service")
+    if not raw.get("addressType"):
+        raise ctx.fail("addressType", "missing")
+    address_type = _enum(ctx, AddressType, raw.get("addressType"), AddressType.IPV4, "addressType")
+    family = {AddressType.IPV4: 4, AddressType.IPV6: 6}.get(address_type)
+    endpoints = []
+    for i, raw_ep in enumerate(_list(ctx, raw.get("endpoints"), "endpoints")):
+        field = f"endpoints[{i}]"
+        ep = _map(ctx, raw_ep, field)
+        addresses = []
+        for j, value in enumerate(_list(ctx, ep.get("addresses"), f"{field}.addresses")):
+            ip = parse_ip(value) if family else None
+            if family and (ip is None or ip.version != family):
+                ctx.drop(f"{field}.addresses[{j}]", f"{value!r} is not a valid {address_type} address")
+            elif ip is not None:
+                addresses.append(ip)
+        if not addresses:
+            if family:
+                ctx.drop(field, "no valid address; endpoint ignored")
+            continue
+        cond = _map(ctx, ep.get("conditions"), f"{field}.conditions")
+        ready = cond.get("ready") is not False
+        conditions = EndpointConditions(ready=ready, serving=ready if cond.get("serving") is None
+                                        else cond.get("serving") is True, terminating=cond.get("terminating") is True)
+        hints = _map(ctx, ep.get("hints"), f"{field}.hints")
+        zones = tuple(z["name"] for z in _list(ctx, hints.get("forZones"), f"{field}.hints.forZones")
+                      if isinstance(z, Mapping) and isinstance(z.get("name"), str))
+        target = _map(ctx, ep.get("targetRef"), f"{field}.targetRef")
+        target_ref = None
+        if target.get("kind") == "Pod" and isinstance(target.get("name"), str):
+            namespace = target.get("namespace")
+            target_ref = ObjectRef(Kind.POD, namespace if isinstance(namespace, str) and namespace
+                                   else ctx.ref.namespace, target["name"])
+        node_name, zone = ep.get("nodeName"), ep.get("zone")
+        endpoints.append(Endpoint(addresses=tuple(addresses), conditions=conditions,
+                                  node_name=node_name if isinstance(node_name, str) else None,
+                                  zone=zone if isinstance(zone, str) else None, hint_zones=zones, target=target_ref))
+    ports = []
+    for i, raw_port in enumerate(_list(ctx, raw.get("ports"), "ports")):
+        p = _map(ctx, raw_port, f"ports[{i}]")
+        number = _int(p.get("port"), 1, 65535)
+        try:
+            protocol = Protocol(p.get("protocol") or "TCP")
+        except ValueError:
+            ctx.drop(f"ports[{i}].protocol", f"{p.get('protocol')!r} is not TCP, UDP or SCTP")
+            continue
+        if number is None:
+            ctx.drop(f"ports[{i}].port", f"must be 1-65535, got {p.get('port')!r}")
+            continue
+        name = p.get("name") or ""
+        ports.append(EndpointPort(name=name if isinstance(name, str) else "", protocol=protocol, port=number))
+    return EndpointSlice(ref=ctx.ref, service_name=service, address_type=address_type, endpoints=tuple(endpoints),
+                         ports=tuple(ports), resource_version=rv)
+
+
+def _pod(ctx: _Ctx, raw: Mapping[str, Any]) -> Pod:
+    labels, annotations, rv = _meta(ctx, raw)
+    spec = _map(ctx, raw.get("spec"), "spec")
+    status = _map(ctx, raw.get("status"), "status")
+    raw_ips = [e.get("ip") for e in _list(ctx, status.get("podIPs"), "status.podIPs") if isinstance(e, Mapping)]
+    if not raw_ips and status.get("podIP"):
+        raw_ips = [status.get("podIP")]
+    ips = tuple(_ips(ctx, raw_ips, "status.podIPs"))
+    ports = []
+    for ci, container in enumerate(_list(ctx, spec.get("containers"), "spec.containers")):
+        container = _map(ctx, container, f"spec.containers[{ci}]")
+        for pi, p in enumerate(_list(ctx, container.get("ports"), f"spec.containers[{ci}].ports")):
+            p = _map(ctx, p, f"spec.containers[{ci}].ports[{pi}]")
+            number = _int(p.get("containerPort"), 1, 65535)
+            try:
+                protocol = Protocol(p.get("protocol") or "TCP")
+            except ValueError:
+                number = None
+            if number is None:
+                ctx.drop(f"spec.containers[{ci}].ports[{pi}]", "needs containerPort 1-65535 and TCP, UDP or SCTP")
+                continue
+            name = p.get("name") or ""
+            ports.append(ContainerPort(port=number, protocol=protocol, name=name if isinstance(name, str) else ""))
+    node, phase, sa = spec.get("nodeName"), status.get("phase"), spec.get("serviceAccountName")
+    return Pod(ref=ctx.ref, ips=ips, node_name=node if isinstance(node, str) else "",
+               phase=phase if isinstance(phase, str) else "Unknown",
+               service_account=sa if isinstance(sa, str) and sa else "default", labels=labels,
+               annotations=annotations, container_ports=tuple(ports), host_network=spec.get("hostNetwork") is True,
+               resource_version=rv)
+
+
+def _node(ctx: _Ctx, raw: Mapping[str, Any]) -> Node:
+    labels, _, rv = _meta(ctx, raw)
+    spec = _map(ctx, raw.get("spec"), "spec")
+    status = _map(ctx, raw.get("status"), "status")
+    addresses: dict[str, list[IPAddress]] = {}
+    for i, entry in enumerate(_list(ctx, status.get("addresses"), "status.addresses")):
+        entry = _map(ctx, entry, f"status.addresses[{i}]")
+        kind = entry.get("type")
+        if kind in ("InternalIP", "ExternalIP"):
+            addresses.setdefault(kind, []).extend(_ips(ctx, [entry.get("address")], f"status.addresses[{i}].address"))
+    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    pod_cidrs = []
+    for i, value in enumerate(_list(ctx, cidrs, "spec.podCIDRs")):
+        cidr = parse_cidr(value)
+        if cidr is None:
+            ctx.drop(f"spec.podCIDRs[{i}]", f"{value!r} is not a CIDR")
+        else:
+            pod_cidrs.append(cidr)
+    return Node(ref=ctx.ref, addresses={k: tuple(v) for k, v in addresses.items()}, pod_cidrs=tuple(pod_cidrs),
+                labels=labels, resource_version=rv)
+
+
+def _namespace(ctx: _Ctx, raw: Mapping[str, Any]) -> Namespace:
+    labels, _, rv = _meta(ctx, raw)
+    return Namespace(ref=ctx.ref, labels=labels, resource_version=rv)
+
+
+def _selector(ctx: _Ctx, spec: Mapping[str, Any]) -> dict[str, str] | None:
+    selector = _map(ctx, spec.get("selector"), "spec.selector", whole=True)
+    return _string_map(ctx, selector.get("matchLabels"), "spec.selector.matchLabels") if selector else None
+
+
+def _strings(ctx: _Ctx, value: Any, field: str) -> tuple[str, ...]:
+    items = _list(ctx, value, field)
+    if not all(isinstance(v, str) and v for v in items):
+        raise ctx.fail(field, "must be a list of non-empty strings")
+    return tuple(items)
+
+
+def _authorization_policy(ctx: _Ctx, raw: Mapping[str, Any]) -> AuthorizationPolicy:
+    # A policy is all or nothing: dropping one part of a rule would widen or narrow access silently.
+    _, _, rv = _meta(ctx, raw)
+    spec = _map(ctx, raw.get("spec"), "spec", whole=True)
+    action = _enum(ctx, PolicyAction, spec.get("action"), PolicyAction.ALLOW, "spec.action")
+    rules = []
+    for i, raw_rule in enumerate(_list(ctx, spec.get("rules"), "spec.rules")):
+        rule = _map(ctx, raw_rule, f"spec.rules[{i}]", whole=True)
+        unknown = set(rule) - {"from", "to"}
+        if unknown:
+            raise ctx.fail(f"spec.rules[{i}]", f"{sorted(unknown)} cannot be enforced at L4 (only from/to)")
+        sources = []
+        for j, entry in enumerate(_list(ctx, rule.get("from"), f"spec.rules[{i}].from")):
+            f = f"spec.rules[{i}].from[{j}].source"
+            src = _map(ctx, _map(ctx, entry, f, whole=True).get("source"), f, whole=True)
+            unsupported = set(src) - {"principals", "notPrincipals", "namespaces", "notNamespaces"}
+            if unsupported:
+                raise ctx.fail(f, f"{sorted(unsupported)} are not supported at L4")
+            sources.append(PolicySource(
+                principals=_strings(ctx, src.get("principals"), f"{f}.principals"),
+                not_principals=_strings(ctx, src.get("notPrincipals"), f"{f}.notPrincipals"),
+                namespaces=_strings(ctx, src.get("namespaces"), f"{f}.namespaces"),
+                not_namespaces=_strings(ctx, src.get("notNamespaces"), f"{f}.notNamespaces")))
+        operations = []
+        for j, entry in enumerate(_list(ctx, rule.get("to"), f"spec.rules[{i}].to")):
+            f = f"spec.rules[{i}].to[{j}].operation"
+            op = _map(ctx, _map(ctx, entry, f, whole=True).get("operation"), f, whole=True)
+            unsupported = set(op) - {"ports", "notPorts"}
+            if unsupported:
+                raise ctx.fail(f, f"{sorted(unsupported)} need L7; only ports are enforced at L4")
+            operations.append(PolicyOperation(ports=_policy_ports(ctx, op.get("ports"), f"{f}.ports"),
+                                              not_ports=_policy_ports(ctx, op.get("notPorts"), f"{f}.notPorts")))
+        rules.append(PolicyRule(sources=tuple(sources), operations=tuple(operations)))
+    return AuthorizationPolicy(ref=ctx.ref, action=action, selector=_selector(ctx, spec), rules=tuple(rules),
+                               resource_version=rv)
+
+
+def _policy_ports(ctx: _Ctx, value: Any, field: str) -> tuple[int, ...]:
+    ports = []
+    for i, item in enumerate(_list(ctx, value, field)):
+        number = _int(int(item) if isinstance(item, str) and item.isdigit() else item, 1, 65535)
+        if number is None:
+            raise ctx.fail(f"{field}[{i}]", f"{item!r} is not a port")
+        ports.append(number)
+    return tuple(ports)
+
+
+def _peer_authentication(ctx: _Ctx, raw: Mapping[str, Any]) -> PeerAuthentication:
+    _, _, rv = _meta(ctx, raw)
+    spec = _map(ctx, raw.get("spec"), "spec", whole=True)
+    mtls = _map(ctx, spec.get("mtls"), "spec.mtls", whole=True)
+    mode = _enum(ctx, PeerAuthenticationMode, mtls.get("mode"), PeerAuthenticationMode.PERMISSIVE, "spec.mtls.mode")
+    return PeerAuthentication(ref=ctx.ref, mode=mode, selector=_selector(ctx, spec), resource_version=rv)
+
+
+_DECODERS: dict[Kind, Callable[[_Ctx, Mapping[str, Any]], Object]] = {
+    Kind.SERVICE: _service,
+    Kind.ENDPOINT_SLICE: _endpoint_slice,
+    Kind.POD: _pod,
+    Kind.NODE: _node,
+    Kind.NAMESPACE: _namespace,
+    Kind.AUTHORIZATION_POLICY: _authorization_policy,
+    Kind.PEER_AUTHENTICATION: _peer_authentication,
+}
