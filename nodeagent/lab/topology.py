@@ -118,7 +118,7 @@ class _Problems:
 
 def _describe(body: Mapping[str, Any]) -> str:
     kind = body.get("kind") or "<no kind>"
-    meta = body.get("metadata") if isinstance(body.get("metadata"), Mapping) else {}
+    meta = _meta(body)
     name = meta.get("name") or "<no name>"
     namespace = meta.get("namespace")
     if kind in ("Pod", "Service", "EndpointSlice") and not namespace:
@@ -405,7 +405,7 @@ def _pods(
 
 def _services(
     docs: list[Document], namespaces: Mapping[str, Any], service_cidr: IPv4Network, problems: _Problems
-) -> list[Mapping[str, Any]]:
+) -> list[dict[str, Any]]:
     """Check what the lab itself uses of Services and fill in cluster IPs and node ports.
 
     Full Service validation (as kube-proxy does it) belongs to the agent's model; the lab only needs
@@ -448,7 +448,7 @@ def _services(
                                                         f"{service_cidr}")
         ports = spec.get("ports") or []
         for pi, port in enumerate(ports):
-            if not isinstance(port, Mapping):
+            if not isinstance(port, dict):
                 problems.add(doc, f"spec.ports[{pi}]", "must be a mapping")
                 continue
             number = port.get("port")
