@@ -25,7 +25,7 @@ from nodeagent.lab.errors import LabBuildError, LabEnvironmentError, LabError, L
 from nodeagent.lab.manifests import DEFAULT_MANIFESTS, Document, load_default, load_directory, parse_text
 from nodeagent.lab.plan import LabPlan, check_lab_name, netns_prefix, plan_lab
 from nodeagent.lab.state import LabRecord, Process, locked, recorded_labs
-from nodeagent.lab.topology import LabTopology, build_topology, iter_ports
+from nodeagent.lab.topology import LabTopology, build_topology
 
 __all__ = ["Lab", "LabNotFoundError", "down", "exec_in", "load", "status", "up"]
 
@@ -248,8 +248,3 @@ def exec_in(name: str, command: Sequence[str], *, pod: str | None = None, node: 
     argv = processes.enter_argv(where, cgroups.path_of(cgroup), command)
     return subprocess.run(argv, env=processes.child_env({**env, "NODEAGENT_LAB": name}), timeout=timeout,
                           check=False).returncode
-
-
-def declared_ports(lab: Lab, pod: str) -> list[str]:
-    """`port/PROTO` strings of a pod's containers (for status output)."""
-    return [f"{p.port}/{p.protocol}" for p in iter_ports(lab.plan.pod(pod).pod)]

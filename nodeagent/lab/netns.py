@@ -6,7 +6,6 @@ target namespace, so not even a transient link ever appears in the root network 
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,14 +119,3 @@ def attach_pod(plan: PodPlan) -> None:
         ipr.link("set", index=uplink, state="up")
         for route in plan.routes:
             _add_route(ipr, route)
-
-
-def link_names(name: str) -> list[str]:
-    """Interface names inside namespace `name` (for status and tests)."""
-    with _ipr(name) as ipr:
-        return sorted(str(link.get("ifname")) for link in ipr.get_links())
-
-
-def netns_fd_path(name: str) -> str:
-    """The bind-mount path that processes use to enter namespace `name`."""
-    return os.fspath(NETNS_DIR / name)

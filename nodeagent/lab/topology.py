@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -100,11 +100,6 @@ class LabTopology:
             if node.name == name:
                 return node
         raise KeyError(name)
-
-    def pods_on(self, node: str) -> tuple[LabPod, ...]:
-        """The pods scheduled on `node`."""
-        return tuple(p for p in self.pods if p.node == node)
-
 
 class _Problems:
     """Collects problems so that every one of them is reported, not just the first."""
@@ -494,10 +489,3 @@ def _resolved_pod(pod: LabPod, doc: Document, node: LabNode) -> Mapping[str, Any
     body["status"] = {**(body.get("status") or {}), "phase": "Running", "podIP": str(pod.ip),
                       "podIPs": [{"ip": str(pod.ip)}], "hostIP": str(node.address)}
     return body
-
-
-def iter_ports(pod: LabPod) -> Iterator[ContainerPort]:
-    """Every port declared by any container of `pod`."""
-    for container in pod.containers:
-        yield from container.ports
-
