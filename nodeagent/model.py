@@ -69,7 +69,7 @@ class Kind(StrEnum):
     PEER_AUTHENTICATION = "PeerAuthentication"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ObjectRef:
     """Kind, namespace (empty for cluster-scoped objects) and name: how every object is named in logs."""
 
@@ -86,7 +86,7 @@ class ObjectRef:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     """One port of a Service; `target_port` is a number or a container port name."""
 
@@ -97,7 +97,7 @@ class ServicePort:
     node_port: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     """What the datapath needs of a Service."""
 
@@ -132,7 +132,7 @@ class Service:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointConditions:
     """EndpointSlice endpoint conditions; unset `ready` means ready, as the API documents."""
 
@@ -141,7 +141,7 @@ class EndpointConditions:
     terminating: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One endpoint of a slice: its addresses and where it runs."""
 
@@ -153,7 +153,7 @@ class Endpoint:
     target: ObjectRef | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPort:
     """A port of an EndpointSlice, matched to the Service port of the same name."""
 
@@ -162,7 +162,7 @@ class EndpointPort:
     port: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSlice:
     """The endpoints of (part of) a Service."""
 
@@ -179,7 +179,7 @@ class EndpointSlice:
         return ObjectRef(Kind.SERVICE, self.ref.namespace, self.service_name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContainerPort:
     """A named or unnamed port a pod's container declares."""
 
@@ -188,7 +188,7 @@ class ContainerPort:
     name: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pod:
     """What the mesh and the proxy need of a pod."""
 
@@ -204,7 +204,7 @@ class Pod:
     resource_version: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     """A node: its addresses (for NodePort) and pod CIDRs (for routing and masquerade decisions)."""
 
@@ -220,7 +220,7 @@ class Node:
         return self.addresses.get("InternalIP", ())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Namespace:
     """A namespace: its labels enroll its pods in the mesh."""
 
@@ -236,7 +236,7 @@ class PolicyAction(StrEnum):
     DENY = "DENY"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PolicySource:
     """`from[].source` at L4: every non-empty list must match (AND), any entry of a list matches (OR).
 
@@ -250,7 +250,7 @@ class PolicySource:
     not_namespaces: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PolicyOperation:
     """`to[].operation` at L4: destination ports."""
 
@@ -258,7 +258,7 @@ class PolicyOperation:
     not_ports: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PolicyRule:
     """A rule matches when any source matches (or there are none) and any operation matches (or none)."""
 
@@ -266,7 +266,7 @@ class PolicyRule:
     operations: tuple[PolicyOperation, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthorizationPolicy:
     """L4 authorization for the workloads its selector picks in its namespace (all of them if None)."""
 
@@ -284,7 +284,7 @@ class PeerAuthenticationMode(StrEnum):
     PERMISSIVE = "PERMISSIVE"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerAuthentication:
     """The mTLS mode for the workloads its selector picks in its namespace (all of them if None)."""
 
@@ -297,7 +297,7 @@ class PeerAuthentication:
 Object = Service | EndpointSlice | Pod | Node | Namespace | AuthorizationPolicy | PeerAuthentication
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rejection:
     """Why (part of) an object was not accepted: the object, the field path, and the reason."""
 

@@ -1,0 +1,437 @@
+"""Events in, immutable snapshots out: the change tracker and the rate-limited sync runner.
+
+Modelled on kube-proxy's `pkg/proxy`: change trackers remember which Services an event touched,
+and one sync function turns the pending changes into the next state. Here that state is a
+`Snapshot` (what the node must look like) plus exactly which Service ports' translation changed
+since the previous snapshot, so a reconciler can rewrite only those chains or map entries (kube-proxy's
+partial sync).
+
+Building a snapshot costs O(changed Services) plus a shallow copy of the maps that changed; objects
+are immutable and shared between snapshots, so a snapshot handed to a reconciler never changes under it.
+
+Threads: sources call `ChangeTracker.apply` from their own threads; `SyncRunner` calls `snapshot()`
+from its thread. One lock guards the tracker; a snapshot is built under it in milliseconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import structlog
+
+from nodeagent.decode import Decoded
+from nodeagent.events import Deleted, Event, Listed, Progressed, Unreadable, Upserted
+from nodeagent.model import (
+    AuthorizationPolicy,
+    EndpointSlice,
+    Kind,
+    Namespace,
+    Node,
+    Object,
+    ObjectRef,
+    PeerAuthentication,
+    Pod,
+    Rejection,
+    Service,
+)
+from nodeagent.translation import (
+    EndpointInfo,
+    ServicePortInfo,
+    ServicePortName,
+    changed_ports,
+    merge_endpoints,
+    service_port_infos,
+)
+
+log = structlog.get_logger("nodeagent.state")
+
+_EMPTY: Mapping[Any, Any] = MappingProxyType({})
+RECENT_UNREADABLE = 100
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the node must look like, as of `generation`; never modified after it is built.
+
+    `changed_ports` / `changed_services` name what differs from the previous snapshot (on the first
+    snapshot, everything); `changed_kinds` names the kinds with any change at all.
+    """
+
+    generation: int
+    node_name: str
+    resource_versions: Mapping[Kind, str]
+    synced_kinds: frozenset[Kind]
+    services: Mapping[ObjectRef, Service]
+    endpoint_slices: Mapping[ObjectRef, EndpointSlice]
+    pods: Mapping[ObjectRef, Pod]
+    nodes: Mapping[ObjectRef, Node]
+    namespaces: Mapping[ObjectRef, Namespace]
+    authorization_policies: Mapping[ObjectRef, AuthorizationPolicy]
+    peer_authentications: Mapping[ObjectRef, PeerAuthentication]
+    service_ports: Mapping[ServicePortName, ServicePortInfo]
+    endpoints: Mapping[ServicePortName, tuple[EndpointInfo, ...]]
+    skipped_services: Mapping[ObjectRef, str]
+    rejections: Mapping[ObjectRef, tuple[Rejection, ...]]
+    rejection_counts: Mapping[tuple[Kind, str], int]
+    unreadable: tuple[Unreadable, ...]
+    changed_ports: frozenset[ServicePortName]
+    changed_services: frozenset[ObjectRef]
+    changed_kinds: frozenset[Kind]
+    built_at: float = field(default_factory=time.monotonic)
+
+    def synced(self, kinds: Iterable[Kind]) -> bool:
+        """Whether every kind in `kinds` has been listed completely at least once."""
+        return all(kind in self.synced_kinds for kind in kinds)
+
+    def ports_of(self, service: ObjectRef) -> tuple[ServicePortInfo, ...]:
+        """The programmed ports of one Service, in name order."""
+        return tuple(sorted((p for n, p in self.service_ports.items() if n.service == service),
+                            key=lambda p: p.name))
+
+    def endpoints_of(self, port: ServicePortName) -> tuple[EndpointInfo, ...]:
+        """The merged endpoints of one Service port (empty if none)."""
+        return self.endpoints.get(port, ())
+
+    @property
+    def node(self) -> Node | None:
+        """This node's own Node object, once known."""
+        return self.nodes.get(ObjectRef(Kind.NODE, "", self.node_name))
+
+    def rejections_of(self, ref: ObjectRef) -> tuple[Rejection, ...]:
+        """Why (parts of) one object were not accepted, as of this snapshot."""
+        return self.rejections.get(ref, ())
+
+
+_FIELD_OF_KIND = {
+    Kind.SERVICE: "services", Kind.ENDPOINT_SLICE: "endpoint_slices", Kind.POD: "pods", Kind.NODE: "nodes",
+    Kind.NAMESPACE: "namespaces", Kind.AUTHORIZATION_POLICY: "authorization_policies",
+    Kind.PEER_AUTHENTICATION: "peer_authentications",
+}
+
+
+class ChangeTracker:
+    """Folds source events into pending changes; `snapshot()` turns them into the next `Snapshot`."""
+
+    def __init__(self, node_name: str, on_change: Callable[[], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._node_name = node_name
+        self._on_change = on_change
+        self._objects: dict[Kind, dict[ObjectRef, Object]] = {kind: {} for kind in Kind}
+        self._slices_by_service: dict[ObjectRef, dict[ObjectRef, EndpointSlice]] = {}
+        self._resource_versions: dict[Kind, str] = {}
+        self._synced: set[Kind] = set()
+        self._rejections: dict[ObjectRef, tuple[Rejection, ...]] = {}
+        self._rejection_counts: Counter[tuple[Kind, str]] = Counter()
+        self._unreadable: deque[Unreadable] = deque(maxlen=RECENT_UNREADABLE)
+        # what the next snapshot must recompute
+        self._dirty_services: set[ObjectRef] = set()
+        self._dirty_kinds: set[Kind] = set()
+        self._dirty_meta = False
+        # the translation as of the last snapshot, updated in place service by service
+        self._service_ports: dict[ServicePortName, ServicePortInfo] = {}
+        self._endpoints: dict[ServicePortName, tuple[EndpointInfo, ...]] = {}
+        self._port_names: dict[ObjectRef, set[ServicePortName]] = {}
+        self._skipped: dict[ObjectRef, str] = {}
+        self._last: Snapshot | None = None
+
+    # --- events -------------------------------------------------------------------------------------
+
+    def apply(self, event: Event) -> None:
+        """Fold one event in; never raises on bad content (that was rejected when decoding)."""
+        with self._lock:
+            before = self._pending()
+            self._apply(event)
+            now_pending = self._pending()
+        if now_pending and not before and self._on_change is not None:
+            self._on_change()
+
+    def apply_all(self, events: Iterable[Event]) -> None:
+        """Fold several events in under one lock acquisition."""
+        with self._lock:
+            before = self._pending()
+            for event in events:
+                self._apply(event)
+            now_pending = self._pending()
+        if now_pending and not before and self._on_change is not None:
+            self._on_change()
+
+    def pending(self) -> bool:
+        """Whether the next `snapshot()` would differ from the last one."""
+        with self._lock:
+            return self._pending()
+
+    def _pending(self) -> bool:
+        return bool(self._dirty_services or self._dirty_kinds or self._dirty_meta or self._last is None)
+
+    def _apply(self, event: Event) -> None:
+        if isinstance(event, Upserted):
+            self._upsert(event.kind, event.ref, event.decoded)
+            self._note_version(event.kind, event.resource_version)
+        elif isinstance(event, Deleted):
+            self._remove(event.ref)
+            if self._rejections.pop(event.ref, None) is not None:
+                self._dirty_meta = True
+            self._note_version(event.ref.kind, event.resource_version)
+        elif isinstance(event, Listed):
+            self._replace(event)
+        elif isinstance(event, Progressed):
+            self._note_version(event.kind, event.resource_version)
+        elif isinstance(event, Unreadable):
+            self._unreadable.append(event)
+            self._rejection_counts[(event.kind, "unreadable")] += 1
+            self._dirty_meta = True
+            log.warning("unreadable input", kind=str(event.kind), source=event.source, reason=event.reason)
+
+    def _note_version(self, kind: Kind, version: str) -> None:
+        # Resource versions alone do not make a new snapshot; they ride along with the next one.
+        if version:
+            self._resource_versions[kind] = version
+
+    def _replace(self, event: Listed) -> None:
+        present = {ref for ref, _ in event.items if ref is not None}
+        for gone in [ref for ref in self._objects[event.kind] if ref not in present]:
+            self._remove(gone)
+        for gone in [ref for ref in self._rejections if ref.kind is event.kind and ref not in present]:
+            del self._rejections[gone]
+            self._dirty_meta = True
+        for ref, decoded in event.items:
+            self._upsert(event.kind, ref, decoded)
+        self._note_version(event.kind, event.resource_version)
+        if event.kind not in self._synced:
+            self._synced.add(event.kind)
+            self._dirty_meta = True
+
+    def _upsert(self, kind: Kind, ref: ObjectRef | None, decoded: Decoded) -> None:
+        for rejection in decoded.rejections:
+            self._rejection_counts[(kind, "object" if rejection.whole_object else "field")] += 1
+        if ref is None:
+            for rejection in decoded.rejections:
+                self._unreadable.append(Unreadable(kind, "-", str(rejection)))
+            self._dirty_meta = True
+            return
+        if decoded.rejections:
+            if self._rejections.get(ref) != decoded.rejections:
+                self._rejections[ref] = decoded.rejections
+                self._dirty_meta = True
+                log.warning("object rejected" if decoded.obj is None else "object partly rejected", object=str(ref),
+                            problems=[f"{r.field}: {r.reason}" for r in decoded.rejections])
+        elif self._rejections.pop(ref, None) is not None:
+            self._dirty_meta = True
+        obj = decoded.obj
+        if obj is None:
+            # The object as it is now is unusable: whatever an earlier version said no longer holds.
+            self._remove(ref)
+            return
+        store = self._objects[kind]
+        old = store.get(ref)
+        if old == obj:
+            return
+        store[ref] = obj
+        self._dirty_kinds.add(kind)
+        if isinstance(obj, Service):
+            self._dirty_services.add(ref)
+        elif isinstance(obj, EndpointSlice):
+            if isinstance(old, EndpointSlice) and old.service != obj.service:
+                self._unindex_slice(old)
+            self._slices_by_service.setdefault(obj.service, {})[ref] = obj
+            self._dirty_services.add(obj.service)
+
+    def _remove(self, ref: ObjectRef) -> None:
+        old = self._objects[ref.kind].pop(ref, None)
+        if old is None:
+            return
+        self._dirty_kinds.add(ref.kind)
+        if isinstance(old, Service):
+            self._dirty_services.add(ref)
+        elif isinstance(old, EndpointSlice):
+            self._unindex_slice(old)
+
+    def _unindex_slice(self, old: EndpointSlice) -> None:
+        slices = self._slices_by_service.get(old.service)
+        if slices is not None:
+            slices.pop(old.ref, None)
+            if not slices:
+                del self._slices_by_service[old.service]
+        self._dirty_services.add(old.service)
+
+    # --- snapshots ----------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot | None:
+        """The next snapshot, or None when nothing changed since the last one."""
+        with self._lock:
+            if not self._pending():
+                return None
+            return self._build()
+
+    def last(self) -> Snapshot | None:
+        """The most recent snapshot built, if any."""
+        with self._lock:
+            return self._last
+
+    def _build(self) -> Snapshot:
+        last = self._last
+        changed: set[ServicePortName] = set()
+        changed_services: set[ObjectRef] = set()
+        for service_ref in self._dirty_services:
+            if self._retranslate(service_ref, changed):
+                changed_services.add(service_ref)
+        if last is None:
+            changed = set(self._service_ports)
+            changed_services = {name.service for name in changed}
+        fresh = last is None or bool(changed)
+
+        def kind_map(kind: Kind) -> Mapping[ObjectRef, Any]:
+            if last is not None and kind not in self._dirty_kinds:
+                previous: Mapping[ObjectRef, Any] = getattr(last, _FIELD_OF_KIND[kind])
+                return previous
+            return MappingProxyType(dict(self._objects[kind]))
+
+        snapshot = Snapshot(
+            generation=(last.generation + 1) if last is not None else 1,
+            node_name=self._node_name,
+            resource_versions=MappingProxyType(dict(self._resource_versions)),
+            synced_kinds=frozenset(self._synced),
+            services=kind_map(Kind.SERVICE),
+            endpoint_slices=kind_map(Kind.ENDPOINT_SLICE),
+            pods=kind_map(Kind.POD),
+            nodes=kind_map(Kind.NODE),
+            namespaces=kind_map(Kind.NAMESPACE),
+            authorization_policies=kind_map(Kind.AUTHORIZATION_POLICY),
+            peer_authentications=kind_map(Kind.PEER_AUTHENTICATION),
+            service_ports=MappingProxyType(dict(self._service_ports)) if fresh or last is None else last.service_ports,
+            endpoints=MappingProxyType(dict(self._endpoints)) if fresh or last is None else last.endpoints,
+            skipped_services=(last.skipped_services if last is not None and Kind.SERVICE not in self._dirty_kinds
+                              else MappingProxyType(dict(self._skipped))),
+            rejections=(last.rejections if last is not None and not self._dirty_meta
+                        else MappingProxyType(dict(self._rejections))),
+            rejection_counts=MappingProxyType(dict(self._rejection_counts)),
+            unreadable=tuple(self._unreadable),
+            changed_ports=frozenset(changed),
+            changed_services=frozenset(changed_services),
+            changed_kinds=frozenset(self._dirty_kinds) if last is not None else frozenset(Kind),
+        )
+        self._dirty_services.clear()
+        self._dirty_kinds.clear()
+        self._dirty_meta = False
+        self._last = snapshot
+        return snapshot
+
+    def _retranslate(self, service_ref: ObjectRef, changed: set[ServicePortName]) -> bool:
+        """Recompute one Service's ports and endpoints in place; record the ports that changed."""
+        service = self._objects[Kind.SERVICE].get(service_ref)
+        old_names = self._port_names.pop(service_ref, set())
+        old_ports = {name: self._service_ports.pop(name) for name in old_names}
+        old_endpoints = {name: self._endpoints.pop(name) for name in old_names if name in self._endpoints}
+        self._skipped.pop(service_ref, None)
+        new_ports: dict[ServicePortName, ServicePortInfo] = {}
+        new_endpoints: dict[ServicePortName, tuple[EndpointInfo, ...]] = {}
+        if isinstance(service, Service):
+            reason = service.skip_reason
+            if reason is not None:
+                self._skipped[service_ref] = reason
+            new_ports = {info.name: info for info in service_port_infos(service)}
+            if new_ports:
+                merged = merge_endpoints(service_ref, self._slices_by_service.get(service_ref, {}).values(),
+                                         self._node_name)
+                new_endpoints = {name: eps for name, eps in merged.items() if name in new_ports and eps}
+        self._service_ports.update(new_ports)
+        self._endpoints.update(new_endpoints)
+        if new_ports:
+            self._port_names[service_ref] = set(new_ports)
+        before = len(changed)
+        changed |= changed_ports(old_ports, new_ports, old_endpoints, new_endpoints,
+                                 candidates=set(old_ports) | set(new_ports))
+        return len(changed) > before
+
+
+@dataclass(frozen=True)
+class SyncSchedule:
+    """When the next sync may run: kube-proxy's BoundedFrequencyRunner as a pure function.
+
+    A requested sync runs once `min_interval` has passed since the previous one (bursts of events are
+    coalesced into one sync); with no request, a sync still runs every `max_interval` (so drift in
+    the kernel is repaired even when nothing changes).
+    """
+
+    min_interval: float = 1.0
+    max_interval: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.min_interval < 0 or self.max_interval <= 0 or self.min_interval > self.max_interval:
+            raise ValueError(f"need 0 <= min-sync-period ({self.min_interval}) <= sync-period ({self.max_interval})"
+                             " and sync-period > 0")
+
+    def delay(self, now: float, last_run: float | None, requested: bool) -> float:
+        """Seconds until the next sync should start (0: now)."""
+        if last_run is None:
+            return 0.0
+        if requested:
+            return max(0.0, last_run + self.min_interval - now)
+        return max(0.0, last_run + self.max_interval - now)
+
+
+class SyncRunner:
+    """Runs `sync` on its own thread as `SyncSchedule` allows; `request()` asks for a run soon.
+
+    A sync that raises is logged and retried after `min_interval`, like kube-proxy retrying a failed
+    iptables-restore.
+    """
+
+    def __init__(self, sync: Callable[[], None], schedule: SyncSchedule,
+                 clock: Callable[[], float] = time.monotonic, name: str = "sync") -> None:
+        self._sync = sync
+        self._schedule = schedule
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._requested = False
+        self._stopped = False
+        self._last_run: float | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.runs = 0
+        self.failures = 0
+
+    def start(self) -> SyncRunner:
+        """Start the thread; the first sync runs at once."""
+        self._thread.start()
+        return self
+
+    def request(self) -> None:
+        """Ask for a sync; many requests before it runs make one sync."""
+        with self._cond:
+            self._requested = True
+            self._cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current sync, if one is running."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    delay = self._schedule.delay(self._clock(), self._last_run, self._requested)
+                    if delay <= 0:
+                        break
+                    self._cond.wait(delay)
+                if self._stopped:
+                    return
+                self._requested = False
+                self._last_run = self._clock()
+            try:
+                self._sync()
+                self.runs += 1
+            except Exception:
+                self.failures += 1
+                log.exception("sync failed; retrying after min-sync-period", runner=self._thread.name)
+                with self._cond:
+                    self._requested = True
