@@ -51,9 +51,9 @@ class Progressed:
 
 @dataclass(frozen=True, slots=True)
 class Unreadable:
-    """Something of `kind` arrived that could not even be parsed (not JSON, not YAML, no object)."""
+    """Input that could not be turned into an object (not JSON or YAML, no name, unknown kind)."""
 
-    kind: Kind
+    kind: Kind | None
     source: str
     reason: str
 

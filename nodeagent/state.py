@@ -78,7 +78,7 @@ class Snapshot:
     endpoints: Mapping[ServicePortName, tuple[EndpointInfo, ...]]
     skipped_services: Mapping[ObjectRef, str]
     rejections: Mapping[ObjectRef, tuple[Rejection, ...]]
-    rejection_counts: Mapping[tuple[Kind, str], int]
+    rejection_counts: Mapping[tuple[str, str], int]  # (kind, "field" | "object" | "unreadable") -> total seen
     unreadable: tuple[Unreadable, ...]
     changed_ports: frozenset[ServicePortName]
     changed_services: frozenset[ObjectRef]
@@ -127,7 +127,7 @@ class ChangeTracker:
         self._resource_versions: dict[Kind, str] = {}
         self._synced: set[Kind] = set()
         self._rejections: dict[ObjectRef, tuple[Rejection, ...]] = {}
-        self._rejection_counts: Counter[tuple[Kind, str]] = Counter()
+        self._rejection_counts: Counter[tuple[str, str]] = Counter()
         self._unreadable: deque[Unreadable] = deque(maxlen=RECENT_UNREADABLE)
         # what the next snapshot must recompute
         self._dirty_services: set[ObjectRef] = set()
@@ -184,9 +184,10 @@ class ChangeTracker:
             self._note_version(event.kind, event.resource_version)
         elif isinstance(event, Unreadable):
             self._unreadable.append(event)
-            self._rejection_counts[(event.kind, "unreadable")] += 1
+            self._rejection_counts[(str(event.kind or "unknown"), "unreadable")] += 1
             self._dirty_meta = True
-            log.warning("unreadable input", kind=str(event.kind), source=event.source, reason=event.reason)
+            log.warning("unreadable input", kind=str(event.kind or "unknown"), source=event.source,
+                        reason=event.reason)
 
     def _note_version(self, kind: Kind, version: str) -> None:
         # Resource versions alone do not make a new snapshot; they ride along with the next one.
@@ -209,7 +210,7 @@ class ChangeTracker:
 
     def _upsert(self, kind: Kind, ref: ObjectRef | None, decoded: Decoded) -> None:
         for rejection in decoded.rejections:
-            self._rejection_counts[(kind, "object" if rejection.whole_object else "field")] += 1
+            self._rejection_counts[(str(kind), "object" if rejection.whole_object else "field")] += 1
         if ref is None:
             for rejection in decoded.rejections:
                 self._unreadable.append(Unreadable(kind, "-", str(rejection)))
