@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,15 +165,17 @@ class Reflector:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        version = ""
+        # self.resource_version is the resume point: advanced by every event and bookmark, so a watch
+        # that breaks mid-stream resumes exactly where it broke; cleared by 410 to force a relist.
         while not self._stop.is_set():
             try:
-                if not version:
-                    version = self._list()
-                version = self._watch(version)
+                if not self.resource_version:
+                    self._list()
+                self._watch(self.resource_version)
             except Expired:
-                log.info("resource version expired, relisting", kind=str(self._resource.kind))
-                version = ""
+                log.info("resource version expired, relisting", kind=str(self._resource.kind),
+                         resource_version=self.resource_version)
+                self.resource_version = ""
             except (ApiError, ProtocolError, urllib3.exceptions.HTTPError, OSError) as exc:
                 if self._stop.is_set():
                     return
@@ -182,8 +184,8 @@ class Reflector:
                             retry_in=round(delay, 2))
                 self._stop.wait(delay)
 
-    def _list(self) -> str:
-        """List every page and hand the tracker the complete set; returns the list's resourceVersion."""
+    def _list(self) -> None:
+        """List every page and hand the tracker the complete set; resume from the list's resourceVersion."""
         items: list[tuple[Any, Any]] = []
         token, version = "", ""
         while True:
@@ -200,7 +202,6 @@ class Reflector:
         self.resource_version = version
         self._sink(Listed(self._resource.kind, tuple(items), version))
         log.info("listed", kind=str(self._resource.kind), objects=len(items), resource_version=version)
-        return version
 
     def _request(self, query: list[tuple[str, str]], timeout: float) -> bytes:
         response = self._api.get(self._resource.path, query, timeout)
@@ -217,8 +218,8 @@ class Reflector:
             raise ApiError(response.status, message)
         return body
 
-    def _watch(self, version: str) -> str:
-        """Watch from `version` until the server ends the stream; returns the last version seen."""
+    def _watch(self, version: str) -> None:
+        """Watch from `version` until the server ends the stream."""
         server_timeout = watch_timeout(minimum=self._min_watch_timeout)
         query = [*self._selection.query(), ("watch", "1"), ("resourceVersion", version),
                  ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(server_timeout))]
@@ -227,15 +228,14 @@ class Reflector:
             self._response = response
         try:
             if self._stop.is_set():
-                return version
+                return
             if response.status == HTTP_GONE:
                 raise Expired()
             if response.status != 200:
                 raise ApiError(response.status, status_message(response.data))
             self.watches += 1
             for line in self._lines(response):
-                version = self._handle(line, version)
-            return version
+                self._handle(line)
         finally:
             with self._response_lock:
                 self._response = None
@@ -247,19 +247,19 @@ class Reflector:
         for chunk in response.stream(amt=None, decode_content=True):
             yield from splitter.feed(chunk)
 
-    def _handle(self, line: bytes, version: str) -> str:
+    def _handle(self, line: bytes) -> None:
         kind = self._resource.kind
         parsed = parse_watch_line(line)
         if parsed is None:
-            return version
+            return
         if isinstance(parsed, Malformed):
             self._sink(Unreadable(kind, f"watch {self._resource.path}", f"{parsed.reason}: {parsed.excerpt!r}"))
-            return version
+            return
         if isinstance(parsed, WatchFailure):
             if parsed.expired:
                 raise Expired()
             raise ApiError(parsed.code, f"{parsed.reason}: {parsed.message}")
-        new_version = parsed.resource_version or version
+        new_version = parsed.resource_version or self.resource_version
         if parsed.type == "BOOKMARK":
             self._sink(Progressed(kind, new_version))
         elif parsed.type == "DELETED":
@@ -273,7 +273,6 @@ class Reflector:
             raw = with_kind(parsed.obj, self._resource)
             self._sink(Upserted(kind, object_ref(raw), decode(raw), new_version))
         self.resource_version = new_version
-        return new_version
 
 
 class KubernetesSource:
@@ -281,10 +280,12 @@ class KubernetesSource:
 
     def __init__(self, api: ApiConnection, sink: Sink, node_name: str, *,
                  kinds: tuple[Kind, ...] = CORE_KINDS + MESH_KINDS, all_pods: bool = False,
-                 page_size: int = PAGE_SIZE, min_watch_timeout: int = 300) -> None:
+                 page_size: int = PAGE_SIZE, min_watch_timeout: int = 300,
+                 backoff: Callable[[], Backoff] = Backoff) -> None:
         chosen = selections(node_name, all_pods)
         self.reflectors = {kind: Reflector(api, RESOURCES[kind], sink, chosen.get(kind, Selection()),
-                                           page_size=page_size, min_watch_timeout=min_watch_timeout)
+                                           page_size=page_size, min_watch_timeout=min_watch_timeout,
+                                           backoff=backoff())
                            for kind in kinds}
 
     def start(self) -> KubernetesSource:
