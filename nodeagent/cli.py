@@ -146,6 +146,63 @@ def lab_demo(lab_name: str, keep: bool) -> None:
     run_demo(lab_name, keep, click.echo)
 
 
+def source_options(func: F) -> F:
+    """The options that say where the cluster's state comes from (exactly one of them)."""
+    func = click.option("--node", "node_name", envvar="NODE_NAME", default=None,
+                        help="the node whose view is shown [$NODE_NAME; node1 for a lab]")(func)
+    func = click.option("--lab", "source_lab", default=None, help="a lab on this machine (its manifests)")(func)
+    func = click.option("--manifests", type=click.Path(path_type=Path, file_okay=False), default=None,
+                        help="a directory of Kubernetes YAML/JSON")(func)
+    func = click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+                        help="a kubeconfig (default: in-cluster config in a pod, else $KUBECONFIG)")(func)
+    func = click.option("--context", default=None, help="kubeconfig context")(func)
+    return func
+
+
+def read_snapshot(kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
+                  node_name: str | None) -> Any:
+    """One complete snapshot from the chosen source; a click error naming what is wrong otherwise."""
+    chosen = [flag for flag, value in (("--kubeconfig", kubeconfig or context), ("--manifests", manifests),
+                                       ("--lab", source_lab)) if value]
+    if len(chosen) > 1:
+        raise click.UsageError(f"choose one source, not {' and '.join(chosen)}")
+    from nodeagent.discovery.once import SourceTimeout, snapshot_of_cluster, snapshot_of_manifests
+
+    if source_lab is not None:
+        from nodeagent.lab import lab as labs
+        from nodeagent.lab.errors import LabError
+
+        try:
+            manifests = labs.load(source_lab).record.manifests_path.parent
+        except LabError as exc:
+            raise click.ClickException(str(exc)) from exc
+        node_name = node_name or "node1"
+    if node_name is None:
+        raise click.UsageError("--node (or $NODE_NAME) is needed: which node's view to show")
+    try:
+        if manifests is not None:
+            return snapshot_of_manifests(manifests, node_name)
+        return snapshot_of_cluster(kubeconfig, node_name, context=context)
+    except (OSError, SourceTimeout) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except Exception as exc:  # the kubernetes client's config errors have no common base class
+        if type(exc).__module__.startswith("kubernetes"):
+            raise click.ClickException(f"Kubernetes configuration: {exc}") from exc
+        raise
+
+
+@main.command()
+@source_options
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def snapshot(kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
+             node_name: str | None, as_json: bool) -> None:
+    """Show what the node would program: every Service port with its endpoints, and every rejection."""
+    from nodeagent.describe import format_snapshot, snapshot_document
+
+    state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
+    click.echo(json.dumps(snapshot_document(state), indent=2) if as_json else format_snapshot(state))
+
+
 @main.group(hidden=True)
 def workload() -> None:
     """The lab's pod workload (echo server and client)."""

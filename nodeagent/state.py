@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import immutables
 import structlog
 
 from nodeagent.decode import Decoded
 from nodeagent.events import Deleted, Event, Listed, Progressed, Unreadable, Upserted
+from nodeagent.heap import collector_paused
 from nodeagent.model import (
     AuthorizationPolicy,
     EndpointSlice,
@@ -122,7 +124,9 @@ class ChangeTracker:
         self._lock = threading.Lock()
         self._node_name = node_name
         self._on_change = on_change
-        self._objects: dict[Kind, dict[ObjectRef, Object]] = {kind: {} for kind in Kind}
+        # Persistent maps (HAMTs): a snapshot holds the map as it is, and the next change makes a new
+        # map sharing all untouched entries, so a snapshot costs O(changes), not O(cluster).
+        self._objects: dict[Kind, immutables.Map[ObjectRef, Object]] = {kind: immutables.Map() for kind in Kind}
         self._slices_by_service: dict[ObjectRef, dict[ObjectRef, EndpointSlice]] = {}
         self._resource_versions: dict[Kind, str] = {}
         self._synced: set[Kind] = set()
@@ -134,8 +138,8 @@ class ChangeTracker:
         self._dirty_kinds: set[Kind] = set()
         self._dirty_meta = False
         # the translation as of the last snapshot, updated in place service by service
-        self._service_ports: dict[ServicePortName, ServicePortInfo] = {}
-        self._endpoints: dict[ServicePortName, tuple[EndpointInfo, ...]] = {}
+        self._service_ports: immutables.Map[ServicePortName, ServicePortInfo] = immutables.Map()
+        self._endpoints: immutables.Map[ServicePortName, tuple[EndpointInfo, ...]] = immutables.Map()
         self._port_names: dict[ObjectRef, set[ServicePortName]] = {}
         self._skipped: dict[ObjectRef, str] = {}
         self._last: Snapshot | None = None
@@ -160,6 +164,11 @@ class ChangeTracker:
             now_pending = self._pending()
         if now_pending and not before and self._on_change is not None:
             self._on_change()
+
+    def synced(self, kinds: Iterable[Kind]) -> bool:
+        """Whether every kind in `kinds` has been listed completely (kube-proxy's "initialized")."""
+        with self._lock:
+            return all(kind in self._synced for kind in kinds)
 
     def pending(self) -> bool:
         """Whether the next `snapshot()` would differ from the last one."""
@@ -233,7 +242,7 @@ class ChangeTracker:
         old = store.get(ref)
         if old == obj:
             return
-        store[ref] = obj
+        self._objects[kind] = store.set(ref, obj)
         self._dirty_kinds.add(kind)
         if isinstance(obj, Service):
             self._dirty_services.add(ref)
@@ -244,9 +253,11 @@ class ChangeTracker:
             self._dirty_services.add(obj.service)
 
     def _remove(self, ref: ObjectRef) -> None:
-        old = self._objects[ref.kind].pop(ref, None)
+        store = self._objects[ref.kind]
+        old = store.get(ref)
         if old is None:
             return
+        self._objects[ref.kind] = store.delete(ref)
         self._dirty_kinds.add(ref.kind)
         if isinstance(old, Service):
             self._dirty_services.add(ref)
@@ -268,6 +279,9 @@ class ChangeTracker:
         with self._lock:
             if not self._pending():
                 return None
+            if self._last is None:  # the first snapshot translates everything at once
+                with collector_paused():
+                    return self._build()
             return self._build()
 
     def last(self) -> Snapshot | None:
@@ -285,13 +299,12 @@ class ChangeTracker:
         if last is None:
             changed = set(self._service_ports)
             changed_services = {name.service for name in changed}
-        fresh = last is None or bool(changed)
 
         def kind_map(kind: Kind) -> Mapping[ObjectRef, Any]:
             if last is not None and kind not in self._dirty_kinds:
                 previous: Mapping[ObjectRef, Any] = getattr(last, _FIELD_OF_KIND[kind])
                 return previous
-            return MappingProxyType(dict(self._objects[kind]))
+            return self._objects[kind]
 
         snapshot = Snapshot(
             generation=(last.generation + 1) if last is not None else 1,
@@ -305,8 +318,8 @@ class ChangeTracker:
             namespaces=kind_map(Kind.NAMESPACE),
             authorization_policies=kind_map(Kind.AUTHORIZATION_POLICY),
             peer_authentications=kind_map(Kind.PEER_AUTHENTICATION),
-            service_ports=MappingProxyType(dict(self._service_ports)) if fresh or last is None else last.service_ports,
-            endpoints=MappingProxyType(dict(self._endpoints)) if fresh or last is None else last.endpoints,
+            service_ports=self._service_ports,
+            endpoints=self._endpoints,
             skipped_services=(last.skipped_services if last is not None and Kind.SERVICE not in self._dirty_kinds
                               else MappingProxyType(dict(self._skipped))),
             rejections=(last.rejections if last is not None and not self._dirty_meta
@@ -327,8 +340,9 @@ class ChangeTracker:
         """Recompute one Service's ports and endpoints in place; record the ports that changed."""
         service = self._objects[Kind.SERVICE].get(service_ref)
         old_names = self._port_names.pop(service_ref, set())
-        old_ports = {name: self._service_ports.pop(name) for name in old_names}
-        old_endpoints = {name: self._endpoints.pop(name) for name in old_names if name in self._endpoints}
+        ports, endpoints = self._service_ports.mutate(), self._endpoints.mutate()
+        old_ports = {name: ports.pop(name) for name in old_names}
+        old_endpoints = {name: endpoints.pop(name) for name in old_names if name in endpoints}
         self._skipped.pop(service_ref, None)
         new_ports: dict[ServicePortName, ServicePortInfo] = {}
         new_endpoints: dict[ServicePortName, tuple[EndpointInfo, ...]] = {}
@@ -341,8 +355,9 @@ class ChangeTracker:
                 merged = merge_endpoints(service_ref, self._slices_by_service.get(service_ref, {}).values(),
                                          self._node_name)
                 new_endpoints = {name: eps for name, eps in merged.items() if name in new_ports and eps}
-        self._service_ports.update(new_ports)
-        self._endpoints.update(new_endpoints)
+        ports.update(new_ports)
+        endpoints.update(new_endpoints)
+        self._service_ports, self._endpoints = ports.finish(), endpoints.finish()
         if new_ports:
             self._port_names[service_ref] = set(new_ports)
         before = len(changed)

@@ -62,11 +62,13 @@ def scale_cluster(services: int, endpoints_per_service: int = 10) -> tuple[list[
 
     Addresses are unique up to 65,536 Services and 100 endpoints each.
     """
-    svcs, slices = [], []
-    for i in range(services):
-        name = f"svc-{i}"
-        svcs.append(service(name, "bench", f"10.96.{(i >> 8) & 255}.{i & 255}"))
-        eps = [endpoint(f"10.{100 + j}.{(i >> 8) & 255}.{i & 255}", f"node{j % 3}", pod=f"{name}-{j}")
-               for j in range(endpoints_per_service)]
-        slices.append(endpoint_slice(f"{name}-abcde", name, eps, "bench"))
-    return svcs, slices
+    svcs = [service(f"svc-{i}", "bench", f"10.96.{(i >> 8) & 255}.{i & 255}") for i in range(services)]
+    return svcs, [scale_slice(i, endpoints_per_service) for i in range(services)]
+
+
+def scale_slice(i: int, endpoints_per_service: int = 10) -> dict[str, Any]:
+    """The EndpointSlice of Service `svc-{i}` of `scale_cluster`."""
+    name = f"svc-{i}"
+    eps = [endpoint(f"10.{100 + j}.{(i >> 8) & 255}.{i & 255}", f"node{j % 3}", pod=f"{name}-{j}")
+           for j in range(endpoints_per_service)]
+    return endpoint_slice(f"{name}-abcde", name, eps, "bench")

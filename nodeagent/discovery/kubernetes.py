@@ -49,6 +49,7 @@ from nodeagent.discovery.wire import (
     with_kind,
 )
 from nodeagent.events import Deleted, Listed, Progressed, Sink, Unreadable, Upserted
+from nodeagent.heap import collector_paused
 from nodeagent.model import Kind
 
 log = structlog.get_logger("nodeagent.discovery.kubernetes")
@@ -193,14 +194,16 @@ class Reflector:
             if token:
                 query.append(("continue", token))
             body = self._request(query, timeout=60.0)
-            page = parse_list(body)
-            items.extend(decode_items(page.items, self._resource))
+            with collector_paused():
+                page = parse_list(body)
+                items.extend(decode_items(page.items, self._resource))
             version, token = page.resource_version, page.continue_token
             if not token:
                 break
         self.lists += 1
         self.resource_version = version
-        self._sink(Listed(self._resource.kind, tuple(items), version))
+        with collector_paused():
+            self._sink(Listed(self._resource.kind, tuple(items), version))
         log.info("listed", kind=str(self._resource.kind), objects=len(items), resource_version=version)
 
     def _request(self, query: list[tuple[str, str]], timeout: float) -> bytes:

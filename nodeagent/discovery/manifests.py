@@ -4,15 +4,21 @@ For the lab and for machines without a cluster. Every read produces one `Listed`
 the whole current content, so the tracker sees additions, edits and deletions alike (a file removed
 means its objects are gone). Files are polled by (inode, size, mtime) signature: a rename-into-place
 by an editor or `kubectl`-style tooling is seen as a change, and nothing depends on inotify limits.
+File timestamps are coarse (the kernel stamps them from a jiffy clock), so two same-size writes a
+few milliseconds apart can leave the signature unchanged; as git does for its index ("racy git"),
+a file whose mtime is too close to the moment it was read is compared by content on the next poll.
 
 Bad input stays local: a file that is not valid YAML keeps its last good content and is reported;
-a document of a kind nodeagent does not read, or a second definition of an object, is reported and
-skipped; everything else is delivered.
+a document without a usable kind or name, or a second definition of an object, is reported and
+skipped; everything else is delivered. Kinds nodeagent does not read (a Deployment, a ConfigMap) are
+skipped silently, as the API source never sees them: a directory may hold a whole application.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +34,16 @@ from nodeagent.model import Kind, ObjectRef
 log = structlog.get_logger("nodeagent.discovery.manifests")
 
 SUFFIXES = (".yaml", ".yml", ".json")
+KNOWN_KINDS = frozenset(kind.value for kind in Kind)
+_RACY_NS = 1_000_000_000  # a file modified this close to our read of it may change without a new mtime
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: ~10x faster
 
 
 @dataclass(frozen=True)
 class _FileContent:
     signature: tuple[int, int, int]
+    digest: bytes  # of the bytes read, to settle racy signatures
+    read_at_ns: int
     items: tuple[tuple[str, ObjectRef | None, Decoded], ...]  # (where, ref, decoded)
     problems: tuple[Unreadable, ...]
 
@@ -111,9 +121,13 @@ class ManifestSource:
                 continue
             signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
             known = self._files.get(path)
-            if known is not None and known.signature == signature:
+            if known is not None and known.signature == signature and not self._racy(path, known):
                 continue
-            self._files[path] = self._load(path, signature, known)
+            content = self._load(path, signature, known)
+            if known is not None and content.digest == known.digest:
+                self._files[path] = content  # same bytes: refresh the read time, nothing to emit
+                continue
+            self._files[path] = content
             changed.add(path)
         if not changed and self.reads:
             return False
@@ -121,20 +135,36 @@ class ManifestSource:
         self._emit()
         return True
 
-    def _load(self, path: Path, signature: tuple[int, int, int], previous: _FileContent | None) -> _FileContent:
+    @staticmethod
+    def _racy(path: Path, known: _FileContent) -> bool:
+        """Whether the file may have changed since it was read although its signature did not."""
+        if known.read_at_ns - known.signature[2] >= _RACY_NS:
+            return False
         try:
-            text = path.read_text()
+            return hashlib.blake2b(path.read_bytes()).digest() != known.digest
+        except OSError:
+            return True
+
+    def _load(self, path: Path, signature: tuple[int, int, int], previous: _FileContent | None) -> _FileContent:
+        read_at = time.time_ns()
+        try:
+            data = path.read_bytes()
+            text = data.decode()
         except (OSError, UnicodeDecodeError) as exc:
-            return _FileContent(signature, previous.items if previous else (),
+            return _FileContent(signature, b"", read_at, previous.items if previous else (),
                                 (Unreadable(None, str(path), f"cannot read: {exc}"),))
+        digest = hashlib.blake2b(data).digest()
         documents, problems = parse_documents(text, str(path))
         if problems and not documents and previous is not None:
             log.warning("manifest file unreadable, keeping its last good content", file=str(path),
                         reason=problems[0].reason)
-            return _FileContent(signature, previous.items, tuple(problems))
-        decoded = decode_items(body for _, body in documents)
-        items = tuple((where, ref, result) for (where, _), (ref, result) in zip(documents, decoded, strict=True))
-        return _FileContent(signature, items, tuple(problems))
+            return _FileContent(signature, digest, read_at, previous.items, tuple(problems))
+        read = [(where, body) for where, body in documents
+                if not (isinstance(body, dict) and isinstance(body.get("kind"), str) and body["kind"]
+                        and body["kind"] not in KNOWN_KINDS)]
+        decoded = decode_items(body for _, body in read)
+        items = tuple((where, ref, result) for (where, _), (ref, result) in zip(read, decoded, strict=True))
+        return _FileContent(signature, digest, read_at, items, tuple(problems))
 
     def _emit(self) -> None:
         by_kind: dict[Kind, dict[ObjectRef, Decoded]] = {kind: {} for kind in Kind}

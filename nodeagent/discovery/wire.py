@@ -8,11 +8,12 @@ carries only a resourceVersion. See the API concepts page, "Efficient detection 
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from nodeagent.model import MESH_GROUP, Kind
 
@@ -95,7 +96,7 @@ def parse_watch_line(line: bytes) -> WatchEvent | WatchFailure | Malformed | Non
         return None
     excerpt = line[:200].decode("utf-8", "replace")
     try:
-        event = json.loads(line)
+        event = orjson.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         return Malformed(f"not JSON: {exc}", excerpt)
     if not isinstance(event, dict):
@@ -147,7 +148,7 @@ class ProtocolError(Exception):
 def parse_list(body: bytes) -> ListPage:
     """A list response; raises ProtocolError when it is not one."""
     try:
-        data = json.loads(body)
+        data = orjson.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"list response is not JSON: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("metadata", {}), dict):
@@ -163,7 +164,7 @@ def parse_list(body: bytes) -> ListPage:
 def status_message(body: bytes) -> str:
     """The message of a Status error body, or the body's start."""
     try:
-        data = json.loads(body)
+        data = orjson.loads(body)
         if isinstance(data, dict) and data.get("message"):
             return str(data["message"])
     except (ValueError, UnicodeDecodeError):

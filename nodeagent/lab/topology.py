@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from nodeagent.decode import decode, object_ref
 from nodeagent.lab.endpoints import derive_endpoint_slices
 from nodeagent.lab.errors import LabManifestError, ManifestProblem
 from nodeagent.lab.manifests import Document
@@ -189,6 +190,9 @@ def build_topology(documents: Sequence[Document]) -> LabTopology:
     resolved.extend(derive_endpoint_slices(services, [p for p, _ in pods], user_slices))
     for kind in CARRIED_KINDS:
         resolved.extend(dict(d.body) for d in by_kind.get(kind, []))
+    _check_as_the_agent_reads(resolved, documents, problems)
+    if problems.items:
+        raise LabManifestError(problems.items)
     return LabTopology(
         nodes=tuple(nodes),
         pods=tuple(p for p, _ in pods),
@@ -489,3 +493,22 @@ def _resolved_pod(pod: LabPod, doc: Document, node: LabNode) -> Mapping[str, Any
     body["status"] = {**(body.get("status") or {}), "phase": "Running", "podIP": str(pod.ip),
                       "podIPs": [{"ip": str(pod.ip)}], "hostIP": str(node.address)}
     return body
+
+
+def _check_as_the_agent_reads(resolved: Sequence[Mapping[str, Any]], documents: Sequence[Document],
+                              problems: _Problems) -> None:
+    """Decode every resolved object exactly as the agent will, so a lab never starts with input the agent drops.
+
+    The lab's own checks cover what allocation needs; this covers everything else the datapath reads
+    (source ranges, affinity, traffic policies, mesh policies...), with the agent's own validator.
+    """
+    written_at = {ref: doc.source for doc in documents if (ref := object_ref(doc.body)) is not None}
+    for body in resolved:
+        ref = object_ref(body)
+        if ref is None:  # kinds only carried through (ConfigMap); the agent does not read them
+            continue
+        for rejection in decode(body).rejections:
+            scope = "the agent would reject the object" if rejection.whole_object else "the agent would ignore it"
+            problems.items.append(ManifestProblem(written_at.get(rejection.ref, "derived by the lab"),
+                                                  str(rejection.ref), rejection.field,
+                                                  f"{rejection.reason} ({scope})"))

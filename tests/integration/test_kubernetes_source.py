@@ -6,6 +6,7 @@ deadline, until the tracker's state equals what the server holds: nothing lost, 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -278,3 +279,32 @@ def test_stop_interrupts_open_watches_promptly(server: FakeApiServer, harness: H
     harness.source.stop()
     assert time.monotonic() - started < 3
     assert all(not r._thread.is_alive() for r in harness.source.reflectors.values())
+
+
+def test_snapshot_command_reads_the_cluster_once(server: FakeApiServer, tmp_path: Path) -> None:
+    """`nodeagent snapshot --kubeconfig` lists every kind, folds it, prints it, and stops its watches."""
+    from click.testing import CliRunner
+
+    from nodeagent.cli import main
+
+    server.create(k8s.service("broken", cluster_ip="10.96.0.99", ports=[{"name": "x", "port": 0}]))
+    result = CliRunner().invoke(main, ["snapshot", "--kubeconfig", str(server.write_kubeconfig(tmp_path / "kc")),
+                                       "--node", "node1", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    (web_port,) = [p for p in document["service_ports"] if p["service_port"] == "shop/web:http"]
+    assert [(e["address"], e["port"], e["local"]) for e in web_port["endpoints"]] == [("10.244.1.2", 8080, True)]
+    assert {"object": "Service shop/broken", "field": "spec.ports[0].port"}.items() <= document["rejections"][0].items()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("watch-")], \
+        "the one-shot read must stop its watches"
+
+
+def test_snapshot_command_names_an_unreachable_server(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nodeagent.cli import main
+
+    config = tmp_path / "kc"
+    config.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
+    result = CliRunner().invoke(main, ["snapshot", "--kubeconfig", str(config), "--node", "n1"])
+    assert result.exit_code == 1 and "Kubernetes configuration" in result.output, result.output

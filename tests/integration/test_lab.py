@@ -182,3 +182,42 @@ def test_exec_returns_the_commands_exit_code_and_status_notices_missing_objects(
     netns.remove(lab.plan.pod("demo/client").netns)  # someone deletes a pod netns behind the lab's back
     _, rows = labs.status(name)
     assert [row.name for row in rows if not row.present] == [lab.plan.pod("demo/client").netns]
+
+
+def test_the_agents_manifest_source_reads_the_lab_as_the_lab_built_it(make_lab) -> None:  # type: ignore[no-untyped-def]
+    """The lab's resolved manifests are the agent's input: every object decodes, the endpoints are the pods."""
+    from nodeagent.discovery.manifests import ManifestSource
+    from nodeagent.events import Event
+    from nodeagent.model import Kind, Protocol
+    from nodeagent.state import ChangeTracker
+    from nodeagent.translation import ServicePortName
+
+    lab = make_lab()
+    tracker = ChangeTracker("node1")
+    events: list[Event] = []
+
+    def sink(event: Event) -> None:
+        events.append(event)
+        tracker.apply(event)
+
+    ManifestSource(lab.record.manifests_path.parent, sink).read()
+    snapshot = tracker.snapshot()
+    assert snapshot is not None and snapshot.synced(Kind)
+    assert snapshot.rejections == {} and snapshot.unreadable == (), (snapshot.rejections, snapshot.unreadable)
+    echo_ips = {str(lab.plan.pod(f"demo/echo-{i}").pod.ip) for i in (0, 1)}
+    tcp = snapshot.endpoints_of(ServicePortName("demo", "echo", "http", Protocol.TCP))
+    udp = snapshot.endpoints_of(ServicePortName("demo", "echo", "udp", Protocol.UDP))
+    assert {str(e.ip) for e in tcp} == echo_ips and {e.port for e in tcp} == {8080}
+    assert {str(e.ip) for e in udp} == echo_ips and {e.port for e in udp} == {8081}
+    local = {str(e.ip) for e in tcp if e.is_local}
+    assert local == {str(lab.plan.pod("demo/echo-0").pod.ip)}, "echo-0 runs on node1"
+    node = snapshot.node
+    assert node is not None and node.internal_ips == (lab.plan.node("node1").node.address,)
+    from click.testing import CliRunner
+
+    from nodeagent.cli import main
+
+    shown = CliRunner().invoke(main, ["snapshot", "--lab", lab.record.name, "--node", "node2"])
+    assert shown.exit_code == 0, shown.output
+    echo_1 = lab.plan.pod("demo/echo-1").pod.ip
+    assert f"-> {echo_1}:8080  ready, local, demo/echo-1" in shown.stdout, shown.stdout

@@ -85,3 +85,39 @@ def test_the_default_lab_allocates_and_derives_as_a_cluster_would() -> None:
     assert sorted(e["addresses"][0] for e in echo_slice["endpoints"]) == ["10.244.1.3", "10.244.2.2"]
     assert {p["name"]: p["port"] for p in echo_slice["ports"]} == {"http": 8080, "udp": 8081}
     assert {e["nodeName"] for e in echo_slice["endpoints"]} == {"node1", "node2"}
+
+
+SERVICE = """---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+"""
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ("  externalIPs: ['192.0.2.010']\n",
+     "lab.yaml#2: Service default/web: spec.externalIPs[0]: "),
+    ("  sessionAffinity: Sticky\n", "lab.yaml#2: Service default/web: spec.sessionAffinity: "),
+    ("  loadBalancerSourceRanges: ['10.0.0.0/33']\n",
+     "lab.yaml#2: Service default/web: spec.loadBalancerSourceRanges[0]: "),
+])
+def test_lab_refuses_what_the_agent_would_drop(extra: str, expected: str) -> None:
+    """The lab runs the agent's decoder over its resolved objects; every drop is a named problem."""
+    found = problems(NODES + SERVICE + extra)
+    assert any(line.startswith(expected) and "(the agent would" in line for line in found), found
+
+
+def test_lab_refuses_a_mesh_policy_the_agent_would_reject() -> None:
+    policy = """---
+apiVersion: security.nodeagent.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: default}
+spec:
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+"""
+    found = problems(NODES + policy)
+    assert any(line.startswith("lab.yaml#2: AuthorizationPolicy default/l7: spec.rules[0].to[0].operation")
+               and "reject the object" in line for line in found), found

@@ -156,7 +156,7 @@ def test_headless_and_external_name_services_are_skipped_with_a_reason() -> None
                        up({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ext", "namespace": "shop"},
                            "spec": {"type": "ExternalName", "externalName": "db.example.com"}})])
     snapshot = snap(tracker)
-    assert snapshot.service_ports == {}
+    assert len(snapshot.service_ports) == 0
     assert "headless" in snapshot.skipped_services[ObjectRef(Kind.SERVICE, "shop", "headless")]
     assert "ExternalName" in snapshot.skipped_services[ObjectRef(Kind.SERVICE, "shop", "ext")]
 
@@ -274,3 +274,72 @@ def test_incremental_snapshots_equal_a_rebuild_and_the_diff_names_exactly_what_d
         else:
             assert truly_changed == set()
         previous = current
+
+
+_junk = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 70000) | st.text(max_size=8)
+    | st.sampled_from(["10.244.1.50", "010.1.1.1", "fd00::1", "TCP", "SCTP", "Local", "http", "node1", "web"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["name", "port", "ports", "protocol", "targetPort", "clusterIP", "clusterIPs", "addresses",
+                         "endpoints", "conditions", "ready", "serving", "nodeName", "type", "selector",
+                         "addressType", "podIP", "podIPs", "nodePort", "labels"]),
+        inner, max_size=5),
+    max_leaves=15,
+)
+_API = {"EndpointSlice": "discovery.k8s.io/v1", "AuthorizationPolicy": "security.nodeagent.io/v1alpha1",
+        "PeerAuthentication": "security.nodeagent.io/v1alpha1"}
+
+
+@st.composite
+def malformed_object(draw: st.DrawFn) -> Any:
+    """An object of a known kind whose body is junk, or junk that is no object at all."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(_junk)
+    kind = draw(st.sampled_from([k.value for k in Kind]))
+    name = draw(st.sampled_from(["junk-1", "junk-2", "Bad_Name", ""]))
+    labels = draw(st.sampled_from([{}, {"kubernetes.io/service-name": "web"}, {"kubernetes.io/service-name": 7}]))
+    return {"apiVersion": _API.get(kind, "v1"), "kind": kind,
+            "metadata": {"name": name, "namespace": "shop", "labels": labels},
+            "spec": draw(_junk), "status": draw(_junk), "endpoints": draw(_junk), "ports": draw(_junk),
+            "addressType": draw(st.sampled_from(["IPv4", "IPv6", "FQDN", 4]))}
+
+
+@settings(max_examples=150, deadline=None)
+@given(junk=st.lists(malformed_object(), max_size=8), as_updates=st.booleans())
+def test_malformed_objects_never_escape_and_never_cost_a_valid_object(junk: list[Any], as_updates: bool) -> None:
+    """decode → tracker → snapshot with junk mixed in: no exception, every rejection explained, valid state kept."""
+    clean = snap(seeded())
+    tracker = seeded()
+    tracker.snapshot()
+    events: list[Event] = []
+    for raw in junk:
+        ref, decoded = object_ref(raw), decode(raw)
+        if ref is None:
+            events.append(Unreadable(None, "test", "; ".join(r.reason for r in decoded.rejections)))
+        elif as_updates:
+            events.append(Upserted(ref.kind, ref, decoded, "20"))
+        else:
+            events.append(Listed(ref.kind, ((ref, decoded),), "20"))
+    tracker.apply_all(e for e in events if not isinstance(e, Listed))
+    if not as_updates:
+        # A list replaces the kind: the valid objects come along, as a real relist would carry them.
+        for kind, raws in ((Kind.SERVICE, [k8s.service("web"), k8s.service("db", cluster_ip="10.96.0.20",
+                                                                           ports=[{"name": "pg", "port": 5432}])]),
+                           (Kind.ENDPOINT_SLICE, [
+                               k8s.endpoint_slice("web-a", "web", [k8s.endpoint("10.244.1.2"),
+                                                                   k8s.endpoint("10.244.2.2", "node2")]),
+                               k8s.endpoint_slice("db-a", "db", [k8s.endpoint("10.244.1.9")],
+                                                  ports=[{"name": "pg", "port": 5432}])])):
+            extra = tuple(item for e in events if isinstance(e, Listed) and e.kind is kind for item in e.items)
+            tracker.apply(Listed(kind, tuple((object_ref(r), decode(r)) for r in raws) + extra, "21"))
+        tracker.apply_all(e for e in events if isinstance(e, Listed) and e.kind not in
+                          (Kind.SERVICE, Kind.ENDPOINT_SLICE))
+    dirty = tracker.snapshot() or tracker.last()
+    assert dirty is not None
+    for port, info in clean.service_ports.items():
+        assert dirty.service_ports.get(port) == info, port
+        assert set(clean.endpoints_of(port)) <= set(dirty.endpoints_of(port)), port
+    for rejections in dirty.rejections.values():
+        for rejection in rejections:
+            assert rejection.field and rejection.reason and "internal" not in rejection.reason, rejection
+    assert all(u.reason for u in dirty.unreadable)

@@ -1,0 +1,22 @@
+"""The benchmarks run end to end at a small size (their numbers are reported, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_ingest_benchmark_runs_and_reports_every_measure() -> None:
+    result = subprocess.run([sys.executable, "bench/ingest.py", "--services", "300", "--changes", "5", "--json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["services"] == 300 and report["changes"] == 5
+    assert 0 < report["first_snapshot_s"] < 60
+    for key in ("change_end_to_end_ms", "change_after_receipt_ms", "snapshot_build_ms"):
+        assert 0 < report[key]["p50"] <= report[key]["p99"], key
+    assert report["rss_mb"]["first_snapshot"] >= report["rss_mb"]["before"] > 0
