@@ -1,0 +1,1 @@
+"""The iptables service datapath: kube-proxy's iptables mode, rule for rule."""

@@ -1,0 +1,429 @@
+"""Snapshot -> the filter and nat rules kube-proxy's iptables mode writes, as iptables-restore input. Pure.
+
+This is kube-proxy's `syncProxyRules` (pkg/proxy/iptables/proxier.go) and `CategorizeEndpoints`
+(pkg/proxy/topology.go) rule for rule: the same chains, hashes, comments (quoted where kube-proxy
+quotes them), matches, probabilities and order. Its proxier tests are the specification
+(`tests/unit/test_iptables_render.py` holds their expectations). Two deliberate differences:
+
+- Services are visited in name order (kube-proxy iterates a Go map, so its order varies from sync
+  to sync); the output is byte-stable, and equal to kube-proxy's after its own tests' sort.
+- `partial` renders the per-service nat chains only for the Services named in it, as kube-proxy's
+  partial sync does; the top-level chains are always complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from nodeagent.iptables import names as n
+from nodeagent.model import IPAddress, IPNetwork, ObjectRef, ServiceType
+from nodeagent.translation import EndpointInfo, ServicePortInfo, ServicePortName
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+NO_ZONE_HINTS: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The kube-proxy flags and node facts that change the rules."""
+
+    node_name: str
+    node_ip: IPAddress | None = None
+    # --cluster-cidr (detect-local-mode ClusterCIDR); empty: local traffic cannot be told apart
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
+    masquerade_all: bool = False
+    masquerade_bit: int = 14
+    # kube-proxy writes "%#08x" (0x00004000); its unit tests use "0x4000". Both load the same rule.
+    masquerade_mark: str | None = None
+    localhost_nodeports: bool = True
+    # --nodeport-addresses resolved to this node's IPs; None when unset (every local address)
+    nodeport_ips: tuple[IPAddress, ...] | None = None
+    random_fully: bool = False
+    nfacct: bool = False
+    conntrack_tcp_liberal: bool = False
+    family: int = 4
+    node_labels: Mapping[str, str] = field(default_factory=dict)
+    large_cluster_threshold: int = 1000
+
+    @property
+    def mark(self) -> str:
+        """The masquerade mark as written in the rules."""
+        return self.masquerade_mark or f"0x{1 << self.masquerade_bit:08x}"
+
+    @property
+    def localhost_nodeports_enabled(self) -> bool:
+        """kube-proxy disables localhost NodePorts for IPv6 and when --nodeport-addresses excludes 127/8."""
+        if self.family != 4 or not self.localhost_nodeports:
+            return False
+        return self.nodeport_ips is None or any(ip.is_loopback for ip in self.nodeport_ips)
+
+
+@dataclass
+class Table:
+    """One table's restore input: chain declarations, then rules, in writing order."""
+
+    name: str
+    chains: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)  # "-A CHAIN ..." or "-X CHAIN"
+
+    def chain(self, name: str) -> None:
+        self.chains.append(name)
+
+    def add(self, *tokens: str) -> None:
+        self.rules.append(" ".join(tokens))
+
+    def text(self) -> str:
+        lines = [f"*{self.name}", *(f":{c} - [0:0]" for c in self.chains), *self.rules, "COMMIT"]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Rendered:
+    """What one sync writes: the filter and nat tables, and every per-service nat chain that should exist."""
+
+    filter: Table
+    nat: Table
+    active_nat_chains: set[str]
+    large_cluster: bool
+
+    def text(self) -> str:
+        """The whole iptables-restore input."""
+        return self.filter.text() + self.nat.text()
+
+    def delete_stale(self, existing_nat_chains: Iterable[str]) -> list[str]:
+        """Flush and delete per-service nat chains that exist but are no longer wanted; returns their names."""
+        stale = sorted(c for c in existing_nat_chains if n.is_service_chain(c) and c not in self.active_nat_chains)
+        for chain in stale:
+            self.nat.chain(chain)
+            self.nat.rules.append(f"-X {chain}")
+        return stale
+
+
+def probability(count: int) -> str:
+    """kube-proxy's `computeProbability`: 1/n with ten decimals."""
+    return f"{1.0 / count:0.10f}"
+
+
+def quoted(text: str) -> str:
+    return f'"{text}"'
+
+
+@dataclass
+class _Categorized:
+    cluster: list[EndpointInfo]
+    local: list[EndpointInfo]
+    reachable: list[EndpointInfo]
+    has_any: bool
+
+
+def externally_accessible(info: ServicePortInfo) -> bool:
+    """NodePort, LoadBalancer or externalIPs: the Service takes traffic addressed to the node or beyond."""
+    return info.type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER) or bool(info.external_ips)
+
+
+def uses_cluster_endpoints(info: ServicePortInfo) -> bool:
+    """kube-proxy's `UsesClusterEndpoints`."""
+    return not info.internal_policy_local or (externally_accessible(info) and not info.external_policy_local)
+
+
+def uses_local_endpoints(info: ServicePortInfo) -> bool:
+    """kube-proxy's `UsesLocalEndpoints`."""
+    return info.internal_policy_local or (externally_accessible(info) and info.external_policy_local)
+
+
+def categorize(endpoints: Sequence[EndpointInfo], info: ServicePortInfo, zone: str) -> _Categorized:
+    """kube-proxy's `CategorizeEndpoints`: ready endpoints, falling back to serving-terminating ones."""
+    cluster: list[EndpointInfo] = []
+    local: list[EndpointInfo] = []
+    has_any = False
+    topology = False
+    if uses_cluster_endpoints(info):
+        topology = _zone_topology(endpoints, zone)
+        cluster = [e for e in endpoints if e.ready and (not topology or zone in e.zone_hints)]
+        if not cluster:
+            cluster = [e for e in endpoints if e.serving and e.terminating]
+        has_any = bool(cluster)
+    if not uses_local_endpoints(info):
+        return _Categorized(cluster, local, cluster, has_any)
+    local_ready = local_terminating = False
+    for e in endpoints:
+        if e.ready:
+            has_any = True
+            local_ready = local_ready or e.is_local
+        elif e.serving and e.terminating:
+            has_any = True
+            local_terminating = local_terminating or e.is_local
+    serving_terminating = False
+    if local_ready:
+        local = [e for e in endpoints if e.is_local and e.ready]
+    elif local_terminating:
+        serving_terminating = True
+        local = [e for e in endpoints if e.is_local and e.serving and e.terminating]
+    if not uses_cluster_endpoints(info):
+        return _Categorized(cluster, local, local, has_any)
+    if not topology and not serving_terminating:
+        return _Categorized(cluster, local, cluster, has_any)
+    merged = {str(e): e for e in cluster}
+    merged.update((str(e), e) for e in local)
+    return _Categorized(cluster, local, list(merged.values()), has_any)
+
+
+def _zone_topology(endpoints: Sequence[EndpointInfo], zone: str) -> bool:
+    """Whether zone hints apply: every ready endpoint has one and some endpoint is hinted for this zone."""
+    ready = [e for e in endpoints if e.ready]
+    return bool(ready) and all(e.zone_hints for e in ready) and any(zone in e.zone_hints for e in ready)
+
+
+def _of_family(ips: Iterable[IPAddress], family: int) -> list[IPAddress]:
+    return [ip for ip in ips if ip.version == family]
+
+
+def render(service_ports: Mapping[ServicePortName, ServicePortInfo],
+           endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
+           config: ProxyConfig, *, partial: set[ObjectRef] | None = None) -> Rendered:
+    """Every rule kube-proxy would write for these Service ports on this node.
+
+    `partial`: the Services whose per-service nat chains are rewritten (None: all of them, a full sync).
+    """
+    filt, nat = Table("filter"), Table("nat")
+    skipped = Table("nat")  # chains of unchanged Services in a partial sync: computed, not written
+    for chain in (n.KUBE_SERVICES, n.KUBE_EXTERNAL_SERVICES, n.KUBE_FORWARD, n.KUBE_NODEPORTS, n.KUBE_PROXY_FIREWALL):
+        filt.chain(chain)
+    for chain in (n.KUBE_SERVICES, n.KUBE_NODEPORTS, n.KUBE_POSTROUTING, n.KUBE_MARK_MASQ):
+        nat.chain(chain)
+    mark = config.mark
+    nat.add("-A", n.KUBE_POSTROUTING, "-m", "mark", "!", "--mark", f"{mark}/{mark}", "-j", "RETURN")
+    nat.add("-A", n.KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", mark)
+    nat.add("-A", n.KUBE_POSTROUTING, "-m", "comment", "--comment", quoted("kubernetes service traffic requiring SNAT"),
+            "-j", "MASQUERADE", *(["--random-fully"] if config.random_fully else []))
+    nat.add("-A", n.KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", mark)
+    if config.localhost_nodeports_enabled:
+        filt.chain(n.KUBELET_FIREWALL)
+        filt.add("-A", n.KUBELET_FIREWALL, "-m", "comment", "--comment", quoted("block incoming localnet connections"),
+                 "-d", "127.0.0.0/8", "!", "-s", "127.0.0.0/8", "-m", "conntrack", "!", "--ctstate",
+                 "RELATED,ESTABLISHED,DNAT", "-j", "DROP")
+
+    family = config.family
+    ordered = sorted(((name, info) for name, info in service_ports.items()
+                      if _of_family(info.cluster_ips, family)), key=lambda item: (str(item[0]), item[0].protocol))
+    total = sum(len(_of_family_endpoints(endpoints.get(name, ()), family)) for name, _ in ordered)
+    large = total > config.large_cluster_threshold
+    active: set[str] = set()
+    zone = config.node_labels.get(ZONE_LABEL, "")
+    local_if, not_local_if = _local_detector(config)
+
+    for name, info in ordered:
+        port_name, proto = str(name), info.protocol.lower()
+        writes = partial is None or name.service in partial
+        target_nat = nat if writes else skipped
+        _render_port(config, filt, nat, target_nat, active, port_name, proto, info,
+                     _of_family_endpoints(endpoints.get(name, ()), family), zone, large, local_if, not_local_if)
+
+    _render_tail(config, filt, nat)
+    return Rendered(filter=filt, nat=nat, active_nat_chains=active, large_cluster=large)
+
+
+def _of_family_endpoints(endpoints: Sequence[EndpointInfo], family: int) -> list[EndpointInfo]:
+    return [e for e in endpoints if e.ip.version == family]
+
+
+def _local_detector(config: ProxyConfig) -> tuple[list[str], list[str]]:
+    cidrs = [c for c in config.cluster_cidrs if c.version == config.family]
+    if not cidrs:
+        return [], []
+    return ["-s", str(cidrs[0])], ["!", "-s", str(cidrs[0])]
+
+
+def _render_port(config: ProxyConfig, filt: Table, nat: Table, svc_nat: Table, active: set[str], port_name: str,
+                 proto: str, info: ServicePortInfo, endpoints: list[EndpointInfo], zone: str, large: bool,
+                 local_if: list[str], not_local_if: list[str]) -> None:
+    family = config.family
+    cluster_ip = str(_of_family(info.cluster_ips, family)[0])
+    port = str(info.port)
+    cat = categorize(endpoints, info, zone)  # endpoints come in kube-proxy's order (by "ip:port" string)
+    has_endpoints = cat.has_any
+    cluster_chain = n.cluster_chain(port_name, proto)
+    local_chain = n.local_chain(port_name, proto)
+    fw_chain = n.firewall_chain(port_name, proto)
+    ext_chain = n.external_chain(port_name, proto)
+    uses_cluster_chain = bool(cat.cluster) and uses_cluster_endpoints(info)
+    uses_local_chain = bool(cat.local) and uses_local_endpoints(info)
+
+    internal_chain, has_internal = cluster_chain, has_endpoints
+    if info.internal_policy_local:
+        internal_chain = local_chain
+        has_internal = has_internal and bool(cat.local)
+    external_policy_chain, has_external = cluster_chain, has_endpoints
+    if info.external_policy_local:
+        external_policy_chain = local_chain
+        has_external = has_external and bool(cat.local)
+    external_ips = [str(ip) for ip in _of_family(info.external_ips, family)]
+    lb_ips = [str(ip) for ip in _of_family(info.load_balancer_ips, family)]
+    source_ranges = [r for r in info.load_balancer_source_ranges if r.version == family]
+    uses_ext_chain = has_endpoints and externally_accessible(info)
+    uses_fw_chain = has_endpoints and bool(lb_ips) and bool(source_ranges)
+    lb_chain = fw_chain if uses_fw_chain else ext_chain
+
+    internal_target = internal_comment = external_target = external_comment = ""
+    if not has_endpoints:
+        internal_target = external_target = "REJECT"
+        internal_comment = external_comment = quoted(f"{port_name} has no endpoints")
+    else:
+        if not has_internal:
+            internal_target, internal_comment = "DROP", quoted(f"{port_name} has no local endpoints")
+        if not has_external:
+            external_target, external_comment = "DROP", quoted(f"{port_name} has no local endpoints")
+
+    match = ["-m", proto, "-p", proto]
+    if has_internal:
+        nat.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", quoted(f"{port_name} cluster IP"),
+                *match, "-d", cluster_ip, "--dport", port, "-j", internal_chain)
+    else:
+        filt.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", internal_comment,
+                 *match, "-d", cluster_ip, "--dport", port, "-j", internal_target)
+
+    for ip in external_ips:
+        if has_endpoints:
+            nat.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", quoted(f"{port_name} external IP"),
+                    *match, "-d", ip, "--dport", port, "-j", ext_chain)
+        if not has_external:
+            filt.add("-A", n.KUBE_EXTERNAL_SERVICES, "-m", "comment", "--comment", external_comment,
+                     *match, "-d", ip, "--dport", port, "-j", external_target)
+
+    for ip in lb_ips:
+        if has_endpoints:
+            nat.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", quoted(f"{port_name} loadbalancer IP"),
+                    *match, "-d", ip, "--dport", port, "-j", lb_chain)
+        if uses_fw_chain:
+            filt.add("-A", n.KUBE_PROXY_FIREWALL, "-m", "comment", "--comment",
+                     quoted(f"{port_name} traffic not accepted by {fw_chain}"),
+                     *match, "-d", ip, "--dport", port, "-j", "DROP")
+    if not has_external:
+        for ip in lb_ips:
+            filt.add("-A", n.KUBE_EXTERNAL_SERVICES, "-m", "comment", "--comment", external_comment,
+                     *match, "-d", ip, "--dport", port, "-j", external_target)
+
+    if info.node_port:
+        node_port = str(info.node_port)
+        if has_endpoints:
+            if config.localhost_nodeports_enabled and config.nfacct:
+                nat.add("-A", n.KUBE_NODEPORTS, "-m", "comment", "--comment", port_name, *match,
+                        "-d", "127.0.0.0/8", "--dport", node_port, "-m", "nfacct", "--nfacct-name",
+                        "localhost_nps_accepted_pkts", "-j", ext_chain)
+            nat.add("-A", n.KUBE_NODEPORTS, "-m", "comment", "--comment", port_name, *match,
+                    "--dport", node_port, "-j", ext_chain)
+        if not has_external:
+            filt.add("-A", n.KUBE_EXTERNAL_SERVICES, "-m", "comment", "--comment", external_comment,
+                     "-m", "addrtype", "--dst-type", "LOCAL", *match, "--dport", node_port, "-j", external_target)
+
+    if info.health_check_node_port:
+        filt.add("-A", n.KUBE_NODEPORTS, "-m", "comment", "--comment", quoted(f"{port_name} health check node port"),
+                 "-m", "tcp", "-p", "tcp", "--dport", str(info.health_check_node_port), "-j", "ACCEPT")
+
+    # Per-service chains (skipped, but still counted as active, in a partial sync).
+    if has_internal:
+        capture = ["-m", "comment", "--comment", quoted(f"{port_name} cluster IP"), *match,
+                   "-d", cluster_ip, "--dport", port]
+        if config.masquerade_all:
+            svc_nat.add("-A", internal_chain, *capture, "-j", n.KUBE_MARK_MASQ)
+        elif not_local_if:
+            svc_nat.add("-A", internal_chain, *capture, *not_local_if, "-j", n.KUBE_MARK_MASQ)
+
+    if uses_ext_chain:
+        svc_nat.chain(ext_chain)
+        active.add(ext_chain)
+        if not info.external_policy_local:
+            svc_nat.add("-A", ext_chain, "-m", "comment", "--comment",
+                        quoted(f"masquerade traffic for {port_name} external destinations"), "-j", n.KUBE_MARK_MASQ)
+        else:
+            if local_if:
+                svc_nat.add("-A", ext_chain, "-m", "comment", "--comment",
+                            quoted(f"pod traffic for {port_name} external destinations"), *local_if,
+                            "-j", cluster_chain)
+            svc_nat.add("-A", ext_chain, "-m", "comment", "--comment",
+                        quoted(f"masquerade LOCAL traffic for {port_name} external destinations"),
+                        "-m", "addrtype", "--src-type", "LOCAL", "-j", n.KUBE_MARK_MASQ)
+            svc_nat.add("-A", ext_chain, "-m", "comment", "--comment",
+                        quoted(f"route LOCAL traffic for {port_name} external destinations"),
+                        "-m", "addrtype", "--src-type", "LOCAL", "-j", cluster_chain)
+        if has_external:
+            svc_nat.add("-A", ext_chain, "-j", external_policy_chain)
+
+    if uses_fw_chain:
+        svc_nat.chain(fw_chain)
+        active.add(fw_chain)
+        head = ["-A", fw_chain, "-m", "comment", "--comment", quoted(f"{port_name} loadbalancer IP")]
+        allow_from_node = False
+        for cidr in source_ranges:
+            svc_nat.add(*head, "-s", str(cidr), "-j", ext_chain)
+            if config.node_ip is not None and config.node_ip.version == cidr.version and config.node_ip in cidr:
+                allow_from_node = True
+        if allow_from_node:
+            for ip in lb_ips:
+                svc_nat.add(*head, "-s", ip, "-j", ext_chain)
+        svc_nat.add("-A", fw_chain, "-m", "comment", "--comment",
+                    quoted(f"other traffic to {port_name} will be dropped by KUBE-PROXY-FIREWALL"))
+
+    affinity = info.affinity_timeout_seconds
+    if uses_cluster_chain:
+        svc_nat.chain(cluster_chain)
+        active.add(cluster_chain)
+        _service_to_endpoints(svc_nat, port_name, proto, cluster_chain, cat.cluster, affinity, large)
+    if uses_local_chain:
+        svc_nat.chain(local_chain)
+        active.add(local_chain)
+        _service_to_endpoints(svc_nat, port_name, proto, local_chain, cat.local, affinity, large)
+
+    for endpoint in cat.reachable:
+        text = str(endpoint)
+        chain = n.endpoint_chain(port_name, proto, text)
+        svc_nat.chain(chain)
+        active.add(chain)
+        head = ["-A", chain, *([] if large else ["-m", "comment", "--comment", port_name])]
+        svc_nat.add(*head, "-s", str(endpoint.ip), "-j", n.KUBE_MARK_MASQ)
+        recent = ["-m", "recent", "--name", chain, "--set"] if affinity is not None else []
+        svc_nat.add(*head, *recent, *match, "-j", "DNAT", "--to-destination", text)
+
+
+def _service_to_endpoints(nat: Table, port_name: str, proto: str, chain: str, endpoints: list[EndpointInfo],
+                          affinity: int | None, large: bool) -> None:
+    """kube-proxy's `writeServiceToEndpointRules`: affinity checks first, then the random split."""
+    def head(endpoint: EndpointInfo) -> list[str]:
+        return ["-A", chain, *([] if large else ["-m", "comment", "--comment", quoted(f"{port_name} -> {endpoint}")])]
+
+    if affinity is not None:
+        for endpoint in endpoints:
+            sep = n.endpoint_chain(port_name, proto, str(endpoint))
+            nat.add(*head(endpoint), "-m", "recent", "--name", sep, "--rcheck", "--seconds", str(affinity),
+                    "--reap", "-j", sep)
+    count = len(endpoints)
+    for i, endpoint in enumerate(endpoints):
+        sep = n.endpoint_chain(port_name, proto, str(endpoint))
+        split = ["-m", "statistic", "--mode", "random", "--probability", probability(count - i)] if i < count - 1 else []
+        nat.add(*head(endpoint), *split, "-j", sep)
+
+
+def _render_tail(config: ProxyConfig, filt: Table, nat: Table) -> None:
+    """The rules after every Service: the NodePort tail call and KUBE-FORWARD."""
+    comment = quoted("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
+    if config.nodeport_ips is None:
+        destinations = ["-m", "addrtype", "--dst-type", "LOCAL"]
+        if config.family == 6:
+            destinations += ["!", "-d", "::1/128"]
+        elif not config.localhost_nodeports_enabled:
+            destinations += ["!", "-d", "127.0.0.0/8"]
+        nat.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", comment, *destinations, "-j", n.KUBE_NODEPORTS)
+    else:
+        for ip in config.nodeport_ips:
+            if ip.is_loopback and not config.localhost_nodeports_enabled:
+                continue  # kube-proxy logs and skips: localhost NodePorts are off
+            nat.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", comment, "-d", str(ip),
+                    "-j", n.KUBE_NODEPORTS)
+    if not config.conntrack_tcp_liberal:
+        nfacct = ["-m", "nfacct", "--nfacct-name", "ct_state_invalid_dropped_pkts"] if config.nfacct else []
+        filt.add("-A", n.KUBE_FORWARD, "-m", "conntrack", "--ctstate", "INVALID", *nfacct, "-j", "DROP")
+    filt.add("-A", n.KUBE_FORWARD, "-m", "comment", "--comment", quoted("kubernetes forwarding rules"),
+             "-m", "mark", "--mark", f"{config.mark}/{config.mark}", "-j", "ACCEPT")
+    filt.add("-A", n.KUBE_FORWARD, "-m", "comment", "--comment", quoted("kubernetes forwarding conntrack rule"),
+             "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")
