@@ -82,6 +82,20 @@ def lab_up(directory: Path | None, lab_name: str) -> None:
     click.echo(f"manifests as the agent sees them: {created.record.manifests_path}")
 
 
+@lab.command("agents")
+@LAB_OPTION
+@click.option("--mode", type=click.Choice(["iptables"]), default="iptables", show_default=True)
+@_lab_errors
+def lab_agents(lab_name: str, mode: str) -> None:
+    """Start `nodeagent run` on every node of the lab (stopped by `lab down`)."""
+    from nodeagent.lab.agents import start_agents
+
+    lab = start_agents(lab_name, mode)
+    for node in lab.plan.nodes:
+        click.echo(f"agent on {node.node.name}: synced, healthz http://{node.node.address}:10256/healthz "
+                   f"(in {node.netns}), log {lab.record.directory / 'logs' / f'agent.{node.node.name}.log'}")
+
+
 @lab.command("down")
 @LAB_OPTION
 @_lab_errors
@@ -201,6 +215,85 @@ def snapshot(kubeconfig: str | None, context: str | None, manifests: Path | None
 
     state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
     click.echo(json.dumps(snapshot_document(state), indent=2) if as_json else format_snapshot(state))
+
+
+def _cidrs(value: str) -> tuple[Any, ...]:
+    import ipaddress
+
+    try:
+        return tuple(ipaddress.ip_network(part.strip()) for part in value.split(",") if part.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _host_port(value: str) -> tuple[str, int | None]:
+    if value in ("", "0"):
+        return "", None
+    host, _, port = value.rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"{value!r} is not HOST:PORT")
+    return host or "0.0.0.0", int(port)
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(["iptables"]), default="iptables", show_default=True,
+              help="service datapath")
+@source_options
+@click.option("--min-sync-period", type=float, default=1.0, show_default=True,
+              help="seconds between syncs at most this often (changes are coalesced)")
+@click.option("--sync-period", type=float, default=30.0, show_default=True,
+              help="seconds between syncs at least this often; also the full-resync period")
+@click.option("--cluster-cidr", default="", help="pod CIDR(s): traffic from outside it is masqueraded")
+@click.option("--masquerade-all", is_flag=True, help="masquerade all traffic to Service cluster IPs")
+@click.option("--nodeport-addresses", default="", help="CIDRs of the node addresses NodePorts answer on")
+@click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy"]), default="auto",
+              show_default=True)
+@click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True,
+              help="HOST:PORT of /healthz (empty: off)")
+def run(mode: str, kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
+        node_name: str | None, min_sync_period: float, sync_period: float, cluster_cidr: str, masquerade_all: bool,
+        nodeport_addresses: str, iptables_backend: str, healthz_bind_address: str) -> None:
+    """Run the node agent: watch the source, keep this node's datapath in sync, until SIGTERM."""
+    import signal
+    import threading
+
+    from nodeagent.agent import Agent, AgentOptions
+    from nodeagent.iptables.kernel import Iptables, detect_backend
+    from nodeagent.iptables.proxier import IptablesProxier
+    from nodeagent.state import SyncSchedule
+
+    if source_lab is not None:
+        raise click.UsageError("--lab is for reading a lab from outside; the agent in a lab node uses --manifests")
+    if node_name is None:
+        raise click.UsageError("--node (or $NODE_NAME) is needed")
+    try:
+        SyncSchedule(min_sync_period, sync_period)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    host, port = _host_port(healthz_bind_address)
+    options = AgentOptions(node_name=node_name, min_sync_period=min_sync_period, sync_period=sync_period,
+                           cluster_cidrs=_cidrs(cluster_cidr), masquerade_all=masquerade_all,
+                           nodeport_addresses=_cidrs(nodeport_addresses), healthz_host=host, healthz_port=port)
+    backend = detect_backend() if iptables_backend == "auto" else iptables_backend
+    proxier = IptablesProxier(Iptables(backend), sync_period=sync_period)
+
+    def make_source(sink: Any) -> Any:
+        if manifests is not None:
+            from nodeagent.discovery.manifests import ManifestSource
+
+            return ManifestSource(manifests, sink)
+        from nodeagent.discovery.kubernetes import ApiConnection, KubernetesSource
+
+        return KubernetesSource(ApiConnection.from_config(kubeconfig, context), sink, node_name)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    agent = Agent(options, make_source, proxier).start()
+    try:
+        stop.wait()
+    finally:
+        agent.stop()
 
 
 @main.group(hidden=True)

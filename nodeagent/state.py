@@ -395,8 +395,9 @@ class SyncSchedule:
 class SyncRunner:
     """Runs `sync` on its own thread as `SyncSchedule` allows; `request()` asks for a run soon.
 
-    A sync that raises is logged and retried after `min_interval`, like kube-proxy retrying a failed
-    iptables-restore.
+    A sync that raises is logged and retried with exponential backoff (1 s, 2 s, ... up to
+    `max_interval`), as kube-proxy retries a failed iptables-restore, so a persistent failure never
+    turns into a hot loop even with `min_interval` 0.
     """
 
     def __init__(self, sync: Callable[[], None], schedule: SyncSchedule,
@@ -411,6 +412,8 @@ class SyncRunner:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.runs = 0
         self.failures = 0
+        self._retry_at: float | None = None
+        self._retry_delay = 0.0
 
     def start(self) -> SyncRunner:
         """Start the thread; the first sync runs at once."""
@@ -435,7 +438,10 @@ class SyncRunner:
         while True:
             with self._cond:
                 while not self._stopped:
-                    delay = self._schedule.delay(self._clock(), self._last_run, self._requested)
+                    now = self._clock()
+                    delay = self._schedule.delay(now, self._last_run, self._requested)
+                    if self._retry_at is not None:
+                        delay = max(delay, self._retry_at - now)
                     if delay <= 0:
                         break
                     self._cond.wait(delay)
@@ -446,8 +452,11 @@ class SyncRunner:
             try:
                 self._sync()
                 self.runs += 1
+                self._retry_at, self._retry_delay = None, 0.0
             except Exception:
                 self.failures += 1
-                log.exception("sync failed; retrying after min-sync-period", runner=self._thread.name)
+                self._retry_delay = min(self._schedule.max_interval, max(1.0, self._retry_delay * 2))
+                self._retry_at = self._clock() + self._retry_delay
+                log.exception("sync failed; retrying", runner=self._thread.name, retry_in=self._retry_delay)
                 with self._cond:
                     self._requested = True

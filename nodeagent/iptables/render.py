@@ -400,7 +400,8 @@ def _service_to_endpoints(nat: Table, port_name: str, proto: str, chain: str, en
     count = len(endpoints)
     for i, endpoint in enumerate(endpoints):
         sep = n.endpoint_chain(port_name, proto, str(endpoint))
-        split = ["-m", "statistic", "--mode", "random", "--probability", probability(count - i)] if i < count - 1 else []
+        last = i == count - 1
+        split = [] if last else ["-m", "statistic", "--mode", "random", "--probability", probability(count - i)]
         nat.add(*head(endpoint), *split, "-j", sep)
 
 

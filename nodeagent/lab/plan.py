@@ -114,9 +114,13 @@ def plan_lab(name: str, topology: LabTopology) -> LabPlan:
     cgroup_root = f"{name}-lab"
     nodes = []
     for node in topology.nodes:
-        routes = tuple(
-            Route(dst=other.pod_cidr, dev=UPLINK, gateway=other.address)
-            for other in topology.nodes if other.name != node.name
+        # The service range goes on-link to the fabric, as a cluster node's default route would carry it:
+        # a packet to a cluster IP that no DNAT rewrote must still reach the FORWARD hook (where
+        # kube-proxy's REJECT for Services without endpoints lives), yet it never leaves the lab.
+        routes = (
+            *(Route(dst=other.pod_cidr, dev=UPLINK, gateway=other.address)
+              for other in topology.nodes if other.name != node.name),
+            Route(dst=topology.service_cidr, dev=UPLINK),
         )
         nodes.append(NodePlan(
             node=node,

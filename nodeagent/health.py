@@ -1,0 +1,88 @@
+"""The agent's health endpoint, as kube-proxy's (`:10256/healthz`, `/livez`).
+
+Healthy means: the datapath has caught up with the changes queued for it, or a sync has succeeded
+within the grace period since the oldest change still waiting. kube-proxy's ProxyHealthServer uses the
+same rule, so a DaemonSet liveness probe written for kube-proxy works unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+DEFAULT_PORT = 10256
+
+
+@dataclass
+class HealthState:
+    """When changes were queued and when the datapath was last updated; thread-safe."""
+
+    grace: float = 60.0
+    clock: Callable[[], float] = time.time
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _oldest_queued: float | None = None
+    _last_updated: float | None = None
+
+    def queued(self) -> None:
+        """A change waits for the datapath."""
+        with self._lock:
+            if self._oldest_queued is None:
+                self._oldest_queued = self.clock()
+
+    def updated(self) -> None:
+        """A sync succeeded: everything queued so far is programmed."""
+        with self._lock:
+            self._last_updated = self.clock()
+            self._oldest_queued = None
+
+    def report(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, kube-proxy's JSON body)."""
+        with self._lock:
+            now = self.clock()
+            healthy = self._oldest_queued is None or now - self._oldest_queued < self.grace
+            stamp = self._last_updated
+
+        def iso(t: float | None) -> str:
+            return "" if t is None else datetime.fromtimestamp(t, UTC).isoformat()
+
+        return healthy, {"lastUpdated": iso(stamp), "currentTime": iso(now), "nodeEligible": True}
+
+
+class HealthServer:
+    """Serves `state` on (host, port) from a thread."""
+
+    def __init__(self, state: HealthState, host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] not in ("/healthz", "/livez"):
+                    self.send_error(404)
+                    return
+                healthy, body = state.report()
+                data = json.dumps(body).encode()
+                self.send_response(200 if healthy else 503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="healthz", daemon=True)
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,133 @@
+"""The iptables binaries, the one place the iptables datapath touches the kernel.
+
+Every call can run in another network namespace (`netns`, via `ip netns exec`), so the agent of a
+lab node and the tests can program a node's tables from outside it. All calls take the xtables lock
+with kube-proxy's wait flags (`-w 5 -W 100000`), so a concurrent iptables user makes us wait, not fail.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+log = structlog.get_logger("nodeagent.iptables.kernel")
+
+WAIT = ("-w", "5", "-W", "100000")
+BACKENDS = ("nft", "legacy")
+HINT_CHAIN = "KUBE-IPTABLES-HINT"  # kubelet's marker of the backend it uses
+_FAILED_LINE = re.compile(r"line (\d+) failed")
+
+
+class IptablesError(Exception):
+    """An iptables command failed; the message carries its stderr (and, for a restore, the lines at fault)."""
+
+
+@dataclass(frozen=True)
+class Iptables:
+    """One backend of iptables (`nft` or `legacy`), optionally inside the network namespace `netns`."""
+
+    backend: str
+    netns: str | None = None
+
+    def _argv(self, tool: str, *args: str) -> list[str]:
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return [*prefix, f"{tool}-{self.backend}" if tool == "iptables" else f"iptables-{self.backend}-{tool}", *args]
+
+    def _run(self, argv: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=300)
+        if check and result.returncode != 0:
+            raise IptablesError(f"{' '.join(argv[-6:])}: {result.stderr.strip() or result.returncode}")
+        return result
+
+    def restore(self, text: str) -> None:
+        """Load `text` atomically, leaving chains it does not mention alone (`--noflush`)."""
+        result = self._run(self._argv("restore", *WAIT, "--noflush", "--counters"), stdin=text, check=False)
+        if result.returncode == 0:
+            return
+        detail = result.stderr.strip()
+        if (found := _FAILED_LINE.search(detail)) is not None:
+            detail += "\n" + offending_lines(text, int(found.group(1)))
+        raise IptablesError(f"iptables-{self.backend}-restore failed: {detail}")
+
+    def save(self, table: str) -> str:
+        """`iptables-save -t table`."""
+        return self._run(self._argv("save", "-t", table)).stdout
+
+    def chain_exists(self, table: str, chain: str) -> bool:
+        return self._run(self._argv("iptables", *WAIT, "-t", table, "-S", chain), check=False).returncode == 0
+
+    def ensure_chain(self, table: str, chain: str) -> None:
+        if not self.chain_exists(table, chain):
+            self._run(self._argv("iptables", *WAIT, "-t", table, "-N", chain))
+
+    def ensure_rule_first(self, table: str, chain: str, rule: Sequence[str]) -> bool:
+        """Insert `rule` at the top of `chain` unless it is there (anywhere); returns whether it was added."""
+        if self._run(self._argv("iptables", *WAIT, "-t", table, "-C", chain, *rule), check=False).returncode == 0:
+            return False
+        self._run(self._argv("iptables", *WAIT, "-t", table, "-I", chain, "1", *rule))
+        return True
+
+    def delete_rule(self, table: str, chain: str, rule: Sequence[str]) -> bool:
+        """Delete `rule` from `chain` if present; returns whether it was there."""
+        if self._run(self._argv("iptables", *WAIT, "-t", table, "-C", chain, *rule), check=False).returncode != 0:
+            return False
+        self._run(self._argv("iptables", *WAIT, "-t", table, "-D", chain, *rule))
+        return True
+
+    def list_table(self, table: str) -> str:
+        """`iptables -t table -L -n`, for comparing with `nodeagent chains --format list`."""
+        return self._run(self._argv("iptables", *WAIT, "-t", table, "-L", "-n")).stdout
+
+
+def offending_lines(text: str, line: int, context: int = 3) -> str:
+    """Lines `line`±`context` of restore input, numbered, as kube-proxy logs them on a failed restore."""
+    lines = text.splitlines()
+    low, high = max(0, line - 1 - context), min(len(lines), line + context)
+    return "\n".join(f"{'>' if i + 1 == line else ' '} {i + 1:6} {lines[i]}" for i in range(low, high))
+
+
+def chains_in(save_output: str) -> set[str]:
+    """The chain names of an iptables-save table dump."""
+    return {line[1:].split()[0] for line in save_output.splitlines() if line.startswith(":")}
+
+
+def rule_count(save_output: str) -> int:
+    return sum(1 for line in save_output.splitlines() if line.startswith("-A "))
+
+
+def legacy_tables_exist(netns: str | None = None) -> bool:
+    """Whether any legacy (x_tables) table is instantiated in the namespace; reading does not create one."""
+    argv = ["cat", "/proc/net/ip_tables_names"]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+def detect_backend(netns: str | None = None) -> str:
+    """The backend the node already uses, decided as kubernetes-sigs/iptables-wrappers does.
+
+    kubelet's `KUBE-IPTABLES-HINT` chain (mangle) names it; otherwise the backend holding more rules
+    wins; on a tie (a fresh node), nft, the default of current distributions.
+    """
+    counts = {}
+    for backend in BACKENDS:
+        ipt = Iptables(backend, netns)
+        try:
+            if backend == "legacy" and not legacy_tables_exist(netns):
+                counts[backend] = 0  # asking iptables-legacy would instantiate its tables in this netns
+                continue
+            if ipt.chain_exists("mangle", HINT_CHAIN):
+                return backend
+            counts[backend] = sum(rule_count(ipt.save(table)) for table in ("mangle", "nat", "filter"))
+        except (IptablesError, FileNotFoundError) as exc:
+            log.info("iptables backend unavailable", backend=backend, reason=str(exc))
+    if not counts:
+        raise IptablesError("neither iptables-nft nor iptables-legacy works on this node")
+    chosen = max(counts, key=lambda b: (counts[b], b == "nft"))
+    log.info("iptables backend detected", backend=chosen, rules=counts)
+    return chosen

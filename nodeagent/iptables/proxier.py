@@ -1,0 +1,136 @@
+"""One sync of the iptables datapath: kube-proxy's `syncProxyRules` decisions around the pure renderer.
+
+- A **full sync** (at start, every `sync_period`, after any failure, when the node's facts or the
+  flags change, or when a canary chain vanished because someone flushed the tables) ensures the jump
+  rules and rewrites every chain. A **partial sync** rewrites only the per-service chains of the
+  Services that changed since the last successful sync; the top-level chains are always rewritten.
+- Stale per-service chains are deleted in the same restore (`-X`), found with one iptables-save.
+- After a successful sync, UDP conntrack entries that still point at a removed endpoint are deleted,
+  so a UDP client's next datagram goes to a live backend (kube-proxy's `CleanStaleEntries`).
+- One `iptables-restore --noflush` per sync: the tables change atomically, or not at all.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from nodeagent.iptables import names as n
+from nodeagent.iptables.jumps import CANARY_TABLES, JUMPS, KUBELET_JUMPS
+from nodeagent.iptables.kernel import Iptables, chains_in
+from nodeagent.iptables.render import ProxyConfig, Rendered, render
+from nodeagent.model import ObjectRef, Protocol
+from nodeagent.translation import EndpointInfo, ServicePortInfo, ServicePortName
+
+log = structlog.get_logger("nodeagent.iptables.proxier")
+
+
+@dataclass
+class SyncReport:
+    """What one sync did (for logs, metrics and tests)."""
+
+    full: bool
+    rendered: Rendered
+    restore_input: str
+    deleted_chains: list[str]
+    conntrack_flushes: list[list[str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class IptablesProxier:
+    """Keeps one node's tables equal to the snapshots it is given."""
+
+    ipt: Iptables
+    sync_period: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    run: Callable[[list[str]], int] = field(default=lambda argv: subprocess.run(
+        argv, capture_output=True, timeout=30).returncode)
+    _need_full: bool = True
+    _last_full: float = float("-inf")
+    _config: ProxyConfig | None = None
+    _endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]] = field(default_factory=dict)
+    _ports: Mapping[ServicePortName, ServicePortInfo] = field(default_factory=dict)
+
+    def force_full_sync(self) -> None:
+        """Make the next sync a full one."""
+        self._need_full = True
+
+    def canaries_intact(self) -> bool:
+        """Whether our canary chains still exist (a flush by someone else removes them)."""
+        return all(self.ipt.chain_exists(table, n.KUBE_PROXY_CANARY) for table in CANARY_TABLES)
+
+    def sync(self, service_ports: Mapping[ServicePortName, ServicePortInfo],
+             endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], config: ProxyConfig,
+             changed_services: set[ObjectRef]) -> SyncReport:
+        """Program the node; raises on failure (and the next sync is then a full one)."""
+        started = self.clock()
+        full = (self._need_full or config != self._config or started - self._last_full >= self.sync_period)
+        self._need_full = True  # until this sync succeeds
+        if full:
+            self._ensure_hooks()
+        rendered = render(service_ports, endpoints, config, partial=None if full else changed_services)
+        deleted = rendered.delete_stale(chains_in(self.ipt.save("nat")))
+        text = rendered.text()
+        self.ipt.restore(text)
+        self._need_full = False
+        if full:
+            self._last_full = started
+        self._config = config
+        flushes = self._clean_udp_conntrack(service_ports, endpoints, changed_services if not full else None)
+        self._ports, self._endpoints = service_ports, endpoints
+        report = SyncReport(full, rendered, text, deleted, flushes, self.clock() - started)
+        log.info("iptables synced", full=full, services_changed=len(changed_services),
+                 nat_rules=len(rendered.nat.rules),
+                 filter_rules=len(rendered.filter.rules), stale_chains_deleted=len(deleted),
+                 seconds=round(report.seconds, 4))
+        return report
+
+    def _ensure_hooks(self) -> None:
+        for table in CANARY_TABLES:
+            self.ipt.ensure_chain(table, n.KUBE_PROXY_CANARY)
+        for jump in (*JUMPS, *KUBELET_JUMPS):
+            self.ipt.ensure_chain(jump.table, jump.target)
+            self.ipt.ensure_rule_first(jump.table, jump.source, jump.rule)
+
+    def _clean_udp_conntrack(self, ports: Mapping[ServicePortName, ServicePortInfo],
+                             endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
+                             changed: set[ObjectRef] | None) -> list[list[str]]:
+        flushes = stale_udp_flows(self._ports, self._endpoints, ports, endpoints, changed)
+        for argv in flushes:
+            self.run(["conntrack", *argv] if self.ipt.netns is None
+                     else ["ip", "netns", "exec", self.ipt.netns, "conntrack", *argv])
+        return flushes
+
+
+def stale_udp_flows(old_ports: Mapping[ServicePortName, ServicePortInfo],
+                    old_endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
+                    new_ports: Mapping[ServicePortName, ServicePortInfo],
+                    new_endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
+                    changed: set[ObjectRef] | None) -> list[list[str]]:
+    """`conntrack -D` arguments for UDP flows that a sync made stale. Pure.
+
+    A flow to a Service address that was NATed to an endpoint that is gone would keep carrying a UDP
+    client's datagrams to nowhere (UDP has no close); flows recorded while a Service had no
+    endpoints (rejected) would keep the client rejected. kube-proxy deletes both, and so do we.
+    """
+    flushes: list[list[str]] = []
+    for name, info in new_ports.items():
+        if info.protocol is not Protocol.UDP or (changed is not None and name.service not in changed):
+            continue
+        before = {(str(e.ip), e.port) for e in old_endpoints.get(name, ()) if e.ready or e.serving}
+        after = {(str(e.ip), e.port) for e in new_endpoints.get(name, ()) if e.ready or e.serving}
+        addresses = [str(ip) for ip in (*info.cluster_ips, *info.external_ips, *info.load_balancer_ips)]
+        if name in old_ports and not before and after:
+            flushes.extend(["-D", "-p", "udp", "--orig-dst", ip, "--orig-port-dst", str(info.port)] for ip in addresses)
+            continue
+        for ip, _port in sorted(before - after):
+            flushes.extend(["-D", "-p", "udp", "--orig-dst", vip, "--orig-port-dst", str(info.port), "--dst-nat", ip]
+                           for vip in addresses)
+            if info.node_port:
+                flushes.append(["-D", "-p", "udp", "--orig-port-dst", str(info.node_port), "--dst-nat", ip])
+    return flushes
