@@ -46,6 +46,7 @@ class AgentOptions:
     masquerade_all: bool = False
     masquerade_bit: int = 14
     nodeport_addresses: tuple[IPNetwork, ...] = ()
+    random_fully: bool = False
     healthz_host: str = "0.0.0.0"
     healthz_port: int | None = 10256
     healthz_grace: float = 60.0
@@ -72,6 +73,7 @@ def proxy_config(options: AgentOptions, snapshot: Snapshot, addresses: tuple[IPA
     return ProxyConfig(node_name=options.node_name, node_ip=internal[0] if internal else None,
                        cluster_cidrs=options.cluster_cidrs, masquerade_all=options.masquerade_all,
                        masquerade_bit=options.masquerade_bit, nodeport_ips=nodeport_ips,
+                       random_fully=options.random_fully,
                        node_labels=dict(node.labels) if node is not None else {})
 
 

@@ -258,7 +258,7 @@ def run(mode: str, kubeconfig: str | None, context: str | None, manifests: Path 
     import threading
 
     from nodeagent.agent import Agent, AgentOptions
-    from nodeagent.iptables.kernel import Iptables, detect_backend
+    from nodeagent.iptables.kernel import Iptables, detect_backend, supports_random_fully
     from nodeagent.iptables.proxier import IptablesProxier
     from nodeagent.state import SyncSchedule
 
@@ -271,9 +271,11 @@ def run(mode: str, kubeconfig: str | None, context: str | None, manifests: Path 
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     host, port = _host_port(healthz_bind_address)
+    configure_logging(json=True, level="info")
     options = AgentOptions(node_name=node_name, min_sync_period=min_sync_period, sync_period=sync_period,
                            cluster_cidrs=_cidrs(cluster_cidr), masquerade_all=masquerade_all,
-                           nodeport_addresses=_cidrs(nodeport_addresses), healthz_host=host, healthz_port=port)
+                           nodeport_addresses=_cidrs(nodeport_addresses), random_fully=supports_random_fully(),
+                           healthz_host=host, healthz_port=port)
     backend = detect_backend() if iptables_backend == "auto" else iptables_backend
     proxier = IptablesProxier(Iptables(backend), sync_period=sync_period)
 
@@ -294,6 +296,87 @@ def run(mode: str, kubeconfig: str | None, context: str | None, manifests: Path 
         stop.wait()
     finally:
         agent.stop()
+
+
+@main.command()
+@source_options
+@click.option("--format", "output", type=click.Choice(["save", "list", "restore"]), default="save", show_default=True,
+              help="save: as iptables-save prints it; list: as iptables -L -n; restore: our iptables-restore input")
+@click.option("--table", type=click.Choice(["nat", "filter"]), default=None, help="one table only")
+@click.option("--cluster-cidr", default=None, help="as for run (a lab's pod range by default)")
+@click.option("--masquerade-all", is_flag=True)
+@click.option("--diff", is_flag=True, help="compare with the live tables of the node (root); exit 1 on drift")
+@click.option("--netns", default=None, help="the node's network namespace for --diff (a lab node's by default)")
+def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
+           node_name: str | None, output: str, table: str | None, cluster_cidr: str | None, masquerade_all: bool,
+           diff: bool, netns: str | None) -> None:
+    """Print the iptables rules the agent would program on a node (no root needed), or diff them with the kernel."""
+    import difflib
+
+    from nodeagent.agent import AgentOptions, proxy_config
+    from nodeagent.iptables.formats import format_list, format_save, node_tables, ours_only
+    from nodeagent.iptables.kernel import Iptables, IptablesError, detect_backend, supports_random_fully
+    from nodeagent.iptables.render import render
+
+    if source_lab is not None:
+        from nodeagent.lab import lab as labs
+        from nodeagent.lab.agents import cluster_cidr as lab_cluster_cidr
+        from nodeagent.lab.errors import LabError
+
+        try:
+            the_lab = labs.load(source_lab)
+        except LabError as exc:
+            raise click.ClickException(str(exc)) from exc
+        cluster_cidr = cluster_cidr if cluster_cidr is not None else lab_cluster_cidr(the_lab)
+        node_name = node_name or "node1"
+        netns = netns or the_lab.plan.node(node_name).netns
+    state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
+    options = AgentOptions(node_name=state.node_name, cluster_cidrs=_cidrs(cluster_cidr or ""),
+                           masquerade_all=masquerade_all, random_fully=supports_random_fully())
+    rendered = render(state.service_ports, state.endpoints, proxy_config(options, state, ()))
+    views = [v for v in node_tables(rendered) if v.name in ((table,) if table else ("filter", "nat"))]
+    if output == "restore":
+        text = "".join(t.text() for t in (rendered.filter, rendered.nat) if table in (None, t.name))
+    elif output == "list":
+        text = "\n".join(format_list(v) for v in views)
+    else:
+        text = format_save(views)
+    if not diff:
+        click.echo(text, nl=False)
+        return
+    try:
+        ipt = Iptables(detect_backend(netns), netns)
+        live = "".join(ipt.save(v.name) for v in views)
+    except (IptablesError, OSError) as exc:
+        raise click.ClickException(f"reading the live tables{f' of {netns}' if netns else ''}: {exc}") from exc
+    drift = list(difflib.unified_diff(ours_only(live), ours_only(format_save(views)), "kernel", "expected",
+                                      lineterm=""))
+    if drift:
+        click.echo("\n".join(drift))
+        sys.exit(1)
+    click.echo(f"no drift: the kernel{f' of {netns}' if netns else ''} holds exactly the expected rules")
+
+
+@main.command()
+@click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy", "both"]), default="both",
+              show_default=True)
+@click.option("--netns", default=None, help="clean a node network namespace instead of this one")
+def cleanup(iptables_backend: str, netns: str | None) -> None:
+    """Remove every chain and jump rule the iptables mode created (as kube-proxy --cleanup), nothing else."""
+    from nodeagent.iptables import cleanup as iptables_cleanup
+    from nodeagent.iptables.kernel import Iptables, IptablesError, detect_backend, legacy_tables_exist
+
+    if iptables_backend == "both":
+        backends = ["nft"] + (["legacy"] if legacy_tables_exist(netns) else [])
+    else:
+        backends = [detect_backend(netns) if iptables_backend == "auto" else iptables_backend]
+    for backend in backends:
+        try:
+            removed = iptables_cleanup.cleanup(Iptables(backend, netns))
+        except (IptablesError, OSError) as exc:
+            raise click.ClickException(f"cleanup ({backend}): {exc}") from exc
+        for line in removed:
+            click.echo(f"removed ({backend}) {line}")
 
 
 @main.group(hidden=True)

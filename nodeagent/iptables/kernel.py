@@ -83,6 +83,16 @@ class Iptables:
         return self._run(self._argv("iptables", *WAIT, "-t", table, "-L", "-n")).stdout
 
 
+def supports_random_fully() -> bool:
+    """kube-proxy's `HasRandomFully`: iptables 1.6.2 or newer (MASQUERADE --random-fully)."""
+    try:
+        out = subprocess.run(["iptables", "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    found = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
+    return found is not None and tuple(int(x) for x in found.groups()) >= (1, 6, 2)
+
+
 def offending_lines(text: str, line: int, context: int = 3) -> str:
     """Lines `line`±`context` of restore input, numbered, as kube-proxy logs them on a failed restore."""
     lines = text.splitlines()

@@ -82,6 +82,20 @@ def from_node(lab: labs.Lab, node: str, target: str) -> dict[str, str]:
     return answer
 
 
+def wait_converged(lab: labs.Lab, timeout: float = 20.0) -> None:
+    """Poll until every node's kernel holds what its manifests say (the agents picked up an edit)."""
+    from click.testing import CliRunner
+
+    from nodeagent.cli import main
+
+    deadline = time.monotonic() + timeout
+    for node in lab.plan.nodes:
+        args = ["chains", "--lab", lab.record.name, "--node", node.node.name, "--diff"]
+        while CliRunner().invoke(main, args).exit_code != 0:
+            assert time.monotonic() < deadline, f"{node.node.name} did not converge"
+            time.sleep(0.2)
+
+
 def test_cluster_ip_spreads_over_both_backends(lab: labs.Lab) -> None:
     """60 connections, p=1/2 each: outside 15..45 has probability < 1e-4 if the split is fair."""
     vip = cluster_ip(lab, "echo")
@@ -170,6 +184,7 @@ def test_udp_client_moves_to_a_live_backend_when_its_endpoint_goes(lab: labs.Lab
         assert _udp_exchange(lab, vip, 40053) != first
     finally:
         manifests.write_text(original)
+        wait_converged(lab)
 
 
 def test_healthz_reports_the_last_sync(lab: labs.Lab) -> None:
@@ -186,3 +201,41 @@ def test_nothing_reaches_the_root_namespace(lab: labs.Lab) -> None:
     """The agents programmed their nodes only: the root namespace has no KUBE chain."""
     out = subprocess.run(["iptables-nft-save"], capture_output=True, text=True, check=False).stdout
     assert "KUBE-SERVICES" not in out
+
+
+def test_iptables_list_in_a_node_equals_chains_format_list(lab: labs.Lab) -> None:
+    from click.testing import CliRunner
+
+    from nodeagent.cli import main
+
+    for node in ("node1", "node2"):
+        netns = lab.plan.node(node).netns
+        for table in ("nat", "filter"):
+            shown = CliRunner().invoke(main, ["chains", "--lab", lab.record.name, "--node", node, "--format", "list",
+                                              "--table", table])
+            assert shown.exit_code == 0, shown.output
+            live = subprocess.run(["ip", "netns", "exec", netns, "iptables", "-t", table, "-L", "-n"],
+                                  capture_output=True, text=True, check=True).stdout
+            assert shown.stdout.splitlines() == live.splitlines(), f"{node} {table}"
+
+
+def test_chains_diff_finds_no_drift_then_names_a_deleted_rule(lab: labs.Lab) -> None:
+    from click.testing import CliRunner
+
+    from nodeagent.cli import main
+
+    args = ["chains", "--lab", lab.record.name, "--node", "node2", "--diff"]
+    clean = CliRunner().invoke(main, args)
+    assert clean.exit_code == 0 and "no drift" in clean.stdout, clean.output
+    netns = lab.plan.node("node2").netns
+    rule = ["-m", "comment", "--comment", "kubernetes forwarding conntrack rule", "-m", "conntrack", "--ctstate",
+            "RELATED,ESTABLISHED", "-j", "ACCEPT"]
+    subprocess.run(["ip", "netns", "exec", netns, "iptables", "-t", "filter", "-D", "KUBE-FORWARD", *rule],
+                   check=True)
+    try:
+        drift = CliRunner().invoke(main, args)
+        assert drift.exit_code == 1, drift.output
+        assert '+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule"' in drift.stdout
+    finally:
+        subprocess.run(["ip", "netns", "exec", netns, "iptables", "-t", "filter", "-A", "KUBE-FORWARD", *rule],
+                       check=True)
