@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from nodeagent.lab import lab as labs
 from nodeagent.lab import processes
+from nodeagent.lab.agents import start_agents
 from nodeagent.lab.cgroups import path_of
 from nodeagent.lab.errors import LabError
 
@@ -45,6 +46,11 @@ def request_from(lab: labs.Lab, pod: str, target: str, *, udp: bool = False, tim
     return answer
 
 
+def _service_address(lab: labs.Lab, name: str) -> str:
+    (doc,) = [d for d in lab.topology.documents if d.get("kind") == "Service" and d["metadata"]["name"] == name]
+    return str(doc["spec"]["clusterIP"])
+
+
 def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
     """Bring the default lab up, show it, send requests across and within nodes, then tear it down."""
     say(f"bringing up the default lab {name!r} (2 nodes, 3 pods, network namespaces + cgroups)...")
@@ -58,6 +64,19 @@ def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
                 answer = request_from(lab, "demo/client", f"{server.pod.ip}:{port}", udp=udp)
                 say(f"{client.pod.key} ({client.pod.node}) -> {server.pod.ip}:{port}/{'UDP' if udp else 'TCP'} "
                     f"[{where}]: answered by {answer['pod']} on {answer['node']}, which saw peer {answer['peer']}")
+        say("starting `nodeagent run --mode iptables` on every node (kube-proxy's rules, from the lab's manifests)...")
+        start_agents(name)
+        vip = _service_address(lab, "echo")
+        for label, target in ((f"ClusterIP {vip}:80", f"{vip}:80"), (f"ClusterIP {vip}:53/UDP", f"{vip}:53")):
+            udp = target.endswith(":53")
+            answers = [request_from(lab, "demo/client", target, udp=udp)["pod"] for _ in range(8)]
+            say(f"{client.pod.key} -> {label} x8: answered by " + ", ".join(
+                f"{pod} {answers.count(pod)}x" for pod in sorted(set(answers))))
+        far = next(node for node in lab.plan.nodes if node.node.name != client.pod.node)
+        answers = [request_from(lab, "demo/client", f"{far.node.address}:30080")["pod"] for _ in range(8)]
+        say(f"{client.pod.key} -> NodePort {far.node.address}:30080 ({far.node.name}) x8: answered by "
+            + ", ".join(f"{pod} {answers.count(pod)}x" for pod in sorted(set(answers))))
+        say(f"the rules on {client.pod.node}: `nodeagent chains --lab {name} --format list --table nat`")
     finally:
         if keep:
             say(f"lab {name!r} left up: `nodeagent lab exec --lab {name} demo/client -- nodeagent workload request "
