@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from nodeagent import heap  # noqa: E402
 from nodeagent.discovery.kubernetes import CORE_KINDS, MESH_KINDS, ApiConnection, KubernetesSource  # noqa: E402
 from nodeagent.model import Protocol  # noqa: E402
+from nodeagent.observability import configure_logging  # noqa: E402
 from nodeagent.state import ChangeTracker  # noqa: E402
 from nodeagent.translation import ServicePortName  # noqa: E402
 from tests.objects import scale_slice  # noqa: E402
@@ -185,6 +186,7 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_args()
+    configure_logging(level="warning")  # results on stdout, problems on stderr
     result = run(args.services, args.endpoints, args.changes)
     if args.json:
         print(json.dumps(result))

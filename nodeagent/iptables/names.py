@@ -30,7 +30,9 @@ SERVICE_CHAIN_PREFIXES = (SVC_PREFIX, SVL_PREFIX, SEP_PREFIX, FW_PREFIX, EXT_PRE
 
 
 def _hash16(text: str) -> str:
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+    # 16 base32 characters are exactly the first 80 bits (10 bytes): encoding only those gives the same
+    # prefix at a third of the cost, which matters at 100,000 endpoint chains per full render.
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
 
 
 @lru_cache(maxsize=65536)

@@ -3,7 +3,9 @@
 - A **full sync** (at start, every `sync_period`, after any failure, when the node's facts or the
   flags change, or when a canary chain vanished because someone flushed the tables) ensures the jump
   rules and rewrites every chain. A **partial sync** rewrites only the per-service chains of the
-  Services that changed since the last successful sync; the top-level chains are always rewritten.
+  Services that changed since the last successful sync, and the top-level chains whose rules changed
+  (kube-proxy rewrites those every time; the kernel ends up the same, the restore is 10,000 rules
+  smaller). Only changed Service ports are re-rendered (a cache keyed on the snapshot's shared values).
 - Stale per-service chains are deleted in the same restore (`-X`), found with one iptables-save.
 - After a successful sync, UDP conntrack entries that still point at a removed endpoint are deleted,
   so a UDP client's next datagram goes to a live backend (kube-proxy's `CleanStaleEntries`).
@@ -19,10 +21,11 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from nodeagent.heap import collector_paused
 from nodeagent.iptables import names as n
 from nodeagent.iptables.jumps import CANARY_TABLES, JUMPS, KUBELET_JUMPS
 from nodeagent.iptables.kernel import Iptables, chains_in
-from nodeagent.iptables.render import ProxyConfig, Rendered, render
+from nodeagent.iptables.render import ProxyConfig, RenderCache, Rendered, render
 from nodeagent.model import ObjectRef, Protocol
 from nodeagent.translation import EndpointInfo, ServicePortInfo, ServicePortName
 
@@ -50,9 +53,15 @@ class IptablesProxier:
     clock: Callable[[], float] = time.monotonic
     run: Callable[[list[str]], int] = field(default=lambda argv: subprocess.run(
         argv, capture_output=True, timeout=30).returncode)
+    # iptables-nft: a full sync of more Service ports than this goes in batches (see Rendered.in_batches)
+    nft_batch_threshold: int = 500
+    nft_ports_per_batch: int = 50
     _need_full: bool = True
     _last_full: float = float("-inf")
     _config: ProxyConfig | None = None
+    _active: set[str] = field(default_factory=set)
+    _top_level: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    _cache: RenderCache = field(default_factory=dict)
     _endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]] = field(default_factory=dict)
     _ports: Mapping[ServicePortName, ServicePortInfo] = field(default_factory=dict)
 
@@ -73,11 +82,29 @@ class IptablesProxier:
         self._need_full = True  # until this sync succeeds
         if full:
             self._ensure_hooks()
-        rendered = render(service_ports, endpoints, config, partial=None if full else changed_services)
-        deleted = rendered.delete_stale(chains_in(self.ipt.save("nat")))
-        text = rendered.text()
+        if config != self._config:
+            self._cache.clear()
+        with collector_paused():  # a full render allocates ~1M strings that are no garbage (nodeagent.heap)
+            rendered = render(service_ports, endpoints, config, partial=None if full else changed_services,
+                              cache=self._cache)
+        top_level = rendered.top_level()
+        if not full:
+            rendered.drop_unchanged(self._top_level)
+        # A full sync asks the kernel which chains exist (catching leftovers of anyone, any version); a
+        # partial one knows them from the previous sync, which saves an iptables-save of the whole nat
+        # table per change (0.3 s at 1,000 Services on iptables-nft).
+        existing = chains_in(self.ipt.save("nat")) if full else self._active
+        deleted = rendered.delete_stale(existing)
+        if full and self.ipt.backend == "nft" and len(rendered.port_chains) > self.nft_batch_threshold:
+            batches, text = rendered.in_batches(self.nft_ports_per_batch)
+            for batch in batches:
+                self.ipt.restore(batch)
+        else:
+            text = rendered.text()
         self.ipt.restore(text)
         self._need_full = False
+        self._active = set(rendered.active_nat_chains)
+        self._top_level = top_level
         if full:
             self._last_full = started
         self._config = config
@@ -93,6 +120,7 @@ class IptablesProxier:
     def _ensure_hooks(self) -> None:
         for table in CANARY_TABLES:
             self.ipt.ensure_chain(table, n.KUBE_PROXY_CANARY)
+        self.ipt.ensure_chain("nat", n.KUBE_MARK_MASQ)  # batched syncs jump to it before it is restored
         for jump in (*JUMPS, *KUBELET_JUMPS):
             self.ipt.ensure_chain(jump.table, jump.target)
             self.ipt.ensure_rule_first(jump.table, jump.source, jump.rule)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -20,3 +22,15 @@ def test_ingest_benchmark_runs_and_reports_every_measure() -> None:
     for key in ("change_end_to_end_ms", "change_after_receipt_ms", "snapshot_build_ms"):
         assert 0 < report[key]["p50"] <= report[key]["p99"], key
     assert report["rss_mb"]["first_snapshot"] >= report["rss_mb"]["before"] > 0
+
+
+@pytest.mark.root
+def test_iptables_benchmark_runs_on_both_backends() -> None:
+    result = subprocess.run([sys.executable, "bench/iptables_sync.py", "--services", "60", "--changes", "3",
+                             "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert [b["backend"] for b in report["backends"]] == ["legacy", "nft"]
+    for backend in report["backends"]:
+        assert backend["full_sync_s"] > 0 and backend["bare_restore_s"] > 0 and backend["change_ms"]["n"] == 3
+        assert backend["nat_rules"] > 60 * 30
