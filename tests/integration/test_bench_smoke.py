@@ -26,8 +26,8 @@ def test_ingest_benchmark_runs_and_reports_every_measure() -> None:
 
 @pytest.mark.root
 def test_iptables_benchmark_runs_on_both_backends() -> None:
-    result = subprocess.run([sys.executable, "bench/iptables_sync.py", "--services", "60", "--changes", "3", "--repeats", "1",
-                             "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "bench/iptables_sync.py", "--services", "60", "--changes", "3",
+                             "--repeats", "1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert [b["backend"] for b in report["backends"]] == ["legacy", "nft"]
