@@ -19,7 +19,8 @@ log = structlog.get_logger("nodeagent.iptables.kernel")
 WAIT = ("-w", "5", "-W", "100000")
 BACKENDS = ("nft", "legacy")
 HINT_CHAIN = "KUBE-IPTABLES-HINT"  # kubelet's marker of the backend it uses
-_FAILED_LINE = re.compile(r"line (\d+) failed")
+# "line 38 failed" (the kernel refused a rule) or "Error occurred at line: 3" (the line does not parse)
+_FAILED_LINE = re.compile(r"line (\d+) failed|Error occurred at line: (\d+)")
 
 
 class IptablesError(Exception):
@@ -50,7 +51,7 @@ class Iptables:
             return
         detail = result.stderr.strip()
         if (found := _FAILED_LINE.search(detail)) is not None:
-            detail += "\n" + offending_lines(text, int(found.group(1)))
+            detail += "\n" + offending_lines(text, int(found.group(1) or found.group(2)))
         raise IptablesError(f"iptables-{self.backend}-restore failed: {detail}")
 
     def save(self, table: str) -> str:

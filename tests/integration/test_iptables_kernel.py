@@ -117,3 +117,16 @@ def test_a_batched_nft_full_sync_programs_exactly_what_one_restore_does(netns: s
     report = sync(batched, snapshot_of(*OVERALL_OBJECTS))
     assert report.full and len(report.rendered.port_chains) > 2
     assert live_save(ipt).splitlines() == format_save(node_tables(report.rendered)).splitlines()
+
+
+def test_a_failed_restore_names_the_offending_line_and_changes_nothing(netns: str) -> None:
+    from nodeagent.iptables.kernel import IptablesError
+
+    ipt = Iptables("nft", netns)
+    sync(IptablesProxier(ipt), snapshot_of(*OVERALL_OBJECTS))
+    before = live_save(ipt)
+    bad = "*nat\n:KUBE-SVC-BROKEN - [0:0]\n-A KUBE-SVC-BROKEN -m tcp -p tcp --dport 99999 -j RETURN\nCOMMIT\n"
+    with pytest.raises(IptablesError) as failed:
+        ipt.restore(bad)
+    assert ">      3 -A KUBE-SVC-BROKEN -m tcp -p tcp --dport 99999 -j RETURN" in str(failed.value)
+    assert live_save(ipt) == before, "a failed restore is atomic"
