@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 import psutil
@@ -21,7 +22,6 @@ import structlog
 from nodeagent import heap
 from nodeagent.events import Sink
 from nodeagent.health import HealthServer, HealthState
-from nodeagent.iptables.proxier import IptablesProxier
 from nodeagent.iptables.render import ProxyConfig
 from nodeagent.model import IPAddress, IPNetwork, Kind, ObjectRef
 from nodeagent.state import ChangeTracker, Snapshot, SyncRunner, SyncSchedule
@@ -33,6 +33,17 @@ PROGRAMMED_KINDS = (Kind.SERVICE, Kind.ENDPOINT_SLICE)
 class Source(TypingProtocol):
     def start(self) -> object: ...
     def stop(self) -> None: ...
+
+
+class Datapath(TypingProtocol):
+    """What the loop needs of a datapath (iptables or eBPF)."""
+
+    def sync(self, service_ports: Any, endpoints: Any, config: ProxyConfig, changed_services: set[ObjectRef]) -> object:
+        ...
+
+    def force_full_sync(self) -> None: ...
+
+    def canaries_intact(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,7 @@ def proxy_config(options: AgentOptions, snapshot: Snapshot, addresses: tuple[IPA
 class Agent:
     """Ties a source, the tracker, the runner, the iptables proxier and the health endpoint together."""
 
-    def __init__(self, options: AgentOptions, make_source: Callable[[Sink], Source], proxier: IptablesProxier,
+    def __init__(self, options: AgentOptions, make_source: Callable[[Sink], Source], proxier: Datapath,
                  addresses: Callable[[], tuple[IPAddress, ...]] = local_addresses) -> None:
         self.options = options
         self.make_source = make_source

@@ -84,7 +84,7 @@ def lab_up(directory: Path | None, lab_name: str) -> None:
 
 @lab.command("agents")
 @LAB_OPTION
-@click.option("--mode", type=click.Choice(["iptables"]), default="iptables", show_default=True)
+@click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto", show_default=True)
 @_lab_errors
 def lab_agents(lab_name: str, mode: str) -> None:
     """Start `nodeagent run` on every node of the lab (stopped by `lab down`)."""
@@ -236,8 +236,13 @@ def _host_port(value: str) -> tuple[str, int | None]:
 
 
 @main.command()
-@click.option("--mode", type=click.Choice(["iptables"]), default="iptables", show_default=True,
-              help="service datapath")
+@click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto", show_default=True,
+              help="service datapath; auto: eBPF, or iptables (with the reason logged) where eBPF cannot load")
+@click.option("--cgroup", "cgroup_path", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="cgroup v2 directory the eBPF programs attach to (default: this process's own cgroup; "
+                   "the DaemonSet passes the host's cgroup root)")
+@click.option("--bpf-scope", default="host", show_default=True,
+              help="name of this agent's pinned maps and programs under /sys/fs/bpf/nodeagent/")
 @source_options
 @click.option("--min-sync-period", type=float, default=1.0, show_default=True,
               help="seconds between syncs at most this often (changes are coalesced)")
@@ -250,12 +255,15 @@ def _host_port(value: str) -> tuple[str, int | None]:
               show_default=True)
 @click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True,
               help="HOST:PORT of /healthz (empty: off)")
-def run(mode: str, kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
-        node_name: str | None, min_sync_period: float, sync_period: float, cluster_cidr: str, masquerade_all: bool,
-        nodeport_addresses: str, iptables_backend: str, healthz_bind_address: str) -> None:
+def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | None, context: str | None,
+        manifests: Path | None, source_lab: str | None, node_name: str | None, min_sync_period: float,
+        sync_period: float, cluster_cidr: str, masquerade_all: bool, nodeport_addresses: str,
+        iptables_backend: str, healthz_bind_address: str) -> None:
     """Run the node agent: watch the source, keep this node's datapath in sync, until SIGTERM."""
     import signal
     import threading
+
+    import structlog
 
     from nodeagent.agent import Agent, AgentOptions
     from nodeagent.iptables.kernel import Iptables, detect_backend, supports_random_fully
@@ -277,7 +285,22 @@ def run(mode: str, kubeconfig: str | None, context: str | None, manifests: Path 
                            nodeport_addresses=_cidrs(nodeport_addresses), random_fully=supports_random_fully(),
                            healthz_host=host, healthz_port=port)
     backend = detect_backend() if iptables_backend == "auto" else iptables_backend
-    proxier = IptablesProxier(Iptables(backend), sync_period=sync_period)
+    iptables_proxier = IptablesProxier(Iptables(backend), sync_period=sync_period)
+    proxier: Any = iptables_proxier
+    active, reason = "iptables", "asked for (--mode iptables)"
+    if mode in ("auto", "ebpf"):
+        from nodeagent.bpf.loader import BpfError, own_cgroup
+        from nodeagent.bpf.proxier import EbpfProxier
+
+        try:
+            cgroup = cgroup_path or own_cgroup()
+            ebpf = EbpfProxier(bpf_scope, cgroup, external=iptables_proxier, sync_period=sync_period).start()
+            proxier, active, reason = ebpf, "ebpf", ebpf.mode_detail
+        except (BpfError, OSError) as exc:
+            if mode == "ebpf":
+                raise click.ClickException(f"eBPF datapath unavailable: {exc}") from exc
+            reason = f"eBPF unavailable, fell back to iptables: {exc}"
+            structlog.get_logger("nodeagent.run").warning("falling back to iptables", reason=str(exc))
 
     def make_source(sink: Any) -> Any:
         if manifests is not None:
@@ -291,7 +314,9 @@ def run(mode: str, kubeconfig: str | None, context: str | None, manifests: Path 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    agent = Agent(options, make_source, proxier).start()
+    agent = Agent(options, make_source, proxier)
+    agent.health.mode, agent.health.mode_reason = active, reason
+    agent.start()
     try:
         stop.wait()
     finally:

@@ -28,6 +28,8 @@ class HealthState:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _oldest_queued: float | None = None
     _last_updated: float | None = None
+    mode: str = ""  # the active datapath, for /proxyMode
+    mode_reason: str = ""  # why (e.g. the reason eBPF could not be used)
 
     def queued(self) -> None:
         """A change waits for the datapath."""
@@ -60,13 +62,18 @@ class HealthServer:
     def __init__(self, state: HealthState, host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path.split("?")[0] not in ("/healthz", "/livez"):
+                path = self.path.split("?")[0]
+                if path == "/proxyMode":  # kube-proxy answers with the bare mode name
+                    data, healthy, kind = state.mode.encode(), True, "text/plain"
+                elif path in ("/healthz", "/livez"):
+                    healthy, body = state.report()
+                    body = {**body, "proxyMode": state.mode, "proxyModeReason": state.mode_reason}
+                    data, kind = json.dumps(body).encode(), "application/json"
+                else:
                     self.send_error(404)
                     return
-                healthy, body = state.report()
-                data = json.dumps(body).encode()
                 self.send_response(200 if healthy else 503)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

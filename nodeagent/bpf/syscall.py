@@ -6,6 +6,7 @@ sock_addr program and attach/detach it. `doctor` uses it to tell "the kernel can
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import struct
@@ -36,12 +37,16 @@ class _AttachAttr(ctypes.Structure):
     ]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     number = _SYS_BPF.get(platform.machine())
     if number is None:
         raise OSError(0, f"bpf(2) syscall number unknown for {platform.machine()}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    result = int(libc.syscall(number, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+    result = int(_libc().syscall(number, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -67,3 +72,92 @@ def attach_detach_connect4(prog_fd: int, cgroup_dir: str) -> None:
         _bpf(BPF_PROG_DETACH, attr)
     finally:
         os.close(cg_fd)
+
+
+# --- maps and pins, for the datapath's map sync (no bcc needed once programs are loaded) -------------
+
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
+BPF_OBJ_PIN, BPF_OBJ_GET = 6, 7
+BPF_ANY = 0
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad0", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64), ("_pad", ctypes.c_uint8 * 96)]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint8 * 112)]
+
+
+def obj_get(path: str) -> int:
+    """An fd for the map or program pinned at `path` (close it when done)."""
+    name = ctypes.create_string_buffer(path.encode())
+    return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(name)))
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin the map or program `fd` at `path` on bpffs."""
+    name = ctypes.create_string_buffer(path.encode())
+    _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(name), bpf_fd=fd))
+
+
+class MapHandle:
+    """Element operations on one BPF map through its fd; keys and values are raw bytes."""
+
+    def __init__(self, fd: int, key_size: int, value_size: int) -> None:
+        self.fd, self.key_size, self.value_size = fd, key_size, value_size
+
+    @classmethod
+    def pinned(cls, path: str, key_size: int, value_size: int) -> MapHandle:
+        return cls(obj_get(path), key_size, value_size)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def update(self, key: bytes, value: bytes) -> None:
+        k, v = ctypes.create_string_buffer(key, self.key_size), ctypes.create_string_buffer(value, self.value_size)
+        _bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=self.fd, key=ctypes.addressof(k), value=ctypes.addressof(v),
+                                            flags=BPF_ANY))
+
+    def delete(self, key: bytes) -> bool:
+        """Delete `key`; False if it was not there."""
+        k = ctypes.create_string_buffer(key, self.key_size)
+        try:
+            _bpf(BPF_MAP_DELETE_ELEM, _ElemAttr(map_fd=self.fd, key=ctypes.addressof(k)))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def lookup(self, key: bytes) -> bytes | None:
+        k, v = ctypes.create_string_buffer(key, self.key_size), ctypes.create_string_buffer(self.value_size)
+        try:
+            _bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(map_fd=self.fd, key=ctypes.addressof(k), value=ctypes.addressof(v)))
+        except FileNotFoundError:
+            return None
+        return v.raw
+
+    def keys(self) -> list[bytes]:
+        """Every key (a snapshot taken by walking GET_NEXT_KEY)."""
+        found: list[bytes] = []
+        current = None
+        nxt = ctypes.create_string_buffer(self.key_size)
+        while True:
+            k = ctypes.create_string_buffer(current, self.key_size) if current is not None else None
+            try:
+                _bpf(BPF_MAP_GET_NEXT_KEY, _ElemAttr(map_fd=self.fd, key=ctypes.addressof(k) if k is not None else 0,
+                                                     value=ctypes.addressof(nxt)))
+            except FileNotFoundError:
+                return found
+            current = nxt.raw
+            found.append(current)
+
+    def items(self) -> dict[bytes, bytes]:
+        """Every entry."""
+        out = {}
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:
+                out[key] = value
+        return out

@@ -45,6 +45,9 @@ class ProxyConfig:
     nfacct: bool = False
     conntrack_tcp_liberal: bool = False
     family: int = 4
+    # the eBPF mode translates node-local traffic in cgroup programs; iptables keeps only what enters
+    # from outside (NodePort, externalIPs, load-balancer IPs), without the cluster IP captures
+    external_only: bool = False
     node_labels: Mapping[str, str] = field(default_factory=dict)
     large_cluster_threshold: int = 1000
 
@@ -303,7 +306,7 @@ def render(service_ports: Mapping[ServicePortName, ServicePortInfo],
         else:
             rules = PortRules()
             family_endpoints = _of_family_endpoints(port_endpoints, family)
-            if _of_family(info.cluster_ips, family):
+            if _of_family(info.cluster_ips, family) and (not config.external_only or externally_accessible(info)):
                 _render_port(config, rules.filter, rules.top, rules.own, rules.active, str(name),
                              info.protocol.lower(), info, family_endpoints, zone, large, local_if, not_local_if)
             if cache is not None:
@@ -394,7 +397,9 @@ def _render_port(config: ProxyConfig, filt: Table, nat: Table, svc_nat: Table, a
             external_target, external_comment = "DROP", quoted(f"{port_name} has no local endpoints")
 
     match = ["-m", proto, "-p", proto]
-    if has_internal:
+    if config.external_only:
+        pass
+    elif has_internal:
         nat.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", quoted(f"{port_name} cluster IP"),
                 *match, "-d", cluster_ip, "--dport", port, "-j", internal_chain)
     else:
@@ -440,7 +445,7 @@ def _render_port(config: ProxyConfig, filt: Table, nat: Table, svc_nat: Table, a
                  "-m", "tcp", "-p", "tcp", "--dport", str(info.health_check_node_port), "-j", "ACCEPT")
 
     # Per-service chains (skipped, but still counted as active, in a partial sync).
-    if has_internal:
+    if has_internal and not config.external_only:
         capture = ["-m", "comment", "--comment", quoted(f"{port_name} cluster IP"), *match,
                    "-d", cluster_ip, "--dport", port]
         if config.masquerade_all:

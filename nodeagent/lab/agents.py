@@ -36,6 +36,7 @@ def agent_argv(lab: labs.Lab, node: str, mode: str, extra: Sequence[str] = ()) -
     """The command line of the agent on `node`."""
     address = lab.plan.node(node).node.address
     return ["nodeagent", "--log-json", "--log-level", "info", "run", "--mode", mode,
+            "--bpf-scope", f"{lab.record.name}-{node}",
             "--manifests", str(lab.record.manifests_path.parent), "--node", node,
             "--cluster-cidr", cluster_cidr(lab), "--healthz-bind-address", f"{address}:10256", *extra]
 

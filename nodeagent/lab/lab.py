@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -146,6 +147,7 @@ def _teardown(name: str, record: LabRecord | None) -> list[str]:
     _stop_processes(name, cgroup_root, [p.pid for p in record.processes] if record else [])
     cgroups.remove_tree(cgroup_root)
     removed.append(f"cgroup {cgroup_root}")
+    removed.extend(_remove_bpf_pins(name))
     recorded = list(reversed(record.netns)) if record else []
     stray = [ns for ns in netns.list_netns() if ns.startswith(netns_prefix(name)) and ns not in recorded]
     for ns in recorded + sorted(stray, reverse=True):
@@ -156,6 +158,20 @@ def _teardown(name: str, record: LabRecord | None) -> list[str]:
         for path in sorted(record.directory.rglob("*"), key=lambda p: -len(p.parts)):
             path.rmdir() if path.is_dir() else path.unlink()
         record.directory.rmdir()
+    return removed
+
+
+BPF_PINS = Path("/sys/fs/bpf/nodeagent")  # the agents' --bpf-scope in a lab is "<lab>-<node>"
+
+
+def _remove_bpf_pins(name: str) -> list[str]:
+    """Remove the pinned maps and programs of the lab's agents (their cgroups, and so attachments, are gone)."""
+    removed = []
+    for scope in sorted(BPF_PINS.glob(f"{name}-*")) if BPF_PINS.is_dir() else []:
+        shutil.rmtree(scope)
+        removed.append(f"bpf pins {scope}")
+    if BPF_PINS.is_dir() and not any(BPF_PINS.iterdir()):
+        BPF_PINS.rmdir()
     return removed
 
 

@@ -1,0 +1,104 @@
+"""One sync of the eBPF datapath: desired map entries from the snapshot, written incrementally.
+
+- start: adopt or load the pinned programs and maps, attach them to the node's cgroup (idempotent).
+- full sync (start, every `sync_period`, after a failure): read what the maps hold and rewrite
+  exactly the difference with everything desired (repairs drift; adopts after a restart).
+- partial sync: only the frontends of Services that changed.
+- Traffic that enters the node from outside (NodePort, externalIPs, load-balancer IPs from other
+  hosts) never passes a cgroup program; until the tc programs exist it is served by the iptables
+  renderer's rules for exactly those paths (`external_only`), and `/proxyMode` says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import structlog
+
+from nodeagent.bpf import loader
+from nodeagent.bpf.desired import desired_entries
+from nodeagent.bpf.maps import MapSync, SyncStats
+from nodeagent.iptables.proxier import IptablesProxier
+from nodeagent.iptables.render import ProxyConfig
+from nodeagent.model import ObjectRef
+from nodeagent.translation import EndpointInfo, ServicePortInfo, ServicePortName
+
+log = structlog.get_logger("nodeagent.bpf.proxier")
+EXTERNAL_PATHS = "iptables (NodePort, externalIPs and load-balancer IPs from outside the node)"
+
+
+@dataclass
+class EbpfSyncReport:
+    full: bool
+    stats: SyncStats
+    seconds: float
+
+
+@dataclass
+class EbpfProxier:
+    """Keeps one node's socket load balancer (and its iptables side for external traffic) in sync."""
+
+    scope: str
+    cgroup: Path
+    external: IptablesProxier | None = None
+    sync_period: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    datapath: loader.Datapath | None = None
+    _maps: MapSync | None = None
+    _need_full: bool = True
+    _last_full: float = float("-inf")
+    _config: ProxyConfig | None = None
+    mode_detail: str = field(default="ebpf: cgroup connect4/sendmsg4/recvmsg4/getpeername4; external: " +
+                             EXTERNAL_PATHS)
+
+    def start(self) -> EbpfProxier:
+        """Load (or adopt) and attach; raises loader.BpfError when this kernel or bcc cannot."""
+        self.datapath = loader.load(self.scope)
+        loader.attach(self.datapath, self.cgroup)
+        self._maps = MapSync(self.datapath.maps)
+        return self
+
+    def force_full_sync(self) -> None:
+        self._need_full = True
+        if self.external is not None:
+            self.external.force_full_sync()
+
+    def canaries_intact(self) -> bool:
+        return self.external.canaries_intact() if self.external is not None else True
+
+    def sync(self, service_ports: Mapping[ServicePortName, ServicePortInfo],
+             endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], config: ProxyConfig,
+             changed_services: set[ObjectRef]) -> EbpfSyncReport:
+        """Write the maps; raises on failure (the next sync is then a full one)."""
+        assert self._maps is not None and self.datapath is not None, "start() first"
+        started = self.clock()
+        full = self._need_full or config != self._config or started - self._last_full >= self.sync_period
+        self._need_full = True
+        node_ips = config.nodeport_ips if config.nodeport_ips is not None else (
+            (config.node_ip,) if config.node_ip is not None else ())
+        if full:
+            loader.attach(self.datapath, self.cgroup)  # repairs a detach by someone else
+            desired = desired_entries(service_ports, endpoints, node_ips=node_ips, node_labels=config.node_labels)
+            self._maps.adopt(desired)
+            stats = self._maps.apply(desired)
+        else:
+            keys = {f"{ref.namespace}/{ref.name}" for ref in changed_services}
+            ports = {name for name in service_ports if f"{name.namespace}/{name.name}" in keys}
+            labels = {str(name) for name in ports} | {
+                i.entry.port_name for i in self._maps.installed.values() if i.entry.port_name.split(":")[0] in keys}
+            desired = desired_entries(service_ports, endpoints, node_ips=node_ips, node_labels=config.node_labels,
+                                      only=ports)
+            stats = self._maps.apply(desired, only=labels)
+        if self.external is not None:
+            self.external.sync(service_ports, endpoints, replace(config, external_only=True), changed_services)
+        self._need_full = False
+        self._config = config
+        if full:
+            self._last_full = started
+        report = EbpfSyncReport(full, stats, self.clock() - started)
+        log.info("ebpf maps synced", full=full, frontends_written=stats.written, frontends_removed=stats.removed,
+                 map_updates=stats.map_updates, seconds=round(report.seconds, 4))
+        return report
