@@ -386,10 +386,21 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
 @click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy", "both"]), default="both",
               show_default=True)
 @click.option("--netns", default=None, help="clean a node network namespace instead of this one")
-def cleanup(iptables_backend: str, netns: str | None) -> None:
-    """Remove every chain and jump rule the iptables mode created (as kube-proxy --cleanup), nothing else."""
+@click.option("--bpf-scope", default="host", show_default=True, help="whose pinned eBPF maps and programs to remove")
+@click.option("--cgroup", "cgroup_path", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="cgroup v2 directory to detach the eBPF programs from (as given to run --cgroup)")
+def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_path: Path | None) -> None:
+    """Remove what either datapath created: iptables chains and jump rules (as kube-proxy --cleanup), eBPF
+    attachments and pins; nothing else."""
+    from nodeagent.bpf import loader
     from nodeagent.iptables import cleanup as iptables_cleanup
     from nodeagent.iptables.kernel import Iptables, IptablesError, detect_backend, legacy_tables_exist
+
+    try:
+        for line in (loader.detach(cgroup_path) if cgroup_path is not None else []) + loader.remove_pins(bpf_scope):
+            click.echo(f"removed (ebpf) {line}")
+    except (loader.BpfError, OSError) as exc:
+        raise click.ClickException(f"cleanup (ebpf): {exc}") from exc
 
     if iptables_backend == "both":
         backends = ["nft"] + (["legacy"] if legacy_tables_exist(netns) else [])

@@ -10,7 +10,7 @@ import ipaddress
 import json
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -41,7 +41,8 @@ def agent_argv(lab: labs.Lab, node: str, mode: str, extra: Sequence[str] = ()) -
             "--cluster-cidr", cluster_cidr(lab), "--healthz-bind-address", f"{address}:10256", *extra]
 
 
-def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = (), timeout: float = 60.0) -> labs.Lab:
+def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 timeout: float = 60.0) -> labs.Lab:
     """Start one agent per node of lab `name` and wait until each has programmed its node once."""
     lab = labs.load(name)
     with locked(name):
@@ -52,7 +53,7 @@ def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = ()
             logfile = lab.record.directory / "logs" / f"agent.{node.node.name}.log"
             pid = processes.spawn(node.netns, cgroups.path_of(node.cgroup),
                                   agent_argv(lab, node.node.name, mode, extra),
-                                  {"NODE_NAME": node.node.name, "NODEAGENT_LAB": name}, logfile)
+                                  {"NODE_NAME": node.node.name, "NODEAGENT_LAB": name, **(env or {})}, logfile)
             lab.record.processes.append(Process(owner=AGENT_OWNER + node.node.name, container="nodeagent", pid=pid,
                                                 log=str(logfile)))
             lab.record.save()

@@ -207,3 +207,44 @@ def test_killing_the_agent_loses_no_connection_and_the_restart_adopts_and_catche
         assert seen == {"demo/echo-0"}, "the change made while the agent was down is applied"
     finally:
         manifests.write_text(original)
+
+
+def test_cleanup_leaves_no_program_attachment_or_pin(lab: labs.Lab) -> None:
+    """(Last in the module: it takes node1's datapath away.)"""
+    from click.testing import CliRunner
+
+    from nodeagent.cli import main
+
+    scope = f"{lab.record.name}-node1"
+    cgroup = cgroups.path_of(lab.plan.node("node1").cgroup)
+    programs = [record["id"] for record in loader.attached(cgroup)]
+    assert len(programs) == 4 and (loader.ROOT / scope).exists()
+    result = CliRunner().invoke(main, ["cleanup", "--bpf-scope", scope, "--cgroup", str(cgroup),
+                                       "--netns", lab.plan.node("node1").netns])
+    assert result.exit_code == 0, result.output
+    assert "removed (ebpf) cgroup_inet4_connect na_connect4" in result.stdout
+    assert loader.attached(cgroup) == [] and not (loader.ROOT / scope).exists()
+    for program in programs:  # nothing holds them any more: the kernel freed them
+        shown = subprocess.run(["bpftool", "prog", "show", "id", str(program)], capture_output=True, check=False)
+        assert shown.returncode != 0, f"program {program} still exists"
+
+
+def test_auto_mode_falls_back_to_iptables_when_bcc_cannot_compile(tmp_path: Path) -> None:
+    name = unique_lab_name()
+    empty = tmp_path / "no-headers"
+    empty.mkdir()
+    labs.up(name)
+    try:
+        lab = start_agents(name, "auto", env={"BCC_KERNEL_SOURCE": str(empty)})
+        node = lab.plan.node("node1")
+        probe = ("import urllib.request,sys;print(urllib.request.urlopen(sys.argv[1]+'/proxyMode').read().decode());"
+                 "print(urllib.request.urlopen(sys.argv[1]+'/healthz').read().decode())")
+        result = subprocess.run(["ip", "netns", "exec", node.netns, "python3", "-c", probe,
+                                 f"http://{node.node.address}:10256"], capture_output=True, text=True, timeout=20,
+                                check=True)
+        mode, health = result.stdout.splitlines()
+        assert mode == "iptables"
+        assert "eBPF unavailable, fell back to iptables" in json.loads(health)["proxyModeReason"]
+        assert request_from(lab, "demo/client", f"{vip(lab, 'echo')}:80")["pod"].startswith("demo/echo-")
+    finally:
+        labs.down(name)
