@@ -14,6 +14,7 @@ which is how such an address came to mean different things to different componen
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -307,8 +308,31 @@ def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
         load_balancer_ips=tuple(lb_ips), load_balancer_source_ranges=tuple(source_ranges),
         session_affinity=affinity, affinity_timeout_seconds=timeout, external_traffic_policy=etp,
         internal_traffic_policy=itp, health_check_node_port=hc_port, labels=labels, annotations=annotations,
-        resource_version=rv,
+        resource_version=rv, endpoint_weights=_endpoint_weights(ctx, annotations),
     )
+
+
+WEIGHTS_ANNOTATION = "nodeagent.io/endpoint-weights"
+MAX_WEIGHT = 10000
+
+
+def _endpoint_weights(ctx: _Ctx, annotations: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """`{"pod-name": weight, ...}` (JSON); anything else is dropped whole with the reason."""
+    text = annotations.get(WEIGHTS_ANNOTATION)
+    if text is None:
+        return ()
+    field_path = f"metadata.annotations[{WEIGHTS_ANNOTATION}]"
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:
+        ctx.drop(field_path, f"not JSON: {exc}; weights ignored")
+        return ()
+    if not isinstance(parsed, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_WEIGHT
+            for k, v in parsed.items()):
+        ctx.drop(field_path, f"must map pod names to integer weights 0-{MAX_WEIGHT}; weights ignored")
+        return ()
+    return tuple(sorted(parsed.items()))
 
 
 def _cluster_ips(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[tuple[IPAddress, ...], bool]:

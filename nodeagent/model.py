@@ -119,6 +119,9 @@ class Service:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     resource_version: str = ""
+    # pod name -> relative weight, from the nodeagent.io/endpoint-weights annotation (eBPF datapath; the
+    # tunnel's canary splits); endpoints not named weigh 1, weight 0 takes an endpoint out
+    endpoint_weights: tuple[tuple[str, int], ...] = ()
 
     @property
     def skip_reason(self) -> str | None:

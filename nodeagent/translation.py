@@ -70,6 +70,7 @@ class ServicePortInfo:
     internal_policy_local: bool
     health_check_node_port: int | None
     topology_mode: str
+    endpoint_weights: tuple[tuple[str, int], ...] = ()  # pod name -> weight (see model.Service)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,7 @@ def service_port_infos(service: Service) -> tuple[ServicePortInfo, ...]:
             internal_policy_local=service.internal_traffic_policy is TrafficPolicy.LOCAL,
             health_check_node_port=service.health_check_node_port if external_local else None,
             topology_mode=topology_mode,
+            endpoint_weights=service.endpoint_weights,
         )
         for port in service.ports
     )

@@ -79,8 +79,12 @@ def desired_entries(service_ports: Mapping[ServicePortName, ServicePortInfo],
         affinity = info.affinity_timeout_seconds or 0
         label = str(name)
 
-        def entry(chosen: Sequence[EndpointInfo], label: str = label, affinity: int = affinity) -> ServiceEntry:
-            return ServiceEntry(label, tuple(Backend(str(e.ip), e.port) for e in chosen), affinity)
+        weights = dict(info.endpoint_weights)
+
+        def entry(chosen: Sequence[EndpointInfo], label: str = label, affinity: int = affinity,
+                  weights: dict[str, int] = weights) -> ServiceEntry:
+            members = ((e, weights.get(e.pod.name, 1) if e.pod is not None else 1) for e in chosen)
+            return ServiceEntry(label, tuple(Backend(str(e.ip), e.port, w) for e, w in members if w > 0), affinity)
 
         for address in info.cluster_ips:
             if address.version == 4:

@@ -248,3 +248,28 @@ def test_auto_mode_falls_back_to_iptables_when_bcc_cannot_compile(tmp_path: Path
         assert request_from(lab, "demo/client", f"{vip(lab, 'echo')}:80")["pod"].startswith("demo/echo-")
     finally:
         labs.down(name)
+
+
+def test_endpoint_weights_change_the_split(tmp_path: Path) -> None:
+    """nodeagent.io/endpoint-weights 9:1 -> about 90% to echo-0 (60 tries: P(< 40) is below 1e-5)."""
+    weighted = """
+apiVersion: v1
+kind: Service
+metadata:
+  name: canary
+  namespace: demo
+  annotations: {nodeagent.io/endpoint-weights: '{"echo-0": 9, "echo-1": 1}'}
+spec:
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"""
+    documents = [dict(d.body) for d in load_default()] + list(yaml.safe_load_all(weighted))
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump_all(documents))
+    name = unique_lab_name()
+    labs.up(name, tmp_path)
+    try:
+        lab = start_agents(name, "ebpf")
+        seen = Counter(request_from(lab, "demo/client", f"{vip(lab, 'canary')}:80")["pod"] for _ in range(60))
+        assert seen["demo/echo-0"] >= 40, seen
+    finally:
+        labs.down(name)
