@@ -34,3 +34,15 @@ def test_iptables_benchmark_runs_on_both_backends() -> None:
     for backend in report["backends"]:
         assert backend["full_sync_s"] > 0 and backend["bare_restore_s"] > 0 and backend["change_ms"]["n"] == 3
         assert backend["nat_rules"] > 60 * 30
+
+
+@pytest.mark.root
+@pytest.mark.bcc
+def test_ebpf_benchmark_runs() -> None:
+    result = subprocess.run([sys.executable, "bench/ebpf_connect.py", "--services", "50", "--connects", "40",
+                             "--crr-seconds", "0.2", "--changes", "3", "--json"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["connect_us"]["vip"] > 0 and report["crr_per_s"]["vip"] > 0 and report["change_ms"]["n"] == 3
+    assert report["map_updates"] > 50 * 10
