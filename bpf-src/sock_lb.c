@@ -15,6 +15,7 @@
 //   na_backends:  backend id -> (ip, port)
 //   na_reverse:   (socket cookie, backend ip, port) -> (vip, port), LRU: getpeername and UDP replies
 //   na_affinity:  (netns cookie, vip, port, proto) -> (backend id, last use): ClientIP affinity
+//   na_sk_reverse: per connected socket, (backend, vip): getpeername and connected-UDP replies
 
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
@@ -37,6 +38,10 @@ BPF_TABLE_PINNED("hash", struct slot_key, struct slot_val, na_slots, 1048576, "P
 BPF_TABLE_PINNED("hash", u32, struct backend_val, na_backends, 1048576, "PIN_DIR/na_backends");
 BPF_TABLE_PINNED("lru_hash", struct rev_key, struct rev_val, na_reverse, 262144, "PIN_DIR/na_reverse");
 BPF_TABLE_PINNED("lru_hash", struct aff_key, struct aff_val, na_affinity, 262144, "PIN_DIR/na_affinity");
+// A connected socket has one peer: its reverse entry lives in the socket itself (no hashing, no LRU
+// eviction, freed with the socket). Unconnected UDP (sendmsg) may talk to many: na_reverse.
+struct sk_rev { u32 backend_ip; u16 backend_port; u16 pad; u32 vip; u16 vip_port; u16 pad2; };
+BPF_TABLE_PINNED7("sk_storage", int, struct sk_rev, na_sk_reverse, 0, "PIN_DIR/na_sk_reverse", BPF_F_NO_PREALLOC);
 
 // The slot whose cumulative weight first exceeds r (weights are positive, so this is a proper
 // weighted choice; with equal weights it is slot r).
@@ -101,7 +106,18 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int remember) {
         struct aff_val av = {.backend = backend_id, .last = now};
         na_affinity.update(&ak, &av);
     }
-    if (remember) {
+    if (remember == 2) {
+        struct bpf_sock *sk = ctx->sk;
+        if (sk) {
+            struct sk_rev *sr = na_sk_reverse.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+            if (sr) {
+                sr->backend_ip = backend->ip;
+                sr->backend_port = backend->port;
+                sr->vip = key.ip;
+                sr->vip_port = key.port;
+            }
+        }
+    } else if (remember) {
         struct rev_key rk = {.cookie = bpf_get_socket_cookie(ctx), .ip = backend->ip, .port = backend->port};
         struct rev_val rv = {.ip = key.ip, .port = key.port};
         na_reverse.update(&rk, &rv);
@@ -115,6 +131,15 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int remember) {
 static __always_inline int untranslate(struct bpf_sock_addr *ctx) {
     if (ctx->user_family != AF_INET)
         return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (sk) {
+        struct sk_rev *sr = na_sk_reverse.sk_storage_get(sk, 0, 0);
+        if (sr && sr->backend_ip == ctx->user_ip4 && sr->backend_port == (u16)ctx->user_port) {
+            ctx->user_ip4 = sr->vip;
+            ctx->user_port = (u32)sr->vip_port;
+            return 1;
+        }
+    }
     struct rev_key rk = {.cookie = bpf_get_socket_cookie(ctx), .ip = ctx->user_ip4, .port = (u16)ctx->user_port};
     struct rev_val *rv = na_reverse.lookup(&rk);
     if (rv) {
@@ -124,7 +149,7 @@ static __always_inline int untranslate(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
-int na_connect4(struct bpf_sock_addr *ctx) { return translate(ctx, 1); }
+int na_connect4(struct bpf_sock_addr *ctx) { return translate(ctx, 2); }
 int na_sendmsg4(struct bpf_sock_addr *ctx) { return translate(ctx, 1); }
 int na_recvmsg4(struct bpf_sock_addr *ctx) { return untranslate(ctx); }
 int na_getpeername4(struct bpf_sock_addr *ctx) { return untranslate(ctx); }

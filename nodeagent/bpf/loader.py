@@ -27,7 +27,7 @@ from nodeagent.bpf.syscall import MapHandle, obj_pin
 
 log = structlog.get_logger("nodeagent.bpf.loader")
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 BPFFS = Path("/sys/fs/bpf")
 ROOT = BPFFS / "nodeagent"
 # program name -> (bpf_attach_type number, bpftool's argument for it)
@@ -48,6 +48,8 @@ MAPS = {
     "na_reverse": (16, 8),
     "na_affinity": (16, 16),
 }
+# maps pinned but never touched from userspace (socket-local storage)
+KERNEL_ONLY_MAPS = ("na_sk_reverse",)
 
 
 class BpfError(Exception):
@@ -82,7 +84,7 @@ class Datapath:
 
 
 def _pinned_complete(directory: Path) -> bool:
-    return all((directory / name).exists() for name in (*PROGRAMS, *MAPS))
+    return all((directory / name).exists() for name in (*PROGRAMS, *MAPS, *KERNEL_ONLY_MAPS))
 
 
 def load(scope: str) -> Datapath:
