@@ -217,6 +217,22 @@ def snapshot(kubeconfig: str | None, context: str | None, manifests: Path | None
     click.echo(json.dumps(snapshot_document(state), indent=2) if as_json else format_snapshot(state))
 
 
+def _clear_ebpf(scope: str, cgroup_path: Path | None) -> None:
+    """Switching to iptables: programs of an earlier eBPF run must not keep translating beside the rules."""
+    import structlog
+
+    from nodeagent.bpf import loader
+
+    try:
+        cgroup = cgroup_path or loader.own_cgroup()
+        removed = loader.detach(cgroup) + loader.remove_pins(scope)
+    except (loader.BpfError, OSError) as exc:
+        structlog.get_logger("nodeagent.run").warning("could not clear the eBPF datapath", reason=str(exc))
+        return
+    if removed:
+        structlog.get_logger("nodeagent.run").info("eBPF datapath of an earlier run removed", removed=removed)
+
+
 def _cidrs(value: str) -> tuple[Any, ...]:
     import ipaddress
 
@@ -314,6 +330,8 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if active == "iptables":
+        _clear_ebpf(bpf_scope, cgroup_path)
     agent = Agent(options, make_source, proxier)
     agent.health.mode, agent.health.mode_reason = active, reason
     agent.start()

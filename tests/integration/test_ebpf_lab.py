@@ -273,3 +273,34 @@ spec:
         assert seen["demo/echo-0"] >= 40, seen
     finally:
         labs.down(name)
+
+
+def test_switching_a_node_to_iptables_removes_the_ebpf_datapath() -> None:
+    name = unique_lab_name()
+    labs.up(name)
+    try:
+        lab = start_agents(name, "ebpf")
+        cgroup = cgroups.path_of(lab.plan.node("node1").cgroup)
+        assert loader.attached(cgroup)
+        agent = next(p for p in lab.record.processes if p.owner == AGENT_OWNER + "node1")
+        os.kill(agent.pid, signal.SIGTERM)
+        assert processes.wait_gone([agent.pid], timeout=10) == []
+        from nodeagent.lab.agents import agent_argv
+
+        node = lab.plan.node("node1")
+        log = lab.record.directory / "logs" / "agent.node1.iptables.log"
+        shim = processes.spawn(node.netns, cgroup, agent_argv(lab, "node1", "iptables"), {"NODE_NAME": "node1"}, log)
+        lab.record.processes.append(type(agent)(owner=AGENT_OWNER + "node1-iptables", container="nodeagent",
+                                                pid=shim, log=str(log)))
+        lab.record.save()
+        deadline = time.monotonic() + 30
+        while loader.attached(cgroup) or (loader.ROOT / f"{name}-node1").exists() is not False:
+            assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+            time.sleep(0.1)
+        while vip(lab, "echo") not in subprocess.run(["ip", "netns", "exec", node.netns, "iptables-save", "-t", "nat"],
+                                                       capture_output=True, text=True, check=True).stdout:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert request_from(lab, "demo/client", f"{vip(lab, 'echo')}:80")["pod"].startswith("demo/echo-")
+    finally:
+        labs.down(name)
