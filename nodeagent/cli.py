@@ -306,11 +306,12 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
     active, reason = "iptables", "asked for (--mode iptables)"
     if mode in ("auto", "ebpf"):
         from nodeagent.bpf.loader import BpfError, own_cgroup
-        from nodeagent.bpf.proxier import EbpfProxier
+        from nodeagent.bpf.proxier import EbpfProxier, external_interfaces
 
         try:
             cgroup = cgroup_path or own_cgroup()
-            ebpf = EbpfProxier(bpf_scope, cgroup, external=iptables_proxier, sync_period=sync_period).start()
+            ebpf = EbpfProxier(bpf_scope, cgroup, external=iptables_proxier, sync_period=sync_period,
+                               tc_interfaces=external_interfaces()).start()
             proxier, active, reason = ebpf, "ebpf", ebpf.mode_detail
         except (BpfError, OSError) as exc:
             if mode == "ebpf":
@@ -410,12 +411,13 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
 def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_path: Path | None) -> None:
     """Remove what either datapath created: iptables chains and jump rules (as kube-proxy --cleanup), eBPF
     attachments and pins; nothing else."""
-    from nodeagent.bpf import loader
+    from nodeagent.bpf import loader, tc
     from nodeagent.iptables import cleanup as iptables_cleanup
     from nodeagent.iptables.kernel import Iptables, IptablesError, detect_backend, legacy_tables_exist
 
     try:
-        for line in (loader.detach(cgroup_path) if cgroup_path is not None else []) + loader.remove_pins(bpf_scope):
+        detached = loader.detach(cgroup_path) if cgroup_path is not None else []
+        for line in detached + tc.detach_tc(netns=netns) + loader.remove_pins(bpf_scope):
             click.echo(f"removed (ebpf) {line}")
     except (loader.BpfError, OSError) as exc:
         raise click.ClickException(f"cleanup (ebpf): {exc}") from exc

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import structlog
 
-from nodeagent.bpf import loader
+from nodeagent.bpf import loader, tc
 from nodeagent.bpf.desired import desired_entries
 from nodeagent.bpf.maps import MapSync, SyncStats
+from nodeagent.iptables import cleanup as iptables_cleanup
 from nodeagent.iptables.proxier import IptablesProxier
 from nodeagent.iptables.render import ProxyConfig
 from nodeagent.model import ObjectRef
@@ -51,14 +52,33 @@ class EbpfProxier:
     _need_full: bool = True
     _last_full: float = float("-inf")
     _config: ProxyConfig | None = None
+    tc_interfaces: list[str] = field(default_factory=list)
     mode_detail: str = field(default="ebpf: cgroup connect4/sendmsg4/recvmsg4/getpeername4; external: " +
                              EXTERNAL_PATHS)
 
     def start(self) -> EbpfProxier:
-        """Load (or adopt) and attach; raises loader.BpfError when this kernel or bcc cannot."""
+        """Load (or adopt) and attach; raises loader.BpfError when this kernel or bcc cannot.
+
+        The tc programs take over traffic from outside when they load and attach; otherwise the
+        iptables rules for those paths stay, with the reason in `mode_detail`.
+        """
         self.datapath = loader.load(self.scope)
         loader.attach(self.datapath, self.cgroup)
         self._maps = MapSync(self.datapath.maps)
+        if self.tc_interfaces:
+            try:
+                tc.load_tc(self.datapath)
+                tc.attach_tc(self.datapath, self.tc_interfaces)
+            except (loader.BpfError, OSError) as exc:
+                log.warning("tc programs unavailable; external traffic stays on iptables", reason=str(exc))
+                self.mode_detail += f" (tc unavailable: {exc})"
+                return self
+            if self.external is not None:
+                removed = iptables_cleanup.cleanup(self.external.ipt)
+                log.info("external traffic moved from iptables to tc", removed=len(removed))
+            self.external = None
+            self.mode_detail = ("ebpf: cgroup connect4/sendmsg4/recvmsg4/getpeername4; external: tc on "
+                                + ", ".join(self.tc_interfaces))
         return self
 
     def force_full_sync(self) -> None:
@@ -102,3 +122,22 @@ class EbpfProxier:
         log.info("ebpf maps synced", full=full, frontends_written=stats.written, frontends_removed=stats.removed,
                  map_updates=stats.map_updates, seconds=round(report.seconds, 4))
         return report
+
+
+def external_interfaces() -> list[str]:
+    """Interfaces of this network namespace that traffic from other hosts arrives on: those with a
+    non-loopback address that is not a /32 pod-gateway address (the lab's and Calico-style pod links)."""
+    import ipaddress
+
+    import psutil
+
+    found = []
+    for name, addrs in psutil.net_if_addrs().items():
+        for addr in addrs:
+            if addr.family.name != "AF_INET" or not addr.netmask:
+                continue
+            network = ipaddress.ip_interface(f"{addr.address}/{addr.netmask}")
+            if not network.ip.is_loopback and network.network.prefixlen < 32:
+                found.append(name)
+                break
+    return sorted(found)

@@ -124,18 +124,28 @@ def test_affinity_pins_a_client(lab: labs.Lab) -> None:
     assert len(seen) == 1, seen
 
 
-def test_node_port_from_the_other_node_is_served_by_the_external_iptables_path(lab: labs.Lab) -> None:
+def test_node_port_from_the_other_node_goes_through_tc(lab: labs.Lab) -> None:
+    """Both backends answer; the local one sees the client's address; not one iptables rule exists."""
     node1 = lab.plan.node("node1")
     node2 = lab.plan.node("node2")
     argv = processes.enter_argv(node2.netns, cgroups.path_of(node2.cgroup),
                                 ["nodeagent", "workload", "request", f"{node1.node.address}:30080"])
-    pods = set()
-    for _ in range(12):
+    peers: dict[str, set[str]] = {}
+    for _ in range(16):
         result = subprocess.run(argv, env=processes.child_env({}), capture_output=True, text=True, timeout=20,
                                 check=False)
         assert result.returncode == 0, result.stderr
-        pods.add(json.loads(result.stdout)["pod"])
-    assert pods == {"demo/echo-0", "demo/echo-1"}
+        answer = json.loads(result.stdout)
+        peers.setdefault(answer["pod"], set()).add(answer["peer"].split(":")[0])
+    assert set(peers) == {"demo/echo-0", "demo/echo-1"}, peers
+    assert peers["demo/echo-0"] == {str(node2.node.address)}, "a local backend sees the client"
+    assert peers["demo/echo-1"] == {str(node1.node.address)}, "a remote backend sees the node (SNAT)"
+    tables = subprocess.run(["ip", "netns", "exec", node1.netns, "iptables-save"], capture_output=True, text=True,
+                            check=True).stdout
+    assert "KUBE-" not in tables
+    filters = subprocess.run(["ip", "netns", "exec", node1.netns, "tc", "filter", "show", "dev", "eth0", "ingress"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "na_tc_ingress" in filters
 
 
 def test_map_contents_equal_the_desired_state(lab: labs.Lab) -> None:
@@ -224,6 +234,9 @@ def test_cleanup_leaves_no_program_attachment_or_pin(lab: labs.Lab) -> None:
     assert result.exit_code == 0, result.output
     assert "removed (ebpf) cgroup_inet4_connect na_connect4" in result.stdout
     assert loader.attached(cgroup) == [] and not (loader.ROOT / scope).exists()
+    filters = subprocess.run(["ip", "netns", "exec", lab.plan.node("node1").netns, "tc", "filter", "show", "dev",
+                              "eth0", "ingress"], capture_output=True, text=True, check=True).stdout
+    assert "na_tc" not in filters
     for program in programs:  # nothing holds them any more: the kernel freed them
         shown = subprocess.run(["bpftool", "prog", "show", "id", str(program)], capture_output=True, check=False)
         assert shown.returncode != 0, f"program {program} still exists"
