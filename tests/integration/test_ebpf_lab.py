@@ -34,6 +34,14 @@ pytestmark = [pytest.mark.root, pytest.mark.bcc]
 EXTRA = """
 apiVersion: v1
 kind: Service
+metadata: {name: dns-np, namespace: demo}
+spec:
+  type: NodePort
+  selector: {app: echo}
+  ports: [{name: dns, port: 53, targetPort: 8081, nodePort: 30053, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: sticky, namespace: demo}
 spec:
   selector: {app: echo}
@@ -146,6 +154,23 @@ def test_node_port_from_the_other_node_goes_through_tc(lab: labs.Lab) -> None:
     filters = subprocess.run(["ip", "netns", "exec", node1.netns, "tc", "filter", "show", "dev", "eth0", "ingress"],
                              capture_output=True, text=True, check=True).stdout
     assert "na_tc_ingress" in filters
+
+
+def test_udp_node_port_from_the_other_node_replies_from_the_node_port(lab: labs.Lab) -> None:
+    node1, node2 = lab.plan.node("node1"), lab.plan.node("node2")
+    code = ("import socket,sys,json;out=[]\n"
+            "for _ in range(16):\n"
+            " s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3)\n"
+            " s.sendto(b'hi',(sys.argv[1],30053));data,src=s.recvfrom(4096)\n"
+            " out.append([json.loads(data)['pod'],src[0],src[1]])\n"
+            "print(json.dumps(out))")
+    argv = processes.enter_argv(node2.netns, cgroups.path_of(node2.cgroup),
+                                ["python3", "-c", code, str(node1.node.address)])
+    result = subprocess.run(argv, env=processes.child_env({}), capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    assert {pod for pod, _, _ in answers} == {"demo/echo-0", "demo/echo-1"}
+    assert {(ip, port) for _, ip, port in answers} == {(str(node1.node.address), 30053)}
 
 
 def test_map_contents_equal_the_desired_state(lab: labs.Lab) -> None:
