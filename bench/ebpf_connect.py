@@ -54,22 +54,20 @@ def serve():
         finally:
             c.close()
 threading.Thread(target=serve, daemon=True).start()
-def connect_times(host, count):
-    out = []
-    for _ in range(count):
-        s = socket.socket(); t = time.perf_counter(); s.connect((host, 80 if host == vip else port))
-        out.append(time.perf_counter() - t); s.close()
-    return out
+def connect_once(host):
+    s = socket.socket(); t = time.perf_counter(); s.connect((host, 80 if host == vip else port))
+    elapsed = time.perf_counter() - t; s.close()
+    return elapsed
 def crr(host):
     end, done = time.monotonic() + seconds, 0
     while time.monotonic() < end:
         s = socket.create_connection((host, 80 if host == vip else port)); s.sendall(b"x"); s.recv(1); s.close()
         done += 1
     return done / seconds
-result = {}
-for _ in range(2):  # interleave, twice, so drift on a shared machine hits both sides alike
-    for host, key in ((backend, "direct"), (vip, "vip")):
-        result.setdefault(key, []).extend(connect_times(host, n // 2))
+result = {"direct": [], "vip": []}
+for i in range(n):  # alternate connect by connect, so drift on a shared machine hits both sides alike
+    for host, key in ((backend, "direct"), (vip, "vip")) if i % 2 else ((vip, "vip"), (backend, "direct")):
+        result[key].append(connect_once(host))
 out = {k: sorted(v)[len(v) // 2] * 1e6 for k, v in result.items()}
 out["crr_direct"], out["crr_vip"] = crr(backend), crr(vip)
 print(json.dumps(out))
@@ -99,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--endpoints", type=int, default=10)
-    parser.add_argument("--connects", type=int, default=4000)
+    parser.add_argument("--connects", type=int, default=8000, help="connects each way, alternating")
     parser.add_argument("--crr-seconds", type=float, default=3.0)
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--json", action="store_true")
