@@ -10,6 +10,7 @@ have waited longer than its grace period.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -23,6 +24,7 @@ from nodeagent import heap
 from nodeagent.events import Sink
 from nodeagent.health import HealthServer, HealthState
 from nodeagent.iptables.render import ProxyConfig
+from nodeagent.metrics import AgentMetrics, MetricsServer
 from nodeagent.model import IPAddress, IPNetwork, Kind, ObjectRef
 from nodeagent.state import ChangeTracker, Snapshot, SyncRunner, SyncSchedule
 
@@ -60,6 +62,8 @@ class AgentOptions:
     random_fully: bool = False
     healthz_host: str = "0.0.0.0"
     healthz_port: int | None = 10256
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = None  # 10249 in `run`: /metrics and /proxyMode
     healthz_grace: float = 60.0
 
 
@@ -98,6 +102,7 @@ class Agent:
         self.proxier = proxier
         self.addresses = addresses
         self.health = HealthState(grace=options.healthz_grace)
+        self.metrics = AgentMetrics()
         self.synced = threading.Event()  # set after the first successful sync
         self.syncs = 0
         self._pending: set[ObjectRef] = set()
@@ -107,6 +112,7 @@ class Agent:
                                   name="iptables-sync")
         self._source: Source | None = None
         self._server: HealthServer | None = None
+        self._metrics_server: MetricsServer | None = None
 
     def _changed(self) -> None:
         self.health.queued()
@@ -118,8 +124,12 @@ class Agent:
 
     def start(self) -> Agent:
         """Serve health, start the source and the sync runner."""
+        self.metrics.set_mode(self.health.mode, self.health.mode_reason)
         if self.options.healthz_port is not None:
             self._server = HealthServer(self.health, self.options.healthz_host, self.options.healthz_port).start()
+        if self.options.metrics_port is not None:
+            self._metrics_server = MetricsServer(self.metrics, lambda: self.health.mode, self.options.metrics_host,
+                                                 self.options.metrics_port).start()
         self._source = self.make_source(self._tracker.apply)
         self._source.start()
         self._runner.start()
@@ -133,6 +143,8 @@ class Agent:
             self._source.stop()
         if self._server is not None:
             self._server.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
 
     def _sync(self) -> None:
         if not self._tracker.synced(PROGRAMMED_KINDS):
@@ -148,7 +160,18 @@ class Agent:
                 log.warning("iptables canary chains are gone (tables flushed?); full resync")
                 self.proxier.force_full_sync()
         config = proxy_config(self.options, snapshot, self.addresses())
-        self.proxier.sync(snapshot.service_ports, snapshot.endpoints, config, self._pending)
+        kind = "partial" if self._pending and self.syncs else "full"
+        started = time.monotonic()
+        try:
+            self.proxier.sync(snapshot.service_ports, snapshot.endpoints, config, self._pending)
+        except Exception:
+            self.metrics.sync_failures.labels(mode=self.health.mode).inc()
+            raise
+        self.metrics.sync_duration.labels(mode=self.health.mode, kind=kind).observe(time.monotonic() - started)
+        self.metrics.last_sync.set_to_current_time()
+        self.metrics.service_ports.set(len(snapshot.service_ports))
+        for (kind_name, scope), count in snapshot.rejection_counts.items():
+            self.metrics.rejections.labels(kind=kind_name, scope=scope).set(count)
         self._pending = set()
         self.syncs += 1
         self.health.updated()

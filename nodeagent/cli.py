@@ -271,10 +271,12 @@ def _host_port(value: str) -> tuple[str, int | None]:
               show_default=True)
 @click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True,
               help="HOST:PORT of /healthz (empty: off)")
+@click.option("--metrics-bind-address", default="0.0.0.0:10249", show_default=True,
+              help="HOST:PORT of /metrics and /proxyMode (empty: off)")
 def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | None, context: str | None,
         manifests: Path | None, source_lab: str | None, node_name: str | None, min_sync_period: float,
         sync_period: float, cluster_cidr: str, masquerade_all: bool, nodeport_addresses: str,
-        iptables_backend: str, healthz_bind_address: str) -> None:
+        iptables_backend: str, healthz_bind_address: str, metrics_bind_address: str) -> None:
     """Run the node agent: watch the source, keep this node's datapath in sync, until SIGTERM."""
     import signal
     import threading
@@ -295,11 +297,12 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     host, port = _host_port(healthz_bind_address)
+    metrics_host, metrics_port = _host_port(metrics_bind_address)
     configure_logging(json=True, level="info")
     options = AgentOptions(node_name=node_name, min_sync_period=min_sync_period, sync_period=sync_period,
                            cluster_cidrs=_cidrs(cluster_cidr), masquerade_all=masquerade_all,
                            nodeport_addresses=_cidrs(nodeport_addresses), random_fully=supports_random_fully(),
-                           healthz_host=host, healthz_port=port)
+                           healthz_host=host, healthz_port=port, metrics_host=metrics_host, metrics_port=metrics_port)
     backend = detect_backend() if iptables_backend == "auto" else iptables_backend
     iptables_proxier = IptablesProxier(Iptables(backend), sync_period=sync_period)
     proxier: Any = iptables_proxier

@@ -38,7 +38,8 @@ def agent_argv(lab: labs.Lab, node: str, mode: str, extra: Sequence[str] = ()) -
     return ["nodeagent", "--log-json", "--log-level", "info", "run", "--mode", mode,
             "--bpf-scope", f"{lab.record.name}-{node}",
             "--manifests", str(lab.record.manifests_path.parent), "--node", node,
-            "--cluster-cidr", cluster_cidr(lab), "--healthz-bind-address", f"{address}:10256", *extra]
+            "--cluster-cidr", cluster_cidr(lab), "--healthz-bind-address", f"{address}:10256",
+            "--metrics-bind-address", f"{address}:10249", *extra]
 
 
 def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = (), env: Mapping[str, str] | None = None,

@@ -275,14 +275,18 @@ def test_auto_mode_falls_back_to_iptables_when_bcc_cannot_compile(tmp_path: Path
     try:
         lab = start_agents(name, "auto", env={"BCC_KERNEL_SOURCE": str(empty)})
         node = lab.plan.node("node1")
-        probe = ("import urllib.request,sys;print(urllib.request.urlopen(sys.argv[1]+'/proxyMode').read().decode());"
-                 "print(urllib.request.urlopen(sys.argv[1]+'/healthz').read().decode())")
+        probe = ("import urllib.request,sys,json;get=lambda u:urllib.request.urlopen(u).read().decode();"
+                 "print(json.dumps([get(sys.argv[1]+':10249/proxyMode'),get(sys.argv[1]+':10256/healthz'),"
+                 "get(sys.argv[1]+':10249/metrics')]))")
         result = subprocess.run(["ip", "netns", "exec", node.netns, "python3", "-c", probe,
-                                 f"http://{node.node.address}:10256"], capture_output=True, text=True, timeout=20,
+                                 f"http://{node.node.address}"], capture_output=True, text=True, timeout=20,
                                 check=True)
-        mode, health = result.stdout.splitlines()
+        mode, health, metrics = json.loads(result.stdout)
         assert mode == "iptables"
         assert "eBPF unavailable, fell back to iptables" in json.loads(health)["proxyModeReason"]
+        info = [line for line in metrics.splitlines() if line.startswith("nodeagent_proxy_mode_info{")]
+        assert len(info) == 1 and 'mode="iptables"' in info[0] and "fell back" in info[0], info
+        assert "nodeagent_sync_proxy_rules_duration_seconds_count" in metrics
         assert request_from(lab, "demo/client", f"{vip(lab, 'echo')}:80")["pod"].startswith("demo/echo-")
     finally:
         labs.down(name)

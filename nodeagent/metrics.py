@@ -1,0 +1,79 @@
+"""The agent's metrics, kube-proxy style, served on `:10249` with `/proxyMode` (as kube-proxy serves them).
+
+Each agent owns its registry (no process-global collector state): tests and several agents in one
+process never see each other's numbers.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+DEFAULT_PORT = 10249
+
+
+class AgentMetrics:
+    """The collectors the reconcile loop updates."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.sync_duration = Histogram(
+            "nodeagent_sync_proxy_rules_duration_seconds", "Time one datapath sync took", ["mode", "kind"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
+        self.last_sync = Gauge("nodeagent_sync_proxy_rules_last_timestamp_seconds",
+                               "When the datapath was last synced successfully", registry=self.registry)
+        self.sync_failures = Counter("nodeagent_sync_proxy_rules_failures_total", "Datapath syncs that failed",
+                                     ["mode"], registry=self.registry)
+        self.proxy_mode = Gauge("nodeagent_proxy_mode_info", "The active datapath and why (value 1)",
+                                ["mode", "reason"], registry=self.registry)
+        self.rejections = Gauge("nodeagent_rejected_objects", "Objects (or fields) rejected by validation, by "
+                                "kind and scope", ["kind", "scope"], registry=self.registry)
+        self.service_ports = Gauge("nodeagent_service_ports", "Service ports in the current snapshot",
+                                   registry=self.registry)
+
+    def set_mode(self, mode: str, reason: str) -> None:
+        self.proxy_mode.clear()
+        self.proxy_mode.labels(mode=mode, reason=reason).set(1)
+
+
+class MetricsServer:
+    """`/metrics` and `/proxyMode` on (host, port), from a thread."""
+
+    def __init__(self, metrics: AgentMetrics, mode: Any, host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> None:
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    data, kind = generate_latest(registry), CONTENT_TYPE_LATEST
+                elif path == "/proxyMode":
+                    data, kind = str(mode()).encode(), "text/plain"
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
