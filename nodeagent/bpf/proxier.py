@@ -63,7 +63,11 @@ class EbpfProxier:
         iptables rules for those paths stay, with the reason in `mode_detail`.
         """
         self.datapath = loader.load(self.scope)
-        loader.attach(self.datapath, self.cgroup)
+        try:
+            loader.attach(self.datapath, self.cgroup)
+        except loader.BpfError:
+            loader.detach(self.cgroup)  # never leave some hooks translating and others not
+            raise
         self._maps = MapSync(self.datapath.maps)
         if self.tc_interfaces:
             try:
