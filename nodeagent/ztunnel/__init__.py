@@ -1,0 +1,1 @@
+"""The node tunnel: HBONE over mutual TLS with SPIFFE identities (DESIGN §4)."""
