@@ -1,0 +1,99 @@
+"""The agent's CA as a gRPC service in the shape of Istio's IstioCertificateService.
+
+A caller authenticates with its node's credential (`authorization: Bearer <token>`); it may obtain only
+identities of pods scheduled on that node (the Kubernetes rule ztunnel relies on istiod to enforce). A
+tunnel that asks for another node's workload identity is refused with PERMISSION_DENIED, naming both.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+from collections.abc import Callable, Mapping
+from concurrent import futures
+
+import grpc
+import structlog
+
+from nodeagent.api import ca_pb2, ca_pb2_grpc
+from nodeagent.ztunnel.identity import CertificateAuthority, IdentityError, SpiffeId, make_csr
+
+log = structlog.get_logger("nodeagent.ztunnel.ca")
+
+# (node name, identity) -> may that node's tunnel hold the identity?
+Authorizer = Callable[[str, SpiffeId], bool]
+
+
+def pods_on_node(pods: Mapping[str, set[tuple[str, str]]]) -> Authorizer:
+    """An authorizer from node name -> {(namespace, service account)} of the pods scheduled there."""
+    return lambda node, identity: (identity.namespace, identity.service_account) in pods.get(node, set())
+
+
+class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
+    """CreateCertificate over `ca`, for callers holding one of `tokens` (token -> node name)."""
+
+    def __init__(self, ca: CertificateAuthority, tokens: Mapping[str, str], authorize: Authorizer,
+                 max_ttl: dt.timedelta = dt.timedelta(hours=24)) -> None:
+        self.ca, self.tokens, self.authorize, self.max_ttl = ca, dict(tokens), authorize, max_ttl
+
+    def _node(self, context: grpc.ServicerContext) -> str | None:
+        header = dict(context.invocation_metadata()).get("authorization", "")
+        token = header.removeprefix("Bearer ").strip() if isinstance(header, str) else ""
+        for known, node in self.tokens.items():
+            if token and hmac.compare_digest(known, token):
+                return node
+        return None
+
+    def CreateCertificate(self, request: ca_pb2.IstioCertificateRequest,
+                          context: grpc.ServicerContext) -> ca_pb2.IstioCertificateResponse:
+        node = self._node(context)
+        if node is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid node credential in `authorization`")
+            raise AssertionError("abort raises")  # for the type checker: context.abort never returns
+        ttl = dt.timedelta(seconds=request.validity_duration) if request.validity_duration > 0 else None
+        try:
+            requested = _identity_in(request.csr.encode())
+            if not self.authorize(node, requested):
+                log.warning("certificate refused", node=node, identity=str(requested))
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"node {node} runs no pod with identity {requested}")
+            identity, chain = self.ca.issue(request.csr.encode(), ttl, max_ttl=self.max_ttl)
+        except IdentityError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("certificate issued", node=node, identity=str(identity))
+        return ca_pb2.IstioCertificateResponse(cert_chain=chain)
+
+
+def _identity_in(csr_pem: bytes) -> SpiffeId:
+    from cryptography import x509
+
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound) as exc:
+        raise IdentityError(f"csr: no SPIFFE ID to authorize: {exc}") from exc
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise IdentityError("csr: subjectAltName must hold exactly one URI, the SPIFFE ID")
+    return SpiffeId.parse(uris[0])
+
+
+def serve(service: CertificateService, address: str) -> tuple[grpc.Server, int]:
+    """Start the service on `address` (host:port, port 0 for any); returns the server and its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(service, server)
+    port = server.add_insecure_port(address)
+    server.start()
+    return server, port
+
+
+def request_certificate(address: str, token: str, identity: SpiffeId, key: object,
+                        ttl: dt.timedelta | None = None, timeout: float = 10.0) -> list[str]:
+    """The tunnel's side: a CSR for `identity` with `key`, sent with the node's credential."""
+    with grpc.insecure_channel(address) as channel:
+        stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)
+        response = stub.CreateCertificate(
+            ca_pb2.IstioCertificateRequest(csr=make_csr(identity, key).decode(),  # type: ignore[arg-type]
+                                           validity_duration=int(ttl.total_seconds()) if ttl else 0),
+            metadata=(("authorization", f"Bearer {token}"),), timeout=timeout)
+    return list(response.cert_chain)
