@@ -130,3 +130,39 @@ async def test_plaintext_on_the_hbone_port_is_refused_and_the_server_goes_on(rig
     await stream.write(b"still here")
     stream.write_eof()
     assert (await read_all(stream)).startswith(b"still here")
+
+
+async def test_rotation_keeps_open_connections_and_serves_new_ones_the_new_certificate() -> None:
+    from cryptography import x509
+
+    from nodeagent.ztunnel.certs import WorkloadCertificate, rotating_server_context
+
+    ca = CertificateAuthority.generate()
+    server_cert = WorkloadCertificate(SERVER_ID, lambda identity, key: ca.issue(make_csr(identity, key))[1])
+    client_cert = WorkloadCertificate(CLIENT_ID, lambda identity, key: ca.issue(make_csr(identity, key))[1])
+    echo = await asyncio.start_server(upstream_echo, "127.0.0.1", 0)
+    hbone = await asyncio.start_server(
+        lambda r, w: serve_connection(r, w, trust_domain="cluster.local", policy=lambda who, dest: True,
+                                      connect=open_upstream),
+        "127.0.0.1", 0, ssl=rotating_server_context(server_cert))
+    peer = ("127.0.0.1", hbone.sockets[0].getsockname()[1])
+    authority = f"127.0.0.1:{echo.sockets[0].getsockname()[1]}"
+
+    def served_serial(stream: Any) -> int:
+        der = stream.h2.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return int(x509.load_der_x509_certificate(der).serial_number)
+
+    try:
+        before = await hbone_connect(peer, authority, client_cert.contexts()[1], SERVER_ID)
+        first_serial = served_serial(before)
+        assert server_cert.refresh(force=True) and server_cert.leaf is not None
+        assert server_cert.leaf.serial_number != first_serial
+        await before.write(b"old connection still works")
+        assert await before.read() == b"old connection still works"
+        after = await hbone_connect(peer, authority, client_cert.contexts()[1], SERVER_ID)
+        assert served_serial(after) == server_cert.leaf.serial_number, "new connections get the new certificate"
+        before.write_eof()
+        after.write_eof()
+    finally:
+        hbone.close()
+        echo.close()
