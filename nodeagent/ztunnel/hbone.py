@@ -304,6 +304,10 @@ class HboneStream:
     def write_eof(self) -> None:
         self.h2.end(self.stream_id)
 
+    def close(self) -> None:
+        """Abort the stream (RST_STREAM); the connection and its other streams go on."""
+        self.h2.reset(self.stream_id)
+
     async def read(self) -> bytes:
         """Next chunk, b"" at END_STREAM."""
         chunk = await self.inbound.get()
@@ -314,9 +318,9 @@ class HboneStream:
         return chunk
 
 
-async def hbone_connect(peer: tuple[str, int], authority: str, context: ssl.SSLContext, expected: SpiffeId,
-                        timeout: float = 10.0) -> HboneStream:
-    """Open a TLS connection to `peer`, check it is `expected`, CONNECT to `authority`; raises on refusal."""
+async def open_connection(peer: tuple[str, int], context: ssl.SSLContext, expected: SpiffeId,
+                          timeout: float = 10.0) -> _H2Protocol:
+    """A TLS + HTTP/2 connection to the tunnel at `peer`, verified to be `expected`, ready for streams."""
     family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCKET_MARK)
@@ -328,21 +332,75 @@ async def hbone_connect(peer: tuple[str, int], authority: str, context: ssl.SSLC
     except BaseException:
         sock.close()
         raise
-    expect_identity(writer.get_extra_info("ssl_object"), expected)
+    try:
+        expect_identity(writer.get_extra_info("ssl_object"), expected)
+    except IdentityError:
+        writer.close()
+        raise
     h2 = _H2Protocol(reader, writer, client_side=True)
     h2.start()
+    h2.reader_task = asyncio.create_task(_client_reader(h2))
+    return h2
+
+
+async def open_stream(h2: _H2Protocol, authority: str, timeout: float = 10.0) -> HboneStream:
+    """A CONNECT stream to `authority` on an open connection; ConnectionRefusedError unless answered 200."""
     stream_id = h2.conn.get_next_available_stream_id()
     stream = _Stream(response=asyncio.get_running_loop().create_future(), inbound=asyncio.Queue())
     h2.streams[stream_id] = stream
     h2.conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
     h2.flush()
-    h2.reader_task = asyncio.create_task(_client_reader(h2))
     assert stream.response is not None and stream.inbound is not None
     status = await asyncio.wait_for(stream.response, timeout)
     if status != 200:
-        writer.close()
-        raise ConnectionRefusedError(f"HBONE CONNECT {authority} via {peer[0]}: status {status}")
+        h2.streams.pop(stream_id, None)
+        raise ConnectionRefusedError(f"HBONE CONNECT {authority}: status {status}")
     return HboneStream(h2, stream_id, stream.inbound)
+
+
+async def hbone_connect(peer: tuple[str, int], authority: str, context: ssl.SSLContext, expected: SpiffeId,
+                        timeout: float = 10.0) -> HboneStream:
+    """One stream on its own new connection (the pool shares connections; this is the simple form)."""
+    h2 = await open_connection(peer, context, expected, timeout)
+    try:
+        return await open_stream(h2, authority, timeout)
+    except BaseException:
+        h2.writer.close()
+        raise
+
+
+@dataclass
+class HbonePool:
+    """HTTP/2 connections to peer tunnels, shared by many CONNECT streams (as ztunnel pools them).
+
+    Keyed by (peer address, expected identity); the client certificate comes from `context()` when a
+    connection opens (so a renewed certificate is used by new connections only). A connection takes at
+    most `max_streams` concurrent streams; then another one opens.
+    """
+
+    context: Callable[[], ssl.SSLContext]
+    max_streams: int = MAX_STREAMS
+    connections: dict[tuple[tuple[str, int], SpiffeId], list[_H2Protocol]] = field(default_factory=dict)
+
+    async def connect(self, peer: tuple[str, int], authority: str, expected: SpiffeId,
+                      timeout: float = 10.0) -> HboneStream:
+        key = (peer, expected)
+        live = [c for c in self.connections.get(key, []) if not c.closed.is_set()]
+        self.connections[key] = live
+        chosen = next((c for c in live if c.conn.open_outbound_streams < self.max_streams), None)
+        if chosen is None:
+            chosen = await open_connection(peer, self.context(), expected, timeout)
+            live.append(chosen)
+        return await open_stream(chosen, authority, timeout)
+
+    async def close(self) -> None:
+        """GOAWAY on every connection, then close them."""
+        for connections in self.connections.values():
+            for h2 in connections:
+                h2.conn.close_connection()
+                h2.flush()
+                h2.writer.close()
+        self.connections.clear()
 
 
 async def _client_reader(h2: _H2Protocol) -> None:

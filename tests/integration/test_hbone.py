@@ -166,3 +166,36 @@ async def test_rotation_keeps_open_connections_and_serves_new_ones_the_new_certi
     finally:
         hbone.close()
         echo.close()
+
+
+async def test_the_pool_shares_connections_up_to_the_stream_limit() -> None:
+    from nodeagent.ztunnel.hbone import HbonePool
+
+    server_ctx, client_ctx = contexts()
+    accepted = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await serve_connection(reader, writer, trust_domain="cluster.local", policy=lambda who, dest: True,
+                               connect=open_upstream)
+
+    echo = await asyncio.start_server(upstream_echo, "127.0.0.1", 0)
+    hbone = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    peer, authority = ("127.0.0.1", hbone.sockets[0].getsockname()[1]), f"127.0.0.1:{echo.sockets[0].getsockname()[1]}"
+    pool = HbonePool(lambda: client_ctx, max_streams=5)
+    try:
+        streams = [await pool.connect(peer, authority, SERVER_ID) for _ in range(12)]
+        assert accepted == 3, "12 concurrent streams at 5 per connection need 3 connections"
+        for i, stream in enumerate(streams):
+            await stream.write(f"s{i}".encode())
+            stream.write_eof()
+        for i, stream in enumerate(streams):
+            assert (await read_all(stream)).startswith(f"s{i}".encode())
+        later = await pool.connect(peer, authority, SERVER_ID)
+        assert accepted == 3, "finished streams free their slots"
+        later.write_eof()
+    finally:
+        await pool.close()
+        hbone.close()
+        echo.close()
