@@ -318,13 +318,24 @@ class HboneStream:
         return chunk
 
 
-async def open_connection(peer: tuple[str, int], context: ssl.SSLContext, expected: SpiffeId,
-                          timeout: float = 10.0) -> _H2Protocol:
-    """A TLS + HTTP/2 connection to the tunnel at `peer`, verified to be `expected`, ready for streams."""
-    family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
+def marked_socket(family: int = socket.AF_INET) -> socket.socket:
+    """A non-blocking TCP socket in this process's network namespace, with the tunnel's mark."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCKET_MARK)
     sock.setblocking(False)
+    return sock
+
+
+async def open_connection(peer: tuple[str, int], context: ssl.SSLContext, expected: SpiffeId,
+                          timeout: float = 10.0, make_socket: Callable[[], socket.socket] | None = None
+                          ) -> _H2Protocol:
+    """A TLS + HTTP/2 connection to the tunnel at `peer`, verified to be `expected`, ready for streams.
+
+    `make_socket` decides where the connection starts: a tunnel passes one that creates the socket in
+    the source pod's network namespace, so the connection leaves through the pod's own interface.
+    """
+    sock = make_socket() if make_socket is not None else marked_socket(
+        socket.AF_INET6 if ":" in peer[0] else socket.AF_INET)
     try:
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, peer), timeout)
         reader, writer = await asyncio.wait_for(
@@ -380,6 +391,7 @@ class HbonePool:
 
     context: Callable[[], ssl.SSLContext]
     max_streams: int = MAX_STREAMS
+    make_socket: Callable[[], socket.socket] | None = None
     connections: dict[tuple[tuple[str, int], SpiffeId], list[_H2Protocol]] = field(default_factory=dict)
 
     async def connect(self, peer: tuple[str, int], authority: str, expected: SpiffeId,
@@ -389,7 +401,7 @@ class HbonePool:
         self.connections[key] = live
         chosen = next((c for c in live if c.conn.open_outbound_streams < self.max_streams), None)
         if chosen is None:
-            chosen = await open_connection(peer, self.context(), expected, timeout)
+            chosen = await open_connection(peer, self.context(), expected, timeout, self.make_socket)
             live.append(chosen)
         return await open_stream(chosen, authority, timeout)
 

@@ -1,0 +1,88 @@
+"""Sockets inside other network namespaces, served from the tunnel's own process.
+
+A socket belongs to the namespace it was created in, whatever thread later uses it. So a short-lived
+helper thread enters the pod's namespace (setns affects only the calling thread), creates the socket,
+and exits; the tunnel's event loop then serves it like any other (as ztunnel does with its in-pod
+listeners).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def in_netns(path: str, make: Callable[[], T]) -> T:
+    """Run `make` in a fresh thread that first joins the network namespace bound at `path`."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(fd)
+            finally:
+                os.close(fd)
+            result.append(make())
+        except BaseException as exc:  # handed back to the caller
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="netns-socket")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def listening_socket(netns_path: str, port: int, *, backlog: int = 512) -> socket.socket:
+    """A TCP socket listening on 0.0.0.0:`port` inside the namespace, non-blocking."""
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return in_netns(netns_path, make)
+
+
+def client_socket(netns_path: str, mark: int) -> socket.socket:
+    """An unconnected TCP socket in the namespace, carrying `mark` (so capture rules skip it)."""
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        sock.setblocking(False)
+        return sock
+
+    return in_netns(netns_path, make)
+
+
+SO_ORIGINAL_DST = 80
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where a connection captured by an iptables REDIRECT was going (IPv4)."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = int.from_bytes(raw[2:4], "big")
+    return socket.inet_ntoa(raw[4:8]), port

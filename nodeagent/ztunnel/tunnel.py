@@ -1,0 +1,160 @@
+"""The node tunnel's per-pod listeners and the paths between them (ztunnel's inbound/outbound split).
+
+For every enrolled pod on the node, two listeners are opened *inside the pod's network namespace* and
+served from this process:
+- **15008 inbound (HBONE)**: mutual TLS with the pod's own certificate; a CONNECT to `ip:port` is
+  connected to from inside the pod's namespace (so the application sees a local connection).
+- **15001 outbound (captured)**: connections the pod's capture rules redirected here; the original
+  destination (SO_ORIGINAL_DST) decides: an enrolled destination is reached over HBONE to its pod's
+  15008 with the source pod's identity (pooled per source pod); anything else is passed through as
+  plain TCP from the pod's namespace. Every socket the tunnel opens carries mark 0x539, which capture
+  rules skip.
+Balancing and policy come with the next issue; here every peer of the trust domain is allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from nodeagent.ztunnel.certs import Fetch, WorkloadCertificate, rotating_server_context
+from nodeagent.ztunnel.hbone import SOCKET_MARK, HbonePool, HboneStream, serve_connection
+from nodeagent.ztunnel.identity import SpiffeId
+from nodeagent.ztunnel.netns import client_socket, listening_socket, original_destination
+
+log = structlog.get_logger("nodeagent.ztunnel.tunnel")
+
+OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT = 15001, 15006, 15008
+CHUNK = 256 << 10
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A pod as the tunnel needs it."""
+
+    ip: str
+    identity: SpiffeId
+    node: str
+    netns: str = ""  # /run/netns/<name> for pods on this node (required to serve the pod)
+    enrolled: bool = True
+
+
+@dataclass
+class _Pod:
+    workload: Workload
+    certificate: WorkloadCertificate
+    pool: HbonePool
+    servers: list[asyncio.Server] = field(default_factory=list)
+
+
+class NodeTunnel:
+    """One node's tunnel: listeners for its pods, HBONE to the other pods' tunnels."""
+
+    def __init__(self, node: str, trust_domain: str, fetch: Fetch, lookup: Callable[[str], Workload | None]) -> None:
+        self.node, self.trust_domain, self.fetch, self.lookup = node, trust_domain, fetch, lookup
+        self.pods: dict[str, _Pod] = {}
+
+    async def add_pod(self, workload: Workload) -> None:
+        """Fetch the pod's certificate and open its listeners (idempotent)."""
+        if workload.ip in self.pods:
+            return
+        if not workload.netns:
+            raise ValueError(f"pod {workload.ip}: a pod served by the tunnel needs its network namespace")
+        certificate = WorkloadCertificate(workload.identity, self.fetch)
+        await asyncio.to_thread(certificate.refresh)
+        # Connections to other tunnels start in the pod's own namespace, as the pod's traffic would.
+        pool = HbonePool(lambda: certificate.contexts()[1],
+                         make_socket=lambda: client_socket(workload.netns, SOCKET_MARK))
+        pod = _Pod(workload, certificate, pool)
+        inbound = listening_socket(workload.netns, HBONE_PORT)
+        outbound = listening_socket(workload.netns, OUTBOUND_PORT)
+        pod.servers.append(await asyncio.start_server(
+            lambda r, w: self._inbound(pod, r, w), sock=inbound, ssl=rotating_server_context(certificate)))
+        pod.servers.append(await asyncio.start_server(lambda r, w: self._outbound(pod, r, w), sock=outbound))
+        self.pods[workload.ip] = pod
+        log.info("pod served", pod_ip=workload.ip, identity=str(workload.identity), node=self.node)
+
+    async def remove_pod(self, ip: str) -> None:
+        """Close the pod's listeners and its pool; other pods are untouched."""
+        pod = self.pods.pop(ip, None)
+        if pod is None:
+            return
+        for server in pod.servers:
+            server.close()
+        await pod.pool.close()
+
+    async def close(self) -> None:
+        for ip in list(self.pods):
+            await self.remove_pod(ip)
+
+    async def _connect_from(self, pod: _Pod, host: str, port: int) -> tuple[asyncio.StreamReader,
+                                                                          asyncio.StreamWriter]:
+        sock = client_socket(pod.workload.netns, SOCKET_MARK)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except OSError:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, limit=CHUNK)
+
+    async def _inbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=lambda who, dest: True,
+                               connect=lambda host, port: self._connect_from(pod, host, port))
+
+    async def _outbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            host, port = original_destination(sock)
+        except OSError as exc:
+            log.warning("outbound connection without an original destination", pod_ip=pod.workload.ip,
+                        reason=str(exc))
+            writer.close()
+            return
+        destination = self.lookup(host)
+        try:
+            if destination is not None and destination.enrolled:
+                stream = await pod.pool.connect((destination.ip, HBONE_PORT), f"{host}:{port}",
+                                                destination.identity)
+                await _bridge_hbone(reader, writer, stream)
+            else:
+                up_reader, up_writer = await self._connect_from(pod, host, port)
+                await _bridge_tcp(reader, writer, up_reader, up_writer)
+        except (OSError, ConnectionError) as exc:
+            log.info("outbound connection failed", source=pod.workload.ip, destination=f"{host}:{port}",
+                     reason=str(exc))
+        finally:
+            writer.close()
+
+
+async def _bridge_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: HboneStream) -> None:
+    async def up() -> None:
+        while data := await reader.read(CHUNK):
+            await stream.write(data)
+        stream.write_eof()
+
+    async def down() -> None:
+        while data := await stream.read():
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    await asyncio.gather(up(), down())
+
+
+async def _bridge_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(CHUNK):
+            sink.write(data)
+            await sink.drain()
+        if sink.can_write_eof():
+            sink.write_eof()
+
+    try:
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    finally:
+        up_writer.close()
