@@ -68,6 +68,9 @@ def parse_authority(authority: str) -> tuple[str, int] | None:
 
 def connect_verdict(headers: list[tuple[str, str]]) -> tuple[int, tuple[str, int] | None, str]:
     """(status, destination, reason) for a request's headers: 0 when it may proceed. Pure."""
+    size = sum(len(name) + len(value) + 32 for name, value in headers)  # RFC 9113 6.5.2's accounting
+    if size > MAX_HEADER_LIST:
+        return 400, None, f"header block of {size} bytes exceeds {MAX_HEADER_LIST}"
     fields = dict(headers)
     if fields.get(":method") != "CONNECT":
         return 400, None, f"method {fields.get(':method')!r} is not CONNECT"

@@ -29,6 +29,7 @@ log = structlog.get_logger("nodeagent.ztunnel.tunnel")
 
 OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT = 15001, 15006, 15008
 CHUNK = 256 << 10
+HANDSHAKE_TIMEOUT = 10.0  # a peer that stalls mid-handshake is dropped after this
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class NodeTunnel:
         inbound = listening_socket(workload.netns, HBONE_PORT)
         outbound = listening_socket(workload.netns, OUTBOUND_PORT)
         pod.servers.append(await asyncio.start_server(
-            lambda r, w: self._inbound(pod, r, w), sock=inbound, ssl=rotating_server_context(certificate)))
+            lambda r, w: self._inbound(pod, r, w), sock=inbound, ssl=rotating_server_context(certificate),
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT))
         pod.servers.append(await asyncio.start_server(lambda r, w: self._outbound(pod, r, w), sock=outbound))
         self.pods[workload.ip] = pod
         log.info("pod served", pod_ip=workload.ip, identity=str(workload.identity), node=self.node)

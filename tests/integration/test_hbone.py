@@ -20,8 +20,8 @@ SERVER_ID = SpiffeId("cluster.local", "demo", "echo")
 CLIENT_ID = SpiffeId("cluster.local", "demo", "client")
 
 
-def contexts() -> tuple[Any, Any]:
-    ca = CertificateAuthority.generate()
+def contexts(ca: CertificateAuthority | None = None) -> tuple[Any, Any]:
+    ca = ca or CertificateAuthority.generate()
     keys = {i: new_key() for i in (SERVER_ID, CLIENT_ID)}
     chains = {i: ca.issue(make_csr(i, k))[1] for i, k in keys.items()}
     return (server_context(chains[SERVER_ID], keys[SERVER_ID], ca.root_pem),
@@ -41,8 +41,10 @@ async def upstream_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 class Rig:
-    def __init__(self, echo_port: int, hbone_port: int, client_ctx: Any, denied: set[str]) -> None:
+    def __init__(self, echo_port: int, hbone_port: int, client_ctx: Any, denied: set[str],
+                 ca: CertificateAuthority) -> None:
         self.echo_port, self.hbone_port, self.client_ctx, self.denied = echo_port, hbone_port, client_ctx, denied
+        self.ca = ca
 
     async def connect(self, authority: str | None = None, expected: SpiffeId = SERVER_ID) -> Any:
         return await hbone_connect(("127.0.0.1", self.hbone_port), authority or f"127.0.0.1:{self.echo_port}",
@@ -51,7 +53,8 @@ class Rig:
 
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
-    server_ctx, client_ctx = contexts()
+    ca = CertificateAuthority.generate()
+    server_ctx, client_ctx = contexts(ca)
     denied: set[str] = set()
     echo = await asyncio.start_server(upstream_echo, "127.0.0.1", 0)
 
@@ -60,7 +63,7 @@ async def rig() -> AsyncIterator[Rig]:
                                policy=lambda who, dest: dest not in denied, connect=open_upstream)
 
     hbone = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
-    yield Rig(echo.sockets[0].getsockname()[1], hbone.sockets[0].getsockname()[1], client_ctx, denied)
+    yield Rig(echo.sockets[0].getsockname()[1], hbone.sockets[0].getsockname()[1], client_ctx, denied, ca)
     hbone.close()
     echo.close()
 
@@ -199,3 +202,42 @@ async def test_the_pool_shares_connections_up_to_the_stream_limit() -> None:
         await pool.close()
         hbone.close()
         echo.close()
+
+
+async def test_a_wrong_alpn_or_an_expired_client_certificate_is_refused_and_others_go_on(rig: Rig) -> None:
+    import datetime as dt
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from nodeagent.ztunnel.tls import client_context
+
+    # Valid certificates of the rig's own CA: only the ALPN, then only the dates, are wrong.
+    ca = rig.ca
+    key = new_key()
+    chain = ca.issue(make_csr(CLIENT_ID, key))[1]
+    wrong_alpn = client_context(chain, key, ca.root_pem)
+    wrong_alpn.set_alpn_protocols(["http/1.1"])
+    with pytest.raises((ConnectionError, OSError, ssl.SSLError, IdentityError, asyncio.TimeoutError)):
+        stream = await hbone_connect(("127.0.0.1", rig.hbone_port), f"127.0.0.1:{rig.echo_port}", wrong_alpn,
+                                     SERVER_ID, timeout=3)
+        await stream.write(b"x")
+    now = dt.datetime.now(dt.UTC)
+    expired = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca.intermediate.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=2)).not_valid_after(now - dt.timedelta(days=1))
+               .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(CLIENT_ID))]),
+                              critical=True)
+               .sign(ca.intermediate_key, hashes.SHA256()))
+    from cryptography.hazmat.primitives import serialization
+
+    stale = client_context([expired.public_bytes(serialization.Encoding.PEM).decode(), *chain[1:]], key, ca.root_pem)
+    with pytest.raises((ConnectionError, OSError, ssl.SSLError, asyncio.TimeoutError)):
+        stream = await hbone_connect(("127.0.0.1", rig.hbone_port), f"127.0.0.1:{rig.echo_port}", stale, SERVER_ID,
+                                     timeout=3)
+        await stream.write(b"x")
+    good = await rig.connect()
+    await good.write(b"unaffected")
+    good.write_eof()
+    assert (await read_all(good)).startswith(b"unaffected")
