@@ -19,6 +19,7 @@ import pytest
 
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
+from nodeagent.ztunnel.admin import start_admin
 from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr
 from nodeagent.ztunnel.netns import in_netns
 from nodeagent.ztunnel.tunnel import NodeTunnel, Workload
@@ -75,6 +76,21 @@ class Capture:
         return b"".join(self.frames)
 
 
+async def http_get(server: asyncio.Server, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    response = (await reader.read()).decode()
+    writer.close()
+    head, _, body = response.partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def ready_of(server: asyncio.Server) -> tuple[int, bool]:
+    status, body = await http_get(server, "/healthz/ready")
+    return status, bool(json.loads(body)["ready"])
+
+
 async def test_pod_to_pod_across_nodes_through_both_tunnels_over_hbone(lab: labs.Lab) -> None:
     ca = CertificateAuthority.generate()
 
@@ -104,12 +120,27 @@ async def test_pod_to_pod_across_nodes_through_both_tunnels_over_hbone(lab: labs
             out, err = await asyncio.wait_for(proc.communicate(), 30)
             assert proc.returncode == 0, err.decode()
             answers.append(json.loads(out))
+        dumps, readiness = {}, []
+        for node, tunnel in tunnels.items():
+            admin_server, ready_server = await start_admin(
+                tunnel, lambda t=tunnel: {w.ip for w in pods.values() if w.node == t.node},
+                admin=("127.0.0.1", 0), readiness=("127.0.0.1", 0))
+            dumps[node] = json.loads((await http_get(admin_server, "/config_dump"))[1])
+            if node == "node1":
+                readiness.append(await ready_of(ready_server))
+                await tunnel.remove_pod(pods["demo/echo-0"].ip)
+                readiness.append(await ready_of(ready_server))
+            admin_server.close()
+            ready_server.close()
     finally:
         time.sleep(0.2)  # frames in flight reach the capture (a workload pause, not a readiness wait)
         wire = capture.finish()
         for tunnel in tunnels.values():
             await tunnel.close()
     assert {a["pod"] for a in answers} == {"demo/echo-1"}
+    assert dumps["node1"]["pods"][0]["certificate"]["serial"], dumps
+    assert any(p["pools"] and p["pools"][0]["identity"] == str(server.identity) for p in dumps["node1"]["pods"])
+    assert readiness == [(200, True), (503, False)], readiness
     assert {a["echo"] for a in answers} == {MARKER}, "bytes arrive intact"
     assert MARKER.encode() not in wire, "no plaintext between the nodes"
     assert (15008).to_bytes(2, "big") in wire, "the nodes talked HBONE (port 15008)"

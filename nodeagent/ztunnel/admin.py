@@ -1,0 +1,75 @@
+"""The tunnel's admin (15000, localhost: config dump) and readiness (15021: /healthz/ready) endpoints.
+
+As ztunnel's: the dump lists the pods served with their identities and certificates (subject SAN,
+serial, expiry) and the HBONE pools; ready means every assigned pod has its listeners and certificate.
+A minimal HTTP/1.1 responder on asyncio (two GET paths do not justify a web framework).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from nodeagent.ztunnel.tunnel import NodeTunnel
+
+ADMIN_PORT, READINESS_PORT = 15000, 15021
+
+
+def config_dump(tunnel: NodeTunnel) -> dict[str, Any]:
+    """What the tunnel serves now, as JSON-able data."""
+    pods = []
+    for ip, pod in sorted(tunnel.pods.items()):
+        leaf = pod.certificate.leaf
+        pods.append({
+            "ip": ip, "identity": str(pod.workload.identity), "node": pod.workload.node,
+            "listeners": [s.sockets[0].getsockname()[1] for s in pod.servers if s.sockets],
+            "certificate": None if leaf is None else {
+                "serial": f"{leaf.serial_number:x}", "not_after": leaf.not_valid_after_utc.isoformat(),
+                "renewals": pod.certificate.renewals},
+            "pools": [{"peer": f"{peer[0]}:{peer[1]}", "identity": str(identity),
+                       "connections": len(conns), "streams": sum(c.conn.open_outbound_streams for c in conns)}
+                      for (peer, identity), conns in pod.pool.connections.items()],
+        })
+    return {"node": tunnel.node, "trust_domain": tunnel.trust_domain, "pods": pods}
+
+
+def ready(tunnel: NodeTunnel, assigned: set[str]) -> tuple[bool, list[str]]:
+    """(ready, what is missing) for the pod IPs the tunnel is assigned."""
+    missing = [ip for ip in sorted(assigned)
+               if ip not in tunnel.pods or tunnel.pods[ip].certificate.leaf is None or len(tunnel.pods[ip].servers) < 2]
+    return not missing, missing
+
+
+async def serve_http(host: str, port: int, routes: dict[str, Callable[[], tuple[int, Any]]]) -> asyncio.Server:
+    """Answer GET <path> with the route's (status, JSON body); 404 otherwise."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split()
+            route = routes.get(path.split("?")[0]) if method == "GET" else None
+            status, body = route() if route is not None else (404, {"error": f"no route {path}"})
+            data = json.dumps(body, indent=1).encode()
+            writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: application/json"
+                         f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ValueError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
+
+
+async def start_admin(tunnel: NodeTunnel, assigned: Callable[[], set[str]], *, admin: tuple[str, int] =
+                      ("127.0.0.1", ADMIN_PORT), readiness: tuple[str, int] = ("0.0.0.0", READINESS_PORT)
+                      ) -> tuple[asyncio.Server, asyncio.Server]:
+    """Both endpoints; the admin one on localhost only."""
+    def readiness_route() -> tuple[int, Any]:
+        ok, missing = ready(tunnel, assigned())
+        return (200 if ok else 503), {"ready": ok, "missing": missing}
+
+    admin_server = await serve_http(*admin, {"/config_dump": lambda: (200, config_dump(tunnel))})
+    ready_server = await serve_http(*readiness, {"/healthz/ready": readiness_route})
+    return admin_server, ready_server
