@@ -27,6 +27,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     RequestReceived,
     ResponseReceived,
     StreamEnded,
@@ -113,6 +114,9 @@ class _H2Protocol:
         self.streams: dict[int, _Stream] = {}
         self.closed = asyncio.Event()
         self.reader_task: asyncio.Task[None] | None = None  # the client's frame reader, kept alive here
+        self.keepalive_task: asyncio.Task[None] | None = None
+        self.ping_acked = asyncio.Event()
+        self.pings_acked = 0
 
     def start(self) -> None:
         self.conn.initiate_connection()
@@ -395,6 +399,7 @@ class HbonePool:
     context: Callable[[], ssl.SSLContext]
     max_streams: int = MAX_STREAMS
     make_socket: Callable[[], socket.socket] | None = None
+    keepalive: float = 30.0  # seconds between PINGs; a PING unanswered for as long closes the connection
     connections: dict[tuple[tuple[str, int], SpiffeId], list[_H2Protocol]] = field(default_factory=dict)
 
     async def connect(self, peer: tuple[str, int], authority: str, expected: SpiffeId,
@@ -405,6 +410,7 @@ class HbonePool:
         chosen = next((c for c in live if c.conn.open_outbound_streams < self.max_streams), None)
         if chosen is None:
             chosen = await open_connection(peer, self.context(), expected, timeout, self.make_socket)
+            chosen.keepalive_task = asyncio.create_task(_keepalive(chosen, self.keepalive))
             live.append(chosen)
         return await open_stream(chosen, authority, timeout)
 
@@ -412,10 +418,31 @@ class HbonePool:
         """GOAWAY on every connection, then close them."""
         for connections in self.connections.values():
             for h2 in connections:
+                if h2.keepalive_task is not None:
+                    h2.keepalive_task.cancel()
                 h2.conn.close_connection()
                 h2.flush()
                 h2.writer.close()
         self.connections.clear()
+
+
+async def _keepalive(h2: _H2Protocol, interval: float) -> None:
+    """PING the peer every `interval`; a PING not answered within `interval` ends the connection (a
+    dead peer or path is noticed even when no stream sends anything)."""
+    sequence = 0
+    while not h2.closed.is_set():
+        await asyncio.sleep(interval)
+        sequence += 1
+        h2.ping_acked.clear()
+        try:
+            h2.conn.ping(sequence.to_bytes(8, "big"))
+            h2.flush()
+            await asyncio.wait_for(h2.ping_acked.wait(), interval)
+        except (TimeoutError, ProtocolError, ConnectionError, OSError):
+            log.info("hbone peer stopped answering PINGs; closing the connection")
+            h2.closed.set()
+            h2.writer.close()
+            return
 
 
 async def _client_reader(h2: _H2Protocol) -> None:
@@ -438,6 +465,9 @@ async def _client_reader(h2: _H2Protocol) -> None:
                         stream.inbound.put_nowait(None)
                 elif isinstance(event, WindowUpdated):
                     h2.window_updated(event)
+                elif isinstance(event, PingAckReceived):
+                    h2.pings_acked += 1
+                    h2.ping_acked.set()
             h2.flush()
     except (ConnectionError, OSError, ssl.SSLError, ProtocolError):
         pass

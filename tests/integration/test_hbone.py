@@ -241,3 +241,40 @@ async def test_a_wrong_alpn_or_an_expired_client_certificate_is_refused_and_othe
     await good.write(b"unaffected")
     good.write_eof()
     assert (await read_all(good)).startswith(b"unaffected")
+
+
+async def test_pooled_connections_are_kept_alive_with_pings_and_a_silent_peer_is_dropped() -> None:
+    from nodeagent.ztunnel.hbone import HbonePool
+
+    server_ctx, client_ctx = contexts()
+    silent = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def gated() -> bytes:
+            if silent.is_set():
+                await asyncio.sleep(3600)  # a peer that no longer reads anything (a dead path)
+            return await original(1 << 16)
+
+        original = reader.read
+        reader.read = lambda n=-1: gated()  # type: ignore[method-assign]
+        await serve_connection(reader, writer, trust_domain="cluster.local", policy=lambda who, dest: True,
+                               connect=open_upstream)
+
+    echo = await asyncio.start_server(upstream_echo, "127.0.0.1", 0)
+    hbone = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    peer, authority = ("127.0.0.1", hbone.sockets[0].getsockname()[1]), f"127.0.0.1:{echo.sockets[0].getsockname()[1]}"
+    pool = HbonePool(lambda: client_ctx, keepalive=0.1)
+    try:
+        stream = await pool.connect(peer, authority, SERVER_ID)
+        connection = stream.h2
+        deadline = asyncio.get_running_loop().time() + 5
+        while connection.pings_acked < 3:
+            assert asyncio.get_running_loop().time() < deadline, "PINGs are not answered"
+            await asyncio.sleep(0.05)
+        assert not connection.closed.is_set()
+        silent.set()
+        await asyncio.wait_for(connection.closed.wait(), 5)  # noticed without any stream traffic
+    finally:
+        await pool.close()
+        hbone.close()
+        echo.close()
