@@ -78,20 +78,40 @@ def _identity_in(csr_pem: bytes) -> SpiffeId:
     return SpiffeId.parse(uris[0])
 
 
+SERVICE_NAME = "nodeagent-ca"  # the DNS SAN of the CA endpoint's own certificate
+
+
 def serve(service: CertificateService, address: str) -> tuple[grpc.Server, int]:
-    """Start the service on `address` (host:port, port 0 for any); returns the server and its port."""
+    """Start the service on `address` (host:port, port 0 for any) over TLS with a certificate from the CA
+    itself (clients trust the mesh root); returns the server and its port."""
+    from cryptography.hazmat.primitives import serialization
+
+    from nodeagent.ztunnel.identity import new_key
+
+    key = new_key()
+    chain = service.ca.issue_service(SERVICE_NAME, key)
+    credentials = grpc.ssl_server_credentials([(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption()),
+        "".join(chain[:-1]).encode())])
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(service, server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials)
     server.start()
     return server, port
 
 
-def request_certificate(address: str, token: str, identity: SpiffeId, key: object,
+def channel(address: str, root_pem: str) -> grpc.Channel:
+    """A TLS channel to the CA, trusting only the mesh root and expecting the CA's service name."""
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root_pem.encode()),
+                               options=(("grpc.ssl_target_name_override", SERVICE_NAME),))
+
+
+def request_certificate(address: str, token: str, identity: SpiffeId, key: object, root_pem: str,
                         ttl: dt.timedelta | None = None, timeout: float = 10.0) -> list[str]:
-    """The tunnel's side: a CSR for `identity` with `key`, sent with the node's credential."""
-    with grpc.insecure_channel(address) as channel:
-        stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)
+    """The tunnel's side: a CSR for `identity` with `key`, sent with the node's credential over TLS."""
+    with channel(address, root_pem) as channel_:
+        stub = ca_pb2_grpc.IstioCertificateServiceStub(channel_)
         response = stub.CreateCertificate(
             ca_pb2.IstioCertificateRequest(csr=make_csr(identity, key).decode(),  # type: ignore[arg-type]
                                            validity_duration=int(ttl.total_seconds()) if ttl else 0),

@@ -194,6 +194,20 @@ class CertificateAuthority:
                 .sign(self.intermediate_key, hashes.SHA256()))
         return identity, [_pem(leaf), _pem(self.intermediate), _pem(self.root)]
 
+    def issue_service(self, dns_name: str, key: ec.EllipticCurvePrivateKey,
+                      ttl: dt.timedelta = dt.timedelta(days=30)) -> list[str]:
+        """A server certificate for one of the agent's own services (the CA's gRPC endpoint), by DNS name."""
+        now = dt.datetime.now(dt.UTC)
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+                .issuer_name(self.intermediate.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + ttl)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .sign(self.intermediate_key, hashes.SHA256()))
+        return [_pem(cert), _pem(self.intermediate), _pem(self.root)]
+
     @property
     def root_pem(self) -> str:
         return _pem(self.root)
