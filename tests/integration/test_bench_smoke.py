@@ -46,3 +46,13 @@ def test_ebpf_benchmark_runs() -> None:
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["connect_us"]["vip"] > 0 and report["crr_per_s"]["vip"] > 0 and report["change_ms"]["n"] == 3
     assert report["map_updates"] > 50 * 10
+
+
+@pytest.mark.root
+def test_hbone_throughput_benchmark_runs() -> None:
+    result = subprocess.run([sys.executable, "bench/hbone_throughput.py", "--mib", "8", "--runs", "1", "--json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert set(report["gbit_per_s"]) == {"bare", "envoy", "nodeagent"}
+    assert all(v > 0 for v in report["gbit_per_s"].values())
