@@ -22,9 +22,10 @@ import structlog
 
 from nodeagent import heap
 from nodeagent.events import Sink
-from nodeagent.health import HealthServer, HealthState
+from nodeagent.health import HealthState, health_routes
+from nodeagent.httpserve import RouteServer
 from nodeagent.iptables.render import ProxyConfig
-from nodeagent.metrics import AgentMetrics, MetricsServer
+from nodeagent.metrics import AgentMetrics, metrics_routes
 from nodeagent.model import IPAddress, IPNetwork, Kind, ObjectRef
 from nodeagent.state import ChangeTracker, Snapshot, SyncRunner, SyncSchedule
 
@@ -111,8 +112,8 @@ class Agent:
         self._runner = SyncRunner(self._sync, SyncSchedule(self.options.min_sync_period, self.options.sync_period),
                                   name="iptables-sync")
         self._source: Source | None = None
-        self._server: HealthServer | None = None
-        self._metrics_server: MetricsServer | None = None
+        self._server: RouteServer | None = None
+        self._metrics_server: RouteServer | None = None
 
     def _changed(self) -> None:
         self.health.queued()
@@ -126,10 +127,12 @@ class Agent:
         """Serve health, start the source and the sync runner."""
         self.metrics.set_mode(self.health.mode, self.health.mode_reason)
         if self.options.healthz_port is not None:
-            self._server = HealthServer(self.health, self.options.healthz_host, self.options.healthz_port).start()
+            self._server = RouteServer(health_routes(self.health), self.options.healthz_host,
+                                       self.options.healthz_port, "healthz").start()
         if self.options.metrics_port is not None:
-            self._metrics_server = MetricsServer(self.metrics, lambda: self.health.mode, self.options.metrics_host,
-                                                 self.options.metrics_port).start()
+            self._metrics_server = RouteServer(metrics_routes(self.metrics, lambda: self.health.mode),
+                                               self.options.metrics_host, self.options.metrics_port,
+                                               "metrics").start()
         self._source = self.make_source(self._tracker.apply)
         self._source.start()
         self._runner.start()

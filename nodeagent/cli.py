@@ -318,7 +318,8 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
             proxier, active, reason = ebpf, "ebpf", ebpf.mode_detail
         except (BpfError, OSError) as exc:
             if mode == "ebpf":
-                raise click.ClickException(f"eBPF datapath unavailable: {exc}") from exc
+                raise click.ClickException(f"eBPF datapath unavailable: {exc}. `nodeagent doctor` says what this "
+                                           "machine lacks; `--mode auto` falls back to iptables") from exc
             reason = f"eBPF unavailable, fell back to iptables: {exc}"
             structlog.get_logger("nodeagent.run").warning("falling back to iptables", reason=str(exc))
 

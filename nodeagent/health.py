@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from nodeagent.httpserve import Route
 
 DEFAULT_PORT = 10256
 
@@ -56,40 +57,12 @@ class HealthState:
         return healthy, {"lastUpdated": iso(stamp), "currentTime": iso(now), "nodeEligible": True}
 
 
-class HealthServer:
-    """Serves `state` on (host, port) from a thread."""
+def health_routes(state: HealthState) -> dict[str, Route]:
+    """`/healthz` and `/livez` (kube-proxy's JSON, plus the active mode and why) and `/proxyMode`."""
+    def health() -> tuple[int, str, bytes]:
+        healthy, body = state.report()
+        body = {**body, "proxyMode": state.mode, "proxyModeReason": state.mode_reason}
+        return (200 if healthy else 503), "application/json", json.dumps(body).encode()
 
-    def __init__(self, state: HealthState, host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?")[0]
-                if path == "/proxyMode":  # kube-proxy answers with the bare mode name
-                    data, healthy, kind = state.mode.encode(), True, "text/plain"
-                elif path in ("/healthz", "/livez"):
-                    healthy, body = state.report()
-                    body = {**body, "proxyMode": state.mode, "proxyModeReason": state.mode_reason}
-                    data, kind = json.dumps(body).encode(), "application/json"
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200 if healthy else 503)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="healthz", daemon=True)
-
-    def start(self) -> HealthServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    return {"/healthz": health, "/livez": health,
+            "/proxyMode": lambda: (200, "text/plain", state.mode.encode())}  # kube-proxy answers the bare name

@@ -6,12 +6,12 @@ process never see each other's numbers.
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from nodeagent.httpserve import Route
 
 DEFAULT_PORT = 10249
 
@@ -40,40 +40,7 @@ class AgentMetrics:
         self.proxy_mode.labels(mode=mode, reason=reason).set(1)
 
 
-class MetricsServer:
-    """`/metrics` and `/proxyMode` on (host, port), from a thread."""
-
-    def __init__(self, metrics: AgentMetrics, mode: Any, host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> None:
-        registry = metrics.registry
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?")[0]
-                if path == "/metrics":
-                    data, kind = generate_latest(registry), CONTENT_TYPE_LATEST
-                elif path == "/proxyMode":
-                    data, kind = str(mode()).encode(), "text/plain"
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
-
-    def start(self) -> MetricsServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+def metrics_routes(metrics: AgentMetrics, mode: Callable[[], str]) -> dict[str, Route]:
+    """`/metrics` (Prometheus text) and `/proxyMode`, as kube-proxy serves them on 10249."""
+    return {"/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)),
+            "/proxyMode": lambda: (200, "text/plain", mode().encode())}

@@ -148,12 +148,7 @@ class ChangeTracker:
 
     def apply(self, event: Event) -> None:
         """Fold one event in; never raises on bad content (that was rejected when decoding)."""
-        with self._lock:
-            before = self._pending()
-            self._apply(event)
-            now_pending = self._pending()
-        if now_pending and not before and self._on_change is not None:
-            self._on_change()
+        self.apply_all((event,))
 
     def apply_all(self, events: Iterable[Event]) -> None:
         """Fold several events in under one lock acquisition."""

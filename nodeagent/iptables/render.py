@@ -397,14 +397,13 @@ def _render_port(config: ProxyConfig, filt: Table, nat: Table, svc_nat: Table, a
             external_target, external_comment = "DROP", quoted(f"{port_name} has no local endpoints")
 
     match = ["-m", proto, "-p", proto]
-    if config.external_only:
-        pass
-    elif has_internal:
-        nat.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", quoted(f"{port_name} cluster IP"),
-                *match, "-d", cluster_ip, "--dport", port, "-j", internal_chain)
-    else:
-        filt.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", internal_comment,
-                 *match, "-d", cluster_ip, "--dport", port, "-j", internal_target)
+    if not config.external_only:  # (with external_only, cgroup programs translate cluster IPs)
+        if has_internal:
+            nat.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", quoted(f"{port_name} cluster IP"),
+                    *match, "-d", cluster_ip, "--dport", port, "-j", internal_chain)
+        else:
+            filt.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", internal_comment,
+                     *match, "-d", cluster_ip, "--dport", port, "-j", internal_target)
 
     for ip in external_ips:
         if has_endpoints:

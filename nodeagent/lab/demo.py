@@ -46,11 +46,6 @@ def request_from(lab: labs.Lab, pod: str, target: str, *, udp: bool = False, tim
     return answer
 
 
-def _service_address(lab: labs.Lab, name: str) -> str:
-    (doc,) = [d for d in lab.topology.documents if d.get("kind") == "Service" and d["metadata"]["name"] == name]
-    return str(doc["spec"]["clusterIP"])
-
-
 def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
     """Bring the default lab up, show it, send requests across and within nodes, then tear it down."""
     say(f"bringing up the default lab {name!r} (2 nodes, 3 pods, network namespaces + cgroups)...")
@@ -66,7 +61,7 @@ def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
                     f"[{where}]: answered by {answer['pod']} on {answer['node']}, which saw peer {answer['peer']}")
         say("starting `nodeagent run --mode iptables` on every node (kube-proxy's rules, from the lab's manifests)...")
         start_agents(name)
-        vip = _service_address(lab, "echo")
+        vip = lab.cluster_ip("echo")
         for label, target in ((f"ClusterIP {vip}:80", f"{vip}:80"), (f"ClusterIP {vip}:53/UDP", f"{vip}:53")):
             udp = target.endswith(":53")
             answers = [request_from(lab, "demo/client", target, udp=udp)["pod"] for _ in range(8)]

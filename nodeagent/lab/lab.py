@@ -41,6 +41,14 @@ class Lab:
     plan: LabPlan
     topology: LabTopology
 
+    def cluster_ip(self, service: str, namespace: str = "demo") -> str:
+        """The cluster IP the lab allocated to Service `namespace/service`."""
+        for doc in self.topology.documents:
+            meta = doc.get("metadata", {})
+            if doc.get("kind") == "Service" and meta.get("name") == service and meta.get("namespace") == namespace:
+                return str(doc["spec"]["clusterIP"])
+        raise LabError(f"lab {self.record.name!r} has no Service {namespace}/{service}")
+
 
 def require_root() -> None:
     """Labs create namespaces and cgroups: that needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN)."""

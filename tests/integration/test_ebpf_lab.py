@@ -26,7 +26,7 @@ from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import AGENT_OWNER, start_agents
 from nodeagent.lab.demo import request_from
-from nodeagent.lab.manifests import load_default
+from tests.integration.agent_labs import lab_with_agents
 from tests.integration.conftest import unique_lab_name
 
 pytestmark = [pytest.mark.root, pytest.mark.bcc]
@@ -60,21 +60,11 @@ spec:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
-    directory: Path = tmp_path_factory.mktemp("ebpf-lab")
-    documents = [dict(d.body) for d in load_default()] + list(yaml.safe_load_all(EXTRA))
-    (directory / "cluster.yaml").write_text(yaml.safe_dump_all(documents))
-    name = unique_lab_name()
-    labs.up(name, directory)
-    try:
-        yield start_agents(name, "ebpf", extra=["--min-sync-period", "0.1"])
-    finally:
-        labs.down(name)
+    with lab_with_agents(tmp_path_factory.mktemp("ebpf-lab"), EXTRA, "ebpf", ["--min-sync-period", "0.1"]) as built:
+        name = built.record.name
+        yield built
     assert not list(Path("/sys/fs/bpf").glob(f"nodeagent/{name}-*")), "lab down removes the pins"
 
-
-def vip(lab: labs.Lab, service: str) -> str:
-    (doc,) = [d for d in lab.topology.documents if d["kind"] == "Service" and d["metadata"]["name"] == service]
-    return str(doc["spec"]["clusterIP"])
 
 
 def in_pod(lab: labs.Lab, pod: str, code: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -87,21 +77,21 @@ def in_pod(lab: labs.Lab, pod: str, code: str, *args: str) -> subprocess.Complet
 def test_no_iptables_rule_captures_cluster_ips(lab: labs.Lab) -> None:
     nat = subprocess.run(["ip", "netns", "exec", lab.plan.node("node1").netns, "iptables-save", "-t", "nat"],
                          capture_output=True, text=True, check=True).stdout
-    assert vip(lab, "echo") not in nat, "cluster IPs are translated at connect(), not by NAT rules"
+    assert lab.cluster_ip("echo") not in nat, "cluster IPs are translated at connect(), not by NAT rules"
 
 
 def test_tcp_through_a_cluster_ip_reaches_both_backends(lab: labs.Lab) -> None:
-    seen = Counter(request_from(lab, "demo/client", f"{vip(lab, 'echo')}:80")["pod"] for _ in range(40))
+    seen = Counter(request_from(lab, "demo/client", f"{lab.cluster_ip('echo')}:80")["pod"] for _ in range(40))
     assert set(seen) == {"demo/echo-0", "demo/echo-1"} and 8 <= seen["demo/echo-0"] <= 32, seen
 
 
 def test_getpeername_shows_the_vip_and_the_server_sees_the_pod(lab: labs.Lab) -> None:
     code = ("import socket,sys,json;s=socket.create_connection((sys.argv[1],80),timeout=5);"
             "s.sendall(b'x\\n');a=json.loads(s.makefile().readline());print(s.getpeername()[0],a['local'])")
-    result = in_pod(lab, "demo/client", code, vip(lab, "echo"))
+    result = in_pod(lab, "demo/client", code, lab.cluster_ip("echo"))
     assert result.returncode == 0, result.stderr
     peer, served_by = result.stdout.split()
-    assert peer == vip(lab, "echo"), "the application sees the address it dialed"
+    assert peer == lab.cluster_ip("echo"), "the application sees the address it dialed"
     assert served_by.split(":")[0] in {str(lab.plan.pod(p).pod.ip) for p in ("demo/echo-0", "demo/echo-1")}
 
 
@@ -111,24 +101,24 @@ def test_udp_reaches_both_backends_and_replies_come_from_the_vip(lab: labs.Lab) 
             " s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3)\n"
             " s.sendto(b'hi',(sys.argv[1],53));data,src=s.recvfrom(4096);out.append([json.loads(data)['pod'],src[0]])\n"
             "print(json.dumps(out))")
-    result = in_pod(lab, "demo/client", code, vip(lab, "echo"))
+    result = in_pod(lab, "demo/client", code, lab.cluster_ip("echo"))
     assert result.returncode == 0, result.stderr
     answers = json.loads(result.stdout)
     assert {pod for pod, _ in answers} == {"demo/echo-0", "demo/echo-1"}
-    assert {src for _, src in answers} == {vip(lab, "echo")}, "recvfrom reports the Service address"
+    assert {src for _, src in answers} == {lab.cluster_ip("echo")}, "recvfrom reports the Service address"
 
 
 def test_a_service_without_endpoints_refuses_connect_at_once(lab: labs.Lab) -> None:
     code = ("import socket,sys,time,errno;t=time.monotonic()\n"
             "try:\n socket.create_connection((sys.argv[1],80),timeout=5);print('connected')\n"
             "except OSError as e:\n print(errno.errorcode.get(e.errno), round(time.monotonic()-t,3))")
-    result = in_pod(lab, "demo/client", code, vip(lab, "nobody"))
+    result = in_pod(lab, "demo/client", code, lab.cluster_ip("nobody"))
     name, seconds = result.stdout.split()
     assert name == "ECONNREFUSED" and float(seconds) < 0.5, result.stdout
 
 
 def test_affinity_pins_a_client(lab: labs.Lab) -> None:
-    seen = {request_from(lab, "demo/client", f"{vip(lab, 'sticky')}:80")["pod"] for _ in range(15)}
+    seen = {request_from(lab, "demo/client", f"{lab.cluster_ip('sticky')}:80")["pod"] for _ in range(15)}
     assert len(seen) == 1, seen
 
 
@@ -180,13 +170,13 @@ def test_map_contents_equal_the_desired_state(lab: labs.Lab) -> None:
     finally:
         datapath.close()
     pod_ip = {p: str(lab.plan.pod(p).pod.ip) for p in ("demo/echo-0", "demo/echo-1")}
-    echo = Frontend(vip(lab, "echo"), 80, 6)
+    echo = Frontend(lab.cluster_ip("echo"), 80, 6)
     assert sorted(contents[echo].backends) == sorted(Backend(ip, 8080) for ip in pod_ip.values())
-    assert contents[Frontend(vip(lab, "echo"), 53, 17)].backends == tuple(
+    assert contents[Frontend(lab.cluster_ip("echo"), 53, 17)].backends == tuple(
         sorted((Backend(ip, 8081) for ip in pod_ip.values()), key=lambda b: f"{b.ip}:{b.port}"))
-    assert contents[Frontend(vip(lab, "nobody"), 80, 6)].backends == ()
+    assert contents[Frontend(lab.cluster_ip("nobody"), 80, 6)].backends == ()
     assert contents[Frontend(str(lab.plan.node("node1").node.address), 30080, 6)].backends
-    assert contents[Frontend(vip(lab, "sticky"), 80, 6)].affinity_seconds == 300
+    assert contents[Frontend(lab.cluster_ip("sticky"), 80, 6)].affinity_seconds == 300
 
 
 def test_killing_the_agent_loses_no_connection_and_the_restart_adopts_and_catches_up(lab: labs.Lab) -> None:
@@ -199,8 +189,8 @@ def test_killing_the_agent_loses_no_connection_and_the_restart_adopts_and_catche
             " time.sleep(0.005)\n"
             "print(json.dumps([ok,fail]))")
     plan = lab.plan.pod("demo/client")
-    argv = processes.enter_argv(plan.netns, cgroups.path_of(plan.cgroup), ["python3", "-c", loop, vip(lab, "echo"),
-                                                                          "4"])
+    argv = processes.enter_argv(plan.netns, cgroups.path_of(plan.cgroup),
+                                ["python3", "-c", loop, lab.cluster_ip("echo"), "4"])
     client = subprocess.Popen(argv, env=processes.child_env({}), stdout=subprocess.PIPE, text=True)
     agent = next(p for p in lab.record.processes if p.owner == AGENT_OWNER + "node1")
     agent_pid = next(c.pid for c in psutil.Process(agent.pid).children(recursive=True)
@@ -236,7 +226,7 @@ def test_killing_the_agent_loses_no_connection_and_the_restart_adopts_and_catche
             time.sleep(0.1)
         seen: set[str] = set()
         while time.monotonic() < deadline:
-            seen = {request_from(lab, "demo/client", f"{vip(lab, 'echo')}:80")["pod"] for _ in range(10)}
+            seen = {request_from(lab, "demo/client", f"{lab.cluster_ip('echo')}:80")["pod"] for _ in range(10)}
             if seen == {"demo/echo-0"}:
                 break
         assert seen == {"demo/echo-0"}, "the change made while the agent was down is applied"
@@ -287,7 +277,7 @@ def test_auto_mode_falls_back_to_iptables_when_bcc_cannot_compile(tmp_path: Path
         info = [line for line in metrics.splitlines() if line.startswith("nodeagent_proxy_mode_info{")]
         assert len(info) == 1 and 'mode="iptables"' in info[0] and "fell back" in info[0], info
         assert "nodeagent_sync_proxy_rules_duration_seconds_count" in metrics
-        assert request_from(lab, "demo/client", f"{vip(lab, 'echo')}:80")["pod"].startswith("demo/echo-")
+        assert request_from(lab, "demo/client", f"{lab.cluster_ip('echo')}:80")["pod"].startswith("demo/echo-")
     finally:
         labs.down(name)
 
@@ -305,16 +295,9 @@ spec:
   selector: {app: echo}
   ports: [{name: http, port: 80, targetPort: 8080}]
 """
-    documents = [dict(d.body) for d in load_default()] + list(yaml.safe_load_all(weighted))
-    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump_all(documents))
-    name = unique_lab_name()
-    labs.up(name, tmp_path)
-    try:
-        lab = start_agents(name, "ebpf")
-        seen = Counter(request_from(lab, "demo/client", f"{vip(lab, 'canary')}:80")["pod"] for _ in range(60))
+    with lab_with_agents(tmp_path, weighted, "ebpf") as lab:
+        seen = Counter(request_from(lab, "demo/client", f"{lab.cluster_ip('canary')}:80")["pod"] for _ in range(60))
         assert seen["demo/echo-0"] >= 40, seen
-    finally:
-        labs.down(name)
 
 
 def test_switching_a_node_to_iptables_removes_the_ebpf_datapath() -> None:
@@ -339,10 +322,10 @@ def test_switching_a_node_to_iptables_removes_the_ebpf_datapath() -> None:
         while loader.attached(cgroup) or (loader.ROOT / f"{name}-node1").exists() is not False:
             assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
             time.sleep(0.1)
-        while vip(lab, "echo") not in subprocess.run(["ip", "netns", "exec", node.netns, "iptables-save", "-t", "nat"],
-                                                       capture_output=True, text=True, check=True).stdout:
+        nat = ["ip", "netns", "exec", node.netns, "iptables-save", "-t", "nat"]
+        while lab.cluster_ip("echo") not in subprocess.run(nat, capture_output=True, text=True, check=True).stdout:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
-        assert request_from(lab, "demo/client", f"{vip(lab, 'echo')}:80")["pod"].startswith("demo/echo-")
+        assert request_from(lab, "demo/client", f"{lab.cluster_ip('echo')}:80")["pod"].startswith("demo/echo-")
     finally:
         labs.down(name)

@@ -11,18 +11,15 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
 
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
-from nodeagent.lab.agents import start_agents
 from nodeagent.lab.demo import request_from
 from nodeagent.lab.errors import LabError
-from nodeagent.lab.manifests import load_default
-from tests.integration.conftest import unique_lab_name
+from tests.integration.agent_labs import lab_with_agents
 
 pytestmark = pytest.mark.root
 
@@ -56,20 +53,10 @@ spec:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
-    directory: Path = tmp_path_factory.mktemp("iptables-lab")
-    documents = [dict(d.body) for d in load_default()] + list(yaml.safe_load_all(EXTRA_SERVICES))
-    (directory / "cluster.yaml").write_text(yaml.safe_dump_all(documents))
-    name = unique_lab_name()
-    labs.up(name, directory)
-    try:
-        yield start_agents(name, extra=["--min-sync-period", "0.1"])
-    finally:
-        labs.down(name)
+    with lab_with_agents(tmp_path_factory.mktemp("iptables-lab"), EXTRA_SERVICES, "iptables",
+                         ["--min-sync-period", "0.1"]) as built:
+        yield built
 
-
-def cluster_ip(lab: labs.Lab, service: str) -> str:
-    (doc,) = [d for d in lab.topology.documents if d["kind"] == "Service" and d["metadata"]["name"] == service]
-    return str(doc["spec"]["clusterIP"])
 
 
 def from_node(lab: labs.Lab, node: str, target: str) -> dict[str, str]:
@@ -98,14 +85,14 @@ def wait_converged(lab: labs.Lab, timeout: float = 20.0) -> None:
 
 def test_cluster_ip_spreads_over_both_backends(lab: labs.Lab) -> None:
     """60 connections, p=1/2 each: outside 15..45 has probability < 1e-4 if the split is fair."""
-    vip = cluster_ip(lab, "echo")
+    vip = lab.cluster_ip("echo")
     seen = Counter(request_from(lab, "demo/client", f"{vip}:80")["pod"] for _ in range(60))
     assert set(seen) == {"demo/echo-0", "demo/echo-1"}, seen
     assert 15 <= seen["demo/echo-0"] <= 45, seen
 
 
 def test_pod_traffic_keeps_its_source_address_through_a_cluster_ip(lab: labs.Lab) -> None:
-    vip = cluster_ip(lab, "echo")
+    vip = lab.cluster_ip("echo")
     client_ip = str(lab.plan.pod("demo/client").pod.ip)
     answers = [request_from(lab, "demo/client", f"{vip}:80") for _ in range(6)]
     assert all(a["peer"].split(":")[0] == client_ip for a in answers), answers
@@ -118,7 +105,7 @@ def test_node_port_answers_from_the_other_node(lab: labs.Lab) -> None:
 
 
 def test_session_affinity_pins_a_client(lab: labs.Lab) -> None:
-    vip = cluster_ip(lab, "sticky")
+    vip = lab.cluster_ip("sticky")
     seen = {request_from(lab, "demo/client", f"{vip}:80")["pod"] for _ in range(15)}
     assert len(seen) == 1, seen
 
@@ -132,7 +119,7 @@ def test_external_traffic_policy_local_keeps_the_client_address_and_stays_local(
 
 
 def test_a_service_without_endpoints_is_refused_at_once(lab: labs.Lab) -> None:
-    vip = cluster_ip(lab, "nobody")
+    vip = lab.cluster_ip("nobody")
     started = time.monotonic()
     with pytest.raises(LabError, match=r"Errno 111\]"):  # ECONNREFUSED, from the REJECT
         request_from(lab, "demo/client", f"{vip}:80", timeout=5)
@@ -140,7 +127,7 @@ def test_a_service_without_endpoints_is_refused_at_once(lab: labs.Lab) -> None:
 
 
 def test_hairpin_a_pod_reaches_itself_through_its_service(lab: labs.Lab) -> None:
-    vip = cluster_ip(lab, "echo")
+    vip = lab.cluster_ip("echo")
     answers = [request_from(lab, "demo/echo-0", f"{vip}:80") for _ in range(20)]
     own = [a for a in answers if a["pod"] == "demo/echo-0"]
     assert own, "in 20 tries at 1/2 the pod should have reached itself"
@@ -163,7 +150,7 @@ def _udp_exchange(lab: labs.Lab, target: str, source_port: int) -> str:
 
 def test_udp_client_moves_to_a_live_backend_when_its_endpoint_goes(lab: labs.Lab) -> None:
     """The conntrack entry of a removed endpoint is deleted, so the same 5-tuple is NATed afresh."""
-    vip = f"{cluster_ip(lab, 'echo')}:53"
+    vip = f"{lab.cluster_ip('echo')}:53"
     first = _udp_exchange(lab, vip, 40053)
     assert _udp_exchange(lab, vip, 40053) == first, "a UDP flow sticks to its backend while it lives"
     removed_ip = str(lab.plan.pod(first).pod.ip)
