@@ -301,6 +301,9 @@ def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
             ctx.drop(f"spec.loadBalancerSourceRanges[{i}]", f"{value!r} is not a CIDR")
         else:
             source_ranges.append(cidr)
+    distribution = spec.get("trafficDistribution")
+    if distribution is not None and not isinstance(distribution, str):
+        ctx.drop("spec.trafficDistribution", f"must be a string, got {distribution!r}; no preference")
     return Service(
         ref=ctx.ref, type=svc_type, cluster_ips=cluster_ips, headless=headless, ports=ports,
         selector=None if selector is None else _string_map(ctx, selector, "spec.selector"),
@@ -309,6 +312,7 @@ def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
         session_affinity=affinity, affinity_timeout_seconds=timeout, external_traffic_policy=etp,
         internal_traffic_policy=itp, health_check_node_port=hc_port, labels=labels, annotations=annotations,
         resource_version=rv, endpoint_weights=_endpoint_weights(ctx, annotations),
+        traffic_distribution=distribution if isinstance(distribution, str) else "",
     )
 
 

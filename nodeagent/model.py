@@ -122,6 +122,9 @@ class Service:
     # pod name -> relative weight, from the nodeagent.io/endpoint-weights annotation (eBPF datapath; the
     # tunnel's canary splits); endpoints not named weigh 1, weight 0 takes an endpoint out
     endpoint_weights: tuple[tuple[str, int], ...] = ()
+    # spec.trafficDistribution as written (PreferClose, PreferSameZone, PreferSameNode; "" when unset):
+    # the tunnel's locality preference (nodeagent.ztunnel.service_config)
+    traffic_distribution: str = ""
 
     @property
     def skip_reason(self) -> str | None:

@@ -62,6 +62,7 @@ def test_a_full_service_decodes_to_every_field() -> None:
                   loadBalancerSourceRanges=["203.0.113.0/24"], sessionAffinity="ClientIP",
                   sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}, externalTrafficPolicy="Local",
                   internalTrafficPolicy="Local", healthCheckNodePort=31000, selector={"app": "web"},
+                  trafficDistribution="PreferClose",
                   ports=[{"name": "http", "port": 80, "targetPort": "http", "nodePort": 30080},
                          {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353, "nodePort": 30053}])
     raw["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}, {"hostname": "lb.example"}]}}
@@ -78,7 +79,15 @@ def test_a_full_service_decodes_to_every_field() -> None:
     assert (svc.session_affinity, svc.affinity_timeout_seconds) == (SessionAffinity.CLIENT_IP, 60)
     assert svc.external_traffic_policy is TrafficPolicy.LOCAL and svc.internal_traffic_policy is TrafficPolicy.LOCAL
     assert svc.health_check_node_port == 31000 and svc.selector == {"app": "web"}
+    assert svc.traffic_distribution == "PreferClose"
     assert svc.skip_reason is None
+
+
+def test_a_traffic_distribution_that_is_not_a_string_is_dropped_alone() -> None:
+    decoded = decode(service(trafficDistribution=["PreferClose"]))
+    assert isinstance(decoded.obj, Service) and decoded.obj.traffic_distribution == ""
+    (rejection,) = decoded.rejections
+    assert rejection.field == "spec.trafficDistribution" and not rejection.whole_object
 
 
 @pytest.mark.parametrize(("spec", "field", "reason"), [
