@@ -85,15 +85,22 @@ def lab_up(directory: Path | None, lab_name: str) -> None:
 @lab.command("agents")
 @LAB_OPTION
 @click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto", show_default=True)
+@click.option("--mesh/--no-mesh", default=True, show_default=True,
+              help="also run the node tunnel (`nodeagent ztunnel`) beside each agent")
 @_lab_errors
-def lab_agents(lab_name: str, mode: str) -> None:
-    """Start `nodeagent run` on every node of the lab (stopped by `lab down`)."""
+def lab_agents(lab_name: str, mode: str, mesh: bool) -> None:
+    """Start `nodeagent run` (and the tunnel) on every node of the lab (stopped by `lab down`)."""
     from nodeagent.lab.agents import start_agents
 
-    lab = start_agents(lab_name, mode)
+    lab = start_agents(lab_name, mode, mesh=mesh)
+    logs = lab.record.directory / "logs"
     for node in lab.plan.nodes:
-        click.echo(f"agent on {node.node.name}: synced, healthz http://{node.node.address}:10256/healthz "
-                   f"(in {node.netns}), log {lab.record.directory / 'logs' / f'agent.{node.node.name}.log'}")
+        name, address = node.node.name, node.node.address
+        click.echo(f"agent on {name}: synced, healthz http://{address}:10256/healthz "
+                   f"(in {node.netns}), log {logs / f'agent.{name}.log'}")
+        if mesh:
+            click.echo(f"tunnel on {name}: ready, http://{address}:15021/healthz/ready, "
+                       f"log {logs / f'ztunnel.{name}.log'}")
 
 
 @lab.command("down")
@@ -273,10 +280,17 @@ def _host_port(value: str) -> tuple[str, int | None]:
               help="HOST:PORT of /healthz (empty: off)")
 @click.option("--metrics-bind-address", default="0.0.0.0:10249", show_default=True,
               help="HOST:PORT of /metrics and /proxyMode (empty: off)")
+@click.option("--ca-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="serve the mesh CA to this node's tunnel: root-cert.pem, ca-cert.pem, ca-key.pem "
+                   "(Istio's plug-in CA names; created here at first start when absent)")
+@click.option("--ca-bind-address", default="127.0.0.1:15012", show_default=True, help="HOST:PORT of the CA")
+@click.option("--ca-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="the node's CA credential, shared with the tunnel (created when absent) [CA_DIR/node-token]")
 def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | None, context: str | None,
         manifests: Path | None, source_lab: str | None, node_name: str | None, min_sync_period: float,
         sync_period: float, cluster_cidr: str, masquerade_all: bool, nodeport_addresses: str,
-        iptables_backend: str, healthz_bind_address: str, metrics_bind_address: str) -> None:
+        iptables_backend: str, healthz_bind_address: str, metrics_bind_address: str, ca_dir: Path | None,
+        ca_bind_address: str, ca_token_file: Path | None) -> None:
     """Run the node agent: watch the source, keep this node's datapath in sync, until SIGTERM."""
     import signal
     import threading
@@ -340,10 +354,81 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
     agent = Agent(options, make_source, proxier)
     agent.health.mode, agent.health.mode_reason = active, reason
     agent.start()
+    ca_server = _serve_node_ca(ca_dir, ca_bind_address, ca_token_file, node_name, agent) if ca_dir else None
     try:
         stop.wait()
     finally:
+        if ca_server is not None:
+            ca_server.stop(grace=2)
         agent.stop()
+
+
+def _serve_node_ca(ca_dir: Path, address: str, token_file: Path | None, node_name: str, agent: Any) -> Any:
+    """The mesh CA for this node's tunnel, issuing only identities of pods scheduled on this node."""
+    from nodeagent.ztunnel.ca_service import CertificateService, node_token, pods_in, serve
+    from nodeagent.ztunnel.identity import CertificateAuthority, IdentityError
+
+    try:
+        ca = CertificateAuthority.load_or_create(ca_dir)
+        token = node_token(token_file or ca_dir / "node-token")
+        server, _ = serve(CertificateService(ca, {token: node_name}, pods_in(agent.tracker.last)), address)
+    except (IdentityError, OSError, RuntimeError) as exc:
+        raise click.ClickException(f"mesh CA: {exc}") from exc
+    return server
+
+
+@main.command()
+@click.option("--node", "node_name", envvar="NODE_NAME", required=True, help="this node's name [$NODE_NAME]")
+@click.option("--manifests", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="a directory of Kubernetes YAML/JSON (else the API server)")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+              help="a kubeconfig (default: in-cluster config in a pod, else $KUBECONFIG)")
+@click.option("--context", default=None, help="kubeconfig context")
+@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--ca-address", default="127.0.0.1:15012", show_default=True, help="the agent's CA (HOST:PORT)")
+@click.option("--ca-token-file", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="the node's CA credential (the agent's --ca-token-file)")
+@click.option("--ca-root-file", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="the mesh root certificate (the CA's root-cert.pem)")
+@click.option("--netns-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/run/netns"),
+              show_default=True, help="where the container runtime binds pod network namespaces")
+@click.option("--netns-prefix", default="", help="only namespaces whose names start with this")
+@click.option("--admin-address", default="127.0.0.1:15000", show_default=True, help="config dump (HOST:PORT)")
+@click.option("--readiness-address", default="0.0.0.0:15021", show_default=True, help="/healthz/ready (HOST:PORT)")
+def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, context: str | None, trust_domain: str,
+            ca_address: str, ca_token_file: Path, ca_root_file: Path, netns_dir: Path, netns_prefix: str,
+            admin_address: str, readiness_address: str) -> None:
+    """Run the node tunnel: HBONE (mTLS) for every enrolled pod of this node, until SIGTERM."""
+    from nodeagent.ztunnel.ca_service import request_certificate
+    from nodeagent.ztunnel.process import TunnelOptions, TunnelProcess, run_forever
+
+    admin, readiness = _host_port(admin_address), _host_port(readiness_address)
+    if admin[1] is None or readiness[1] is None:
+        raise click.BadParameter("the admin and readiness endpoints cannot be turned off")
+    try:
+        root_pem = ca_root_file.read_text()
+        ca_token_file.read_text()
+    except OSError as exc:
+        raise click.ClickException(f"tunnel credentials: {exc}") from exc
+    configure_logging(json=True, level="info")
+
+    def fetch(identity: Any, key: Any) -> list[str]:
+        # Read per request: a credential rotated on disk is picked up without a restart.
+        return request_certificate(ca_address, ca_token_file.read_text().strip(), identity, key, root_pem)
+
+    def make_source(sink: Any) -> Any:
+        if manifests is not None:
+            from nodeagent.discovery.manifests import ManifestSource
+
+            return ManifestSource(manifests, sink)
+        from nodeagent.discovery.kubernetes import ApiConnection, KubernetesSource
+
+        # Every node's pods: the tunnel checks the identity of destinations on other nodes.
+        return KubernetesSource(ApiConnection.from_config(kubeconfig, context), sink, node_name, all_pods=True)
+
+    options = TunnelOptions(node=node_name, trust_domain=trust_domain, netns_dir=netns_dir, netns_prefix=netns_prefix,
+                            admin=(admin[0], admin[1]), readiness=(readiness[0], readiness[1]))
+    run_forever(TunnelProcess(options, fetch, make_source))
 
 
 @main.command()

@@ -10,7 +10,7 @@ import ipaddress
 import json
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -21,6 +21,7 @@ from nodeagent.lab.errors import LabBuildError, LabError
 from nodeagent.lab.state import Process, locked
 
 AGENT_OWNER = "agent/"
+TUNNEL_OWNER = "ztunnel/"
 
 
 def cluster_cidr(lab: labs.Lab) -> str:
@@ -42,42 +43,99 @@ def agent_argv(lab: labs.Lab, node: str, mode: str, extra: Sequence[str] = ()) -
             "--metrics-bind-address", f"{address}:10249", *extra]
 
 
+def ca_dir(lab: labs.Lab) -> Path:
+    """The lab's mesh CA files (one root for the whole lab, as one cluster has one)."""
+    return lab.record.directory / "ca"
+
+
+def token_file(lab: labs.Lab, node: str) -> Path:
+    """The CA credential the agent and the tunnel of `node` share."""
+    return ca_dir(lab) / f"node-token.{node}"
+
+
+def mesh_agent_args(lab: labs.Lab, node: str) -> list[str]:
+    """The agent flags that make it serve the mesh CA to its node's tunnel."""
+    return ["--ca-dir", str(ca_dir(lab)), "--ca-token-file", str(token_file(lab, node))]
+
+
+def tunnel_argv(lab: labs.Lab, node: str) -> list[str]:
+    """The command line of the tunnel on `node`: its pods' namespaces are the lab's `<lab>-pod-…`."""
+    address = lab.plan.node(node).node.address
+    return ["nodeagent", "--log-json", "--log-level", "info", "ztunnel", "--node", node,
+            "--manifests", str(lab.record.manifests_path.parent),
+            "--ca-token-file", str(token_file(lab, node)), "--ca-root-file", str(ca_dir(lab) / "root-cert.pem"),
+            "--netns-dir", "/run/netns", "--netns-prefix", f"{lab.record.name}-pod-",
+            "--readiness-address", f"{address}:15021"]
+
+
 def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 timeout: float = 60.0) -> labs.Lab:
-    """Start one agent per node of lab `name` and wait until each has programmed its node once."""
+                 timeout: float = 60.0, mesh: bool = False) -> labs.Lab:
+    """Start one agent per node of lab `name` and wait until each has programmed its node once; with
+    `mesh`, also one tunnel per node (as the DaemonSet's second container) and wait until it is ready."""
     lab = labs.load(name)
     with locked(name):
         if any(p.owner.startswith(AGENT_OWNER) for p in lab.record.processes):
             raise LabError(f"lab {name!r} already runs agents; `nodeagent lab down` and up again to restart them")
+        if mesh:
+            _prepare_ca(lab)
         started = []
         for node in lab.plan.nodes:
-            logfile = lab.record.directory / "logs" / f"agent.{node.node.name}.log"
-            pid = processes.spawn(node.netns, cgroups.path_of(node.cgroup),
-                                  agent_argv(lab, node.node.name, mode, extra),
-                                  {"NODE_NAME": node.node.name, "NODEAGENT_LAB": name, **(env or {})}, logfile)
-            lab.record.processes.append(Process(owner=AGENT_OWNER + node.node.name, container="nodeagent", pid=pid,
-                                                log=str(logfile)))
-            lab.record.save()
-            started.append((node, pid, logfile))
+            node_name = node.node.name
+            argv = agent_argv(lab, node_name, mode, [*extra, *(mesh_agent_args(lab, node_name) if mesh else [])])
+            started.append((node, *_spawn(lab, node_name, AGENT_OWNER, "nodeagent", argv, env)))
+        tunnels = [(node, *_spawn(lab, node.node.name, TUNNEL_OWNER, "ztunnel", tunnel_argv(lab, node.node.name),
+                                  env)) for node in lab.plan.nodes] if mesh else []
     for node, pid, logfile in started:
         _wait_first_sync(node.netns, node.node.address, pid, logfile, timeout)
+    for node, pid, logfile in tunnels:
+        _wait_ready(node.netns, f"http://{node.node.address}:15021/healthz/ready", pid, logfile, timeout,
+                    lambda answer: bool(json.loads(answer).get("ready")), "become ready")
     return lab
+
+
+def _prepare_ca(lab: labs.Lab) -> None:
+    from nodeagent.ztunnel.ca_service import node_token
+    from nodeagent.ztunnel.identity import CertificateAuthority
+
+    # Made before any agent starts: agents on every node would otherwise race to create the root.
+    CertificateAuthority.load_or_create(ca_dir(lab))
+    for node in lab.plan.nodes:
+        node_token(token_file(lab, node.node.name))
+
+
+def _spawn(lab: labs.Lab, node: str, owner: str, container: str, argv: list[str], env: Mapping[str, str] | None
+           ) -> tuple[int, Path]:
+    plan = lab.plan.node(node)
+    logfile = lab.record.directory / "logs" / f"{owner.rstrip('/')}.{node}.log"
+    pid = processes.spawn(plan.netns, cgroups.path_of(plan.cgroup), argv,
+                          {"NODE_NAME": node, "NODEAGENT_LAB": lab.record.name, **(env or {})}, logfile)
+    lab.record.processes.append(Process(owner=owner + node, container=container, pid=pid, log=str(logfile)))
+    lab.record.save()
+    return pid, logfile
 
 
 def _wait_first_sync(netns: str, address: ipaddress.IPv4Address, pid: int, logfile: Path, timeout: float) -> None:
     """Poll the agent's /healthz (from inside the node) until it reports a completed sync."""
+    _wait_ready(netns, f"http://{address}:10256/healthz", pid, logfile, timeout,
+                lambda answer: bool(json.loads(answer).get("lastUpdated")), "complete a sync")
+
+
+def _wait_ready(netns: str, url: str, pid: int, logfile: Path, timeout: float, ok: Callable[[str], bool],
+                what: str) -> None:
+    """Poll `url` from inside the node until `ok(body)`; an HTTP error status still carries a body."""
     deadline = time.monotonic() + timeout
     probe = ["ip", "netns", "exec", netns, "python3", "-c",
-             "import sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],timeout=2).read().decode())",
-             f"http://{address}:10256/healthz"]
+             "import sys,urllib.request,urllib.error\n"
+             "try: print(urllib.request.urlopen(sys.argv[1],timeout=2).read().decode())\n"
+             "except urllib.error.HTTPError as e: print(e.read().decode())", url]
     while time.monotonic() < deadline:
         if not _alive(pid):
-            raise LabBuildError(f"the agent in {netns} exited; its log: {logfile}")
+            raise LabBuildError(f"the process {pid} in {netns} exited; its log: {logfile}")
         result = subprocess.run(probe, capture_output=True, text=True, timeout=10, check=False)
-        if result.returncode == 0 and json.loads(result.stdout).get("lastUpdated"):
+        if result.returncode == 0 and result.stdout.strip() and ok(result.stdout):
             return
         time.sleep(0.1)  # polling a condition with a deadline
-    raise LabBuildError(f"the agent in {netns} did not complete a sync within {timeout:.0f} s; its log: {logfile}")
+    raise LabBuildError(f"the process {pid} in {netns} did not {what} within {timeout:.0f} s; its log: {logfile}")
 
 
 def _alive(pid: int) -> bool:

@@ -38,7 +38,7 @@ def config_dump(tunnel: NodeTunnel) -> dict[str, Any]:
 def ready(tunnel: NodeTunnel, assigned: set[str]) -> tuple[bool, list[str]]:
     """(ready, what is missing) for the pod IPs the tunnel is assigned."""
     missing = [ip for ip in sorted(assigned)
-               if ip not in tunnel.pods or tunnel.pods[ip].certificate.leaf is None or len(tunnel.pods[ip].servers) < 2]
+               if ip not in tunnel.pods or tunnel.pods[ip].certificate.leaf is None or len(tunnel.pods[ip].servers) < 3]
     return not missing, missing
 
 
@@ -63,13 +63,17 @@ async def serve_http(host: str, port: int, routes: dict[str, Callable[[], tuple[
 
 
 async def start_admin(tunnel: NodeTunnel, assigned: Callable[[], set[str]], *, admin: tuple[str, int] =
-                      ("127.0.0.1", ADMIN_PORT), readiness: tuple[str, int] = ("0.0.0.0", READINESS_PORT)
-                      ) -> tuple[asyncio.Server, asyncio.Server]:
-    """Both endpoints; the admin one on localhost only."""
+                      ("127.0.0.1", ADMIN_PORT), readiness: tuple[str, int] = ("0.0.0.0", READINESS_PORT),
+                      status: Callable[[], dict[str, Any]] | None = None) -> tuple[asyncio.Server, asyncio.Server]:
+    """Both endpoints; the admin one on localhost only. `status` adds the reconcile's view (why pods are
+    or are not served) to the config dump."""
     def readiness_route() -> tuple[int, Any]:
         ok, missing = ready(tunnel, assigned())
         return (200 if ok else 503), {"ready": ok, "missing": missing}
 
-    admin_server = await serve_http(*admin, {"/config_dump": lambda: (200, config_dump(tunnel))})
+    def dump() -> tuple[int, Any]:
+        return 200, {**config_dump(tunnel), **(status() if status is not None else {})}
+
+    admin_server = await serve_http(*admin, {"/config_dump": dump})
     ready_server = await serve_http(*readiness, {"/healthz/ready": readiness_route})
     return admin_server, ready_server

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
+import os
+import secrets
 from collections.abc import Callable, Mapping
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import structlog
 
 from nodeagent.api import ca_pb2, ca_pb2_grpc
+from nodeagent.state import Snapshot
 from nodeagent.ztunnel.identity import CertificateAuthority, IdentityError, SpiffeId, make_csr
 
 log = structlog.get_logger("nodeagent.ztunnel.ca")
@@ -112,8 +116,48 @@ def request_certificate(address: str, token: str, identity: SpiffeId, key: objec
     """The tunnel's side: a CSR for `identity` with `key`, sent with the node's credential over TLS."""
     with channel(address, root_pem) as channel_:
         stub = ca_pb2_grpc.IstioCertificateServiceStub(channel_)
-        response = stub.CreateCertificate(
-            ca_pb2.IstioCertificateRequest(csr=make_csr(identity, key).decode(),  # type: ignore[arg-type]
-                                           validity_duration=int(ttl.total_seconds()) if ttl else 0),
-            metadata=(("authorization", f"Bearer {token}"),), timeout=timeout)
+        try:
+            response = stub.CreateCertificate(
+                ca_pb2.IstioCertificateRequest(csr=make_csr(identity, key).decode(),  # type: ignore[arg-type]
+                                               validity_duration=int(ttl.total_seconds()) if ttl else 0),
+                metadata=(("authorization", f"Bearer {token}"),), timeout=timeout)
+        except grpc.RpcError as exc:  # a one-line reason for logs and the admin dump, not grpc's repr
+            raise CertificateRequestError(address, exc.code(), exc.details()) from exc
     return list(response.cert_chain)
+
+
+class CertificateRequestError(Exception):
+    """The CA did not issue a certificate (unreachable, refused, or the request was bad)."""
+
+    def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"CA {address}: {code.name}: {details}")
+        self.code, self.details = code, details
+
+
+def node_token(path: Path) -> str:
+    """The node's CA credential in `path`, created (random, mode 0600) when it does not exist yet.
+
+    The agent serves its own node's tunnel only, so the credential never leaves the node: the agent
+    and the tunnel share it through a node-local file.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        token = path.read_text().strip()
+        if not token:
+            raise IdentityError(f"{path}: the node's CA credential file is empty") from None
+        return token
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+def pods_in(snapshot: Callable[[], Snapshot | None]) -> Authorizer:
+    """An authorizer over the agent's latest snapshot: the node runs a pod with the identity's namespace
+    and service account (a pod that left no longer gets certificates)."""
+    def authorize(node: str, identity: SpiffeId) -> bool:
+        current = snapshot()
+        return current is not None and any(
+            pod.node_name == node and pod.ref.namespace == identity.namespace
+            and pod.service_account == identity.service_account for pod in current.pods.values())
+    return authorize

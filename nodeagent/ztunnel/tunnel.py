@@ -4,6 +4,9 @@ For every enrolled pod on the node, two listeners are opened *inside the pod's n
 served from this process:
 - **15008 inbound (HBONE)**: mutual TLS with the pod's own certificate; a CONNECT to `ip:port` is
   connected to from inside the pod's namespace (so the application sees a local connection).
+- **15006 inbound (captured plaintext)**: connections to the pod that its capture rules redirected
+  here without HBONE; allowed only where the pod's peer authentication is PERMISSIVE, then connected
+  to the original destination from inside the pod's namespace.
 - **15001 outbound (captured)**: connections the pod's capture rules redirected here; the original
   destination (SO_ORIGINAL_DST) decides: an enrolled destination is reached over HBONE to its pod's
   15008 with the source pod's identity (pooled per source pod); anything else is passed through as
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
@@ -24,6 +28,7 @@ from nodeagent.ztunnel.certs import Fetch, WorkloadCertificate, rotating_server_
 from nodeagent.ztunnel.hbone import SOCKET_MARK, HbonePool, HboneStream, serve_connection
 from nodeagent.ztunnel.identity import SpiffeId
 from nodeagent.ztunnel.netns import client_socket, listening_socket, original_destination
+from nodeagent.ztunnel.workloads import Workload
 
 log = structlog.get_logger("nodeagent.ztunnel.tunnel")
 
@@ -32,15 +37,13 @@ CHUNK = 256 << 10
 HANDSHAKE_TIMEOUT = 10.0  # a peer that stalls mid-handshake is dropped after this
 
 
-@dataclass(frozen=True)
-class Workload:
-    """A pod as the tunnel needs it."""
+__all__ = ["NodeTunnel", "PlaintextPolicy", "Workload"]
 
-    ip: str
-    identity: SpiffeId
-    node: str
-    netns: str = ""  # /run/netns/<name> for pods on this node (required to serve the pod)
-    enrolled: bool = True
+
+class PlaintextPolicy(Protocol):
+    """May a plaintext (non-HBONE) connection reach `workload`? (PeerAuthentication PERMISSIVE)"""
+
+    def __call__(self, workload: Workload) -> bool: ...
 
 
 @dataclass
@@ -54,9 +57,28 @@ class _Pod:
 class NodeTunnel:
     """One node's tunnel: listeners for its pods, HBONE to the other pods' tunnels."""
 
-    def __init__(self, node: str, trust_domain: str, fetch: Fetch, lookup: Callable[[str], Workload | None]) -> None:
+    def __init__(self, node: str, trust_domain: str, fetch: Fetch, lookup: Callable[[str], Workload | None],
+                 plaintext_allowed: PlaintextPolicy = lambda workload: True) -> None:
         self.node, self.trust_domain, self.fetch, self.lookup = node, trust_domain, fetch, lookup
+        self.plaintext_allowed = plaintext_allowed
         self.pods: dict[str, _Pod] = {}
+        # Pods sharing a service account share its certificate (one CSR per identity, as ztunnel's cache).
+        self.certificates: dict[SpiffeId, WorkloadCertificate] = {}
+
+    def _certificate(self, identity: SpiffeId) -> WorkloadCertificate:
+        if identity not in self.certificates:
+            self.certificates[identity] = WorkloadCertificate(identity, self.fetch)
+        return self.certificates[identity]
+
+    async def rotate(self) -> int:
+        """Renew every certificate past half life (in a thread: the CA call blocks); returns how many."""
+        renewed = 0
+        for certificate in list(self.certificates.values()):
+            try:
+                renewed += await asyncio.to_thread(certificate.refresh)
+            except Exception as exc:  # the CA may be down: keep serving with the current certificate
+                log.warning("certificate renewal failed", identity=str(certificate.identity), reason=str(exc))
+        return renewed
 
     async def add_pod(self, workload: Workload) -> None:
         """Fetch the pod's certificate and open its listeners (idempotent)."""
@@ -64,20 +86,25 @@ class NodeTunnel:
             return
         if not workload.netns:
             raise ValueError(f"pod {workload.ip}: a pod served by the tunnel needs its network namespace")
-        certificate = WorkloadCertificate(workload.identity, self.fetch)
+        certificate = self._certificate(workload.identity)
         await asyncio.to_thread(certificate.refresh)
+        if workload.ip in self.pods:
+            return  # added concurrently while the certificate was fetched
         # Connections to other tunnels start in the pod's own namespace, as the pod's traffic would.
         pool = HbonePool(lambda: certificate.contexts()[1],
                          make_socket=lambda: client_socket(workload.netns, SOCKET_MARK))
         pod = _Pod(workload, certificate, pool)
         inbound = listening_socket(workload.netns, HBONE_PORT)
         outbound = listening_socket(workload.netns, OUTBOUND_PORT)
+        plaintext = listening_socket(workload.netns, INBOUND_PLAIN_PORT)
         pod.servers.append(await asyncio.start_server(
             lambda r, w: self._inbound(pod, r, w), sock=inbound, ssl=rotating_server_context(certificate),
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT))
         pod.servers.append(await asyncio.start_server(lambda r, w: self._outbound(pod, r, w), sock=outbound))
+        pod.servers.append(await asyncio.start_server(lambda r, w: self._inbound_plaintext(pod, r, w),
+                                                      sock=plaintext))
         self.pods[workload.ip] = pod
-        log.info("pod served", pod_ip=workload.ip, identity=str(workload.identity), node=self.node)
+        log.info("pod served", pod=workload.name, pod_ip=workload.ip, identity=str(workload.identity), node=self.node)
 
     async def remove_pod(self, ip: str) -> None:
         """Close the pod's listeners and its pool; other pods are untouched."""
@@ -87,6 +114,9 @@ class NodeTunnel:
         for server in pod.servers:
             server.close()
         await pod.pool.close()
+        if not any(p.workload.identity == pod.workload.identity for p in self.pods.values()):
+            self.certificates.pop(pod.workload.identity, None)
+        log.info("pod released", pod=pod.workload.name, pod_ip=ip, node=self.node)
 
     async def close(self) -> None:
         for ip in list(self.pods):
@@ -105,6 +135,34 @@ class NodeTunnel:
     async def _inbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=lambda who, dest: True,
                                connect=lambda host, port: self._connect_from(pod, host, port))
+
+    async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                                 ) -> None:
+        sock = writer.get_extra_info("socket")
+        peer = writer.get_extra_info("peername")
+        try:
+            host, port = original_destination(sock)
+        except OSError as exc:
+            log.warning("captured inbound connection without an original destination", pod=pod.workload.name,
+                        peer=str(peer), reason=str(exc))
+            writer.close()
+            return
+        try:
+            if host != pod.workload.ip or port in (HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT):
+                log.warning("captured inbound connection not addressed to the pod", pod=pod.workload.name,
+                            peer=str(peer), destination=f"{host}:{port}")
+                return
+            if not self.plaintext_allowed(pod.workload):
+                log.info("plaintext inbound refused (peer authentication STRICT)", pod=pod.workload.name,
+                         peer=str(peer), destination=f"{host}:{port}")
+                return
+            up_reader, up_writer = await self._connect_from(pod, host, port)
+            await _bridge_tcp(reader, writer, up_reader, up_writer)
+        except (OSError, ConnectionError) as exc:
+            log.info("plaintext inbound failed", pod=pod.workload.name, peer=str(peer),
+                     destination=f"{host}:{port}", reason=str(exc))
+        finally:
+            writer.close()
 
     async def _outbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")

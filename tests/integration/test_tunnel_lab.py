@@ -22,7 +22,8 @@ from nodeagent.lab import lab as labs
 from nodeagent.ztunnel.admin import start_admin
 from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr
 from nodeagent.ztunnel.netns import in_netns
-from nodeagent.ztunnel.tunnel import NodeTunnel, Workload
+from nodeagent.ztunnel.tunnel import NodeTunnel
+from nodeagent.ztunnel.workloads import Workload
 from tests.integration.conftest import unique_lab_name
 
 pytestmark = pytest.mark.root

@@ -9,7 +9,13 @@ import grpc
 import pytest
 from cryptography import x509
 
-from nodeagent.ztunnel.ca_service import CertificateService, pods_on_node, request_certificate, serve
+from nodeagent.ztunnel.ca_service import (
+    CertificateRequestError,
+    CertificateService,
+    pods_on_node,
+    request_certificate,
+    serve,
+)
 from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, new_key, spiffe_id_of
 
 ECHO = SpiffeId("cluster.local", "demo", "echo")
@@ -39,16 +45,17 @@ def test_a_node_gets_the_identity_of_a_pod_it_runs_with_the_ttl_asked_for(addres
 
 
 def test_a_node_asking_for_another_nodes_identity_is_refused(address: str) -> None:
-    with pytest.raises(grpc.RpcError) as refused:
+    with pytest.raises(CertificateRequestError) as refused:
         request_certificate(address, "token-2", CLIENT, new_key(), ROOT)
-    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "node node2 runs no pod with identity spiffe://cluster.local/ns/demo/sa/client" in refused.value.details()
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "node node2 runs no pod with identity spiffe://cluster.local/ns/demo/sa/client" in refused.value.details
+    assert str(refused.value).startswith(f"CA {address}: PERMISSION_DENIED: node node2"), "one readable line"
 
 
 def test_without_a_valid_node_credential_nothing_is_issued(address: str) -> None:
-    with pytest.raises(grpc.RpcError) as refused:
+    with pytest.raises(CertificateRequestError) as refused:
         request_certificate(address, "guess", ECHO, new_key(), ROOT)
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_a_malformed_csr_is_an_invalid_argument(address: str) -> None:
@@ -65,6 +72,6 @@ def test_a_malformed_csr_is_an_invalid_argument(address: str) -> None:
 
 def test_a_client_that_does_not_trust_the_mesh_root_cannot_talk_to_the_ca(address: str) -> None:
     stranger = CertificateAuthority.generate()
-    with pytest.raises(grpc.RpcError) as refused:
+    with pytest.raises(CertificateRequestError) as refused:
         request_certificate(address, "token-1", CLIENT, new_key(), stranger.root_pem, timeout=3)
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
