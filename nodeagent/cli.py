@@ -258,7 +258,22 @@ def _host_port(value: str) -> tuple[str, int | None]:
     return host or "0.0.0.0", int(port)
 
 
+def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """`run --config FILE`: the file's settings become the defaults, so flags (and $NODE_NAME) still win."""
+    if value is None:
+        return
+    from nodeagent.config import ConfigError, read_config
+
+    try:
+        ctx.default_map = {**(ctx.default_map or {}), **read_config(value).run_defaults()}
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from exc
+
+
 @main.command()
+@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False,
+              callback=_config_defaults, help="a NodeAgentConfiguration YAML file (kube-proxy's field names); "
+                                              "flags given here override it")
 @click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto", show_default=True,
               help="service datapath; auto: eBPF, or iptables (with the reason logged) where eBPF cannot load")
 @click.option("--cgroup", "cgroup_path", type=click.Path(path_type=Path, file_okay=False), default=None,
