@@ -188,10 +188,14 @@ _OUTLIER_FIELDS = {f.name for f in fields(OutlierConfig)}
 
 def service_config(service: Service) -> tuple[ServiceConfig, tuple[Rejection, ...]]:
     """The tunnel settings of `service` and a rejection for every annotation that could not be used."""
+    annotations = service.annotations
+    if not service.traffic_distribution and annotations.keys().isdisjoint(_ANNOTATIONS):
+        # the common case, and the whole cost of building the tunnel's table at 10,000 Services
+        return (ServiceConfig(endpoint_weights=service.endpoint_weights) if service.endpoint_weights
+                else DEFAULT), ()
     rejections: list[Rejection] = []
     top: dict[str, Any] = {}
     outlier: dict[str, Any] = {}
-    annotations = service.annotations
     for name in annotations.keys() & _ANNOTATIONS.keys():
         attribute, parse = _ANNOTATIONS[name]
         value, problem = parse(annotations[name])
