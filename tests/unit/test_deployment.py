@@ -1,0 +1,528 @@
+"""The deployment artifacts (daemonset/, vagrant/) hold together without a cluster.
+
+No cluster can start here, so these check everything short of one: the kustomizations render; every
+manifest validates against the Kubernetes schemas of each supported version (kubernetes-validate,
+strict: unknown fields fail); the ClusterRole grants exactly the API calls the code makes (derived by
+driving the Kubernetes source against a recording fake, plus a scan for any other way to call the API);
+the CRDs match the kinds the source watches; the containers' flags exist in the CLI; the privileges
+are the justified ones; the shipped configurations load; the shell scripts pass shellcheck; the
+Vagrantfile parses and runs under a stub Vagrant; the smoke test's own manifests are valid.
+
+Tools: kubectl (kustomize), shellcheck, ruby and the kubernetes-validate package, all installed by
+scripts/setup.sh. A missing one fails the test in CI (CI=true) and skips it elsewhere, with the reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from nodeagent.cli import main
+from nodeagent.config import parse_config
+from nodeagent.discovery.kubernetes import CORE_KINDS, MESH_KINDS, KubernetesSource
+from nodeagent.discovery.wire import RESOURCES
+from nodeagent.model import MESH_GROUP
+
+ROOT = Path(__file__).resolve().parents[2]
+DAEMONSET = ROOT / "daemonset"
+VAGRANT = ROOT / "vagrant"
+KUSTOMIZATIONS = {
+    "base": DAEMONSET / "base",
+    "replace-kube-proxy": DAEMONSET / "overlays" / "replace-kube-proxy",
+    "cleanup": DAEMONSET / "cleanup",
+    "vagrant": VAGRANT / "manifests",
+}
+# Kubernetes minor versions the manifests must be valid for (appArmorProfile needs 1.30).
+SUPPORTED_VERSIONS = ("1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0")
+AGENT_CAPABILITIES = {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"}
+TUNNEL_CAPABILITIES = {"NET_ADMIN", "SYS_ADMIN"}
+SHELL_SCRIPTS = sorted([*DAEMONSET.glob("*.sh"), *VAGRANT.glob("*.sh"), *(VAGRANT / "provision").glob("*.sh")])
+
+
+def need(tool: str) -> str:
+    """The tool's path; a missing tool fails in CI and skips elsewhere, saying how to get it."""
+    path = shutil.which(tool)
+    if path is None:
+        message = f"{tool} is missing (scripts/setup.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run every test, but {message}")
+        pytest.skip(message)
+    return path
+
+
+def kubernetes_validate() -> Any:
+    try:
+        import kubernetes_validate as kv
+    except ImportError:
+        message = "the kubernetes-validate package is missing (scripts/setup.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run every test, but {message}")
+        pytest.skip(message)
+    return kv
+
+
+@cache
+def _render(name: str) -> tuple[dict[str, Any], ...]:
+    result = subprocess.run([shutil.which("kubectl") or "kubectl", "kustomize", str(KUSTOMIZATIONS[name])],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, f"kubectl kustomize {KUSTOMIZATIONS[name]}:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def rendered(name: str) -> tuple[dict[str, Any], ...]:
+    """The objects `kubectl kustomize` renders for one kustomization (rendered once per run)."""
+    need("kubectl")
+    return _render(name)
+
+
+def find(docs: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def containers(daemonset: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = daemonset["spec"]["template"]["spec"]
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def container(docs: tuple[dict[str, Any], ...], daemonset: str, name: str) -> dict[str, Any]:
+    [ds] = find(docs, "DaemonSet", daemonset)
+    [found] = [c for c in containers(ds) if c["name"] == name]
+    return found
+
+
+# --- kustomize and the Kubernetes schemas -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_kustomization_renders(name: str) -> None:
+    kinds = {d["kind"] for d in rendered(name)}
+    expected = {"DaemonSet"} if name == "cleanup" else {
+        "Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+        "ConfigMap", "DaemonSet"}
+    assert expected <= kinds
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_every_manifest_validates_against_the_kubernetes_schemas(version: str) -> None:
+    kv = kubernetes_validate()
+    problems = []
+    for name in sorted(KUSTOMIZATIONS):
+        for doc in rendered(name):
+            where = f"{name}: {doc['kind']} {doc['metadata']['name']}"
+            try:
+                kv.validate(doc, version, strict=True)
+            except kv.ValidationError as exc:
+                problems.append(f"{where}: {'.'.join(map(str, exc.path))}: {exc.message}")
+            except (kv.SchemaNotFoundError, kv.InvalidSchemaError, kv.utils.VersionNotSupportedError) as exc:
+                problems.append(f"{where}: {exc.message}")
+    assert not problems, f"Kubernetes {version}:\n" + "\n".join(problems)
+
+
+def test_the_validation_is_strict_enough_to_fail() -> None:
+    kv = kubernetes_validate()
+    [agent] = find(rendered("base"), "DaemonSet", "nodeagent")
+    typo = yaml.safe_load(yaml.safe_dump(agent))
+    typo["spec"]["template"]["spec"]["hostNetwrk"] = True
+    with pytest.raises(kv.ValidationError, match="hostNetwrk"):
+        kv.validate(typo, SUPPORTED_VERSIONS[0], strict=True)
+    wrong_type = yaml.safe_load(yaml.safe_dump(agent))
+    wrong_type["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "10256"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(wrong_type, SUPPORTED_VERSIONS[0], strict=True)
+
+
+# --- RBAC: exactly what the code calls ----------------------------------------------------------------
+
+
+class _Response:
+    """A urllib3 response as the reflector uses it: a list body, or a watch stream that waits to be shut."""
+
+    def __init__(self, body: bytes | None) -> None:
+        self.status = 200
+        self.data = body or b""
+        self._closed = threading.Event()
+
+    def stream(self, amt: Any = None, decode_content: bool = True) -> Iterator[bytes]:
+        self._closed.wait(30)
+        yield from ()
+
+    def shutdown(self) -> None:
+        self._closed.set()
+
+    def release_conn(self) -> None:
+        self._closed.set()
+
+
+class _RecordingApi:
+    """Stands in for ApiConnection: records every request, answers lists empty and watches with nothing."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self._lock = threading.Lock()
+
+    def get(self, path: str, query: list[tuple[str, str]], timeout: float) -> _Response:
+        with self._lock:
+            self.requests.append((path, dict(query)))
+        watching = dict(query).get("watch") in ("1", "true")
+        return _Response(None if watching else b'{"kind":"List","metadata":{"resourceVersion":"7"},"items":[]}')
+
+
+def _rbac_of(path: str, query: dict[str, str]) -> tuple[str, str, str]:
+    """(apiGroup, resource, verb) of a GET, as the API server's authorizer sees it."""
+    parts = urlsplit(path).path.strip("/").split("/")
+    group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
+    if rest[:1] == ["namespaces"] and len(rest) > 2:
+        rest = rest[2:]
+    if len(rest) == 1:
+        return group, rest[0], "watch" if query.get("watch") in ("1", "true") else "list"
+    return group, rest[0], "get"
+
+
+def derived_permissions() -> set[tuple[str, str, str]]:
+    """Drive the Kubernetes source (every kind, as the agent and the tunnel run it) and map its requests."""
+    api = _RecordingApi()
+    permissions: set[tuple[str, str, str]] = set()
+    for all_pods in (False, True):
+        source = KubernetesSource(api, lambda event: None, "node-1", all_pods=all_pods)  # type: ignore[arg-type]
+        source.start()
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                with api._lock:
+                    seen = {_rbac_of(p, q) for p, q in api.requests}
+                if all(r.watches >= 1 for r in source.reflectors.values()):
+                    break
+                time.sleep(0.01)  # polling the reflectors' own counters, with a deadline
+            assert all(r.watches >= 1 for r in source.reflectors.values()), "a reflector never watched"
+        finally:
+            source.stop()
+        permissions |= seen
+    return permissions
+
+
+def cluster_role_permissions(docs: tuple[dict[str, Any], ...]) -> set[tuple[str, str, str]]:
+    [role] = find(docs, "ClusterRole", "nodeagent")
+    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_the_cluster_role_grants_exactly_what_the_kubernetes_source_calls() -> None:
+    derived = derived_permissions()
+    assert ("discovery.k8s.io", "endpointslices", "watch") in derived  # the derivation itself works
+    granted = cluster_role_permissions(rendered("base"))
+    assert granted == derived, (f"granted but never called: {sorted(granted - derived)}; "
+                                f"called but not granted: {sorted(derived - granted)} "
+                                "(daemonset/base/rbac.yaml)")
+
+
+def test_the_source_watches_every_kind_it_can_decode() -> None:
+    # The RBAC derivation drives the source's default kinds; a kind left out there would be a kind
+    # some caller could still watch without RBAC for it.
+    assert set(CORE_KINDS + MESH_KINDS) == set(RESOURCES)
+
+
+def _kubernetes_calls(tree: ast.Module) -> tuple[set[str], set[str]]:
+    """HTTP methods passed to the client's param_serialize, and every attribute used of its modules."""
+    methods, used = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "param_serialize":
+            first = node.args[0] if node.args else None
+            methods.add(first.value if isinstance(first, ast.Constant) else "<not a literal>")
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in ("k8s_client", "k8s_config")):
+            used.add(f"{node.value.id}.{node.attr}")
+    return methods, used
+
+
+def test_no_other_way_to_call_the_api() -> None:
+    # The derivation above sees the source's GETs. Any other call (a POST for Events, a typed API class,
+    # another module importing the client) must come with a derivation here and a rule in rbac.yaml.
+    importers = []
+    for path in sorted((ROOT / "nodeagent").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "kubernetes" or n.startswith("kubernetes.") for n in names):
+                importers.append(path.relative_to(ROOT).as_posix())
+    assert sorted(set(importers)) == ["nodeagent/discovery/kubernetes.py"]
+    tree = ast.parse((ROOT / "nodeagent/discovery/kubernetes.py").read_text())
+    methods, used = _kubernetes_calls(tree)
+    assert methods == {"GET"}, f"API calls with {methods - {'GET'}}: derive their RBAC in this test"
+    assert used <= {"k8s_client.ApiClient", "k8s_client.Configuration", "k8s_config.load_incluster_config",
+                    "k8s_config.load_kube_config"}, f"new client entry points {used}: derive their RBAC here"
+
+
+def test_the_scan_would_see_a_new_call() -> None:
+    methods, used = _kubernetes_calls(ast.parse(
+        "api.param_serialize('POST', '/api/v1/namespaces/x/events')\nk8s_client.CoreV1Api()"))
+    assert methods == {"POST"} and used == {"k8s_client.CoreV1Api"}
+
+
+def test_both_service_accounts_are_bound_and_used() -> None:
+    docs = rendered("base")
+    [binding] = find(docs, "ClusterRoleBinding", "nodeagent")
+    bound = {(s["namespace"], s["name"]) for s in binding["subjects"]}
+    accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in find(docs, "ServiceAccount")}
+    used = {(d["metadata"]["namespace"], d["spec"]["template"]["spec"]["serviceAccountName"])
+            for d in find(docs, "DaemonSet")}
+    assert bound == accounts == used
+
+
+def test_the_crds_define_the_kinds_the_source_watches() -> None:
+    crds = {d["spec"]["names"]["kind"]: d for d in find(rendered("base"), "CustomResourceDefinition")}
+    assert set(crds) == {str(kind) for kind in MESH_KINDS}
+    for kind in MESH_KINDS:
+        crd, resource = crds[str(kind)], RESOURCES[kind]
+        group, version = resource.api_version.split("/")
+        assert (crd["spec"]["group"], crd["spec"]["names"]["plural"], crd["spec"]["scope"]) == (
+            MESH_GROUP, resource.plural, "Namespaced") and group == MESH_GROUP
+        assert crd["metadata"]["name"] == f"{resource.plural}.{MESH_GROUP}"
+        assert [(v["name"], v["served"], v["storage"]) for v in crd["spec"]["versions"]] == [(version, True, True)]
+
+
+# --- the containers -----------------------------------------------------------------------------------
+
+
+def _flags(args: list[str]) -> set[str]:
+    return {a.split("=", 1)[0] for a in args if a.startswith("--")}
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_every_flag_a_container_passes_exists(name: str) -> None:
+    for ds in find(rendered(name), "DaemonSet"):
+        for c in containers(ds):
+            args = c.get("args", [])
+            if c.get("command") or not args:
+                continue
+            command: Any = main
+            while args and hasattr(command, "commands") and args[0] in command.commands:
+                command, args = command.commands[args[0]], args[1:]
+            assert command is not main, f"{c['name']}: `nodeagent {' '.join(c['args'])}` is no command"
+            known = {opt for p in command.params for opt in p.opts}
+            assert _flags(args) <= known, f"{c['name']}: unknown flags {_flags(args) - known}"
+
+
+def test_the_agent_runs_with_the_justified_privileges_and_mounts() -> None:
+    docs = rendered("replace-kube-proxy")
+    [ds] = find(docs, "DaemonSet", "nodeagent")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True and spec["priorityClassName"] == "system-node-critical"
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"]
+    agent = container(docs, "nodeagent", "agent")
+    security = agent["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": sorted(AGENT_CAPABILITIES, key=[
+        "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"].index)}
+    assert security["privileged"] is False
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    host = {path: volumes[m["name"]].get("hostPath", {}).get("path") for path, m in mounts.items()}
+    assert host["/sys/fs/bpf"] == "/sys/fs/bpf" and mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+    assert host["/run/xtables.lock"] == "/run/xtables.lock"
+    assert host["/run/netns"] == "/run/netns"
+    for path in ("/lib/modules", "/usr/src"):
+        assert host[path] == path and mounts[path]["readOnly"] is True
+    # the configuration's cgroup is the host's cgroup v2 root as mounted
+    [config_map] = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].startswith("nodeagent-config")]
+    config = parse_config(config_map["data"]["config.yaml"])
+    assert host[config.bpf_cgroup_path] == "/sys/fs/cgroup"
+    assert "--config=/etc/nodeagent/config.yaml" in agent["args"]
+    assert mounts["/etc/nodeagent/config.yaml"]["subPath"] == "config.yaml"
+    # probes: kube-proxy's health port
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert agent[probe]["httpGet"]["port"] == 10256
+    # bpffs is prepared by an init container that shares its mounts with the host
+    [init] = spec["initContainers"]
+    [bpffs] = [m for m in init["volumeMounts"] if m["mountPath"] == "/sys/fs/bpf"]
+    assert bpffs["mountPropagation"] == "Bidirectional" and init["securityContext"]["privileged"] is True
+
+
+def test_the_tunnel_runs_apart_with_fewer_privileges() -> None:
+    docs = rendered("replace-kube-proxy")
+    tunnel = container(docs, "nodeagent-ztunnel", "ztunnel")
+    assert tunnel["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
+    assert tunnel["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    assert tunnel["livenessProbe"]["tcpSocket"] == {"port": 15021}
+    [ds] = find(docs, "DaemonSet", "nodeagent-ztunnel")
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    # never the CA key: only the root certificate of the CA Secret
+    [secret] = [v["secret"] for v in volumes.values() if "secret" in v]
+    assert secret["items"] == [{"key": "root-cert.pem", "path": "root-cert.pem"}]
+    assert not any(v.get("hostPath", {}).get("path") in ("/sys/fs/bpf", "/sys/fs/cgroup") for v in volumes.values())
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_every_container_is_least_privilege_and_bounded(name: str) -> None:
+    for ds in find(rendered(name), "DaemonSet"):
+        for c in containers(ds):
+            where = f"{ds['metadata']['name']}/{c['name']}"
+            security = c["securityContext"]
+            assert set(c["resources"]) == {"requests", "limits"}, where
+            assert {"cpu", "memory"} <= set(c["resources"]["limits"]), where
+            if security.get("privileged"):
+                assert c["name"] == "prepare-bpffs", f"{where}: only the bpffs init container is privileged"
+                continue
+            assert security["capabilities"]["drop"] == ["ALL"], where
+            added = set(security["capabilities"].get("add", []))
+            assert added <= AGENT_CAPABILITIES, where
+            # the API server refuses allowPrivilegeEscalation: false together with SYS_ADMIN
+            if "SYS_ADMIN" in added:
+                assert security.get("allowPrivilegeEscalation") is not False, where
+
+
+def test_the_replace_kube_proxy_overlay_points_both_at_the_api_server() -> None:
+    docs = rendered("vagrant")
+    [env] = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].startswith("nodeagent-apiserver")]
+    assert env["data"] == {"KUBERNETES_SERVICE_HOST": "192.168.56.10", "KUBERNETES_SERVICE_PORT": "6443"}
+    for ds, name in (("nodeagent", "agent"), ("nodeagent-ztunnel", "ztunnel")):
+        assert container(docs, ds, name)["envFrom"] == [{"configMapRef": {"name": env["metadata"]["name"]}}]
+        assert container(docs, ds, name)["image"] == "localhost/nodeagent:dev"
+
+
+@pytest.mark.parametrize("path", [DAEMONSET / "base" / "nodeagent.yaml",
+                                  DAEMONSET / "overlays" / "replace-kube-proxy" / "nodeagent.yaml"],
+                         ids=["base", "replace-kube-proxy"])
+def test_the_shipped_configurations_load(path: Path) -> None:
+    config = parse_config(path.read_text(), str(path))
+    assert config.bpf_cgroup_path == "/host/sys/fs/cgroup" and config.mode == "auto"
+
+
+# --- scripts, image, Vagrant --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=[p.relative_to(ROOT).as_posix() for p in SHELL_SCRIPTS])
+def test_shell_scripts_pass_shellcheck(script: Path) -> None:
+    result = subprocess.run([need("shellcheck"), "--external-sources", str(script)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout
+    assert os.access(script, os.X_OK), f"{script} is not executable"
+
+
+def test_init_container_scripts_pass_shellcheck(tmp_path: Path) -> None:
+    shellcheck = need("shellcheck")
+    scripts = [(f"{ds['metadata']['name']}/{c['name']}", c["args"][0]) for name in sorted(KUSTOMIZATIONS)
+               for ds in find(rendered(name), "DaemonSet") for c in containers(ds)
+               if c.get("command") == ["/bin/sh", "-c"]]
+    assert len({where for where, _ in scripts}) == 2  # prepare-bpffs, wait-for-agent
+    for where, text in scripts:
+        path = tmp_path / "script.sh"
+        path.write_text(text)
+        result = subprocess.run([shellcheck, "--shell=sh", str(path)], capture_output=True, text=True, timeout=60,
+                                check=False)
+        assert result.returncode == 0, f"{where}:\n{result.stdout}"
+
+
+def test_shellcheck_fails_a_bad_script(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/bin/sh\nrm -rf $1/*\n")
+    assert subprocess.run([need("shellcheck"), str(bad)], capture_output=True, timeout=60, check=False).returncode != 0
+
+
+def test_the_vagrantfile_parses() -> None:
+    result = subprocess.run([need("ruby"), "-c", str(VAGRANT / "Vagrantfile")], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0 and "Syntax OK" in result.stdout, result.stderr
+
+
+# A stand-in for Vagrant: records every configuration call, so the Vagrantfile's own Ruby runs for real.
+_STUB = r"""
+require "json"
+$calls = []
+class Recorder
+  def initialize(path) = @path = path
+  def method_missing(name, *args, **kw, &block)
+    $calls << { "at" => @path, "call" => name.to_s, "args" => args.map(&:to_s), "kw" => kw.transform_keys(&:to_s) }
+    block&.call(Recorder.new("#{@path}/#{name}(#{args.first})"))
+    Recorder.new("#{@path}.#{name}")
+  end
+  def respond_to_missing?(*) = true
+end
+module Vagrant
+  def self.configure(_version) = yield(Recorder.new("config"))
+end
+load ARGV[0]
+puts JSON.generate($calls)
+"""
+
+
+def test_the_vagrantfile_defines_the_cluster(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    stub = tmp_path / "stub.rb"
+    stub.write_text(_STUB)
+    state = tmp_path / "state"
+    result = subprocess.run([need("ruby"), str(stub), str(VAGRANT / "Vagrantfile")], capture_output=True, text=True,
+                            timeout=60, check=False, env={**os.environ, "NODEAGENT_STATE": str(state)},
+                            cwd=VAGRANT)
+    assert result.returncode == 0, result.stderr
+    calls = yaml.safe_load(result.stdout)
+    machines = [c["args"][0] for c in calls if c["call"] == "define"]
+    assert machines == ["cp", "worker1", "worker2"]
+    provisioned = [c["kw"]["path"] for c in calls if c["call"] == "provision"]
+    assert provisioned == ["provision/common.sh", "provision/control-plane.sh"] + [
+        "provision/common.sh", "provision/worker.sh"] * 2
+    assert all((VAGRANT / p).is_file() for p in provisioned)
+    # the cluster CA the workers pin, and kubeadm's token format
+    ca = x509.load_pem_x509_certificate((state / "ca.crt").read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert (state / "ca.key").stat().st_mode & 0o077 == 0
+    assert re.fullmatch(r"[a-z0-9]{6}\.[a-z0-9]{16}\n", (state / "token").read_text())
+
+
+def test_the_image_recipe() -> None:
+    text = (DAEMONSET / "Containerfile").read_text()
+    assert text.startswith("#") and re.search(r"^FROM \S*debian:bookworm", text, re.M)
+    for package in ("python3-bpfcc", "iptables", "iproute2", "conntrack", "bpftool"):
+        assert re.search(rf"\b{package}\b", text), package
+    assert re.search(r"^USER 10001$", text, re.M) and re.search(r"^HEALTHCHECK ", text, re.M)
+    assert re.search(r'^ENTRYPOINT \["nodeagent"\]$', text, re.M)
+    # every COPY source is staged by build-image.sh
+    build = (DAEMONSET / "build-image.sh").read_text()
+    for source in re.findall(r"^COPY (\S+)", text, re.M):
+        assert f"/{source}" in build or f'"$ROOT/daemonset/{source}"' in build, source
+    compile((DAEMONSET / "healthcheck.py").read_text(), "healthcheck.py", "exec")
+
+
+def _smoke_manifests() -> list[dict[str, Any]]:
+    text = (VAGRANT / "smoke-test.sh").read_text()
+    values = {"NS": "nodeagent-smoke", "PLAIN": "nodeagent-smoke-plain", "IMAGE": "localhost/nodeagent:dev"}
+    docs = []
+    for block in re.findall(r"<<YAML\n(.*?)\nYAML\n", text, re.S):
+        block = re.sub(r"\$(\w+)", lambda m: values[m.group(1)], block)
+        docs += [d for d in yaml.safe_load_all(block) if d]
+    return docs
+
+
+def test_the_smoke_tests_manifests_are_valid() -> None:
+    import jsonschema
+
+    from nodeagent.decode import decode
+
+    kv = kubernetes_validate()
+    docs = _smoke_manifests()
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "Pod", "AuthorizationPolicy", "PeerAuthentication"}
+    crds = {d["spec"]["names"]["kind"]: d for d in find(rendered("base"), "CustomResourceDefinition")}
+    for doc in docs:
+        if doc["kind"] in crds:
+            schema = crds[doc["kind"]]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+            jsonschema.validate(doc, schema)
+            result = decode(doc)
+            assert result.obj is not None and not result.rejections, result.rejections
+        else:
+            for version in (SUPPORTED_VERSIONS[0], SUPPORTED_VERSIONS[-1]):
+                kv.validate(doc, version, strict=True)
