@@ -25,7 +25,7 @@ nodes' zones or this node's addresses, or a skipped generation, rebuilds everyth
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv6Address
 from typing import NamedTuple
 
@@ -83,6 +83,10 @@ class ServiceTarget:
     config: ServiceConfig
     endpoints: tuple[Candidate, ...]
     node_local_only: bool = False  # internalTrafficPolicy Local: the candidates are this node's only
+    weighted: bool = field(init=False)  # some candidate weighs other than 1 (else the balancer picks uniformly)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weighted", any(c.weight != 1 for c in self.endpoints))
 
 
 @dataclass(frozen=True)
