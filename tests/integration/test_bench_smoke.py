@@ -24,6 +24,17 @@ def test_ingest_benchmark_runs_and_reports_every_measure() -> None:
     assert report["rss_mb"]["first_snapshot"] >= report["rss_mb"]["before"] > 0
 
 
+def test_endpoint_choice_benchmark_runs_and_reports_every_measure() -> None:
+    result = subprocess.run([sys.executable, "bench/endpoint_choice.py", "--services", "200", "--calls", "2000",
+                             "--changes", "3", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["services"] == 200 and report["calls"] == 2000 and 0 < report["table_build_s"] < 60
+    assert 0 < report["table_update_ms"]["p50"] <= report["table_update_ms"]["p99"]
+    for key in ("lookup_choose_us", "attempts_us", "authz_us", "breaker_us"):
+        assert 0 < report[key]["p50"] <= report[key]["p99"], key
+
+
 @pytest.mark.root
 def test_iptables_benchmark_runs_on_both_backends() -> None:
     result = subprocess.run([sys.executable, "bench/iptables_sync.py", "--services", "60", "--changes", "3",
