@@ -5,7 +5,11 @@
 #
 # What and why:
 #  - Debian packages: iproute2 (ip, tc), iptables (legacy and nft), conntrack, nftables, bpftool, procps
-#    (sysctl), python3-bpfcc (bcc's Python binding and libbcc) and kernel headers for bcc.
+#    (sysctl), python3-bpfcc (bcc's Python binding and libbcc) and kernel headers for bcc; for the deployment
+#    tests, shellcheck (daemonset/ and vagrant/ scripts) and ruby (parses and runs the Vagrantfile).
+#  - kubectl (its built-in kustomize renders daemonset/): Debian's kubernetes-client is 1.20, too old for
+#    kustomize v5 manifests, so it comes from the machine image or a configured Kubernetes apt repository
+#    (package kubectl); when neither has it, setup says so and the deployment tests name it (CI fails them).
 #  - bcc compiles C at load time against kernel headers. Kernels without their own headers package (this
 #    VM's kernel has none) get Debian's cloud headers, linked as /lib/modules/$(uname -r)/build AND .../source:
 #    measured here, bcc compiles only with both links; BCC_KERNEL_SOURCE alone, or either link alone, fails.
@@ -18,8 +22,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.nodeagent-setup"
 KREL="$(uname -r)"
-APT_PACKAGES=(iproute2 iptables conntrack nftables bpftool procps util-linux python3-bpfcc)
-COMMANDS=(ip tc iptables-legacy iptables-nft iptables-restore conntrack bpftool sysctl unshare)
+APT_PACKAGES=(iproute2 iptables conntrack nftables bpftool procps util-linux python3-bpfcc shellcheck ruby)
+COMMANDS=(ip tc iptables-legacy iptables-nft iptables-restore conntrack bpftool sysctl unshare shellcheck ruby)
 SYSTEM_BCC=/usr/lib/python3/dist-packages/bcc
 
 say() { printf 'setup: %s\n' "$*" >&2; }
@@ -36,6 +40,8 @@ pick_python() {
 }
 
 # bcc needs the configured build tree (build) and the common sources (source) of a headers package.
+kustomize_ok() { command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null 2>&1; }
+
 headers_ok() { [ -e "/lib/modules/$KREL/build/include/generated/autoconf.h" ] && [ -e "/lib/modules/$KREL/source/include/linux/kconfig.h" ]; }
 
 missing() {
@@ -43,6 +49,7 @@ missing() {
   for c in "${COMMANDS[@]}"; do command -v "$c" >/dev/null 2>&1 || m+=("command:$c"); done
   [ -d "$SYSTEM_BCC" ] || m+=("python3-bpfcc")
   headers_ok || m+=("kernel-headers")
+  kustomize_ok || m+=("kubectl(kustomize)")
   pick_python >/dev/null || m+=("python>=3.11")
   awk '$2=="/sys/fs/bpf" && $3=="bpf"{f=1} END{exit !f}' /proc/mounts || m+=("bpffs")
   { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(want_stamp)" ] && [ -x "$VENV/bin/nodeagent" ]; } || m+=("venv")
@@ -89,6 +96,13 @@ if ! headers_ok; then
   ln -sfn "$build" "/lib/modules/$KREL/build"
   ln -sfn "$common" "/lib/modules/$KREL/source"
   headers_ok || { say "kernel headers still incomplete under /lib/modules/$KREL"; exit 1; }
+fi
+
+# 2b. kubectl for `kubectl kustomize` (the deployment tests), where an apt repository offers it.
+if ! kustomize_ok; then
+  if [ $apt_updated = 0 ]; then apt-get update -qq; apt_updated=1; fi
+  if apt-cache show kubectl >/dev/null 2>&1; then apt_install kubectl; fi
+  kustomize_ok || say "WARNING: no kubectl with kustomize (no apt repository offers package kubectl): install kubectl >= 1.27 by hand; the deployment tests need it"
 fi
 
 # 3. bpffs, where the eBPF datapath pins programs and maps so they outlive an agent restart.
