@@ -195,23 +195,17 @@ def _rbac_of(path: str, query: dict[str, str]) -> tuple[str, str, str]:
 def derived_permissions() -> set[tuple[str, str, str]]:
     """Drive the Kubernetes source (every kind, as the agent and the tunnel run it) and map its requests."""
     api = _RecordingApi()
-    permissions: set[tuple[str, str, str]] = set()
     for all_pods in (False, True):
         source = KubernetesSource(api, lambda event: None, "node-1", all_pods=all_pods)  # type: ignore[arg-type]
         source.start()
         try:
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                with api._lock:
-                    seen = {_rbac_of(p, q) for p, q in api.requests}
-                if all(r.watches >= 1 for r in source.reflectors.values()):
-                    break
+            while not all(r.watches >= 1 for r in source.reflectors.values()) and time.monotonic() < deadline:
                 time.sleep(0.01)  # polling the reflectors' own counters, with a deadline
             assert all(r.watches >= 1 for r in source.reflectors.values()), "a reflector never watched"
         finally:
             source.stop()
-        permissions |= seen
-    return permissions
+    return {_rbac_of(path, query) for path, query in api.requests}
 
 
 def cluster_role_permissions(docs: tuple[dict[str, Any], ...]) -> set[tuple[str, str, str]]:
