@@ -125,12 +125,31 @@ def _label(netns: str | None) -> str:
     return netns or "(own namespace)"
 
 
-def _state(netns: str | None, desired: RuleSet, backend: str) -> CaptureState:
-    live = _read(netns, backend, desired)
+@dataclass(frozen=True)
+class _Live:
+    """One read of everything of ours in a namespace."""
+
+    rules: LiveRules
+    other_backend: str
+    other: LiveRules | None  # None: that backend is absent, or holds nothing of ours
+    routing: LiveRouting | None
+
+
+def _read_all(netns: str | None, desired: RuleSet, backend: str) -> _Live:
     other_backend, other = _read_other(netns, backend, desired)
-    routing = _read_routing(netns, desired.routing) if desired.routing else None
-    return assess(desired, live, routing, netns=_label(netns), backend=backend,
-                  other=other if other is not None and not other.empty else None, other_backend=other_backend)
+    if other is not None and other.empty:
+        other = None
+    return _Live(_read(netns, backend, desired), other_backend, other,
+                 _read_routing(netns, desired.routing) if desired.routing else None)
+
+
+def _assess(netns: str | None, desired: RuleSet, backend: str, live: _Live) -> CaptureState:
+    return assess(desired, live.rules, live.routing, netns=_label(netns), backend=backend, other=live.other,
+                  other_backend=live.other_backend)
+
+
+def _state(netns: str | None, desired: RuleSet, backend: str) -> CaptureState:
+    return _assess(netns, desired, backend, _read_all(netns, desired, backend))
 
 
 def live_state(netns: str, options: CaptureOptions = DEFAULT_OPTIONS, *, backend: str) -> CaptureState:
@@ -191,15 +210,15 @@ def _ensure(netns: str | None, desired: RuleSet, *, backend: str, who: str, forc
         log.info("capture skipped: namespace gone", pod=who, netns=where)
         return missing_netns(where, backend, desired)
     try:
-        before = _state(netns, desired, backend)
+        live = _read_all(netns, desired, backend)
+        before = _assess(netns, desired, backend, live)
         if before.status is CaptureStatus.INSTALLED and not force:
             return before
-        other_backend, other = _read_other(netns, backend, desired)
-        if other is not None and not other.empty:
-            NetnsIptables(other_backend, path=netns).restore(cleanup_payload(other))
-        if desired.routing is not None:
-            _ensure_routing(netns, desired.routing)
-        NetnsIptables(backend, path=netns).restore(restore_payload(desired, _read(netns, backend, desired)))
+        if live.other is not None:
+            NetnsIptables(live.other_backend, path=netns).restore(cleanup_payload(live.other))
+        if desired.routing is not None and live.routing != LiveRouting(1, True):
+            _ensure_routing(netns, desired.routing, live.routing or LiveRouting())
+        NetnsIptables(backend, path=netns).restore(restore_payload(desired, live.rules))
         after = _state(netns, desired, backend)
     except (_NetnsGone, IptablesError, RedirectError, OSError, subprocess.SubprocessError) as exc:
         if not netns_present(netns):
@@ -252,8 +271,7 @@ def _remove(netns: str | None, desired: RuleSet, *, backend: str, who: str) -> C
     return after
 
 
-def _ensure_routing(netns: str | None, route: PolicyRoute) -> None:
-    live = _read_routing(netns, route)
+def _ensure_routing(netns: str | None, route: PolicyRoute, live: LiveRouting) -> None:
     for _ in range(live.rules - 1):  # duplicates
         _run(netns, ["ip", "rule", "del", *route.rule_args()])
     if live.rules == 0:
