@@ -39,6 +39,7 @@ class Rule:
 
     @property
     def line(self) -> str:
+        """The rule as restore input and iptables-save print it."""
         return f"-A {self.chain} {self.spec}"
 
 
@@ -70,6 +71,7 @@ class PolicyRoute:
         return ["local", "0.0.0.0/0", "dev", "lo", "table", str(self.table)]
 
     def describe(self) -> tuple[str, str]:
+        """The rule and the route as one line each (for state reports and `inspect`)."""
         return "ip rule " + " ".join(self.rule_args()), "ip route " + " ".join(self.route_args())
 
 
@@ -96,13 +98,16 @@ class RuleSet:
         return f'-m comment --comment "nodeagent {self.name} {self.fingerprint}" -j {hook.target}'
 
     def tables(self) -> list[str]:
+        """The tables this set writes, in the order they are applied."""
         present = {t for t, _ in self.chains}
         return [t for t in TABLE_ORDER if t in present]
 
     def chain_rules(self, table: str, chain: str) -> tuple[str, ...]:
+        """The desired rules of one chain, in order."""
         return tuple(r.spec for r in self.rules if r.table == table and r.chain == chain)
 
     def owned(self) -> frozenset[tuple[str, str]]:
+        """Every (table, chain) this set owns: what reading and cleanup look for."""
         return frozenset(self.chains)
 
 
@@ -117,6 +122,7 @@ class LiveRules:
 
     @property
     def empty(self) -> bool:
+        """No chain of ours and no jump into one."""
         return not self.chains and not self.jumps
 
     def fingerprints(self) -> set[str]:

@@ -80,6 +80,7 @@ class CaptureState:
 
     @property
     def action(self) -> Action:
+        """What a reconciler does about this state (`ACTION`)."""
         return ACTION[self.status]
 
 
