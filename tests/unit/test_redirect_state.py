@@ -223,11 +223,14 @@ def _mess(tables: Tables, edits: list[tuple[str, str, int]]) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(previous=st.one_of(st.none(), _OPTIONS), edits=_EDITS, options=_OPTIONS)
+@given(previous=st.one_of(st.none(), st.just("same"), _OPTIONS), edits=_EDITS, options=_OPTIONS)
 def test_one_payload_reaches_exactly_the_desired_rules_from_any_live_state(
-        previous: CaptureOptions | None, edits: list[tuple[str, str, int]], options: CaptureOptions) -> None:
+        previous: CaptureOptions | str | None, edits: list[tuple[str, str, int]], options: CaptureOptions) -> None:
+    """previous: nothing, this very rule set (then hand-edited), or another run's."""
     desired = pod_capture(options)
-    tables = installed(pod_capture(previous)) if previous is not None else Tables()
+    if previous == "same":
+        previous = options
+    tables = installed(pod_capture(previous)) if isinstance(previous, CaptureOptions) else Tables()
     _mess(tables, edits)
     foreign = tables.foreign(desired)
     tables.restore(restore_payload(desired, tables.live(desired)))
