@@ -410,14 +410,16 @@ def _serve_node_ca(ca_dir: Path, address: str, token_file: Path | None, node_nam
 @click.option("--netns-prefix", default="", help="only namespaces whose names start with this")
 @click.option("--admin-address", default="127.0.0.1:15000", show_default=True, help="config dump (HOST:PORT)")
 @click.option("--readiness-address", default="0.0.0.0:15021", show_default=True, help="/healthz/ready (HOST:PORT)")
+@click.option("--metrics-address", default="0.0.0.0:15020", show_default=True,
+              help="Prometheus /metrics, Istio's TCP metric names (HOST:PORT; empty: off)")
 def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, context: str | None, trust_domain: str,
             ca_address: str, ca_token_file: Path, ca_root_file: Path, netns_dir: Path, netns_prefix: str,
-            admin_address: str, readiness_address: str) -> None:
+            admin_address: str, readiness_address: str, metrics_address: str) -> None:
     """Run the node tunnel: HBONE (mTLS) for every enrolled pod of this node, until SIGTERM."""
     from nodeagent.ztunnel.ca_service import request_certificate
     from nodeagent.ztunnel.process import TunnelOptions, TunnelProcess, run_forever
 
-    admin, readiness = _host_port(admin_address), _host_port(readiness_address)
+    admin, readiness, metrics = _host_port(admin_address), _host_port(readiness_address), _host_port(metrics_address)
     if admin[1] is None or readiness[1] is None:
         raise click.BadParameter("the admin and readiness endpoints cannot be turned off")
     try:
@@ -442,7 +444,8 @@ def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, cont
         return KubernetesSource(ApiConnection.from_config(kubeconfig, context), sink, node_name, all_pods=True)
 
     options = TunnelOptions(node=node_name, trust_domain=trust_domain, netns_dir=netns_dir, netns_prefix=netns_prefix,
-                            admin=(admin[0], admin[1]), readiness=(readiness[0], readiness[1]))
+                            admin=(admin[0], admin[1]), readiness=(readiness[0], readiness[1]),
+                            metrics=None if metrics[1] is None else (metrics[0], metrics[1]))
     run_forever(TunnelProcess(options, fetch, make_source))
 
 

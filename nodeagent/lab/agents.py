@@ -65,7 +65,7 @@ def tunnel_argv(lab: labs.Lab, node: str) -> list[str]:
             "--manifests", str(lab.record.manifests_path.parent),
             "--ca-token-file", str(token_file(lab, node)), "--ca-root-file", str(ca_dir(lab) / "root-cert.pem"),
             "--netns-dir", "/run/netns", "--netns-prefix", f"{lab.record.name}-pod-",
-            "--readiness-address", f"{address}:15021"]
+            "--readiness-address", f"{address}:15021", "--metrics-address", f"{address}:15020"]
 
 
 def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = (), env: Mapping[str, str] | None = None,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from nodeagent.httpserve import Route
 from nodeagent.ztunnel.tunnel import NodeTunnel
 
 ADMIN_PORT, READINESS_PORT = 15000, 15021
@@ -42,16 +43,25 @@ def ready(tunnel: NodeTunnel, assigned: set[str]) -> tuple[bool, list[str]]:
     return not missing, missing
 
 
-async def serve_http(host: str, port: int, routes: dict[str, Callable[[], tuple[int, Any]]]) -> asyncio.Server:
-    """Answer GET <path> with the route's (status, JSON body); 404 otherwise."""
+def json_route(body: Callable[[], tuple[int, Any]]) -> Route:
+    """A route answering JSON from `body()`'s (status, data)."""
+    def route() -> tuple[int, str, bytes]:
+        status, data = body()
+        return status, "application/json", json.dumps(data, indent=1).encode()
+    return route
+
+
+async def serve_http(host: str, port: int, routes: Mapping[str, Route]) -> asyncio.Server:
+    """Answer GET <path> with the route's (status, content type, body); 404 otherwise. On the tunnel's
+    event loop, so a route reads the tunnel's state between two steps of its connections, never mid-way."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split()
             route = routes.get(path.split("?")[0]) if method == "GET" else None
-            status, body = route() if route is not None else (404, {"error": f"no route {path}"})
-            data = json.dumps(body, indent=1).encode()
-            writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: application/json"
+            status, content_type, data = route() if route is not None else (
+                404, "application/json", json.dumps({"error": f"no route {path}"}).encode())
+            writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {content_type}"
                          f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
             await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, ValueError, ConnectionError):
@@ -74,6 +84,6 @@ async def start_admin(tunnel: NodeTunnel, assigned: Callable[[], set[str]], *, a
     def dump() -> tuple[int, Any]:
         return 200, {**config_dump(tunnel), **(status() if status is not None else {})}
 
-    admin_server = await serve_http(*admin, {"/config_dump": dump})
-    ready_server = await serve_http(*readiness, {"/healthz/ready": readiness_route})
+    admin_server = await serve_http(*admin, {"/config_dump": json_route(dump)})
+    ready_server = await serve_http(*readiness, {"/healthz/ready": json_route(readiness_route)})
     return admin_server, ready_server

@@ -23,8 +23,11 @@ from nodeagent.events import Sink
 from nodeagent.model import Kind
 from nodeagent.state import ChangeTracker, Snapshot
 from nodeagent.ztunnel import podnetns
-from nodeagent.ztunnel.admin import start_admin
+from nodeagent.ztunnel.admin import serve_http, start_admin
+from nodeagent.ztunnel.authz import Authorizer
 from nodeagent.ztunnel.certs import Fetch
+from nodeagent.ztunnel.services import ServiceTable, service_table
+from nodeagent.ztunnel.telemetry import METRICS_PORT, metrics_routes
 from nodeagent.ztunnel.tunnel import NodeTunnel
 from nodeagent.ztunnel.workloads import Workload, WorkloadTable, workload_table
 
@@ -43,6 +46,7 @@ class TunnelOptions:
     netns_prefix: str = ""
     admin: tuple[str, int] = ("127.0.0.1", 15000)
     readiness: tuple[str, int] = ("0.0.0.0", 15021)
+    metrics: tuple[str, int] | None = ("0.0.0.0", METRICS_PORT)
     reconcile_period: float = RECONCILE_PERIOD
 
 
@@ -54,12 +58,16 @@ class TunnelProcess:
     fetch: Fetch
     make_source: Callable[[Sink], Any]
     table: WorkloadTable | None = None
+    services: ServiceTable | None = None
+    authorizer: Authorizer | None = None
+    rejections: set[str] = field(default_factory=set)
     states: dict[str, str] = field(default_factory=dict)  # pod ip -> why it is not served ("" = served)
     netns_of: dict[str, str] = field(default_factory=dict)  # pod ip -> namespace path, as found
     tunnel: NodeTunnel = field(init=False)
 
     def __post_init__(self) -> None:
-        self.tunnel = NodeTunnel(self.options.node, self.options.trust_domain, self.fetch, self.lookup)
+        self.tunnel = NodeTunnel(self.options.node, self.options.trust_domain, self.fetch, self.lookup,
+                                 services=lambda: self.services, authorizer=lambda: self.authorizer)
         self._changed = asyncio.Event()
 
     def lookup(self, ip: str) -> Workload | None:
@@ -74,13 +82,16 @@ class TunnelProcess:
         """Per-pod states and enrollment decisions, for the admin endpoint."""
         table = self.table
         return {"states": {ip: state or "served" for ip, state in sorted(self.states.items())},
+                "rejected_annotations": sorted(self.rejections),
                 "enrollment": {} if table is None else {name: {"enrolled": d.enrolled, "reason": d.reason}
                                                          for name, d in sorted(table.decisions.items())}}
 
     async def reconcile(self, snapshot: Snapshot) -> None:
         """Serve exactly the enrolled local pods of `snapshot` that can be served now."""
-        table = workload_table(snapshot, self.options.node, self.options.trust_domain)
-        self.table = table
+        if self.services is None or self.services.generation != snapshot.generation:
+            self._follow(snapshot)
+        table = self.table
+        assert table is not None
         for ip in [ip for ip in self.tunnel.pods if ip not in table.local
                    or self.tunnel.pods[ip].workload.identity != table.local[ip].identity]:
             await self.tunnel.remove_pod(ip)
@@ -108,6 +119,17 @@ class TunnelProcess:
                 self.netns_of.pop(ip, None)
                 self._set_state(workload, f"error: {type(exc).__name__}: {exc}")
 
+    def _follow(self, snapshot: Snapshot) -> None:
+        """New workload, Service and policy views for a new snapshot; report newly rejected annotations."""
+        self.table = workload_table(snapshot, self.options.node, self.options.trust_domain)
+        self.services = service_table(snapshot) if self.services is None else self.services.updated(snapshot)
+        self.authorizer = Authorizer.from_snapshot(snapshot)
+        self.tunnel.outbound.resilience.retain(self.services)
+        rejections = {str(r) for r in self.services.all_rejections()}
+        for rejection in sorted(rejections - self.rejections):
+            log.warning("service annotation ignored", rejection=rejection)
+        self.rejections = rejections
+
     def _set_state(self, workload: Workload, state: str) -> None:
         if self.states.get(workload.ip) != state:
             if state:
@@ -125,6 +147,9 @@ class TunnelProcess:
         source = self.make_source(tracker.apply)
         admin, readiness = await start_admin(self.tunnel, self.assigned, admin=self.options.admin,
                                              readiness=self.options.readiness, status=self.status)
+        servers = [admin, readiness]
+        if self.options.metrics is not None:
+            servers.append(await serve_http(*self.options.metrics, metrics_routes(self.tunnel.metrics)))
         source.start()
         log.info("tunnel started", node=self.options.node, admin=f"{self.options.admin[0]}:{self.options.admin[1]}")
         retry = 0.1
@@ -146,8 +171,8 @@ class TunnelProcess:
                 self._changed.clear()
         finally:
             source.stop()
-            admin.close()
-            readiness.close()
+            for server in servers:
+                server.close()
             await self.tunnel.close()
             log.info("tunnel stopped", node=self.options.node)
 

@@ -20,14 +20,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import cast
 
 import structlog
 
+from nodeagent.model import PeerAuthenticationMode
+from nodeagent.ztunnel.authz import Authorizer, Verdict
 from nodeagent.ztunnel.certs import Fetch, WorkloadCertificate, rotating_server_context
 from nodeagent.ztunnel.hbone import SOCKET_MARK, HbonePool, HboneStream, serve_connection
 from nodeagent.ztunnel.identity import SpiffeId
 from nodeagent.ztunnel.netns import client_socket, listening_socket, original_destination
+from nodeagent.ztunnel.outbound import Outbound, Refused
+from nodeagent.ztunnel.services import ServiceTable
+from nodeagent.ztunnel.telemetry import POLICY_DENIED, UPSTREAM_FAILURE, Connection, TunnelMetrics
 from nodeagent.ztunnel.workloads import Workload
 
 log = structlog.get_logger("nodeagent.ztunnel.tunnel")
@@ -37,13 +42,7 @@ CHUNK = 256 << 10
 HANDSHAKE_TIMEOUT = 10.0  # a peer that stalls mid-handshake is dropped after this
 
 
-__all__ = ["NodeTunnel", "PlaintextPolicy", "Workload"]
-
-
-class PlaintextPolicy(Protocol):
-    """May a plaintext (non-HBONE) connection reach `workload`? (PeerAuthentication PERMISSIVE)"""
-
-    def __call__(self, workload: Workload) -> bool: ...
+__all__ = ["NodeTunnel", "Workload"]
 
 
 @dataclass
@@ -57,10 +56,14 @@ class _Pod:
 class NodeTunnel:
     """One node's tunnel: listeners for its pods, HBONE to the other pods' tunnels."""
 
-    def __init__(self, node: str, trust_domain: str, fetch: Fetch, lookup: Callable[[str], Workload | None],
-                 plaintext_allowed: PlaintextPolicy = lambda workload: True) -> None:
+    def __init__(self, node: str, trust_domain: str, fetch: Fetch, lookup: Callable[[str], Workload | None], *,
+                 services: Callable[[], ServiceTable | None] = lambda: None,
+                 authorizer: Callable[[], Authorizer | None] = lambda: None,
+                 metrics: TunnelMetrics | None = None) -> None:
         self.node, self.trust_domain, self.fetch, self.lookup = node, trust_domain, fetch, lookup
-        self.plaintext_allowed = plaintext_allowed
+        self.authorizer = authorizer
+        self.metrics = metrics or TunnelMetrics()
+        self.outbound = Outbound(node, lookup, services, self.metrics)
         self.pods: dict[str, _Pod] = {}
         # Pods sharing a service account share its certificate (one CSR per identity, as ztunnel's cache).
         self.certificates: dict[SpiffeId, WorkloadCertificate] = {}
@@ -132,8 +135,35 @@ class NodeTunnel:
             raise
         return await asyncio.open_connection(sock=sock, limit=CHUNK)
 
+    def _verdict(self, workload: Workload, port: int, source: SpiffeId | None) -> Verdict:
+        """Policy for a connection to `workload`:`port` from `source` (None: plaintext)."""
+        authorizer = self.authorizer()
+        if authorizer is None:
+            return Verdict(True, "no policy known yet")
+        if source is None:
+            mode, ref = authorizer.mode(workload.namespace, workload.labels)
+            if mode is PeerAuthenticationMode.STRICT:
+                return Verdict(False, f"plaintext refused: peer authentication STRICT"
+                                      f"{f' ({ref.key})' if ref else ''}", ref)
+        return authorizer.check(workload.namespace, workload.labels, port, source)
+
+    def _deny(self, workload: Workload, verdict: Verdict, peer: object, source: SpiffeId | None) -> None:
+        self.metrics.denials.labels(destination_workload_namespace=workload.namespace,
+                                    policy=verdict.policy.key if verdict.policy else "-").inc()
+        log.info("connection denied by policy", pod=workload.name, peer=str(peer),
+                 source=str(source) if source else "plaintext", reason=verdict.reason)
+
     async def _inbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=lambda who, dest: True,
+        peer = writer.get_extra_info("peername")
+
+        def policy(source: SpiffeId, target: str) -> bool:
+            port = int(target.rsplit(":", 1)[1])
+            verdict = self._verdict(pod.workload, port, source)
+            if not verdict.allowed:
+                self._deny(pod.workload, verdict, peer, source)
+            return verdict.allowed
+
+        await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
                                connect=lambda host, port: self._connect_from(pod, host, port))
 
     async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -147,57 +177,88 @@ class NodeTunnel:
                         peer=str(peer), reason=str(exc))
             writer.close()
             return
+        connection = Connection("destination", self.lookup(peer[0]) if peer else None, pod.workload,
+                                destination_principal=str(pod.workload.identity), address=f"{host}:{port}",
+                                endpoint=f"{host}:{port}", mtls=False, attempts=1)
+        opened = False
         try:
             if host != pod.workload.ip or port in (HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT):
-                log.warning("captured inbound connection not addressed to the pod", pod=pod.workload.name,
-                            peer=str(peer), destination=f"{host}:{port}")
+                connection.flags, connection.reason = UPSTREAM_FAILURE, "captured connection not addressed to the pod"
                 return
-            if not self.plaintext_allowed(pod.workload):
-                log.info("plaintext inbound refused (peer authentication STRICT)", pod=pod.workload.name,
-                         peer=str(peer), destination=f"{host}:{port}")
+            verdict = self._verdict(pod.workload, port, None)
+            if not verdict.allowed:
+                self._deny(pod.workload, verdict, peer, None)
+                connection.flags, connection.reason = POLICY_DENIED, verdict.reason
                 return
             up_reader, up_writer = await self._connect_from(pod, host, port)
-            await _bridge_tcp(reader, writer, up_reader, up_writer)
+            self.metrics.opened(connection)
+            opened = True
+            await _bridge_tcp(reader, writer, up_reader, up_writer, connection)
         except (OSError, ConnectionError) as exc:
-            log.info("plaintext inbound failed", pod=pod.workload.name, peer=str(peer),
-                     destination=f"{host}:{port}", reason=str(exc))
+            if not opened:
+                connection.flags = UPSTREAM_FAILURE
+            connection.reason = str(exc)
         finally:
             writer.close()
+            self.metrics.closed(connection, was_open=opened)
 
     async def _outbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         try:
             host, port = original_destination(sock)
         except OSError as exc:
-            log.warning("outbound connection without an original destination", pod_ip=pod.workload.ip,
+            log.warning("outbound connection without an original destination", pod=pod.workload.name,
                         reason=str(exc))
             writer.close()
             return
-        destination = self.lookup(host)
-        try:
+        connection = Connection("source", pod.workload, None, source_principal=str(pod.workload.identity),
+                                address=f"{host}:{port}")
+
+        async def dial(destination: Workload | None, ip: str, port: int, timeout: float) -> object:
             if destination is not None and destination.enrolled:
-                stream = await pod.pool.connect((destination.ip, HBONE_PORT), f"{host}:{port}",
-                                                destination.identity)
-                await _bridge_hbone(reader, writer, stream)
+                return await pod.pool.connect((destination.ip, HBONE_PORT), f"{ip}:{port}", destination.identity,
+                                              timeout)
+            connection.mtls = False
+            return await self._connect_from(pod, ip, port)
+
+        opened, slot = False, None
+        try:
+            upstream, slot = await self.outbound.connect(connection, host, port, dial)
+            self.metrics.opened(connection)
+            opened = True
+            if isinstance(upstream, HboneStream):
+                connection.mtls = True
+                await _bridge_hbone(reader, writer, upstream, connection)
             else:
-                up_reader, up_writer = await self._connect_from(pod, host, port)
-                await _bridge_tcp(reader, writer, up_reader, up_writer)
+                up_reader, up_writer = cast(tuple[asyncio.StreamReader, asyncio.StreamWriter], upstream)
+                await _bridge_tcp(reader, writer, up_reader, up_writer, connection)
+        except Refused as exc:
+            connection.flags, connection.reason = exc.flags, str(exc)
+            log.info("outbound connection refused", pod=pod.workload.name, destination=f"{host}:{port}",
+                     flags=exc.flags, reason=str(exc))
         except (OSError, ConnectionError) as exc:
-            log.info("outbound connection failed", source=pod.workload.ip, destination=f"{host}:{port}",
-                     reason=str(exc))
+            connection.reason = str(exc)
         finally:
             writer.close()
+            if slot is not None:
+                slot.closed()
+            self.metrics.closed(connection, was_open=opened)
 
 
-async def _bridge_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: HboneStream) -> None:
+async def _bridge_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: HboneStream,
+                        connection: Connection | None = None) -> None:
     async def up() -> None:
         while data := await reader.read(CHUNK):
             await stream.write(data)
+            if connection is not None:
+                connection.sent += len(data)
         stream.write_eof()
 
     async def down() -> None:
         while data := await stream.read():
             writer.write(data)
+            if connection is not None:
+                connection.received += len(data)
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
@@ -206,15 +267,21 @@ async def _bridge_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 async def _bridge_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
-    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+                      up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
+                      connection: Connection | None = None) -> None:
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, sent: bool) -> None:
         while data := await source.read(CHUNK):
             sink.write(data)
+            if connection is not None:
+                if sent:
+                    connection.sent += len(data)
+                else:
+                    connection.received += len(data)
             await sink.drain()
         if sink.can_write_eof():
             sink.write_eof()
 
     try:
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
     finally:
         up_writer.close()

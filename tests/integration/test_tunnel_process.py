@@ -77,7 +77,7 @@ def test_captured_connection_crosses_nodes_over_hbone_through_both_tunnel_proces
     in_netns(client.netns, "iptables", "-t", "nat", "-A", "OUTPUT", *rule)
     try:
         answer = request_from(lab, "demo/client", f"{server.pod.ip}:8080")
-        pools = [p["pools"] for p in admin_dump(lab, "node1")["pods"] if p["ip"] == str(client.pod.ip)][0]
+        pools = next(p["pools"] for p in admin_dump(lab, "node1")["pods"] if p["ip"] == str(client.pod.ip))
     finally:
         in_netns(client.netns, "iptables", "-t", "nat", "-D", "OUTPUT", *rule)
     assert answer["pod"] == "demo/echo-1"
