@@ -3,23 +3,37 @@
 `h2` does all framing and flow control; this module decides what a CONNECT means and moves bytes:
 - **server** (15008): a CONNECT whose `:authority` is `ip:port` gets an upstream TCP connection; 200
   only once it is up, 503 if it cannot be made, 401 when policy denies, 400 for anything that is not
-  a classic CONNECT to an address. Bytes flow both ways with backpressure (data is acknowledged to
-  the peer only after it was written upstream); a half-close travels as END_STREAM / write_eof.
+  a classic CONNECT to an address. Bytes flow both ways with backpressure; a half-close travels as
+  END_STREAM / write_eof.
 - **client**: opens the TLS connection (checking the server's SPIFFE ID), sends the CONNECT, waits for
   200, then carries a local stream.
 Windows are ztunnel's: 4 MiB per stream, 16 MiB per connection. A bad stream is reset alone; the
 connection and its other streams go on.
+
+The data path runs in protocol callbacks, not in tasks over StreamReader/StreamWriter: a TLS read is
+decrypted into one reused buffer, handed to h2, and each DATA frame is written to its stream's TCP
+transport in the same callback; bytes read from a TCP transport become DATA frames in the callback
+that read them. That saves the stream buffers' copies and a task switch per hop (bench/hbone_lab.py).
+Backpressure is per stream, so one slow stream never stalls the others on its connection:
+- inbound (peer -> local): a frame is written to the local transport at once; while that transport is
+  above its high-water mark the stream's bytes are not acknowledged, so the peer's stream window (4 MiB)
+  bounds what waits here, and the connection's other streams keep flowing;
+- outbound (local -> peer): a local transport is paused while its stream has no window left, or while
+  the TLS transport is above its high-water mark.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import ipaddress
 import socket
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import structlog
 from h2.config import H2Configuration
@@ -58,16 +72,35 @@ def _short_hex(data: bytes | None) -> str:
 # fifth of the tunnel's CPU (bench/hbone_throughput.py). Same text, a bounded cost.
 _hyperframe_frame._raw_data_repr = _short_hex
 
+_padded_data_body = _hyperframe_frame.DataFrame.serialize_body
+
+
+def _data_body(self: _hyperframe_frame.DataFrame) -> Any:
+    """An unpadded DATA frame's body is its data: no join into a new bytes (serialize() prepends the
+    header, the one copy left). Same bytes on the wire; padded frames take hyperframe's own path."""
+    if "PADDED" in self.flags:
+        return _padded_data_body(self)
+    return self.data
+
+
+_hyperframe_frame.DataFrame.serialize_body = _data_body  # type: ignore[method-assign]
+
 STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
-MAX_FRAME = 1 << 16
+MAX_FRAME = (1 << 24) - 1  # the largest frame we accept (RFC 9113's maximum): peers may send whole reads
+SEND_FRAME = 256 << 10  # the largest frame we send: a TCP read (uvloop and asyncio read up to 256 KiB)
 MAX_HEADER_LIST = 16 << 10
 MAX_STREAMS = 100
 SOCKET_MARK = 0x539  # every socket the tunnel opens toward the network (excluded from capture)
 READ_CHUNK = 256 << 10
+TLS_READ_BUFFER = 256 << 10
+TLS_WRITE_HIGH = 1 << 20  # above this much unsent TLS data, local transports stop being read
 
 # (peer identity, destination "ip:port") -> allowed?
 Policy = Callable[[SpiffeId, str], bool]
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# How the server reaches an upstream: a connected socket (the fast path), or a stream pair.
+Connect = Callable[[str, int], Awaitable["socket.socket | Streams"]]
 
 
 def parse_authority(authority: str) -> tuple[str, int] | None:
@@ -112,29 +145,108 @@ def _config(client_side: bool) -> H2Configuration:
     return H2Configuration(client_side=client_side, header_encoding="utf-8", validate_inbound_headers=True)
 
 
-@dataclass
+class _H2(H2Connection):
+    """h2's connection, handing over its output buffer instead of copying it into a new bytes."""
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        if amount is not None:
+            return super().data_to_send(amount)
+        # h2 keeps its output in `_data_to_send` (a bytearray) and returns a copy; the transport takes
+        # any buffer and nothing else holds this one once it is replaced.
+        out = self._data_to_send
+        self._data_to_send = bytearray()
+        return cast(bytes, out)
+
+
+@dataclass(eq=False)
 class _Stream:
-    writer: asyncio.StreamWriter | None = None
-    window_open: asyncio.Event = field(default_factory=asyncio.Event)
-    ended: bool = False
+    """One CONNECT stream's state on our side of a connection."""
+
+    id: int
+    sending: bool = False  # HEADERS are out (client: the CONNECT; server: the 200): DATA may follow
+    pending: deque[bytes | memoryview] = field(default_factory=deque)  # outbound, waiting for window
+    pending_bytes: int = 0
+    eof: bool = False  # the local side finished sending: END_STREAM once `pending` is out
+    end_sent: bool = False
+    remote_ended: bool = False
+    unacked: int = 0  # inbound bytes given to a local transport that is above its high-water mark
+    local: _Local | None = None  # the TCP connection this stream carries (server: upstream; client: spliced)
+    discard: bool = False  # the local connection is gone: inbound bytes are acknowledged and dropped
+    early: list[bytes] = field(default_factory=list)  # server: DATA that came before the upstream was up
+    inbound: asyncio.Queue[bytes | None] | None = None  # HboneStream.read, when not spliced
     response: asyncio.Future[int] | None = None
-    inbound: asyncio.Queue[bytes | None] | None = None
+    writable: asyncio.Event = field(default_factory=asyncio.Event)  # nothing pending, TLS not paused
+    done: asyncio.Future[None] | None = None  # resolved when the stream is finished or aborted
 
 
-class _H2Protocol:
-    """One HTTP/2 connection over an established asyncio stream pair."""
+class _Local(asyncio.Protocol):
+    """The plain TCP side of one stream; every callback goes straight to the stream's connection."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_side: bool) -> None:
-        self.reader, self.writer = reader, writer
-        self.conn = H2Connection(config=_config(client_side))
+    def __init__(self, h2: _Connection, stream: _Stream) -> None:
+        self.h2, self.stream = h2, stream
+        self.transport: asyncio.Transport | None = None
+        self.reading_paused = False
+        self.write_paused = False
+        self.keep: object = None  # the StreamWriter this connection came from (its __del__ would close it)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        self.h2.send_local(self.stream, data)
+
+    def eof_received(self) -> bool:
+        self.h2.local_eof(self.stream)
+        return True  # half-close: the other direction goes on
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.h2.local_writable(self.stream)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.h2.local_lost(self.stream, exc)
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.transport.is_closing():
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.transport.is_closing():
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One HTTP/2 connection over a TLS transport (either side); see the module doc for the data path."""
+
+    def __init__(self, client_side: bool) -> None:
+        self.conn = _H2(config=_config(client_side))
+        self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.closed = asyncio.Event()
-        self.reader_task: asyncio.Task[None] | None = None  # the client's frame reader, kept alive here
         self.keepalive_task: asyncio.Task[None] | None = None
         self.ping_acked = asyncio.Event()
         self.pings_acked = 0
+        self.write_paused = False
+        self.on_request: Callable[[RequestReceived], None] | None = None  # the server's CONNECT handler
+        self.keep: object = None  # the StreamWriter this connection came from (its __del__ would close it)
+        self.buffer = memoryview(bytearray(TLS_READ_BUFFER))
 
-    def start(self) -> None:
+    @property
+    def writer(self) -> asyncio.Transport:
+        """The TLS transport (get_extra_info, close), named as the stream writer it replaced."""
+        assert self.transport is not None
+        return self.transport
+
+    # -- the TLS transport's callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=TLS_WRITE_HIGH)
         self.conn.initiate_connection()
         self.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                                    SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
@@ -143,70 +255,288 @@ class _H2Protocol:
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.receive(self.buffer[:nbytes])
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done: close, connection_lost ends every stream
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for stream in list(self.streams.values()):
+            self._abort(stream)
+        self.streams.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for stream in self.streams.values():
+            stream.writable.clear()
+            if stream.local is not None:
+                stream.local.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            self.pump(stream)
+
+    # -- h2
+
     def flush(self) -> None:
         data = self.conn.data_to_send()
-        if data and not self.writer.is_closing():
-            self.writer.write(data)
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
-    async def send(self, stream_id: int, data: bytes) -> bool:
-        """Send `data` on the stream as the peer's windows allow; False once the stream is gone."""
-        view = memoryview(data)
-        while view:
-            stream = self.streams.get(stream_id)
-            if stream is None or self.closed.is_set():
-                return False
-            try:
-                window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
-            except (StreamClosedError, ProtocolError):
-                return False
-            if window <= 0:
-                stream.window_open.clear()
-                await stream.window_open.wait()
-                continue
-            chunk, view = view[:window], view[window:]
-            self.conn.send_data(stream_id, bytes(chunk))
-            self.flush()
-            await self.writer.drain()
-        return True
-
-    def end(self, stream_id: int) -> None:
+    def receive(self, data: bytes | memoryview) -> None:
+        """Feed bytes from the peer to h2 and act on every event, then send what h2 has to say."""
         try:
-            self.conn.end_stream(stream_id)
+            events = self.conn.receive_data(data)
+        except ProtocolError as exc:
+            log.warning("hbone protocol error", reason=str(exc))
             self.flush()
-        except (StreamClosedError, ProtocolError):
-            pass
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, DataReceived):
+                self._deliver(event)
+            elif isinstance(event, WindowUpdated):
+                if event.stream_id:
+                    stream = self.streams.get(event.stream_id)
+                    if stream is not None:
+                        self.pump(stream)
+                else:
+                    for stream in list(self.streams.values()):
+                        self.pump(stream)
+            elif isinstance(event, StreamEnded):
+                self._remote_end(event.stream_id)
+            elif isinstance(event, RequestReceived) and self.on_request is not None:
+                self.on_request(event)
+            elif isinstance(event, ResponseReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and stream.response is not None and not stream.response.done():
+                    stream.response.set_result(int(dict(_text(event.headers)).get(":status", "0")))
+            elif isinstance(event, StreamReset):
+                gone = self.streams.pop(event.stream_id, None)
+                if gone is not None:
+                    self._abort(gone)
+            elif isinstance(event, PingAckReceived):
+                self.pings_acked += 1
+                self.ping_acked.set()
+            elif isinstance(event, ConnectionTerminated) and self.transport is not None:
+                self.transport.close()  # h2 sends nothing more after a GOAWAY: end the connection's streams
+        self.flush()
+
+    def _deliver(self, event: DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        length = event.flow_controlled_length
+        data = event.data
+        if stream is None or stream.discard:
+            self.conn.acknowledge_received_data(length, event.stream_id)  # the connection window comes back
+        elif stream.local is not None:
+            assert stream.local.transport is not None
+            stream.local.transport.write(data)
+            if stream.local.write_paused:
+                stream.unacked += length  # acknowledged when the local transport drains (resume_writing)
+            else:
+                self.conn.acknowledge_received_data(length, stream.id)
+        elif stream.inbound is not None:
+            stream.inbound.put_nowait(data)  # acknowledged as it is read (HboneStream.read)
+            if length > len(data):
+                self.conn.acknowledge_received_data(length - len(data), stream.id)  # padding
+        else:
+            stream.early.append(data)  # the upstream is still being connected
+            stream.unacked += length
+
+    def _remote_end(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        stream.remote_ended = True
+        if stream.local is not None:
+            assert stream.local.transport is not None
+            if stream.local.transport.can_write_eof() and not stream.local.transport.is_closing():
+                stream.local.transport.write_eof()
+        elif stream.inbound is not None:
+            stream.inbound.put_nowait(None)
+        self._maybe_finish(stream)
+
+    def pump(self, stream: _Stream) -> None:
+        """Send the stream's pending bytes as far as the windows allow; END_STREAM after the last."""
+        if not stream.sending or self.write_paused:
+            return
+        conn, sent = self.conn, False
+        try:
+            while stream.pending:
+                window = min(conn.local_flow_control_window(stream.id), conn.max_outbound_frame_size, SEND_FRAME)
+                if window <= 0:
+                    break
+                chunk = stream.pending[0]
+                if len(chunk) <= window:
+                    stream.pending.popleft()
+                else:
+                    view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+                    chunk, stream.pending[0] = view[:window], view[window:]
+                stream.pending_bytes -= len(chunk)
+                last = stream.eof and not stream.pending
+                conn.send_data(stream.id, chunk, end_stream=last)
+                stream.end_sent |= last
+                sent = True
+            if not stream.pending and stream.eof and not stream.end_sent:
+                conn.end_stream(stream.id)
+                stream.end_sent = sent = True
+        except (StreamClosedError, ProtocolError):  # reset meanwhile: nothing more goes out on it
+            stream.pending.clear()
+            stream.pending_bytes = 0
+            stream.end_sent = True
+        if sent:
+            self.flush()
+        if not stream.pending and not self.write_paused:
+            stream.writable.set()
+            if stream.local is not None:
+                stream.local.resume_reading()
+        self._maybe_finish(stream)
+
+    # -- calls from the local side of a stream
+
+    def send_local(self, stream: _Stream, data: bytes | memoryview) -> None:
+        """Bytes the local side sent: out as DATA now, or held (and the local side paused) for window."""
+        if stream.end_sent or self.closed.is_set():
+            return
+        stream.pending.append(data)
+        stream.pending_bytes += len(data)
+        self.pump(stream)
+        if stream.pending or self.write_paused:
+            stream.writable.clear()
+            if stream.local is not None:
+                stream.local.pause_reading()
+
+    def local_eof(self, stream: _Stream) -> None:
+        stream.eof = True
+        self.pump(stream)
+
+    def local_writable(self, stream: _Stream) -> None:
+        """The local transport drained: acknowledge what it took meanwhile, so the peer may send more."""
+        if stream.unacked and stream.id in self.streams:
+            self.conn.acknowledge_received_data(stream.unacked, stream.id)
+            stream.unacked = 0
+            self.flush()
+
+    def local_lost(self, stream: _Stream, exc: Exception | None) -> None:
+        """The local connection closed: an error resets the stream; else inbound bytes are dropped."""
+        stream.local = None
+        if stream.id not in self.streams:
+            return
+        if exc is not None or not stream.eof:
+            self.reset(stream.id)
+            return
+        stream.discard = True
+        if stream.unacked:
+            self.local_writable(stream)
+        self._maybe_finish(stream)
+
+    # -- stream life
+
+    def attach(self, stream: _Stream, local: _Local) -> None:
+        """Carry `stream` over `local` (a connected transport): hand it what arrived before."""
+        stream.local = local
+        assert local.transport is not None
+        for data in stream.early:
+            local.transport.write(data)
+        stream.early.clear()
+        if stream.inbound is not None:  # read by nobody yet: the queue's chunks go first
+            while not stream.inbound.empty():
+                chunk = stream.inbound.get_nowait()
+                if chunk is not None:
+                    local.transport.write(chunk)
+                    stream.unacked += len(chunk)
+            stream.inbound = None
+        if stream.remote_ended and local.transport.can_write_eof():
+            local.transport.write_eof()
+        if not local.write_paused:
+            self.local_writable(stream)
+        self.pump(stream)
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
-        try:
+        """RST_STREAM `stream_id`; the connection and its other streams go on."""
+        with contextlib.suppress(StreamClosedError, ProtocolError):
             self.conn.reset_stream(stream_id, code)
-            self.flush()
-        except (StreamClosedError, ProtocolError):
-            pass
-        self.streams.pop(stream_id, None)
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self._abort(stream)
+        self.flush()
 
-    def window_updated(self, event: WindowUpdated) -> None:
-        targets = self.streams.values() if event.stream_id == 0 else [self.streams.get(event.stream_id)]
-        for stream in targets:
-            if stream is not None:
-                stream.window_open.set()
+    def _maybe_finish(self, stream: _Stream) -> None:
+        if stream.end_sent and stream.remote_ended and self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+            if stream.local is not None and stream.local.transport is not None:
+                stream.local.transport.close()  # both directions are done; buffered bytes are still written
+            if stream.done is not None and not stream.done.done():
+                stream.done.set_result(None)
+
+    def _abort(self, stream: _Stream) -> None:
+        """The stream is gone (reset, or its connection ended): close its local side, wake its waiters."""
+        stream.end_sent = stream.remote_ended = True
+        if stream.unacked and not self.closed.is_set():  # held back for a slow reader: the connection's window
+            self.conn.acknowledge_received_data(stream.unacked, stream.id)  # must not shrink for good
+            stream.unacked = 0
+        stream.early.clear()
+        stream.pending.clear()
+        stream.writable.set()
+        if stream.local is not None and stream.local.transport is not None:
+            stream.local.transport.close()
+        if stream.response is not None and not stream.response.done():
+            stream.response.set_result(0)
+        if stream.inbound is not None:
+            stream.inbound.put_nowait(None)
+        if stream.done is not None and not stream.done.done():
+            stream.done.set_result(None)
 
 
-async def _pump_upstream(h2: _H2Protocol, stream_id: int, reader: asyncio.StreamReader) -> None:
-    """Upstream bytes -> DATA frames; upstream EOF -> END_STREAM."""
-    try:
-        while data := await reader.read(READ_CHUNK):
-            if not await h2.send(stream_id, data):
-                return
-        h2.end(stream_id)
-    except (ConnectionError, OSError):
-        h2.reset(stream_id)
+def _take_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+               protocol: _Local | _Connection) -> tuple[bytes, bool]:
+    """Move a connection made with the streams API onto `protocol`: (bytes the reader had buffered, EOF
+    seen). The caller feeds those to the protocol after it is set up."""
+    protocol.keep = writer
+    transport = cast(asyncio.Transport, writer.transport)
+    pending: bytearray = reader._buffer  # type: ignore[attr-defined]  # read, but consumed by nobody yet
+    buffered = bytes(pending)
+    pending.clear()
+    eof = reader.at_eof()
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if not transport.is_reading():  # the stream protocol pauses reading when its buffer is full
+        transport.resume_reading()
+    return buffered, eof
+
+
+async def _connect_local(connect: Connect, host: str, port: int, local: _Local) -> None:
+    """Connect the upstream of a server stream onto `local` (before the 200 goes out)."""
+    made = await connect(host, port)
+    if isinstance(made, socket.socket):
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: local, sock=made)
+        except BaseException:
+            made.close()
+            raise
+        return
+    buffered, eof = _take_over(*made, local)
+    if buffered:
+        local.data_received(buffered)
+    if eof:
+        local.eof_received()
 
 
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, trust_domain: str,
-                           policy: Policy, connect: Callable[[str, int], Awaitable[tuple[asyncio.StreamReader,
-                                                                                     asyncio.StreamWriter]]]
-                           ) -> None:
-    """Serve one accepted TLS connection on 15008 until it ends."""
+                           policy: Policy, connect: Connect) -> None:
+    """Serve one accepted TLS connection on 15008 until it ends.
+
+    `connect(host, port)` reaches an upstream: a connected socket (the fast path, see
+    `upstream_socket`) or a (reader, writer) pair (`open_upstream`)."""
     tls = writer.get_extra_info("ssl_object")
     peer = writer.get_extra_info("peername")
     try:
@@ -215,130 +545,68 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
         log.warning("hbone peer refused", peer=str(peer), reason=str(exc))
         writer.close()
         return
-    h2 = _H2Protocol(reader, writer, client_side=False)
-    h2.start()
-    await writer.drain()
+    h2 = _Connection(client_side=False)
     tasks: set[asyncio.Task[None]] = set()
 
-    async def open_stream(stream_id: int, destination: tuple[str, int]) -> None:
+    def refuse(stream_id: int, status: int) -> None:
+        with contextlib.suppress(StreamClosedError, ProtocolError):
+            h2.conn.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        stream = h2.streams.pop(stream_id, None)
+        if stream is not None:
+            h2._abort(stream)  # early DATA gives its connection window back
+        h2.flush()
+
+    async def open_stream(stream: _Stream, destination: tuple[str, int]) -> None:
         target = f"{destination[0]}:{destination[1]}"
         if not policy(identity, target):
-            h2.conn.send_headers(stream_id, [(":status", "401")], end_stream=True)
-            h2.flush()
-            h2.streams.pop(stream_id, None)
+            refuse(stream.id, 401)
             log.info("hbone stream denied", peer=str(identity), destination=target)
             return
+        local = _Local(h2, stream)
         try:
-            up_reader, up_writer = await connect(*destination)
+            await _connect_local(connect, *destination, local)
         except OSError as exc:
-            h2.conn.send_headers(stream_id, [(":status", "503")], end_stream=True)
-            h2.flush()
-            h2.streams.pop(stream_id, None)
+            refuse(stream.id, 503)
             log.info("hbone upstream unreachable", peer=str(identity), destination=target, reason=str(exc))
             return
-        stream = h2.streams.get(stream_id)
-        if stream is None:  # reset while connecting
-            up_writer.close()
+        if h2.streams.get(stream.id) is not stream:  # reset while connecting
+            if local.transport is not None:
+                local.transport.close()
             return
-        stream.writer = up_writer
-        h2.conn.send_headers(stream_id, [(":status", "200")])
+        try:
+            h2.conn.send_headers(stream.id, [(":status", "200")])
+        except (StreamClosedError, ProtocolError):
+            h2.reset(stream.id)
+            return
+        stream.sending = True
+        h2.attach(stream, local)
         h2.flush()
-        await _pump_upstream(h2, stream_id, up_reader)
 
+    def on_request(event: RequestReceived) -> None:
+        status, destination, reason = connect_verdict(_text(event.headers))
+        if status:
+            refuse(event.stream_id, status)
+            log.info("hbone request refused", peer=str(identity), status=status, reason=reason)
+            return
+        assert destination is not None
+        stream = h2.streams[event.stream_id] = _Stream(event.stream_id)
+        task = asyncio.create_task(open_stream(stream, destination))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    h2.on_request = on_request
+    buffered, eof = _take_over(reader, writer, h2)
+    if buffered:
+        h2.receive(buffered)
+    if eof:
+        writer.close()
     try:
-        while data := await reader.read(READ_CHUNK):
-            try:
-                events = h2.conn.receive_data(data)
-            except ProtocolError as exc:
-                log.warning("hbone protocol error", peer=str(identity), reason=str(exc))
-                h2.flush()
-                break
-            for event in events:
-                if isinstance(event, RequestReceived):
-                    status, destination, reason = connect_verdict(_text(event.headers))
-                    if status:
-                        h2.conn.send_headers(event.stream_id, [(":status", str(status))], end_stream=True)
-                        log.info("hbone request refused", peer=str(identity), status=status, reason=reason)
-                        continue
-                    assert destination is not None
-                    h2.streams[event.stream_id] = _Stream()
-                    task = asyncio.create_task(open_stream(event.stream_id, destination))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                elif isinstance(event, DataReceived):
-                    stream = h2.streams.get(event.stream_id)
-                    if stream is not None and stream.writer is not None:
-                        stream.writer.write(event.data)
-                        await stream.writer.drain()
-                    h2.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, StreamEnded):
-                    stream = h2.streams.get(event.stream_id)
-                    if stream is not None and stream.writer is not None and stream.writer.can_write_eof():
-                        stream.writer.write_eof()
-                elif isinstance(event, StreamReset):
-                    stream = h2.streams.pop(event.stream_id, None)
-                    if stream is not None and stream.writer is not None:
-                        stream.writer.close()
-                elif isinstance(event, WindowUpdated):
-                    h2.window_updated(event)
-                elif isinstance(event, ConnectionTerminated):
-                    h2.closed.set()
-            h2.flush()
-            await writer.drain()
-    except (ConnectionError, OSError, ssl.SSLError):
-        pass
+        await h2.closed.wait()
     finally:
-        h2.closed.set()
-        for stream in h2.streams.values():
-            stream.window_open.set()
-            if stream.writer is not None:
-                stream.writer.close()
         for task in tasks:
             task.cancel()
+        h2.connection_lost(None)
         writer.close()
-
-
-async def open_upstream(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A TCP connection with the tunnel's socket mark, so capture rules never take it back in."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, SOCKET_MARK)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except OSError:
-        sock.close()
-        raise
-    return await asyncio.open_connection(sock=sock, limit=READ_CHUNK)
-
-
-@dataclass
-class HboneStream:
-    """The client end of one CONNECT stream."""
-
-    h2: _H2Protocol
-    stream_id: int
-    inbound: asyncio.Queue[bytes | None]
-
-    async def write(self, data: bytes) -> None:
-        if not await self.h2.send(self.stream_id, data):
-            raise ConnectionResetError("hbone stream closed")
-
-    def write_eof(self) -> None:
-        self.h2.end(self.stream_id)
-
-    def close(self) -> None:
-        """Abort the stream (RST_STREAM); the connection and its other streams go on."""
-        self.h2.reset(self.stream_id)
-
-    async def read(self) -> bytes:
-        """Next chunk, b"" at END_STREAM."""
-        chunk = await self.inbound.get()
-        if chunk is None:
-            return b""
-        self.h2.conn.acknowledge_received_data(len(chunk), self.stream_id)
-        self.h2.flush()
-        return chunk
 
 
 def marked_socket(family: int = socket.AF_INET) -> socket.socket:
@@ -349,9 +617,85 @@ def marked_socket(family: int = socket.AF_INET) -> socket.socket:
     return sock
 
 
+async def upstream_socket(host: str, port: int) -> socket.socket:
+    """A connected TCP socket with the tunnel's mark (so capture rules never take it back in)."""
+    sock = marked_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_upstream(host: str, port: int) -> Streams:
+    """`upstream_socket` as a (reader, writer) pair."""
+    return await asyncio.open_connection(sock=await upstream_socket(host, port), limit=READ_CHUNK)
+
+
+@dataclass
+class HboneStream:
+    """The client end of one CONNECT stream: `splice` a local connection onto it (the fast path), or
+    `read`/`write` it."""
+
+    h2: _Connection
+    stream_id: int
+    inbound: asyncio.Queue[bytes | None]
+
+    def _stream(self) -> _Stream:
+        stream = self.h2.streams.get(self.stream_id)
+        if stream is None or self.h2.closed.is_set():
+            raise ConnectionResetError("hbone stream closed")
+        return stream
+
+    async def write(self, data: bytes) -> None:
+        """Send `data`; returns once it is handed to TLS (the peer's window and the transport allow)."""
+        stream = self._stream()
+        if not data:
+            return
+        self.h2.send_local(stream, data)
+        while not stream.writable.is_set():
+            await stream.writable.wait()
+        if stream.pending or self.h2.streams.get(self.stream_id) is not stream:
+            raise ConnectionResetError("hbone stream closed")
+
+    def write_eof(self) -> None:
+        stream = self.h2.streams.get(self.stream_id)
+        if stream is not None:
+            self.h2.local_eof(stream)
+
+    def close(self) -> None:
+        """Abort the stream (RST_STREAM); the connection and its other streams go on."""
+        self.h2.reset(self.stream_id)
+
+    async def read(self) -> bytes:
+        """Next chunk, b"" at END_STREAM."""
+        chunk = await self.inbound.get()
+        if chunk is None:
+            return b""
+        if not self.h2.closed.is_set():  # (h2 returns only the connection's window once the stream is closed)
+            self.h2.conn.acknowledge_received_data(len(chunk), self.stream_id)
+            self.h2.flush()
+        return chunk
+
+    async def splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Carry the local connection (`reader`, `writer`) on this stream until both directions end or
+        either side aborts; the bytes move in protocol callbacks (see the module doc)."""
+        stream = self._stream()
+        stream.done = asyncio.get_running_loop().create_future()
+        local = _Local(self.h2, stream)
+        buffered, eof = _take_over(reader, writer, local)
+        self.h2.attach(stream, local)
+        if buffered:
+            local.data_received(buffered)
+        if eof:
+            local.eof_received()
+        await stream.done
+
+
 async def open_connection(peer: tuple[str, int], context: ssl.SSLContext, expected: SpiffeId,
                           timeout: float = 10.0, make_socket: Callable[[], socket.socket] | None = None
-                          ) -> _H2Protocol:
+                          ) -> _Connection:
     """A TLS + HTTP/2 connection to the tunnel at `peer`, verified to be `expected`, ready for streams.
 
     `make_socket` decides where the connection starts: a tunnel passes one that creates the socket in
@@ -359,37 +703,45 @@ async def open_connection(peer: tuple[str, int], context: ssl.SSLContext, expect
     """
     sock = make_socket() if make_socket is not None else marked_socket(
         socket.AF_INET6 if ":" in peer[0] else socket.AF_INET)
+    loop = asyncio.get_running_loop()
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, peer), timeout)
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(sock=sock, ssl=context, server_hostname="", limit=READ_CHUNK), timeout)
+        await asyncio.wait_for(loop.sock_connect(sock, peer), timeout)
+        transport, h2 = await asyncio.wait_for(loop.create_connection(
+            lambda: _Connection(client_side=True), sock=sock, ssl=context, server_hostname="",
+            ssl_handshake_timeout=timeout), timeout)
     except BaseException:
         sock.close()
         raise
     try:
-        expect_identity(writer.get_extra_info("ssl_object"), expected)
+        expect_identity(transport.get_extra_info("ssl_object"), expected)
     except IdentityError:
-        writer.close()
+        transport.close()
         raise
-    h2 = _H2Protocol(reader, writer, client_side=True)
-    h2.start()
-    h2.reader_task = asyncio.create_task(_client_reader(h2))
     return h2
 
 
-async def open_stream(h2: _H2Protocol, authority: str, timeout: float = 10.0) -> HboneStream:
+async def open_stream(h2: _Connection, authority: str, timeout: float = 10.0) -> HboneStream:
     """A CONNECT stream to `authority` on an open connection; ConnectionRefusedError unless answered 200."""
+    if h2.closed.is_set():
+        raise ConnectionResetError("hbone connection closed")
     stream_id = h2.conn.get_next_available_stream_id()
-    stream = _Stream(response=asyncio.get_running_loop().create_future(), inbound=asyncio.Queue())
+    response: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    inbound: asyncio.Queue[bytes | None] = asyncio.Queue()
+    stream = _Stream(stream_id, response=response, inbound=inbound)
     h2.streams[stream_id] = stream
     h2.conn.send_headers(stream_id, [(":method", "CONNECT"), (":authority", authority)])
     h2.flush()
-    assert stream.response is not None and stream.inbound is not None
-    status = await asyncio.wait_for(stream.response, timeout)
+    try:
+        status = await asyncio.wait_for(response, timeout)
+    except BaseException:
+        h2.reset(stream_id)
+        raise
     if status != 200:
         h2.streams.pop(stream_id, None)
         raise ConnectionRefusedError(f"HBONE CONNECT {authority}: status {status}")
-    return HboneStream(h2, stream_id, stream.inbound)
+    stream.sending = True
+    h2.pump(stream)  # anything written while waiting for the 200
+    return HboneStream(h2, stream_id, inbound)
 
 
 async def hbone_connect(peer: tuple[str, int], authority: str, context: ssl.SSLContext, expected: SpiffeId,
@@ -403,32 +755,48 @@ async def hbone_connect(peer: tuple[str, int], authority: str, context: ssl.SSLC
         raise
 
 
+PoolKey = tuple[tuple[str, int], SpiffeId]
+
+
 @dataclass
 class HbonePool:
     """HTTP/2 connections to peer tunnels, shared by many CONNECT streams (as ztunnel pools them).
 
     Keyed by (peer address, expected identity); the client certificate comes from `context()` when a
     connection opens (so a renewed certificate is used by new connections only). A connection takes at
-    most `max_streams` concurrent streams; then another one opens.
+    most `max_streams` concurrent streams; then another one opens. Streams asked for while a connection
+    to the same key is being opened wait for it rather than opening one each.
     """
 
     context: Callable[[], ssl.SSLContext]
     max_streams: int = MAX_STREAMS
     make_socket: Callable[[], socket.socket] | None = None
     keepalive: float = 30.0  # seconds between PINGs; a PING unanswered for as long closes the connection
-    connections: dict[tuple[tuple[str, int], SpiffeId], list[_H2Protocol]] = field(default_factory=dict)
+    connections: dict[PoolKey, list[_Connection]] = field(default_factory=dict)
+    opening: dict[PoolKey, asyncio.Future[_Connection]] = field(default_factory=dict)
 
     async def connect(self, peer: tuple[str, int], authority: str, expected: SpiffeId,
                       timeout: float = 10.0) -> HboneStream:
         key = (peer, expected)
-        live = [c for c in self.connections.get(key, []) if not c.closed.is_set()]
-        self.connections[key] = live
-        chosen = next((c for c in live if c.conn.open_outbound_streams < self.max_streams), None)
-        if chosen is None:
-            chosen = await open_connection(peer, self.context(), expected, timeout, self.make_socket)
-            chosen.keepalive_task = asyncio.create_task(_keepalive(chosen, self.keepalive))
-            live.append(chosen)
-        return await open_stream(chosen, authority, timeout)
+        while True:
+            live = [c for c in self.connections.get(key, []) if not c.closed.is_set()]
+            self.connections[key] = live
+            chosen = next((c for c in live if c.conn.open_outbound_streams < self.max_streams), None)
+            if chosen is not None:
+                return await open_stream(chosen, authority, timeout)
+            opening = self.opening.get(key)
+            if opening is None or opening.done():
+                opening = self.opening[key] = asyncio.ensure_future(self._open(key, timeout))
+            await asyncio.shield(opening)
+
+    async def _open(self, key: PoolKey, timeout: float) -> _Connection:
+        try:
+            h2 = await open_connection(key[0], self.context(), key[1], timeout, self.make_socket)
+        finally:
+            self.opening.pop(key, None)
+        h2.keepalive_task = asyncio.create_task(_keepalive(h2, self.keepalive))
+        self.connections.setdefault(key, []).append(h2)
+        return h2
 
     async def close(self) -> None:
         """GOAWAY on every connection, then close them."""
@@ -436,13 +804,14 @@ class HbonePool:
             for h2 in connections:
                 if h2.keepalive_task is not None:
                     h2.keepalive_task.cancel()
-                h2.conn.close_connection()
-                h2.flush()
-                h2.writer.close()
+                if not h2.closed.is_set():
+                    h2.conn.close_connection()
+                    h2.flush()
+                    h2.writer.close()
         self.connections.clear()
 
 
-async def _keepalive(h2: _H2Protocol, interval: float) -> None:
+async def _keepalive(h2: _Connection, interval: float) -> None:
     """PING the peer every `interval`; a PING not answered within `interval` ends the connection (a
     dead peer or path is noticed even when no stream sends anything)."""
     sequence = 0
@@ -456,42 +825,6 @@ async def _keepalive(h2: _H2Protocol, interval: float) -> None:
             await asyncio.wait_for(h2.ping_acked.wait(), interval)
         except (TimeoutError, ProtocolError, ConnectionError, OSError):
             log.info("hbone peer stopped answering PINGs; closing the connection")
-            h2.closed.set()
             h2.writer.close()
+            h2.connection_lost(None)
             return
-
-
-async def _client_reader(h2: _H2Protocol) -> None:
-    try:
-        while data := await h2.reader.read(READ_CHUNK):
-            for event in h2.conn.receive_data(data):
-                stream = h2.streams.get(getattr(event, "stream_id", 0) or 0)
-                if isinstance(event, ResponseReceived) and stream is not None and stream.response is not None:
-                    status = int(dict(_text(event.headers)).get(":status", "0"))
-                    if not stream.response.done():
-                        stream.response.set_result(status)
-                elif isinstance(event, DataReceived) and stream is not None and stream.inbound is not None:
-                    stream.inbound.put_nowait(event.data)
-                elif isinstance(event, StreamEnded) and stream is not None and stream.inbound is not None:
-                    stream.inbound.put_nowait(None)
-                elif isinstance(event, StreamReset) and stream is not None:
-                    if stream.response is not None and not stream.response.done():
-                        stream.response.set_result(0)
-                    if stream.inbound is not None:
-                        stream.inbound.put_nowait(None)
-                elif isinstance(event, WindowUpdated):
-                    h2.window_updated(event)
-                elif isinstance(event, PingAckReceived):
-                    h2.pings_acked += 1
-                    h2.ping_acked.set()
-            h2.flush()
-    except (ConnectionError, OSError, ssl.SSLError, ProtocolError):
-        pass
-    finally:
-        h2.closed.set()
-        for stream in h2.streams.values():
-            stream.window_open.set()
-            if stream.response is not None and not stream.response.done():
-                stream.response.set_result(0)
-            if stream.inbound is not None:
-                stream.inbound.put_nowait(None)

@@ -250,15 +250,14 @@ async def test_pooled_connections_are_kept_alive_with_pings_and_a_silent_peer_is
     silent = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async def gated() -> bytes:
-            if silent.is_set():
-                await asyncio.sleep(3600)  # a peer that no longer reads anything (a dead path)
-            return await original(1 << 16)
+        async def go_silent() -> None:
+            await silent.wait()
+            writer.transport.pause_reading()  # a peer that no longer reads anything (a dead path)
 
-        original = reader.read
-        reader.read = lambda n=-1: gated()  # type: ignore[method-assign]
+        gate = asyncio.create_task(go_silent())
         await serve_connection(reader, writer, trust_domain="cluster.local", policy=lambda who, dest: True,
                                connect=open_upstream)
+        gate.cancel()
 
     echo = await asyncio.start_server(upstream_echo, "127.0.0.1", 0)
     hbone = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
