@@ -1,11 +1,15 @@
-"""One side of a nodeagent HBONE tunnel pair, as its own process, for bench/hbone_throughput.py.
+"""One side of a nodeagent HBONE tunnel pair, as its own process, for bench/hbone_throughput.py and
+bench/hbone_lab.py (which runs each side in its lab node's network namespace).
 
-    hbone_peer.py server PORT UPSTREAM_PORT PKI_DIR   # HBONE (mTLS, h2 CONNECT) in, TCP out
-    hbone_peer.py client PORT HBONE_PORT UPSTREAM_PORT PKI_DIR   # TCP in, HBONE out
+    hbone_peer.py server --listen HOST:PORT --pki DIR
+        HBONE in (mTLS, h2 CONNECT), TCP out to each CONNECT's :authority
+    hbone_peer.py client --listen HOST:PORT --peer HOST:PORT --authority HOST:PORT --pki DIR
+        TCP in, each connection one CONNECT stream to --authority through the peer (pooled connections)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from pathlib import Path
@@ -15,10 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from nodeagent.ztunnel.hbone import HbonePool, open_upstream, serve_connection  # noqa: E402
+from nodeagent.ztunnel.hbone import HbonePool, serve_connection, upstream_socket  # noqa: E402
 from nodeagent.ztunnel.identity import SpiffeId  # noqa: E402
 from nodeagent.ztunnel.tls import client_context, server_context  # noqa: E402
-from nodeagent.ztunnel.tunnel import _bridge_hbone  # noqa: E402
 
 SERVER_ID = SpiffeId("cluster.local", "bench", "server")
 
@@ -31,30 +34,42 @@ def load(pki: Path, name: str) -> tuple[list[str], object, str]:
     return [*pems, root], key, root
 
 
+def address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
 async def main() -> None:
-    role = sys.argv[1]
-    if role == "server":
-        port, upstream, pki = int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-        chain, key, root = load(pki, "server")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("role", choices=["server", "client"])
+    parser.add_argument("--listen", type=address, required=True)
+    parser.add_argument("--peer", type=address)
+    parser.add_argument("--authority")
+    parser.add_argument("--pki", type=Path, required=True)
+    args = parser.parse_args()
+    host, port = args.listen
+    if args.role == "server":
+        chain, key, root = load(args.pki, "server")
         context = server_context(chain, key, root)  # type: ignore[arg-type]
         server = await asyncio.start_server(
             lambda r, w: serve_connection(r, w, trust_domain="cluster.local", policy=lambda who, dest: True,
-                                          connect=open_upstream), "127.0.0.1", port, ssl=context)
+                                          connect=upstream_socket), host, port, ssl=context, backlog=1024)
     else:
-        port, hbone, upstream, pki = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
-        chain, key, root = load(pki, "client")
+        if args.peer is None or args.authority is None:
+            parser.error("a client needs --peer and --authority")
+        chain, key, root = load(args.pki, "client")
         pool = HbonePool(lambda: client_context(chain, key, root))  # type: ignore[arg-type]
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            stream = await pool.connect(("127.0.0.1", hbone), f"127.0.0.1:{upstream}", SERVER_ID)
             try:
-                await _bridge_hbone(reader, writer, stream)
+                stream = await pool.connect(args.peer, args.authority, SERVER_ID)
+                await stream.splice(reader, writer)
             except OSError:
                 pass  # the benchmark client closes right after the sink's confirmation
             finally:
                 writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", port, limit=256 << 10)
+        server = await asyncio.start_server(handle, host, port, limit=256 << 10, backlog=1024)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()

@@ -53,7 +53,9 @@ def write_pki(directory: Path) -> None:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
-def envoy_configs(pki: Path, entry: int, hbone: int, sink: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def envoy_configs(pki: Path, entry: int, hbone: int, sink: int, *, listen: str = "127.0.0.1",
+                  peer: str = "127.0.0.1", upstream: str = "127.0.0.1") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(client, server) Envoy configs: TCP on `listen`:`entry` -> HBONE to `peer`:`hbone` -> `upstream`:`sink`."""
     def tls(name: str, san: str) -> dict[str, Any]:
         return {"tls_params": {"tls_minimum_protocol_version": "TLSv1_3",
                                "tls_maximum_protocol_version": "TLSv1_3"},
@@ -64,19 +66,19 @@ def envoy_configs(pki: Path, entry: int, hbone: int, sink: int) -> tuple[dict[st
                                                                           "matcher": {"exact": san}}]},
                 "alpn_protocols": ["h2"]}
 
-    def cluster(name: str, port: int, extra: dict[str, Any]) -> dict[str, Any]:
+    def cluster(name: str, host: str, port: int, extra: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "type": "STATIC", "connect_timeout": "2s", **extra,
                 "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+                    "address": {"socket_address": {"address": host, "port_value": port}}}}]}]}}
 
     windows = {"initial_stream_window_size": 4 << 20, "initial_connection_window_size": 16 << 20}
     client = {"static_resources": {
-        "listeners": [{"name": "in", "address": {"socket_address": {"address": "127.0.0.1", "port_value": entry}},
+        "listeners": [{"name": "in", "address": {"socket_address": {"address": listen, "port_value": entry}},
                        "filter_chains": [{"filters": [{"name": "tcp", "typed_config": {
                            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
                            "stat_prefix": "t", "cluster": "hbone",
-                           "tunneling_config": {"hostname": f"127.0.0.1:{sink}"}}}]}]}],
-        "clusters": [cluster("hbone", hbone, {
+                           "tunneling_config": {"hostname": f"{upstream}:{sink}"}}}]}]}],
+        "clusters": [cluster("hbone", peer, hbone, {
             "transport_socket": {"name": "tls", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "common_tls_context": tls("client", str(SERVER_ID))}},
@@ -84,7 +86,7 @@ def envoy_configs(pki: Path, entry: int, hbone: int, sink: int) -> tuple[dict[st
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "explicit_http_config": {"http2_protocol_options": windows}}}})]}}
     server = {"static_resources": {
-        "listeners": [{"name": "hbone", "address": {"socket_address": {"address": "127.0.0.1", "port_value": hbone}},
+        "listeners": [{"name": "hbone", "address": {"socket_address": {"address": listen, "port_value": hbone}},
                        "filter_chains": [{
                            "transport_socket": {"name": "tls", "typed_config": {
                                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
@@ -103,7 +105,7 @@ def envoy_configs(pki: Path, entry: int, hbone: int, sink: int) -> tuple[dict[st
                                    "match": {"connect_matcher": {}},
                                    "route": {"cluster": "sink", "upgrade_configs": [
                                        {"upgrade_type": "CONNECT", "connect_config": {}}]}}]}]}}}]}]}],
-        "clusters": [cluster("sink", sink, {})]}}
+        "clusters": [cluster("sink", upstream, sink, {})]}}
     return client, server
 
 
@@ -144,7 +146,7 @@ def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) 
             return
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{process.args} did not listen on {port}") from None
+                raise RuntimeError(f"{process.args!r} did not listen on {port}") from None
             time.sleep(0.05)
 
 
@@ -170,11 +172,13 @@ async def run(mib: int, runs: int) -> dict[str, Any]:
                                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     wait_port(port, children[-1])
             peer = str(ROOT / "bench" / "hbone_peer.py")
-            children.append(subprocess.Popen([sys.executable, peer, "server", str(n_hbone), str(sink_port), scratch],
-                                             stdout=subprocess.DEVNULL))
+            children.append(subprocess.Popen([sys.executable, peer, "server", "--listen", f"127.0.0.1:{n_hbone}",
+                                              "--pki", scratch], stdout=subprocess.DEVNULL))
             wait_port(n_hbone, children[-1])
-            children.append(subprocess.Popen([sys.executable, peer, "client", str(n_entry), str(n_hbone),
-                                              str(sink_port), scratch], stdout=subprocess.DEVNULL))
+            children.append(subprocess.Popen([sys.executable, peer, "client", "--listen", f"127.0.0.1:{n_entry}",
+                                              "--peer", f"127.0.0.1:{n_hbone}", "--authority",
+                                              f"127.0.0.1:{sink_port}", "--pki", scratch],
+                                             stdout=subprocess.DEVNULL))
             wait_port(n_entry, children[-1])
             for _ in range(runs):  # interleaved, so machine noise hits all three alike
                 for name, port in ports.items():

@@ -67,3 +67,21 @@ def test_hbone_throughput_benchmark_runs() -> None:
     report = json.loads(result.stdout.splitlines()[-1])
     assert set(report["gbit_per_s"]) == {"bare", "envoy", "nodeagent"}
     assert all(v > 0 for v in report["gbit_per_s"].values())
+
+
+@pytest.mark.root
+def test_hbone_lab_benchmark_runs_every_variant_and_cleans_up() -> None:
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    result = subprocess.run([sys.executable, "bench/hbone_lab.py", "--quick", "--json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert set(report["throughput"]["gbit_per_s"]) == {"bare", "envoy", "nodeagent"}
+    assert all(v > 0 for v in report["throughput"]["gbit_per_s"].values())
+    rr = report["request_response"]
+    assert all(rr["latency_us"][v]["p50"] > 0 and rr["achieved_rate"][v] > 0 for v in ("bare", "envoy", "nodeagent"))
+    for variant in ("envoy", "nodeagent"):
+        for side in ("client", "server"):
+            assert rr["tunnels"][variant][side]["vcpu"] > 0 and rr["tunnels"][variant][side]["rss_mb_idle"] > 0
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not {ns for ns in after - before if ns.startswith("hb")}, "the benchmark removes its lab"
