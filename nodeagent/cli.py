@@ -301,11 +301,20 @@ def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | N
 @click.option("--ca-bind-address", default="127.0.0.1:15012", show_default=True, help="HOST:PORT of the CA")
 @click.option("--ca-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="the node's CA credential, shared with the tunnel (created when absent) [CA_DIR/node-token]")
+@click.option("--mesh/--no-mesh", default=False, show_default=True,
+              help="enroll this node's pods in the mesh: assign them to the node tunnel over the control "
+                   "socket and capture their traffic once the tunnel serves them")
+@click.option("--control-socket", default="/run/nodeagent/control.sock", show_default=True,
+              help="unix socket of the control stream to the node tunnel (with --mesh)")
+@click.option("--netns-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/run/netns"),
+              show_default=True, help="where the container runtime binds pod network namespaces (with --mesh)")
+@click.option("--netns-prefix", default="", help="only namespaces whose names start with this (with --mesh)")
 def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | None, context: str | None,
         manifests: Path | None, source_lab: str | None, node_name: str | None, min_sync_period: float,
         sync_period: float, cluster_cidr: str, masquerade_all: bool, nodeport_addresses: str,
         iptables_backend: str, healthz_bind_address: str, metrics_bind_address: str, ca_dir: Path | None,
-        ca_bind_address: str, ca_token_file: Path | None) -> None:
+        ca_bind_address: str, ca_token_file: Path | None, mesh: bool, control_socket: str, netns_dir: Path,
+        netns_prefix: str) -> None:
     """Run the node agent: watch the source, keep this node's datapath in sync, until SIGTERM."""
     import signal
     import threading
@@ -370,12 +379,35 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
     agent.health.mode, agent.health.mode_reason = active, reason
     agent.start()
     ca_server = _serve_node_ca(ca_dir, ca_bind_address, ca_token_file, node_name, agent) if ca_dir else None
+    mesh_loop = _start_mesh(node_name, backend, control_socket, netns_dir, netns_prefix, agent) if mesh else None
     try:
         stop.wait()
     finally:
+        if mesh_loop is not None:
+            mesh_loop.stop()
+            mesh_loop.reconciler.control.stop()
         if ca_server is not None:
             ca_server.stop(grace=2)
         agent.stop()
+
+
+def _start_mesh(node_name: str, backend: str, control_socket: str, netns_dir: Path, netns_prefix: str,
+                agent: Any) -> Any:
+    """The control stream to the node tunnel and the loop that enrolls and captures this node's pods."""
+    from nodeagent.control.server import ControlServer
+    from nodeagent.mesh import IptablesCapture, MeshLoop, MeshReconciler
+
+    Path(control_socket).parent.mkdir(parents=True, exist_ok=True)
+    control = ControlServer(node_name)
+    try:
+        control.start(control_socket)
+    except (OSError, RuntimeError) as exc:
+        raise click.ClickException(f"control socket {control_socket}: {exc}") from exc
+    reconciler = MeshReconciler(node_name, control, IptablesCapture(backend), netns_dir=netns_dir,
+                                netns_prefix=netns_prefix)
+    loop = MeshLoop(reconciler, agent.tracker.last)
+    control.on_ack = loop.request
+    return loop.start()
 
 
 def _serve_node_ca(ca_dir: Path, address: str, token_file: Path | None, node_name: str, agent: Any) -> Any:
@@ -412,9 +444,12 @@ def _serve_node_ca(ca_dir: Path, address: str, token_file: Path | None, node_nam
 @click.option("--readiness-address", default="0.0.0.0:15021", show_default=True, help="/healthz/ready (HOST:PORT)")
 @click.option("--metrics-address", default="0.0.0.0:15020", show_default=True,
               help="Prometheus /metrics, Istio's TCP metric names (HOST:PORT; empty: off)")
+@click.option("--control-socket", default=None,
+              help="the agent's control stream (unix socket): serve the pods it assigns; without it, serve "
+                   "every enrolled pod of the node, namespaces found under --netns-dir")
 def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, context: str | None, trust_domain: str,
             ca_address: str, ca_token_file: Path, ca_root_file: Path, netns_dir: Path, netns_prefix: str,
-            admin_address: str, readiness_address: str, metrics_address: str) -> None:
+            admin_address: str, readiness_address: str, metrics_address: str, control_socket: str | None) -> None:
     """Run the node tunnel: HBONE (mTLS) for every enrolled pod of this node, until SIGTERM."""
     from nodeagent.ztunnel.ca_service import request_certificate
     from nodeagent.ztunnel.process import TunnelOptions, TunnelProcess, run_forever
@@ -445,7 +480,8 @@ def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, cont
 
     options = TunnelOptions(node=node_name, trust_domain=trust_domain, netns_dir=netns_dir, netns_prefix=netns_prefix,
                             admin=(admin[0], admin[1]), readiness=(readiness[0], readiness[1]),
-                            metrics=None if metrics[1] is None else (metrics[0], metrics[1]))
+                            metrics=None if metrics[1] is None else (metrics[0], metrics[1]),
+                            control_socket=control_socket)
     run_forever(TunnelProcess(options, fetch, make_source))
 
 

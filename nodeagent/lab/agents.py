@@ -53,25 +53,37 @@ def token_file(lab: labs.Lab, node: str) -> Path:
     return ca_dir(lab) / f"node-token.{node}"
 
 
-def mesh_agent_args(lab: labs.Lab, node: str) -> list[str]:
-    """The agent flags that make it serve the mesh CA to its node's tunnel."""
-    return ["--ca-dir", str(ca_dir(lab)), "--ca-token-file", str(token_file(lab, node))]
+def control_socket(lab: labs.Lab, node: str) -> Path:
+    """The control stream between the agent and the tunnel of `node`."""
+    return lab.record.directory / f"control.{node}.sock"
 
 
-def tunnel_argv(lab: labs.Lab, node: str) -> list[str]:
+def mesh_agent_args(lab: labs.Lab, node: str, capture: bool = True) -> list[str]:
+    """The agent flags that make it serve the mesh CA to its node's tunnel and (with `capture`) enroll the
+    node's pods: assign them to the tunnel and capture their traffic."""
+    ca = ["--ca-dir", str(ca_dir(lab)), "--ca-token-file", str(token_file(lab, node))]
+    return ca + (["--mesh", "--control-socket", str(control_socket(lab, node)), "--netns-dir", "/run/netns",
+                  "--netns-prefix", f"{lab.record.name}-pod-"] if capture else [])
+
+
+def tunnel_argv(lab: labs.Lab, node: str, capture: bool = True) -> list[str]:
     """The command line of the tunnel on `node`: its pods' namespaces are the lab's `<lab>-pod-…`."""
     address = lab.plan.node(node).node.address
     return ["nodeagent", "--log-json", "--log-level", "info", "ztunnel", "--node", node,
             "--manifests", str(lab.record.manifests_path.parent),
             "--ca-token-file", str(token_file(lab, node)), "--ca-root-file", str(ca_dir(lab) / "root-cert.pem"),
             "--netns-dir", "/run/netns", "--netns-prefix", f"{lab.record.name}-pod-",
-            "--readiness-address", f"{address}:15021", "--metrics-address", f"{address}:15020"]
+            "--readiness-address", f"{address}:15021", "--metrics-address", f"{address}:15020",
+            *(["--control-socket", str(control_socket(lab, node))] if capture else [])]
 
 
 def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 timeout: float = 60.0, mesh: bool = False) -> labs.Lab:
+                 timeout: float = 60.0, mesh: bool = False, capture: bool = True) -> labs.Lab:
     """Start one agent per node of lab `name` and wait until each has programmed its node once; with
-    `mesh`, also one tunnel per node (as the DaemonSet's second container) and wait until it is ready."""
+    `mesh`, also one tunnel per node (as the tunnel DaemonSet runs beside the agent's) and wait until it is
+    ready and, with `capture`, until the agents have captured every enrolled pod. Without `capture` the
+    tunnels serve the enrolled pods on their own and nothing is captured (for tests of the capture
+    itself)."""
     lab = labs.load(name)
     with locked(name):
         if any(p.owner.startswith(AGENT_OWNER) for p in lab.record.processes):
@@ -81,16 +93,47 @@ def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = ()
         started = []
         for node in lab.plan.nodes:
             node_name = node.node.name
-            argv = agent_argv(lab, node_name, mode, [*extra, *(mesh_agent_args(lab, node_name) if mesh else [])])
-            started.append((node, *_spawn(lab, node_name, AGENT_OWNER, "nodeagent", argv, env)))
-        tunnels = [(node, *_spawn(lab, node.node.name, TUNNEL_OWNER, "ztunnel", tunnel_argv(lab, node.node.name),
-                                  env)) for node in lab.plan.nodes] if mesh else []
+            argv = agent_argv(lab, node_name, mode, [*extra, *(mesh_agent_args(lab, node_name, capture)
+                                                                 if mesh else [])])
+            started.append((node, *spawn_owned(lab, node_name, AGENT_OWNER, "nodeagent", argv, env)))
+        tunnels = [(node, *spawn_owned(lab, node.node.name, TUNNEL_OWNER, "ztunnel",
+                                  tunnel_argv(lab, node.node.name, capture), env))
+                   for node in lab.plan.nodes] if mesh else []
     for node, pid, logfile in started:
         _wait_first_sync(node.netns, node.node.address, pid, logfile, timeout)
     for node, pid, logfile in tunnels:
         _wait_ready(node.netns, f"http://{node.node.address}:15021/healthz/ready", pid, logfile, timeout,
                     lambda answer: bool(json.loads(answer).get("ready")), "become ready")
+    if mesh and capture:
+        _wait_captured(lab, timeout)
     return lab
+
+
+def enrolled_pods(lab: labs.Lab) -> list[str]:
+    """The pods (namespace/name) of the lab that are enrolled in the mesh, as the agents decide it."""
+    from nodeagent.discovery.once import snapshot_of_manifests
+    from nodeagent.ztunnel.workloads import workload_table
+
+    snapshot = snapshot_of_manifests(lab.record.manifests_path.parent, lab.plan.nodes[0].node.name)
+    return sorted(w.name for node in lab.plan.nodes
+                  for w in workload_table(snapshot, node.node.name).local.values())
+
+
+def _wait_captured(lab: labs.Lab, timeout: float) -> None:
+    """Wait until every enrolled pod's capture is installed (the agent does so once its tunnel serves it)."""
+    from nodeagent.redirect import CaptureStatus, live_state
+
+    deadline = time.monotonic() + timeout
+    pending = {pod: f"/run/netns/{lab.plan.pod(pod).netns}" for pod in enrolled_pods(lab)}
+    while pending:
+        for pod, netns in list(pending.items()):
+            if any(live_state(netns, backend=b).status is CaptureStatus.INSTALLED for b in ("nft", "legacy")):
+                del pending[pod]
+        if pending and time.monotonic() > deadline:
+            raise LabBuildError(f"no capture installed within {timeout:.0f} s in {', '.join(sorted(pending))}; "
+                                f"see the agents' logs in {lab.record.directory / 'logs'}")
+        if pending:
+            time.sleep(0.1)  # polling a condition with a deadline
 
 
 def _prepare_ca(lab: labs.Lab) -> None:
@@ -103,8 +146,10 @@ def _prepare_ca(lab: labs.Lab) -> None:
         node_token(token_file(lab, node.node.name))
 
 
-def _spawn(lab: labs.Lab, node: str, owner: str, container: str, argv: list[str], env: Mapping[str, str] | None
-           ) -> tuple[int, Path]:
+def spawn_owned(lab: labs.Lab, node: str, owner: str, container: str, argv: list[str],
+                env: Mapping[str, str] | None) -> tuple[int, Path]:
+    """Start `argv` in `node`'s namespace and cgroup, recorded as `owner` (so `lab down` stops it); call
+    with the lab locked. Returns the supervising shim's pid and the log file."""
     plan = lab.plan.node(node)
     logfile = lab.record.directory / "logs" / f"{owner.rstrip('/')}.{node}.log"
     pid = processes.spawn(plan.netns, cgroups.path_of(plan.cgroup), argv,

@@ -67,12 +67,28 @@ def listening_socket(netns_path: str, port: int, *, backlog: int = 512) -> socke
     return in_netns(netns_path, make)
 
 
-def client_socket(netns_path: str, mark: int) -> socket.socket:
-    """An unconnected TCP socket in the namespace, carrying `mark` (so capture rules skip it)."""
+IP_TRANSPARENT, IP_FREEBIND = 19, 15
+
+
+def client_socket(netns_path: str, mark: int, source: str | None = None) -> socket.socket:
+    """An unconnected TCP socket in the namespace, carrying `mark` (so capture rules skip it).
+
+    With `source`, the socket is transparent and bound to that address (any port), so the server sees
+    the original client: as ztunnel's inbound connect, this needs CAP_NET_ADMIN and the pod's capture
+    routing replies to marked connections back to the local stack.
+    """
     def make() -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            if source is not None:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+                sock.bind((source, 0))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     return in_netns(netns_path, make)

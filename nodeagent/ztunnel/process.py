@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from nodeagent.control.assignments import Assignment
 from nodeagent.events import Sink
 from nodeagent.model import Kind
 from nodeagent.state import ChangeTracker, Snapshot
@@ -26,6 +27,8 @@ from nodeagent.ztunnel import podnetns
 from nodeagent.ztunnel.admin import serve_http, start_admin
 from nodeagent.ztunnel.authz import Authorizer
 from nodeagent.ztunnel.certs import Fetch
+from nodeagent.ztunnel.control_client import ControlClient
+from nodeagent.ztunnel.identity import SpiffeId
 from nodeagent.ztunnel.services import ServiceTable, service_table
 from nodeagent.ztunnel.telemetry import METRICS_PORT, metrics_routes
 from nodeagent.ztunnel.tunnel import NodeTunnel
@@ -47,6 +50,7 @@ class TunnelOptions:
     admin: tuple[str, int] = ("127.0.0.1", 15000)
     readiness: tuple[str, int] = ("0.0.0.0", 15021)
     metrics: tuple[str, int] | None = ("0.0.0.0", METRICS_PORT)
+    control_socket: str | None = None  # the agent's control stream; None: decide from the snapshot alone
     reconcile_period: float = RECONCILE_PERIOD
 
 
@@ -63,61 +67,107 @@ class TunnelProcess:
     rejections: set[str] = field(default_factory=set)
     states: dict[str, str] = field(default_factory=dict)  # pod ip -> why it is not served ("" = served)
     netns_of: dict[str, str] = field(default_factory=dict)  # pod ip -> namespace path, as found
+    assignments: dict[str, Assignment] | None = None  # uid -> pod, when the agent streams them
+    version: int = 0
+    agent_run: str = ""
+    on_reconciled: Callable[[], None] | None = None
     tunnel: NodeTunnel = field(init=False)
 
     def __post_init__(self) -> None:
         self.tunnel = NodeTunnel(self.options.node, self.options.trust_domain, self.fetch, self.lookup,
                                  services=lambda: self.services, authorizer=lambda: self.authorizer)
         self._changed = asyncio.Event()
+        self._lock = asyncio.Lock()
 
     def lookup(self, ip: str) -> Workload | None:
         """The workload holding `ip` in the current table (the tunnel's destination lookup)."""
         return self.table.lookup(ip) if self.table is not None else None
 
+    def desired(self) -> dict[str, Workload]:
+        """The pods to serve, by IP: the agent's assignments when it streams them, else the enrolled
+        local pods of the tunnel's own snapshot (standalone mode; namespaces found by address)."""
+        if self.assignments is not None:
+            out = {}
+            for assignment in self.assignments.values():
+                known = self.lookup(assignment.ip)
+                out[assignment.ip] = Workload(
+                    assignment.ip, SpiffeId(self.options.trust_domain, assignment.namespace,
+                                            assignment.service_account),
+                    self.options.node, netns=assignment.netns, name=assignment.uid,
+                    labels=known.labels if known is not None else {}, transparent=assignment.transparent)
+            return out
+        return dict(self.table.local) if self.table is not None else {}
+
     def assigned(self) -> set[str]:
-        """The local enrolled pods the tunnel must serve to be ready."""
-        return set(self.table.local) if self.table is not None else {"(no snapshot yet)"}
+        """The pods the tunnel must serve to be ready."""
+        if self.assignments is None and self.table is None:
+            return {"(no snapshot yet)"}
+        return set(self.desired())
 
     def status(self) -> dict[str, Any]:
         """Per-pod states and enrollment decisions, for the admin endpoint."""
         table = self.table
         return {"states": {ip: state or "served" for ip, state in sorted(self.states.items())},
+                "control": None if self.assignments is None else {"agent_run": self.agent_run,
+                                                                  "version": self.version},
                 "rejected_annotations": sorted(self.rejections),
                 "enrollment": {} if table is None else {name: {"enrolled": d.enrolled, "reason": d.reason}
                                                          for name, d in sorted(table.decisions.items())}}
 
-    async def reconcile(self, snapshot: Snapshot) -> None:
-        """Serve exactly the enrolled local pods of `snapshot` that can be served now."""
-        if self.services is None or self.services.generation != snapshot.generation:
-            self._follow(snapshot)
-        table = self.table
-        assert table is not None
-        for ip in [ip for ip in self.tunnel.pods if ip not in table.local
-                   or self.tunnel.pods[ip].workload.identity != table.local[ip].identity]:
-            await self.tunnel.remove_pod(ip)
-        for ip in [ip for ip in self.states if ip not in table.local]:
-            del self.states[ip]
-            self.netns_of.pop(ip, None)
-        missing = [ip for ip in table.local if ip not in self.netns_of or not Path(self.netns_of[ip]).exists()]
-        if missing:
-            found = await asyncio.to_thread(podnetns.locate, missing, self.options.netns_dir,
-                                            self.options.netns_prefix)
-            self.netns_of.update(found)
-        for ip, workload in table.local.items():
-            if ip in self.tunnel.pods:
-                self._set_state(workload, "")
-                continue
-            netns = self.netns_of.get(ip)
-            if netns is None:
-                self._set_state(workload, f"netns-missing: no namespace under {self.options.netns_dir} "
-                                          f"holds {ip}")
-                continue
-            try:
-                await self.tunnel.add_pod(replace(workload, netns=netns))
-                self._set_state(workload, "")
-            except Exception as exc:  # one pod's failure (CA, vanished netns) must not stop the others
+    def pod_statuses(self) -> list[tuple[str, bool, str]]:
+        """(uid, served, reason) of every assigned pod, for the acknowledgement to the agent."""
+        return [(a.uid, a.ip in self.tunnel.pods and not self.states.get(a.ip), self.states.get(a.ip, ""))
+                for a in (self.assignments or {}).values()]
+
+    async def apply(self, version: int, agent_run: str, full_state: bool, add: list[Assignment],
+                    remove: list[str]) -> None:
+        """Take an update of the agent's stream and serve accordingly (returns once reconciled)."""
+        current = {} if full_state or self.assignments is None else dict(self.assignments)
+        for uid in remove:
+            current.pop(uid, None)
+        for assignment in add:
+            current[assignment.uid] = assignment
+        self.assignments, self.version, self.agent_run = current, version, agent_run
+        await self.reconcile(None)
+
+    async def reconcile(self, snapshot: Snapshot | None) -> None:
+        """Serve exactly the desired pods that can be served now (one pass at a time)."""
+        async with self._lock:
+            if snapshot is not None and (self.services is None or self.services.generation != snapshot.generation):
+                self._follow(snapshot)
+            desired = self.desired()
+            for ip in [ip for ip, pod in self.tunnel.pods.items() if ip not in desired
+                       or _changed(pod.workload, desired[ip])]:
+                await self.tunnel.remove_pod(ip)
+            for ip in [ip for ip in self.states if ip not in desired]:
+                del self.states[ip]
                 self.netns_of.pop(ip, None)
-                self._set_state(workload, f"error: {type(exc).__name__}: {exc}")
+            missing = [ip for ip, w in desired.items() if not w.netns
+                       and (ip not in self.netns_of or not Path(self.netns_of[ip]).exists())]
+            if missing:
+                found = await asyncio.to_thread(podnetns.locate, missing, self.options.netns_dir,
+                                                self.options.netns_prefix)
+                self.netns_of.update(found)
+            for ip, workload in desired.items():
+                if ip in self.tunnel.pods:
+                    self._set_state(workload, "")
+                    continue
+                netns = workload.netns or self.netns_of.get(ip)
+                if netns is None:
+                    self._set_state(workload, f"netns-missing: no namespace under {self.options.netns_dir} "
+                                              f"holds {ip}")
+                    continue
+                if not Path(netns).exists():
+                    self._set_state(workload, f"netns-missing: {netns} does not exist")
+                    continue
+                try:
+                    await self.tunnel.add_pod(replace(workload, netns=netns))
+                    self._set_state(workload, "")
+                except Exception as exc:  # one pod's failure (CA, vanished netns) must not stop the others
+                    self.netns_of.pop(ip, None)
+                    self._set_state(workload, f"error: {type(exc).__name__}: {exc}")
+        if self.on_reconciled is not None:
+            self.on_reconciled()
 
     def _follow(self, snapshot: Snapshot) -> None:
         """New workload, Service and policy views for a new snapshot; report newly rejected annotations."""
@@ -151,7 +201,14 @@ class TunnelProcess:
         if self.options.metrics is not None:
             servers.append(await serve_http(*self.options.metrics, metrics_routes(self.tunnel.metrics)))
         source.start()
-        log.info("tunnel started", node=self.options.node, admin=f"{self.options.admin[0]}:{self.options.admin[1]}")
+        control = None
+        if self.options.control_socket is not None:
+            self.assignments = {}  # the agent decides what to serve; nothing until it says
+            control = ControlClient(self.options.control_socket, self.options.node, self.apply, self.pod_statuses)
+            self.on_reconciled = control.notify
+            control_task = asyncio.create_task(control.run(stop))
+        log.info("tunnel started", node=self.options.node, admin=f"{self.options.admin[0]}:{self.options.admin[1]}",
+                 control=self.options.control_socket)
         retry = 0.1
         try:
             while not stop.is_set():
@@ -159,7 +216,9 @@ class TunnelProcess:
                 # Before pods and namespaces are fully listed, a pod missing from the table may exist.
                 if snapshot is not None and snapshot.synced(TABLE_KINDS):
                     await self.reconcile(snapshot)
-                    await self.tunnel.rotate()
+                elif self.assignments:
+                    await self.reconcile(None)
+                await self.tunnel.rotate()
                 # Pods not served yet (the CA starting beside us, a namespace being made) are retried
                 # soon, then less often; a served node only reconciles on change or the period.
                 retry = min(retry * 2, self.options.reconcile_period) if any(self.states.values()) else 0.1
@@ -170,11 +229,19 @@ class TunnelProcess:
                     waiter.cancel()
                 self._changed.clear()
         finally:
+            if control is not None:
+                await control_task
             source.stop()
             for server in servers:
                 server.close()
             await self.tunnel.close()
             log.info("tunnel stopped", node=self.options.node)
+
+
+def _changed(served: Workload, wanted: Workload) -> bool:
+    """Whether a served pod must be re-added to match what is wanted now."""
+    return (served.identity, served.transparent) != (wanted.identity, wanted.transparent) or bool(
+        wanted.netns and served.netns != wanted.netns)
 
 
 def run_forever(process: TunnelProcess) -> None:

@@ -125,9 +125,11 @@ class NodeTunnel:
         for ip in list(self.pods):
             await self.remove_pod(ip)
 
-    async def _connect_from(self, pod: _Pod, host: str, port: int) -> tuple[asyncio.StreamReader,
-                                                                          asyncio.StreamWriter]:
-        sock = client_socket(pod.workload.netns, SOCKET_MARK)
+    async def _connect_from(self, pod: _Pod, host: str, port: int, source: str | None = None
+                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection from inside the pod's namespace; from `source` (transparently) when the pod's
+        capture routes replies back, so the app sees its real client."""
+        sock = client_socket(pod.workload.netns, SOCKET_MARK, source if pod.workload.transparent else None)
         try:
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
         except OSError:
@@ -163,8 +165,10 @@ class NodeTunnel:
                 self._deny(pod.workload, verdict, peer, source)
             return verdict.allowed
 
+        # The client tunnel dials from inside the client pod, so the peer address is the client pod's.
+        source = peer[0] if peer else None
         await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
-                               connect=lambda host, port: self._connect_from(pod, host, port))
+                               connect=lambda host, port: self._connect_from(pod, host, port, source))
 
     async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                                  ) -> None:
@@ -190,7 +194,7 @@ class NodeTunnel:
                 self._deny(pod.workload, verdict, peer, None)
                 connection.flags, connection.reason = POLICY_DENIED, verdict.reason
                 return
-            up_reader, up_writer = await self._connect_from(pod, host, port)
+            up_reader, up_writer = await self._connect_from(pod, host, port, peer[0] if peer else None)
             self.metrics.opened(connection)
             opened = True
             await _bridge_tcp(reader, writer, up_reader, up_writer, connection)

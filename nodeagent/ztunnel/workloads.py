@@ -27,6 +27,7 @@ class Workload:
     enrolled: bool = True
     name: str = ""  # namespace/name, for logs and metrics
     labels: Mapping[str, str] = field(default_factory=dict)
+    transparent: bool = False  # connect to the app from the client's address (the capture routes replies back)
 
     @property
     def namespace(self) -> str:

@@ -3,9 +3,9 @@ flip, retry on another endpoint and ejection of a dead one, circuit breaking, co
 black hole, L4 authorization (DENY before ALLOW), STRICT and PERMISSIVE peer authentication, and the
 Istio metrics of what was sent.
 
-The client pod's capture is one REDIRECT of the Service range to 15001 (the mesh-redirect issue installs
-the real capture); many connections are made by one short Python loop inside the client pod so a
-statistical test costs seconds, not a process per connection.
+The agents capture the enrolled pods (the client and the servers); many connections are made by one
+short Python loop inside the client pod so a statistical test costs seconds, not a process per
+connection.
 """
 
 from __future__ import annotations
@@ -27,6 +27,18 @@ from tests.integration.agent_labs import lab_with_agents
 pytestmark = pytest.mark.root
 
 EXTRA = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: plain}
+spec:
+  nodeName: node1
+  containers:
+  - {name: sleep, command: [nodeagent, workload, idle]}
+---
 apiVersion: v1
 kind: Service
 metadata:
@@ -172,9 +184,6 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
     with lab_with_agents(tmp_path_factory.mktemp("balancing"), EXTRA, "iptables", mesh=True) as lab:
-        client = lab.plan.pod("demo/client").netns
-        netns_run(client, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "10.96.0.0/12", "-m", "mark",
-                  "!", "--mark", "0x539", "-j", "REDIRECT", "--to-ports", "15001")
         yield lab
 
 
@@ -183,9 +192,10 @@ def netns_run(netns: str, *argv: str, check: bool = True) -> str:
                           text=True, timeout=120).stdout
 
 
-def connections(lab: labs.Lab, target: str, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """`count` sequential connections from the client pod to `target` (its answers, in order)."""
-    result: list[dict[str, Any]] = json.loads(netns_run(lab.plan.pod("demo/client").netns, "python3", "-c", LOOP,
+def connections(lab: labs.Lab, target: str, count: int, timeout: float = 5.0, pod: str = "demo/client"
+                ) -> list[dict[str, Any]]:
+    """`count` sequential connections from `pod` to `target` (its answers, in order)."""
+    result: list[dict[str, Any]] = json.loads(netns_run(lab.plan.pod(pod).netns, "python3", "-c", LOOP,
                                                         target, str(count), str(timeout)))
     return result
 
@@ -310,26 +320,22 @@ def test_deny_beats_allow_and_strict_refuses_plaintext_until_permissive(lab: lab
     edit_manifests(lab, without_deny)
     wait_for(lambda: connections(lab, vip(lab, "guarded"), 1)[0]["pod"] == "demo/guarded", "ALLOW alone admits")
 
-    # Plaintext to the pod (captured on its side into 15006): STRICT refuses, PERMISSIVE accepts.
-    guarded = lab.plan.pod("demo/guarded")
-    capture = ["PREROUTING", "-p", "tcp", "--dport", "8080", "-j", "REDIRECT", "--to-ports", "15006"]
-    netns_run(guarded.netns, "iptables", "-t", "nat", "-A", *capture)
-    try:
-        assert connections(lab, f"{guarded.pod.ip}:8080", 1)[0]["pod"] is None
+    # Plaintext from a pod outside the mesh (captured on the server's side into 15006): STRICT refuses,
+    # PERMISSIVE accepts.
+    target = f"{lab.plan.pod('demo/guarded').pod.ip}:8080"
+    assert connections(lab, target, 1, pod="plain/outsider")[0]["pod"] is None
 
-        def permissive(document: dict[str, Any]) -> None:
-            if document["kind"] == "PeerAuthentication":
-                document["spec"]["mtls"]["mode"] = "PERMISSIVE"
-            if document["kind"] == "AuthorizationPolicy" and document["metadata"]["name"] == "allow-client":
-                document["spec"]["rules"].append({"to": [{"operation": {"ports": ["8080"]}}]})
+    def permissive(document: dict[str, Any]) -> None:
+        if document["kind"] == "PeerAuthentication":
+            document["spec"]["mtls"]["mode"] = "PERMISSIVE"
+        if document["kind"] == "AuthorizationPolicy" and document["metadata"]["name"] == "allow-client":
+            document["spec"]["rules"].append({"to": [{"operation": {"ports": ["8080"]}}]})
 
-        # A plaintext source has no principal and so no namespace (as in Istio, both come from the mTLS
-        # identity); PERMISSIVE still applies policy, so a rule without a source must admit it.
-        edit_manifests(lab, permissive)
-        wait_for(lambda: connections(lab, f"{guarded.pod.ip}:8080", 1)[0]["pod"] == "demo/guarded",
-                 "PERMISSIVE accepts plaintext")
-    finally:
-        netns_run(guarded.netns, "iptables", "-t", "nat", "-D", *capture)
+    # A plaintext source has no principal and so no namespace (as in Istio, both come from the mTLS
+    # identity); PERMISSIVE still applies policy, so a rule without a source must admit it.
+    edit_manifests(lab, permissive)
+    wait_for(lambda: connections(lab, target, 1, pod="plain/outsider")[0]["pod"] == "demo/guarded",
+             "PERMISSIVE accepts plaintext")
 
 
 def test_metrics_count_the_connections_and_bytes_sent(lab: labs.Lab) -> None:

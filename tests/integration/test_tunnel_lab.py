@@ -123,9 +123,11 @@ async def test_pod_to_pod_across_nodes_through_both_tunnels_over_hbone(lab: labs
             answers.append(json.loads(out))
         dumps, readiness = {}, []
         for node, tunnel in tunnels.items():
-            admin_server, ready_server = await start_admin(
-                tunnel, lambda t=tunnel: {w.ip for w in pods.values() if w.node == t.node},
-                admin=("127.0.0.1", 0), readiness=("127.0.0.1", 0))
+            def assigned(node: str = node) -> set[str]:
+                return {w.ip for w in pods.values() if w.node == node}
+
+            admin_server, ready_server = await start_admin(tunnel, assigned, admin=("127.0.0.1", 0),
+                                                           readiness=("127.0.0.1", 0))
             dumps[node] = json.loads((await http_get(admin_server, "/config_dump"))[1])
             if node == "node1":
                 readiness.append(await ready_of(ready_server))

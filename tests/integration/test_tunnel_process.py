@@ -1,9 +1,7 @@
-"""`nodeagent ztunnel` as the lab runs it: one process per node beside the agent, fed from the lab's
-manifests, certificates from its agent's CA, listeners in every enrolled pod's namespace.
-
-Capture here is a hand-written REDIRECT in one pod namespace (the mesh-redirect issue installs the real
-one); what is under test is the tunnel process: it finds the pods, serves them, carries HBONE between
-the nodes, answers captured plaintext inbound on 15006, and follows enrollment changes live.
+"""`nodeagent ztunnel` as the lab runs it: one process per node beside the agent, certificates from its
+agent's CA, the pods to serve from its agent's control stream, listeners in every enrolled pod's
+namespace; enrollment changes followed live (capture removed before the listeners). Traffic through the
+tunnels is in test_mesh_lab.py and test_tunnel_balancing.py.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import pytest
 import yaml
 
 from nodeagent.lab import lab as labs
-from nodeagent.lab.demo import request_from
+from nodeagent.redirect import CaptureStatus, live_state
 from tests.integration.agent_labs import lab_with_agents
 
 pytestmark = pytest.mark.root
@@ -69,37 +67,6 @@ def test_each_node_tunnel_serves_its_enrolled_pods_inside_their_namespaces(lab: 
         assert {15001, 15006, 15008} <= listeners(plan.netns), plan.pod.key
 
 
-def test_captured_connection_crosses_nodes_over_hbone_through_both_tunnel_processes(lab: labs.Lab) -> None:
-    client, server = lab.plan.pod("demo/client"), lab.plan.pod("demo/echo-1")
-    assert client.pod.node != server.pod.node
-    rule = ["-p", "tcp", "-d", str(server.pod.ip), "--dport", "8080", "-m", "mark", "!", "--mark", "0x539",
-            "-j", "REDIRECT", "--to-ports", "15001"]
-    in_netns(client.netns, "iptables", "-t", "nat", "-A", "OUTPUT", *rule)
-    try:
-        answer = request_from(lab, "demo/client", f"{server.pod.ip}:8080")
-        pools = next(p["pools"] for p in admin_dump(lab, "node1")["pods"] if p["ip"] == str(client.pod.ip))
-    finally:
-        in_netns(client.netns, "iptables", "-t", "nat", "-D", "OUTPUT", *rule)
-    assert answer["pod"] == "demo/echo-1"
-    # The server tunnel connects to the app from inside the server pod (the original source IP comes
-    # with the mesh-redirect issue); the peer it sees is therefore its own address, not the client's.
-    assert answer["peer"].split(":")[0] == str(server.pod.ip), answer
-    assert pools and pools[0]["peer"] == f"{server.pod.ip}:15008", pools
-    assert pools[0]["identity"] == "spiffe://cluster.local/ns/demo/sa/echo"
-
-
-def test_captured_plaintext_inbound_on_15006_reaches_the_app(lab: labs.Lab) -> None:
-    server = lab.plan.pod("demo/echo-0")
-    rule = ["-p", "tcp", "--dport", "8080", "-j", "REDIRECT", "--to-ports", "15006"]
-    in_netns(server.netns, "iptables", "-t", "nat", "-A", "PREROUTING", *rule)
-    try:
-        answer = request_from(lab, "demo/client", f"{server.pod.ip}:8080")
-    finally:
-        in_netns(server.netns, "iptables", "-t", "nat", "-D", "PREROUTING", *rule)
-    assert answer["pod"] == "demo/echo-0"
-    assert answer["peer"].split(":")[0] == str(server.pod.ip), "the tunnel, inside the pod, made the connection"
-
-
 def test_enrollment_follows_labels_live(lab: labs.Lab) -> None:
     manifests = lab.record.manifests_path
     original = manifests.read_text()
@@ -115,11 +82,17 @@ def test_enrollment_follows_labels_live(lab: labs.Lab) -> None:
         assert 15008 not in listeners(echo1.netns)
         enrollment = admin_dump(lab, "node2")["enrollment"]["demo/echo-1"]
         assert enrollment == {"enrolled": False, "reason": "pod label nodeagent.io/mesh=disabled opts out"}
+        assert not captured(f"/run/netns/{echo1.netns}"), "the capture went with the enrollment"
     finally:
         _write(manifests, original)
     wait_for(lambda: str(echo1.pod.ip) in {p["ip"] for p in admin_dump(lab, "node2")["pods"]},
              "the pod is served again")
     assert 15008 in listeners(echo1.netns)
+    wait_for(lambda: captured(f"/run/netns/{echo1.netns}"), "captured again once served")
+
+
+def captured(netns: str) -> bool:
+    return any(live_state(netns, backend=b).status is CaptureStatus.INSTALLED for b in ("nft", "legacy"))
 
 
 def _write(path: Path, text: str) -> None:

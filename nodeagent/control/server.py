@@ -1,0 +1,149 @@
+"""The agent's end of the control stream: a gRPC server on a unix socket that streams the pods the
+tunnel must serve and collects its acknowledgements (which pods are served, at which version).
+
+One tunnel per node: a newer stream replaces an older one. On every (re)connect the tunnel gets the
+full state, then deltas; its acks tell the agent which pods it may capture (`served`). The tunnel
+keeps serving what it has while the agent is away, so an agent restart never drops a pod's traffic.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from nodeagent.api import control_pb2, control_pb2_grpc
+from nodeagent.control.assignments import Assignment, Assignments, Delta, VersionLog, diff
+
+log = structlog.get_logger("nodeagent.control")
+
+
+@dataclass(frozen=True, slots=True)
+class PodStatus:
+    """What the tunnel last said about one pod."""
+
+    served: bool
+    reason: str
+    version: int  # the update version the tunnel had applied when it said so
+
+
+def _proto(assignment: Assignment) -> control_pb2.PodAssignment:
+    return control_pb2.PodAssignment(uid=assignment.uid, ip=assignment.ip, namespace=assignment.namespace,
+                                     service_account=assignment.service_account, netns=assignment.netns,
+                                     transparent=assignment.transparent)
+
+
+class ControlServer(control_pb2_grpc.TunnelControlServicer):
+    """Publishes desired assignments to the connected tunnel; tracks what it acknowledged."""
+
+    def __init__(self, node: str, on_ack: Callable[[], None] | None = None) -> None:
+        self.node, self.on_ack = node, on_ack
+        self.run = uuid.uuid4().hex[:12]
+        self._changed = threading.Condition()
+        self._log = VersionLog()
+        self._since: dict[str, int] = {}  # uid -> the version its current assignment appeared in
+        self._stream = 0  # the id of the current stream; older ones end
+        self.statuses: dict[str, PodStatus] = {}
+        self.acked_version = 0
+        self.connected = False
+        self._server: grpc.Server | None = None
+
+    # -- the agent's side -------------------------------------------------------------------------
+    def publish(self, desired: Assignments) -> int:
+        """Make `desired` the set to serve; returns its version."""
+        with self._changed:
+            before = dict(self._log.current)
+            if self._log.publish(desired):
+                for assignment in diff(before, self._log.current).add:
+                    self._since[assignment.uid] = self._log.version
+                for uid in [uid for uid in self._since if uid not in self._log.current]:
+                    del self._since[uid]
+                self._changed.notify_all()
+            return self._log.version
+
+    def served(self, assignment: Assignment) -> bool:
+        """Whether the tunnel acknowledged serving exactly this assignment (at or after the version that
+        introduced it)."""
+        with self._changed:
+            status = self.statuses.get(assignment.uid)
+            return (self.connected and status is not None and status.served
+                    and self._log.current.get(assignment.uid) == assignment
+                    and status.version >= self._since.get(assignment.uid, 0))
+
+    def start(self, socket_path: str) -> ControlServer:
+        """Serve on the unix socket `socket_path` (replaced if it exists)."""
+        import os
+
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        control_pb2_grpc.add_TunnelControlServicer_to_server(self, server)
+        server.add_insecure_port(f"unix:{socket_path}")
+        server.start()
+        os.chmod(socket_path, 0o600)  # node-local and root only: the tunnel runs as root beside us
+        self._server = server
+        log.info("control stream listening", socket=socket_path, node=self.node)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; the tunnel keeps what it serves and reconnects later."""
+        with self._changed:
+            self._stream += 1
+            self._changed.notify_all()
+        if self._server is not None:
+            self._server.stop(grace=1).wait()
+
+    # -- the tunnel's stream ----------------------------------------------------------------------
+    def Connect(self, request_iterator: Iterator[control_pb2.TunnelAck],
+                context: grpc.ServicerContext) -> Iterator[control_pb2.TunnelUpdate]:
+        with self._changed:
+            self._stream += 1
+            stream = self._stream
+            self.connected = True
+            self.statuses = {}
+        threading.Thread(target=self._read_acks, args=(request_iterator, stream), daemon=True,
+                         name="control-acks").start()
+        sent: int | None = None
+        try:
+            while context.is_active():
+                with self._changed:
+                    while stream == self._stream and sent == self._log.version and context.is_active():
+                        self._changed.wait(1.0)
+                    if stream != self._stream:
+                        return
+                    update = self._update(sent)
+                    sent = self._log.version
+                yield update
+        finally:
+            with self._changed:
+                if stream == self._stream:
+                    self.connected = False
+                    self._changed.notify_all()
+
+    def _update(self, sent: int | None) -> control_pb2.TunnelUpdate:
+        delta: Delta | None = None if sent is None else self._log.since(sent)
+        if delta is None:  # first update on this stream, or the tunnel is too far behind: everything
+            return control_pb2.TunnelUpdate(version=self._log.version, agent_run=self.run, full_state=True,
+                                            add=[_proto(a) for _, a in sorted(self._log.current.items())])
+        return control_pb2.TunnelUpdate(version=self._log.version, agent_run=self.run,
+                                        add=[_proto(a) for a in delta.add], remove=list(delta.remove))
+
+    def _read_acks(self, acks: Iterator[control_pb2.TunnelAck], stream: int) -> None:
+        try:
+            for ack in acks:
+                with self._changed:
+                    if stream != self._stream:
+                        return
+                    if ack.agent_run == self.run:
+                        self.acked_version = ack.version
+                        self.statuses = {p.uid: PodStatus(p.served, p.reason, ack.version) for p in ack.pods}
+                    self._changed.notify_all()
+                if self.on_ack is not None:
+                    self.on_ack()
+        except grpc.RpcError:
+            pass  # the stream ended; Connect notices
