@@ -85,3 +85,19 @@ def test_hbone_lab_benchmark_runs_every_variant_and_cleans_up() -> None:
             assert rr["tunnels"][variant][side]["vcpu"] > 0 and rr["tunnels"][variant][side]["rss_mb_idle"] > 0
     after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     assert not {ns for ns in after - before if ns.startswith("hb")}, "the benchmark removes its lab"
+
+
+@pytest.mark.root
+def test_mesh_load_benchmark_runs_both_phases_and_cleans_up() -> None:
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    result = subprocess.run([sys.executable, "bench/mesh_load.py", "--quick", "--json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    reference, mesh = report["phases"]
+    assert (reference["phase"], mesh["phase"]) == ("reference", "mesh")
+    assert reference["failures_by_kind"].get("ConnectionRefusedError", 0) > 0, "the dead endpoint is drawn uncaptured"
+    assert mesh["failures"] == 0 and mesh["tunnel_metrics"]["retries"] > 0, "the tunnel retries it on another"
+    assert mesh["first_byte_ms"]["p50"] > 0 and mesh["vcpu"]["tunnel_node1"] > 0
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not {ns for ns in after - before if ns.startswith("ml")}, "the benchmark removes its lab"
