@@ -49,9 +49,12 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError, StreamClosedError
+from h2.exceptions import FrameDataMissingError, ProtocolError, StreamClosedError
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hyperframe import frame as _hyperframe_frame
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
+from hyperframe.frame import Frame
 
 from nodeagent.ztunnel.identity import IdentityError, SpiffeId
 from nodeagent.ztunnel.tls import expect_identity, peer_identity
@@ -85,6 +88,15 @@ def _data_body(self: _hyperframe_frame.DataFrame) -> Any:
 
 _hyperframe_frame.DataFrame.serialize_body = _data_body  # type: ignore[method-assign]
 
+
+def _data_repr(self: _hyperframe_frame.DataFrame) -> str:
+    """A DATA frame as h2's trace log shows it, formatted for every frame received, logging or not (a
+    tenth of the tunnel's work per small message): the stream and the body's length only."""
+    return f"DataFrame(stream_id={self.stream_id}, length={len(self.data)})"
+
+
+_hyperframe_frame.DataFrame.__repr__ = _data_repr  # type: ignore[method-assign,assignment]
+
 STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
 MAX_FRAME = (1 << 24) - 1  # the largest frame we accept (RFC 9113's maximum): peers may send whole reads
@@ -95,6 +107,7 @@ SOCKET_MARK = 0x539  # every socket the tunnel opens toward the network (exclude
 READ_CHUNK = 256 << 10
 TLS_READ_BUFFER = 256 << 10
 TLS_WRITE_HIGH = 1 << 20  # above this much unsent TLS data, local transports stop being read
+ACK_BATCH = 64 << 10  # received bytes acknowledged together (at most this much per stream held back)
 
 # (peer identity, destination "ip:port") -> allowed?
 Policy = Callable[[SpiffeId, str], bool]
@@ -145,17 +158,61 @@ def _config(client_side: bool) -> H2Configuration:
     return H2Configuration(client_side=client_side, header_encoding="utf-8", validate_inbound_headers=True)
 
 
+class _FrameBuffer(FrameBuffer):
+    """h2's frame buffer, parsing each frame from a view of the buffered bytes instead of from a copy
+    of them (hyperframe copies a frame's body out of the view it is given; one copy per byte fewer)."""
+
+    def __next__(self) -> Frame:
+        data = self._data
+        if len(data) < 9:
+            raise StopIteration
+        with memoryview(data) as view:
+            try:
+                frame, length = Frame.parse_frame_header(view[:9])
+            except (InvalidDataError, InvalidFrameError) as err:
+                raise ProtocolError(f"Received frame with invalid header: {err!s}") from err
+            if len(data) < length + 9:
+                raise StopIteration
+            self._validate_frame_length(length)
+            try:
+                frame.parse_body(view[9:9 + length])
+            except InvalidDataError as err:
+                raise ProtocolError("Received frame with non-compliant data") from err
+            except InvalidFrameError as err:
+                raise FrameDataMissingError("Frame data missing or invalid") from err
+        del data[:9 + length]
+        parsed = self._update_header_buffer(frame)
+        return parsed if parsed is not None else self.__next__()
+
+
 class _H2(H2Connection):
-    """h2's connection, handing over its output buffer instead of copying it into a new bytes."""
+    """h2's connection with fewer copies of each byte: frames parsed from a view (`_FrameBuffer`), and
+    serialized frames kept as they are until sent instead of appended to one growing bytearray and
+    copied out again (one frame per send, the usual case, goes out as the very bytes hyperframe made)."""
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config=config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        self._frames: list[bytes] = []
+
+    def _prepare_for_sending(self, frames: list[Frame]) -> None:
+        self._frames.extend(frame.serialize() for frame in frames)
 
     def data_to_send(self, amount: int | None = None) -> bytes:
+        if self._data_to_send:  # written directly by h2 (the connection preface): it goes first
+            self._frames.insert(0, bytes(self._data_to_send))
+            self._data_to_send = bytearray()
         if amount is not None:
+            self._data_to_send = bytearray(b"".join(self._frames))
+            self._frames.clear()
             return super().data_to_send(amount)
-        # h2 keeps its output in `_data_to_send` (a bytearray) and returns a copy; the transport takes
-        # any buffer and nothing else holds this one once it is replaced.
-        out = self._data_to_send
-        self._data_to_send = bytearray()
-        return cast(bytes, out)
+        out = b"".join(self._frames)  # a single bytes is returned as itself, not copied
+        self._frames.clear()
+        return out
+
+    def clear_outbound_data_buffer(self) -> None:
+        super().clear_outbound_data_buffer()
+        self._frames.clear()
 
 
 @dataclass(eq=False)
@@ -169,7 +226,9 @@ class _Stream:
     eof: bool = False  # the local side finished sending: END_STREAM once `pending` is out
     end_sent: bool = False
     remote_ended: bool = False
-    unacked: int = 0  # inbound bytes given to a local transport that is above its high-water mark
+    unacked: int = 0  # inbound bytes taken but not yet acknowledged to the peer (see _deliver)
+    sent: int = 0  # bytes from the local side, toward the peer
+    received: int = 0  # bytes from the peer, to the local side
     local: _Local | None = None  # the TCP connection this stream carries (server: upstream; client: spliced)
     discard: bool = False  # the local connection is gone: inbound bytes are acknowledged and dropped
     early: list[bytes] = field(default_factory=list)  # server: DATA that came before the upstream was up
@@ -340,16 +399,21 @@ class _Connection(asyncio.BufferedProtocol):
         elif stream.local is not None:
             assert stream.local.transport is not None
             stream.local.transport.write(data)
-            if stream.local.write_paused:
-                stream.unacked += length  # acknowledged when the local transport drains (resume_writing)
-            else:
-                self.conn.acknowledge_received_data(length, stream.id)
+            stream.received += len(data)
+            stream.unacked += length
+            # Acknowledged in batches (h2 sends WINDOW_UPDATE only at half a window anyway), and not while
+            # the local transport is above its high-water mark: then on resume_writing.
+            if stream.unacked >= ACK_BATCH and not stream.local.write_paused:
+                self.conn.acknowledge_received_data(stream.unacked, stream.id)
+                stream.unacked = 0
         elif stream.inbound is not None:
             stream.inbound.put_nowait(data)  # acknowledged as it is read (HboneStream.read)
+            stream.received += len(data)
             if length > len(data):
                 self.conn.acknowledge_received_data(length - len(data), stream.id)  # padding
         else:
             stream.early.append(data)  # the upstream is still being connected
+            stream.received += len(data)
             stream.unacked += length
 
     def _remote_end(self, stream_id: int) -> None:
@@ -369,37 +433,39 @@ class _Connection(asyncio.BufferedProtocol):
         """Send the stream's pending bytes as far as the windows allow; END_STREAM after the last."""
         if not stream.sending or self.write_paused:
             return
-        conn, sent = self.conn, False
+        conn, pending, sent = self.conn, stream.pending, False
         try:
-            while stream.pending:
+            while pending:
                 window = min(conn.local_flow_control_window(stream.id), conn.max_outbound_frame_size, SEND_FRAME)
                 if window <= 0:
                     break
-                chunk = stream.pending[0]
+                chunk = pending[0]
                 if len(chunk) <= window:
-                    stream.pending.popleft()
+                    pending.popleft()
                 else:
                     view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
-                    chunk, stream.pending[0] = view[:window], view[window:]
+                    chunk, pending[0] = view[:window], view[window:]
                 stream.pending_bytes -= len(chunk)
-                last = stream.eof and not stream.pending
+                last = stream.eof and not pending
                 conn.send_data(stream.id, chunk, end_stream=last)
                 stream.end_sent |= last
                 sent = True
-            if not stream.pending and stream.eof and not stream.end_sent:
+            if not pending and stream.eof and not stream.end_sent:
                 conn.end_stream(stream.id)
                 stream.end_sent = sent = True
         except (StreamClosedError, ProtocolError):  # reset meanwhile: nothing more goes out on it
-            stream.pending.clear()
+            pending.clear()
             stream.pending_bytes = 0
             stream.end_sent = True
         if sent:
             self.flush()
-        if not stream.pending and not self.write_paused:
-            stream.writable.set()
-            if stream.local is not None:
+        if not pending:
+            if not stream.writable.is_set():
+                stream.writable.set()
+            if stream.local is not None and stream.local.reading_paused:
                 stream.local.resume_reading()
-        self._maybe_finish(stream)
+        if stream.end_sent and stream.remote_ended:
+            self._maybe_finish(stream)
 
     # -- calls from the local side of a stream
 
@@ -409,6 +475,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         stream.pending.append(data)
         stream.pending_bytes += len(data)
+        stream.sent += len(data)
         self.pump(stream)
         if stream.pending or self.write_paused:
             stream.writable.clear()
@@ -473,6 +540,10 @@ class _Connection(asyncio.BufferedProtocol):
     def _maybe_finish(self, stream: _Stream) -> None:
         if stream.end_sent and stream.remote_ended and self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
+            if stream.unacked:  # the stream is closed: this gives back the connection's window only
+                self.conn.acknowledge_received_data(stream.unacked, stream.id)
+                stream.unacked = 0
+                self.flush()
             if stream.local is not None and stream.local.transport is not None:
                 stream.local.transport.close()  # both directions are done; buffered bytes are still written
             if stream.done is not None and not stream.done.done():
@@ -678,9 +749,10 @@ class HboneStream:
             self.h2.flush()
         return chunk
 
-    async def splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, int]:
         """Carry the local connection (`reader`, `writer`) on this stream until both directions end or
-        either side aborts; the bytes move in protocol callbacks (see the module doc)."""
+        either side aborts; the bytes move in protocol callbacks (see the module doc). Returns (bytes
+        sent toward the peer, bytes received from it)."""
         stream = self._stream()
         stream.done = asyncio.get_running_loop().create_future()
         local = _Local(self.h2, stream)
@@ -691,6 +763,7 @@ class HboneStream:
         if eof:
             local.eof_received()
         await stream.done
+        return stream.sent, stream.received
 
 
 async def open_connection(peer: tuple[str, int], context: ssl.SSLContext, expected: SpiffeId,
