@@ -19,18 +19,20 @@ Phases of one run, in order:
              tests/integration/test_tunnel_balancing.py): node1's tunnel retries the failing endpoint on
              another and ejects it, HBONE to node2's tunnel, which connects to the pod;
   step-down  (when the mesh phase is not sustained) --step-seconds mesh phases from 95% of what it achieved
-             down by x0.8 until one is sustained, one halfway back up ("step-up"), then that rate held
+             down by x0.8 until one is sustained, bisecting back up ("step-up"), then that rate held
              for --seconds ("confirm"; x0.8 once more if it does not hold);
-  profile    (with py-spy) a short mesh phase at --rate while py-spy samples both tunnels.
+  profile    (with py-spy) a --profile-seconds mesh phase at the sustained rate (else --rate) while py-spy
+             samples both tunnels: busy share, self time by frame and file, inclusive time by file.
 Sustained means: no failed connection, completions >= 98% of the schedule's rate, p99 time to first byte
 <= --slo-ms, schedule lateness p99 <= 100 ms. Reported per phase: achieved rate, failures by kind,
 p50/p99/max of connect, first byte and lateness, CPU (vCPU) of each tunnel, agent, the load generator and
-the echo pods, the tunnels' RSS, the machine's busy share, and from node1's tunnel metrics the retries,
+the echo pods, the rest of the machine (other users, unattributed kernel work), the tunnels' peak RSS and
+CPU ms per connection, and from node1's tunnel metrics the retries,
 ejections, breaker refusals and connections by response flag. `uptime` load before and after (the machine
 is shared). Every pod netns taking part gets tcp_tw_reuse=1 and ports 10000-65000: 60,000 connections a
 minute to one address outrun 28,000 ephemeral ports in TIME_WAIT otherwise.
 
-    sudo .venv/bin/python bench/mesh_load.py                 (full: 1,000/s for 60 s; ~4 min, more when stepping)
+    sudo .venv/bin/python bench/mesh_load.py                 (full: 1,000/s for 60 s; 4-10 min)
     sudo .venv/bin/python bench/mesh_load.py --quick --json  (smoke run)
 """
 
@@ -101,11 +103,11 @@ class _Probe(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.finish(FAIL + (type(exc).__name__ if exc else "ClosedBeforeAnswer"))
 
-    def expire(self) -> None:
+    def expire(self, outcome: str = FAIL + "Timeout") -> None:
         """The per-connection timeout: recorded as a failure, the connection (or its connect) abandoned."""
         if self.finished:
             return
-        self.finish(FAIL + "Timeout")
+        self.finish(outcome)
         if self.transport is not None:
             self.transport.abort()
         elif self.task is not None:
@@ -122,7 +124,7 @@ class _Probe(asyncio.Protocol):
         def since(t: int) -> int:
             return (t - self.started) // us if t else -1
 
-        self.gen.record((self.k, (self.started - self.due) // us, since(self.connected), since(self.first),
+        self.gen.record(self, (self.k, (self.started - self.due) // us, since(self.connected), since(self.first),
                          (now - self.started) // us, outcome))
 
 
@@ -132,56 +134,63 @@ class _Generator:
     port: int
     timeout: float
     records: list[tuple[int, int, int, int, int, str]] = field(default_factory=list)
-    open: int = 0
+    open: set[_Probe] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
-    def record(self, record: tuple[int, int, int, int, int, str]) -> None:
+    def record(self, probe: _Probe, record: tuple[int, int, int, int, int, str]) -> None:
         self.records.append(record)
-        self.open -= 1
+        self.open.discard(probe)
         if not self.open:
             self.idle.set()
 
-    async def one(self, k: int, due: int) -> None:
-        """Connection k of the schedule (due at monotonic `due` ns); its outcome ends in `records`."""
-        loop = asyncio.get_running_loop()
+    def start(self, k: int, due: int) -> None:
+        """Open connection k of the schedule (due at monotonic `due` ns); its outcome ends in `records`."""
         probe = _Probe(self, k, due, time.monotonic_ns())
-        probe.task = asyncio.current_task()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        self.open.add(probe)
+        self.idle.clear()
+        probe.task = asyncio.get_running_loop().create_task(self._connect(probe))
+
+    async def _connect(self, probe: _Probe) -> None:
+        loop = asyncio.get_running_loop()
+        sock = None
         try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
             await loop.sock_connect(sock, (self.host, self.port))
             probe.connected = time.monotonic_ns()
             await loop.create_connection(lambda: probe, sock=sock)
         except OSError as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             probe.finish(FAIL + type(exc).__name__)
         except asyncio.CancelledError:
-            sock.close()  # expired while connecting: already recorded
+            if sock is not None:
+                sock.close()  # expired while connecting: already recorded
 
 
 async def generate(host: str, port: int, rate: float, seconds: float, worker: int, workers: int, start: int,
                    timeout: float) -> dict[str, Any]:
     """Open connections k = worker, worker+workers, ... at monotonic `start` + k/rate (ns); wait for all."""
     gen = _Generator(host, port, timeout)
-    loop = asyncio.get_running_loop()
     step = 1e9 / rate
     total = int(rate * seconds)
     k = worker
     while k < total:
         now = time.monotonic_ns()
         while k < total and (due := start + int(k * step)) <= now:
-            gen.open += 1
-            gen.idle.clear()
-            task = loop.create_task(gen.one(k, due))
-            gen.tasks.add(task)  # the loop keeps only weak references to tasks
-            task.add_done_callback(gen.tasks.discard)
+            gen.start(k, due)
             k += workers
         if k < total:
             await asyncio.sleep((start + int(k * step) - time.monotonic_ns()) / 1e9)
+    unfinished = 0
     if gen.open:
-        await asyncio.wait_for(gen.idle.wait(), timeout + 5)
-    return {"worker": worker, "records": gen.records}
+        try:
+            await asyncio.wait_for(gen.idle.wait(), timeout + 5)
+        except TimeoutError:  # timers late on a starved loop: whatever is still open failed
+            unfinished = len(gen.open)
+            for probe in list(gen.open):
+                probe.expire(FAIL + "Unfinished")
+    return {"worker": worker, "records": gen.records, "unfinished": unfinished}
 
 
 def generate_main(args: argparse.Namespace) -> None:
@@ -405,6 +414,9 @@ class Sampler:
         busy = [sum(t) - t.idle - t.iowait for t in (self.machine0, machine1)]
         total = sum(machine1) - sum(self.machine0)
         self.vcpu["machine_busy"] = round((busy[1] - busy[0]) / total * (os.cpu_count() or 1), 3)
+        # other users of the machine, and kernel work (softirq) not charged to the processes above
+        self.vcpu["rest"] = round(self.vcpu["machine_busy"] - sum(v for k, v in self.vcpu.items()
+                                                                   if k != "machine_busy"), 3)
         self.rss_mb = {node: round(value, 1) for node, value in self.peak_rss.items()}
 
 
@@ -472,7 +484,8 @@ def summarize(records: list[list[Any]], rate: float, seconds: float, slo_ms: flo
     failures_at = Counter(int(r[0] / rate) for r in failed)
     summary: dict[str, Any] = {
         "rate": rate, "seconds": seconds, "scheduled": int(rate * seconds), "completed": len(records),
-        "ok": len(ok), "achieved_rate": achieved, "failures": len(failed),
+        "ok": len(ok), "achieved_rate": achieved, "completed_rate": round(len(records) / max(span, seconds), 1),
+        "failures": len(failed),
         "failures_by_kind": dict(Counter(r[5][1:] for r in failed)),
         "failures_by_second": {str(s): n for s, n in sorted(failures_at.items())},
         "connect_ms": percentiles([r[2] for r in ok]), "first_byte_ms": percentiles([r[3] for r in ok]),
@@ -635,7 +648,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def step_down(rig: Rig, phases: list[dict[str, Any]], achieved: float, args: argparse.Namespace) -> float | None:
     """The highest sustained rate found by --step-seconds mesh runs: from 95% of what the failed run achieved
-    (at most 80% of its rate) down by x0.8, then one run halfway back up to the last failure."""
+    (at most 80% of its rate) down by x0.8, then bisecting back up towards the last failure."""
     failed_at = args.rate
     rate = round(min(args.rate * 0.8, max(achieved * 0.95, args.rate * 0.05)), -1) or 10.0
     while rate >= args.rate * 0.02:
@@ -646,12 +659,13 @@ def step_down(rig: Rig, phases: list[dict[str, Any]], achieved: float, args: arg
         failed_at, rate = rate, round(rate * 0.8, -1) or 10.0
     else:
         return None
-    middle = float(round((rate + failed_at) / 2, -1))
-    if failed_at - rate > 0.1 * rate and rate < middle < failed_at:
+    for _ in range(4):  # bisect between the sustained and the failed rate, to within 15%
+        middle = float(round((rate + failed_at) / 2, -1))
+        if failed_at - rate <= 0.15 * rate or not rate < middle < failed_at:
+            break
         step = phase(rig, "step-up", middle, args.step_seconds, args)
         phases.append(step)
-        if step["sustained"]:
-            return middle
+        rate, failed_at = (middle, failed_at) if step["sustained"] else (rate, middle)
     return rate
 
 
@@ -671,7 +685,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"loadavg before {report['loadavg']['before']}, after {report['loadavg']['after']} ({report['cpus']} CPUs);"
           f" agents in {report['mode']} mode; Service demo/{SERVICE}: {report['endpoints']} echo pods + 1 failing, "
           f"all on node2; tunnel RSS idle {report['idle_rss_mb']} MB")
-    print(f"{'phase':10} {'rate':>6} {'s':>4} {'achieved':>8} {'fail':>5} {'connect p50/p99/max ms':>23} "
+    print(f"{'phase':10} {'rate':>6} {'s':>4} {'answered':>8} {'fail':>5} {'connect p50/p99/max ms':>23} "
           f"{'first byte p50/p99/max ms':>26} {'late p99':>8} {'retry':>5} {'eject':>5}")
     for p in report["phases"]:
         c, f, m = p["connect_ms"], p["first_byte_ms"], p["tunnel_metrics"]
@@ -679,13 +693,14 @@ def print_table(report: dict[str, Any]) -> None:
               f"{c.get('p50', 0):7.2f}/{c.get('p99', 0):6.2f}/{c.get('max', 0):8.1f} "
               f"{f.get('p50', 0):8.2f}/{f.get('p99', 0):7.2f}/{f.get('max', 0):8.1f} "
               f"{p['lateness_ms'].get('p99', 0):8.1f} {m['retries']:5g} {m['ejections']:5g}")
-    print(f"{'phase':10} {'vCPU: tunnel n1':>15} {'n2':>6} {'agents':>6} {'loadgen':>7} {'echo':>6} {'machine':>7}"
+    print(f"{'phase':10} {'vCPU: tunnel n1':>15} {'n2':>6} {'agents':>6} {'loadgen':>7} {'echo':>6} {'rest':>5} "
+          f"{'machine':>7}"
           f"  CPU ms/conn n1/n2  peak RSS MB n1/n2  failures")
     for p in report["phases"]:
         v, per = p["vcpu"], p["tunnel_cpu_ms_per_connection"]
         print(f"{p['phase']:10} {v['tunnel_node1']:15.3f} {v['tunnel_node2']:6.3f} "
               f"{v['agent_node1'] + v['agent_node2']:6.3f} {v['load_generator']:7.3f} {v['echo_pods']:6.3f} "
-              f"{v['machine_busy']:7.2f}  {per['node1'] or 0:8.2f}/{per['node2'] or 0:<8.2f} "
+              f"{v['rest']:5.2f} {v['machine_busy']:7.2f}  {per['node1'] or 0:8.2f}/{per['node2'] or 0:<8.2f} "
               f"{p['tunnel_rss_mb']['node1']:9.1f}/{p['tunnel_rss_mb']['node2']:<7.1f} {p['failures_by_kind'] or '-'}")
     print(f"sustained through both tunnels: {report['sustained_rate']}/s (no failure, >= 98% of the rate, "
           f"first byte p99 <= {report['slo_ms']:g} ms, lateness p99 <= 100 ms)")
