@@ -1,0 +1,319 @@
+// Mesh capture, eBPF mode (issue 9): the same guarantees as the iptables capture (nodeagent/redirect),
+// without a rule in the pod. Compiled by bcc from nodeagent/bpf/mesh.py, which substitutes PIN_DIR.
+//
+// Outbound (programs on the POD's cgroup, so only the pod's own processes are captured; the tunnel's
+// sockets are created by the tunnel process, in the tunnel's cgroup, and never pass these):
+//   nm_connect4     a TCP connect to anything but loopback, the pod itself or the probe address goes to
+//                   127.0.0.1:<outbound port>, the tunnel's in-pod listener; the original destination is
+//                   kept in the socket's local storage (nm_orig). As Merbridge's mb_connect.c
+//                   (merbridge/merbridge bpf/mb_connect.c) and Cilium's socket LB (bpf/bpf_sock.c), but
+//                   socket storage instead of a cookie-keyed LRU map: it is freed with the socket, cannot
+//                   be evicted under load, and needs no key.
+//   nm_sockops      when that connection is established (before its final ACK leaves, so before the
+//                   tunnel can accept it), the original destination is filed under the connection's
+//                   4-tuple plus the netns cookie (nm_pending): every pod dials 127.0.0.1:15001, so the
+//                   tuple alone collides across pods (Merbridge binds to the pod IP instead, mb_connect.c;
+//                   the cookie needs no bind). As merbridge/merbridge bpf/mb_sockops.c.
+//   nm_getpeername4 the application sees the address it dialed, not 127.0.0.1:15001 (iptables' REDIRECT
+//                   is invisible to the socket too).
+// Original destination (program on the TUNNEL's cgroup):
+//   nm_getsockopt   the tunnel keeps calling getsockopt(SOL_IP, SO_ORIGINAL_DST) as in iptables mode. The
+//                   hook runs in the cgroup of the *socket* (kernel/bpf/cgroup.c uses sk->sk_cgrp_data),
+//                   and an accepted socket inherits its listener's cgroup, i.e. the cgroup of the process
+//                   that created the listener: the tunnel's. The answer comes from nm_pending (outbound;
+//                   moved into the accepted socket's storage so a second call answers the same) or, for a
+//                   connection the tc program handed to the inbound listener, is the socket's own local
+//                   address (TPROXY semantics, as ztunnel reads it). It overrides the kernel's answer for
+//                   outbound (conntrack, when loaded in the pod, would say 127.0.0.1:15001). As
+//                   merbridge/merbridge bpf/mb_get_sockopts.c.
+// Inbound (tc ingress on the pod's interface, inside the pod's namespace):
+//   nm_tc_inbound   a new TCP connection (SYN) to the pod, except to the HBONE port, from the probe address
+//                   or to an excluded port, is assigned to the tunnel's plaintext listener with
+//                   bpf_sk_assign, as TPROXY would (the connection keeps its destination as local address).
+//                   As the kernel's selftest progs/test_sk_assign.c and Cilium's bpf/lib/proxy.h.
+//                   No listener (tunnel down): the SYN is dropped (the client retries), never delivered
+//                   to the application uncaptured.
+//
+// Maps (addresses and ports in network byte order):
+//   nm_config:  netns cookie -> the pod's capture configuration (written by the agent per pod)
+//   nm_pod_ips: pod IP -> netns cookie (tc finds its pod by destination; removal finds a vanished pod)
+//   nm_stats:   netns cookie -> counters (what `inspect` and the tests read)
+//   nm_orig:    socket storage: original destination of a captured client socket, or the answer given
+//               for an accepted one
+//   nm_pending: (netns cookie, client ip/port, listener ip/port) -> original destination, LRU
+//   nm_inbound: (client ip/port, pod ip/port) of connections assigned to the inbound listener, LRU
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/pkt_cls.h>
+#include <linux/in.h>
+
+#define NM_SOL_IP 0
+#define NM_SO_ORIGINAL_DST 80
+#define NM_PAGE_SIZE 4096
+#define NM_MAX_EXCLUDE 8
+#define NM_MARK_MASK 0xfff
+#define NM_LOCALHOST 0x7f000001
+#define NM_TCP_TIME_WAIT 6
+#define NM_TCP_LISTEN 10
+#define NM_SOCK_STREAM 1
+
+struct nm_cidr { u32 net; u32 mask; };
+struct nm_config {
+    u32 pod_ip;
+    u32 probe_ip;
+    u32 mark;                  // host order: compared with the socket's mark under NM_MARK_MASK
+    u16 outbound_port;
+    u16 inbound_port;
+    u16 hbone_port;
+    u8 n_out_ports;
+    u8 n_in_ports;
+    u8 n_out_cidrs;
+    u8 pad[3];
+    u16 exclude_out_ports[NM_MAX_EXCLUDE];
+    u16 exclude_in_ports[NM_MAX_EXCLUDE];
+    struct nm_cidr exclude_out_cidrs[NM_MAX_EXCLUDE];
+};
+struct nm_stats { u64 outbound; u64 outbound_skipped; u64 inbound; u64 inbound_dropped; u64 answered; };
+struct nm_orig { u32 ip; u16 port; u16 via_port; };  // via_port: where connect4 sent it (0: an answer)
+struct nm_pending_key { u64 netns; u32 client_ip; u32 server_ip; u16 client_port; u16 server_port; u32 pad; };
+struct nm_flow { u32 client_ip; u32 pod_ip; u16 client_port; u16 port; };
+
+BPF_TABLE_PINNED("hash", u64, struct nm_config, nm_config, 16384, "PIN_DIR/nm_config");
+BPF_TABLE_PINNED("hash", u32, u64, nm_pod_ips, 16384, "PIN_DIR/nm_pod_ips");
+BPF_TABLE_PINNED("hash", u64, struct nm_stats, nm_stats, 16384, "PIN_DIR/nm_stats");
+BPF_TABLE_PINNED("lru_hash", struct nm_pending_key, struct nm_orig, nm_pending, 65536, "PIN_DIR/nm_pending");
+BPF_TABLE_PINNED("lru_hash", struct nm_flow, u32, nm_inbound, 65536, "PIN_DIR/nm_inbound");
+BPF_TABLE_PINNED7("sk_storage", int, struct nm_orig, nm_orig, 0, "PIN_DIR/nm_orig", BPF_F_NO_PREALLOC);
+
+// Counters are a side channel: a full map must never change what happens to a connection.
+static __always_inline struct nm_stats *stats_of(u64 netns) {
+    struct nm_stats zero = {};
+    return nm_stats.lookup_or_try_init(&netns, &zero);
+}
+
+static __always_inline int port_listed(const u16 *ports, u8 count, u16 port) {
+    for (int i = 0; i < NM_MAX_EXCLUDE; i++) {
+        if (i >= count)
+            break;
+        if (ports[i] == port)
+            return 1;
+    }
+    return 0;
+}
+
+// 1 when the iptables capture would not redirect this connect either (see nodeagent/redirect/render.py).
+static __always_inline int outbound_exempt(struct nm_config *cfg, struct bpf_sock *sk, u32 ip, u16 port) {
+    if ((sk->mark & NM_MARK_MASK) == cfg->mark)
+        return 1;  // the tunnel's own socket: never in a pod's cgroup, but never captured even if it were
+    if ((bpf_ntohl(ip) >> 24) == 127 || ip == 0 || ip == cfg->pod_ip)
+        return 1;  // loopback, and the pod calling itself (over lo)
+    if (ip == cfg->probe_ip)
+        return 1;  // answers toward the probe address
+    if (port_listed(cfg->exclude_out_ports, cfg->n_out_ports, port))
+        return 1;
+    for (int i = 0; i < NM_MAX_EXCLUDE; i++) {
+        if (i >= cfg->n_out_cidrs)
+            break;
+        if ((ip & cfg->exclude_out_cidrs[i].mask) == cfg->exclude_out_cidrs[i].net)
+            return 1;
+    }
+    return 0;
+}
+
+int nm_connect4(struct bpf_sock_addr *ctx) {
+    if (ctx->user_family != AF_INET || ctx->type != NM_SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+        return 1;  // UDP (connected or not) is left alone, as in iptables mode
+    u64 netns = bpf_get_netns_cookie(ctx);
+    struct nm_config *cfg = nm_config.lookup(&netns);
+    if (!cfg)
+        return 1;  // a namespace the agent has not configured: not captured
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    u32 ip = ctx->user_ip4;
+    u16 port = (u16)ctx->user_port;
+    struct nm_stats *st = stats_of(netns);
+    if (outbound_exempt(cfg, sk, ip, port)) {
+        if (st)
+            __sync_fetch_and_add(&st->outbound_skipped, 1);
+        return 1;
+    }
+    struct nm_orig *orig = nm_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!orig)
+        return 0;  // out of memory: refuse (EPERM) rather than let the connection bypass the mesh
+    orig->ip = ip;
+    orig->port = port;
+    orig->via_port = cfg->outbound_port;
+    ctx->user_ip4 = bpf_htonl(NM_LOCALHOST);
+    ctx->user_port = (u32)cfg->outbound_port;
+    if (st)
+        __sync_fetch_and_add(&st->outbound, 1);
+    return 1;
+}
+
+int nm_getpeername4(struct bpf_sock_addr *ctx) {
+    if (ctx->user_family != AF_INET)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct nm_orig *orig = nm_orig.sk_storage_get(sk, 0, 0);
+    if (orig && orig->via_port && ctx->user_ip4 == bpf_htonl(NM_LOCALHOST) && (u16)ctx->user_port == orig->via_port) {
+        ctx->user_ip4 = orig->ip;
+        ctx->user_port = (u32)orig->port;
+    }
+    return 1;
+}
+
+int nm_sockops(struct bpf_sock_ops *skops) {
+    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->family != AF_INET)
+        return 1;
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return 1;
+    struct nm_orig *orig = nm_orig.sk_storage_get(sk, 0, 0);
+    if (!orig || !orig->via_port)
+        return 1;
+    struct nm_pending_key key = {};
+    key.netns = bpf_get_netns_cookie(skops);
+    key.client_ip = sk->src_ip4;
+    key.client_port = bpf_htons((u16)sk->src_port);
+    key.server_ip = sk->dst_ip4;
+    key.server_port = (u16)sk->dst_port;
+    struct nm_orig answer = {.ip = orig->ip, .port = orig->port, .via_port = 0};
+    nm_pending.update(&key, &answer);
+    return 1;
+}
+
+int nm_getsockopt(struct bpf_sockopt *ctx) {
+    struct bpf_sock *sk = ctx->sk;
+    struct nm_orig answer = {};
+    int found = 0;
+    if (ctx->level != NM_SOL_IP || ctx->optname != NM_SO_ORIGINAL_DST || !sk)
+        goto pass;
+    if (sk->family != AF_INET || sk->protocol != IPPROTO_TCP)
+        goto pass;
+    struct nm_orig *cached = nm_orig.sk_storage_get(sk, 0, 0);
+    if (cached && !cached->via_port) {
+        answer = *cached;
+        found = 1;
+    }
+    if (!found) {
+        struct nm_pending_key key = {};
+        key.netns = bpf_get_netns_cookie(ctx);
+        key.client_ip = sk->dst_ip4;
+        key.client_port = (u16)sk->dst_port;
+        key.server_ip = sk->src_ip4;
+        key.server_port = bpf_htons((u16)sk->src_port);
+        struct nm_orig *pending = nm_pending.lookup(&key);
+        if (pending) {
+            answer = *pending;
+            found = 1;
+            nm_pending.delete(&key);  // a later connection on the same ports must not find it
+            struct nm_orig *keep = nm_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+            if (keep)
+                *keep = answer;
+        }
+    }
+    if (!found) {
+        struct nm_flow flow = {.client_ip = sk->dst_ip4, .pod_ip = sk->src_ip4,
+                               .client_port = (u16)sk->dst_port, .port = bpf_htons((u16)sk->src_port)};
+        if (nm_inbound.lookup(&flow)) {
+            answer.ip = sk->src_ip4;
+            answer.port = bpf_htons((u16)sk->src_port);
+            found = 1;
+        }
+    }
+    if (!found)
+        goto pass;
+    struct sockaddr_in *sa = ctx->optval;
+    if ((void *)(sa + 1) > ctx->optval_end)
+        goto pass;  // the caller's buffer is too small for an address: the kernel's answer stands
+    sa->sin_family = AF_INET;
+    sa->sin_port = answer.port;
+    sa->sin_addr.s_addr = answer.ip;
+    __builtin_memset(sa->sin_zero, 0, sizeof(sa->sin_zero));
+    ctx->optlen = sizeof(*sa);
+    // optlen and retval are adjacent 4-byte fields: the compiler would merge the two stores into one
+    // 8-byte store, which the verifier refuses.
+    asm volatile("" ::: "memory");
+    ctx->retval = 0;
+    struct nm_stats *st = stats_of(bpf_get_netns_cookie(ctx));
+    if (st)
+        __sync_fetch_and_add(&st->answered, 1);
+    return 1;
+pass:
+    // Values beyond a page are not shown to programs; optlen 0 hands the kernel's own result back
+    // untouched (otherwise iptables-legacy's IPT_SO_GET_ENTRIES in this cgroup would fail with EFAULT).
+    if (ctx->optlen > NM_PAGE_SIZE)
+        ctx->optlen = 0;
+    return 1;
+}
+
+int nm_tc_inbound(struct __sk_buff *skb) {
+    struct iphdr iph;
+    struct tcphdr th;
+    if (skb->protocol != bpf_htons(ETH_P_IP))
+        return TC_ACT_OK;
+    // Loaded bytes, not packet pointers: headers outside the linear part (or with IP options) must be
+    // judged like any other, or they would be a way around the capture.
+    if (bpf_skb_load_bytes(skb, ETH_HLEN, &iph, sizeof(iph)) < 0)
+        return TC_ACT_OK;
+    if (iph.protocol != IPPROTO_TCP || (iph.frag_off & bpf_htons(0x1fff)))
+        return TC_ACT_OK;
+    u32 ihl = (u32)iph.ihl * 4;
+    if (ihl < sizeof(iph) || bpf_skb_load_bytes(skb, ETH_HLEN + ihl, &th, sizeof(th)) < 0)
+        return TC_ACT_OK;
+    if (!th.syn || th.ack)
+        return TC_ACT_OK;  // only new connections are steered; the rest find their socket by themselves
+    u32 daddr = iph.daddr;
+    u64 *netns = nm_pod_ips.lookup(&daddr);
+    if (!netns)
+        return TC_ACT_OK;
+    u64 cookie = *netns;
+    struct nm_config *cfg = nm_config.lookup(&cookie);
+    if (!cfg)
+        return TC_ACT_OK;
+    if (th.dest == cfg->hbone_port || iph.saddr == cfg->probe_ip ||
+        port_listed(cfg->exclude_in_ports, cfg->n_in_ports, th.dest))
+        return TC_ACT_OK;
+    struct nm_stats *st = stats_of(cookie);
+    struct bpf_sock_tuple tuple = {};
+    tuple.ipv4.saddr = iph.saddr;
+    tuple.ipv4.daddr = iph.daddr;
+    tuple.ipv4.sport = th.source;
+    tuple.ipv4.dport = th.dest;
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (sk) {
+        u32 state = sk->state;
+        bpf_sk_release(sk);
+        // A SYN for a connection being set up (retransmitted) stays with it. TIME_WAIT is not left to
+        // the stack: it would hand a reused 4-tuple to the application's own listener.
+        if (state != NM_TCP_LISTEN && state != NM_TCP_TIME_WAIT)
+            return TC_ACT_OK;
+    }
+    tuple.ipv4.dport = cfg->inbound_port;
+    sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        goto drop;
+    if (sk->state != NM_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        goto drop;
+    }
+    struct nm_flow flow = {.client_ip = iph.saddr, .pod_ip = iph.daddr, .client_port = th.source, .port = th.dest};
+    nm_inbound.update(&flow, &flow.pod_ip);
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        goto drop;
+    if (st)
+        __sync_fetch_and_add(&st->inbound, 1);
+    return TC_ACT_OK;
+drop:
+    if (st)
+        __sync_fetch_and_add(&st->inbound_dropped, 1);
+    return TC_ACT_SHOT;
+}
