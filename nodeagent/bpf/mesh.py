@@ -23,7 +23,6 @@ any failure removes everything of ours for the pod and raises `CaptureError`.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import socket
 import subprocess
@@ -34,13 +33,23 @@ from pathlib import Path
 
 import structlog
 
-from nodeagent.bpf.loader import ROOT, BpfError, attached, cgroup2_root, program_id
+from nodeagent.bpf.loader import ROOT, BpfError, program_id
+from nodeagent.bpf.mesh_hooks import (
+    attach_cgroup,
+    attach_tc,
+    cgroup_of_pid,
+    cookie_key,
+    detach_cgroup,
+    detach_tc,
+    netns_cookie,
+    on_cgroup,
+    tc_ours,
+)
 from nodeagent.bpf.mesh_state import (
     BY_NAME,
     POD_PROGRAMS,
     PROGRAMS,
     TUNNEL_PROGRAMS,
-    Attached,
     PodDesired,
     PodLive,
     assess_pod,
@@ -53,23 +62,18 @@ from nodeagent.bpf.syscall import MapHandle, obj_pin
 from nodeagent.redirect.kernel import CaptureError, netns_present
 from nodeagent.redirect.render import DEFAULT_OPTIONS, CaptureOptions
 from nodeagent.redirect.state import CaptureState, CaptureStatus
-from nodeagent.ztunnel.netns import in_netns
 
 log = structlog.get_logger("nodeagent.bpf.mesh")
+
+__all__ = [
+    "LAYOUT", "MeshPrograms", "PodTarget", "apply_capture", "attach_tunnel", "capture_counters", "cgroup_of_pid",
+    "cookie_key", "detach_tunnel", "live_state", "load", "mesh_dir", "netns_cookie", "remove_capture",
+    "remove_pins", "source", "tunnel_state",
+]
 
 LAYOUT = 1
 MAPS = {"nm_config": (8, 120), "nm_pod_ips": (4, 8), "nm_stats": (8, 40), "nm_pending": (24, 8), "nm_inbound": (12, 4)}
 KERNEL_ONLY_MAPS = ("nm_orig",)
-TC_PRIORITY = "1"  # on the pod's own interface, where nothing else of ours is
-SO_NETNS_COOKIE = 71
-
-
-def _bpftool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bpftool", *args], capture_output=True, text=True, timeout=30, check=False)
-
-
-def _key(cookie: int) -> bytes:
-    return cookie.to_bytes(8, sys.byteorder)  # a u64 map key, in the kernel's byte order
 
 
 def mesh_dir(scope: str) -> Path:
@@ -169,107 +173,11 @@ def remove_pins(scope: str) -> list[str]:
     return removed
 
 
-def netns_cookie(netns: str) -> int:
-    """The kernel's cookie of the network namespace at `netns` (what the programs key pods by)."""
-    def make() -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), sys.byteorder)
-
-    return in_netns(netns, make)
-
-
-def cgroup_of_pid(pid: int) -> Path:
-    """The cgroup v2 directory of process `pid` (e.g. the tunnel's, for `attach_tunnel`)."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            return cgroup2_root() / line[3:].lstrip("/")
-    raise BpfError(f"process {pid} is in no cgroup v2")
-
-
-def _refuse_root(cgroup: Path) -> None:
-    if cgroup.resolve() == cgroup2_root().resolve():
-        raise BpfError(f"refusing to attach the mesh capture to the root cgroup {cgroup}")
-
-
-def _ours_on_cgroup(cgroup: Path) -> list[tuple[Attached, str]]:
-    """Our programs attached directly to `cgroup`, with bpftool's attach type."""
-    if not cgroup.is_dir():
-        return []
-    return [(Attached(str(r["name"]), int(str(r["id"])), f"cgroup {cgroup}"), str(r["attach_type"]))
-            for r in attached(cgroup) if str(r.get("name", "")) in BY_NAME]
-
-
-def _attach_cgroup(programs: MeshPrograms, cgroup: Path, names: tuple[str, ...]) -> list[str]:
-    """Attach each program (multi) unless the pinned one is there; then detach older loads of it."""
-    _refuse_root(cgroup)
-    present = _ours_on_cgroup(cgroup)
-    changed = []
-    for name in names:
-        program, wanted = BY_NAME[name], programs.program_ids[name]
-        if not any(a.name == name and a.prog_id == wanted for a, _ in present):
-            result = _bpftool("cgroup", "attach", str(cgroup), program.kind, "pinned",
-                              str(programs.directory / name), "multi")
-            if result.returncode != 0:
-                raise BpfError(f"attaching {name} to {cgroup} failed: {result.stderr.strip()}")
-            changed.append(f"{program.kind} {name} -> {cgroup}")
-        for stale, kind in present:
-            if stale.name == name and stale.prog_id != wanted:
-                _bpftool("cgroup", "detach", str(cgroup), kind, "id", str(stale.prog_id))
-                changed.append(f"{kind} {name} id {stale.prog_id} <- {cgroup}")
-    return changed
-
-
-def _detach_cgroup(cgroup: Path, names: tuple[str, ...]) -> list[str]:
-    removed = []
-    for item, kind in _ours_on_cgroup(cgroup):
-        if item.name in names:
-            result = _bpftool("cgroup", "detach", str(cgroup), kind, "id", str(item.prog_id))
-            if result.returncode == 0:
-                removed.append(f"{kind} {item.name} <- {cgroup}")
-    return removed
-
-
-def _tc(pod: PodTarget, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`tc` inside the pod's namespace (nsenter: runtimes hand us namespace paths, not names)."""
-    result = subprocess.run(["nsenter", f"--net={pod.netns}", "tc", *args], capture_output=True, text=True,
-                            timeout=30, check=False)
-    if check and result.returncode != 0:
-        raise BpfError(f"pod {pod.name}: tc {' '.join(args)}: {result.stderr.strip() or result.returncode}")
-    return result
-
-
-def _tc_ours(pod: PodTarget) -> list[Attached]:
-    """Our filters on the pod interface's ingress (by program name: tc names a pinned filter `[*fsobj]`)."""
-    shown = _tc(pod, "-j", "filter", "show", "dev", pod.interface, "ingress")
-    return [Attached("nm_tc_inbound", int(f["options"]["prog"]["id"]),
-                     f"tc {pod.interface} ingress pref {f.get('pref')}")
-            for f in json.loads(shown.stdout or "[]")
-            if f.get("options", {}).get("prog", {}).get("name") == "nm_tc_inbound"]
-
-
-def _attach_tc(programs: MeshPrograms, pod: PodTarget) -> list[str]:
-    if any(a.prog_id == programs.program_ids["nm_tc_inbound"] for a in _tc_ours(pod)):
-        return []
-    _tc(pod, "qdisc", "replace", "dev", pod.interface, "clsact")
-    _tc(pod, "filter", "replace", "dev", pod.interface, "ingress", "prio", TC_PRIORITY, "handle", "1", "bpf",
-        "object-pinned", str(programs.directory / "nm_tc_inbound"), "direct-action")
-    return [f"tc-ingress nm_tc_inbound -> {pod.interface}"]
-
-
-def _detach_tc(pod: PodTarget) -> list[str]:
-    if not netns_present(pod.netns) or not _tc_ours(pod):
-        return []
-    _tc(pod, "filter", "del", "dev", pod.interface, "ingress", "prio", TC_PRIORITY, "handle", "1", "bpf")
-    if json.loads(_tc(pod, "-j", "filter", "show", "dev", pod.interface, "ingress").stdout or "[]") == []:
-        _tc(pod, "qdisc", "del", "dev", pod.interface, "clsact", check=False)  # ours alone needed it
-    return [f"tc-ingress nm_tc_inbound <- {pod.interface}"]
-
-
 def _read_pod(programs: MeshPrograms, pod: PodTarget, cookie: int) -> PodLive:
-    tc = tuple(_tc_ours(pod))
-    on_cgroup = tuple(a for a, _ in _ours_on_cgroup(pod.cgroup) if BY_NAME[a.name].on == "pod")
+    tc = tuple(tc_ours(pod.netns, pod.interface))
+    cgroup = tuple(a for a, _ in on_cgroup(pod.cgroup) if BY_NAME[a.name].on == "pod")
     cookie_of_ip = programs.maps["nm_pod_ips"].lookup(socket.inet_aton(pod.ip))
-    return PodLive(on_cgroup + tc, programs.maps["nm_config"].lookup(_key(cookie)),
+    return PodLive(cgroup + tc, programs.maps["nm_config"].lookup(cookie_key(cookie)),
                    int.from_bytes(cookie_of_ip, sys.byteorder) if cookie_of_ip is not None else None)
 
 
@@ -311,12 +219,13 @@ def apply_capture(programs: MeshPrograms, pod: PodTarget, options: CaptureOption
             return before
         ip_key = socket.inet_aton(pod.ip)
         previous = programs.maps["nm_pod_ips"].lookup(ip_key)
-        if previous is not None and previous != _key(cookie):
+        if previous is not None and previous != cookie_key(cookie):
             programs.maps["nm_config"].delete(previous)  # the address's former namespace (a recreated pod)
-        programs.maps["nm_config"].update(_key(cookie), config)
-        programs.maps["nm_pod_ips"].update(ip_key, _key(cookie))
-        changed = _attach_tc(programs, pod)
-        changed += _attach_cgroup(programs, pod.cgroup, tuple(p.name for p in POD_PROGRAMS if p.on == "pod"))
+        programs.maps["nm_config"].update(cookie_key(cookie), config)
+        programs.maps["nm_pod_ips"].update(ip_key, cookie_key(cookie))
+        changed = attach_tc(programs.directory, programs.program_ids["nm_tc_inbound"], pod.netns, pod.interface)
+        changed += attach_cgroup(programs.directory, programs.program_ids, pod.cgroup,
+                                 tuple(p.name for p in POD_PROGRAMS if p.on == "pod"))
         after = live_state(programs, pod, options)
     except (OSError, subprocess.SubprocessError, BpfError) as exc:
         if (what := _pod_gone(pod)) is not None:
@@ -343,13 +252,14 @@ def remove_capture(programs: MeshPrograms, pod: PodTarget) -> CaptureState:
     """Detach everything of ours from the pod and forget its configuration; returns `absent`, or
     `netns-missing` when the pod is gone (its configuration is forgotten all the same)."""
     try:
-        removed = _detach_cgroup(pod.cgroup, ("nm_connect4",))  # first: no new capture from here on
-        removed += _detach_cgroup(pod.cgroup, tuple(p.name for p in POD_PROGRAMS))
-        removed += _detach_tc(pod)
+        removed = detach_cgroup(pod.cgroup, ("nm_connect4",))  # first: no new capture from here on
+        removed += detach_cgroup(pod.cgroup, tuple(p.name for p in POD_PROGRAMS))
+        if netns_present(pod.netns):
+            removed += detach_tc(pod.netns, pod.interface)
         ip_key = socket.inet_aton(pod.ip)
         cookies = {c for c in (programs.maps["nm_pod_ips"].lookup(ip_key),) if c is not None}
         if netns_present(pod.netns):
-            cookies.add(_key(netns_cookie(pod.netns)))
+            cookies.add(cookie_key(netns_cookie(pod.netns)))
         for cookie in cookies:
             programs.maps["nm_config"].delete(cookie)
             programs.maps["nm_stats"].delete(cookie)
@@ -368,7 +278,7 @@ def remove_capture(programs: MeshPrograms, pod: PodTarget) -> CaptureState:
 def capture_counters(programs: MeshPrograms, pod: PodTarget) -> dict[str, int]:
     """What the programs counted for the pod's namespace (outbound captured/skipped, inbound assigned/
     dropped, original destinations answered); zeros when nothing was counted."""
-    value = programs.maps["nm_stats"].lookup(_key(netns_cookie(pod.netns)))
+    value = programs.maps["nm_stats"].lookup(cookie_key(netns_cookie(pod.netns)))
     return decode_stats(value if value is not None else bytes(40))
 
 
@@ -376,7 +286,7 @@ def tunnel_state(programs: MeshPrograms, cgroup: Path) -> CaptureState:
     """The tunnel's original-destination hook on `cgroup` (netns-missing: the cgroup is gone)."""
     if not cgroup.is_dir():
         return gone(str(cgroup), f"cgroup {cgroup}")
-    ours = tuple(a for a, _ in _ours_on_cgroup(cgroup) if BY_NAME[a.name].on == "tunnel")
+    ours = tuple(a for a, _ in on_cgroup(cgroup) if BY_NAME[a.name].on == "tunnel")
     return assess_tunnel(programs.program_ids, ours, cgroup=str(cgroup))
 
 
@@ -384,7 +294,7 @@ def attach_tunnel(programs: MeshPrograms, cgroup: Path) -> CaptureState:
     """Install the original-destination hook on the tunnel's cgroup (idempotent); returns the state after."""
     if not cgroup.is_dir():
         return gone(str(cgroup), f"cgroup {cgroup}")
-    changed = _attach_cgroup(programs, cgroup, tuple(p.name for p in TUNNEL_PROGRAMS))
+    changed = attach_cgroup(programs.directory, programs.program_ids, cgroup, tuple(p.name for p in TUNNEL_PROGRAMS))
     after = tunnel_state(programs, cgroup)
     if after.status is not CaptureStatus.INSTALLED:
         raise BpfError(f"tunnel hook on {cgroup} read back {after.status}: missing {list(after.missing)}, "
@@ -396,4 +306,6 @@ def attach_tunnel(programs: MeshPrograms, cgroup: Path) -> CaptureState:
 
 def detach_tunnel(cgroup: Path) -> list[str]:
     """Detach the original-destination hook (every load of it) from `cgroup`; returns what was detached."""
-    return _detach_cgroup(cgroup, tuple(p.name for p in TUNNEL_PROGRAMS))
+    return detach_cgroup(cgroup, tuple(p.name for p in TUNNEL_PROGRAMS))
+
+

@@ -8,6 +8,7 @@ import dataclasses
 import ipaddress
 import socket
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodeagent.bpf import mesh
+from nodeagent.bpf import mesh, mesh_hooks
 from nodeagent.bpf.loader import BpfError
 from nodeagent.bpf.mesh_state import (
     BY_NAME,
@@ -164,7 +165,8 @@ def test_tunnel_hook_states() -> None:
 
 
 def test_the_state_module_stays_pure() -> None:
-    tree = ast.parse(Path(mesh.__file__).with_name("mesh_state.py").read_text())
+    tree = ast.parse(Path(mesh.__file__).with_name("mesh_state.py").read_text())  # mesh_state is not on the
+    # import-linter purity list: that contract forbids nodeagent.bpf, its own package
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
         a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not imported & {"subprocess", "bcc", "pyroute2", "os", "nodeagent.bpf.loader", "nodeagent.bpf.syscall",
@@ -174,11 +176,24 @@ def test_the_state_module_stays_pure() -> None:
 def test_the_root_cgroup_is_refused_before_anything_is_attached(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, ...]] = []
-    monkeypatch.setattr(mesh, "cgroup2_root", lambda: tmp_path)
-    monkeypatch.setattr(mesh, "_bpftool", lambda *args: calls.append(args))
+
+    def bpftool(*args: str) -> subprocess.CompletedProcess[str]:
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    def attached(cgroup: Path) -> list[dict[str, object]]:
+        calls.append(("show", str(cgroup)))
+        return []
+
+    monkeypatch.setattr(mesh_hooks, "cgroup2_root", lambda: tmp_path)
+    monkeypatch.setattr(mesh_hooks, "bpftool", bpftool)
+    monkeypatch.setattr(mesh_hooks, "attached", attached)
     programs = mesh.MeshPrograms("s", tmp_path, {}, dict(IDS), adopted=True)
     with pytest.raises(BpfError, match="root cgroup"):
         mesh.attach_tunnel(programs, tmp_path)
     with pytest.raises(BpfError, match="root cgroup"):
-        mesh._attach_cgroup(programs, tmp_path / ".." / tmp_path.name, ("nm_connect4",))
+        mesh_hooks.attach_cgroup(tmp_path, IDS, tmp_path / ".." / tmp_path.name, ("nm_connect4",))
     assert calls == []
+    (tmp_path / "pod").mkdir()
+    mesh_hooks.attach_cgroup(tmp_path, IDS, tmp_path / "pod", ("nm_connect4",))
+    assert calls[-1][:3] == ("cgroup", "attach", str(tmp_path / "pod")), "a cgroup below the root is fine"
