@@ -247,7 +247,8 @@ int nm_getsockopt(struct bpf_sockopt *ctx) {
     return 1;
 pass:
     // Values beyond a page are not shown to programs; optlen 0 hands the kernel's own result back
-    // untouched (otherwise iptables-legacy's IPT_SO_GET_ENTRIES in this cgroup would fail with EFAULT).
+    // untouched. Kernels before 6.5 otherwise fail such calls with EFAULT (iptables-legacy's
+    // IPT_SO_GET_ENTRIES from this cgroup); later ones ignore the program's buffer by themselves.
     if (ctx->optlen > NM_PAGE_SIZE)
         ctx->optlen = 0;
     return 1;

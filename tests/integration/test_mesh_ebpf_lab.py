@@ -386,7 +386,8 @@ LEGACY_RULES = 200  # about 30 KiB of IPT_SO_GET_ENTRIES: far beyond the page a 
 
 def test_large_getsockopt_values_pass_the_tunnel_hook(lab: labs.Lab, programs: dict[str, mesh.MeshPrograms]) -> None:
     """iptables-legacy reads its table with one getsockopt of tens of KiB; from the tunnel's cgroup (the
-    node's, where the agent runs iptables too) it must still get the kernel's answer."""
+    node's, where the agent runs iptables too) it must still get the kernel's answer. (This kernel ignores
+    a program's buffer beyond a page by itself; kernels before 6.5 rely on the program's optlen = 0.)"""
     netns = lab.plan.pod("demo/echo-0").netns  # a lab namespace with no legacy table of anyone's
     run = ["ip", "netns", "exec", netns, "iptables-legacy"]
     subprocess.run([*run, "-N", "NM_BIG"], check=True)
