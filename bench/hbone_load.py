@@ -4,6 +4,8 @@ and per-request Python, so the load tools cost the same under every tunnel varia
     hbone_load.py serve --port P
         one port, two modes chosen by the first byte a connection sends:
         b"S"            sink: count every byte until EOF, answer the count (8 bytes, big-endian), close
+        b"A"            acknowledging sink: answer the count (8 bytes) each time another MiB has arrived
+                        (for paths that cannot carry a half-close, such as a plain TLS relay)
         b"E" + size(4)  echo: for every `size` bytes received, answer `size` bytes
     hbone_load.py rr --target HOST:PORT [--rate 1000] [--connections 16] [--size 1024] [--seconds 10]
                      [--warmup 1] [--new-connections]
@@ -26,7 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-SINK, ECHO = b"S"[0], b"E"[0]
+SINK, ACKED, ECHO = b"S"[0], b"A"[0], b"E"[0]
+MIB = 1 << 20
 HEADER = 5  # b"E" + 4-byte size
 
 
@@ -55,8 +58,8 @@ class _Serve(asyncio.BufferedProtocol):
             if not self.header:
                 self.header += data[:1]
                 data = data[1:]
-            if self.header[0] == SINK:
-                self.mode = SINK
+            if self.header[0] in (SINK, ACKED):
+                self.mode = self.header[0]
                 self.buffer = memoryview(bytearray(1 << 20))
             elif self.header[0] == ECHO:
                 need = HEADER - len(self.header)
@@ -71,6 +74,11 @@ class _Serve(asyncio.BufferedProtocol):
                 return
         if self.mode == SINK:
             self.count += len(data)
+        elif self.mode == ACKED:
+            before, self.count = self.count, self.count + len(data)
+            if before // MIB != self.count // MIB:
+                assert self.transport is not None
+                self.transport.write((self.count // MIB * MIB).to_bytes(8, "big"))
         elif self.mode == ECHO:
             self.have += len(data)
             while self.have >= self.size:
