@@ -76,11 +76,13 @@ def test_hbone_lab_benchmark_runs_every_variant_and_cleans_up() -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert set(report["throughput"]["gbit_per_s"]) == {"bare", "envoy", "nodeagent"}
+    variants = {"bare", "envoy", "nodeagent", "tls-relay"}
+    assert set(report["throughput"]["gbit_per_s"]) == variants
     assert all(v > 0 for v in report["throughput"]["gbit_per_s"].values())
     rr = report["request_response"]
-    assert all(rr["latency_us"][v]["p50"] > 0 and rr["achieved_rate"][v] > 0 for v in ("bare", "envoy", "nodeagent"))
-    for variant in ("envoy", "nodeagent"):
+    assert all(rr["latency_us"][v]["p50"] > 0 and rr["achieved_rate"][v] > 0 for v in variants)
+    assert set(report["goals"]) and report["nodeagent_vs_envoy"] > 0
+    for variant in variants - {"bare"}:
         for side in ("client", "server"):
             assert rr["tunnels"][variant][side]["vcpu"] > 0 and rr["tunnels"][variant][side]["rss_mb_idle"] > 0
     after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
