@@ -16,6 +16,8 @@
 //                   the cookie needs no bind). As merbridge/merbridge bpf/mb_sockops.c.
 //   nm_getpeername4 the application sees the address it dialed, not 127.0.0.1:15001 (iptables' REDIRECT
 //                   is invisible to the socket too).
+//   nm_connect6, nm_getpeername6: the same for IPv4-mapped addresses on dual-stack IPv6 sockets (IPv4 on
+//                   the wire, which iptables would capture too). Real IPv6 is not captured in either mode.
 // Original destination (program on the TUNNEL's cgroup):
 //   nm_getsockopt   the tunnel keeps calling getsockopt(SOL_IP, SO_ORIGINAL_DST) as in iptables mode. The
 //                   hook runs in the cgroup of the *socket* (kernel/bpf/cgroup.c uses sk->sk_cgrp_data),
@@ -94,11 +96,11 @@ static __always_inline struct nm_stats *stats_of(u64 netns) {
     return nm_stats.lookup_or_try_init(&netns, &zero);
 }
 
+// Unrolled: constant offsets into the map value, whatever the compiler makes of the loop otherwise.
 static __always_inline int port_listed(const u16 *ports, u8 count, u16 port) {
+#pragma unroll
     for (int i = 0; i < NM_MAX_EXCLUDE; i++) {
-        if (i >= count)
-            break;
-        if (ports[i] == port)
+        if (i < count && ports[i] == port)
             return 1;
     }
     return 0;
@@ -114,18 +116,44 @@ static __always_inline int outbound_exempt(struct nm_config *cfg, struct bpf_soc
         return 1;  // answers toward the probe address
     if (port_listed(cfg->exclude_out_ports, cfg->n_out_ports, port))
         return 1;
+#pragma unroll
     for (int i = 0; i < NM_MAX_EXCLUDE; i++) {
-        if (i >= cfg->n_out_cidrs)
-            break;
-        if ((ip & cfg->exclude_out_cidrs[i].mask) == cfg->exclude_out_cidrs[i].net)
+        if (i < cfg->n_out_cidrs && (ip & cfg->exclude_out_cidrs[i].mask) == cfg->exclude_out_cidrs[i].net)
             return 1;
     }
     return 0;
 }
 
-int nm_connect4(struct bpf_sock_addr *ctx) {
-    if (ctx->user_family != AF_INET || ctx->type != NM_SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-        return 1;  // UDP (connected or not) is left alone, as in iptables mode
+// The destination of a connect or getpeername, IPv4 or IPv4-mapped IPv6 (a dual-stack socket talking IPv4,
+// as Java's and Node's are by default: IPv4 on the wire, which the iptables capture would catch too, so
+// it must not pass here). 0 when it is neither. `v6` is a constant per program, so each program reads only
+// its own context fields (a pointer chosen at run time between them is refused by the verifier).
+static __always_inline int v4_destination(struct bpf_sock_addr *ctx, const int v6, u32 *ip) {
+    if (!v6) {
+        if (ctx->user_family != AF_INET)
+            return 0;
+        *ip = ctx->user_ip4;
+        return 1;
+    }
+    if (ctx->user_family != AF_INET6 || ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 ||
+        ctx->user_ip6[2] != bpf_htonl(0xffff))
+        return 0;
+    *ip = ctx->user_ip6[3];
+    return 1;
+}
+
+static __always_inline void set_v4_destination(struct bpf_sock_addr *ctx, const int v6, u32 ip, u16 port) {
+    if (!v6)
+        ctx->user_ip4 = ip;
+    else
+        ctx->user_ip6[3] = ip;  // the ::ffff: prefix stays
+    ctx->user_port = (u32)port;
+}
+
+static __always_inline int capture_connect(struct bpf_sock_addr *ctx, const int v6) {
+    u32 ip = 0;
+    if (ctx->type != NM_SOCK_STREAM || ctx->protocol != IPPROTO_TCP || !v4_destination(ctx, v6, &ip))
+        return 1;  // UDP (connected or not) is left alone, as in iptables mode; so is real IPv6
     u64 netns = bpf_get_netns_cookie(ctx);
     struct nm_config *cfg = nm_config.lookup(&netns);
     if (!cfg)
@@ -133,7 +161,6 @@ int nm_connect4(struct bpf_sock_addr *ctx) {
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
         return 1;
-    u32 ip = ctx->user_ip4;
     u16 port = (u16)ctx->user_port;
     struct nm_stats *st = stats_of(netns);
     if (outbound_exempt(cfg, sk, ip, port)) {
@@ -147,30 +174,31 @@ int nm_connect4(struct bpf_sock_addr *ctx) {
     orig->ip = ip;
     orig->port = port;
     orig->via_port = cfg->outbound_port;
-    ctx->user_ip4 = bpf_htonl(NM_LOCALHOST);
-    ctx->user_port = (u32)cfg->outbound_port;
+    set_v4_destination(ctx, v6, bpf_htonl(NM_LOCALHOST), cfg->outbound_port);
     if (st)
         __sync_fetch_and_add(&st->outbound, 1);
     return 1;
 }
 
-int nm_getpeername4(struct bpf_sock_addr *ctx) {
-    if (ctx->user_family != AF_INET)
-        return 1;
+static __always_inline int show_dialed(struct bpf_sock_addr *ctx, const int v6) {
+    u32 ip = 0;
     struct bpf_sock *sk = ctx->sk;
-    if (!sk)
+    if (!sk || !v4_destination(ctx, v6, &ip))
         return 1;
     struct nm_orig *orig = nm_orig.sk_storage_get(sk, 0, 0);
-    if (orig && orig->via_port && ctx->user_ip4 == bpf_htonl(NM_LOCALHOST) && (u16)ctx->user_port == orig->via_port) {
-        ctx->user_ip4 = orig->ip;
-        ctx->user_port = (u32)orig->port;
-    }
+    if (orig && orig->via_port && ip == bpf_htonl(NM_LOCALHOST) && (u16)ctx->user_port == orig->via_port)
+        set_v4_destination(ctx, v6, orig->ip, orig->port);
     return 1;
 }
 
+int nm_connect4(struct bpf_sock_addr *ctx) { return capture_connect(ctx, 0); }
+int nm_connect6(struct bpf_sock_addr *ctx) { return capture_connect(ctx, 1); }
+int nm_getpeername4(struct bpf_sock_addr *ctx) { return show_dialed(ctx, 0); }
+int nm_getpeername6(struct bpf_sock_addr *ctx) { return show_dialed(ctx, 1); }
+
 int nm_sockops(struct bpf_sock_ops *skops) {
-    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->family != AF_INET)
-        return 1;
+    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        return 1;  // (a v4-mapped IPv6 socket has its IPv4 addresses in the fields read below too)
     struct bpf_sock *sk = skops->sk;
     if (!sk)
         return 1;

@@ -3,9 +3,10 @@ and its interface), install the tunnel's original-destination hook, read the liv
 
 Where each program goes, and why:
 - the pod's cgroup (`PodTarget.cgroup`; in a cluster the pod-level `kubepods…/pod<uid>`, whose
-  containers inherit it): connect4, sock_ops, getpeername4. Only sockets created by the pod's own
-  processes pass them; the tunnel creates its sockets in the pod's namespace from its own process, so they
-  belong to the tunnel's cgroup and are never captured (mark 0x539 is checked too).
+  containers inherit it): connect4/6, sock_ops, getpeername4/6 (6: IPv4-mapped addresses only). Only
+  sockets created by the pod's own processes pass them; the tunnel creates its sockets in the pod's
+  namespace from its own process, so they belong to the tunnel's cgroup and are never captured (mark
+  0x539 is checked too).
 - the tunnel's cgroup (`attach_tunnel`; in the lab the node's cgroup, where `lab agents` runs the tunnel;
   in a cluster the tunnel pod's cgroup): getsockopt. The hook runs in the cgroup of the socket, and an
   accepted socket belongs to its listener's cgroup, i.e. the tunnel's. Never the root cgroup.
@@ -252,7 +253,7 @@ def remove_capture(programs: MeshPrograms, pod: PodTarget) -> CaptureState:
     """Detach everything of ours from the pod and forget its configuration; returns `absent`, or
     `netns-missing` when the pod is gone (its configuration is forgotten all the same)."""
     try:
-        removed = detach_cgroup(pod.cgroup, ("nm_connect4",))  # first: no new capture from here on
+        removed = detach_cgroup(pod.cgroup, ("nm_connect4", "nm_connect6"))  # first: no new capture from here on
         removed += detach_cgroup(pod.cgroup, tuple(p.name for p in POD_PROGRAMS))
         if netns_present(pod.netns):
             removed += detach_tc(pod.netns, pod.interface)

@@ -46,7 +46,9 @@ class Program:
 PROGRAMS = (
     Program("nm_sockops", 13, 3, "sock_ops", "cgroup_sock_ops", "pod"),
     Program("nm_getpeername4", 18, 29, "getpeername4", "cgroup_inet4_getpeername", "pod"),
-    # connect4 last: once it captures, sock_ops is there to file the destination
+    Program("nm_getpeername6", 18, 30, "getpeername6", "cgroup_inet6_getpeername", "pod"),  # IPv4-mapped
+    # the connects last: once they capture, sock_ops is there to file the destination
+    Program("nm_connect6", 18, 11, "connect6", "cgroup_inet6_connect", "pod"),  # IPv4-mapped
     Program("nm_connect4", 18, 10, "connect4", "cgroup_inet4_connect", "pod"),
     Program("nm_getsockopt", 25, 21, "getsockopt", "cgroup_getsockopt", "tunnel"),
     Program("nm_tc_inbound", 3, -1, "tc-ingress", "tc-ingress", "interface"),

@@ -43,8 +43,8 @@ pytestmark = [pytest.mark.root, pytest.mark.bcc]
 # One request from inside a pod: connect, say hello, print the echo app's answer and what getpeername showed.
 REQUEST = r"""
 import json, socket, sys
-host, port, mark = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket()
+host, port, mark, family = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+s = socket.socket(socket.AF_INET6 if family == "6" else socket.AF_INET)
 if mark:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 s.settimeout(5)
@@ -118,11 +118,12 @@ def captured(lab: labs.Lab, programs: dict[str, mesh.MeshPrograms], *pods: str,
             assert mesh.remove_capture(programs[node_of(lab, pod)], target(lab, pod)).status is CaptureStatus.ABSENT
 
 
-def from_pod(lab: labs.Lab, pod: str, host: str, port: int, *, mark: int = 0) -> dict[str, Any]:
-    """One TCP request by a process inside `pod` (its namespace and its cgroup)."""
+def from_pod(lab: labs.Lab, pod: str, host: str, port: int, *, mark: int = 0, family: int = 4) -> dict[str, Any]:
+    """One TCP request by a process inside `pod` (its namespace and its cgroup); `family` 6: from a dual-stack
+    IPv6 socket to the IPv4-mapped address (as Java and Node connect by default)."""
     plan = lab.plan.pod(pod)
     argv = processes.enter_argv(plan.netns, cgroups.path_of(plan.cgroup),
-                                [sys.executable, "-c", REQUEST, host, str(port), str(mark)])
+                                [sys.executable, "-c", REQUEST, host, str(port), str(mark), str(family)])
     result = subprocess.run(argv, env=processes.child_env({}), capture_output=True, text=True, timeout=30,
                             check=False)
     assert result.returncode == 0, result.stderr
@@ -176,6 +177,17 @@ def test_outbound_goes_through_the_node_tunnel_over_hbone(lab: labs.Lab, program
         assert opened(tunnel_metrics(lab, "node1"), **labels) - opened(metrics_before, **labels) == 1
 
 
+def test_a_dual_stack_socket_dialing_an_ipv4_mapped_address_is_captured(
+        lab: labs.Lab, programs: dict[str, mesh.MeshPrograms]) -> None:
+    mapped = f"::ffff:{ip(lab, 'demo/echo-1')}"
+    with captured(lab, programs, "demo/client"):
+        before = counters(lab, programs, "demo/client")
+        answer = from_pod(lab, "demo/client", mapped, 8080, family=6)
+        assert answer["pod"] == "demo/echo-1" and peer_ip(answer) == ip(lab, "demo/echo-1"), "through the tunnels"
+        assert answer["getpeername"] == f"{mapped}:8080"
+        assert delta(before, counters(lab, programs, "demo/client")) == {"outbound": 1, "answered": 1}
+
+
 def test_a_service_address_reaches_the_tunnel_untranslated(lab: labs.Lab, programs: dict[str, mesh.MeshPrograms]
                                                           ) -> None:
     """The capture on the pod's cgroup runs before the agent's socket LB on the node's cgroup: the tunnel
@@ -196,9 +208,10 @@ def test_loopback_and_the_pod_itself_are_not_captured(lab: labs.Lab, programs: d
         before = counters(lab, programs, "demo/echo-0")
         local = from_pod(lab, "demo/echo-0", "127.0.0.1", 8080)
         itself = from_pod(lab, "demo/echo-0", ip(lab, "demo/echo-0"), 8080)
-        assert peer_ip(local) == "127.0.0.1"
+        mapped = from_pod(lab, "demo/echo-0", "::ffff:127.0.0.1", 8080, family=6)
+        assert peer_ip(local) == "127.0.0.1" and peer_ip(mapped) == "127.0.0.1"
         assert peer_ip(itself) == ip(lab, "demo/echo-0")
-        assert delta(before, counters(lab, programs, "demo/echo-0")) == {"outbound_skipped": 2}
+        assert delta(before, counters(lab, programs, "demo/echo-0")) == {"outbound_skipped": 3}
 
 
 def test_udp_is_not_captured(lab: labs.Lab, programs: dict[str, mesh.MeshPrograms]) -> None:
@@ -374,7 +387,7 @@ def test_the_tunnel_hook_is_on_the_tunnels_cgroup(lab: labs.Lab, programs: dict[
             # captured, but nobody answers the original destination: the tunnel refuses the connection
             result = subprocess.run(processes.enter_argv(
                 lab.plan.pod("demo/client").netns, target(lab, "demo/client").cgroup,
-                [sys.executable, "-c", REQUEST, ip(lab, "demo/echo-1"), "8080", "0"]),
+                [sys.executable, "-c", REQUEST, ip(lab, "demo/echo-1"), "8080", "0", "4"]),
                 env=processes.child_env({}), capture_output=True, text=True, timeout=30, check=False)
             assert result.returncode != 0 and "echo-1" not in result.stdout
     finally:
@@ -437,8 +450,8 @@ def test_compile_check_verifies_the_mesh_programs() -> None:
     result = subprocess.run([sys.executable, "-m", "nodeagent.bpf.compile_check", "--mesh"], capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith("mesh capture programs (nm_sockops, nm_getpeername4, nm_connect4, "
-                                    "nm_getsockopt, nm_tc_inbound) compiled and verified in")
+    assert result.stdout.startswith("mesh capture programs (nm_sockops, nm_getpeername4, nm_getpeername6, "
+                                    "nm_connect6, nm_connect4, nm_getsockopt, nm_tc_inbound) compiled and verified in")
 
 
 def test_cleanup_leaves_no_attachment_and_no_pin(lab: labs.Lab) -> None:
@@ -461,8 +474,8 @@ def test_cleanup_leaves_no_attachment_and_no_pin(lab: labs.Lab) -> None:
     assert not (loader.ROOT / name).exists()
     tree = subprocess.run(["bpftool", "cgroup", "tree", str(cgroups.path_of(lab.plan.cgroup_root))],
                           capture_output=True, text=True, check=True).stdout
-    assert "nm_connect4" not in tree and "nm_sockops" not in tree and "nm_getpeername4" not in tree, tree
-    assert tree.count("nm_getsockopt") == 2, "only the node tunnels' hooks (of the module's programs)"
+    ours = [line for line in tree.splitlines() if " nm_" in line]
+    assert len(ours) == 2 and all("nm_getsockopt" in line for line in ours), "only the node tunnels' hooks remain"
     filters = subprocess.run(["ip", "netns", "exec", lab.plan.pod("demo/echo-1").netns, "tc", "filter", "show",
                               "dev", "eth0", "ingress"], capture_output=True, text=True, check=True).stdout
     assert "nm_tc_inbound" not in filters

@@ -39,6 +39,7 @@ IDS = {name: 100 + n for n, name in enumerate(BY_NAME)}
 POD_IP, COOKIE = "10.244.1.2", 4097
 CONFIG = encode_config(POD_IP)
 DESIRED = PodDesired(IDS, CONFIG, COOKIE)
+TC_ID = IDS["nm_tc_inbound"]
 
 
 def installed() -> tuple[Attached, ...]:
@@ -105,9 +106,9 @@ CASES = {
     "nothing of ours": (PodLive((), None, None), CaptureStatus.ABSENT, None, ()),
     "everything": (PodLive(installed(), CONFIG, COOKIE), CaptureStatus.INSTALLED, (), ()),
     "connect4 detached": (PodLive(tuple(a for a in installed() if a.name != "nm_connect4"), CONFIG, COOKIE),
-                          CaptureStatus.DRIFTED, ("connect4 nm_connect4 (id 102)",), ()),
-    "tc filter twice": (PodLive((*installed(), Attached("nm_tc_inbound", 104, "tc")), CONFIG, COOKIE),
-                        CaptureStatus.DRIFTED, (), ("tc-ingress nm_tc_inbound (id 104) x2 on interface",)),
+                          CaptureStatus.DRIFTED, (f"connect4 nm_connect4 (id {IDS['nm_connect4']})",), ()),
+    "tc filter twice": (PodLive((*installed(), Attached("nm_tc_inbound", TC_ID, "tc")), CONFIG, COOKIE),
+                        CaptureStatus.DRIFTED, (), (f"tc-ingress nm_tc_inbound (id {TC_ID}) x2 on interface",)),
     "an older load": (PodLive((*installed(), Attached("nm_connect4", 7, "cgroup /x")), CONFIG, COOKIE),
                       CaptureStatus.STALE, (), ("connect4 nm_connect4 (id 7, not the pinned program) on cgroup /x",)),
     "only an older load": (PodLive((Attached("nm_sockops", 7, "cgroup /x"),), None, None), CaptureStatus.STALE,
