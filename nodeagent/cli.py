@@ -551,9 +551,14 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
 @click.option("--bpf-scope", default="host", show_default=True, help="whose pinned eBPF maps and programs to remove")
 @click.option("--cgroup", "cgroup_path", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="cgroup v2 directory to detach the eBPF programs from (as given to run --cgroup)")
-def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_path: Path | None) -> None:
-    """Remove what either datapath created: iptables chains and jump rules (as kube-proxy --cleanup), eBPF
-    attachments and pins; nothing else."""
+@click.option("--pod-netns-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/run/netns"),
+              show_default=True, help="where pod network namespaces are: the mesh capture is removed from each")
+@click.option("--pod-netns-prefix", default="", help="only pod namespaces whose names start with this")
+def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_path: Path | None,
+            pod_netns_dir: Path, pod_netns_prefix: str) -> None:
+    """Remove what either datapath and the mesh created: iptables chains and jump rules (as kube-proxy
+    --cleanup), eBPF attachments and pins, the mesh capture in pod namespaces and the node's probe SNAT;
+    nothing else."""
     from nodeagent.bpf import loader, tc
     from nodeagent.iptables import cleanup as iptables_cleanup
     from nodeagent.iptables.kernel import Iptables, IptablesError, detect_backend, legacy_tables_exist
@@ -576,6 +581,26 @@ def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_pat
             raise click.ClickException(f"cleanup ({backend}): {exc}") from exc
         for line in removed:
             click.echo(f"removed ({backend}) {line}")
+    _cleanup_mesh(backends, netns, pod_netns_dir, pod_netns_prefix)
+
+
+def _cleanup_mesh(backends: list[str], netns: str | None, pod_netns_dir: Path, pod_netns_prefix: str) -> None:
+    """The mesh capture of every pod namespace that holds one, then the node's probe SNAT."""
+    from nodeagent.redirect import CaptureStatus, RedirectError, live_state, remove_capture, remove_probe_snat
+    from nodeagent.ztunnel.podnetns import candidates
+
+    node = f"/run/netns/{netns}" if netns else None
+    for backend in backends:
+        try:
+            for path in candidates(pod_netns_dir, pod_netns_prefix):
+                if str(path) == node:
+                    continue
+                if live_state(str(path), backend=backend).status is not CaptureStatus.ABSENT:
+                    remove_capture(str(path), backend=backend, pod=path.name)
+                    click.echo(f"removed ({backend}) mesh capture in {path}")
+            remove_probe_snat(node, backend=backend)
+        except (RedirectError, OSError) as exc:
+            raise click.ClickException(f"cleanup (mesh, {backend}): {exc}") from exc
 
 
 @main.group(hidden=True)

@@ -59,14 +59,21 @@ def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
                 answer = request_from(lab, "demo/client", f"{server.pod.ip}:{port}", udp=udp)
                 say(f"{client.pod.key} ({client.pod.node}) -> {server.pod.ip}:{port}/{'UDP' if udp else 'TCP'} "
                     f"[{where}]: answered by {answer['pod']} on {answer['node']}, which saw peer {answer['peer']}")
-        say("starting `nodeagent run --mode iptables` on every node (kube-proxy's rules, from the lab's manifests)...")
-        start_agents(name)
+        say("starting `nodeagent run --mode iptables --mesh` and `nodeagent ztunnel` on every node (kube-proxy's "
+            "rules; the mesh for the enrolled namespace `demo`)...")
+        start_agents(name, mesh=True)
         vip = lab.cluster_ip("echo")
         for label, target in ((f"ClusterIP {vip}:80", f"{vip}:80"), (f"ClusterIP {vip}:53/UDP", f"{vip}:53")):
             udp = target.endswith(":53")
-            answers = [request_from(lab, "demo/client", target, udp=udp)["pod"] for _ in range(8)]
+            replies = [request_from(lab, "demo/client", target, udp=udp) for _ in range(8)]
+            pods = [r["pod"] for r in replies]
+            peers = sorted({r["peer"].rsplit(":", 1)[0] for r in replies})
             say(f"{client.pod.key} -> {label} x8: answered by " + ", ".join(
-                f"{pod} {answers.count(pod)}x" for pod in sorted(set(answers))))
+                f"{pod} {pods.count(pod)}x" for pod in sorted(set(pods))) + f", which saw peer {', '.join(peers)}"
+                + (" (UDP: the agent's datapath)" if udp else " (TCP: captured, HBONE/mTLS between the tunnels)"))
+        counted = tunnel_connections(lab, client.pod.node, "demo/echo")
+        say(f"the tunnel on {client.pod.node} counted {counted:.0f} mTLS connections to demo/echo "
+            f"(istio_tcp_connections_opened_total on http://{lab.plan.node(client.pod.node).node.address}:15020/metrics)")
         far = next(node for node in lab.plan.nodes if node.node.name != client.pod.node)
         answers = [request_from(lab, "demo/client", f"{far.node.address}:30080")["pod"] for _ in range(8)]
         say(f"{client.pod.key} -> NodePort {far.node.address}:30080 ({far.node.name}) x8: answered by "
@@ -79,3 +86,18 @@ def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
         else:
             labs.down(name)
             say(f"lab {name!r} removed (use --keep to leave it up)")
+
+
+def tunnel_connections(lab: labs.Lab, node: str, service: str) -> float:
+    """How many connections the tunnel on `node` opened to `service` over mTLS (its Istio metric)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    plan = lab.plan.node(node)
+    text = subprocess.run(["ip", "netns", "exec", plan.netns, "python3", "-c",
+                           "import sys,urllib.request;sys.stdout.write(urllib.request.urlopen(sys.argv[1],timeout=5)"
+                           ".read().decode())", f"http://{plan.node.address}:15020/metrics"],
+                          capture_output=True, text=True, timeout=30, check=True).stdout
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "istio_tcp_connections_opened_total"
+               and sample.labels.get("destination_service") == service
+               and sample.labels.get("connection_security_policy") == "mutual_tls")

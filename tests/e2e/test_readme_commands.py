@@ -28,6 +28,11 @@ def assert_demo_output(output: str, lab: str) -> None:
     # The request crosses nodes: the client on node1 is answered by the server pod on node2.
     assert re.search(r"demo/client \(node1\) -> 10\.244\.2\.\d+:8080/TCP \[other node\]: answered by demo/echo-1 "
                      r"on node2, which saw peer 10\.244\.1\.\d+:\d+", output), output
+    # Through the Service VIP with the mesh: captured, carried by both tunnels, the server sees the client.
+    assert re.search(r"demo/client -> ClusterIP 10\.\d+\.\d+\.\d+:80 x8: answered by .*, which saw peer "
+                     r"10\.244\.1\.2 \(TCP: captured", output), output
+    counted = re.search(r"the tunnel on node1 counted (\d+) mTLS connections to demo/echo", output)
+    assert counted and int(counted.group(1)) >= 8, output
     assert f"lab '{lab}' removed" in output
 
 
@@ -39,6 +44,7 @@ def test_demo_command_shows_a_request_answered_on_the_other_node() -> None:
     assert leftovers(lab, []) == []
 
 
+@pytest.mark.timeout(900)  # a new environment is installed first (about 2 min on an idle machine)
 def test_fresh_clone_sets_itself_up_and_runs_the_demo(tmp_path: Path) -> None:
     head = run(["git", "rev-parse", "HEAD"], ROOT, timeout=30)
     if head.returncode != 0:

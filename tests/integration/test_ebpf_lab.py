@@ -245,7 +245,8 @@ def test_cleanup_leaves_no_program_attachment_or_pin(lab: labs.Lab) -> None:
     programs = [record["id"] for record in loader.attached(cgroup)]
     assert len(programs) == 4 and (loader.ROOT / scope).exists()
     result = CliRunner().invoke(main, ["cleanup", "--bpf-scope", scope, "--cgroup", str(cgroup),
-                                       "--netns", lab.plan.node("node1").netns])
+                                       "--netns", lab.plan.node("node1").netns,
+                                       "--pod-netns-prefix", f"{lab.record.name}-pod-"])
     assert result.exit_code == 0, result.output
     assert "removed (ebpf) cgroup_inet4_connect na_connect4" in result.stdout
     assert loader.attached(cgroup) == [] and not (loader.ROOT / scope).exists()

@@ -253,3 +253,24 @@ def test_the_rules_deliver_a_transparent_connection_from_the_client_address(lab:
         answer = request(path(lab, "demo/echo-1"), ip(lab, "demo/echo-1"), 8080, make=transparent)
         assert peer_ip(answer) == client_ip
         assert delta(before, counts(lab, "demo/echo-1", backend))["in"] == 0
+
+
+def test_cleanup_removes_the_capture_from_every_pod_and_the_probe_snat(lab: labs.Lab, backend: str) -> None:
+    from click.testing import CliRunner
+
+    from nodeagent.cli import main
+
+    pods = ("demo/client", "demo/echo-0")
+    for pod in pods:
+        assert apply_capture(path(lab, pod), backend=backend, pod=pod).status is CaptureStatus.INSTALLED
+    apply_probe_snat(node_path(lab, "node1"), [ip(lab, "demo/echo-0")], backend=backend)
+    result = CliRunner().invoke(main, ["cleanup", "--iptables-backend", backend, "--netns",
+                                       lab.plan.node("node1").netns, "--pod-netns-prefix", f"{lab.record.name}-pod-",
+                                       "--bpf-scope", f"{lab.record.name}-none"])
+    assert result.exit_code == 0, result.output
+    for pod in pods:
+        assert f"mesh capture in {path(lab, pod)}" in result.output
+        assert live_state(path(lab, pod), backend=backend).status is CaptureStatus.ABSENT
+    assert "NODEAGENT" not in subprocess.run(["ip", "netns", "exec", lab.plan.node("node1").netns,
+                                              f"iptables-{backend}-save", "-t", "nat"],
+                                             capture_output=True, text=True, check=True).stdout
