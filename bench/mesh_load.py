@@ -237,6 +237,16 @@ def netns_run(netns: str, *argv: str) -> str:
                           timeout=60).stdout
 
 
+def listen_drops(netns: str) -> int:
+    """TcpExt ListenDrops of `netns` (SYNs and handshakes dropped at a full accept queue, overflows included):
+    each costs the client a retransmitted SYN, 1 s then 3 s, which is what a connect tail of seconds is."""
+    lines = [line.split() for line in netns_run(netns, "cat", "/proc/net/netstat").splitlines()]
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names and names[0] == "TcpExt:":
+            return int(dict(zip(names[1:], values[1:], strict=True)).get("ListenDrops", 0))
+    return 0
+
+
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -275,6 +285,7 @@ class Rig:
     tunnels: dict[str, int] = field(default_factory=dict)
     agents: dict[str, int] = field(default_factory=dict)
     generators: list[subprocess.Popen[str]] = field(default_factory=list)
+    idle_vcpu: dict[str, float] = field(default_factory=dict)  # each tunnel's CPU with no load
 
     def pod(self, name: str) -> Any:
         return self.lab.plan.pod(f"demo/{name}")
@@ -316,12 +327,13 @@ def find_processes(lab: Any) -> tuple[dict[str, int], dict[str, int]]:
 
 
 @contextlib.contextmanager
-def lab_up(scratch: Path, endpoints: int, mode: str) -> Iterator[Rig]:
+def lab_up(scratch: Path, endpoints: int, mode: str, keep_logs: Path | None = None) -> Iterator[Rig]:
     """The lab with agents and tunnels; always removed afterwards (generators first: they are in a pod cgroup)."""
     import yaml
 
     from nodeagent.lab import lab as labs
     from nodeagent.lab.agents import start_agents
+    from nodeagent.lab.errors import LabError
     from nodeagent.lab.manifests import load_default
 
     directory = scratch / "manifests"
@@ -347,6 +359,9 @@ def lab_up(scratch: Path, endpoints: int, mode: str) -> Iterator[Rig]:
     finally:
         if rig is not None:
             rig.stop_generators()
+        if keep_logs is not None:  # the agents' and tunnels' logs (access log lines) outlive the lab
+            with contextlib.suppress(OSError, LabError):
+                shutil.copytree(labs.load(name).record.directory / "logs", keep_logs / name, dirs_exist_ok=True)
         labs.down(name)
 
 
@@ -498,6 +513,16 @@ def summarize(records: list[list[Any]], rate: float, seconds: float, slo_ms: flo
     return summary
 
 
+def idle_vcpu(rig: Rig, seconds: float = 3.0) -> dict[str, float]:
+    """Each tunnel's vCPU over `seconds` with no load (its reconcile and renewal passes)."""
+    import psutil
+
+    procs = {node: psutil.Process(pid) for node, pid in rig.tunnels.items()}
+    cpu0, t0 = {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}, time.monotonic()
+    time.sleep(seconds)  # the measured window
+    return {n: round((sum(p.cpu_times()[:2]) - cpu0[n]) / (time.monotonic() - t0), 4) for n, p in procs.items()}
+
+
 def wait_quiet(rig: Rig, timeout: float = 90.0) -> float:
     """Poll until both tunnels are near idle (< 0.05 vCPU over 0.5 s): an overloaded run leaves a backlog
     that would otherwise be charged to the next phase."""
@@ -520,16 +545,19 @@ def phase(rig: Rig, name: str, rate: float, seconds: float, args: argparse.Names
     """One load run with its CPU, RSS and tunnel metric deltas."""
     quiet_after = wait_quiet(rig)
     before = tunnel_metrics(rig.lab, "node1")  # the client side: where retries and ejections happen
+    accept_queues = {"client_pod": [rig.pod("client").netns], "echo_pods": [rig.pod(p).netns for p in rig.load_pods()]}
+    drops = {k: sum(listen_drops(ns) for ns in spaces) for k, spaces in accept_queues.items()}
     with Sampler(rig) as sampler:
         records = run_load(rig, rate, seconds, args.workers, args.timeout)
     after = tunnel_metrics(rig.lab, "node1")
+    drops = {k: sum(listen_drops(ns) for ns in spaces) - drops[k] for k, spaces in accept_queues.items()}
     service = f"demo/{SERVICE}"
     report = {"phase": name, "waited_for_quiet_s": quiet_after, **summarize(records, rate, seconds, args.slo_ms),
-              "vcpu": sampler.vcpu, "tunnel_rss_mb": sampler.rss_mb}
+              "vcpu": sampler.vcpu, "tunnel_rss_mb": sampler.rss_mb, "listen_drops": drops}
     b1, a1 = before, after
-    report["tunnel_cpu_ms_per_connection"] = {
-        node: round(sampler.vcpu[f"tunnel_{node}"] / report["achieved_rate"] * 1000, 3) if report["achieved_rate"]
-        else None for node in rig.tunnels}
+    report["tunnel_cpu_ms_per_connection"] = {  # above idle, per answered connection
+        node: round((sampler.vcpu[f"tunnel_{node}"] - rig.idle_vcpu.get(node, 0.0)) / report["achieved_rate"] * 1000, 3)
+        if report["achieved_rate"] and name != "reference" else None for node in rig.tunnels}
     report["tunnel_metrics"] = {
         "retries": metric_delta(b1, a1, "nodeagent_tunnel_connect_retries_total", destination_service=service),
         "ejections": metric_delta(b1, a1, "nodeagent_tunnel_outlier_ejections_total", destination_service=service),
@@ -613,10 +641,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["uncommitted_nodeagent_files"] = len(_git("status", "--porcelain", "--", "nodeagent").splitlines())
     py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     with tempfile.TemporaryDirectory(prefix="mesh-load-") as scratch, lab_up(Path(scratch), args.endpoints,
-                                                                               args.mode) as rig:
+                                                                               args.mode, args.keep_logs) as rig:
         target = f"{rig.lab.cluster_ip(SERVICE)}:80"
         client = rig.pod("client").netns
         report["idle_rss_mb"] = {n: round(_rss_mb(p), 1) for n, p in rig.tunnels.items()}
+        report["idle_vcpu"] = rig.idle_vcpu = idle_vcpu(rig)
         wait_answering(rig, target)
         report["phases"].append(phase(rig, "reference", args.rate, args.seconds, args))
         netns_run(client, "iptables", "-t", "nat", "-A", *CAPTURE)
@@ -684,24 +713,24 @@ def print_table(report: dict[str, Any]) -> None:
     """The report as a readable table."""
     print(f"loadavg before {report['loadavg']['before']}, after {report['loadavg']['after']} ({report['cpus']} CPUs);"
           f" agents in {report['mode']} mode; Service demo/{SERVICE}: {report['endpoints']} echo pods + 1 failing, "
-          f"all on node2; tunnel RSS idle {report['idle_rss_mb']} MB")
-    print(f"{'phase':10} {'rate':>6} {'s':>4} {'answered':>8} {'fail':>5} {'connect p50/p99/max ms':>23} "
-          f"{'first byte p50/p99/max ms':>26} {'late p99':>8} {'retry':>5} {'eject':>5}")
+          f"all on node2; tunnels idle: {report['idle_rss_mb']} MB, {report['idle_vcpu']} vCPU")
+    print(f"{'phase':10} {'rate':>5} {'s':>3} {'answered':>8} {'fail':>5} {'connect p50/p99/max ms':>22} "
+          f"{'first byte p50/p99/max ms':>25} {'late p99':>8} {'retry':>5} {'eject':>5} {'SYN drop cli/echo':>17}")
     for p in report["phases"]:
-        c, f, m = p["connect_ms"], p["first_byte_ms"], p["tunnel_metrics"]
-        print(f"{p['phase']:10} {p['rate']:6g} {p['seconds']:4g} {p['achieved_rate']:8g} {p['failures']:5d} "
-              f"{c.get('p50', 0):7.2f}/{c.get('p99', 0):6.2f}/{c.get('max', 0):8.1f} "
-              f"{f.get('p50', 0):8.2f}/{f.get('p99', 0):7.2f}/{f.get('max', 0):8.1f} "
-              f"{p['lateness_ms'].get('p99', 0):8.1f} {m['retries']:5g} {m['ejections']:5g}")
+        c, f, m, d = p["connect_ms"], p["first_byte_ms"], p["tunnel_metrics"], p["listen_drops"]
+        print(f"{p['phase']:10} {p['rate']:5g} {p['seconds']:3g} {p['achieved_rate']:8g} {p['failures']:5d} "
+              f"{c.get('p50', 0):6.2f}/{c.get('p99', 0):6.1f}/{c.get('max', 0):8.1f} "
+              f"{f.get('p50', 0):7.2f}/{f.get('p99', 0):7.1f}/{f.get('max', 0):8.1f} "
+              f"{p['lateness_ms'].get('p99', 0):8.1f} {m['retries']:5g} {m['ejections']:5g} "
+              f"{d['client_pod']:8d}/{d['echo_pods']:<8d}")
     print(f"{'phase':10} {'vCPU: tunnel n1':>15} {'n2':>6} {'agents':>6} {'loadgen':>7} {'echo':>6} {'rest':>5} "
-          f"{'machine':>7}"
-          f"  CPU ms/conn n1/n2  peak RSS MB n1/n2  failures")
+          f"{'machine':>7}  {'CPU ms/conn n1/n2':>17}  {'peak RSS MB n1/n2':>17}  failures")
     for p in report["phases"]:
-        v, per = p["vcpu"], p["tunnel_cpu_ms_per_connection"]
+        v, per, rss = p["vcpu"], p["tunnel_cpu_ms_per_connection"], p["tunnel_rss_mb"]
         print(f"{p['phase']:10} {v['tunnel_node1']:15.3f} {v['tunnel_node2']:6.3f} "
               f"{v['agent_node1'] + v['agent_node2']:6.3f} {v['load_generator']:7.3f} {v['echo_pods']:6.3f} "
-              f"{v['rest']:5.2f} {v['machine_busy']:7.2f}  {per['node1'] or 0:8.2f}/{per['node2'] or 0:<8.2f} "
-              f"{p['tunnel_rss_mb']['node1']:9.1f}/{p['tunnel_rss_mb']['node2']:<7.1f} {p['failures_by_kind'] or '-'}")
+              f"{v['rest']:5.2f} {v['machine_busy']:7.2f}  {per['node1'] or 0:8.2f}/{per['node2'] or 0:<8.2f}  "
+              f"{rss['node1']:8.1f}/{rss['node2']:<8.1f}  {p['failures_by_kind'] or '-'}")
     print(f"sustained through both tunnels: {report['sustained_rate']}/s (no failure, >= 98% of the rate, "
           f"first byte p99 <= {report['slo_ms']:g} ms, lateness p99 <= 100 ms)")
     prof = report.get("profile")
@@ -729,7 +758,8 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=20.0, help="length of each step-down run")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the py-spy phase")
     parser.add_argument("--profile-seconds", type=float, default=15.0)
-    parser.add_argument("--quick", action="store_true", help="a few seconds at 100/s, no step-down or profile")
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the lab's logs here before removing it")
+    parser.add_argument("--quick", action="store_true", help="3 s at 50/s, no step-down or profile")
     parser.add_argument("--json", action="store_true", help="the report as one JSON line")
     parser.add_argument("--generate", metavar="HOST:PORT", help=argparse.SUPPRESS)  # inside the client pod
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
@@ -738,7 +768,7 @@ def main() -> None:
         generate_main(args)
         return
     if args.quick:
-        args.rate, args.seconds, args.step_down, args.profile = 100.0, 3.0, False, False
+        args.rate, args.seconds, args.step_down, args.profile = 50.0, 3.0, False, False
     if args.rate <= 0 or args.seconds <= 0 or args.workers < 1 or args.endpoints < 1:
         parser.error("--rate, --seconds, --workers and --endpoints must be positive")
     if os.geteuid() != 0:
