@@ -9,17 +9,26 @@ pass; that locator is the agent's to provide.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent.bpf.loader import BpfError
-from nodeagent.bpf.mesh import MeshPrograms, PodTarget, apply_capture, attach_tunnel, live_state, remove_capture
+from nodeagent.bpf.mesh import (
+    MeshPrograms,
+    PodTarget,
+    apply_capture,
+    attach_tunnel,
+    live_state,
+    remove_capture,
+    tunnel_state,
+)
 from nodeagent.bpf.mesh_hooks import pod_ip_in
 from nodeagent.bpf.mesh_state import gone
 from nodeagent.redirect.kernel import CaptureError, netns_present
 from nodeagent.redirect.render import CaptureOptions
-from nodeagent.redirect.state import CaptureState
+from nodeagent.redirect.state import CaptureState, CaptureStatus
 
 UNLOCATED = "the pod (its namespace, address or cgroup)"
 
@@ -56,9 +65,20 @@ class EbpfCapture:
     tunnel_cgroup: Path | None = None
 
     def state(self, netns: str, options: CaptureOptions) -> CaptureState:
-        """The pod's capture, named (netns-missing when the pod cannot be located)."""
+        """The pod's capture, named (netns-missing when the pod cannot be located). A pod whose capture is
+        complete but whose tunnel lost its hook is drifted: its captured connections would get no original
+        destination, and the reconciler repairs drift by applying again."""
         pod = self.locate(netns, "")
-        return gone(netns, UNLOCATED) if pod is None else live_state(self.programs, pod, options)
+        if pod is None:
+            return gone(netns, UNLOCATED)
+        state = live_state(self.programs, pod, options)
+        if state.status is CaptureStatus.INSTALLED and self.tunnel_cgroup is not None:
+            hook = tunnel_state(self.programs, self.tunnel_cgroup)
+            if hook.status is not CaptureStatus.INSTALLED:
+                return dataclasses.replace(state, status=CaptureStatus.DRIFTED, missing=tuple(
+                    f"tunnel hook on {self.tunnel_cgroup}: {line}" for line in hook.missing or (str(hook.status),)),
+                                           unexpected=hook.unexpected)
+        return state
 
     def apply(self, netns: str, options: CaptureOptions, pod: str) -> CaptureState:
         """Capture the pod, the tunnel's hook first."""

@@ -421,6 +421,8 @@ def test_the_pins_sit_beside_the_agents_datapath(lab: labs.Lab, programs: dict[s
     for node in ("node1", "node2"):
         assert mesh.mesh_dir(scope(lab, node)).is_dir()
         assert loader.pin_dir(scope(lab, node)).is_dir(), "the agent's eBPF datapath, same scope"
+    with mesh.load(scope(lab, "node1"), compile_if_missing=False) as again:  # an agent restart: no compile
+        assert again.adopted and again.program_ids == programs["node1"].program_ids
     for name, (key, value) in mesh.MAPS.items():  # the sizes the Python side writes are the C structs'
         shown = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "pinned",
                                            str(mesh.mesh_dir(scope(lab, "node1")) / name)],
@@ -440,6 +442,11 @@ def test_the_agents_capture_protocol_in_ebpf_mode(lab: labs.Lab, programs: dict[
         assert capture.apply(client.netns, DEFAULT_OPTIONS, "demo/client").status is CaptureStatus.INSTALLED
         assert mesh.live_state(programs["node1"], client).status is CaptureStatus.INSTALLED, "same pod, same cgroup"
         assert peer_ip(from_pod(lab, "demo/client", ip(lab, "demo/echo-1"), 8080)) == ip(lab, "demo/echo-1")
+        mesh.detach_tunnel(node_cgroup(lab, "node1"))  # the tunnel's hook lost: the pod's capture is drifted
+        drifted = capture.state(client.netns, DEFAULT_OPTIONS)
+        assert drifted.status is CaptureStatus.DRIFTED and "nm_getsockopt" in drifted.missing[0]
+        assert capture.apply(client.netns, DEFAULT_OPTIONS, "demo/client").status is CaptureStatus.INSTALLED
+        assert mesh.tunnel_state(programs["node1"], node_cgroup(lab, "node1")).status is CaptureStatus.INSTALLED
     finally:
         assert capture.remove(client.netns, "demo/client").status is CaptureStatus.ABSENT
     elsewhere = f"/run/netns/{lab.plan.node('node1').netns}"  # not a pod namespace
