@@ -188,9 +188,9 @@ def start_tunnels(rig: Rig, envoy: str | None, relay: bool) -> None:
             "--pki", str(rig.scratch)], entry)
 
 
-def transfer(rig: Rig, target: tuple[str, int], seconds: float) -> float:
-    """Gbit/s of one stream pushed from the client pod for `seconds`, until the sink in the server pod has
-    confirmed every byte (it acknowledges each MiB: no half-close needed, which a plain TLS relay lacks)."""
+def transfer(rig: Rig, target: tuple[str, int], seconds: float) -> tuple[float, int]:
+    """(Gbit/s, bytes) of one stream pushed from the client pod for `seconds`, until the sink in the server
+    pod has confirmed every byte (it acknowledges each MiB: no half-close needed, which a TLS relay lacks)."""
     sock = in_netns(f"/run/netns/{rig.client.netns}", socket.socket)  # a socket of the client pod's namespace
     block = memoryview(bytearray(1 << 20))
     confirmed, answers = 0, bytearray()
@@ -219,7 +219,7 @@ def transfer(rig: Rig, target: tuple[str, int], seconds: float) -> float:
         elapsed = time.perf_counter() - started
     if confirmed != sent:
         raise RuntimeError(f"sink at {target} confirmed {confirmed} of {sent} bytes")
-    return sent * 8 / elapsed / 1e9
+    return sent * 8 / elapsed / 1e9, sent
 
 
 def _lines(stream: IO[bytes], deadline: float) -> Iterator[str]:
@@ -302,9 +302,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name in names[r % len(names):] + names[:r % len(names)]:
                 rounds[name].append(request_response(rig, rig.variants[name], args))
         gbit: dict[str, list[float]] = {name: [] for name in names}
+        per_gib: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.runs):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                gbit[name].append(round(transfer(rig, rig.variants[name].target, args.seconds), 3))
+                pids = rig.variants[name].pids.values()
+                before = sum(sum(_cpu(pid)) for pid in pids)
+                rate, sent = transfer(rig, rig.variants[name].target, args.seconds)
+                gbit[name].append(round(rate, 3))
+                if pids:
+                    per_gib[name].append((sum(sum(_cpu(pid)) for pid in pids) - before) / (sent / 2**30))
     load_after = os.getloadavg()
 
     latency = {name: {q: _median([x["latency_us"][q] for x in rounds[name]]) for q in ("p50", "p90", "p99")}
@@ -325,7 +331,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "topology": "lab: client pod -> node1 -> fabric bridge -> node2 -> server pod; tunnels in the node netns",
         "loadavg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
         "cpus": os.cpu_count(),
-        "throughput": {"seconds": args.seconds, "runs": args.runs, "gbit_per_s": throughput, "samples": gbit},
+        "throughput": {"seconds": args.seconds, "runs": args.runs, "gbit_per_s": throughput, "samples": gbit,
+                       # CPU seconds of both tunnel processes per GiB carried: what bounds throughput on a
+                       # machine without spare cores, and far less sensitive to other load than Gbit/s
+                       "tunnel_cpu_s_per_gib": {name: _median(v) for name, v in per_gib.items() if v}},
         "request_response": {
             "mode": "new connection per request" if args.new_connections else "persistent connections",
             "rate": args.rate, "connections": args.connections, "size": args.size, "seconds": args.rr_seconds,
@@ -339,6 +348,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "envoy" in throughput:
         report["throughput"]["vs_envoy"] = {name: round(gbit / throughput["envoy"], 2)
                                             for name, gbit in throughput.items()}
+        cost = report["throughput"]["tunnel_cpu_s_per_gib"]
+        report["throughput"]["cpu_per_gib_vs_envoy"] = {name: round(c / cost["envoy"], 2) for name, c in cost.items()}
         report["nodeagent_vs_envoy"] = report["throughput"]["vs_envoy"]["nodeagent"]
         added, ours = report["request_response"]["added_latency_us"], tunnels["nodeagent"].values()
         report["goals"] = {
@@ -359,11 +370,13 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"{report['topology']}")
     print(f"single stream: {t['seconds']} s x {t['runs']} runs (median), request/response: {rr['rate']:g} req/s, "
           f"{rr['connections']} {rr['mode']}, {rr['size']} B each way, {rr['seconds']} s x {rr['rounds']} rounds")
-    print(f"{'':10} {'Gbit/s':>7} {'xEnvoy':>6} {'p50 µs':>7} {'p99 µs':>7} {'+p50':>6} {'+p99':>6}   "
+    print(f"{'':10} {'Gbit/s':>7} {'xEnvoy':>6} {'CPU s/GiB':>9} {'p50 µs':>7} {'p99 µs':>7} {'+p50':>6} {'+p99':>6}   "
           f"{'vCPU cli/srv (sys)':>24} {'RSS+ MB cli/srv':>16}")
     for name, gbit in t["gbit_per_s"].items():
         lat, added = rr["latency_us"][name], rr["added_latency_us"].get(name, {})
-        row = f"{name:10} {gbit:7.2f} {t.get('vs_envoy', {}).get(name, 0):6.2f} {lat['p50']:7.0f} {lat['p99']:7.0f} "
+        cost = t["tunnel_cpu_s_per_gib"].get(name)
+        row = (f"{name:10} {gbit:7.2f} {t.get('vs_envoy', {}).get(name, 0):6.2f} "
+               f"{f'{cost:9.2f}' if cost is not None else '':9} {lat['p50']:7.0f} {lat['p99']:7.0f} ")
         row += f"{added.get('p50', 0):6.0f} {added.get('p99', 0):6.0f}   " if added else f"{'':6} {'':6}   "
         if name in rr["tunnels"]:
             sides = rr["tunnels"][name]
