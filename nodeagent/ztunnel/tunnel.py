@@ -18,6 +18,7 @@ Balancing and policy come with the next issue; here every peer of the trust doma
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -125,17 +126,21 @@ class NodeTunnel:
         for ip in list(self.pods):
             await self.remove_pod(ip)
 
-    async def _connect_from(self, pod: _Pod, host: str, port: int, source: str | None = None
-                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A connection from inside the pod's namespace; from `source` (transparently) when the pod's
-        capture routes replies back, so the app sees its real client."""
+    async def _connect_socket(self, pod: _Pod, host: str, port: int, source: str | None = None) -> socket.socket:
+        """A connected socket from inside the pod's namespace; from `source` (transparently) when the
+        pod's capture routes replies back, so the app sees its real client."""
         sock = client_socket(pod.workload.netns, SOCKET_MARK, source if pod.workload.transparent else None)
         try:
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
         except OSError:
             sock.close()
             raise
-        return await asyncio.open_connection(sock=sock, limit=CHUNK)
+        return sock
+
+    async def _connect_from(self, pod: _Pod, host: str, port: int, source: str | None = None
+                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """`_connect_socket` as a (reader, writer) pair."""
+        return await asyncio.open_connection(sock=await self._connect_socket(pod, host, port, source), limit=CHUNK)
 
     def _verdict(self, workload: Workload, port: int, source: SpiffeId | None) -> Verdict:
         """Policy for a connection to `workload`:`port` from `source` (None: plaintext)."""
@@ -168,7 +173,7 @@ class NodeTunnel:
         # The client tunnel dials from inside the client pod, so the peer address is the client pod's.
         source = peer[0] if peer else None
         await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
-                               connect=lambda host, port: self._connect_from(pod, host, port, source))
+                               connect=lambda host, port: self._connect_socket(pod, host, port, source))
 
     async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                                  ) -> None:
@@ -232,7 +237,7 @@ class NodeTunnel:
             opened = True
             if isinstance(upstream, HboneStream):
                 connection.mtls = True
-                await _bridge_hbone(reader, writer, upstream, connection)
+                connection.sent, connection.received = await upstream.splice(reader, writer)
             else:
                 up_reader, up_writer = cast(tuple[asyncio.StreamReader, asyncio.StreamWriter], upstream)
                 await _bridge_tcp(reader, writer, up_reader, up_writer, connection)
@@ -247,27 +252,6 @@ class NodeTunnel:
             if slot is not None:
                 slot.closed()
             self.metrics.closed(connection, was_open=opened)
-
-
-async def _bridge_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: HboneStream,
-                        connection: Connection | None = None) -> None:
-    async def up() -> None:
-        while data := await reader.read(CHUNK):
-            await stream.write(data)
-            if connection is not None:
-                connection.sent += len(data)
-        stream.write_eof()
-
-    async def down() -> None:
-        while data := await stream.read():
-            writer.write(data)
-            if connection is not None:
-                connection.received += len(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-
-    await asyncio.gather(up(), down())
 
 
 async def _bridge_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
