@@ -309,12 +309,18 @@ def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | N
 @click.option("--netns-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/run/netns"),
               show_default=True, help="where the container runtime binds pod network namespaces (with --mesh)")
 @click.option("--netns-prefix", default="", help="only namespaces whose names start with this (with --mesh)")
+@click.option("--pod-cgroup-parent", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="eBPF-mode capture: pods' cgroups are <DIR>/<netns name minus --netns-prefix> (the lab's "
+                   "layout); without it the mesh captures with iptables in every mode")
+@click.option("--tunnel-cgroup", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="eBPF-mode capture: the node tunnel's cgroup, where the original-destination hook goes "
+                   "(default: this process's cgroup, as in the lab)")
 def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | None, context: str | None,
         manifests: Path | None, source_lab: str | None, node_name: str | None, min_sync_period: float,
         sync_period: float, cluster_cidr: str, masquerade_all: bool, nodeport_addresses: str,
         iptables_backend: str, healthz_bind_address: str, metrics_bind_address: str, ca_dir: Path | None,
         ca_bind_address: str, ca_token_file: Path | None, mesh: bool, control_socket: str, netns_dir: Path,
-        netns_prefix: str) -> None:
+        netns_prefix: str, pod_cgroup_parent: Path | None, tunnel_cgroup: Path | None) -> None:
     """Run the node agent: watch the source, keep this node's datapath in sync, until SIGTERM."""
     import signal
     import threading
@@ -379,7 +385,9 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
     agent.health.mode, agent.health.mode_reason = active, reason
     agent.start()
     ca_server = _serve_node_ca(ca_dir, ca_bind_address, ca_token_file, node_name, agent) if ca_dir else None
-    mesh_loop = _start_mesh(node_name, backend, control_socket, netns_dir, netns_prefix, agent) if mesh else None
+    capture = _mesh_capture(active, backend, bpf_scope, netns_prefix, pod_cgroup_parent, tunnel_cgroup) if mesh \
+        else None
+    mesh_loop = _start_mesh(node_name, capture, control_socket, netns_dir, netns_prefix, agent) if mesh else None
     try:
         stop.wait()
     finally:
@@ -391,7 +399,28 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
         agent.stop()
 
 
-def _start_mesh(node_name: str, backend: str, control_socket: str, netns_dir: Path, netns_prefix: str,
+def _mesh_capture(active: str, backend: str, bpf_scope: str, netns_prefix: str, pod_cgroup_parent: Path | None,
+                  tunnel_cgroup: Path | None) -> Any:
+    """How pods are captured: eBPF on their cgroups when the datapath is eBPF and their cgroups can be
+    found, else iptables in their namespaces."""
+    from nodeagent.mesh import IptablesCapture
+
+    if active != "ebpf" or pod_cgroup_parent is None:
+        return IptablesCapture(backend)
+    from nodeagent.bpf import mesh as bpf_mesh
+    from nodeagent.bpf.loader import BpfError, own_cgroup
+    from nodeagent.bpf.mesh_agent import CgroupBesideNetns, EbpfCapture
+
+    try:
+        programs = bpf_mesh.load(bpf_scope)
+        return EbpfCapture(programs, CgroupBesideNetns(pod_cgroup_parent, netns_prefix), backend,
+                           tunnel_cgroup or own_cgroup())
+    except (BpfError, OSError) as exc:
+        raise click.ClickException(f"eBPF mesh capture unavailable: {exc}; drop --pod-cgroup-parent to capture "
+                                   "with iptables") from exc
+
+
+def _start_mesh(node_name: str, capture: Any, control_socket: str, netns_dir: Path, netns_prefix: str,
                 agent: Any) -> Any:
     """The control stream to the node tunnel and the loop that enrolls and captures this node's pods."""
     from nodeagent.control.server import ControlServer
@@ -403,8 +432,9 @@ def _start_mesh(node_name: str, backend: str, control_socket: str, netns_dir: Pa
         control.start(control_socket)
     except (OSError, RuntimeError) as exc:
         raise click.ClickException(f"control socket {control_socket}: {exc}") from exc
-    reconciler = MeshReconciler(node_name, control, IptablesCapture(backend), netns_dir=netns_dir,
-                                netns_prefix=netns_prefix)
+    # Transparent connects need the iptables capture's policy routing for the replies (eBPF mode has none).
+    reconciler = MeshReconciler(node_name, control, capture, netns_dir=netns_dir, netns_prefix=netns_prefix,
+                                transparent=isinstance(capture, IptablesCapture))
     loop = MeshLoop(reconciler, agent.tracker.last)
     control.on_ack = loop.request
     return loop.start()

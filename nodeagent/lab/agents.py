@@ -60,10 +60,15 @@ def control_socket(lab: labs.Lab, node: str) -> Path:
 
 def mesh_agent_args(lab: labs.Lab, node: str, capture: bool = True) -> list[str]:
     """The agent flags that make it serve the mesh CA to its node's tunnel and (with `capture`) enroll the
-    node's pods: assign them to the tunnel and capture their traffic."""
+    node's pods: assign them to the tunnel and capture their traffic (on the pods' cgroups where the
+    datapath is eBPF: the lab's pod cgroups sit under the node's, where agent and tunnel run)."""
     ca = ["--ca-dir", str(ca_dir(lab)), "--ca-token-file", str(token_file(lab, node))]
-    return ca + (["--mesh", "--control-socket", str(control_socket(lab, node)), "--netns-dir", "/run/netns",
-                  "--netns-prefix", f"{lab.record.name}-pod-"] if capture else [])
+    if not capture:
+        return ca
+    node_cgroup = str(cgroups.path_of(lab.plan.node(node).cgroup))
+    return [*ca, "--mesh", "--control-socket", str(control_socket(lab, node)), "--netns-dir", "/run/netns",
+            "--netns-prefix", f"{lab.record.name}-pod-", "--pod-cgroup-parent", node_cgroup,
+            "--tunnel-cgroup", node_cgroup]
 
 
 def tunnel_argv(lab: labs.Lab, node: str, capture: bool = True) -> list[str]:
@@ -119,16 +124,35 @@ def enrolled_pods(lab: labs.Lab) -> list[str]:
                   for w in workload_table(snapshot, node.node.name).local.values())
 
 
+def captured(lab: labs.Lab, pod: str) -> bool:
+    """Whether `pod` holds a complete capture, iptables in its namespace or eBPF on its cgroup."""
+    from nodeagent.redirect import CaptureOptions, CaptureStatus, live_state
+
+    netns = f"/run/netns/{lab.plan.pod(pod).netns}"
+    if any(live_state(netns, backend=b).status is CaptureStatus.INSTALLED for b in ("nft", "legacy")):
+        return True
+    from nodeagent.bpf import mesh as bpf_mesh
+    from nodeagent.bpf.loader import BpfError
+    from nodeagent.bpf.mesh_agent import CgroupBesideNetns, EbpfCapture
+
+    node = lab.plan.node(lab.plan.pod(pod).pod.node)
+    try:
+        with bpf_mesh.load(f"{lab.record.name}-{node.node.name}", compile_if_missing=False) as programs:
+            capture = EbpfCapture(programs, CgroupBesideNetns(cgroups.path_of(node.cgroup),
+                                                              f"{lab.record.name}-pod-"), "nft")
+            return capture.state(netns, CaptureOptions()).status is CaptureStatus.INSTALLED
+    except (BpfError, OSError):
+        return False  # nothing pinned (yet): not captured with eBPF
+
+
 def _wait_captured(lab: labs.Lab, timeout: float) -> None:
     """Wait until every enrolled pod's capture is installed (the agent does so once its tunnel serves it)."""
-    from nodeagent.redirect import CaptureStatus, live_state
-
     deadline = time.monotonic() + timeout
-    pending = {pod: f"/run/netns/{lab.plan.pod(pod).netns}" for pod in enrolled_pods(lab)}
+    pending = set(enrolled_pods(lab))
     while pending:
-        for pod, netns in list(pending.items()):
-            if any(live_state(netns, backend=b).status is CaptureStatus.INSTALLED for b in ("nft", "legacy")):
-                del pending[pod]
+        for pod in list(pending):
+            if captured(lab, pod):
+                pending.discard(pod)
         if pending and time.monotonic() > deadline:
             raise LabBuildError(f"no capture installed within {timeout:.0f} s in {', '.join(sorted(pending))}; "
                                 f"see the agents' logs in {lab.record.directory / 'logs'}")

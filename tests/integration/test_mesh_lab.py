@@ -1,4 +1,4 @@
-"""The mesh end to end in the lab (issue 9), iptables mode: the agents enroll the pods (assign them to
+"""The mesh end to end in the lab (issue 9), in both modes: the agents enroll the pods (assign them to
 their node's tunnel over the control socket, then capture them), the tunnels carry the traffic.
 
 Client and server code are unchanged: a pod connects to another pod's address and the capture, the two
@@ -20,11 +20,19 @@ from typing import Any
 import psutil
 import pytest
 
+from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
-from nodeagent.lab.agents import AGENT_OWNER, TUNNEL_OWNER, agent_argv, mesh_agent_args, spawn_owned, tunnel_argv
+from nodeagent.lab.agents import (
+    AGENT_OWNER,
+    TUNNEL_OWNER,
+    agent_argv,
+    captured,
+    mesh_agent_args,
+    spawn_owned,
+    tunnel_argv,
+)
 from nodeagent.lab.demo import request_from
 from nodeagent.lab.state import locked
-from nodeagent.redirect import CaptureStatus, live_state
 from nodeagent.redirect.render import PROBE_ADDRESS
 from nodeagent.ztunnel.netns import in_netns
 from tests.integration.agent_labs import lab_with_agents
@@ -69,10 +77,35 @@ print(json.dumps(out))
 """
 
 
+# Holds one connection: sends "before", waits for a line on stdin, sends "after" on the same connection.
+HOLD = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+reader = s.makefile("rb")
+for word in ("before", "after"):
+    if word == "after":
+        sys.stdin.readline()
+    s.sendall(word.encode() + b"\n")
+    sys.stdout.write(reader.readline().decode())
+    sys.stdout.flush()
+"""
+
+
+@pytest.fixture(scope="module", params=["iptables", pytest.param("ebpf", marks=pytest.mark.bcc)])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
-    with lab_with_agents(tmp_path_factory.mktemp("mesh"), OUTSIDER, "iptables", mesh=True) as lab:
+def lab(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[labs.Lab]:
+    with lab_with_agents(tmp_path_factory.mktemp("mesh"), OUTSIDER, mode, mesh=True) as lab:
         yield lab
+
+
+def expected_peer(lab: labs.Lab, mode: str, client: str, server: str) -> str:
+    """Who the server sees: the client (the tunnel connects transparently, which the iptables capture's
+    policy routing makes possible), or in eBPF mode the server pod's own address (no such routing)."""
+    return ip_of(lab, client) if mode == "iptables" else ip_of(lab, server)
 
 
 def pod_netns(lab: labs.Lab, pod: str) -> str:
@@ -83,9 +116,6 @@ def ip_of(lab: labs.Lab, pod: str) -> str:
     return str(lab.plan.pod(pod).pod.ip)
 
 
-def captured(lab: labs.Lab, pod: str) -> bool:
-    return any(live_state(pod_netns(lab, pod), backend=b).status is CaptureStatus.INSTALLED
-               for b in ("nft", "legacy"))
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> float:
@@ -105,34 +135,31 @@ def test_every_enrolled_pod_is_captured_and_the_others_are_not(lab: labs.Lab) ->
 
 
 def test_enrolled_client_reaches_server_across_nodes_transparently_with_no_plaintext_on_the_fabric(
-        lab: labs.Lab) -> None:
+        lab: labs.Lab, mode: str) -> None:
     wire = Capture(lab)
     try:
         answer = request_from(lab, "demo/client", f"{ip_of(lab, 'demo/echo-1')}:8080")
-        plan = lab.plan.pod("demo/client")
-        from nodeagent.lab import cgroups, processes
-
-        sent = subprocess.run(processes.enter_argv(plan.netns, cgroups.path_of(plan.cgroup),
-                                                   ["nodeagent", "workload", "request",
-                                                    f"{ip_of(lab, 'demo/echo-1')}:8080", "--message", MARKER]),
+        sent = subprocess.run(in_pod(lab, "demo/client", "nodeagent", "workload", "request",
+                                     f"{ip_of(lab, 'demo/echo-1')}:8080", "--message", MARKER),
                               env=processes.child_env({}), capture_output=True, text=True, timeout=30, check=True)
     finally:
         time.sleep(0.2)  # frames in flight reach the capture (a workload pause, not a readiness wait)
         frames = wire.finish()
     assert answer["pod"] == "demo/echo-1"
-    assert answer["peer"].rsplit(":", 1)[0] == ip_of(lab, "demo/client"), "the server sees the client's address"
+    assert answer["peer"].rsplit(":", 1)[0] == expected_peer(lab, mode, "demo/client", "demo/echo-1")
     assert json.loads(sent.stdout)["echo"] == MARKER
     assert MARKER.encode() not in frames, "no plaintext between the nodes"
     pools = next(p["pools"] for p in admin_dump(lab, "node1")["pods"] if p["ip"] == ip_of(lab, "demo/client"))
     assert any(p["peer"] == f"{ip_of(lab, 'demo/echo-1')}:15008" for p in pools), pools
 
 
-def test_a_pod_outside_the_mesh_is_unaffected_and_reaches_an_enrolled_one_in_plaintext(lab: labs.Lab) -> None:
+def test_a_pod_outside_the_mesh_is_unaffected_and_reaches_an_enrolled_one_in_plaintext(lab: labs.Lab,
+                                                                                        mode: str) -> None:
     # The outsider's connection is not captured (it leaves as plain TCP); the enrolled server captures
     # it into 15006 (PERMISSIVE by default) and still sees the outsider's own address.
     answer = request_from(lab, "plain/outsider", f"{ip_of(lab, 'demo/echo-0')}:8080")
     assert answer["pod"] == "demo/echo-0"
-    assert answer["peer"].rsplit(":", 1)[0] == ip_of(lab, "plain/outsider")
+    assert answer["peer"].rsplit(":", 1)[0] == expected_peer(lab, mode, "plain/outsider", "demo/echo-0")
 
 
 def test_probes_from_the_node_still_reach_an_enrolled_app(lab: labs.Lab) -> None:
@@ -159,12 +186,18 @@ def _owner_process(lab: labs.Lab, owner: str) -> psutil.Process:
     return next(c for c in children if "nodeagent" in " ".join(c.cmdline()) and "enter" not in c.cmdline()[1:3])
 
 
+def in_pod(lab: labs.Lab, pod: str, *command: str) -> list[str]:
+    """The argv running `command` in the pod's namespace *and cgroup* (the eBPF capture is per cgroup)."""
+    plan = lab.plan.pod(pod)
+    return processes.enter_argv(plan.netns, cgroups.path_of(plan.cgroup), list(command))
+
+
 def _loop(lab: labs.Lab, target: str, seconds: float) -> tuple[threading.Thread, list[list[Any]]]:
     out: list[list[Any]] = []
 
     def run() -> None:
-        result = subprocess.run(["ip", "netns", "exec", lab.plan.pod("demo/client").netns, "python3", "-c", LOOP,
-                                 target, str(seconds), "0.05"], capture_output=True, text=True, timeout=seconds + 60)
+        result = subprocess.run(in_pod(lab, "demo/client", "python3", "-c", LOOP, target, str(seconds), "0.05"),
+                                env=processes.child_env({}), capture_output=True, text=True, timeout=seconds + 60)
         out.extend(json.loads(result.stdout))
 
     thread = threading.Thread(target=run)
@@ -172,35 +205,40 @@ def _loop(lab: labs.Lab, target: str, seconds: float) -> tuple[threading.Thread,
     return thread, out
 
 
-def test_agent_killed_mid_loop_leaves_connections_working_and_established_ones_open(lab: labs.Lab) -> None:
+def test_agent_killed_mid_loop_leaves_connections_working_and_established_ones_open(lab: labs.Lab,
+                                                                                    mode: str) -> None:
     target = (ip_of(lab, "demo/echo-1"), 8080)
-    with in_netns(pod_netns(lab, "demo/client"), socket.socket) as held:
-        held.settimeout(5)
-        held.connect(target)
-        reader = held.makefile("rb")
-        held.sendall(b"before\n")
-        assert json.loads(reader.readline())["echo"] == "before"
+    # One connection held open across the kill, by a process in the client pod: "before", then "after".
+    held = subprocess.Popen(in_pod(lab, "demo/client", "python3", "-c", HOLD, target[0], str(target[1])),
+                            env=processes.child_env({}), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert held.stdin is not None and held.stdout is not None
+    try:
+        assert json.loads(held.stdout.readline())["echo"] == "before"
         thread, results = _loop(lab, f"{target[0]}:{target[1]}", 3.0)
         time.sleep(1.0)  # let the loop run before the kill (a workload pause, not a readiness wait)
         agent = _owner_process(lab, AGENT_OWNER + "node1")
         os.kill(agent.pid, signal.SIGKILL)
         thread.join()
-        held.sendall(b"after\n")
-        assert json.loads(reader.readline())["echo"] == "after", "the established connection survived"
+        held.stdin.write("go\n")
+        held.stdin.flush()
+        assert json.loads(held.stdout.readline())["echo"] == "after", "the established connection survived"
+    finally:
+        held.kill()
+        held.wait(timeout=10)
     assert results and all(ok for _, ok, _ in results), [r for r in results if not r[1]]
     assert captured(lab, "demo/client"), "the capture stays in place while the agent is away"
     # A new agent run resumes the control stream (full state) and adopts the captures it finds.
     run_before = admin_dump(lab, "node1")["control"]["agent_run"]
     with locked(lab.record.name):
         spawn_owned(labs.load(lab.record.name), "node1", AGENT_OWNER, "nodeagent",
-               agent_argv(lab, "node1", "iptables", mesh_agent_args(lab, "node1")), None)
+               agent_argv(lab, "node1", mode, mesh_agent_args(lab, "node1")), None)
     wait_for(lambda: admin_dump(lab, "node1")["control"]["agent_run"] not in ("", run_before),
              "the tunnel follows the new agent run")
     assert captured(lab, "demo/client")
     assert request_from(lab, "demo/client", f"{target[0]}:{target[1]}")["pod"] == "demo/echo-1"
 
 
-def test_tunnel_killed_mid_loop_recovers_within_the_stated_bound(lab: labs.Lab) -> None:
+def test_tunnel_killed_mid_loop_recovers_within_the_stated_bound(lab: labs.Lab, mode: str) -> None:
     """Documented behaviour: the capture stays (fail closed, as ztunnel's in-pod mode): while the node's
     tunnel is down, new connections of its pods are refused at once (nothing listens on 15001), never
     sent around the mesh; once the tunnel is back (the kubelet restarts it; here the test does) it gets
@@ -219,4 +257,5 @@ def test_tunnel_killed_mid_loop_recovers_within_the_stated_bound(lab: labs.Lab) 
     after = [ok for started, ok, _ in results if started > killed + 10.0]
     assert failures, "connections failed while the tunnel was down (fail closed)"
     assert after and all(after), "every connection 10 s after the kill succeeded"
-    assert all(peer.rsplit(":", 1)[0] == ip_of(lab, "demo/client") for _, ok, peer in results if ok)
+    assert all(peer.rsplit(":", 1)[0] == expected_peer(lab, mode, "demo/client", "demo/echo-0")
+               for _, ok, peer in results if ok)
