@@ -121,3 +121,46 @@ async def test_a_stalled_stream_holds_back_only_its_own_window(rig: Rig) -> None
     await asyncio.wait_for(writing, 20)
     stuck.write_eof()
     assert (await read_all(stuck)).startswith(f"{2 * STREAM_WINDOW}:".encode())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_spliced_connection_carries_bytes_both_ways_with_half_close(loop: str) -> None:
+    """The fast path end to end: a local connection spliced onto a stream, the server's upstream reached
+    with `upstream_socket` (both sides' protocol callbacks), on both event loops the tunnel runs on."""
+    import uvloop
+
+    from nodeagent.ztunnel.hbone import upstream_socket
+
+    async def scenario() -> tuple[bytes, bytes, tuple[int, int]]:
+        server_ctx, client_ctx = contexts()
+        echo = await asyncio.start_server(upstream_echo, "127.0.0.1", 0)
+        hbone = await asyncio.start_server(
+            lambda r, w: serve_connection(r, w, trust_domain="cluster.local", policy=lambda who, dest: True,
+                                          connect=upstream_socket), "127.0.0.1", 0, ssl=server_ctx)
+        pool = HbonePool(lambda: client_ctx)
+        carried: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+
+        async def entry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            stream = await pool.connect(("127.0.0.1", hbone.sockets[0].getsockname()[1]),
+                                        f"127.0.0.1:{echo.sockets[0].getsockname()[1]}", SERVER_ID)
+            carried.set_result(await stream.splice(reader, writer))
+
+        front = await asyncio.start_server(entry, "127.0.0.1", 0)
+        try:
+            payload = os.urandom(3 * STREAM_WINDOW // 2)
+            reader, writer = await asyncio.open_connection(*front.sockets[0].getsockname()[:2])
+            writer.write(payload)
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.read(), 20)
+            writer.close()
+            # the splice returns once the tunnel has seen both directions end
+            return payload, answer, await asyncio.wait_for(carried, 10)
+        finally:
+            await pool.close()
+            for server in (front, hbone, echo):
+                server.close()
+
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    payload, answer, (sent, received) = run(scenario())
+    assert answer == payload + b"EOF:" + hashlib.sha256(payload).hexdigest().encode()
+    assert (sent, received) == (len(payload), len(answer))
