@@ -614,8 +614,9 @@ def summarize_stacks(raw: str, possible: float, top: int = 12) -> dict[str, Any]
     def shares(counter: Counter[str]) -> dict[str, float]:
         return {k: round(v / samples, 3) for k, v in counter.most_common(top)} if samples else {}
 
-    root = max(inclusive.values(), default=0)  # the event loop's own frames, on every stack
-    inclusive = Counter({k: v for k, v in inclusive.items() if v < root})
+    # The entry point and the event loop's frames are on (nearly) every stack of the main thread: not news.
+    root = max(inclusive.values(), default=0)
+    inclusive = Counter({k: v for k, v in inclusive.items() if v < 0.8 * root})
 
     return {"samples": samples, "busy_share": round(samples / possible, 3) if possible else 0.0,
             "self_by_frame": shares(by_frame), "self_by_file": shares(by_file), "inclusive_by_file": shares(inclusive)}
