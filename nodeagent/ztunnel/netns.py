@@ -8,22 +8,38 @@ listeners).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import functools
 import os
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _enter(path: str) -> None:
+    """Move the calling thread into the network namespace bound at `path`."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
 
 
 def in_netns(path: str, make: Callable[[], T]) -> T:
@@ -33,11 +49,7 @@ def in_netns(path: str, make: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(fd)
-            finally:
-                os.close(fd)
+            _enter(path)
             result.append(make())
         except BaseException as exc:  # handed back to the caller
             error.append(exc)
@@ -70,6 +82,79 @@ def listening_socket(netns_path: str, port: int, *, backlog: int = 512) -> socke
 IP_TRANSPARENT, IP_FREEBIND = 19, 15
 
 
+def configure(sock: socket.socket, mark: int, source: str | None = None) -> socket.socket:
+    """Make an unconnected TCP socket the tunnel's: `mark` (capture rules skip it), non-blocking, and with
+    `source` transparent and bound to that address (see `client_socket`). Any thread may do this: only
+    creating the socket depends on the thread's namespace."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if source is not None:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            sock.bind((source, 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class NetnsSockets:
+    """Unconnected TCP sockets of one network namespace, for a tunnel making connections from it.
+
+    Creating a socket in another namespace needs a thread inside it; starting one per connection cost
+    the tunnel a quarter of its CPU under load (bench/mesh_load.py, py-spy). Here one thread enters the
+    namespace once and makes sockets in batches ahead of need, so most connections take a spare socket
+    without leaving the event loop.
+    """
+
+    def __init__(self, path: str, batch: int = 16) -> None:
+        self.path, self.batch = path, batch
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="netns-sockets", initializer=_enter,
+                                            initargs=(path,))
+        self._spare: list[socket.socket] = []
+        self._refill: asyncio.Future[list[socket.socket]] | None = None
+
+    def _make(self) -> list[socket.socket]:
+        return [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(self.batch)]
+
+    async def take(self) -> socket.socket:
+        """A new socket of the namespace (from the spares, refilled in the background)."""
+        while not self._spare:
+            if self._refill is None:
+                self._start_refill()
+            assert self._refill is not None
+            await asyncio.shield(self._refill)
+        sock = self._spare.pop()
+        if len(self._spare) < self.batch // 4 and self._refill is None:
+            self._start_refill()
+        return sock
+
+    def take_now(self) -> socket.socket:
+        """A socket without awaiting (a spare, or made by the namespace's thread while the caller waits)."""
+        if self._spare:
+            return self._spare.pop()
+        return self._executor.submit(socket.socket, socket.AF_INET, socket.SOCK_STREAM).result()
+
+    def _start_refill(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._refill = loop.run_in_executor(self._executor, self._make)
+
+        def done(future: asyncio.Future[list[socket.socket]]) -> None:
+            self._refill = None
+            if not future.cancelled() and future.exception() is None:
+                self._spare.extend(future.result())
+
+        self._refill.add_done_callback(done)
+
+    def close(self) -> None:
+        """Close the spares and let the thread go."""
+        for sock in self._spare:
+            sock.close()
+        self._spare.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 def client_socket(netns_path: str, mark: int, source: str | None = None) -> socket.socket:
     """An unconnected TCP socket in the namespace, carrying `mark` (so capture rules skip it).
 
@@ -77,21 +162,7 @@ def client_socket(netns_path: str, mark: int, source: str | None = None) -> sock
     the original client: as ztunnel's inbound connect, this needs CAP_NET_ADMIN and the pod's capture
     routing replies to marked connections back to the local stack.
     """
-    def make() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            if source is not None:
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-                sock.bind((source, 0))
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    return in_netns(netns_path, make)
+    return configure(in_netns(netns_path, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)), mark, source)
 
 
 SO_ORIGINAL_DST = 80
