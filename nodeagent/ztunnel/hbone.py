@@ -107,10 +107,13 @@ SOCKET_MARK = 0x539  # every socket the tunnel opens toward the network (exclude
 READ_CHUNK = 256 << 10
 TLS_READ_BUFFER = 256 << 10
 TLS_WRITE_HIGH = 1 << 20  # above this much unsent TLS data, local transports stop being read
+LOCAL_WRITE_HIGH = 1 << 20  # above this much unsent on a local transport, its stream is not acknowledged
 ACK_BATCH = 64 << 10  # received bytes acknowledged together (at most this much per stream held back)
 
 # (peer identity, destination "ip:port") -> allowed?
 Policy = Callable[[SpiffeId, str], bool]
+# (peer identity, "ip:port") at the 200 -> called with (request bytes, response bytes) when the stream ends
+Observe = Callable[[SpiffeId, str], Callable[[int, int], None]]
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 # How the server reaches an upstream: a connected socket (the fast path), or a stream pair.
 Connect = Callable[[str, int], Awaitable["socket.socket | Streams"]]
@@ -250,6 +253,7 @@ class _Local(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.transport.set_write_buffer_limits(high=LOCAL_WRITE_HIGH)
 
     def data_received(self, data: bytes) -> None:
         self.h2.send_local(self.stream, data)
@@ -603,11 +607,13 @@ async def _connect_local(connect: Connect, host: str, port: int, local: _Local) 
 
 
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, trust_domain: str,
-                           policy: Policy, connect: Connect) -> None:
+                           policy: Policy, connect: Connect, observe: Observe | None = None) -> None:
     """Serve one accepted TLS connection on 15008 until it ends.
 
     `connect(host, port)` reaches an upstream: a connected socket (the fast path, see
-    `upstream_socket`) or a (reader, writer) pair (`open_upstream`)."""
+    `upstream_socket`) or a (reader, writer) pair (`open_upstream`). `observe(peer, target)` is told of
+    each stream that got its 200 and returns what to call with (request bytes, response bytes) when the
+    stream ends (the tunnel's metrics and access log)."""
     tls = writer.get_extra_info("ssl_object")
     peer = writer.get_extra_info("peername")
     try:
@@ -650,8 +656,16 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
             h2.reset(stream.id)
             return
         stream.sending = True
+        if observe is not None:
+            stream.done = asyncio.get_running_loop().create_future()
         h2.attach(stream, local)
         h2.flush()
+        if observe is not None and stream.done is not None:
+            finished = observe(identity, target)
+            try:
+                await stream.done
+            finally:
+                finished(stream.received, stream.sent)
 
     def on_request(event: RequestReceived) -> None:
         status, destination, reason = connect_verdict(_text(event.headers))

@@ -4,7 +4,8 @@ counters for resilience and policy, and one structured access-log line per close
 Names and labels follow Istio's standard metrics as ztunnel reports them
 (`istio_tcp_connections_opened_total`, `…_closed_total`, `istio_tcp_sent_bytes_total`,
 `istio_tcp_received_bytes_total`): `reporter` is `source` on the client's node and `destination` on the
-server's; sent bytes flow from the client toward the server, received the other way. Workload labels
+server's; as in Istio, *received* bytes are the request's (client to server) and *sent* bytes the
+response's (server to client), whichever side reports. Workload labels
 use the pod's `app.kubernetes.io/name` or `app` label (Istio's canonical name), else the pod name.
 Each tunnel owns its registry: no process-global collector state.
 """
@@ -64,8 +65,8 @@ class Connection:
     attempts: int = 0
     flags: str = NO_FLAGS
     reason: str = ""
-    sent: int = 0
-    received: int = 0
+    request_bytes: int = 0  # client -> server
+    response_bytes: int = 0  # server -> client
     started: float = field(default_factory=time.monotonic)
 
     def labels(self) -> dict[str, str]:
@@ -90,10 +91,10 @@ class TunnelMetrics:
                                     registry=self.registry)
         self.closed_total = Counter("istio_tcp_connections_closed", "TCP connections closed", TCP_LABELS,
                                     registry=self.registry)
-        self.sent_bytes = Counter("istio_tcp_sent_bytes", "Bytes sent from the client toward the server",
+        self.sent_bytes = Counter("istio_tcp_sent_bytes", "Bytes sent during the response (server to client)",
                                   TCP_LABELS, registry=self.registry)
-        self.received_bytes = Counter("istio_tcp_received_bytes", "Bytes received from the server by the client",
-                                      TCP_LABELS, registry=self.registry)
+        self.received_bytes = Counter("istio_tcp_received_bytes", "Bytes received during the request (client to "
+                                      "server)", TCP_LABELS, registry=self.registry)
         self.retries = Counter("nodeagent_tunnel_connect_retries", "Connect attempts retried on another endpoint",
                                ["destination_service"], registry=self.registry)
         self.ejections = Counter("nodeagent_tunnel_outlier_ejections", "Endpoints ejected by outlier detection",
@@ -119,10 +120,10 @@ class TunnelMetrics:
         if was_open:
             self.active.labels(reporter=connection.reporter).dec()
         self.closed_total.labels(**labels).inc()
-        if connection.sent:
-            self.sent_bytes.labels(**labels).inc(connection.sent)
-        if connection.received:
-            self.received_bytes.labels(**labels).inc(connection.received)
+        if connection.response_bytes:
+            self.sent_bytes.labels(**labels).inc(connection.response_bytes)
+        if connection.request_bytes:
+            self.received_bytes.labels(**labels).inc(connection.request_bytes)
         access_log(connection)
 
 
@@ -134,7 +135,7 @@ def access_log(connection: Connection) -> None:
              dst_workload=connection.destination.name if connection.destination else UNKNOWN,
              dst_identity=connection.destination_principal, dst_service=connection.service,
              dst_address=connection.address, endpoint=connection.endpoint, attempts=connection.attempts,
-             bytes_sent=connection.sent, bytes_received=connection.received,
+             request_bytes=connection.request_bytes, response_bytes=connection.response_bytes,
              duration_ms=round((time.monotonic() - connection.started) * 1000, 1), flags=connection.flags,
              mtls=connection.mtls, reason=connection.reason or None)
 

@@ -175,8 +175,20 @@ class NodeTunnel:
 
         # The client tunnel dials from inside the client pod, so the peer address is the client pod's.
         source = peer[0] if peer else None
+        def observe(who: SpiffeId, target: str) -> Callable[[int, int], None]:
+            connection = Connection("destination", self.lookup(source) if source else None, pod.workload,
+                                    source_principal=str(who), destination_principal=str(pod.workload.identity),
+                                    address=target, endpoint=target, attempts=1)
+            self.metrics.opened(connection)
+
+            def finished(request_bytes: int, response_bytes: int) -> None:
+                connection.request_bytes, connection.response_bytes = request_bytes, response_bytes
+                self.metrics.closed(connection, was_open=True)
+            return finished
+
         await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
-                               connect=lambda host, port: self._connect_socket(pod, host, port, source))
+                               connect=lambda host, port: self._connect_socket(pod, host, port, source),
+                               observe=observe)
 
     async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                                  ) -> None:
@@ -240,7 +252,7 @@ class NodeTunnel:
             opened = True
             if isinstance(upstream, HboneStream):
                 connection.mtls = True
-                connection.sent, connection.received = await upstream.splice(reader, writer)
+                connection.request_bytes, connection.response_bytes = await upstream.splice(reader, writer)
             else:
                 up_reader, up_writer = cast(tuple[asyncio.StreamReader, asyncio.StreamWriter], upstream)
                 await _bridge_tcp(reader, writer, up_reader, up_writer, connection)
@@ -260,14 +272,14 @@ class NodeTunnel:
 async def _bridge_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
                       connection: Connection | None = None) -> None:
-    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, sent: bool) -> None:
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, request: bool) -> None:
         while data := await source.read(CHUNK):
             sink.write(data)
             if connection is not None:
-                if sent:
-                    connection.sent += len(data)
+                if request:
+                    connection.request_bytes += len(data)
                 else:
-                    connection.received += len(data)
+                    connection.response_bytes += len(data)
             await sink.drain()
         if sink.can_write_eof():
             sink.write_eof()

@@ -340,6 +340,13 @@ def test_deny_beats_allow_and_strict_refuses_plaintext_until_permissive(lab: lab
 
 def test_metrics_count_the_connections_and_bytes_sent(lab: labs.Lab) -> None:
     labels = {"reporter": "source", "destination_service": "demo/canary", "response_flags": "-"}
+    server_side = {"reporter": "destination", "destination_workload": "echo",
+                   "source_principal": "spiffe://cluster.local/ns/demo/sa/client"}
+
+    def served(name: str) -> float:
+        return sum(sample(metrics(lab, node), name, **server_side) for node in ("node1", "node2"))
+
+    served_before = served("istio_tcp_received_bytes_total")
     before = metrics(lab, "node1")
     answers = connections(lab, vip(lab, "canary"), 10)
     assert all(a["pod"] for a in answers)
@@ -353,12 +360,17 @@ def test_metrics_count_the_connections_and_bytes_sent(lab: labs.Lab) -> None:
     after = metrics(lab, "node1")
     assert delta("istio_tcp_connections_opened_total") == 10
     assert delta("istio_tcp_connections_closed_total") == 10
-    assert delta("istio_tcp_sent_bytes_total") == 10 * len(b"hello\n")
-    assert delta("istio_tcp_received_bytes_total") > 10 * 20, "the JSON answers came back"
+    # As Istio counts them: received = the request's bytes (client to server), sent = the response's.
+    assert delta("istio_tcp_received_bytes_total") == 10 * len(b"hello\n")
+    assert delta("istio_tcp_sent_bytes_total") > 10 * 20, "the JSON answers came back"
     opened = [dict(ls) for (n, ls), v in after.items() if n == "istio_tcp_connections_opened_total"
               and dict(ls).get("destination_service") == "demo/canary"]
     assert {o["source_workload"] for o in opened} == {"client"}
     assert {o["source_principal"] for o in opened} == {"spiffe://cluster.local/ns/demo/sa/client"}
     assert {o["destination_workload"] for o in opened} == {"echo"}
     assert {o["connection_security_policy"] for o in opened} == {"mutual_tls"}
+    # The server tunnels report the same requests (reporter=destination), with the client's identity.
+    wait_for(lambda: served("istio_tcp_received_bytes_total") - served_before >= 10 * len(b"hello\n"),
+             "the destination side counts the request bytes")
+    assert served("istio_tcp_received_bytes_total") - served_before == 10 * len(b"hello\n")
 
