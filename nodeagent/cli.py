@@ -437,6 +437,16 @@ def _start_mesh(node_name: str, capture: Any, control_socket: str, netns_dir: Pa
                                 transparent=isinstance(capture, IptablesCapture))
     loop = MeshLoop(reconciler, agent.tracker.last)
     control.on_ack = loop.request
+
+    def inspect_status(pod: str) -> dict[str, Any]:  # for `nodeagent inspect`, over the control socket
+        snapshot = agent.tracker.last()
+        report: dict[str, Any] = agent.health.report()[1]
+        return {"mode": agent.health.mode, "mode_reason": agent.health.mode_reason, "syncs": agent.syncs,
+                "generation": None if snapshot is None else snapshot.generation, "health": report,
+                "capture": type(capture).__name__, "mesh_states": dict(reconciler.states),
+                "captured": dict(reconciler.captured)}
+
+    control.inspect_status = inspect_status
     return loop.start()
 
 

@@ -57,3 +57,15 @@ class TunnelAck(_message.Message):
     version: int
     pods: _containers.RepeatedCompositeFieldContainer[PodStatus]
     def __init__(self, node: _Optional[str] = ..., agent_run: _Optional[str] = ..., version: _Optional[int] = ..., pods: _Optional[_Iterable[_Union[PodStatus, _Mapping]]] = ...) -> None: ...
+
+class InspectRequest(_message.Message):
+    __slots__ = ("pod",)
+    POD_FIELD_NUMBER: _ClassVar[int]
+    pod: str
+    def __init__(self, pod: _Optional[str] = ...) -> None: ...
+
+class InspectReply(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

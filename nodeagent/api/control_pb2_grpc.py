@@ -39,6 +39,11 @@ class TunnelControlStub:
                 request_serializer=control__pb2.TunnelAck.SerializeToString,
                 response_deserializer=control__pb2.TunnelUpdate.FromString,
                 _registered_method=True)
+        self.Inspect = channel.unary_unary(
+                '/nodeagent.control.v1.TunnelControl/Inspect',
+                request_serializer=control__pb2.InspectRequest.SerializeToString,
+                response_deserializer=control__pb2.InspectReply.FromString,
+                _registered_method=True)
 
 
 class TunnelControlServicer:
@@ -52,6 +57,13 @@ class TunnelControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Inspect(self, request, context):
+        """The agent's state for `nodeagent inspect` (read-only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TunnelControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_TunnelControlServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=control__pb2.TunnelAck.FromString,
                     response_serializer=control__pb2.TunnelUpdate.SerializeToString,
+            ),
+            'Inspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inspect,
+                    request_deserializer=control__pb2.InspectRequest.FromString,
+                    response_serializer=control__pb2.InspectReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +105,33 @@ class TunnelControl:
             '/nodeagent.control.v1.TunnelControl/Connect',
             control__pb2.TunnelAck.SerializeToString,
             control__pb2.TunnelUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodeagent.control.v1.TunnelControl/Inspect',
+            control__pb2.InspectRequest.SerializeToString,
+            control__pb2.InspectReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,11 +8,13 @@ keeps serving what it has while the agent is away, so an agent restart never dro
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
@@ -52,6 +54,8 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
         self.acked_version = 0
         self.connected = False
         self._server: grpc.Server | None = None
+        # The agent's view for `nodeagent inspect` (pod uid or "" -> JSON-able data); set by whoever runs us.
+        self.inspect_status: Callable[[str], dict[str, Any]] | None = None
 
     # -- the agent's side -------------------------------------------------------------------------
     def publish(self, desired: Assignments) -> int:
@@ -97,6 +101,17 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
             self._changed.notify_all()
         if self._server is not None:
             self._server.stop(grace=1).wait()
+
+    def Inspect(self, request: control_pb2.InspectRequest,
+                context: grpc.ServicerContext) -> control_pb2.InspectReply:
+        """The agent's state for `nodeagent inspect`, plus what the tunnel last acknowledged."""
+        with self._changed:
+            acks = {uid: {"served": s.served, "reason": s.reason, "version": s.version}
+                    for uid, s in self.statuses.items()}
+            control = {"node": self.node, "agent_run": self.run, "version": self._log.version,
+                       "acked_version": self.acked_version, "tunnel_connected": self.connected, "acks": acks}
+        extra = self.inspect_status(request.pod) if self.inspect_status is not None else {}
+        return control_pb2.InspectReply(json=json.dumps({"control": control, **extra}, default=str))
 
     # -- the tunnel's stream ----------------------------------------------------------------------
     def Connect(self, request_iterator: Iterator[control_pb2.TunnelAck],
