@@ -107,7 +107,6 @@ SOCKET_MARK = 0x539  # every socket the tunnel opens toward the network (exclude
 READ_CHUNK = 256 << 10
 TLS_READ_BUFFER = 256 << 10
 TLS_WRITE_HIGH = 1 << 20  # above this much unsent TLS data, local transports stop being read
-LOCAL_WRITE_HIGH = 1 << 20  # above this much unsent on a local transport, its stream is not acknowledged
 ACK_BATCH = 64 << 10  # received bytes acknowledged together (at most this much per stream held back)
 
 # (peer identity, destination "ip:port") -> allowed?
@@ -253,7 +252,6 @@ class _Local(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-        self.transport.set_write_buffer_limits(high=LOCAL_WRITE_HIGH)
 
     def data_received(self, data: bytes) -> None:
         self.h2.send_local(self.stream, data)
