@@ -585,6 +585,62 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
 
 
 @main.command()
+@click.option("--pod", "pod_ref", required=True, help="the pod: NAME (with -n) or NAMESPACE/NAME")
+@click.option("-n", "--namespace", default=None, help="the pod's namespace [default]")
+@click.option("--service", default=None, help="only this Service's paths (NAMESPACE/NAME or NAMESPACE/NAME:PORT)")
+@source_options
+@click.option("--control-socket", default="/run/nodeagent/control.sock", show_default=True,
+              help="the agent's control socket (a lab's by default with --lab)")
+@click.option("--netns-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/run/netns"),
+              show_default=True, help="where pod network namespaces are")
+@click.option("--netns-prefix", default="", help="only pod namespaces whose names start with this")
+@click.option("--bpf-scope", default="host", show_default=True,
+              help="the agent's --bpf-scope (a lab node's with --lab)")
+@click.option("--pod-cgroup-parent", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="as the agent's (eBPF-mode capture; a lab node's cgroup with --lab)")
+@click.option("-o", "--output", type=click.Choice(["human", "json", "yaml"]), default="human", show_default=True)
+def inspect(pod_ref: str, namespace: str | None, service: str | None, kubeconfig: str | None, context: str | None,
+            manifests: Path | None, source_lab: str | None, node_name: str | None, control_socket: str,
+            netns_dir: Path, netns_prefix: str, bpf_scope: str, pod_cgroup_parent: Path | None, output: str) -> None:
+    """Show one pod as its node sees it: identity, enrollment, datapath, capture as installed (rules with
+    counters, or eBPF programs and map entries), the tunnel's view, the Services' translation paths, and every
+    difference between desired and live state (marked !!; exit 3 when there is any). Read-only."""
+    from nodeagent.inspect.gather import InspectError, Target, find_pod, inspect_pod
+    from nodeagent.inspect.output import render as render_report
+    from nodeagent.redirect import RedirectError
+
+    node_netns, cidrs = None, ""
+    try:
+        if source_lab is not None:
+            from nodeagent.lab import cgroups
+            from nodeagent.lab import lab as labs
+            from nodeagent.lab.agents import cluster_cidr
+            from nodeagent.lab.agents import control_socket as lab_socket
+            from nodeagent.lab.errors import LabError
+
+            try:
+                the_lab = labs.load(source_lab)
+                if node_name is None:  # the pod's own node
+                    first = read_snapshot(None, None, None, source_lab, None)
+                    node_name = find_pod(first, pod_ref, namespace).node_name or "node1"
+                plan = the_lab.plan.node(node_name)
+            except LabError as exc:
+                raise click.ClickException(str(exc)) from exc
+            node_netns, cidrs = plan.netns, cluster_cidr(the_lab)
+            control_socket = str(lab_socket(the_lab, node_name))
+            netns_prefix, bpf_scope = f"{source_lab}-pod-", f"{source_lab}-{node_name}"
+            pod_cgroup_parent = cgroups.path_of(plan.cgroup)
+        state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
+        target = Target(state, state.node_name, node_netns, control_socket, bpf_scope, netns_dir, netns_prefix,
+                        pod_cgroup_parent, _cidrs(cidrs))
+        report = inspect_pod(target, pod_ref, namespace, service)
+    except (InspectError, RedirectError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(render_report(report, output), nl=False)
+    sys.exit(3 if report.drifted else 0)
+
+
+@main.command()
 @click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy", "both"]), default="both",
               show_default=True)
 @click.option("--netns", default=None, help="clean a node network namespace instead of this one")

@@ -1,0 +1,159 @@
+"""Translation paths of Service frontends, computed from the render functions the datapath itself uses:
+`nodeagent.iptables.render.render` (the chains a new connection walks: KUBE-SERVICES → KUBE-SVC/EXT → KUBE-SEP
+→ DNAT) and `nodeagent.bpf.desired.desired_entries` (the map entry a connect() is rewritten from). Pure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+from collections.abc import Collection, Iterable, Mapping, Sequence
+
+from nodeagent.bpf.desired import Frontend, desired_entries
+from nodeagent.inspect.model import Endpoint, ServicePath
+from nodeagent.iptables.render import ProxyConfig, render
+from nodeagent.model import IPAddress
+from nodeagent.translation import EndpointInfo, ServicePortInfo, ServicePortName
+
+_TRANSLATING = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-")
+
+
+def _fields(rule: str) -> dict[str, str]:
+    """The options of one `-A CHAIN …` rule that matter for a path (the last value of each flag)."""
+    words = shlex.split(rule)
+    out = {"chain": words[1] if len(words) > 1 else ""}
+    for flag, value in itertools.pairwise(words):
+        if flag in ("-d", "--dport", "-j", "--probability", "--to-destination", "-p"):
+            out[flag] = value
+    return out
+
+
+def _rules_by_chain(rules: Iterable[str]) -> dict[str, list[dict[str, str]]]:
+    chains: dict[str, list[dict[str, str]]] = {}
+    for rule in rules:
+        if rule.startswith("-A "):
+            fields = _fields(rule)
+            chains.setdefault(fields["chain"], []).append(fields)
+    return chains
+
+
+def _match(rules: Sequence[dict[str, str]], ip: str | None, port: int, proto: str) -> str | None:
+    for fields in rules:
+        if fields.get("-p", proto) != proto or fields.get("--dport") != str(port):
+            continue
+        if ip is not None and fields.get("-d") not in (f"{ip}/32", ip):
+            continue
+        return fields.get("-j")
+    return None
+
+
+def _endpoints(chains: Mapping[str, list[dict[str, str]]], chain: str) -> tuple[str, tuple[Endpoint, ...]]:
+    """Follow EXT/FW chains to the SVC/SVL chain; then its KUBE-SEP jumps with their probabilities."""
+    seen: set[str] = set()
+    while chain.startswith(("KUBE-EXT-", "KUBE-FW-")) and chain not in seen:
+        seen.add(chain)
+        nxt = next((f["-j"] for f in chains.get(chain, ()) if f.get("-j", "").startswith(_TRANSLATING)), None)
+        if nxt is None:
+            break
+        chain = nxt
+    remaining, out = 1.0, []
+    for fields in chains.get(chain, ()):
+        target = fields.get("-j", "")
+        if not target.startswith("KUBE-SEP-"):
+            continue
+        chance = float(fields.get("--probability", "1"))
+        dnat = next((f.get("--to-destination", "") for f in chains.get(target, ()) if f.get("-j") == "DNAT"), "")
+        out.append(Endpoint(dnat, round(remaining * chance, 6), target))
+        remaining *= 1 - chance
+    return chain, tuple(out)
+
+
+def _frontends(info: ServicePortInfo, node_ips: Sequence[IPAddress]) -> list[tuple[str, str | None, int]]:
+    """(kind, ip, port) of each frontend of a Service port (NodePort: any local address, ip None)."""
+    out: list[tuple[str, str | None, int]] = [("ClusterIP", str(ip), info.port) for ip in info.cluster_ips
+                                              if ip.version == 4]
+    out += [("ExternalIP", str(ip), info.port) for ip in (*info.external_ips, *info.load_balancer_ips)
+            if ip.version == 4]
+    if info.node_port:
+        out.append(("NodePort", None, info.node_port))
+    return out
+
+
+def iptables_paths(service_ports: Mapping[ServicePortName, ServicePortInfo],
+                   endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], config: ProxyConfig,
+                   node_ips: Sequence[IPAddress] = ()) -> list[ServicePath]:
+    """Each frontend's path through the chains `render` writes for these Services."""
+    rendered = render(service_ports, endpoints, config)
+    nat, filt = _rules_by_chain(rendered.nat.rules), _rules_by_chain(rendered.filter.rules)
+    paths = []
+    for name, info in sorted(service_ports.items()):
+        proto = info.protocol.value.lower()
+        for kind, ip, port in _frontends(info, node_ips):
+            top = "KUBE-NODEPORTS" if kind == "NodePort" else "KUBE-SERVICES"
+            frontend = f"{ip or '<node>'}:{port}/{proto.upper()}"
+            chain = _match(nat.get(top, []), ip, port, proto)
+            if chain is None or chain == "KUBE-MARK-MASQ":
+                rejected = _match(filt.get("KUBE-SERVICES", []) + filt.get("KUBE-EXTERNAL-SERVICES", []),
+                                  ip, port, proto)
+                verdict = "reject (no endpoints)" if rejected in ("REJECT", "DROP") else "not translated"
+                paths.append(ServicePath(str(name), frontend, kind, f"filter {rejected or '-'}", (), verdict))
+                continue
+            via, eps = _endpoints(nat, chain)
+            via = f"{top} -> {chain}" + (f" -> {via}" if via != chain else "")
+            paths.append(ServicePath(str(name), frontend, kind, via, eps,
+                                     "translated" if eps else "reject (no endpoints)"))
+    return paths
+
+
+def ebpf_paths(service_ports: Mapping[ServicePortName, ServicePortInfo],
+               endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], node_ips: Sequence[IPAddress],
+               node_labels: Mapping[str, str] | None = None) -> list[ServicePath]:
+    """Each frontend's map entry (`desired_entries`): backends chosen by weight."""
+    entries = desired_entries(service_ports, endpoints, node_ips=node_ips, node_labels=node_labels)
+    kinds = {}
+    for info in service_ports.values():
+        for kind, ip, port in _frontends(info, node_ips):
+            kinds[(ip, port)] = kind
+    paths = []
+    for frontend, entry in sorted(entries.items(), key=lambda item: (item[1].port_name, item[0])):
+        total = sum(b.weight for b in entry.backends)
+        eps = tuple(Endpoint(f"{b.ip}:{b.port}", round(b.weight / total, 6), "backend map", b.weight)
+                    for b in entry.backends)
+        kind = kinds.get((frontend.ip, frontend.port)) or kinds.get((None, frontend.port), "NodePort")
+        paths.append(ServicePath(entry.port_name, str(frontend), kind, f"service map [{frontend}]", eps,
+                                 "translated" if eps else "reject (no endpoints: connect() gets ECONNREFUSED)"))
+    return paths
+
+
+def captured_by_tunnel(paths: Iterable[ServicePath]) -> list[ServicePath]:
+    """An enrolled pod's TCP never reaches the node's translation: its capture sends it to the node tunnel,
+    which balances over the same endpoints (weighted, healthy only)."""
+    out = []
+    for path in paths:
+        if path.frontend.endswith("/TCP") and path.endpoints:
+            path = ServicePath(path.service, path.frontend, path.kind, f"capture -> tunnel 15001 (node: {path.via})",
+                               path.endpoints, "captured (the node tunnel balances)", path.live)
+        out.append(path)
+    return out
+
+
+def with_live(paths: Iterable[ServicePath], live_chains: Collection[str] | None) -> list[ServicePath]:
+    """Mark each iptables path by whether every chain it names exists in the live nat table."""
+    if live_chains is None:
+        return list(paths)
+    out = []
+    for path in paths:
+        named = set(re.findall(r"KUBE-[A-Z]+-[A-Z0-9]+", path.via)) | {e.via for e in path.endpoints}
+        live = "present" if all(c in live_chains for c in named) else "missing"
+        out.append(ServicePath(path.service, path.frontend, path.kind, path.via, path.endpoints, path.verdict, live))
+    return out
+
+
+def frontend_key(path: ServicePath) -> Frontend | None:
+    """The eBPF map key of a path's frontend (None for a NodePort on any address)."""
+    address, _, rest = path.frontend.rpartition(":")
+    port, _, proto = rest.partition("/")
+    if address == "<node>":
+        return None
+    return Frontend(address, int(port), {"TCP": 6, "UDP": 17, "SCTP": 132}[proto])
