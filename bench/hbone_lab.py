@@ -5,6 +5,7 @@
   nodeagent  two nodeagent HBONE peers (bench/hbone_peer.py: the tunnel's hbone module, splice fast path)
   tls-relay  a plain mutual-TLS byte relay pair in Python (bench/tls_relay.py, no HTTP/2): the floor of a
              Python tunnel here; nodeagent minus this is what HBONE itself costs (--no-tls-relay: skip)
+  compare    (with --compare PEER_SCRIPT) another version of the nodeagent peer, for before/after
 
 Each tunnel side is its own process in its node's network namespace and cgroup (node1 takes the client
 pod's connections on its pod gateway address, node2 connects to the server pod). The lab is created for
@@ -18,7 +19,7 @@ interleaved round by round (the machine is shared, so noise hits all of them ali
     (vCPU over the measured window, from /proc/<pid>/stat) and RSS above its idle baseline (after start,
     before any traffic).
 
-    .venv/bin/python bench/hbone_lab.py            (root; ~3.5 min)
+    .venv/bin/python bench/hbone_lab.py            (root; ~4 min)
     .venv/bin/python bench/hbone_lab.py --quick    (~40 s, for a smoke run)
 """
 
@@ -57,9 +58,10 @@ from nodeagent.ztunnel.netns import in_netns  # noqa: E402
 LOAD = str(ROOT / "bench" / "hbone_load.py")
 PEER = str(ROOT / "bench" / "hbone_peer.py")
 LOAD_PORT = 5201
-PORTS = {"nodeagent": (15001, 15008), "envoy": (16001, 16008), "tls-relay": (17001, 17008)}  # node1, node2
+PORTS = {"nodeagent": (15001, 15008), "envoy": (16001, 16008), "tls-relay": (17001, 17008),
+         "compare": (18001, 18008)}  # (entry on node1, tunnel port on node2)
 RELAY = str(ROOT / "bench" / "tls_relay.py")
-VARIANTS = ("bare", "envoy", "nodeagent", "tls-relay")
+VARIANTS = ("bare", "envoy", "nodeagent", "tls-relay", "compare")
 GOALS = {"throughput_vs_envoy": 1.0, "vcpu": 0.06, "rss_mb": 12.0}
 
 
@@ -153,7 +155,7 @@ def lab_up(scratch: Path) -> Iterator[Rig]:
         labs.down(name)
 
 
-def start_tunnels(rig: Rig, envoy: str | None, relay: bool) -> None:
+def start_tunnels(rig: Rig, envoy: str | None, relay: bool, compare: str | None) -> None:
     """Both sides of both tunnels; the bare variant connects straight to the server pod."""
     node1, node2 = rig.node("node1"), rig.node("node2")
     server_ip, gateway, peer_ip = str(rig.server.pod.ip), str(node1.node.gateway), str(node2.node.address)
@@ -170,13 +172,14 @@ def start_tunnels(rig: Rig, envoy: str | None, relay: bool) -> None:
             path.write_text(yaml.safe_dump(cfg))
             variant.pids[side] = rig.start(node, f"envoy-{side}", [envoy, "-c", str(path), "--disable-hot-restart",
                                                                    "--concurrency", "1", "-l", "error"], port)
-    entry, hbone = PORTS["nodeagent"]
-    variant = rig.variants["nodeagent"] = Variant("nodeagent", (gateway, entry))
-    variant.pids["server"] = rig.start(node2, "nodeagent-server", [
-        sys.executable, PEER, "server", "--listen", f"0.0.0.0:{hbone}", "--pki", str(rig.scratch)], hbone)
-    variant.pids["client"] = rig.start(node1, "nodeagent-client", [
-        sys.executable, PEER, "client", "--listen", f"0.0.0.0:{entry}", "--peer", f"{peer_ip}:{hbone}",
-        "--authority", authority, "--pki", str(rig.scratch)], entry)
+    for name, script in (("nodeagent", PEER), *((("compare", compare),) if compare else ())):
+        entry, hbone = PORTS[name]
+        variant = rig.variants[name] = Variant(name, (gateway, entry))
+        variant.pids["server"] = rig.start(node2, f"{name}-server", [
+            sys.executable, script, "server", "--listen", f"0.0.0.0:{hbone}", "--pki", str(rig.scratch)], hbone)
+        variant.pids["client"] = rig.start(node1, f"{name}-client", [
+            sys.executable, script, "client", "--listen", f"0.0.0.0:{entry}", "--peer", f"{peer_ip}:{hbone}",
+            "--authority", authority, "--pki", str(rig.scratch)], entry)
     if relay:
         entry, tls = PORTS["tls-relay"]
         variant = rig.variants["tls-relay"] = Variant("tls-relay", (gateway, entry))
@@ -294,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     envoy = shutil.which("envoy", path=str(Path(sys.executable).parent))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="hbone-lab-") as scratch, lab_up(Path(scratch)) as rig:
-        start_tunnels(rig, envoy, args.tls_relay)
+        start_tunnels(rig, envoy, args.tls_relay, args.compare)
         names = [v for v in VARIANTS if v in rig.variants]
         idle = {name: {side: round(_rss_mb(pid), 2) for side, pid in rig.variants[name].pids.items()} for name in names}
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
@@ -401,6 +404,9 @@ def main() -> None:
     parser.add_argument("--new-connections", action="store_true", help="one connection per request")
     parser.add_argument("--no-tls-relay", dest="tls_relay", action="store_false",
                         help="skip the plain TLS relay reference")
+    parser.add_argument("--compare", metavar="PEER_SCRIPT",
+                        help="also run this hbone_peer.py (another version of the tunnel, same arguments) as "
+                             "variant 'compare', interleaved with the others: before/after in one run")
     parser.add_argument("--quick", action="store_true", help="one short round of everything (smoke run)")
     parser.add_argument("--json", action="store_true", help="the report as one JSON line")
     args = parser.parse_args()
