@@ -8,14 +8,12 @@ listeners).
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import functools
 import os
 import socket
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
@@ -97,62 +95,6 @@ def configure(sock: socket.socket, mark: int, source: str | None = None) -> sock
         sock.close()
         raise
     return sock
-
-
-class NetnsSockets:
-    """Unconnected TCP sockets of one network namespace, for a tunnel making connections from it.
-
-    Creating a socket in another namespace needs a thread inside it; starting one per connection cost
-    the tunnel a quarter of its CPU under load (bench/mesh_load.py, py-spy). Here one thread enters the
-    namespace once and makes sockets in batches ahead of need, so most connections take a spare socket
-    without leaving the event loop.
-    """
-
-    def __init__(self, path: str, batch: int = 16) -> None:
-        self.path, self.batch = path, batch
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="netns-sockets", initializer=_enter,
-                                            initargs=(path,))
-        self._spare: list[socket.socket] = []
-        self._refill: asyncio.Future[list[socket.socket]] | None = None
-
-    def _make(self) -> list[socket.socket]:
-        return [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(self.batch)]
-
-    async def take(self) -> socket.socket:
-        """A new socket of the namespace (from the spares, refilled in the background)."""
-        while not self._spare:
-            if self._refill is None:
-                self._start_refill()
-            assert self._refill is not None
-            await asyncio.shield(self._refill)
-        sock = self._spare.pop()
-        if len(self._spare) < self.batch // 4 and self._refill is None:
-            self._start_refill()
-        return sock
-
-    def take_now(self) -> socket.socket:
-        """A socket without awaiting (a spare, or made by the namespace's thread while the caller waits)."""
-        if self._spare:
-            return self._spare.pop()
-        return self._executor.submit(socket.socket, socket.AF_INET, socket.SOCK_STREAM).result()
-
-    def _start_refill(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._refill = loop.run_in_executor(self._executor, self._make)
-
-        def done(future: asyncio.Future[list[socket.socket]]) -> None:
-            self._refill = None
-            if not future.cancelled() and future.exception() is None:
-                self._spare.extend(future.result())
-
-        self._refill.add_done_callback(done)
-
-    def close(self) -> None:
-        """Close the spares and let the thread go."""
-        for sock in self._spare:
-            sock.close()
-        self._spare.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def client_socket(netns_path: str, mark: int, source: str | None = None) -> socket.socket:

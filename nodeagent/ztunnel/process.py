@@ -244,9 +244,23 @@ def _changed(served: Workload, wanted: Workload) -> bool:
         wanted.netns and served.netns != wanted.netns)
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit of open files to the hard one, as ztunnel and Envoy do at start: every proxied
+    connection holds two or three descriptors, and the usual soft limit of 1,024 ends a busy tunnel."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def run_forever(process: TunnelProcess) -> None:
     """Run `process` on uvloop until SIGTERM or SIGINT."""
     import uvloop
+
+    limit = raise_open_files_limit()
+    log.info("open files limit", soft=limit[0], hard=limit[1])
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -30,7 +30,7 @@ from nodeagent.ztunnel.authz import Authorizer, Verdict
 from nodeagent.ztunnel.certs import Fetch, WorkloadCertificate, rotating_server_context
 from nodeagent.ztunnel.hbone import SOCKET_MARK, HbonePool, HboneStream, serve_connection
 from nodeagent.ztunnel.identity import SpiffeId
-from nodeagent.ztunnel.netns import NetnsSockets, configure, listening_socket, original_destination
+from nodeagent.ztunnel.netns import client_socket, listening_socket, original_destination
 from nodeagent.ztunnel.outbound import Outbound, Refused
 from nodeagent.ztunnel.services import ServiceTable
 from nodeagent.ztunnel.telemetry import POLICY_DENIED, UPSTREAM_FAILURE, Connection, TunnelMetrics
@@ -51,7 +51,6 @@ class _Pod:
     workload: Workload
     certificate: WorkloadCertificate
     pool: HbonePool
-    sockets: NetnsSockets  # new sockets of the pod's namespace, for connections made from it
     servers: list[asyncio.Server] = field(default_factory=list)
 
 
@@ -96,10 +95,9 @@ class NodeTunnel:
         if workload.ip in self.pods:
             return  # added concurrently while the certificate was fetched
         # Connections to other tunnels start in the pod's own namespace, as the pod's traffic would.
-        sockets = NetnsSockets(workload.netns)
         pool = HbonePool(lambda: certificate.contexts()[1],
-                         make_socket=lambda: configure(sockets.take_now(), SOCKET_MARK))
-        pod = _Pod(workload, certificate, pool, sockets)
+                         make_socket=lambda: client_socket(workload.netns, SOCKET_MARK))
+        pod = _Pod(workload, certificate, pool)
         inbound = listening_socket(workload.netns, HBONE_PORT)
         outbound = listening_socket(workload.netns, OUTBOUND_PORT)
         plaintext = listening_socket(workload.netns, INBOUND_PLAIN_PORT)
@@ -120,7 +118,6 @@ class NodeTunnel:
         for server in pod.servers:
             server.close()
         await pod.pool.close()
-        pod.sockets.close()
         if not any(p.workload.identity == pod.workload.identity for p in self.pods.values()):
             self.certificates.pop(pod.workload.identity, None)
         log.info("pod released", pod=pod.workload.name, pod_ip=ip, node=self.node)
@@ -132,7 +129,7 @@ class NodeTunnel:
     async def _connect_socket(self, pod: _Pod, host: str, port: int, source: str | None = None) -> socket.socket:
         """A connected socket from inside the pod's namespace; from `source` (transparently) when the
         pod's capture routes replies back, so the app sees its real client."""
-        sock = configure(await pod.sockets.take(), SOCKET_MARK, source if pod.workload.transparent else None)
+        sock = client_socket(pod.workload.netns, SOCKET_MARK, source if pod.workload.transparent else None)
         try:
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
         except OSError:
