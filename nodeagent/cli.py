@@ -589,8 +589,8 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
 @click.option("-n", "--namespace", default=None, help="the pod's namespace [default]")
 @click.option("--service", default=None, help="only this Service's paths (NAMESPACE/NAME or NAMESPACE/NAME:PORT)")
 @source_options
-@click.option("--control-socket", default="/run/nodeagent/control.sock", show_default=True,
-              help="the agent's control socket (a lab's by default with --lab)")
+@click.option("--control-socket", default=None,
+              help="the agent's control socket [/run/nodeagent/control.sock; the node's with --lab]")
 @click.option("--netns-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/run/netns"),
               show_default=True, help="where pod network namespaces are")
 @click.option("--netns-prefix", default="", help="only pod namespaces whose names start with this")
@@ -600,7 +600,7 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
               help="as the agent's (eBPF-mode capture; a lab node's cgroup with --lab)")
 @click.option("-o", "--output", type=click.Choice(["human", "json", "yaml"]), default="human", show_default=True)
 def inspect(pod_ref: str, namespace: str | None, service: str | None, kubeconfig: str | None, context: str | None,
-            manifests: Path | None, source_lab: str | None, node_name: str | None, control_socket: str,
+            manifests: Path | None, source_lab: str | None, node_name: str | None, control_socket: str | None,
             netns_dir: Path, netns_prefix: str, bpf_scope: str, pod_cgroup_parent: Path | None, output: str) -> None:
     """Show one pod as its node sees it: identity, enrollment, datapath, capture as installed (rules with
     counters, or eBPF programs and map entries), the tunnel's view, the Services' translation paths, and every
@@ -627,11 +627,12 @@ def inspect(pod_ref: str, namespace: str | None, service: str | None, kubeconfig
             except LabError as exc:
                 raise click.ClickException(str(exc)) from exc
             node_netns, cidrs = plan.netns, cluster_cidr(the_lab)
-            control_socket = str(lab_socket(the_lab, node_name))
+            control_socket = control_socket or str(lab_socket(the_lab, node_name))
             netns_prefix, bpf_scope = f"{source_lab}-pod-", f"{source_lab}-{node_name}"
             pod_cgroup_parent = cgroups.path_of(plan.cgroup)
         state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
-        target = Target(state, state.node_name, node_netns, control_socket, bpf_scope, netns_dir, netns_prefix,
+        target = Target(state, state.node_name, node_netns, control_socket or "/run/nodeagent/control.sock",
+                        bpf_scope, netns_dir, netns_prefix,
                         pod_cgroup_parent, _cidrs(cidrs))
         report = inspect_pod(target, pod_ref, namespace, service)
     except (InspectError, RedirectError, OSError) as exc:

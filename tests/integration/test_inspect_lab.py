@@ -1,0 +1,190 @@
+"""`nodeagent inspect` against a real lab (issue 10), in both modes: an enrolled and a non-enrolled pod, the
+capture shown as the kernel holds it (checked against iptables-save / bpftool read here independently), a rule
+deleted by hand flagged as drift while the agent is stopped (and read from the kernel alone, said so), and the
+JSON valid against the documented schema. One lab per mode (module-scoped)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import psutil
+import pytest
+
+from nodeagent.lab import cgroups
+from nodeagent.lab import lab as labs
+from tests.integration.agent_labs import lab_with_agents
+
+pytestmark = pytest.mark.root
+NODEAGENT = str(Path(sys.executable).with_name("nodeagent"))
+
+OUTSIDER = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: plain, labels: {app: outsider}}
+spec:
+  nodeName: node1
+  containers:
+  - {name: sleep, command: [nodeagent, workload, idle]}
+"""
+
+
+@pytest.fixture(scope="module", params=["iptables", pytest.param("ebpf", marks=pytest.mark.bcc)])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[labs.Lab]:
+    with lab_with_agents(tmp_path_factory.mktemp("inspect"), OUTSIDER, mode, mesh=True) as lab:
+        yield lab
+
+
+def inspect(lab: labs.Lab, pod: str, *args: str) -> tuple[int, str]:
+    result = subprocess.run([NODEAGENT, "inspect", "--lab", lab.record.name, "--pod", pod, *args],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, result.stdout + result.stderr
+
+
+def report(lab: labs.Lab, pod: str) -> tuple[int, dict[str, Any]]:
+    code, out = inspect(lab, pod, "-o", "json")
+    assert code in (0, 3), out
+    document: dict[str, Any] = json.loads(out)
+    jsonschema.validate(document, json.loads(resources.files("nodeagent.inspect").joinpath("schema.json").read_text()))
+    return code, document
+
+
+def pod_netns(lab: labs.Lab, pod: str) -> str:
+    return lab.plan.pod(pod).netns
+
+
+def pod_cgroup(lab: labs.Lab, pod: str) -> Path:
+    plan = lab.plan.pod(pod)
+    return cgroups.path_of(lab.plan.node(plan.pod.node).cgroup) / plan.netns[len(f"{lab.record.name}-pod-"):]
+
+
+def saved_rules(lab: labs.Lab, pod: str, backend: str) -> set[tuple[str, str]]:
+    """(table, rule) of ours, as iptables-save prints them in the pod's namespace."""
+    out = set()
+    for table in ("mangle", "nat"):
+        text = subprocess.run(["ip", "netns", "exec", pod_netns(lab, pod), f"iptables-{backend}-save", "-t", table],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+        out |= {(table, line) for line in text.splitlines() if line.startswith("-A") and "NODEAGENT_" in line}
+    return out
+
+
+def cgroup_programs(cgroup: Path) -> set[tuple[str, int]]:
+    shown = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True, text=True,
+                           timeout=30, check=True).stdout
+    return {(str(p["name"]), int(p["id"])) for p in json.loads(shown or "[]") if str(p["name"]).startswith("nm_")}
+
+
+def agent_process(lab: labs.Lab, node: str) -> psutil.Process:
+    record = labs.load(lab.record.name).record
+    shim = next(p.pid for p in reversed(record.processes) if p.owner == f"agent/{node}")
+    children = psutil.Process(shim).children(recursive=True)
+    return next(c for c in children if " run " in f" {' '.join(c.cmdline())} ")
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.2)  # polling a condition with a deadline
+
+
+def test_an_enrolled_pod_shows_its_identity_capture_tunnel_and_paths(lab: labs.Lab, mode: str) -> None:
+    code, doc = report(lab, "demo/client")
+    assert code == 0 and doc["drift"] == [] and not doc["drifted"]
+    assert doc["identity"] == "spiffe://cluster.local/ns/demo/sa/client" and doc["enrolled"]
+    assert "nodeagent.io/mesh=enabled" in doc["enrollment_reason"]
+    assert doc["source"] == "agent" and doc["mesh_state"] == "captured" and doc["datapath_mode"] == mode
+    assert doc["node"] == "node1" and doc["ips"] == [str(lab.plan.pod("demo/client").pod.ip)]
+    capture = doc["capture"]
+    assert capture["status"] == "installed" and capture["mechanism"] == mode
+    if mode == "iptables":
+        shown = {(r["table"], r["rule"]) for r in capture["rules"]}
+        assert shown == saved_rules(lab, "demo/client", capture["backend"])
+        assert any("--to-ports 15001" in rule for _, rule in shown)
+    else:
+        shown_programs = {(p["name"], p["prog_id"]) for p in capture["programs"] if p["where"].startswith("cgroup")}
+        assert shown_programs == cgroup_programs(pod_cgroup(lab, "demo/client"))
+        assert {"nm_connect4", "nm_sockops"} <= {name for name, _ in shown_programs}
+        assert any(entry.startswith("nm_config[") for entry in capture["map_entries"])
+    tunnel = doc["tunnel"]
+    assert tunnel["served"] and sorted(tunnel["listeners"]) == [15001, 15006, 15008]
+    assert tunnel["certificate_subject"] == doc["identity"] and tunnel["certificate_expiry"]
+    paths = {p["frontend"]: p for p in doc["services"]}
+    cluster = paths["10.96.0.10:80/TCP"]
+    assert cluster["verdict"].startswith("captured") and len(cluster["endpoints"]) == 2
+    assert abs(sum(e["probability"] for e in cluster["endpoints"]) - 1) < 1e-6
+    assert paths["10.96.0.10:53/UDP"]["verdict"] == "translated"  # UDP is never captured
+
+
+def test_a_pod_outside_the_mesh_has_no_capture_and_no_drift(lab: labs.Lab) -> None:
+    code, doc = report(lab, "plain/outsider")
+    assert code == 0 and doc["drift"] == []
+    assert not doc["enrolled"] and "neither pod nor namespace" in doc["enrollment_reason"]
+    assert doc["capture"]["status"] == "absent" and doc["capture"]["mechanism"] == "none"
+    assert doc["capture"]["rules"] == [] and doc["capture"]["programs"] == []
+    assert not doc["tunnel"]["served"]
+    assert all(not p["verdict"].startswith("captured") for p in doc["services"])
+    assert saved_rules(lab, "plain/outsider", "nft") == set()
+
+
+def _break_capture(lab: labs.Lab, mode: str) -> str:
+    """Delete one piece of the client's capture by hand; returns what the drift must name."""
+    if mode == "iptables":
+        subprocess.run(["ip", "netns", "exec", pod_netns(lab, "demo/client"), "iptables-nft", "-t", "nat", "-D",
+                        "NODEAGENT_OUTPUT", "!", "-d", "127.0.0.1/32", "-p", "tcp", "-m", "mark", "!", "--mark",
+                        "0x539/0xfff", "-j", "REDIRECT", "--to-ports", "15001"], check=True, timeout=30)
+        return "--to-ports 15001"
+    cgroup = pod_cgroup(lab, "demo/client")
+    prog_id = next(i for name, i in cgroup_programs(cgroup) if name == "nm_connect4")
+    subprocess.run(["bpftool", "cgroup", "detach", str(cgroup), "connect4", "id", str(prog_id)], check=True,
+                   timeout=30)
+    return "nm_connect4"
+
+
+def test_a_rule_deleted_by_hand_is_drift_read_from_the_kernel_while_the_agent_is_stopped(
+        lab: labs.Lab, mode: str) -> None:
+    agent = agent_process(lab, "node1")
+    agent.send_signal(signal.SIGSTOP)  # it would repair the capture within seconds
+    try:
+        named = _break_capture(lab, mode)
+        code, out = inspect(lab, "demo/client")
+        assert code == 3, out
+        assert "Read from:  kernel" in out and "the agent is not running" in out
+        assert any(line.lstrip().startswith("!!") and named in line for line in out.splitlines()), out
+        code, doc = report(lab, "demo/client")
+        assert code == 3 and doc["source"] == "kernel" and doc["capture"]["status"] == "drifted"
+        assert any(d["where"] == "capture" and d["change"] == "missing" and named in d["detail"]
+                   for d in doc["drift"])
+    finally:
+        agent.send_signal(signal.SIGCONT)
+    wait_for(lambda: report(lab, "demo/client")[0] == 0, "the agent repairs the capture and inspect sees no drift")
+
+
+def test_bad_input_is_one_line_and_a_non_zero_exit(lab: labs.Lab) -> None:
+    for args, message in ((["--pod", "demo/nobody"], "no pod demo/nobody in the cluster"),
+                          (["--pod", "demo/echo-1", "--node", "node1"], "runs on node node2, not node1")):
+        result = subprocess.run([NODEAGENT, "inspect", "--lab", lab.record.name, *args], capture_output=True,
+                                text=True, timeout=60, check=False)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert os.path.exists(f"/run/netns/{pod_netns(lab, 'demo/client')}")
