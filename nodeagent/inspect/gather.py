@@ -153,6 +153,21 @@ def _live_nat_chains(node_netns: str | None) -> set[str] | None:
     return {line[1:].split()[0] for line in text.splitlines() if line.startswith(":")}
 
 
+def datapath_mode(target: Target) -> str:
+    """The node's service datapath: the agent's word, else what is pinned (eBPF) or not (iptables)."""
+    try:
+        return str(query_agent(target.control_socket).get("mode") or "iptables")
+    except AgentUnreachable:
+        from nodeagent.bpf.loader import ROOT
+
+        return "ebpf" if any((ROOT / target.bpf_scope).glob("v*")) else "iptables"
+
+
+def service_paths(target: Target, mode: str) -> list[ServicePath]:
+    """Every Service frontend's path on the node, from the datapath's render functions."""
+    return _services(target, mode, False, None)
+
+
 def _services(target: Target, mode: str, enrolled: bool, only: str | None) -> list[ServicePath]:
     from nodeagent.agent import AgentOptions, local_addresses, proxy_config
 

@@ -39,6 +39,38 @@ spec:
   nodeName: node1
   containers:
   - {name: sleep, command: [nodeagent, workload, idle]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: demo}
+spec:
+  selector: {app: nobody}
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: guarded, namespace: demo, labels: {app: guarded}}
+spec:
+  nodeName: node2
+  containers:
+  - name: echo
+    command: [nodeagent, workload, serve, --port, "8080"]
+    ports: [{name: http, containerPort: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: guarded, namespace: demo}
+spec:
+  selector: {app: guarded}
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: demo}
+spec:
+  selector: {matchLabels: {app: guarded}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]
 """
 
 
@@ -178,6 +210,52 @@ def test_a_rule_deleted_by_hand_is_drift_read_from_the_kernel_while_the_agent_is
     finally:
         agent.send_signal(signal.SIGCONT)
     wait_for(lambda: report(lab, "demo/client")[0] == 0, "the agent repairs the capture and inspect sees no drift")
+
+
+def cluster_ip(lab: labs.Lab, service: str) -> str:
+    from nodeagent.discovery.once import snapshot_of_manifests
+
+    state = snapshot_of_manifests(lab.record.manifests_path.parent, "node1")
+    return next(str(info.cluster_ips[0]) for name, info in state.service_ports.items()
+                if f"{name.namespace}/{name.name}" == service)
+
+
+def traced(lab: labs.Lab, source: str, destination: str, *args: str) -> dict[str, Any]:
+    result = subprocess.run([NODEAGENT, "trace", "--lab", lab.record.name, "--from", source, "--to", destination,
+                             "--probe", "-o", "json", *args], capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in result.stderr, result.stderr
+    document: dict[str, Any] = json.loads(result.stdout)
+    assert result.returncode == (0 if document["probe"]["confirmed"] else 3), result.stdout + result.stderr
+    return document
+
+
+@pytest.mark.parametrize(("source", "service", "port", "outcome", "captured"), [
+    ("demo/client", "demo/echo", 80, "connected", True),  # ClusterIP, through the tunnels
+    ("plain/outsider", "demo/echo", 80, "connected", False),  # ClusterIP, the node's translation
+    ("plain/outsider", "node1", 30080, "connected", False),  # NodePort on the node's address
+    ("demo/client", "node1", 30080, "connected", True),  # NodePort, captured: the tunnel resolves it
+    ("plain/outsider", "demo/nobody", 80, "refused", False),  # no endpoints: REJECT / ECONNREFUSED
+    ("demo/client", "demo/nobody", 80, "refused", True),  # no endpoints: the tunnel closes it
+    ("demo/client", "demo/guarded", 80, "denied", True),  # DENY policy at the destination tunnel
+])
+def test_trace_predictions_are_confirmed_by_a_real_connection(lab: labs.Lab, mode: str, source: str, service: str,
+                                                               port: int, outcome: str, captured: bool) -> None:
+    address = str(lab.plan.node(service).node.address) if service == "node1" else cluster_ip(lab, service)
+    for _ in range(3):  # a few connections: the probabilities pick different endpoints
+        document = traced(lab, source, f"{address}:{port}")
+        trace, probe = document["trace"], document["probe"]
+        assert document["mode"] == mode
+        assert trace["outcome"] == outcome and trace["captured"] is captured
+        assert probe["confirmed"], probe["reasons"]
+        assert probe["answered"] is (outcome == "connected")
+        if outcome == "connected" and mode == "iptables" and not captured:
+            assert any(key.startswith("KUBE-SEP-") and value >= 1 for key, value in probe["counters"].items())
+        if outcome == "connected" and captured:
+            assert probe["counters"]["tunnel connections opened"] >= 1
+        if outcome == "denied":
+            assert probe["counters"]["policy denials on node2"] >= 1
+    if outcome == "denied":
+        assert all("denied by DENY policy demo/deny-client" in hop["verdict"] for hop in trace["hops"])
 
 
 def test_bad_input_is_one_line_and_a_non_zero_exit(lab: labs.Lab) -> None:
