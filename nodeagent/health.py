@@ -31,6 +31,9 @@ class HealthState:
     _last_updated: float | None = None
     mode: str = ""  # the active datapath, for /proxyMode
     mode_reason: str = ""  # why (e.g. the reason eBPF could not be used)
+    # Called with the seconds from the oldest change a sync programmed to the sync's end (kube-proxy's network
+    # programming duration, measured from when the change reached us); `AgentMetrics.observe_health` sets it.
+    programmed: Callable[[float], None] | None = None
 
     def queued(self) -> None:
         """A change waits for the datapath."""
@@ -41,20 +44,27 @@ class HealthState:
     def updated(self) -> None:
         """A sync succeeded: everything queued so far is programmed."""
         with self._lock:
-            self._last_updated = self.clock()
+            now = self.clock()
+            waited = None if self._oldest_queued is None else now - self._oldest_queued
+            self._last_updated = now
             self._oldest_queued = None
+        if waited is not None and self.programmed is not None:
+            self.programmed(waited)
 
     def report(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, kube-proxy's JSON body)."""
         with self._lock:
             now = self.clock()
             healthy = self._oldest_queued is None or now - self._oldest_queued < self.grace
-            stamp = self._last_updated
+            stamp, queued = self._last_updated, self._oldest_queued
 
         def iso(t: float | None) -> str:
             return "" if t is None else datetime.fromtimestamp(t, UTC).isoformat()
 
-        return healthy, {"lastUpdated": iso(stamp), "currentTime": iso(now), "nodeEligible": True}
+        # kube-proxy's three fields, plus when the oldest change still waiting arrived (empty: none waits) and
+        # the grace period, so an unhealthy answer says by itself how long the sync has stalled.
+        return healthy, {"lastUpdated": iso(stamp), "currentTime": iso(now), "nodeEligible": True,
+                         "oldestQueued": iso(queued), "gracePeriodSeconds": self.grace}
 
 
 def health_routes(state: HealthState) -> dict[str, Route]:

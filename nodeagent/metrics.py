@@ -7,11 +7,19 @@ process never see each other's numbers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from nodeagent.httpserve import Route
+
+
+class MeasuresProgramming(Protocol):
+    """What measures the network programming duration (`nodeagent.health.HealthState`; not imported: the two
+    modules are siblings)."""
+
+    programmed: Callable[[float], None] | None
 
 DEFAULT_PORT = 10249
 
@@ -34,6 +42,19 @@ class AgentMetrics:
                                 "kind and scope", ["kind", "scope"], registry=self.registry)
         self.service_ports = Gauge("nodeagent_service_ports", "Service ports in the current snapshot",
                                    registry=self.registry)
+        # kube-proxy's network_programming_duration_seconds buckets (0.25 s to 5 min, then longer)
+        self.network_programming = Histogram(
+            "nodeagent_network_programming_duration_seconds", "From a change reaching the agent to the datapath "
+            "programmed with it", buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry)
+        self.rules = Gauge("nodeagent_sync_proxy_rules_iptables_total", "iptables rules of ours after the last "
+                           "sync, by table (kube-proxy's name)", ["table"], registry=self.registry)
+        self.map_entries = Gauge("nodeagent_sync_proxy_map_entries", "eBPF map entries of ours after the last "
+                                 "sync, by map", ["map"], registry=self.registry)
+
+    def observe_health(self, health: MeasuresProgramming) -> None:
+        """Record every sync's network programming duration, which `health` measures."""
+        health.programmed = self.network_programming.observe
 
     def set_mode(self, mode: str, reason: str) -> None:
         self.proxy_mode.clear()
