@@ -585,9 +585,11 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
 
 
 @main.command()
-@click.option("--pod", "pod_ref", required=True, help="the pod: NAME (with -n) or NAMESPACE/NAME")
+@click.option("--pod", "pod_ref", default=None, help="the pod: NAME (with -n) or NAMESPACE/NAME (without it and "
+              "--service: every pod of the node)")
 @click.option("-n", "--namespace", default=None, help="the pod's namespace [default]")
-@click.option("--service", default=None, help="only this Service's paths (NAMESPACE/NAME or NAMESPACE/NAME:PORT)")
+@click.option("--service", default=None, help="NAMESPACE/NAME[:PORT]: only its paths (with --pod), or its "
+              "frontends on the node (alone)")
 @source_options
 @click.option("--control-socket", default=None,
               help="the agent's control socket [/run/nodeagent/control.sock; the node's with --lab]")
@@ -599,19 +601,30 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
 @click.option("--pod-cgroup-parent", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="as the agent's (eBPF-mode capture; a lab node's cgroup with --lab)")
 @click.option("-o", "--output", type=click.Choice(["human", "json", "yaml"]), default="human", show_default=True)
-def inspect(pod_ref: str, namespace: str | None, service: str | None, kubeconfig: str | None, context: str | None,
-            manifests: Path | None, source_lab: str | None, node_name: str | None, control_socket: str | None,
-            netns_dir: Path, netns_prefix: str, bpf_scope: str, pod_cgroup_parent: Path | None, output: str) -> None:
+def inspect(pod_ref: str | None, namespace: str | None, service: str | None, kubeconfig: str | None,
+            context: str | None, manifests: Path | None, source_lab: str | None, node_name: str | None,
+            control_socket: str | None, netns_dir: Path, netns_prefix: str, bpf_scope: str,
+            pod_cgroup_parent: Path | None, output: str) -> None:
     """Show one pod as its node sees it: identity, enrollment, datapath, capture as installed (rules with
     counters, or eBPF programs and map entries), the tunnel's view, the Services' translation paths, and every
-    difference between desired and live state (marked !!; exit 3 when there is any). Read-only."""
-    from nodeagent.inspect.gather import InspectError, inspect_pod
+    difference between desired and live state (marked !!; exit 3 when there is any). Without --pod: a Service's
+    frontends (--service), or every pod of the node. Read-only."""
+    from nodeagent.inspect.gather import InspectError, inspect_node, inspect_pod, inspect_service
+    from nodeagent.inspect.output import node_text, service_text
     from nodeagent.inspect.output import render as render_report
     from nodeagent.redirect import RedirectError
 
     target, _ = _inspect_target(pod_ref, namespace, kubeconfig, context, manifests, source_lab, node_name,
                                 control_socket, netns_dir, netns_prefix, bpf_scope, pod_cgroup_parent)
     try:
+        if pod_ref is None and service is not None:
+            paths = inspect_service(target, service)
+            click.echo(service_text(paths, output), nl=False)
+            sys.exit(3 if any(p.live == "missing" for p in paths) else 0)
+        if pod_ref is None:
+            reports = inspect_node(target)
+            click.echo(node_text(target.node, reports, output), nl=False)
+            sys.exit(3 if any(r.drifted for r in reports) else 0)
         report = inspect_pod(target, pod_ref, namespace, service)
     except (InspectError, RedirectError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -619,7 +632,7 @@ def inspect(pod_ref: str, namespace: str | None, service: str | None, kubeconfig
     sys.exit(3 if report.drifted else 0)
 
 
-def _inspect_target(pod_ref: str, namespace: str | None, kubeconfig: str | None, context: str | None,
+def _inspect_target(pod_ref: str | None, namespace: str | None, kubeconfig: str | None, context: str | None,
                     manifests: Path | None, source_lab: str | None, node_name: str | None, control_socket: str | None,
                     netns_dir: Path, netns_prefix: str, bpf_scope: str, pod_cgroup_parent: Path | None
                     ) -> tuple[Any, str]:
@@ -636,9 +649,10 @@ def _inspect_target(pod_ref: str, namespace: str | None, kubeconfig: str | None,
 
         try:
             the_lab = labs.load(source_lab)
-            if node_name is None:  # the pod's own node
+            if node_name is None and pod_ref is not None:  # the pod's own node
                 first = read_snapshot(None, None, None, source_lab, None)
                 node_name = find_pod(first, pod_ref, namespace).node_name or "node1"
+            node_name = node_name or "node1"
             plan = the_lab.plan.node(node_name)
         except (LabError, InspectError) as exc:
             raise click.ClickException(str(exc)) from exc

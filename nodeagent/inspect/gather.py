@@ -229,3 +229,25 @@ def inspect_pod(target: Target, ref: str, namespace: str | None = None, service:
     log.debug("pod inspected", pod=key, source=source, drift=len(drift))
     return PodReport(key, target.node, ips, str(identity), decision.enrolled, decision.reason, source, note,
                      mode, reason, agent_state, capture, tunnel, tuple(services), drift)
+
+
+def inspect_service(target: Target, service: str) -> list[ServicePath]:
+    """Every frontend of `service` (namespace/name[:port]) on the node: its path and whether the kernel holds it."""
+    paths = _services(target, datapath_mode(target), False, service)
+    if not paths:
+        raise InspectError(f"no Service port {service} in the cluster (or it is headless/ExternalName)")
+    return paths
+
+
+def inspect_node(target: Target) -> list[PodReport]:
+    """The report of every pod of the node that has a network namespace of its own (host-network and IP-less
+    pods have none); a pod whose namespace vanished is left out with a warning."""
+    reports = []
+    for pod in sorted(target.snapshot.pods.values(), key=lambda p: p.ref.key):
+        if pod.node_name != target.node or pod.host_network or not pod.ips:
+            continue
+        try:
+            reports.append(inspect_pod(target, pod.ref.key))
+        except InspectError as exc:
+            log.warning("pod left out", pod=pod.ref.key, reason=str(exc))
+    return reports

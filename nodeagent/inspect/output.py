@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import yaml
 
-from nodeagent.inspect.model import PodReport, as_document
+from nodeagent.inspect.model import PodReport, ServicePath, as_document
 
 MARK = "!!"  # the marker of every line that differs from what it should be
 
@@ -80,6 +81,32 @@ def to_human(report: PodReport) -> str:
     else:
         lines.append("Drift: none (the kernel and the tunnel hold what the agent wants)")
     return "\n".join(lines) + "\n"
+
+
+def node_text(node: str, reports: list[PodReport], output: str) -> str:
+    """Every pod of a node, one line each (human), or their reports (JSON/YAML: {"node", "pods": [...]})."""
+    if output != "human":
+        document = {"node": node, "pods": [as_document(r) for r in reports]}
+        return json.dumps(document, indent=2, sort_keys=True) + "\n" if output == "json" else \
+            yaml.safe_dump(document, sort_keys=True)
+    first = reports[0] if reports else None
+    lines = [f"Node {node}: datapath {first.datapath_mode if first else '?'} "
+             f"({first.datapath_reason if first else 'no pod'}); read from {first.source if first else '?'}"]
+    rows = [[MARK if r.drifted else "", r.pod, ", ".join(r.ips), "enrolled" if r.enrolled else "-",
+             r.mesh_state or "-", f"{r.capture.mechanism}/{r.capture.status}",
+             r.tunnel.state or ("served" if r.tunnel.served else "-"), str(len(r.drift))] for r in reports]
+    lines += _table(rows, ["", "pod", "ips", "mesh", "agent state", "capture", "tunnel", "drift"])
+    return "\n".join(lines) + "\n"
+
+
+def service_text(paths: list[ServicePath], output: str) -> str:
+    """A Service's frontends and their paths."""
+    if output != "human":
+        document = [dataclasses.asdict(p) for p in paths]
+        return json.dumps(document, indent=2) + "\n" if output == "json" else yaml.safe_dump(document)
+    rows = [[MARK if p.live == "missing" else "", p.frontend, p.kind, p.verdict, p.via,
+             ", ".join(f"{e.address} p={e.probability:.3g}" for e in p.endpoints) or "-", p.live] for p in paths]
+    return "\n".join(_table(rows, ["", "frontend", "kind", "verdict", "via", "endpoints", "in kernel"])) + "\n"
 
 
 def render(report: PodReport, output: str) -> str:

@@ -212,6 +212,23 @@ def test_a_rule_deleted_by_hand_is_drift_read_from_the_kernel_while_the_agent_is
     wait_for(lambda: report(lab, "demo/client")[0] == 0, "the agent repairs the capture and inspect sees no drift")
 
 
+def test_the_node_view_lists_every_pod_and_the_service_view_its_frontends(lab: labs.Lab, mode: str) -> None:
+    result = subprocess.run([NODEAGENT, "inspect", "--lab", lab.record.name, "--node", "node1", "-o", "json"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pods = {p["pod"]: p for p in json.loads(result.stdout)["pods"]}
+    assert {"demo/client", "demo/echo-0", "plain/outsider"} <= set(pods)
+    assert pods["demo/client"]["capture"]["status"] == "installed" and not pods["plain/outsider"]["enrolled"]
+    result = subprocess.run([NODEAGENT, "inspect", "--lab", lab.record.name, "--service", "demo/echo-nodeport",
+                             "-o", "json"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    paths = json.loads(result.stdout)
+    assert {p["kind"] for p in paths} == {"ClusterIP", "NodePort"}
+    assert all(len(p["endpoints"]) == 2 for p in paths)
+    if mode == "iptables":
+        assert all(p["live"] == "present" for p in paths)
+
+
 def cluster_ip(lab: labs.Lab, service: str) -> str:
     from nodeagent.discovery.once import snapshot_of_manifests
 

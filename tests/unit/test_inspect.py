@@ -225,3 +225,19 @@ def test_a_vanished_pod_namespace_is_one_line(manifests: Path, tmp_path: Path) -
     assert result.exit_code == 1, result.output
     assert "pod shop/client: no network namespace under" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_node_and_service_views_render_in_every_format() -> None:
+    from nodeagent.inspect.output import node_text, service_text
+
+    drifted = report((Drift("capture", "missing", "nat: -A NODEAGENT_OUTPUT -j GONE"),))
+    text = node_text("node1", [report(), drifted], "human")
+    assert "Node node1: datapath iptables" in text and text.count("shop/client") == 2
+    assert sum(line.lstrip().startswith(MARK) for line in text.splitlines()) == 1
+    document = json.loads(node_text("node1", [drifted], "json"))
+    jsonschema.validate(document["pods"][0], schema())
+    assert yaml.safe_load(node_text("node1", [drifted], "yaml"))["node"] == "node1"
+    paths = [p for p in iptables(snapshot()) if p.service == "shop/web:http"]
+    assert "KUBE-SVC-" in service_text(paths, "human")
+    assert {p["frontend"] for p in json.loads(service_text(paths, "json"))} == {"10.96.0.10:80/TCP",
+                                                                                  "<node>:30080/TCP"}
