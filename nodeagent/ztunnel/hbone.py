@@ -742,6 +742,11 @@ class HboneStream:
         if stream.pending or self.h2.streams.get(self.stream_id) is not stream:
             raise ConnectionResetError("hbone stream closed")
 
+    def carried(self) -> int:
+        """Bytes moved so far, both ways (for idle detection); -1 once the stream is gone."""
+        stream = self.h2.streams.get(self.stream_id)
+        return -1 if stream is None else stream.sent + stream.received
+
     def write_eof(self) -> None:
         stream = self.h2.streams.get(self.stream_id)
         if stream is not None:

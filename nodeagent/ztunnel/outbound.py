@@ -133,7 +133,7 @@ class Outbound:
     async def _connect_service(self, connection: Connection, table: ServiceTable, target: ServiceTarget,
                                dial: Dial) -> tuple[object, Slot | None]:
         service = target.service.key
-        connection.service = service
+        connection.service, connection.idle_timeout = service, target.config.idle_timeout
         state = self.resilience.of(target)
         slot = state.breaker.try_start_pending()
         if slot is None:

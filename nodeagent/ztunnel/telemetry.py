@@ -65,6 +65,7 @@ class Connection:
     attempts: int = 0
     flags: str = NO_FLAGS
     reason: str = ""
+    idle_timeout: float | None = 3600.0  # the Service's (nodeagent.io/idle-timeout); None: never
     request_bytes: int = 0  # client -> server
     response_bytes: int = 0  # server -> client
     started: float = field(default_factory=time.monotonic)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeVar, cast
 
 import structlog
 
@@ -37,6 +37,7 @@ from nodeagent.ztunnel.telemetry import POLICY_DENIED, UPSTREAM_FAILURE, Connect
 from nodeagent.ztunnel.workloads import Workload
 
 log = structlog.get_logger("nodeagent.ztunnel.tunnel")
+T = TypeVar("T")
 
 OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT = 15001, 15006, 15008
 CHUNK = 256 << 10
@@ -249,10 +250,24 @@ class NodeTunnel:
             opened = True
             if isinstance(upstream, HboneStream):
                 connection.mtls = True
-                connection.request_bytes, connection.response_bytes = await upstream.splice(reader, writer)
+                stream = upstream
+
+                def hbone_abort() -> None:
+                    stream.close()
+                    writer.close()
+
+                carried = await _until_idle(stream.splice(reader, writer), lambda: stream.carried(), connection,
+                                            hbone_abort)
+                connection.request_bytes, connection.response_bytes = carried
             else:
                 up_reader, up_writer = cast(tuple[asyncio.StreamReader, asyncio.StreamWriter], upstream)
-                await _bridge_tcp(reader, writer, up_reader, up_writer, connection)
+
+                def tcp_abort() -> None:
+                    writer.close()
+                    up_writer.close()
+
+                await _until_idle(_bridge_tcp(reader, writer, up_reader, up_writer, connection),
+                                  lambda: connection.request_bytes + connection.response_bytes, connection, tcp_abort)
         except Refused as exc:
             connection.flags, connection.reason = exc.flags, str(exc)
             log.info("outbound connection refused", pod=pod.workload.name, destination=f"{host}:{port}",
@@ -264,6 +279,33 @@ class NodeTunnel:
             if slot is not None:
                 slot.closed()
             self.metrics.closed(connection, was_open=opened)
+
+
+async def _until_idle(carry: Awaitable[T], progress: Callable[[], int], connection: Connection,
+                      abort: Callable[[], None]) -> T:
+    """Await `carry`, aborting it once no byte moved either way for the connection's idle timeout (Envoy's
+    tcp_proxy idle_timeout; checked at a quarter of the timeout, so it fires within 1.25x of it)."""
+    task = asyncio.ensure_future(carry)
+    idle = connection.idle_timeout
+    if idle is None:
+        return await task
+    loop = asyncio.get_running_loop()
+    seen, since = progress(), loop.time()
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=max(idle / 4, 0.05))
+            if task in done:
+                return task.result()
+            now = progress()
+            if now != seen:
+                seen, since = now, loop.time()
+            elif loop.time() - since >= idle:
+                connection.reason = f"idle for {idle:g}s (the Service's idle timeout)"
+                abort()
+                return await task
+    except BaseException:
+        task.cancel()
+        raise
 
 
 async def _bridge_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

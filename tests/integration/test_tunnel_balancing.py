@@ -117,6 +117,16 @@ spec:
   - {name: echo, command: [nodeagent, workload, serve, --port, "7070"], ports: [{containerPort: 7070}]}
 ---
 apiVersion: v1
+kind: Service
+metadata:
+  name: sleepy
+  namespace: demo
+  annotations: {nodeagent.io/idle-timeout: "1s"}
+spec:
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: guarded, namespace: demo, labels: {app: guarded}}
 spec:
@@ -374,3 +384,24 @@ def test_metrics_count_the_connections_and_bytes_sent(lab: labs.Lab) -> None:
              "the destination side counts the request bytes")
     assert served("istio_tcp_received_bytes_total") - served_before == 10 * len(b"hello\n")
 
+
+IDLE = r"""
+import json, socket, sys, time
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+s.settimeout(10)
+reader = s.makefile("rb")
+s.sendall(b"one\n")
+first = json.loads(reader.readline())["echo"]
+time.sleep(0.5)
+s.sendall(b"two\n")  # activity inside the timeout keeps the connection
+second = json.loads(reader.readline())["echo"]
+started = time.monotonic()
+closed = reader.readline() == b""  # then idle: the tunnel closes it
+print(json.dumps({"first": first, "second": second, "closed": closed, "after": time.monotonic() - started}))
+"""
+
+
+def test_idle_connections_are_closed_after_the_services_idle_timeout(lab: labs.Lab) -> None:
+    result = json.loads(netns_run(lab.plan.pod("demo/client").netns, "python3", "-c", IDLE, lab.cluster_ip("sleepy")))
+    assert (result["first"], result["second"], result["closed"]) == ("one", "two", True), result
+    assert 0.9 <= result["after"] <= 3.0, f"closed about 1 s after the last byte: {result}"
