@@ -229,6 +229,43 @@ def test_the_node_view_lists_every_pod_and_the_service_view_its_frontends(lab: l
         assert all(p["live"] == "present" for p in paths)
 
 
+def test_the_agents_health_and_metrics_endpoints_parse(lab: labs.Lab, mode: str) -> None:
+    """/healthz and /livez (kube-proxy's JSON plus the wait's timestamps), /proxyMode and /metrics, read inside
+    the node (never from the root namespace), the metrics through Prometheus' own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from nodeagent.ztunnel.netns import in_netns
+
+    node = lab.plan.node("node1")
+
+    def get(path: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        def fetch() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://{node.node.address}{path}", timeout=5) as answer:
+                    return answer.status, answer.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        return in_netns(f"/run/netns/{node.netns}", fetch)
+
+    for path in (":10256/healthz", ":10256/livez"):
+        status, body = get(path)
+        health = json.loads(body)
+        assert status == 200 and health["lastUpdated"].startswith("20") and health["proxyMode"] == mode
+        assert health["oldestQueued"] == "" and health["gracePeriodSeconds"] > 0
+    assert get(":10249/proxyMode") == (200, mode)
+    status, text = get(":10249/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert status == 200
+    assert {"nodeagent_sync_proxy_rules_duration_seconds", "nodeagent_sync_proxy_rules_last_timestamp_seconds",
+            "nodeagent_sync_proxy_rules_failures", "nodeagent_proxy_mode_info"} <= set(families)
+    assert any(s.value >= 1 for s in families["nodeagent_sync_proxy_rules_duration_seconds"].samples
+               if s.name.endswith("_count"))
+
+
 def cluster_ip(lab: labs.Lab, service: str) -> str:
     from nodeagent.discovery.once import snapshot_of_manifests
 
