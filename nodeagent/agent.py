@@ -104,6 +104,7 @@ class Agent:
         self.addresses = addresses
         self.health = HealthState(grace=options.healthz_grace)
         self.metrics = AgentMetrics()
+        self.metrics.observe_health(self.health)
         self.synced = threading.Event()  # set after the first successful sync
         self.syncs = 0
         self._pending: set[ObjectRef] = set()
@@ -166,10 +167,15 @@ class Agent:
         kind = "partial" if self._pending and self.syncs else "full"
         started = time.monotonic()
         try:
-            self.proxier.sync(snapshot.service_ports, snapshot.endpoints, config, self._pending)
+            report = self.proxier.sync(snapshot.service_ports, snapshot.endpoints, config, self._pending)
         except Exception:
             self.metrics.sync_failures.labels(mode=self.health.mode).inc()
             raise
+        gauges = getattr(report, "gauges", None)
+        for name, values in (gauges() if callable(gauges) else {}).items():
+            gauge = self.metrics.rules if name == "rules" else self.metrics.map_entries
+            for label, value in values.items():
+                gauge.labels(label).set(value)
         self.metrics.sync_duration.labels(mode=self.health.mode, kind=kind).observe(time.monotonic() - started)
         self.metrics.last_sync.set_to_current_time()
         self.metrics.service_ports.set(len(snapshot.service_ports))

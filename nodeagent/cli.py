@@ -35,12 +35,18 @@ def _lab_errors(func: F) -> F:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-json", is_flag=True, help="JSON log lines (the default for `run`)")
-def main(log_level: str, log_json: bool) -> None:
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]),
+              help="[default: info for `run` and `ztunnel`, warning otherwise]")
+@click.option("--log-json", is_flag=True, help="JSON log lines (the default when stderr is not a terminal)")
+def main(log_level: str | None, log_json: bool) -> None:
     """nodeagent: kube-proxy replacement and zero-trust mesh node agent."""
-    configure_logging(json=log_json, level=log_level)
+    configure_logging(json=log_json or not sys.stderr.isatty(), level=log_level or "warning")
+
+
+def _daemon_logging() -> None:
+    """Logging for the long-running commands: JSON lines, `info` unless --log-level says otherwise."""
+    level = click.get_current_context().find_root().params.get("log_level")
+    configure_logging(json=True, level=level or "info")
 
 
 @main.command()
@@ -342,7 +348,7 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
         raise click.BadParameter(str(exc)) from exc
     host, port = _host_port(healthz_bind_address)
     metrics_host, metrics_port = _host_port(metrics_bind_address)
-    configure_logging(json=True, level="info")
+    _daemon_logging()
     options = AgentOptions(node_name=node_name, min_sync_period=min_sync_period, sync_period=sync_period,
                            cluster_cidrs=_cidrs(cluster_cidr), masquerade_all=masquerade_all,
                            nodeport_addresses=_cidrs(nodeport_addresses), random_fully=supports_random_fully(),
@@ -502,7 +508,7 @@ def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, cont
         ca_token_file.read_text()
     except OSError as exc:
         raise click.ClickException(f"tunnel credentials: {exc}") from exc
-    configure_logging(json=True, level="info")
+    _daemon_logging()
 
     def fetch(identity: Any, key: Any) -> list[str]:
         # Read per request: a credential rotated on disk is picked up without a restart.

@@ -38,9 +38,10 @@ def check_mesh() -> int:
             else:
                 program.load_func(p.name.encode(), p.prog_type)
     except Exception as exc:
-        print(f"the mesh capture programs do not compile or load: {exc}")
+        sys.stdout.write(f"the mesh capture programs do not compile or load: {exc}\n")
         return 1
-    print(f"mesh capture programs ({names}) compiled and verified in {time.monotonic() - started:.2f}s")
+    seconds = time.monotonic() - started
+    sys.stdout.write(f"mesh capture programs ({names}) compiled and verified in {seconds:.2f}s\n")
     program.cleanup()
     return 0
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from bcc import BPF
     except ImportError as exc:
-        print(f"bcc is not importable: {exc}")
+        sys.stdout.write(f"bcc is not importable: {exc}\n")
         return 1
     if "--mesh" in (sys.argv[1:] if argv is None else argv):
         return check_mesh()
@@ -60,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, (attach_type, _) in PROGRAMS.items():
             program.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
     except Exception as exc:
-        print(f"the datapath programs do not compile or load: {exc}")
+        sys.stdout.write(f"the datapath programs do not compile or load: {exc}\n")
         return 1
-    print(f"datapath programs ({', '.join(PROGRAMS)}) compiled and verified in {time.monotonic() - started:.2f}s")
+    seconds = time.monotonic() - started
+    sys.stdout.write(f"datapath programs ({', '.join(PROGRAMS)}) compiled and verified in {seconds:.2f}s\n")
     program.cleanup()
     return 0
 

@@ -36,6 +36,12 @@ class EbpfSyncReport:
     full: bool
     stats: SyncStats
     seconds: float
+    services: int = 0  # frontends in the service map after the sync
+    backends: int = 0  # backends in the backend map
+
+    def gauges(self) -> dict[str, dict[str, int]]:
+        """Entries of ours per map after the sync."""
+        return {"map_entries": {"na_services": self.services, "na_backends": self.backends}}
 
 
 @dataclass
@@ -122,7 +128,8 @@ class EbpfProxier:
         self._config = config
         if full:
             self._last_full = started
-        report = EbpfSyncReport(full, stats, self.clock() - started)
+        report = EbpfSyncReport(full, stats, self.clock() - started, len(self._maps.installed),
+                                len(self._maps.backend_ids))
         log.info("ebpf maps synced", full=full, frontends_written=stats.written, frontends_removed=stats.removed,
                  map_updates=stats.map_updates, seconds=round(report.seconds, 4))
         return report

@@ -44,6 +44,14 @@ class SyncReport:
     conntrack_flushes: list[list[str]] = field(default_factory=list)
     seconds: float = 0.0
 
+    def gauges(self) -> dict[str, dict[str, int]]:
+        """Rules of ours per table after a full sync (kube-proxy's sync_proxy_rules_iptables_total); a
+        partial sync writes only what changed, so it reports nothing."""
+        if not self.full:
+            return {}
+        return {"rules": {"filter": self.rendered.filter.text().count("\n-A "),
+                          "nat": self.rendered.nat.text().count("\n-A ")}}
+
 
 @dataclass
 class IptablesProxier:

@@ -65,7 +65,7 @@ def _enter_and_exec(netns: str, cgroup: str, command: list[str]) -> None:
     try:
         os.execvp(command[0], command)
     except OSError as exc:
-        print(f"cannot run {command[0]!r} in {netns}: {exc.strerror}", file=sys.stderr)
+        sys.stderr.write(f"cannot run {command[0]!r} in {netns}: {exc.strerror}\n")
         os._exit(127)
 
 

@@ -91,7 +91,8 @@ async def serve(port: int, udp_port: int | None, host: str = "0.0.0.0", stop: as
     transport = None
     if udp_port is not None:
         transport, _ = await loop.create_datagram_endpoint(lambda: _UdpEcho(udp_port), local_addr=(host, udp_port))
-    print(json.dumps({**identity(), "serving": {"tcp": port, "udp": udp_port}}), flush=True)
+    sys.stdout.write(json.dumps({**identity(), "serving": {"tcp": port, "udp": udp_port}}) + "\n")
+    sys.stdout.flush()
     async with server:
         await stop.wait()
     if transport is not None:
