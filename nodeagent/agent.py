@@ -134,6 +134,9 @@ class Agent:
             self._metrics_server = RouteServer(metrics_routes(self.metrics, lambda: self.health.mode),
                                                self.options.metrics_host, self.options.metrics_port,
                                                "metrics").start()
+        # Everything the source is about to deliver waits for the first sync: it counts for /healthz and for
+        # the network programming duration from now (the tracker reports only later changes itself).
+        self.health.queued()
         self._source = self.make_source(self._tracker.apply)
         self._source.start()
         self._runner.start()

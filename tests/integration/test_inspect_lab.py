@@ -264,6 +264,16 @@ def test_the_agents_health_and_metrics_endpoints_parse(lab: labs.Lab, mode: str)
             "nodeagent_sync_proxy_rules_failures", "nodeagent_proxy_mode_info"} <= set(families)
     assert any(s.value >= 1 for s in families["nodeagent_sync_proxy_rules_duration_seconds"].samples
                if s.name.endswith("_count"))
+    assert any(s.value >= 1 for s in families["nodeagent_network_programming_duration_seconds"].samples
+               if s.name.endswith("_count")), "the first sync's programming duration is recorded"
+    if mode == "iptables":  # the datapath's size after its last full sync
+        nat = [s.value for s in families["nodeagent_sync_proxy_rules_iptables_total"].samples
+               if s.labels.get("table") == "nat"]
+        assert nat and nat[0] > 10, nat
+    else:
+        services = [s.value for s in families["nodeagent_sync_proxy_map_entries"].samples
+                    if s.labels.get("map") == "na_services"]
+        assert services and services[0] >= 3, services
 
 
 def cluster_ip(lab: labs.Lab, service: str) -> str:
