@@ -23,6 +23,7 @@ import structlog
 
 from nodeagent.control.assignments import Assignment
 from nodeagent.control.server import ControlServer
+from nodeagent.model import Kind, ObjectRef
 from nodeagent.redirect import CaptureError, CaptureOptions, CaptureState, CaptureStatus, capture_options
 from nodeagent.state import Snapshot
 from nodeagent.ztunnel import podnetns
@@ -127,7 +128,8 @@ class MeshReconciler:
             if uid not in self.captured:
                 self._state(uid, WAITING)
             return
-        pod = next((p for p in snapshot.pods.values() if p.ref.key == uid), None)
+        namespace, _, name = uid.partition("/")
+        pod = snapshot.pods.get(ObjectRef(Kind.POD, namespace, name))
         options, rejected = capture_options(uid, pod.annotations if pod is not None else {})
         for rejection in rejected:
             log.warning("capture annotation ignored", pod=uid, rejection=str(rejection))

@@ -111,6 +111,14 @@ ACK_BATCH = 64 << 10  # received bytes acknowledged together (at most this much 
 
 # (peer identity, destination "ip:port") -> allowed?
 Policy = Callable[[SpiffeId, str], bool]
+
+
+class ConnectRefused(ConnectionRefusedError):
+    """The peer tunnel answered a CONNECT with a status other than 200 (`status` 0: the stream was reset)."""
+
+    def __init__(self, authority: str, status: int) -> None:
+        super().__init__(f"HBONE CONNECT {authority}: status {status}")
+        self.status = status
 # (peer identity, "ip:port") at the 200 -> called with (request bytes, response bytes) when the stream ends
 Observe = Callable[[SpiffeId, str], Callable[[int, int], None]]
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -828,7 +836,7 @@ async def open_stream(h2: _Connection, authority: str, timeout: float = 10.0) ->
         raise
     if status != 200:
         h2.streams.pop(stream_id, None)
-        raise ConnectionRefusedError(f"HBONE CONNECT {authority}: status {status}")
+        raise ConnectRefused(authority, status)
     stream.sending = True
     h2.pump(stream)  # anything written while waiting for the 200
     return HboneStream(h2, stream_id, inbound)

@@ -26,6 +26,7 @@ import structlog
 from nodeagent.model import ObjectRef
 from nodeagent.ztunnel.balance import Attempts
 from nodeagent.ztunnel.circuit import CircuitBreaker, Slot
+from nodeagent.ztunnel.hbone import ConnectRefused
 from nodeagent.ztunnel.outlier import OutlierDetector
 from nodeagent.ztunnel.services import ServiceTable, ServiceTarget
 from nodeagent.ztunnel.telemetry import (
@@ -83,18 +84,6 @@ class Refused(Exception):
     def __init__(self, flags: str, reason: str) -> None:
         super().__init__(reason)
         self.flags = flags
-
-
-def _status_of(exc: BaseException) -> int | None:
-    """The HTTP status of a refused HBONE CONNECT, if that is what `exc` is."""
-    status = getattr(exc, "status", None)
-    if isinstance(status, int):
-        return status
-    text = str(exc)
-    if isinstance(exc, ConnectionRefusedError) and "HBONE CONNECT" in text and "status " in text:
-        tail = text.rsplit("status ", 1)[1].strip()
-        return int(tail) if tail.isdigit() else None
-    return None
 
 
 @dataclass
@@ -155,7 +144,7 @@ class Outbound:
                     upstream = await asyncio.wait_for(dial(destination, ip, endpoint.port, timeout), timeout)
                 except (OSError, TimeoutError) as exc:
                     last_error = f"{endpoint.address}: {type(exc).__name__} {exc}".strip()
-                    if _status_of(exc) == 401:
+                    if isinstance(exc, ConnectRefused) and exc.status == 401:
                         raise Refused(UPSTREAM_FAILURE, f"{endpoint.address}: denied by the destination's "
                                                         "policy (401)") from exc
                     ejection = state.detector.record_failure(endpoint.key, self.clock(), len(target.endpoints))

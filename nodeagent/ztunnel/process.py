@@ -137,7 +137,7 @@ class TunnelProcess:
                 self._follow(snapshot)
             desired = self.desired()
             for ip in [ip for ip, pod in self.tunnel.pods.items() if ip not in desired
-                       or _changed(pod.workload, desired[ip])]:
+                       or _must_readd(pod.workload, desired[ip])]:
                 await self.tunnel.remove_pod(ip)
             for ip in [ip for ip in self.states if ip not in desired]:
                 del self.states[ip]
@@ -238,7 +238,7 @@ class TunnelProcess:
             log.info("tunnel stopped", node=self.options.node)
 
 
-def _changed(served: Workload, wanted: Workload) -> bool:
+def _must_readd(served: Workload, wanted: Workload) -> bool:
     """Whether a served pod must be re-added to match what is wanted now."""
     return (served.identity, served.transparent) != (wanted.identity, wanted.transparent) or bool(
         wanted.netns and served.netns != wanted.netns)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,16 @@ import pytest
 from nodeagent.lab import cgroups, netns, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.state import state_root
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> float:
+    """Poll `condition` until it holds (a condition with a deadline, never a fixed sleep); the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.1)  # polling a condition with a deadline
+    return time.monotonic() - started
 
 
 def unique_lab_name() -> str:

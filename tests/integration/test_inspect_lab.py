@@ -10,8 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import pytest
 from nodeagent.lab import cgroups
 from nodeagent.lab import lab as labs
 from tests.integration.agent_labs import lab_with_agents
+from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.root
 NODEAGENT = str(Path(sys.executable).with_name("nodeagent"))
@@ -132,13 +132,6 @@ def agent_process(lab: labs.Lab, node: str) -> psutil.Process:
     return next(c for c in children if " run " in f" {' '.join(c.cmdline())} ")
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.2)  # polling a condition with a deadline
-
 
 def test_an_enrolled_pod_shows_its_identity_capture_tunnel_and_paths(lab: labs.Lab, mode: str) -> None:
     code, doc = report(lab, "demo/client")
@@ -209,7 +202,8 @@ def test_a_rule_deleted_by_hand_is_drift_read_from_the_kernel_while_the_agent_is
                    for d in doc["drift"])
     finally:
         agent.send_signal(signal.SIGCONT)
-    wait_for(lambda: report(lab, "demo/client")[0] == 0, "the agent repairs the capture and inspect sees no drift")
+    wait_for(lambda: report(lab, "demo/client")[0] == 0, "the agent repairs the capture and inspect sees no drift",
+             timeout=30.0)
 
 
 def test_the_node_view_lists_every_pod_and_the_service_view_its_frontends(lab: labs.Lab, mode: str) -> None:

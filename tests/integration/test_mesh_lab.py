@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -36,6 +36,7 @@ from nodeagent.lab.state import locked
 from nodeagent.redirect.render import PROBE_ADDRESS
 from nodeagent.ztunnel.netns import in_netns
 from tests.integration.agent_labs import lab_with_agents
+from tests.integration.conftest import wait_for
 from tests.integration.test_tunnel_lab import Capture
 from tests.integration.test_tunnel_process import admin_dump
 
@@ -117,15 +118,6 @@ def ip_of(lab: labs.Lab, pod: str) -> str:
 
 
 
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> float:
-    """Seconds until `condition` held."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.1)  # polling a condition with a deadline
-    return time.monotonic() - started
 
 
 def test_every_enrolled_pod_is_captured_and_the_others_are_not(lab: labs.Lab) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.lab import lab as labs
 from tests.integration.agent_labs import lab_with_agents
+from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -223,13 +223,6 @@ def edit_manifests(lab: labs.Lab, change: Callable[[dict[str, Any]], None]) -> N
     temporary.write_text(yaml.safe_dump_all(documents))
     temporary.rename(path)
 
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.2)  # polling a condition with a deadline
 
 
 def metrics(lab: labs.Lab, node: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import yaml
 from nodeagent.lab import lab as labs
 from nodeagent.redirect import CaptureStatus, live_state
 from tests.integration.agent_labs import lab_with_agents
+from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -41,13 +41,6 @@ def admin_dump(lab: labs.Lab, node: str) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(out)
     return result
 
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.1)  # polling a condition with a deadline
 
 
 def listeners(netns: str) -> set[int]:
