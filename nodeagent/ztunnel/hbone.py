@@ -109,8 +109,9 @@ TLS_READ_BUFFER = 256 << 10
 TLS_WRITE_HIGH = 1 << 20  # above this much unsent TLS data, local transports stop being read
 ACK_BATCH = 64 << 10  # received bytes acknowledged together (at most this much per stream held back)
 
-# (peer identity, destination "ip:port") -> allowed?
-Policy = Callable[[SpiffeId, str], bool]
+# (peer identity, destination "ip:port") -> True (allowed), False (401: denied by policy), or the HTTP
+# status to refuse the CONNECT with (400: not a target this listener serves; 503: not serving yet)
+Policy = Callable[[SpiffeId, str], "bool | int"]
 
 
 class ConnectRefused(ConnectionRefusedError):
@@ -119,8 +120,9 @@ class ConnectRefused(ConnectionRefusedError):
     def __init__(self, authority: str, status: int) -> None:
         super().__init__(f"HBONE CONNECT {authority}: status {status}")
         self.status = status
-# (peer identity, "ip:port") at the 200 -> called with (request bytes, response bytes) when the stream ends
-Observe = Callable[[SpiffeId, str], Callable[[int, int], None]]
+# (peer identity, "ip:port", abort) at the 200 -> called with (request bytes, response bytes) when the stream
+# ends; `abort()` resets the stream (a policy that changed now denies it)
+Observe = Callable[[SpiffeId, str, Callable[[], None]], Callable[[int, int], None]]
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 # How the server reaches an upstream: a connected socket (the fast path), or a stream pair.
 Connect = Callable[[str, int], Awaitable["socket.socket | Streams"]]
@@ -617,7 +619,7 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
     """Serve one accepted TLS connection on 15008 until it ends.
 
     `connect(host, port)` reaches an upstream: a connected socket (the fast path, see
-    `upstream_socket`) or a (reader, writer) pair (`open_upstream`). `observe(peer, target)` is told of
+    `upstream_socket`) or a (reader, writer) pair (`open_upstream`). `observe(peer, target, abort)` is told of
     each stream that got its 200 and returns what to call with (request bytes, response bytes) when the
     stream ends (the tunnel's metrics and access log)."""
     tls = writer.get_extra_info("ssl_object")
@@ -641,9 +643,11 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
 
     async def open_stream(stream: _Stream, destination: tuple[str, int]) -> None:
         target = f"{destination[0]}:{destination[1]}"
-        if not policy(identity, target):
-            refuse(stream.id, 401)
-            log.info("hbone stream denied", peer=str(identity), destination=target)
+        admitted = policy(identity, target)
+        if admitted is not True:
+            status = 401 if admitted is False else int(admitted)
+            refuse(stream.id, status)
+            log.info("hbone stream refused", peer=str(identity), destination=target, status=status)
             return
         local = _Local(h2, stream)
         try:
@@ -667,7 +671,7 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
         h2.attach(stream, local)
         h2.flush()
         if observe is not None and stream.done is not None:
-            finished = observe(identity, target)
+            finished = observe(identity, target, lambda: h2.reset(stream.id))
             try:
                 await stream.done
             finally:
