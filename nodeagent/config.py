@@ -79,7 +79,7 @@ class AgentConfig:
     sync_period: float = 30.0
     min_sync_period: float = 1.0
     healthz_bind_address: str = "0.0.0.0:10256"
-    metrics_bind_address: str = "0.0.0.0:10249"
+    metrics_bind_address: str = "127.0.0.1:10249"  # kube-proxy's default: metrics stay on the node
     iptables_backend: str = "auto"
     bpf_cgroup_path: str = ""
     bpf_scope: str = "host"
@@ -284,7 +284,7 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         nodeport_addresses=r.cidrs(values, "nodePortAddresses", as_list=True),
         sync_period=sync, min_sync_period=min_sync,
         healthz_bind_address=r.bind_address(values, "healthzBindAddress", "0.0.0.0:10256"),
-        metrics_bind_address=r.bind_address(values, "metricsBindAddress", "0.0.0.0:10249"),
+        metrics_bind_address=r.bind_address(values, "metricsBindAddress", "127.0.0.1:10249"),
         iptables_backend=r.choice(values, "iptables.backend", IPTABLES_BACKENDS, "auto"),
         bpf_cgroup_path=cgroup,
         bpf_scope=r.text(values, "bpf.scope", _SCOPE, "a name of letters, digits, '.', '_' or '-'") or "host",

@@ -32,6 +32,9 @@ from nodeagent.ztunnel.workloads import Workload, workload_table
 log = structlog.get_logger("nodeagent.mesh")
 
 WAITING, CAPTURED, NETNS_MISSING = "waiting-for-tunnel", "captured", "netns-missing"
+# A pass needs every Pod and Namespace listed: before that, an enrolled pod missing from the snapshot may
+# exist, and publishing without it would tell the tunnel to drop it (after an agent restart, every pod).
+MESH_INPUT_KINDS = (Kind.POD, Kind.NAMESPACE)
 
 
 class Capture(Protocol):
@@ -210,8 +213,9 @@ class MeshLoop:
             snapshot = self.snapshot()
             woken = self._wake.is_set()
             self._wake.clear()
-            if snapshot is not None and (woken or snapshot.generation != generation or self.reconciler.waiting()
-                                         or time.monotonic() >= due):
+            if snapshot is not None and snapshot.synced(MESH_INPUT_KINDS) and (
+                    woken or snapshot.generation != generation or self.reconciler.waiting()
+                    or time.monotonic() >= due):
                 try:
                     self.reconciler.sync(snapshot)
                 except Exception:  # a bug in one pass must not end the loop; logged with the traceback

@@ -4,6 +4,11 @@ tunnel must serve and collects its acknowledgements (which pods are served, at w
 One tunnel per node: a newer stream replaces an older one. On every (re)connect the tunnel gets the
 full state, then deltas; its acks tell the agent which pods it may capture (`served`). The tunnel
 keeps serving what it has while the agent is away, so an agent restart never drops a pod's traffic.
+
+A full state replaces everything the tunnel serves, so none is sent before the agent has published
+once (its first complete mesh pass, made only once Pods and Namespaces are listed): a tunnel that
+connects to an agent that has just started waits, keeping what it serves, instead of receiving an
+empty set and dropping every pod.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -50,6 +56,7 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
         self._log = VersionLog()
         self._since: dict[str, int] = {}  # uid -> the version its current assignment appeared in
         self._stream = 0  # the id of the current stream; older ones end
+        self.published = False  # the agent published its first complete desired set; no update before it
         self.statuses: dict[str, PodStatus] = {}
         self.acked_version = 0
         self.connected = False
@@ -62,11 +69,12 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
         """Make `desired` the set to serve; returns its version."""
         with self._changed:
             before = dict(self._log.current)
-            if self._log.publish(desired):
+            if self._log.publish(desired) or not self.published:
                 for assignment in diff(before, self._log.current).add:
                     self._since[assignment.uid] = self._log.version
                 for uid in [uid for uid in self._since if uid not in self._log.current]:
                     del self._since[uid]
+                self.published = True
                 self._changed.notify_all()
             return self._log.version
 
@@ -80,16 +88,28 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
                     and status.version >= self._since.get(assignment.uid, 0))
 
     def start(self, socket_path: str) -> ControlServer:
-        """Serve on the unix socket `socket_path` (replaced if it exists)."""
-        import os
+        """Serve on the unix socket `socket_path` (replaced if it exists), mode 0600 from its first moment.
 
-        if os.path.exists(socket_path):
-            os.unlink(socket_path)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        control_pb2_grpc.add_TunnelControlServicer_to_server(self, server)
-        server.add_insecure_port(f"unix:{socket_path}")
-        server.start()
-        os.chmod(socket_path, 0o600)  # node-local and root only: the tunnel runs as root beside us
+        The socket is bound inside a fresh 0700 directory beside its final path, made 0600, and only then
+        renamed into place (a rename keeps the bound socket): there is no moment at which another user
+        could connect, as there would be between a bind at the final path and a chmod after it. (A umask
+        around the bind would do it too, but the umask is per process and grpc binds on its own threads.)"""
+        import os
+        import tempfile
+
+        target = Path(socket_path)
+        private = Path(tempfile.mkdtemp(prefix=".control-", dir=target.parent))  # mkdtemp makes it 0700
+        staged = private / "control.sock"
+        try:
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            control_pb2_grpc.add_TunnelControlServicer_to_server(self, server)
+            server.add_insecure_port(f"unix:{staged}")
+            server.start()
+            os.chmod(staged, 0o600)  # node-local and root only: the tunnel runs as root beside us
+            os.replace(staged, target)
+        finally:
+            staged.unlink(missing_ok=True)
+            private.rmdir()
         self._server = server
         log.info("control stream listening", socket=socket_path, node=self.node)
         return self
@@ -127,7 +147,8 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
         try:
             while context.is_active():
                 with self._changed:
-                    while stream == self._stream and sent == self._log.version and context.is_active():
+                    while stream == self._stream and context.is_active() and (
+                            not self.published or sent == self._log.version):
                         self._changed.wait(1.0)
                     if stream != self._stream:
                         return
