@@ -147,6 +147,7 @@ class Reflector:
         self.lists = 0
         self.watches = 0
         self.resource_version = ""
+        self.last_error = ""  # why the last request failed, until one succeeds (readiness reasons)
 
     def start(self) -> Reflector:
         """Start listing and watching."""
@@ -180,6 +181,7 @@ class Reflector:
             except (ApiError, ProtocolError, urllib3.exceptions.HTTPError, OSError) as exc:
                 if self._stop.is_set():
                     return
+                self.last_error = str(exc)
                 delay = self._backoff.next_delay(time.monotonic())
                 log.warning("API request failed, backing off", kind=str(self._resource.kind), error=str(exc),
                             retry_in=round(delay, 2))
@@ -202,6 +204,7 @@ class Reflector:
                 break
         self.lists += 1
         self.resource_version = version
+        self.last_error = ""
         with collector_paused():
             self._sink(Listed(self._resource.kind, tuple(items), version))
         log.info("listed", kind=str(self._resource.kind), objects=len(items), resource_version=version)
@@ -296,6 +299,10 @@ class KubernetesSource:
         for reflector in self.reflectors.values():
             reflector.start()
         return self
+
+    def failures(self) -> dict[Kind, str]:
+        """Kinds whose last request failed (not listed since), with why: a missing CRD shows here."""
+        return {kind: r.last_error for kind, r in self.reflectors.items() if r.last_error}
 
     def stop(self) -> None:
         """Stop every reflector."""

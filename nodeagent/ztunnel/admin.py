@@ -1,7 +1,8 @@
 """The tunnel's admin (15000, localhost: config dump) and readiness (15021: /healthz/ready) endpoints.
 
 As ztunnel's: the dump lists the pods served with their identities and certificates (subject SAN,
-serial, expiry) and the HBONE pools; ready means every assigned pod has its listeners and certificate.
+serial, expiry) and the HBONE pools; ready means every assigned pod has its listeners and certificate,
+and nothing blocks serving (policies not synced yet: the answer names the kind and why).
 A minimal HTTP/1.1 responder on asyncio (two GET paths do not justify a web framework).
 """
 
@@ -74,12 +75,15 @@ async def serve_http(host: str, port: int, routes: Mapping[str, Route]) -> async
 
 async def start_admin(tunnel: NodeTunnel, assigned: Callable[[], set[str]], *, admin: tuple[str, int] =
                       ("127.0.0.1", ADMIN_PORT), readiness: tuple[str, int] = ("0.0.0.0", READINESS_PORT),
-                      status: Callable[[], dict[str, Any]] | None = None) -> tuple[asyncio.Server, asyncio.Server]:
+                      status: Callable[[], dict[str, Any]] | None = None,
+                      blockers: Callable[[], list[str]] = list) -> tuple[asyncio.Server, asyncio.Server]:
     """Both endpoints; the admin one on localhost only. `status` adds the reconcile's view (why pods are
-    or are not served) to the config dump."""
+    or are not served) to the config dump; `blockers` are reasons not to be ready beyond the pods."""
     def readiness_route() -> tuple[int, Any]:
         ok, missing = ready(tunnel, assigned())
-        return (200 if ok else 503), {"ready": ok, "missing": missing}
+        blocked = blockers()
+        ok = ok and not blocked
+        return (200 if ok else 503), {"ready": ok, "missing": missing, "blockers": blocked}
 
     def dump() -> tuple[int, Any]:
         return 200, {**config_dump(tunnel), **(status() if status is not None else {})}

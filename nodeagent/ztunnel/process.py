@@ -6,6 +6,12 @@ opens listeners for every enrolled pod of this node whose network namespace is f
 of pods that left. What cannot be served yet (no namespace, CA unreachable) is kept as a named state,
 logged once per change, shown on the admin endpoint and retried on the next pass. Certificates are
 renewed by a periodic pass in a thread, never on the path of a connection.
+
+Authorization fails closed: until AuthorizationPolicy and PeerAuthentication are both listed there is no
+authorizer, every inbound connection is refused with 503 and readiness says why (a missing CRD names
+itself there). `--no-policy-crds` is the operator saying the cluster has none: both kinds count as listed
+and empty, and that is logged at start. A new snapshot whose policies or pod labels differ re-checks
+every open inbound connection (`NodeTunnel.reevaluate`).
 """
 
 from __future__ import annotations
@@ -15,12 +21,12 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from nodeagent.control.assignments import Assignment
-from nodeagent.events import Sink
+from nodeagent.events import Listed, Sink
 from nodeagent.model import Kind
 from nodeagent.state import ChangeTracker, Snapshot
 from nodeagent.ztunnel import podnetns
@@ -36,6 +42,7 @@ from nodeagent.ztunnel.workloads import Workload, WorkloadTable, workload_table
 
 log = structlog.get_logger("nodeagent.ztunnel.process")
 TABLE_KINDS = (Kind.POD, Kind.NAMESPACE)
+POLICY_KINDS = (Kind.AUTHORIZATION_POLICY, Kind.PEER_AUTHENTICATION)
 RECONCILE_PERIOD = 5.0  # retry of unserved pods and certificate renewal check
 
 
@@ -52,6 +59,20 @@ class TunnelOptions:
     metrics: tuple[str, int] | None = ("0.0.0.0", METRICS_PORT)
     control_socket: str | None = None  # the agent's control stream; None: decide from the snapshot alone
     reconcile_period: float = RECONCILE_PERIOD
+    no_policy_crds: bool = False  # the cluster has no policy CRDs: serve with no policies (said at start)
+
+
+class Source(Protocol):
+    """What the tunnel needs of a source (the Kubernetes API or a manifests directory)."""
+
+    def start(self) -> object: ...
+    def stop(self) -> None: ...
+
+
+def source_failures(source: object) -> dict[Kind, str]:
+    """The kinds a source failed to list, with why (sources that cannot fail have no `failures`)."""
+    failures = getattr(source, "failures", None)
+    return dict(failures()) if callable(failures) else {}
 
 
 @dataclass
@@ -60,7 +81,7 @@ class TunnelProcess:
 
     options: TunnelOptions
     fetch: Fetch
-    make_source: Callable[[Sink], Any]
+    make_source: Callable[[Sink], Source]
     table: WorkloadTable | None = None
     services: ServiceTable | None = None
     authorizer: Authorizer | None = None
@@ -71,6 +92,8 @@ class TunnelProcess:
     version: int = 0
     agent_run: str = ""
     on_reconciled: Callable[[], None] | None = None
+    policies_synced: bool = False
+    source: Source | None = None
     tunnel: NodeTunnel = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +101,8 @@ class TunnelProcess:
                                  services=lambda: self.services, authorizer=lambda: self.authorizer)
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._synced_kinds: frozenset[Kind] = frozenset()
+        self._authz_inputs: object = None  # what the current authorizer and served labels were built from
 
     def lookup(self, ip: str) -> Workload | None:
         """The workload holding `ip` in the current table (the tunnel's destination lookup)."""
@@ -104,10 +129,19 @@ class TunnelProcess:
             return {"(no snapshot yet)"}
         return set(self.desired())
 
+    def blockers(self) -> list[str]:
+        """Why the tunnel is not ready beyond its pods: policies not synced (and why, when listing failed)."""
+        if self.policies_synced:
+            return []
+        failures = source_failures(self.source) if self.source is not None else {}
+        return [f"policies not synced: {kind} not listed" + (f" ({failures[kind]})" if kind in failures else "")
+                for kind in POLICY_KINDS if kind not in self._synced_kinds] or ["policies not synced"]
+
     def status(self) -> dict[str, Any]:
         """Per-pod states and enrollment decisions, for the admin endpoint."""
         table = self.table
         return {"states": {ip: state or "served" for ip, state in sorted(self.states.items())},
+                "policies_synced": self.policies_synced, "blockers": self.blockers(),
                 "control": None if self.assignments is None else {"agent_run": self.agent_run,
                                                                   "version": self.version},
                 "rejected_annotations": sorted(self.rejections),
@@ -173,7 +207,23 @@ class TunnelProcess:
         """New workload, Service and policy views for a new snapshot; report newly rejected annotations."""
         self.table = workload_table(snapshot, self.options.node, self.options.trust_domain)
         self.services = service_table(snapshot) if self.services is None else self.services.updated(snapshot)
-        self.authorizer = Authorizer.from_snapshot(snapshot)
+        self._synced_kinds = snapshot.synced_kinds
+        if snapshot.synced(POLICY_KINDS):
+            # Rebuilt only when its inputs change; then every open inbound connection is judged again.
+            inputs = (snapshot.authorization_policies, snapshot.peer_authentications,
+                      tuple(sorted((ip, w.name, tuple(sorted(w.labels.items())))
+                                   for ip, w in self.table.by_ip.items() if ip in self.tunnel.pods)))
+            if inputs != self._authz_inputs:
+                self.authorizer = Authorizer.from_snapshot(snapshot)
+                if not self.policies_synced:
+                    log.info("policies synced, serving inbound", node=self.options.node,
+                             authorization_policies=len(snapshot.authorization_policies),
+                             peer_authentications=len(snapshot.peer_authentications))
+                self.policies_synced = True
+                closed = self.tunnel.reevaluate() if self._authz_inputs is not None else 0
+                self._authz_inputs = inputs
+                if closed:
+                    log.info("connections closed after a policy change", node=self.options.node, closed=closed)
         self.tunnel.outbound.resilience.retain(self.services)
         rejections = {str(r) for r in self.services.all_rejections()}
         for rejection in sorted(rejections - self.rejections):
@@ -194,9 +244,15 @@ class TunnelProcess:
             loop.call_soon_threadsafe(self._changed.set)
 
         tracker = ChangeTracker(self.options.node, on_change=changed)
-        source = self.make_source(tracker.apply)
+        if self.options.no_policy_crds:
+            log.warning("no policy CRDs (--no-policy-crds): serving with no AuthorizationPolicy and no "
+                        "PeerAuthentication; every peer of the trust domain is allowed", node=self.options.node)
+            for kind in POLICY_KINDS:
+                tracker.apply(Listed(kind, (), ""))
+        source = self.source = self.make_source(tracker.apply)
         admin, readiness = await start_admin(self.tunnel, self.assigned, admin=self.options.admin,
-                                             readiness=self.options.readiness, status=self.status)
+                                             readiness=self.options.readiness, status=self.status,
+                                             blockers=self.blockers)
         servers = [admin, readiness]
         if self.options.metrics is not None:
             servers.append(await serve_http(*self.options.metrics, metrics_routes(self.tunnel.metrics)))

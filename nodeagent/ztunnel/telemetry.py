@@ -107,6 +107,14 @@ class TunnelMetrics:
                                ["destination_workload_namespace", "policy"], registry=self.registry)
         self.refusals = Counter("nodeagent_tunnel_hbone_refusals", "HBONE handshakes or CONNECTs refused",
                                 ["reason"], registry=self.registry)
+        self.revocations = Counter("nodeagent_tunnel_policy_revocations",
+                                   "Open inbound connections closed because a changed policy or label now denies "
+                                   "them", ["destination_workload_namespace"], registry=self.registry)
+        # Hostile or broken HBONE peers (hbone.serve_connection's `violation`): a refused TLS handshake, a
+        # refused stream, or a connection closed for a flood or a stall; `reason` is one of hbone.VIOLATIONS.
+        self.protocol_violations = Counter("nodeagent_hbone_protocol_violations",
+                                           "HBONE peers refused at TLS, streams refused or connections closed for "
+                                           "abusing HTTP/2", ["reason"], registry=self.registry)
         self.active = Gauge("nodeagent_tunnel_active_connections", "Connections open now", ["reporter"],
                             registry=self.registry)
 

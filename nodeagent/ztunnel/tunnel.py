@@ -12,7 +12,10 @@ served from this process:
   15008 with the source pod's identity (pooled per source pod); anything else is passed through as
   plain TCP from the pod's namespace. Every socket the tunnel opens carries mark 0x539, which capture
   rules skip.
-Balancing and policy come with the next issue; here every peer of the trust domain is allowed.
+Inbound, whatever the peer asks for, the tunnel connects only to the served pod's own address and never to
+the tunnel's own ports (`admission.check_target`: 400 / 503, counted), and only once policies are synced
+(fail closed: 503 until then). Every inbound connection stays registered while it lasts, so a policy or
+label change that now denies it closes it (`reevaluate`, as ztunnel's connection manager does).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from typing import TypeVar, cast
 
 import structlog
 
-from nodeagent.model import PeerAuthenticationMode
-from nodeagent.ztunnel.authz import Authorizer, Verdict
+from nodeagent.ztunnel.admission import NotAdmitted, Refusal, check_target
+from nodeagent.ztunnel.authz import Authorizer, AuthzRequest, Verdict
 from nodeagent.ztunnel.certs import Fetch, WorkloadCertificate, rotating_server_context
 from nodeagent.ztunnel.hbone import SOCKET_MARK, HbonePool, HboneStream, serve_connection
 from nodeagent.ztunnel.identity import SpiffeId
@@ -55,6 +58,17 @@ class _Pod:
     servers: list[asyncio.Server] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _Live:
+    """An inbound connection (HBONE stream or captured plaintext) being carried, for re-evaluation."""
+
+    pod: _Pod
+    port: int
+    source: SpiffeId | None  # None: plaintext
+    source_ip: str | None
+    abort: Callable[[], None]
+
+
 class NodeTunnel:
     """One node's tunnel: listeners for its pods, HBONE to the other pods' tunnels."""
 
@@ -67,6 +81,7 @@ class NodeTunnel:
         self.metrics = metrics or TunnelMetrics()
         self.outbound = Outbound(node, lookup, services, self.metrics)
         self.pods: dict[str, _Pod] = {}
+        self.live: set[_Live] = set()  # inbound connections open now, re-checked when policy changes
         # Pods sharing a service account share its certificate (one CSR per identity, as ztunnel's cache).
         self.certificates: dict[SpiffeId, WorkloadCertificate] = {}
 
@@ -143,49 +158,96 @@ class NodeTunnel:
         """`_connect_socket` as a (reader, writer) pair."""
         return await asyncio.open_connection(sock=await self._connect_socket(pod, host, port, source), limit=CHUNK)
 
-    def _verdict(self, workload: Workload, port: int, source: SpiffeId | None) -> Verdict:
-        """Policy for a connection to `workload`:`port` from `source` (None: plaintext)."""
+    def _verdict(self, workload: Workload, port: int, source: SpiffeId | None, source_ip: str | None
+                 ) -> Verdict | NotAdmitted:
+        """Policy for a connection to `workload`:`port` from `source` (None: plaintext) at `source_ip`.
+
+        Fails closed: before the policy kinds are synced there is no authorizer and nothing is allowed.
+        The workload's labels are read from the current table, not from when the pod was first served, so
+        a relabelled pod is judged by the policies that select it now."""
         authorizer = self.authorizer()
         if authorizer is None:
-            return Verdict(True, "no policy known yet")
-        if source is None:
-            mode, ref = authorizer.mode(workload.namespace, workload.labels)
-            if mode is PeerAuthenticationMode.STRICT:
-                return Verdict(False, f"plaintext refused: peer authentication STRICT"
-                                      f"{f' ({ref.key})' if ref else ''}", ref)
-        return authorizer.check(workload.namespace, workload.labels, port, source)
+            return NotAdmitted(Refusal.POLICIES_NOT_SYNCED, "policies not synced yet: AuthorizationPolicy and "
+                                                        "PeerAuthentication must be listed before serving")
+        current = self.lookup(workload.ip)
+        if current is None or current.name != workload.name:
+            return NotAdmitted(Refusal.POD_UNKNOWN, f"{workload.name or workload.ip} is no longer a known pod")
+        return authorizer.check(AuthzRequest(current.namespace, current.labels, workload.ip, port, source,
+                                             source_ip))
 
-    def _deny(self, workload: Workload, verdict: Verdict, peer: object, source: SpiffeId | None) -> None:
+    def _refuse(self, workload: Workload, outcome: Verdict | NotAdmitted, peer: object, source: SpiffeId | None
+                ) -> None:
+        """Count and log a refused inbound connection (by policy, or before it)."""
+        who = str(source) if source else "plaintext"
+        if isinstance(outcome, NotAdmitted):
+            self.metrics.refusals.labels(reason=str(outcome.refusal)).inc()
+            log.info("inbound connection refused", pod=workload.name, peer=str(peer), source=who,
+                     reason=outcome.reason, refusal=str(outcome.refusal))
+            return
         self.metrics.denials.labels(destination_workload_namespace=workload.namespace,
-                                    policy=verdict.policy.key if verdict.policy else "-").inc()
-        log.info("connection denied by policy", pod=workload.name, peer=str(peer),
-                 source=str(source) if source else "plaintext", reason=verdict.reason)
+                                    policy=outcome.policy.key if outcome.policy else "-").inc()
+        log.info("connection denied by policy", pod=workload.name, peer=str(peer), source=who,
+                 reason=outcome.reason)
+
+    def admit(self, pod: _Pod, host: str, port: int, source: SpiffeId | None, source_ip: str | None,
+              peer: object) -> Verdict | NotAdmitted:
+        """The whole inbound decision for one connection: the target check, then policy; refusals are
+        counted and logged here."""
+        outcome: Verdict | NotAdmitted | None = check_target(pod.workload.ip, host, port)
+        if outcome is None:
+            outcome = self._verdict(pod.workload, port, source, source_ip)
+        if isinstance(outcome, NotAdmitted) or not outcome.allowed:
+            self._refuse(pod.workload, outcome, peer, source)
+        return outcome
+
+    def reevaluate(self) -> int:
+        """Re-check every open inbound connection against the current policies and labels; close those
+        now refused (ztunnel closes connections a new policy denies). Returns how many were closed."""
+        closed = 0
+        for live in list(self.live):
+            outcome = self._verdict(live.pod.workload, live.port, live.source, live.source_ip)
+            if isinstance(outcome, NotAdmitted) and outcome.refusal is Refusal.POLICIES_NOT_SYNCED:
+                continue  # policies lost (a relist in progress): keep what was admitted, admit nothing new
+            if isinstance(outcome, NotAdmitted) or not outcome.allowed:
+                self.live.discard(live)
+                self.metrics.revocations.labels(destination_workload_namespace=live.pod.workload.namespace).inc()
+                log.info("open connection closed: policy now denies it", pod=live.pod.workload.name,
+                         source=str(live.source) if live.source else "plaintext", port=live.port,
+                         reason=outcome.reason)
+                live.abort()
+                closed += 1
+        return closed
 
     async def _inbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-
-        def policy(source: SpiffeId, target: str) -> bool:
-            port = int(target.rsplit(":", 1)[1])
-            verdict = self._verdict(pod.workload, port, source)
-            if not verdict.allowed:
-                self._deny(pod.workload, verdict, peer, source)
-            return verdict.allowed
-
         # The client tunnel dials from inside the client pod, so the peer address is the client pod's.
         source = peer[0] if peer else None
-        def observe(who: SpiffeId, target: str) -> Callable[[int, int], None]:
+
+        def policy(identity: SpiffeId, target: str) -> bool | int:
+            host, _, port = target.rpartition(":")
+            outcome = self.admit(pod, host.strip("[]"), int(port), identity, source, peer)
+            if isinstance(outcome, NotAdmitted):
+                return outcome.refusal.status
+            return outcome.allowed
+
+        def observe(who: SpiffeId, target: str, abort: Callable[[], None]) -> Callable[[int, int], None]:
             connection = Connection("destination", self.lookup(source) if source else None, pod.workload,
                                     source_principal=str(who), destination_principal=str(pod.workload.identity),
                                     address=target, endpoint=target, attempts=1)
             self.metrics.opened(connection)
+            live = _Live(pod, int(target.rpartition(":")[2]), who, source, abort)
+            self.live.add(live)
 
             def finished(request_bytes: int, response_bytes: int) -> None:
+                self.live.discard(live)
                 connection.request_bytes, connection.response_bytes = request_bytes, response_bytes
                 self.metrics.closed(connection, was_open=True)
             return finished
 
+        # Whatever the authority's host, only the served pod's own address is ever dialled (policy has
+        # already refused any other with 400; this keeps it so even if that check were bypassed).
         await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
-                               connect=lambda host, port: self._connect_socket(pod, host, port, source),
+                               connect=lambda _host, port: self._connect_socket(pod, pod.workload.ip, port, source),
                                observe=observe)
 
     async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -194,7 +256,8 @@ class NodeTunnel:
         peer = writer.get_extra_info("peername")
         try:
             host, port = original_destination(sock)
-        except OSError as exc:
+        except OSError as exc:  # not captured (dialled straight), so there is no target to serve
+            self.metrics.refusals.labels(reason="no-original-destination").inc()
             log.warning("captured inbound connection without an original destination", pod=pod.workload.name,
                         peer=str(peer), reason=str(exc))
             writer.close()
@@ -202,25 +265,34 @@ class NodeTunnel:
         connection = Connection("destination", self.lookup(peer[0]) if peer else None, pod.workload,
                                 destination_principal=str(pod.workload.identity), address=f"{host}:{port}",
                                 endpoint=f"{host}:{port}", mtls=False, attempts=1)
-        opened = False
+        opened, live = False, None
+        source_ip = peer[0] if peer else None
         try:
-            if host != pod.workload.ip or port in (HBONE_PORT, INBOUND_PLAIN_PORT, OUTBOUND_PORT):
-                connection.flags, connection.reason = UPSTREAM_FAILURE, "captured connection not addressed to the pod"
+            outcome = self.admit(pod, host, port, None, source_ip, peer)
+            if isinstance(outcome, NotAdmitted):
+                connection.flags, connection.reason = UPSTREAM_FAILURE, outcome.reason
                 return
-            verdict = self._verdict(pod.workload, port, None)
-            if not verdict.allowed:
-                self._deny(pod.workload, verdict, peer, None)
-                connection.flags, connection.reason = POLICY_DENIED, verdict.reason
+            if not outcome.allowed:
+                connection.flags, connection.reason = POLICY_DENIED, outcome.reason
                 return
-            up_reader, up_writer = await self._connect_from(pod, host, port, peer[0] if peer else None)
+            up_reader, up_writer = await self._connect_from(pod, pod.workload.ip, port, source_ip)
             self.metrics.opened(connection)
             opened = True
+
+            def abort() -> None:
+                writer.close()
+                up_writer.close()
+
+            live = _Live(pod, port, None, source_ip, abort)
+            self.live.add(live)
             await _bridge_tcp(reader, writer, up_reader, up_writer, connection)
         except (OSError, ConnectionError) as exc:
             if not opened:
                 connection.flags = UPSTREAM_FAILURE
             connection.reason = str(exc)
         finally:
+            if live is not None:
+                self.live.discard(live)
             writer.close()
             self.metrics.closed(connection, was_open=opened)
 

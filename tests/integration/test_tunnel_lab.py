@@ -20,6 +20,7 @@ import pytest
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.ztunnel.admin import start_admin
+from nodeagent.ztunnel.authz import Authorizer
 from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr
 from nodeagent.ztunnel.netns import in_netns
 from nodeagent.ztunnel.tunnel import NodeTunnel
@@ -100,7 +101,10 @@ async def test_pod_to_pod_across_nodes_through_both_tunnels_over_hbone(lab: labs
 
     pods = workloads(lab)
     by_ip = {w.ip: w for w in pods.values()}
-    tunnels = {node: NodeTunnel(node, "cluster.local", fetch, by_ip.get) for node in ("node1", "node2")}
+    # No policy: every peer of the trust domain is allowed (an authorizer must be given: without one the
+    # tunnel fails closed, as before policies are synced).
+    tunnels = {node: NodeTunnel(node, "cluster.local", fetch, by_ip.get, authorizer=lambda: Authorizer([], []))
+               for node in ("node1", "node2")}
     client, server = pods["demo/client"], pods["demo/echo-1"]
     for workload in pods.values():
         await tunnels[workload.node].add_pod(workload)

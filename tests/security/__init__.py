@@ -1,0 +1,1 @@
+"""Adversarial tests: hostile peers and objects against the tunnel and the agent."""

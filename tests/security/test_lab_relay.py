@@ -1,0 +1,197 @@
+"""A hostile peer against the lab's tunnels, in both capture modes: the open-relay reproduction and its
+neighbours, each refused, counted, and the tunnel still serving everyone else afterwards.
+
+The attacker holds a *valid* workload certificate (minted from the lab's CA for demo/client, as a
+compromised client pod would have) and speaks HBONE to echo-1's tunnel listener (echo-1's IP, 15008)
+from inside the client pod's namespace. It asks for targets that are not echo-1: another pod, the
+node's agent, the tunnel's own ports, a Service VIP. Before the fix the tunnel dialled them from inside
+echo-1's namespace and answered 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from nodeagent.lab import lab as labs
+from nodeagent.lab.agents import ca_dir
+from nodeagent.ztunnel.certs import WorkloadCertificate
+from nodeagent.ztunnel.hbone import SOCKET_MARK, ConnectRefused, HbonePool, HboneStream
+from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr
+from nodeagent.ztunnel.netns import client_socket
+from tests.integration.agent_labs import lab_with_agents
+from tests.integration.conftest import wait_for
+from tests.integration.test_tunnel_balancing import metrics, netns_run, sample
+
+pytestmark = pytest.mark.root
+
+CLIENT = SpiffeId("cluster.local", "demo", "client")
+ECHO = SpiffeId("cluster.local", "demo", "echo")
+OUTSIDER = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: plain, labels: {app: outsider}}
+spec:
+  nodeName: node1
+  containers:
+  - {name: sleep, command: [nodeagent, workload, idle]}
+"""
+DENY_CLIENT = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": "deny-client", "namespace": "demo"},
+               "spec": {"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY",
+                        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}]}]}}
+
+
+@pytest.fixture(scope="module", params=["iptables", "ebpf"])
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
+    if request.param == "ebpf":
+        pytest.importorskip("bcc")
+    with lab_with_agents(tmp_path_factory.mktemp(f"relay-{request.param}"), OUTSIDER, request.param,
+                         mesh=True) as lab:
+        yield lab
+
+
+class Attacker:
+    """An HBONE client in the client pod's namespace with a valid certificate for demo/client."""
+
+    def __init__(self, lab: labs.Lab) -> None:
+        ca = CertificateAuthority.load_or_create(ca_dir(lab))  # the lab's own root: a genuine certificate
+        self.certificate = WorkloadCertificate(CLIENT, lambda identity, key: ca.issue(make_csr(identity, key))[1])
+        netns = f"/run/netns/{lab.plan.pod('demo/client').netns}"
+        # The tunnel's mark keeps the client pod's own capture from taking the connection to the tunnel.
+        self.pool = HbonePool(lambda: self.certificate.contexts()[1],
+                              make_socket=lambda: client_socket(netns, SOCKET_MARK))
+
+    async def connect(self, via: str, authority: str) -> HboneStream:
+        return await self.pool.connect((via, 15008), authority, ECHO, timeout=5.0)
+
+    async def status(self, via: str, authority: str) -> int:
+        """The status the tunnel answers a CONNECT with (200 when it connected)."""
+        try:
+            stream = await self.connect(via, authority)
+        except ConnectRefused as exc:
+            return exc.status
+        stream.close()
+        return 200
+
+
+async def echo_round_trip(stream: HboneStream) -> dict[str, Any]:
+    await stream.write(b"hello\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await asyncio.wait_for(stream.read(), 5)
+        assert chunk, "stream ended before the answer"
+        data += chunk
+    answer: dict[str, Any] = json.loads(data)
+    return answer
+
+
+def refusals(lab: labs.Lab, node: str, reason: str) -> float:
+    return sample(metrics(lab, node), "nodeagent_tunnel_hbone_refusals_total", reason=reason)
+
+
+async def test_connect_to_anything_but_the_served_pod_is_refused_and_the_pod_still_served(lab: labs.Lab) -> None:
+    echo1 = str(lab.plan.pod("demo/echo-1").pod.ip)
+    echo0 = str(lab.plan.pod("demo/echo-0").pod.ip)
+    node2 = str(lab.plan.node("node2").node.address)
+    before = {reason: refusals(lab, "node2", reason) for reason in ("target-not-served-pod", "target-tunnel-port")}
+    attacker = Attacker(lab)
+    try:
+        foreign = {f"{echo0}:8080": 400,  # another pod: the open-relay reproduction
+                   f"{node2}:10256": 400,  # the node's agent (reproduced: 200 before)
+                   f"{lab.cluster_ip('echo')}:80": 400,  # a Service VIP is never an inbound target
+                   "127.0.0.1:8080": 400,  # echo-1's loopback
+                   f"{echo1}:15000": 503, f"{echo1}:15001": 503, f"{echo1}:15006": 503, f"{echo1}:15008": 503,
+                   f"{echo1}:15020": 503, f"{echo1}:15021": 503}
+        answers = {authority: await attacker.status(echo1, authority) for authority in foreign}
+        assert answers == foreign
+        # The connection and the tunnel go on: the same peer's legitimate CONNECT is carried.
+        stream = await attacker.connect(echo1, f"{echo1}:8080")
+        assert (await echo_round_trip(stream))["pod"] == "demo/echo-1"
+        stream.close()
+    finally:
+        await attacker.pool.close()
+    assert refusals(lab, "node2", "target-not-served-pod") - before["target-not-served-pod"] >= 4
+    assert refusals(lab, "node2", "target-tunnel-port") - before["target-tunnel-port"] >= 6
+
+
+def test_plaintext_straight_to_15006_is_refused_and_counted(lab: labs.Lab) -> None:
+    """A pod outside the mesh dialling echo-1's captured-inbound port itself: the tunnel finds no target
+    it may serve (the original destination is its own port, or none at all) and connects nowhere."""
+    echo1 = str(lab.plan.pod("demo/echo-1").pod.ip)
+    probe = ("import socket,sys\n"
+             "s=socket.create_connection((sys.argv[1],15006),timeout=3);s.settimeout(3)\n"
+             "s.sendall(b'hello\\n')\n"
+             "try: print(repr(s.recv(100)))\n"
+             "except OSError as e: print(type(e).__name__)\n")
+    before = sum(refusals(lab, "node2", r) for r in ("target-tunnel-port", "no-original-destination"))
+    out = netns_run(lab.plan.pod("plain/outsider").netns, "python3", "-c", probe, echo1, check=False)
+    assert "pod" not in out, f"plaintext to 15006 reached the app: {out}"
+    wait_for(lambda: sum(refusals(lab, "node2", r) for r in ("target-tunnel-port", "no-original-destination"))
+             > before, "the refusal counted")
+
+
+async def test_a_policy_tightened_mid_connection_closes_it_and_others_go_on(lab: labs.Lab) -> None:
+    echo1 = str(lab.plan.pod("demo/echo-1").pod.ip)
+    attacker = Attacker(lab)
+    stream = await attacker.connect(echo1, f"{echo1}:8080")
+    assert (await echo_round_trip(stream))["pod"] == "demo/echo-1"
+    revoked_before = sample(metrics(lab, "node2"), "nodeagent_tunnel_policy_revocations_total")
+    path = lab.record.manifests_path
+    original = path.read_text()
+    try:
+        path.with_suffix(".tmp").write_text(original + "\n---\n" + json.dumps(DENY_CLIENT) + "\n")
+        path.with_suffix(".tmp").rename(path)
+        # The open stream is reset by the tunnel once its new policy denies it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        ended = False
+        while loop.time() < deadline and not ended:
+            try:
+                chunk = await asyncio.wait_for(stream.read(), 1)
+                ended = chunk == b""
+            except TimeoutError:
+                continue
+            except (ConnectionError, OSError):
+                ended = True
+        assert ended, "the open connection outlived a policy that denies it"
+        assert sample(metrics(lab, "node2"), "nodeagent_tunnel_policy_revocations_total") > revoked_before
+        # New connections of that peer are denied (401); echo-1 still serves other peers.
+        assert await attacker.status(echo1, f"{echo1}:8080") == 401
+        answer = netns_run(lab.plan.pod("plain/outsider").netns, "python3", "-c",
+                           "import socket,sys;s=socket.create_connection((sys.argv[1],8080),timeout=5);"
+                           "s.sendall(b'hi\\n');print(s.makefile().readline())", echo1)
+        assert json.loads(answer)["pod"] == "demo/echo-1"
+    finally:
+        await attacker.pool.close()
+        path.with_suffix(".tmp").write_text(original)
+        path.with_suffix(".tmp").rename(path)
+    # The policy removed again: the peer is admitted again (the next test relies on it too).
+    attacker = Attacker(lab)
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while await attacker.status(echo1, f"{echo1}:8080") != 200:
+            assert asyncio.get_running_loop().time() < deadline, "the removed policy still denies"
+            await asyncio.sleep(0.2)  # polling a condition with a deadline
+    finally:
+        await attacker.pool.close()
+
+
+def test_tunnels_ready_and_no_pod_left_unserved(lab: labs.Lab) -> None:
+    """After every hostile case above, both tunnels still report ready with nothing blocking."""
+    for node in ("node1", "node2"):
+        address = lab.plan.node(node).node.address
+        body = subprocess.run(["ip", "netns", "exec", lab.plan.node(node).netns, "python3", "-c",
+                               "import urllib.request,sys;print(urllib.request.urlopen(sys.argv[1],timeout=5)"
+                               ".read().decode())", f"http://{address}:15021/healthz/ready"],
+                              capture_output=True, text=True, check=True).stdout
+        assert json.loads(body) == {"ready": True, "missing": [], "blockers": []}
