@@ -301,12 +301,6 @@ def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | N
               help="HOST:PORT of /healthz (empty: off)")
 @click.option("--metrics-bind-address", default="0.0.0.0:10249", show_default=True,
               help="HOST:PORT of /metrics and /proxyMode (empty: off)")
-@click.option("--ca-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="serve the mesh CA to this node's tunnel: root-cert.pem, ca-cert.pem, ca-key.pem "
-                   "(Istio's plug-in CA names; created here at first start when absent)")
-@click.option("--ca-bind-address", default="127.0.0.1:15012", show_default=True, help="HOST:PORT of the CA")
-@click.option("--ca-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="the node's CA credential, shared with the tunnel (created when absent) [CA_DIR/node-token]")
 @click.option("--mesh/--no-mesh", default=False, show_default=True,
               help="enroll this node's pods in the mesh: assign them to the node tunnel over the control "
                    "socket and capture their traffic once the tunnel serves them")
@@ -324,8 +318,8 @@ def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | N
 def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | None, context: str | None,
         manifests: Path | None, source_lab: str | None, node_name: str | None, min_sync_period: float,
         sync_period: float, cluster_cidr: str, masquerade_all: bool, nodeport_addresses: str,
-        iptables_backend: str, healthz_bind_address: str, metrics_bind_address: str, ca_dir: Path | None,
-        ca_bind_address: str, ca_token_file: Path | None, mesh: bool, control_socket: str, netns_dir: Path,
+        iptables_backend: str, healthz_bind_address: str, metrics_bind_address: str, mesh: bool,
+        control_socket: str, netns_dir: Path,
         netns_prefix: str, pod_cgroup_parent: Path | None, tunnel_cgroup: Path | None) -> None:
     """Run the node agent: watch the source, keep this node's datapath in sync, until SIGTERM."""
     import signal
@@ -390,7 +384,6 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
     agent = Agent(options, make_source, proxier)
     agent.health.mode, agent.health.mode_reason = active, reason
     agent.start()
-    ca_server = _serve_node_ca(ca_dir, ca_bind_address, ca_token_file, node_name, agent) if ca_dir else None
     capture = _mesh_capture(active, backend, bpf_scope, netns_prefix, pod_cgroup_parent, tunnel_cgroup) if mesh \
         else None
     mesh_loop = _start_mesh(node_name, capture, control_socket, netns_dir, netns_prefix, agent) if mesh else None
@@ -400,8 +393,6 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
         if mesh_loop is not None:
             mesh_loop.stop()
             mesh_loop.reconciler.control.stop()
-        if ca_server is not None:
-            ca_server.stop(grace=2)
         agent.stop()
 
 
@@ -456,20 +447,6 @@ def _start_mesh(node_name: str, capture: Any, control_socket: str, netns_dir: Pa
     return loop.start()
 
 
-def _serve_node_ca(ca_dir: Path, address: str, token_file: Path | None, node_name: str, agent: Any) -> Any:
-    """The mesh CA for this node's tunnel, issuing only identities of pods scheduled on this node."""
-    from nodeagent.ztunnel.ca_service import CertificateService, node_token, pods_in, serve
-    from nodeagent.ztunnel.identity import CertificateAuthority, IdentityError
-
-    try:
-        ca = CertificateAuthority.load_or_create(ca_dir)
-        token = node_token(token_file or ca_dir / "node-token")
-        server, _ = serve(CertificateService(ca, {token: node_name}, pods_in(agent.tracker.last)), address)
-    except (IdentityError, OSError, RuntimeError) as exc:
-        raise click.ClickException(f"mesh CA: {exc}") from exc
-    return server
-
-
 @main.command()
 @click.option("--node", "node_name", envvar="NODE_NAME", required=True, help="this node's name [$NODE_NAME]")
 @click.option("--manifests", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -478,11 +455,14 @@ def _serve_node_ca(ca_dir: Path, address: str, token_file: Path | None, node_nam
               help="a kubeconfig (default: in-cluster config in a pod, else $KUBECONFIG)")
 @click.option("--context", default=None, help="kubeconfig context")
 @click.option("--trust-domain", default="cluster.local", show_default=True)
-@click.option("--ca-address", default="127.0.0.1:15012", show_default=True, help="the agent's CA (HOST:PORT)")
+@click.option("--ca-address", default="nodeagent-ca.nodeagent.svc:15012", show_default=True,
+              help="the mesh CA, `nodeagent ca` (HOST:PORT)")
 @click.option("--ca-token-file", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="the node's CA credential (the agent's --ca-token-file)")
+              help="the token the CA authenticates this tunnel with: its projected ServiceAccount token "
+                   "(audience nodeagent-ca), or a lab node token; read again for every request, as the "
+                   "kubelet rotates it")
 @click.option("--ca-root-file", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="the mesh root certificate (the CA's root-cert.pem)")
+              help="the mesh root certificate (root-cert.pem, the nodeagent-ca-root-cert ConfigMap)")
 @click.option("--netns-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/run/netns"),
               show_default=True, help="where the container runtime binds pod network namespaces")
 @click.option("--netns-prefix", default="", help="only namespaces whose names start with this")
@@ -511,7 +491,7 @@ def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, cont
     _daemon_logging()
 
     def fetch(identity: Any, key: Any) -> list[str]:
-        # Read per request: a credential rotated on disk is picked up without a restart.
+        # Read per request: the kubelet rotates a projected token on disk; no restart needed.
         return request_certificate(ca_address, ca_token_file.read_text().strip(), identity, key, root_pem)
 
     def make_source(sink: Any) -> Any:
@@ -529,6 +509,92 @@ def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, cont
                             metrics=None if metrics[1] is None else (metrics[0], metrics[1]),
                             control_socket=control_socket)
     run_forever(TunnelProcess(options, fetch, make_source))
+
+
+@main.command("ca")
+@click.option("--ca-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="the CA's files: root-cert.pem, ca-cert.pem, ca-key.pem (Istio's plug-in CA names; the "
+                   "mounted nodeagent-ca Secret)")
+@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--address", default="0.0.0.0:15012", show_default=True, help="gRPC over TLS (HOST:PORT)")
+@click.option("--monitoring-address", default="0.0.0.0:15014", show_default=True,
+              help="/metrics and /ready (HOST:PORT; empty: off)")
+@click.option("--dns-name", "dns_names", multiple=True, default=("nodeagent-ca", "nodeagent-ca.nodeagent.svc"),
+              show_default=True, help="names in the CA endpoint's own certificate (repeat the option)")
+@click.option("--serving-cert-ttl", type=click.IntRange(min=10), default=43200, show_default=True,
+              help="seconds the endpoint's own certificate is valid; renewed at half its life")
+@click.option("--max-workload-ttl", type=click.IntRange(min=60), default=86400, show_default=True,
+              help="seconds at most a workload certificate is valid")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+              help="a kubeconfig (default: in-cluster config in a pod, else $KUBECONFIG)")
+@click.option("--context", default=None, help="kubeconfig context")
+@click.option("--manifests", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="lab/dev: the pods from a directory of Kubernetes YAML/JSON instead of the API server")
+@click.option("--audience", default="nodeagent-ca", show_default=True,
+              help="the audience tunnels' projected tokens must be for")
+@click.option("--tunnel-service-account", default="nodeagent/nodeagent-ztunnel", show_default=True,
+              help="NAMESPACE/NAME: the only ServiceAccount whose tokens are accepted")
+@click.option("--review-cache-ttl", type=click.FloatRange(min=0, max=300), default=60.0, show_default=True,
+              help="seconds an accepted TokenReview is reused (never past the token's expiry)")
+@click.option("--token-file-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="lab/dev authenticator: DIR/<node> holds that node's static token, and no TokenReview is "
+                   "made; nothing then proves where a caller runs: never in a cluster")
+def ca(ca_dir: Path, trust_domain: str, address: str, monitoring_address: str, dns_names: tuple[str, ...],
+       serving_cert_ttl: int, max_workload_ttl: int, kubeconfig: str | None, context: str | None,
+       manifests: Path | None, audience: str, tunnel_service_account: str, review_cache_ttl: float,
+       token_file_dir: Path | None) -> None:
+    """Run the mesh CA: the only holder of the signing key; signs a tunnel's CSRs for the identities of pods
+    on the tunnel's own node, after a TokenReview of its projected token. Until SIGTERM."""
+    import datetime as dt
+
+    from nodeagent.ca.server import CaOptions, CaServer, PodIndex, load_ca, run_until_stopped
+    from nodeagent.ztunnel.ca_service import CaMetrics
+    from nodeagent.ztunnel.identity import IdentityError
+
+    namespace, _, account = tunnel_service_account.partition("/")
+    if not namespace or not account or "/" in account:
+        raise click.BadParameter(f"{tunnel_service_account!r} is not NAMESPACE/NAME",
+                                 param_hint="--tunnel-service-account")
+    monitoring = _host_port(monitoring_address)
+    try:
+        authority = load_ca(ca_dir, trust_domain)
+    except IdentityError as exc:
+        raise click.ClickException(f"mesh CA: {exc}") from exc
+    _daemon_logging()
+    metrics = CaMetrics()
+    connection: Any = None
+    if manifests is None or token_file_dir is None:
+        from nodeagent.discovery.tokenreview import ReviewConnection
+
+        connection = ReviewConnection.connect(kubeconfig, context)
+    if token_file_dir is not None:
+        from nodeagent.ca.auth import StaticTokens
+
+        authenticator: Any = StaticTokens(token_file_dir)
+    else:
+        from nodeagent.ca.auth import TokenReviewAuthenticator
+
+        authenticator = TokenReviewAuthenticator(connection, audience, (namespace, account),
+                                                 cache_ttl=review_cache_ttl, metrics=metrics)
+
+    def make_source(sink: Any) -> Any:
+        if manifests is not None:
+            from nodeagent.discovery.manifests import ManifestSource
+
+            return ManifestSource(manifests, sink)
+        from nodeagent.discovery.kubernetes import KubernetesSource
+        from nodeagent.model import Kind
+
+        # Every node's pods, and nothing else: which identities each node runs.
+        return KubernetesSource(connection, sink, "", kinds=(Kind.POD,), all_pods=True)
+
+    options = CaOptions(address=address, monitoring=None if monitoring[1] is None else (monitoring[0], monitoring[1]),
+                        max_ttl=dt.timedelta(seconds=max_workload_ttl),
+                        serving_ttl=dt.timedelta(seconds=serving_cert_ttl), dns_names=dns_names)
+    try:
+        run_until_stopped(CaServer(options, authority, authenticator, PodIndex(make_source), metrics))
+    except (OSError, RuntimeError) as exc:
+        raise click.ClickException(f"mesh CA: {exc}") from exc
 
 
 @main.command()

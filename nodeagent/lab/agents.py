@@ -2,6 +2,8 @@
 
 Each agent runs in its node's network namespace and cgroup under the lab's supervising shim, reads
 the lab's resolved manifests, and is recorded with the pods' processes, so `lab down` stops it.
+With the mesh, the lab's CA (`nodeagent ca`) runs once for the whole lab in the fabric namespace, on an
+address of the node network, as the CA Deployment runs apart from the nodes in a cluster.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ import psutil
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.errors import LabBuildError, LabError
+from nodeagent.lab.plan import BRIDGE
 from nodeagent.lab.state import Process, locked
 
 AGENT_OWNER = "agent/"
 TUNNEL_OWNER = "ztunnel/"
+CA_OWNER = "ca/"
+CA_PORT = 15012
+CA_MONITORING_PORT = 15014
 
 
 def cluster_cidr(lab: labs.Lab) -> str:
@@ -44,13 +50,28 @@ def agent_argv(lab: labs.Lab, node: str, mode: str, extra: Sequence[str] = ()) -
 
 
 def ca_dir(lab: labs.Lab) -> Path:
-    """The lab's mesh CA files (one root for the whole lab, as one cluster has one)."""
+    """The lab's mesh CA files (one root for the whole lab, as one cluster has one); only the lab's CA
+    process reads the key, the tunnels read root-cert.pem."""
     return lab.record.directory / "ca"
 
 
+def token_dir(lab: labs.Lab) -> Path:
+    """The lab CA's static node tokens (`nodeagent ca --token-file-dir`): <dir>/<node>."""
+    return lab.record.directory / "node-tokens"
+
+
 def token_file(lab: labs.Lab, node: str) -> Path:
-    """The CA credential the agent and the tunnel of `node` share."""
-    return ca_dir(lab) / f"node-token.{node}"
+    """The token the tunnel of `node` presents to the lab's CA (a projected ServiceAccount token in a cluster)."""
+    return token_dir(lab) / node
+
+
+def ca_address(lab: labs.Lab) -> ipaddress.IPv4Address:
+    """Where the lab's CA listens: an address of the node network on the fabric bridge itself, so every node
+    reaches it directly and it belongs to no node (as the CA runs apart from the nodes in a cluster). The
+    node network's first host, which the lab never gives a node unless a manifest asks for it."""
+    taken = {node.node.address for node in lab.plan.nodes}
+    network = lab.topology.node_cidr
+    return next(a for a in (network[1], *reversed(list(network.hosts()))) if a not in taken)
 
 
 def control_socket(lab: labs.Lab, node: str) -> Path:
@@ -59,14 +80,13 @@ def control_socket(lab: labs.Lab, node: str) -> Path:
 
 
 def mesh_agent_args(lab: labs.Lab, node: str, capture: bool = True) -> list[str]:
-    """The agent flags that make it serve the mesh CA to its node's tunnel and (with `capture`) enroll the
-    node's pods: assign them to the tunnel and capture their traffic (on the pods' cgroups where the
-    datapath is eBPF: the lab's pod cgroups sit under the node's, where agent and tunnel run)."""
-    ca = ["--ca-dir", str(ca_dir(lab)), "--ca-token-file", str(token_file(lab, node))]
+    """The agent flags that (with `capture`) enroll the node's pods: assign them to the tunnel and capture
+    their traffic (on the pods' cgroups where the datapath is eBPF: the lab's pod cgroups sit under the
+    node's, where agent and tunnel run). The agent holds no CA: the lab's CA is its own process."""
     if not capture:
-        return ca
+        return []
     node_cgroup = str(cgroups.path_of(lab.plan.node(node).cgroup))
-    return [*ca, "--mesh", "--control-socket", str(control_socket(lab, node)), "--netns-dir", "/run/netns",
+    return ["--mesh", "--control-socket", str(control_socket(lab, node)), "--netns-dir", "/run/netns",
             "--netns-prefix", f"{lab.record.name}-pod-", "--pod-cgroup-parent", node_cgroup,
             "--tunnel-cgroup", node_cgroup]
 
@@ -76,7 +96,8 @@ def tunnel_argv(lab: labs.Lab, node: str, capture: bool = True) -> list[str]:
     address = lab.plan.node(node).node.address
     return ["nodeagent", "--log-json", "--log-level", "info", "ztunnel", "--node", node,
             "--manifests", str(lab.record.manifests_path.parent),
-            "--ca-token-file", str(token_file(lab, node)), "--ca-root-file", str(ca_dir(lab) / "root-cert.pem"),
+            "--ca-address", f"{ca_address(lab)}:{CA_PORT}", "--ca-token-file", str(token_file(lab, node)),
+            "--ca-root-file", str(ca_dir(lab) / "root-cert.pem"),
             "--netns-dir", "/run/netns", "--netns-prefix", f"{lab.record.name}-pod-",
             "--readiness-address", f"{address}:15021", "--metrics-address", f"{address}:15020",
             *(["--control-socket", str(control_socket(lab, node))] if capture else [])]
@@ -94,7 +115,7 @@ def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = ()
         if any(p.owner.startswith(AGENT_OWNER) for p in lab.record.processes):
             raise LabError(f"lab {name!r} already runs agents; `nodeagent lab down` and up again to restart them")
         if mesh:
-            _prepare_ca(lab)
+            start_ca(lab, env, timeout)
         started = []
         for node in lab.plan.nodes:
             node_name = node.node.name
@@ -160,14 +181,44 @@ def _wait_captured(lab: labs.Lab, timeout: float) -> None:
             time.sleep(0.1)  # polling a condition with a deadline
 
 
-def _prepare_ca(lab: labs.Lab) -> None:
+def ca_argv(lab: labs.Lab) -> list[str]:
+    """The command line of the lab's CA: the lab's manifests for the pods, static node tokens (the lab has
+    no API server to review projected tokens)."""
+    address = ca_address(lab)
+    return ["nodeagent", "--log-json", "--log-level", "info", "ca", "--ca-dir", str(ca_dir(lab)),
+            "--address", f"{address}:{CA_PORT}", "--monitoring-address", f"{address}:{CA_MONITORING_PORT}",
+            "--manifests", str(lab.record.manifests_path.parent), "--token-file-dir", str(token_dir(lab))]
+
+
+def start_ca(lab: labs.Lab, env: Mapping[str, str] | None, timeout: float) -> int:
+    """Start the lab's CA in the fabric namespace (no node's) and wait until it serves; call with the lab
+    locked. Made here once: the root, the key only the CA process reads, one static token per node.
+    Returns the supervising shim's pid; `lab down` stops it with the lab's other processes."""
     from nodeagent.ztunnel.ca_service import node_token
     from nodeagent.ztunnel.identity import CertificateAuthority
 
-    # Made before any agent starts: agents on every node would otherwise race to create the root.
+    if any(p.owner == CA_OWNER for p in lab.record.processes):
+        raise LabError(f"lab {lab.record.name!r} already runs its CA")
     CertificateAuthority.load_or_create(ca_dir(lab))
     for node in lab.plan.nodes:
         node_token(token_file(lab, node.node.name))
+    address, fabric = ca_address(lab), lab.plan.fabric_netns
+    # The bridge gets an address on the node network, inside the lab's own fabric namespace (never the
+    # root namespace); it goes with the namespace at `lab down`.
+    subprocess.run(["ip", "-n", fabric, "addr", "replace", f"{address}/{lab.topology.node_cidr.prefixlen}",
+                    "dev", BRIDGE], check=True, capture_output=True, text=True, timeout=10)
+    relative = f"{lab.plan.cgroup_root}/ca"
+    if relative not in lab.record.cgroups:
+        lab.record.cgroups.append(relative)
+        lab.record.save()
+    cgroup = cgroups.create(relative)
+    logfile = lab.record.directory / "logs" / "ca.log"
+    pid = processes.spawn(fabric, cgroup, ca_argv(lab), {"NODEAGENT_LAB": lab.record.name, **(env or {})}, logfile)
+    lab.record.processes.append(Process(owner=CA_OWNER, container="nodeagent-ca", pid=pid, log=str(logfile)))
+    lab.record.save()
+    _wait_ready(fabric, f"http://{address}:{CA_MONITORING_PORT}/ready", pid, logfile, timeout,
+                lambda answer: bool(json.loads(answer).get("ready")), "become ready (the CA)")
+    return pid
 
 
 def spawn_owned(lab: labs.Lab, node: str, owner: str, container: str, argv: list[str],
