@@ -10,6 +10,35 @@
 Windows are ztunnel's: 4 MiB per stream, 16 MiB per connection. A bad stream is reset alone; the
 connection and its other streams go on.
 
+Hostile peers (the server side, every cost bounded; each refusal is logged naming the peer and counted
+through `violation(reason)`, the tunnel's nodeagent_hbone_protocol_violations_total{reason}):
+- TLS (`serve_tls`): the handshake is the server's own, so a refused one is seen and named (tls.py:
+  TLS < 1.3, no client certificate, untrusted chain, expired / not yet valid leaf, stalled handshake);
+  then ALPN h2 and the trust domain (`peer_identity`).
+- h2 4.x already bounds: the decoded header list (hpack's max_header_list_size, our 16 KiB once the peer
+  acknowledged our SETTINGS; the HPACK-bomb guard), 64 CONTINUATION frames per block, frames beyond
+  SETTINGS_MAX_FRAME_SIZE, even / decreasing stream ids (connection errors, RFC 9113 5.1.1), and closed
+  streams remembered (2^16). What it lacks is added here:
+  - the *encoded* header block is capped (`MAX_HEADER_BLOCK`, `MAX_CONTINUATIONS`) when each frame's
+    header arrives, before its body is buffered: h2's 64-frame cap alone lets a block reach 64 x our
+    16 MiB frame size (CVE-2024-27316 class, "CONTINUATION flood"); any other non-DATA frame is capped at
+    `MAX_CONTROL_FRAME` bytes;
+  - SETTINGS, PING and other control frames (and empty DATA frames) are budgeted per `FLOOD_WINDOW`:
+    each is answered or processed at once, so a flood is CPU and queued ACKs (CVE-2019-9512, -9515,
+    -9518; Envoy bounds the same with max_outbound_control_frames and
+    max_consecutive_inbound_frames_with_empty_payload, nghttp2 with its queued-ACK limit);
+  - a stream over MAX_CONCURRENT_STREAMS is refused alone (REFUSED_STREAM; RFC 9113 5.1.2 allows it,
+    h2 would end the whole connection), as is one while `MAX_PENDING_OPENS` upstream connects are
+    in flight; too many refusals per window close the connection;
+  - rapid reset (CVE-2023-44487): a stream reset by the peer before its 200 cancels its upstream
+    connect at once, and more than `RESET_BUDGET` such resets per window close the connection
+    (GOAWAY ENHANCE_YOUR_CALM), as rust h2's max_pending_accept_reset_streams (ztunnel's stack) and
+    Envoy's premature-reset check (overload.premature_reset_*) do;
+  - slowloris: no complete CONNECT within `REQUEST_TIMEOUT` of the handshake (no preface, a trickled
+    first request), or a header block still incomplete `REQUEST_TIMEOUT` after its first byte, closes
+    the connection; a connection without streams for `IDLE_TIMEOUT` is closed with GOAWAY NO_ERROR
+    (Envoy's HCM idle_timeout, 1 h by default).
+
 The data path runs in protocol callbacks, not in tasks over StreamReader/StreamWriter: a TLS read is
 decrypted into one reused buffer, handed to h2, and each DATA frame is written to its stream's TCP
 transport in the same callback; bytes read from a TCP transport become DATA frames in the callback
@@ -30,6 +59,7 @@ import contextlib
 import ipaddress
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -42,6 +72,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    Event,
     PingAckReceived,
     RequestReceived,
     ResponseReceived,
@@ -49,7 +80,16 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import FrameDataMissingError, ProtocolError, StreamClosedError
+from h2.exceptions import (
+    DenialOfServiceError,
+    FlowControlError,
+    FrameDataMissingError,
+    FrameTooLargeError,
+    ProtocolError,
+    StreamClosedError,
+    StreamIDTooLowError,
+    TooManyStreamsError,
+)
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hyperframe import frame as _hyperframe_frame
@@ -57,7 +97,7 @@ from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import Frame
 
 from nodeagent.ztunnel.identity import IdentityError, SpiffeId
-from nodeagent.ztunnel.tls import expect_identity, peer_identity
+from nodeagent.ztunnel.tls import PeerRefused, expect_identity, handshake_failure, peer_identity
 
 log = structlog.get_logger("nodeagent.ztunnel.hbone")
 
@@ -108,6 +148,36 @@ READ_CHUNK = 256 << 10
 TLS_READ_BUFFER = 256 << 10
 TLS_WRITE_HIGH = 1 << 20  # above this much unsent TLS data, local transports stop being read
 ACK_BATCH = 64 << 10  # received bytes acknowledged together (at most this much per stream held back)
+
+# Bounds on what a peer may make the server do (see the module doc; the server side's reasons are VIOLATIONS).
+MAX_HEADER_BLOCK = MAX_HEADER_LIST + 256  # encoded bytes of one header block, padding included
+MAX_CONTINUATIONS = 16  # CONTINUATION frames per header block (h2 allows 64, each up to MAX_FRAME)
+MAX_CONTROL_FRAME = 16 << 10  # payload of any frame but DATA and header blocks (a GOAWAY's debug data)
+FLOOD_WINDOW = 10.0  # seconds over which the budgets below are counted
+PING_BUDGET = 100  # PINGs per window (a keepalive is one per 30 s; each is answered at once)
+SETTINGS_BUDGET = 100  # SETTINGS frames per window (a peer sends one, plus its ACKs)
+CONTROL_BUDGET = 1000  # other non-DATA frames but RST_STREAM / WINDOW_UPDATE, and empty DATA frames
+RESET_BUDGET = 2 * MAX_STREAMS  # streams the peer resets before their 200, per window
+REFUSED_BUDGET = 2 * MAX_STREAMS  # streams refused (over the stream limits), per window
+MAX_PENDING_OPENS = MAX_STREAMS  # upstream connects in flight per connection
+HANDSHAKE_TIMEOUT = 10.0  # a TLS handshake not done by then is aborted
+REQUEST_TIMEOUT = 10.0  # the first CONNECT after the handshake, and any header block, complete by then
+IDLE_TIMEOUT = 3600.0  # a connection without streams this long is closed (GOAWAY NO_ERROR)
+
+# Every `reason` the server reports, for the metric's documentation and the tests.
+VIOLATIONS = (
+    # TLS and identity (tls.handshake_failure, tls.PeerRefused)
+    "tls_version", "no_client_certificate", "certificate_untrusted", "certificate_expired",
+    "certificate_not_yet_valid", "handshake_timeout", "handshake_aborted", "tls_handshake", "alpn", "identity",
+    "trust_domain",
+    # HTTP/2
+    "preface", "preface_timeout", "request_timeout", "header_timeout", "header_list_too_large",
+    "continuation_flood", "frame_too_large", "settings_flood", "ping_flood", "control_frame_flood",
+    "empty_frame_flood", "rapid_reset", "max_streams", "refused_stream_flood", "stream_id", "flow_control",
+    "protocol_error",
+)
+_HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING = 0x1, 0x2, 0x3, 0x4, 0x5, 0x6
+_WINDOW_UPDATE, _CONTINUATION = 0x8, 0x9
 
 # (peer identity, destination "ip:port") -> True (allowed), False (401: denied by policy), or the HTTP
 # status to refuse the CONNECT with (400: not a target this listener serves; 503: not serving yet)
@@ -166,13 +236,118 @@ def _text(headers: object) -> list[tuple[str, str]]:
     return out
 
 
+class Violation(DenialOfServiceError):
+    """A peer exceeded one of our bounds: h2 answers with GOAWAY `error_code` (ENHANCE_YOUR_CALM unless
+    said otherwise), the connection closes, `reason` is counted."""
+
+    def __init__(self, reason: str, detail: str, code: ErrorCodes = ErrorCodes.ENHANCE_YOUR_CALM) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.error_code = code
+
+
+def violation_reason(exc: ProtocolError) -> str:
+    """The metric's `reason` for a connection error, ours (`Violation`) or one h2 found."""
+    if isinstance(exc, Violation):
+        return exc.reason
+    text = str(exc)
+    if isinstance(exc, DenialOfServiceError):
+        return "header_list_too_large"  # h2 raises it for hpack's OversizedHeaderListError only
+    if isinstance(exc, StreamIDTooLowError) or "stream ID" in text or "Trailers" in text:
+        return "stream_id"  # an even id, a lower one, or HEADERS again on an open CONNECT stream
+    if isinstance(exc, TooManyStreamsError):
+        return "max_streams"
+    if isinstance(exc, FrameTooLargeError):
+        return "frame_too_large"
+    if isinstance(exc, FlowControlError):
+        return "flow_control"
+    if "preamble" in text:
+        return "preface"
+    return "protocol_error"
+
+
+class _Budget:
+    """At most `limit` events per FLOOD_WINDOW seconds: a fixed window, exact enough against floods and
+    one comparison per event."""
+
+    __slots__ = ("count", "limit", "start")
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count, self.start = limit, 0, time.monotonic()
+
+    def spend(self) -> bool:
+        """Count one event; False once the window's budget is exceeded."""
+        now = time.monotonic()
+        if now - self.start >= FLOOD_WINDOW:
+            self.start, self.count = now, 0
+        self.count += 1
+        return self.count <= self.limit
+
+
+class _StreamRefused(Event):
+    """A stream the server refused with REFUSED_STREAM before it reached the application (not h2's)."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
 def _config(client_side: bool) -> H2Configuration:
     return H2Configuration(client_side=client_side, header_encoding="utf-8", validate_inbound_headers=True)
 
 
 class _FrameBuffer(FrameBuffer):
     """h2's frame buffer, parsing each frame from a view of the buffered bytes instead of from a copy
-    of them (hyperframe copies a frame's body out of the view it is given; one copy per byte fewer)."""
+    of them (hyperframe copies a frame's body out of the view it is given; one copy per byte fewer).
+
+    It also screens every frame but DATA as soon as its 9-byte header is in: a header block or control
+    frame over its size cap is refused before its body is waited for (so never buffered), and the
+    control-frame budgets are spent once per whole frame (see the module doc). DATA frames pass with
+    one comparison: flow control bounds them."""
+
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server=server)
+        self.block = 0  # encoded bytes of the header block being received
+        self.continuations = 0
+        self.pings, self.settings = _Budget(PING_BUDGET), _Budget(SETTINGS_BUDGET)
+        self.control = _Budget(CONTROL_BUDGET)
+
+    def header_pending(self) -> bool:
+        """A header block is under way: CONTINUATIONs are awaited, or the buffered partial frame is a
+        HEADERS / CONTINUATION (or too short to tell)."""
+        data = self._data
+        return bool(self._headers_buffer) or (len(data) > 0 and (len(data) < 4 or data[3] in (_HEADERS,
+                                                                                                _CONTINUATION)))
+
+    def _screen(self, kind: int, length: int) -> None:
+        """Size caps, checked on the frame header alone (so before the body is buffered)."""
+        if kind in (_HEADERS, _PUSH_PROMISE):
+            if length > MAX_HEADER_BLOCK:
+                raise Violation("header_list_too_large", f"a {length}-byte HEADERS frame (at most {MAX_HEADER_BLOCK})")
+        elif kind == _CONTINUATION:
+            if self.block + length > MAX_HEADER_BLOCK:
+                raise Violation("continuation_flood", f"a header block past {MAX_HEADER_BLOCK} bytes in CONTINUATIONs")
+        elif length > MAX_CONTROL_FRAME:
+            raise Violation("frame_too_large", f"a {length}-byte frame of type {kind} (at most {MAX_CONTROL_FRAME})",
+                            ErrorCodes.FRAME_SIZE_ERROR)
+
+    def _count(self, frame: Frame, kind: int, length: int) -> None:
+        """Spend the budgets of one whole non-DATA frame."""
+        if kind in (_HEADERS, _PUSH_PROMISE):
+            self.block, self.continuations = length, 0
+        elif kind == _CONTINUATION:
+            self.block += length
+            self.continuations += 1
+            if self.continuations > MAX_CONTINUATIONS:
+                raise Violation("continuation_flood", f"more than {MAX_CONTINUATIONS} CONTINUATION frames in a block")
+        elif kind == _PING:
+            if not self.pings.spend():
+                raise Violation("ping_flood", f"more than {PING_BUDGET} PINGs in {FLOOD_WINDOW:g} s")
+        elif kind == _SETTINGS:
+            if not self.settings.spend():
+                raise Violation("settings_flood", f"more than {SETTINGS_BUDGET} SETTINGS in {FLOOD_WINDOW:g} s")
+        elif kind != _RST_STREAM and kind != _WINDOW_UPDATE and not self.control.spend():
+            # RST_STREAM is the streams' budget (rapid reset); WINDOW_UPDATE comes with the data we send
+            raise Violation("control_frame_flood", f"more than {CONTROL_BUDGET} control frames in {FLOOD_WINDOW:g} s")
 
     def __next__(self) -> Frame:
         data = self._data
@@ -183,9 +358,16 @@ class _FrameBuffer(FrameBuffer):
                 frame, length = Frame.parse_frame_header(view[:9])
             except (InvalidDataError, InvalidFrameError) as err:
                 raise ProtocolError(f"Received frame with invalid header: {err!s}") from err
+            kind = frame.type
+            if kind:
+                self._screen(kind, length)
             if len(data) < length + 9:
                 raise StopIteration
             self._validate_frame_length(length)
+            if kind:
+                self._count(frame, kind, length)
+            elif not length and "END_STREAM" not in frame.flags and not self.control.spend():
+                raise Violation("empty_frame_flood", f"more than {CONTROL_BUDGET} empty frames in {FLOOD_WINDOW:g} s")
             try:
                 frame.parse_body(view[9:9 + length])
             except InvalidDataError as err:
@@ -206,6 +388,27 @@ class _H2(H2Connection):
         super().__init__(config=config)
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         self._frames: list[bytes] = []
+        self._admit = False  # _receive_headers_frame: take a stream over the limit, to refuse it alone
+
+    @property
+    def open_inbound_streams(self) -> int:
+        return 0 if self._admit else super().open_inbound_streams
+
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Frame], list[Event]]:
+        """h2's, but a new stream over our MAX_CONCURRENT_STREAMS is refused alone (REFUSED_STREAM, which
+        RFC 9113 5.1.2 allows) where h2 ends the connection, every other stream with it. The header block
+        is decoded all the same: the HPACK state is the connection's."""
+        if (self.config.client_side or frame.stream_id in self.streams
+                or self.open_inbound_streams < self.local_settings.max_concurrent_streams):
+            return super()._receive_headers_frame(frame)
+        self._admit = True
+        try:
+            frames, events = super()._receive_headers_frame(frame)
+        finally:
+            self._admit = False
+        self.reset_stream(frame.stream_id, ErrorCodes.REFUSED_STREAM)
+        kept = [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
+        return frames, [*kept, _StreamRefused(frame.stream_id)]
 
     def _prepare_for_sending(self, frames: list[Frame]) -> None:
         self._frames.extend(frame.serialize() for frame in frames)
@@ -304,6 +507,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.pings_acked = 0
         self.write_paused = False
         self.on_request: Callable[[RequestReceived], None] | None = None  # the server's CONNECT handler
+        # The server's guard (serve_connection): a stream the peer reset, one refused over the limits, a
+        # connection error (reason, detail), and a check after each read (header blocks in progress).
+        self.on_reset: Callable[[int], None] | None = None
+        self.on_refused: Callable[[int], None] | None = None
+        self.on_violation: Callable[[str, str], None] | None = None
+        self.on_received: Callable[[], None] | None = None
         self.keep: object = None  # the StreamWriter this connection came from (its __del__ would close it)
         self.buffer = memoryview(bytearray(TLS_READ_BUFFER))
 
@@ -366,8 +575,11 @@ class _Connection(asyncio.BufferedProtocol):
         """Feed bytes from the peer to h2 and act on every event, then send what h2 has to say."""
         try:
             events = self.conn.receive_data(data)
-        except ProtocolError as exc:
-            log.warning("hbone protocol error", reason=str(exc))
+        except ProtocolError as exc:  # h2 queued a GOAWAY with the error's code: it goes out, then the close
+            if self.on_violation is not None:
+                self.on_violation(violation_reason(exc), str(exc))
+            else:
+                log.warning("hbone protocol error", reason=str(exc))
             self.flush()
             if self.transport is not None:
                 self.transport.close()
@@ -395,12 +607,26 @@ class _Connection(asyncio.BufferedProtocol):
                 gone = self.streams.pop(event.stream_id, None)
                 if gone is not None:
                     self._abort(gone)
+                if self.on_reset is not None and event.remote_reset:
+                    self.on_reset(event.stream_id)
             elif isinstance(event, PingAckReceived):
                 self.pings_acked += 1
                 self.ping_acked.set()
             elif isinstance(event, ConnectionTerminated) and self.transport is not None:
                 self.transport.close()  # h2 sends nothing more after a GOAWAY: end the connection's streams
+            elif isinstance(event, _StreamRefused) and self.on_refused is not None:
+                self.on_refused(event.stream_id)
+        if self.on_received is not None:
+            self.on_received()
         self.flush()
+
+    def goaway(self, code: ErrorCodes, debug: str = "") -> None:
+        """GOAWAY (last stream: the highest the peer opened), then close once it is written."""
+        with contextlib.suppress(ProtocolError):
+            self.conn.close_connection(error_code=code, additional_data=debug.encode()[:MAX_CONTROL_FRAME])
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
 
     def _deliver(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -614,24 +840,94 @@ async def _connect_local(connect: Connect, host: str, port: int, local: _Local) 
         local.eof_received()
 
 
+Violations = Callable[[str], None]  # counts one refusal by reason (the tunnel's protocol_violations counter)
+
+
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, trust_domain: str,
-                           policy: Policy, connect: Connect, observe: Observe | None = None) -> None:
+                           policy: Policy, connect: Connect, observe: Observe | None = None,
+                           violation: Violations | None = None, request_timeout: float = REQUEST_TIMEOUT,
+                           idle_timeout: float | None = IDLE_TIMEOUT) -> None:
     """Serve one accepted TLS connection on 15008 until it ends.
 
     `connect(host, port)` reaches an upstream: a connected socket (the fast path, see
     `upstream_socket`) or a (reader, writer) pair (`open_upstream`). `observe(peer, target, abort)` is told of
     each stream that got its 200 and returns what to call with (request bytes, response bytes) when the
-    stream ends (the tunnel's metrics and access log)."""
+    stream ends (the tunnel's metrics and access log). `violation(reason)` is told of every refusal for
+    a bound of the module doc (reasons: VIOLATIONS); each is also logged with the peer."""
     tls = writer.get_extra_info("ssl_object")
-    peer = writer.get_extra_info("peername")
+    peer = str(writer.get_extra_info("peername"))
+    loop = asyncio.get_running_loop()
     try:
         identity = peer_identity(tls, trust_domain)
     except IdentityError as exc:
-        log.warning("hbone peer refused", peer=str(peer), reason=str(exc))
+        reason = exc.reason if isinstance(exc, PeerRefused) else "identity"
+        log.warning("hbone peer refused", peer=peer, reason=reason, detail=str(exc))
+        if violation is not None:
+            violation(reason)
         writer.close()
         return
     h2 = _Connection(client_side=False)
     tasks: set[asyncio.Task[None]] = set()
+    opening: dict[int, asyncio.Task[None]] = {}  # stream id -> its upstream connect, until the 200
+    resets, refusals = _Budget(RESET_BUDGET), _Budget(REFUSED_BUDGET)
+    timer: asyncio.TimerHandle | None = None
+    timer_reason = ""  # what the armed timer ends the connection for
+    requested = False  # a complete CONNECT arrived (the first-request deadline is met)
+
+    def report(reason: str, detail: str) -> None:
+        log.warning("hbone protocol violation", peer=peer, identity=str(identity), reason=reason, detail=detail)
+        if violation is not None:
+            violation(reason)
+
+    def close_for(reason: str, detail: str, code: ErrorCodes = ErrorCodes.ENHANCE_YOUR_CALM) -> None:
+        report(reason, detail)
+        h2.goaway(code, reason)
+
+    def arm(delay: float, reason: str) -> None:
+        nonlocal timer, timer_reason
+        if timer is not None:
+            timer.cancel()
+        timer, timer_reason = loop.call_later(delay, expire), reason
+
+    def disarm() -> None:
+        nonlocal timer, timer_reason
+        if timer is not None:
+            timer.cancel()
+        timer, timer_reason = None, ""
+
+    def expire() -> None:
+        nonlocal timer
+        timer = None
+        if h2.closed.is_set():
+            return
+        if timer_reason == "idle":
+            if h2.streams or opening:  # not idle after all: look again a full period later
+                arm(cast(float, idle_timeout), "idle")
+                return
+            log.info("hbone connection idle; closing", peer=peer, identity=str(identity), seconds=idle_timeout)
+            h2.goaway(ErrorCodes.NO_ERROR, "idle")
+        elif timer_reason == "first_request":
+            preface = h2.conn.incoming_buffer._preamble_len > 0  # still waiting for the client's preface
+            what = "preface" if preface else "complete CONNECT"
+            close_for("preface_timeout" if preface else "request_timeout",
+                      f"no {what} within {request_timeout:g} s of the handshake",
+                      ErrorCodes.NO_ERROR if preface else ErrorCodes.ENHANCE_YOUR_CALM)
+        else:
+            close_for("header_timeout", f"a header block still incomplete after {request_timeout:g} s")
+
+    def received() -> None:
+        """After each read: a header block in progress must complete within request_timeout (a CONNECT
+        trickled byte by byte); the first-request deadline stands until a CONNECT is complete."""
+        if not requested:
+            return
+        pending = cast(_FrameBuffer, h2.conn.incoming_buffer).header_pending()
+        if pending and timer_reason != "header":
+            arm(request_timeout, "header")
+        elif not pending and timer_reason == "header":
+            if idle_timeout is not None:
+                arm(idle_timeout, "idle")
+            else:
+                disarm()
 
     def refuse(stream_id: int, status: int) -> None:
         with contextlib.suppress(StreamClosedError, ProtocolError):
@@ -641,21 +937,47 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
             h2._abort(stream)  # early DATA gives its connection window back
         h2.flush()
 
+    def refused(stream_id: int) -> None:
+        """A stream refused over the limits (REFUSED_STREAM already sent): counted; a peer that keeps
+        pushing past them is closed."""
+        report("max_streams", f"stream {stream_id} refused: {MAX_STREAMS} streams open or "
+                              f"{MAX_PENDING_OPENS} upstream connects in flight")
+        if not refusals.spend():
+            close_for("refused_stream_flood", f"more than {REFUSED_BUDGET} streams refused in {FLOOD_WINDOW:g} s")
+
+    def on_reset(stream_id: int) -> None:
+        """The peer reset a stream: one still connecting upstream is a premature reset (rapid reset's
+        mechanism): its connect is cancelled now, and too many per window close the connection."""
+        task = opening.pop(stream_id, None)
+        if task is None:
+            return
+        task.cancel()
+        if not resets.spend():
+            close_for("rapid_reset", f"more than {RESET_BUDGET} streams reset before their response "
+                                     f"in {FLOOD_WINDOW:g} s")
+
     async def open_stream(stream: _Stream, destination: tuple[str, int]) -> None:
         target = f"{destination[0]}:{destination[1]}"
-        admitted = policy(identity, target)
-        if admitted is not True:
-            status = 401 if admitted is False else int(admitted)
-            refuse(stream.id, status)
-            log.info("hbone stream refused", peer=str(identity), destination=target, status=status)
-            return
-        local = _Local(h2, stream)
         try:
-            await _connect_local(connect, *destination, local)
-        except OSError as exc:
-            refuse(stream.id, 503)
-            log.info("hbone upstream unreachable", peer=str(identity), destination=target, reason=str(exc))
-            return
+            admitted = policy(identity, target)
+            if admitted is not True:
+                status = 401 if admitted is False else int(admitted)
+                refuse(stream.id, status)
+                log.info("hbone stream refused", peer=str(identity), destination=target, status=status)
+                return
+            local = _Local(h2, stream)
+            try:
+                await _connect_local(connect, *destination, local)
+            except OSError as exc:
+                refuse(stream.id, 503)
+                log.info("hbone upstream unreachable", peer=str(identity), destination=target, reason=str(exc))
+                return
+            except asyncio.CancelledError:  # reset by the peer meanwhile: the upstream must not outlive it
+                if local.transport is not None:
+                    local.transport.close()
+                raise
+        finally:
+            opening.pop(stream.id, None)
         if h2.streams.get(stream.id) is not stream:  # reset while connecting
             if local.transport is not None:
                 local.transport.close()
@@ -667,7 +989,7 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
             return
         stream.sending = True
         if observe is not None:
-            stream.done = asyncio.get_running_loop().create_future()
+            stream.done = loop.create_future()
         h2.attach(stream, local)
         h2.flush()
         if observe is not None and stream.done is not None:
@@ -678,18 +1000,35 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
                 finished(stream.received, stream.sent)
 
     def on_request(event: RequestReceived) -> None:
+        nonlocal requested
+        if not requested:
+            requested = True
+            if idle_timeout is not None:
+                arm(idle_timeout, "idle")
+            else:
+                disarm()
+        if h2.transport is None or h2.transport.is_closing():
+            return  # closed for a violation earlier in this read
         status, destination, reason = connect_verdict(_text(event.headers))
         if status:
             refuse(event.stream_id, status)
             log.info("hbone request refused", peer=str(identity), status=status, reason=reason)
             return
         assert destination is not None
+        if len(opening) >= MAX_PENDING_OPENS:  # never more upstream connects in flight than streams allowed
+            h2.reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            refused(event.stream_id)
+            return
         stream = h2.streams[event.stream_id] = _Stream(event.stream_id)
         task = asyncio.create_task(open_stream(stream, destination))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        if not task.done():
+            opening[event.stream_id] = task
 
     h2.on_request = on_request
+    h2.on_reset, h2.on_refused, h2.on_violation, h2.on_received = on_reset, refused, report, received
+    arm(request_timeout, "first_request")
     buffered, eof = _take_over(reader, writer, h2)
     if buffered:
         h2.receive(buffered)
@@ -698,10 +1037,65 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
     try:
         await h2.closed.wait()
     finally:
+        disarm()
         for task in tasks:
             task.cancel()
         h2.connection_lost(None)
         writer.close()
+
+
+class _Accepted(asyncio.Protocol):
+    """A TCP connection on an HBONE listener until its TLS handshake starts: reading is paused in
+    connection_made, so no byte of the ClientHello is taken before `start_tls` takes the transport."""
+
+    def __init__(self, begin: Callable[[asyncio.Transport], None]) -> None:
+        self.begin = begin
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        plain = cast(asyncio.Transport, transport)
+        plain.pause_reading()
+        self.begin(plain)
+
+
+async def serve_tls(sock: socket.socket, context: ssl.SSLContext,
+                    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], *,
+                    handshake_timeout: float = HANDSHAKE_TIMEOUT, violation: Violations | None = None
+                    ) -> asyncio.Server:
+    """Serve the HBONE listener `sock`: each connection's TLS handshake (server side, `context`) is done
+    here, then `handle(reader, writer)` gets the TLS stream (as `asyncio.start_server(ssl=...)` would).
+
+    Doing the handshake ourselves is what makes a refused one visible: with `start_server(ssl=...)` a
+    failed or stalled handshake never reaches the application (asyncio and uvloop report it only in
+    debug mode). Each one is logged with the peer and counted by `violation(tls.handshake_failure(...))`;
+    a handshake longer than `handshake_timeout` is aborted."""
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def handshake(plain: asyncio.Transport) -> None:
+        peer = str(plain.get_extra_info("peername"))
+        reader = asyncio.StreamReader(limit=READ_CHUNK)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport = await loop.start_tls(plain, protocol, context, server_side=True,
+                                             ssl_handshake_timeout=handshake_timeout)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError and ConnectionError are OSErrors
+            reason = handshake_failure(exc)
+            log.warning("hbone peer refused", peer=peer, reason=reason, detail=str(exc))
+            if violation is not None:
+                violation(reason)
+            plain.close()
+            return
+        if transport is None:  # the peer closed as the handshake ended
+            plain.close()
+            return
+        await handle(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+
+    def begin(plain: asyncio.Transport) -> None:
+        task = loop.create_task(handshake(plain))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    return await loop.create_server(lambda: _Accepted(begin), sock=sock)
 
 
 def marked_socket(family: int = socket.AF_INET) -> socket.socket:
