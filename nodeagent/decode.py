@@ -5,6 +5,8 @@ and every rejection with the object and the field path. What makes an object unu
 unknown kind, a Service without a parseable primary cluster IP, an EndpointSlice without its
 Service label. Anything smaller (one port, one endpoint, one external IP) is dropped alone and
 reported, and the rest of the object is kept: one bad port must not take its Service down.
+AuthorizationPolicy parts the tunnel cannot enforce are the exception: they are kept on their rule (as
+`Unenforceable`) and reported, so that the policy fails closed (see "mesh policies" below).
 
 IP addresses are parsed strictly: IPv4 with leading zeros ("010.0.0.1") is rejected (the API server
 rejects it too since StrictIPCIDRValidation; kube-proxy's ParseIPSloppy would read it as decimal,
@@ -13,6 +15,7 @@ which is how such an address came to mean different things to different componen
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import re
@@ -41,6 +44,7 @@ from nodeagent.model import (
     PeerAuthenticationMode,
     Pod,
     PolicyAction,
+    PolicyCondition,
     PolicyOperation,
     PolicyRule,
     PolicySource,
@@ -51,6 +55,7 @@ from nodeagent.model import (
     ServiceType,
     SessionAffinity,
     TrafficPolicy,
+    Unenforceable,
 )
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -559,66 +564,278 @@ def _selector(ctx: _Ctx, spec: Mapping[str, Any]) -> dict[str, str] | None:
     return _string_map(ctx, selector.get("matchLabels"), "spec.selector.matchLabels") if selector else None
 
 
-def _strings(ctx: _Ctx, value: Any, field: str) -> tuple[str, ...]:
-    items = _list(ctx, value, field)
-    if not all(isinstance(v, str) and v for v in items):
-        raise ctx.fail(field, "must be a list of non-empty strings")
-    return tuple(items)
+# --- mesh policies ---------------------------------------------------------------------------------
+#
+# AuthorizationPolicy fails closed, field by field, the way istiod converts a policy for ztunnel
+# (pilot/pkg/serviceregistry/kube/controller/ambient/authorization.go, handleRule): a part the tunnel
+# cannot enforce (an L7 attribute, an unknown field, a value it cannot read) is not dropped silently and
+# does not reject the policy (which would fail open); it is kept on the rule as `Unenforceable`, where it
+# makes an ALLOW rule match nothing and leaves a DENY rule denying on its other parts alone. Each one is
+# also reported as a Rejection that says what the tunnel does with it.
+
+_SOURCE_FIELDS = frozenset({"principals", "notPrincipals", "namespaces", "notNamespaces", "serviceAccounts",
+                            "notServiceAccounts", "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"})
+_SOURCE_L7 = frozenset({"requestPrincipals", "notRequestPrincipals"})  # JWT: HTTP only
+_OPERATION_FIELDS = frozenset({"ports", "notPorts"})
+_OPERATION_L7 = frozenset({"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"})
+# Istio's condition keys (pilot/pkg/security/authz/model/model.go); istiod's l4WhenAttributes lists the
+# ones ztunnel enforces; remote.ip is added here because nothing in front of the tunnel rewrites the peer
+# address, so remote.ip is the peer address, as in a sidecar without numTrustedProxies.
+_WHEN_L4 = frozenset({"source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip",
+                      "destination.port"})
+_WHEN_L7_PREFIXES = ("request.", "connection.sni", "experimental.envoy.filters.")
+_L7 = "is L7, unenforceable at L4"
+_UNKNOWN = "is not a field of AuthorizationPolicy nodeagent knows, unenforceable"
+
+
+class _Parts:
+    """The unenforceable parts found while decoding one source, operation, condition or rule."""
+
+    def __init__(self) -> None:
+        self.items: list[Unenforceable] = []
+
+    def add(self, field: str, reason: str) -> None:
+        self.items.append(Unenforceable(field, reason))
+
+    def done(self) -> tuple[Unenforceable, ...]:
+        return tuple(self.items)
+
+
+def _policy_strings(value: Any, field: str, parts: _Parts) -> tuple[str, ...]:
+    """A list of non-empty strings, or () with the field unenforceable (a DENY then treats it as matching)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        parts.add(field, f"({_short(value)}) is not a list of non-empty strings, unenforceable")
+        return ()
+    return tuple(value)
+
+
+def _policy_ports(value: Any, field: str, parts: _Parts) -> tuple[int, ...]:
+    """Ports as Istio writes them (strings of digits; numbers accepted); one bad entry makes the whole
+    field unenforceable, never a shorter list (which would narrow a DENY, or widen a notPorts)."""
+    ports = []
+    for i, item in enumerate(_policy_list(value, field, parts)):
+        number = _int(int(item) if isinstance(item, str) and item.isdigit() else item, 1, 65535)
+        if number is None:
+            parts.add(f"{field}[{i}]", f"({_short(item)}) is not a port, unenforceable")
+            return ()
+        ports.append(number)
+    return tuple(ports)
+
+
+def _policy_networks(value: Any, field: str, parts: _Parts) -> tuple[IPNetwork, ...]:
+    """IP blocks: CIDRs or bare addresses (a /32 or /128), v4 or v6; host bits allowed, as istiod's
+    netip.ParsePrefix allows them. One bad entry makes the whole field unenforceable."""
+    networks = []
+    for i, item in enumerate(_policy_list(value, field, parts)):
+        network = _ip_block(item)
+        if network is None:
+            parts.add(f"{field}[{i}]", f"({_short(item)}) is not an IP address or CIDR, unenforceable")
+            return ()
+        networks.append(network)
+    return tuple(networks)
+
+
+def _ip_block(value: Any) -> IPNetwork | None:
+    if not isinstance(value, str):
+        return None
+    if "/" not in value:
+        ip = parse_ip(value)
+        return ipaddress.ip_network(ip) if ip is not None else None
+    address, _, length = value.partition("/")
+    if parse_ip(address) is None or not length.isdigit():
+        return None
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return None
+
+
+def _service_accounts(value: Any, field: str, namespace: str, parts: _Parts) -> tuple[tuple[str, str], ...]:
+    """`ns/sa`, or `sa` for the policy's own namespace (Istio's Source.serviceAccounts, no wildcard)."""
+    accounts = []
+    for i, item in enumerate(_policy_list(value, field, parts)):
+        ns, slash, name = item.partition("/") if isinstance(item, str) else ("", "", "")
+        if not slash:
+            ns, name = namespace, ns
+        if not (ns and name and _DNS_LABEL.match(ns) and _DNS_SUBDOMAIN.match(name)):
+            parts.add(f"{field}[{i}]", f"({_short(item)}) is not a service account (`ns/sa` or `sa`, "
+                                       "no wildcard), unenforceable")
+            return ()
+        accounts.append((ns, name))
+    return tuple(accounts)
+
+
+def _policy_list(value: Any, field: str, parts: _Parts) -> Sequence[Any]:
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return value
+    parts.add(field, f"({_short(value)}) is not a list, unenforceable")
+    return ()
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, list, dict)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unknown_and_l7(raw: Mapping[str, Any], known: frozenset[str], l7: frozenset[str], path: str,
+                    parts: _Parts) -> None:
+    """Record every key of `raw` that is L7 or unknown (an empty L7 list constrains nothing: skipped)."""
+    for key in sorted(raw):
+        if key in known or raw[key] in (None, [], ""):
+            continue
+        parts.add(f"{path}.{key}", _L7 if key in l7 else _UNKNOWN)
+
+
+def _policy_source(raw: Any, path: str, namespace: str) -> PolicySource:
+    parts = _Parts()
+    src = raw.get("source") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or not isinstance(src, dict):
+        parts.add(f"{path}.source" if isinstance(raw, dict) else path, "is not an object, unenforceable")
+        return PolicySource(unenforceable=parts.done())
+    _unknown_and_l7(raw, frozenset({"source"}), frozenset(), path, parts)
+    path = f"{path}.source"
+    _unknown_and_l7(src, _SOURCE_FIELDS, _SOURCE_L7, path, parts)
+    source = PolicySource(
+        principals=_policy_strings(src.get("principals"), f"{path}.principals", parts),
+        not_principals=_policy_strings(src.get("notPrincipals"), f"{path}.notPrincipals", parts),
+        namespaces=_policy_strings(src.get("namespaces"), f"{path}.namespaces", parts),
+        not_namespaces=_policy_strings(src.get("notNamespaces"), f"{path}.notNamespaces", parts),
+        service_accounts=_service_accounts(src.get("serviceAccounts"), f"{path}.serviceAccounts", namespace, parts),
+        not_service_accounts=_service_accounts(src.get("notServiceAccounts"), f"{path}.notServiceAccounts",
+                                               namespace, parts),
+        ip_blocks=_policy_networks(src.get("ipBlocks"), f"{path}.ipBlocks", parts),
+        not_ip_blocks=_policy_networks(src.get("notIpBlocks"), f"{path}.notIpBlocks", parts),
+        remote_ip_blocks=_policy_networks(src.get("remoteIpBlocks"), f"{path}.remoteIpBlocks", parts),
+        not_remote_ip_blocks=_policy_networks(src.get("notRemoteIpBlocks"), f"{path}.notRemoteIpBlocks", parts))
+    if source == PolicySource() and not parts.items:
+        # Istio's validation refuses an empty source; ztunnel skips an empty match (it matches nothing).
+        parts.add(path, "is empty (Istio's validation refuses it), unenforceable")
+    return dataclasses.replace(source, unenforceable=parts.done())
+
+
+def _policy_operation(raw: Any, path: str) -> PolicyOperation:
+    parts = _Parts()
+    op = raw.get("operation") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or not isinstance(op, dict):
+        parts.add(f"{path}.operation" if isinstance(raw, dict) else path, "is not an object, unenforceable")
+        return PolicyOperation(unenforceable=parts.done())
+    _unknown_and_l7(raw, frozenset({"operation"}), frozenset(), path, parts)
+    path = f"{path}.operation"
+    _unknown_and_l7(op, _OPERATION_FIELDS, _OPERATION_L7, path, parts)
+    operation = PolicyOperation(ports=_policy_ports(op.get("ports"), f"{path}.ports", parts),
+                                not_ports=_policy_ports(op.get("notPorts"), f"{path}.notPorts", parts))
+    if operation == PolicyOperation() and not parts.items:
+        parts.add(path, "is empty (Istio's validation refuses it), unenforceable")
+    return dataclasses.replace(operation, unenforceable=parts.done())
+
+
+def _policy_condition(raw: Any, path: str) -> PolicyCondition:
+    """A `when` entry as istiod converts it for ztunnel: one match on the field its key names."""
+    parts = _Parts()
+    if not isinstance(raw, dict) or not isinstance(raw.get("key"), str) or not raw["key"]:
+        parts.add(path, "has no key, unenforceable")
+        return PolicyCondition(key="", unenforceable=parts.done())
+    key: str = raw["key"]
+    _unknown_and_l7(raw, frozenset({"key", "values", "notValues"}), frozenset(), path, parts)
+    if key not in _WHEN_L4:
+        what = _L7 if key.startswith(_WHEN_L7_PREFIXES) else "is not a condition key of Istio, unenforceable"
+        parts.add(path, f"({key}) {what}")
+        return PolicyCondition(key=key, unenforceable=parts.done())
+    values, not_values = raw.get("values"), raw.get("notValues")
+    if not values and not not_values:
+        parts.add(path, f"({key}) has neither values nor notValues (Istio's validation refuses it), unenforceable")
+        return PolicyCondition(key=key, unenforceable=parts.done())
+    vpath, npath = f"{path}.values", f"{path}.notValues"
+    source, operation = PolicySource(), PolicyOperation()
+    if key == "source.ip":
+        source = PolicySource(ip_blocks=_policy_networks(values, vpath, parts),
+                              not_ip_blocks=_policy_networks(not_values, npath, parts))
+    elif key == "remote.ip":
+        source = PolicySource(remote_ip_blocks=_policy_networks(values, vpath, parts),
+                              not_remote_ip_blocks=_policy_networks(not_values, npath, parts))
+    elif key == "source.namespace":
+        source = PolicySource(namespaces=_policy_strings(values, vpath, parts),
+                              not_namespaces=_policy_strings(not_values, npath, parts))
+    elif key == "source.principal":
+        source = PolicySource(principals=_policy_strings(values, vpath, parts),
+                              not_principals=_policy_strings(not_values, npath, parts))
+    elif key == "destination.ip":
+        operation = PolicyOperation(destination_ips=_policy_networks(values, vpath, parts),
+                                    not_destination_ips=_policy_networks(not_values, npath, parts))
+    else:  # destination.port
+        operation = PolicyOperation(ports=_policy_ports(values, vpath, parts),
+                                    not_ports=_policy_ports(not_values, npath, parts))
+    return PolicyCondition(key=key, source=source, operation=operation, unenforceable=parts.done())
+
+
+def _policy_rule(raw: Any, path: str, namespace: str) -> PolicyRule:
+    parts = _Parts()
+    if not isinstance(raw, dict):
+        parts.add(path, "is not an object, unenforceable")
+        return PolicyRule(unenforceable=parts.done())
+    _unknown_and_l7(raw, frozenset({"from", "to", "when"}), frozenset(), path, parts)
+    return PolicyRule(
+        sources=tuple(_policy_source(e, f"{path}.from[{j}]", namespace)
+                      for j, e in enumerate(_policy_list(raw.get("from"), f"{path}.from", parts))),
+        operations=tuple(_policy_operation(e, f"{path}.to[{j}]")
+                         for j, e in enumerate(_policy_list(raw.get("to"), f"{path}.to", parts))),
+        conditions=tuple(_policy_condition(e, f"{path}.when[{j}]")
+                         for j, e in enumerate(_policy_list(raw.get("when"), f"{path}.when", parts))),
+        unenforceable=parts.done())
 
 
 def _authorization_policy(ctx: _Ctx, raw: Mapping[str, Any]) -> AuthorizationPolicy:
-    # A policy is all or nothing: dropping one part of a rule would widen or narrow access silently.
     _, _, rv = _meta(ctx, raw)
     spec = _map(ctx, raw.get("spec"), "spec", whole=True)
     action = _enum(ctx, PolicyAction, spec.get("action"), PolicyAction.ALLOW, "spec.action")
-    rules = []
-    for i, raw_rule in enumerate(_list(ctx, spec.get("rules"), "spec.rules")):
-        rule = _map(ctx, raw_rule, f"spec.rules[{i}]", whole=True)
-        unknown = set(rule) - {"from", "to"}
-        if unknown:
-            raise ctx.fail(f"spec.rules[{i}]", f"{sorted(unknown)} cannot be enforced at L4 (only from/to)")
-        sources = []
-        for j, entry in enumerate(_list(ctx, rule.get("from"), f"spec.rules[{i}].from")):
-            f = f"spec.rules[{i}].from[{j}].source"
-            src = _map(ctx, _map(ctx, entry, f, whole=True).get("source"), f, whole=True)
-            unsupported = set(src) - {"principals", "notPrincipals", "namespaces", "notNamespaces"}
-            if unsupported:
-                raise ctx.fail(f, f"{sorted(unsupported)} are not supported at L4")
-            sources.append(PolicySource(
-                principals=_strings(ctx, src.get("principals"), f"{f}.principals"),
-                not_principals=_strings(ctx, src.get("notPrincipals"), f"{f}.notPrincipals"),
-                namespaces=_strings(ctx, src.get("namespaces"), f"{f}.namespaces"),
-                not_namespaces=_strings(ctx, src.get("notNamespaces"), f"{f}.notNamespaces")))
-        operations = []
-        for j, entry in enumerate(_list(ctx, rule.get("to"), f"spec.rules[{i}].to")):
-            f = f"spec.rules[{i}].to[{j}].operation"
-            op = _map(ctx, _map(ctx, entry, f, whole=True).get("operation"), f, whole=True)
-            unsupported = set(op) - {"ports", "notPorts"}
-            if unsupported:
-                raise ctx.fail(f, f"{sorted(unsupported)} need L7; only ports are enforced at L4")
-            operations.append(PolicyOperation(ports=_policy_ports(ctx, op.get("ports"), f"{f}.ports"),
-                                              not_ports=_policy_ports(ctx, op.get("notPorts"), f"{f}.notPorts")))
-        rules.append(PolicyRule(sources=tuple(sources), operations=tuple(operations)))
-    return AuthorizationPolicy(ref=ctx.ref, action=action, selector=_selector(ctx, spec), rules=tuple(rules),
+    if action in (PolicyAction.AUDIT, PolicyAction.CUSTOM):
+        ctx.drop("spec.action", f"{action} is not enforced by the tunnel (ztunnel ignores it: istiod does not send "
+                                "it; a waypoint would): the policy neither allows nor denies anything")
+    raw_rules = spec.get("rules")
+    rules_parts = _Parts()
+    rules = tuple(_policy_rule(r, f"rules[{i}]", ctx.ref.namespace)
+                  for i, r in enumerate(_policy_list(raw_rules, "rules", rules_parts)))
+    if rules_parts.items:  # `rules` is not a list: one rule that cannot be enforced, so it fails closed
+        rules = (PolicyRule(unenforceable=rules_parts.done()),)
+    if action in (PolicyAction.ALLOW, PolicyAction.DENY):
+        effect = ("this ALLOW rule matches nothing" if action is PolicyAction.ALLOW
+                  else "this DENY rule denies on its other parts alone")
+        for rule in rules:
+            for part in rule.all_unenforceable:
+                ctx.drop(f"spec.{part.field}", f"{part.reason}: {effect}")
+    for key in ("targetRef", "targetRefs"):
+        if spec.get(key):
+            ctx.drop(f"spec.{key}", "attaches the policy to a waypoint or gateway, which nodeagent does not run; "
+                                    "the tunnel applies the policy by its selector (namespace-wide without one)")
+    return AuthorizationPolicy(ref=ctx.ref, action=action, selector=_selector(ctx, spec), rules=rules,
                                resource_version=rv)
-
-
-def _policy_ports(ctx: _Ctx, value: Any, field: str) -> tuple[int, ...]:
-    ports = []
-    for i, item in enumerate(_list(ctx, value, field)):
-        number = _int(int(item) if isinstance(item, str) and item.isdigit() else item, 1, 65535)
-        if number is None:
-            raise ctx.fail(f"{field}[{i}]", f"{item!r} is not a port")
-        ports.append(number)
-    return tuple(ports)
 
 
 def _peer_authentication(ctx: _Ctx, raw: Mapping[str, Any]) -> PeerAuthentication:
     _, _, rv = _meta(ctx, raw)
     spec = _map(ctx, raw.get("spec"), "spec", whole=True)
     mtls = _map(ctx, spec.get("mtls"), "spec.mtls", whole=True)
-    mode = _enum(ctx, PeerAuthenticationMode, mtls.get("mode"), PeerAuthenticationMode.PERMISSIVE, "spec.mtls.mode")
-    return PeerAuthentication(ref=ctx.ref, mode=mode, selector=_selector(ctx, spec), resource_version=rv)
+    # No mode (or UNSET) inherits from the level above (PeerAuthentication.MutualTLS.Mode.UNSET).
+    mode = _enum(ctx, PeerAuthenticationMode, mtls.get("mode"), PeerAuthenticationMode.UNSET, "spec.mtls.mode")
+    selector = _selector(ctx, spec)
+    port_level: dict[int, PeerAuthenticationMode] = {}
+    raw_ports = _map(ctx, spec.get("portLevelMtls"), "spec.portLevelMtls", whole=True)
+    if raw_ports and not selector:
+        ctx.drop("spec.portLevelMtls", "applies only to a policy with a selector (Istio ignores it otherwise): ignored")
+        raw_ports = {}
+    for key, value in raw_ports.items():
+        field = f"spec.portLevelMtls[{key}]"
+        port = _int(int(key) if isinstance(key, str) and key.isdigit() else key, 1, 65535)
+        if port is None:
+            raise ctx.fail(field, f"{key!r} is not a port")
+        port_level[port] = _enum(ctx, PeerAuthenticationMode, _map(ctx, value, field, whole=True).get("mode"),
+                                 PeerAuthenticationMode.UNSET, f"{field}.mode")
+    return PeerAuthentication(ref=ctx.ref, mode=mode, selector=selector, resource_version=rv,
+                              port_level_mtls=port_level)
 
 
 _DECODERS: dict[Kind, Callable[[_Ctx, Mapping[str, Any]], Object]] = {

@@ -236,10 +236,34 @@ class Namespace:
 
 
 class PolicyAction(StrEnum):
-    """What an authorization policy does with what its rules match."""
+    """`spec.action` of an AuthorizationPolicy.
+
+    The tunnel enforces ALLOW and DENY. AUDIT and CUSTOM are kept (the object is valid for Istio) but the
+    tunnel ignores them, as ztunnel does: istiod does not send them to ztunnel ("ztunnel does not support
+    the ... action", pilot/pkg/serviceregistry/kube/controller/ambient/authorization.go). AUDIT only logs
+    in Istio; CUSTOM delegates to an external authorizer that only a waypoint can call.
+    """
 
     ALLOW = "ALLOW"
     DENY = "DENY"
+    AUDIT = "AUDIT"
+    CUSTOM = "CUSTOM"
+
+
+@dataclass(frozen=True, slots=True)
+class Unenforceable:
+    """A part of a policy rule the tunnel cannot enforce at L4: an L7 attribute, an unknown field, an
+    invalid value. `field` is its path in the spec (`rules[0].to[0].operation.methods`), `reason` says why.
+
+    An ALLOW rule holding one matches nothing; a DENY rule holding one denies on its other parts alone
+    (see `nodeagent.ztunnel.authz`), so such a part never widens access.
+    """
+
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.reason}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,29 +271,66 @@ class PolicySource:
     """`from[].source` at L4: every non-empty list must match (AND), any entry of a list matches (OR).
 
     Principals are SPIFFE ids without the scheme, as Istio writes them (`cluster.local/ns/a/sa/b`),
-    with `*` allowed as prefix or suffix.
+    with `*` allowed as prefix or suffix. Service accounts are (namespace, name), exact. IP blocks are
+    networks (a bare address is a /32 or /128); `remote_ip_blocks` are compared with the connection's
+    peer address like `ip_blocks` (no proxy in front of the tunnel rewrites it). `unenforceable`: the
+    parts of this source the tunnel cannot enforce (they are not in the fields above).
     """
 
     principals: tuple[str, ...] = ()
     not_principals: tuple[str, ...] = ()
     namespaces: tuple[str, ...] = ()
     not_namespaces: tuple[str, ...] = ()
+    service_accounts: tuple[tuple[str, str], ...] = ()
+    not_service_accounts: tuple[tuple[str, str], ...] = ()
+    ip_blocks: tuple[IPNetwork, ...] = ()
+    not_ip_blocks: tuple[IPNetwork, ...] = ()
+    remote_ip_blocks: tuple[IPNetwork, ...] = ()
+    not_remote_ip_blocks: tuple[IPNetwork, ...] = ()
+    unenforceable: tuple[Unenforceable, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyOperation:
-    """`to[].operation` at L4: destination ports."""
+    """`to[].operation` at L4: destination ports (and destination addresses, which only a `when` on
+    `destination.ip` sets). `unenforceable`: the parts the tunnel cannot enforce (methods, paths...)."""
 
     ports: tuple[int, ...] = ()
     not_ports: tuple[int, ...] = ()
+    destination_ips: tuple[IPNetwork, ...] = ()
+    not_destination_ips: tuple[IPNetwork, ...] = ()
+    unenforceable: tuple[Unenforceable, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyCondition:
+    """One `when[]` entry: `key` as written, its `values`/`notValues` held as the source or operation
+    field the key names (`source.ip` -> `source.ip_blocks`, `destination.port` -> `operation.ports`...),
+    as istiod converts conditions for ztunnel. It matches when both parts match."""
+
+    key: str
+    source: PolicySource = PolicySource()
+    operation: PolicyOperation = PolicyOperation()
+    unenforceable: tuple[Unenforceable, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyRule:
-    """A rule matches when any source matches (or there are none) and any operation matches (or none)."""
+    """A rule matches when any source matches (or there are none), any operation matches (or none) and
+    every condition matches. `unenforceable`: problems of the rule itself (an unknown key, a malformed
+    entry); `all_unenforceable` adds those of its sources, operations and conditions."""
 
     sources: tuple[PolicySource, ...] = ()
     operations: tuple[PolicyOperation, ...] = ()
+    conditions: tuple[PolicyCondition, ...] = ()
+    unenforceable: tuple[Unenforceable, ...] = ()
+
+    @property
+    def all_unenforceable(self) -> tuple[Unenforceable, ...]:
+        """Every part of the rule the tunnel cannot enforce, in the order written."""
+        return (*self.unenforceable, *(u for s in self.sources for u in s.unenforceable),
+                *(u for o in self.operations for u in o.unenforceable),
+                *(u for c in self.conditions for u in c.unenforceable))
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,20 +345,29 @@ class AuthorizationPolicy:
 
 
 class PeerAuthenticationMode(StrEnum):
-    """STRICT: only mTLS (HBONE) inbound; PERMISSIVE: plaintext inbound accepted too."""
+    """STRICT: only mTLS (HBONE) inbound; PERMISSIVE: plaintext inbound accepted too; DISABLE: accepted
+    as PERMISSIVE (ambient has no "no mTLS" for enrolled pods; istiod converts it as not STRICT);
+    UNSET (or no mode written): inherit the level above (namespace, then mesh, then PERMISSIVE)."""
 
     STRICT = "STRICT"
     PERMISSIVE = "PERMISSIVE"
+    DISABLE = "DISABLE"
+    UNSET = "UNSET"
 
 
 @dataclass(frozen=True, slots=True)
 class PeerAuthentication:
-    """The mTLS mode for the workloads its selector picks in its namespace (all of them if None)."""
+    """The mTLS mode for the workloads its selector picks in its namespace (all of them if None).
+
+    `port_level_mtls` maps a workload port to its mode; Istio honours it only on a policy with a
+    selector (the decoder drops it otherwise).
+    """
 
     ref: ObjectRef
     mode: PeerAuthenticationMode
     selector: Mapping[str, str] | None = None
     resource_version: str = ""
+    port_level_mtls: Mapping[int, PeerAuthenticationMode] = field(default_factory=dict)
 
 
 Object = Service | EndpointSlice | Pod | Node | Namespace | AuthorizationPolicy | PeerAuthentication

@@ -17,7 +17,7 @@ from nodeagent.redirect import CaptureOptions
 from nodeagent.redirect.render import DEFAULT_OPTIONS
 from nodeagent.state import Snapshot
 from nodeagent.ztunnel import balance
-from nodeagent.ztunnel.authz import Authorizer
+from nodeagent.ztunnel.authz import Authorizer, AuthzRequest
 from nodeagent.ztunnel.identity import SpiffeId
 from nodeagent.ztunnel.services import Candidate, ServiceTarget, service_table
 from nodeagent.ztunnel.workloads import Workload, workload_table
@@ -180,7 +180,9 @@ def _hop(workload: Workload | None, ip: str, port: int, probability: float, capt
         return Hop(address, probability, workload.name, workload.node, "direct (UDP is not captured)", True,
                    "no policy: UDP")
     identity: SpiffeId | None = source.identity if captured else None
-    verdict = authorizer.check(workload.namespace, workload.labels, port, identity)
+    # the destination sees the source pod's address either way: HBONE is dialled from inside the source pod,
+    # plaintext keeps the pod's address
+    verdict = authorizer.check(AuthzRequest(workload.namespace, workload.labels, ip, port, identity, source.ip))
     transport = (f"HBONE to {ip}:15008 (node {workload.node}'s tunnel), mTLS as {source.identity}" if captured
                  else "plaintext, captured inbound at the destination (15006)")
     return Hop(address, probability, workload.name, workload.node, transport, verdict.allowed, verdict.reason)

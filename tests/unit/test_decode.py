@@ -6,7 +6,6 @@ and a valid object survives any malformed sibling field being added.
 
 from __future__ import annotations
 
-import copy
 from ipaddress import ip_address, ip_network
 from typing import Any
 
@@ -18,10 +17,14 @@ from nodeagent.decode import decode
 from nodeagent.lab.manifests import load_default
 from nodeagent.lab.topology import build_topology
 from nodeagent.model import (
+    AuthorizationPolicy,
     EndpointSlice,
     Kind,
+    PeerAuthentication,
     PeerAuthenticationMode,
     PolicyAction,
+    PolicyOperation,
+    PolicySource,
     Protocol,
     Service,
     ServiceType,
@@ -184,23 +187,143 @@ def test_a_slice_without_its_service_label_is_rejected() -> None:
     assert decoded.obj is None and decoded.rejections[0].field == "metadata.labels[kubernetes.io/service-name]"
 
 
-def test_mesh_policies_decode_and_unenforceable_rules_reject_the_policy() -> None:
-    policy = {"apiVersion": "security.nodeagent.io/v1alpha1", "kind": "AuthorizationPolicy",
-              "metadata": {"name": "allow-client", "namespace": "demo"},
-              "spec": {"action": "ALLOW", "selector": {"matchLabels": {"app": "echo"}},
-                       "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}],
-                                  "to": [{"operation": {"ports": ["8080"]}}]}]}}
-    decoded = decode(policy)
-    assert decoded.rejections == () and decoded.obj is not None
-    assert decoded.obj.action is PolicyAction.ALLOW  # type: ignore[union-attr]
-    assert decoded.obj.rules[0].operations[0].ports == (8080,)  # type: ignore[union-attr]
-    l7 = copy.deepcopy(policy)
-    l7["spec"]["rules"][0]["to"][0]["operation"]["methods"] = ["GET"]
-    rejected = decode(l7)
-    assert rejected.obj is None and "need L7" in rejected.rejections[0].reason
-    peer = decode({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
-                   "metadata": {"name": "default", "namespace": "demo"}, "spec": {"mtls": {"mode": "STRICT"}}})
-    assert peer.obj is not None and peer.obj.mode is PeerAuthenticationMode.STRICT  # type: ignore[union-attr]
+def mesh_policy(spec: dict[str, Any], kind: str = "AuthorizationPolicy") -> dict[str, Any]:
+    return {"apiVersion": "security.istio.io/v1", "kind": kind, "metadata": {"name": "p", "namespace": "shop"},
+            "spec": spec}
+
+
+def test_mesh_policies_decode_every_l4_field() -> None:
+    decoded = decode(mesh_policy({"action": "DENY", "selector": {"matchLabels": {"app": "echo"}}, "rules": [{
+        "from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"], "notNamespaces": ["x"],
+                             "ipBlocks": ["10.0.0.0/8", "192.0.2.1", "fd00::/8", "fd00::1"],
+                             "notIpBlocks": ["10.1.0.0/16"], "remoteIpBlocks": ["203.0.113.0/24"],
+                             "notRemoteIpBlocks": ["2001:db8::1"]}},
+                 {"source": {"serviceAccounts": ["demo/client", "robot"], "notServiceAccounts": ["shop/x"]}}],
+        "to": [{"operation": {"ports": ["8080", 9090], "notPorts": ["22"]}}],
+        "when": [{"key": "source.ip", "values": ["10.2.0.0/16"], "notValues": ["10.2.0.1"]},
+                 {"key": "remote.ip", "values": ["10.3.0.0/16"]},
+                 {"key": "source.namespace", "values": ["demo"]},
+                 {"key": "source.principal", "notValues": ["*/sa/bad"]},
+                 {"key": "destination.ip", "values": ["10.244.0.0/16"]},
+                 {"key": "destination.port", "values": ["8080"], "notValues": ["9090"]}]}]}))
+    assert decoded.rejections == () and isinstance(decoded.obj, AuthorizationPolicy)
+    policy = decoded.obj
+    assert policy.action is PolicyAction.DENY and policy.selector == {"app": "echo"}
+    rule = policy.rules[0]
+    assert rule.all_unenforceable == ()
+    first, second = rule.sources
+    assert first.principals == ("cluster.local/ns/demo/sa/client",) and first.not_namespaces == ("x",)
+    assert first.ip_blocks == (ip_network("10.0.0.0/8"), ip_network("192.0.2.1/32"), ip_network("fd00::/8"),
+                               ip_network("fd00::1/128"))
+    assert first.not_ip_blocks == (ip_network("10.1.0.0/16"),)
+    assert first.remote_ip_blocks == (ip_network("203.0.113.0/24"),)
+    assert first.not_remote_ip_blocks == (ip_network("2001:db8::1/128"),)
+    # a bare service account is in the policy's own namespace (Istio's Source.serviceAccounts)
+    assert second.service_accounts == (("demo", "client"), ("shop", "robot"))
+    assert second.not_service_accounts == (("shop", "x"),)
+    assert rule.operations == (PolicyOperation(ports=(8080, 9090), not_ports=(22,)),)
+    by_key = {c.key: c for c in rule.conditions}
+    assert by_key["source.ip"].source == PolicySource(ip_blocks=(ip_network("10.2.0.0/16"),),
+                                                      not_ip_blocks=(ip_network("10.2.0.1/32"),))
+    assert by_key["remote.ip"].source == PolicySource(remote_ip_blocks=(ip_network("10.3.0.0/16"),))
+    assert by_key["source.namespace"].source == PolicySource(namespaces=("demo",))
+    assert by_key["source.principal"].source == PolicySource(not_principals=("*/sa/bad",))
+    assert by_key["destination.ip"].operation == PolicyOperation(destination_ips=(ip_network("10.244.0.0/16"),))
+    assert by_key["destination.port"].operation == PolicyOperation(ports=(8080,), not_ports=(9090,))
+
+
+@pytest.mark.parametrize(("rule", "field", "reason"), [
+    ({"to": [{"operation": {"methods": ["GET"]}}]}, "rules[0].to[0].operation.methods", "is L7"),
+    ({"to": [{"operation": {"ports": ["80"], "paths": ["/a"], "hosts": ["h"]}}]},
+     "rules[0].to[0].operation.hosts", "is L7"),
+    ({"to": [{"operation": {"notPaths": ["/a"]}}]}, "rules[0].to[0].operation.notPaths", "is L7"),
+    ({"from": [{"source": {"requestPrincipals": ["*"]}}]}, "rules[0].from[0].source.requestPrincipals", "is L7"),
+    ({"from": [{"source": {"namespaces": ["a"]}}, {"source": {"notRequestPrincipals": ["a/b"]}}]},
+     "rules[0].from[1].source.notRequestPrincipals", "is L7"),
+    ({"when": [{"key": "request.headers[x]", "values": ["y"]}]}, "rules[0].when[0]", "(request.headers[x]) is L7"),
+    ({"when": [{"key": "connection.sni", "values": ["y"]}]}, "rules[0].when[0]", "(connection.sni) is L7"),
+    ({"when": [{"key": "source.serviceAccount", "values": ["y"]}]}, "rules[0].when[0]",
+     "(source.serviceAccount) is not a condition key of Istio"),
+    ({"when": [{"key": "destination.port"}]}, "rules[0].when[0]", "(destination.port) has neither values"),
+    ({"when": [{"values": ["x"]}]}, "rules[0].when[0]", "has no key"),
+    ({"when": [{"key": "source.ip", "values": ["10.0.0.0/33"]}]}, "rules[0].when[0].values[0]",
+     "is not an IP address or CIDR"),
+    ({"from": [{"source": {"ipBlocks": ["10.0.0.0/8", "010.0.0.1"]}}]}, "rules[0].from[0].source.ipBlocks[1]",
+     "is not an IP address or CIDR"),
+    ({"from": [{"source": {"serviceAccounts": ["a/b/c"]}}]}, "rules[0].from[0].source.serviceAccounts[0]",
+     "is not a service account"),
+    ({"from": [{"source": {"principals": [""]}}]}, "rules[0].from[0].source.principals",
+     "is not a list of non-empty strings"),
+    ({"to": [{"operation": {"ports": ["0"]}}]}, "rules[0].to[0].operation.ports[0]", "is not a port"),
+    ({"to": [{"operation": {"ports": "80"}}]}, "rules[0].to[0].operation.ports", "is not a list"),
+    ({"from": [{"source": {"ipRanges": ["x"]}}]}, "rules[0].from[0].source.ipRanges", "is not a field"),
+    ({"from": [{"source": {}}]}, "rules[0].from[0].source", "is empty"),
+    ({"from": [{}]}, "rules[0].from[0].source", "is not an object"),
+    ({"to": [{"operation": {}}]}, "rules[0].to[0].operation", "is empty"),
+    ({"other": 1}, "rules[0].other", "is not a field"),
+])
+def test_unenforceable_parts_are_kept_on_the_rule_and_reported_with_what_the_tunnel_does(
+        rule: dict[str, Any], field: str, reason: str) -> None:
+    for action, effect in (("ALLOW", "this ALLOW rule matches nothing"),
+                           ("DENY", "this DENY rule denies on its other parts alone")):
+        decoded = decode(mesh_policy({"action": action, "rules": [rule]}))
+        assert isinstance(decoded.obj, AuthorizationPolicy), decoded.rejections  # never the whole policy
+        parts = {u.field: u for u in decoded.obj.rules[0].all_unenforceable}
+        assert field in parts and reason in parts[field].reason, parts
+        rejection = next(r for r in decoded.rejections if r.field == f"spec.{field}")
+        assert not rejection.whole_object and rejection.reason.endswith(effect), rejection
+        assert rejection.reason.startswith(parts[field].reason)
+
+
+def test_an_empty_l7_list_constrains_nothing_and_is_not_reported() -> None:
+    decoded = decode(mesh_policy({"rules": [{"to": [{"operation": {"ports": ["80"], "methods": []}}]}]}))
+    assert decoded.rejections == () and decoded.obj.rules[0].all_unenforceable == ()  # type: ignore[union-attr]
+
+
+def test_rules_that_are_not_a_list_are_one_rule_that_cannot_be_enforced() -> None:
+    decoded = decode(mesh_policy({"action": "DENY", "rules": {"from": []}}))
+    assert isinstance(decoded.obj, AuthorizationPolicy) and len(decoded.obj.rules) == 1
+    assert decoded.obj.rules[0].unenforceable[0].field == "rules"
+
+
+@pytest.mark.parametrize("action", ["AUDIT", "CUSTOM"])
+def test_audit_and_custom_are_kept_and_reported_as_not_enforced(action: str) -> None:
+    decoded = decode(mesh_policy({"action": action, "provider": {"name": "ext"}, "rules": [
+        {"to": [{"operation": {"paths": ["/admin"]}}]}]}))
+    assert isinstance(decoded.obj, AuthorizationPolicy) and decoded.obj.action is PolicyAction(action)
+    assert [(r.field, r.whole_object) for r in decoded.rejections] == [("spec.action", False)]
+    assert "not enforced by the tunnel" in decoded.rejections[0].reason
+    assert decode(mesh_policy({"action": "BLOCK"})).obj is None  # not an action at all
+
+
+def test_target_refs_are_reported() -> None:
+    decoded = decode(mesh_policy({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}], "rules": [{}]}))
+    assert decoded.obj is not None and fields(decoded) == ["spec.targetRefs"]
+
+
+def test_peer_authentication_modes_unset_and_port_level_mtls() -> None:
+    strict = decode(mesh_policy({"mtls": {"mode": "STRICT"}}, "PeerAuthentication"))
+    assert isinstance(strict.obj, PeerAuthentication) and strict.obj.mode is PeerAuthenticationMode.STRICT
+    specs: list[dict[str, Any]] = [{}, {"mtls": {}}, {"mtls": {"mode": "UNSET"}}]
+    for spec in specs:
+        unset = decode(mesh_policy(spec, "PeerAuthentication"))
+        assert unset.rejections == () and unset.obj.mode is PeerAuthenticationMode.UNSET  # type: ignore[union-attr]
+    disable = decode(mesh_policy({"mtls": {"mode": "DISABLE"}}, "PeerAuthentication"))
+    assert disable.obj.mode is PeerAuthenticationMode.DISABLE  # type: ignore[union-attr]
+    ports = decode(mesh_policy({"selector": {"matchLabels": {"app": "web"}}, "portLevelMtls": {
+        "8080": {"mode": "PERMISSIVE"}, "9090": {"mode": "STRICT"}, "7070": {}}}, "PeerAuthentication"))
+    assert ports.rejections == () and isinstance(ports.obj, PeerAuthentication)
+    assert ports.obj.mode is PeerAuthenticationMode.UNSET
+    assert dict(ports.obj.port_level_mtls) == {8080: PeerAuthenticationMode.PERMISSIVE,
+                                               9090: PeerAuthenticationMode.STRICT, 7070: PeerAuthenticationMode.UNSET}
+    # Istio honours portLevelMtls only with a selector
+    no_selector = decode(mesh_policy({"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}},
+                                     "PeerAuthentication"))
+    assert isinstance(no_selector.obj, PeerAuthentication) and no_selector.obj.port_level_mtls == {}
+    assert fields(no_selector) == ["spec.portLevelMtls"] and not no_selector.rejections[0].whole_object
+    bad_port = decode(mesh_policy({"selector": {"matchLabels": {"a": "b"}}, "portLevelMtls": {"http": {}}},
+                                  "PeerAuthentication"))
+    assert bad_port.obj is None and fields(bad_port) == ["spec.portLevelMtls[http]"]
 
 
 def test_unknown_kinds_and_nameless_objects_are_rejected_with_a_reason() -> None:
