@@ -299,7 +299,7 @@ def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | N
               show_default=True)
 @click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True,
               help="HOST:PORT of /healthz (empty: off)")
-@click.option("--metrics-bind-address", default="0.0.0.0:10249", show_default=True,
+@click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True,
               help="HOST:PORT of /metrics and /proxyMode (empty: off)")
 @click.option("--mesh/--no-mesh", default=False, show_default=True,
               help="enroll this node's pods in the mesh: assign them to the node tunnel over the control "
@@ -473,9 +473,13 @@ def _start_mesh(node_name: str, capture: Any, control_socket: str, netns_dir: Pa
 @click.option("--control-socket", default=None,
               help="the agent's control stream (unix socket): serve the pods it assigns; without it, serve "
                    "every enrolled pod of the node, namespaces found under --netns-dir")
+@click.option("--no-policy-crds", is_flag=True,
+              help="the cluster has no AuthorizationPolicy/PeerAuthentication CRDs: serve with no policies "
+                   "(without it, inbound is refused and readiness fails until both kinds are listed)")
 def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, context: str | None, trust_domain: str,
             ca_address: str, ca_token_file: Path, ca_root_file: Path, netns_dir: Path, netns_prefix: str,
-            admin_address: str, readiness_address: str, metrics_address: str, control_socket: str | None) -> None:
+            admin_address: str, readiness_address: str, metrics_address: str, control_socket: str | None,
+            no_policy_crds: bool) -> None:
     """Run the node tunnel: HBONE (mTLS) for every enrolled pod of this node, until SIGTERM."""
     from nodeagent.ztunnel.ca_service import request_certificate
     from nodeagent.ztunnel.process import TunnelOptions, TunnelProcess, run_forever
@@ -499,15 +503,16 @@ def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, cont
             from nodeagent.discovery.manifests import ManifestSource
 
             return ManifestSource(manifests, sink)
-        from nodeagent.discovery.kubernetes import ApiConnection, KubernetesSource
+        from nodeagent.discovery.kubernetes import CORE_KINDS, MESH_KINDS, ApiConnection, KubernetesSource
 
         # Every node's pods: the tunnel checks the identity of destinations on other nodes.
-        return KubernetesSource(ApiConnection.from_config(kubeconfig, context), sink, node_name, all_pods=True)
+        return KubernetesSource(ApiConnection.from_config(kubeconfig, context), sink, node_name, all_pods=True,
+                                kinds=CORE_KINDS if no_policy_crds else CORE_KINDS + MESH_KINDS)
 
     options = TunnelOptions(node=node_name, trust_domain=trust_domain, netns_dir=netns_dir, netns_prefix=netns_prefix,
                             admin=(admin[0], admin[1]), readiness=(readiness[0], readiness[1]),
                             metrics=None if metrics[1] is None else (metrics[0], metrics[1]),
-                            control_socket=control_socket)
+                            control_socket=control_socket, no_policy_crds=no_policy_crds)
     run_forever(TunnelProcess(options, fetch, make_source))
 
 

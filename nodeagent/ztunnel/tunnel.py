@@ -21,6 +21,7 @@ label change that now denies it closes it (`reevaluate`, as ztunnel's connection
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -298,6 +299,14 @@ class NodeTunnel:
 
     async def _outbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
+        peer = writer.get_extra_info("peername")
+        if not peer or not _from_pod_itself(peer[0], pod.workload.ip):
+            # 15001 carries the pod's own captured connections out *with the pod's identity*: a connection
+            # from anywhere else (another pod dialling the port) must never borrow that identity.
+            self.metrics.refusals.labels(reason="outbound-not-from-pod").inc()
+            log.warning("outbound listener reached from outside its pod", pod=pod.workload.name, peer=str(peer))
+            writer.close()
+            return
         try:
             host, port = original_destination(sock)
         except OSError as exc:
@@ -351,6 +360,16 @@ class NodeTunnel:
             if slot is not None:
                 slot.closed()
             self.metrics.closed(connection, was_open=opened)
+
+
+def _from_pod_itself(address: str, pod_ip: str) -> bool:
+    """Whether a connection to the outbound listener came from its own pod: the pod's address, or loopback
+    (where a cgroup capture may send it)."""
+    try:
+        ip = ipaddress.ip_address(address)
+        return ip.is_loopback or ip == ipaddress.ip_address(pod_ip)
+    except ValueError:
+        return False
 
 
 async def _until_idle(carry: Awaitable[T], progress: Callable[[], int], connection: Connection,

@@ -140,6 +140,21 @@ def test_plaintext_straight_to_15006_is_refused_and_counted(lab: labs.Lab) -> No
              > before, "the refusal counted")
 
 
+def test_another_pod_cannot_borrow_a_pods_identity_through_its_outbound_listener(lab: labs.Lab) -> None:
+    """15001 in echo-1's namespace sends connections out as echo-1; dialled from outside the pod it must
+    refuse, not relay (the peer would otherwise speak HBONE with echo-1's certificate)."""
+    echo1 = str(lab.plan.pod("demo/echo-1").pod.ip)
+    before = refusals(lab, "node2", "outbound-not-from-pod")
+    probe = ("import socket,sys\n"
+             "s=socket.create_connection((sys.argv[1],15001),timeout=3);s.settimeout(3)\n"
+             "s.sendall(b'hello\\n')\n"
+             "try: print(repr(s.recv(100)))\n"
+             "except OSError as e: print(type(e).__name__)\n")
+    out = netns_run(lab.plan.pod("plain/outsider").netns, "python3", "-c", probe, echo1, check=False)
+    assert "pod" not in out, f"the outbound listener relayed a foreign connection: {out}"
+    wait_for(lambda: refusals(lab, "node2", "outbound-not-from-pod") > before, "the refusal counted")
+
+
 async def test_a_policy_tightened_mid_connection_closes_it_and_others_go_on(lab: labs.Lab) -> None:
     echo1 = str(lab.plan.pod("demo/echo-1").pod.ip)
     attacker = Attacker(lab)
