@@ -103,3 +103,16 @@ def test_a_probe_confirms_only_what_was_predicted() -> None:
     empty = _outside_trace("10.96.0.20")
     assert probe(empty, refused, "unused", "", "ebpf").confirmed
     assert not probe(empty, lambda: {"pod": "shop/web-1"}, "unused", "", "ebpf").confirmed
+
+
+def test_the_verdict_sees_the_source_address_and_the_destination_address() -> None:
+    """The prediction asks the tunnel's authorizer with the source pod's address and the candidate's, so
+    ipBlocks and destination.ip policies decide as they will in the tunnel."""
+    deny = {**DENY_SHOP, "spec": {"action": "DENY", "rules": [{
+        "from": [{"source": {"ipBlocks": ["10.244.1.5/32"]}}],
+        "when": [{"key": "destination.ip", "values": ["10.244.2.0/24"]}]}]}}
+    state = snapshot([*OBJECTS, deny])
+    trace = predict(state, "node1", given(state, "10.96.0.10", 80))
+    verdicts = {h.address: (h.allowed, h.verdict) for h in trace.hops}
+    assert verdicts["10.244.2.2:8080"] == (False, "denied by DENY policy shop/deny-shop rule 0")
+    assert verdicts["10.244.1.2:8080"][0]
