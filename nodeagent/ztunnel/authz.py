@@ -7,6 +7,9 @@ Which policies apply to a workload: those in its namespace whose selector matche
 selector, or an empty one, selects every workload of the namespace), and those in the root namespace
 (`istio-system` by default, Istio's meshConfig.rootNamespace, so mesh-wide policies written for Istio
 work unchanged), which apply in every namespace, their selector matched against the workload's labels.
+A policy with `targetRefs` (meant for a waypoint or gateway, which ztunnel leaves alone) is applied by its
+selector all the same, namespace-wide without one: nodeagent runs no waypoint, and applying a policy to
+more workloads only ever narrows access (the decoder reports it).
 
 Order, as ztunnel's `assert_rbac` (src/state.rs): plaintext is refused first where the PeerAuthentication
 mode is STRICT (for the port: see below); then any matching DENY policy denies; then, if no ALLOW policy

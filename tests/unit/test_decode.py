@@ -338,7 +338,9 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
         st.sampled_from(["name", "port", "ports", "protocol", "targetPort", "clusterIP", "clusterIPs", "addresses",
                          "endpoints", "conditions", "ready", "spec", "status", "selector", "type", "labels",
-                         "nodePort", "podIPs", "ip", "rules", "from", "to", "source", "operation", "mtls"]),
+                         "nodePort", "podIPs", "ip", "rules", "from", "to", "source", "operation", "mtls", "when",
+                         "key", "values", "notValues", "ipBlocks", "serviceAccounts", "methods", "action", "mode",
+                         "portLevelMtls", "8080", "matchLabels"]),
         inner, max_size=5),
     max_leaves=20,
 )
