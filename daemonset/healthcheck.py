@@ -1,4 +1,4 @@
-"""The image's HEALTHCHECK: ask the running command's own health endpoint (the agent's or the tunnel's).
+"""The image's HEALTHCHECK: ask the running command's own health endpoint (the agent's, the tunnel's or the CA's).
 
 Kubernetes ignores image health checks and uses the DaemonSets' probes; this serves `podman run` and
 `docker run` of the same image. Exit 0 healthy, 1 not.
@@ -10,7 +10,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-ENDPOINTS = {"run": "http://127.0.0.1:10256/livez", "ztunnel": "http://127.0.0.1:15021/healthz/ready"}
+ENDPOINTS = {"run": "http://127.0.0.1:10256/livez", "ztunnel": "http://127.0.0.1:15021/healthz/ready",
+             "ca": "http://127.0.0.1:15014/ready"}
 
 
 def main() -> int:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The mesh CA every agent signs workload certificates with: Secret nodeagent/nodeagent-ca holding
-# Istio's plug-in CA files (root-cert.pem, ca-cert.pem, ca-key.pem). Every node must share one CA, or
-# tunnels on different nodes would not trust each other.
+# The mesh CA: Secret nodeagent/nodeagent-ca holding Istio's plug-in CA files (root-cert.pem,
+# ca-cert.pem, ca-key.pem), mounted by the CA Deployment only (daemonset/base/ca.yaml), and ConfigMap
+# nodeagent/nodeagent-ca-root-cert holding root-cert.pem alone, which the tunnels trust (as Istio
+# publishes istio-ca-root-cert). No node ever receives the key.
 #   daemonset/make-ca-secret.sh                # a new CA (made by nodeagent's own CA code), applied
 #   daemonset/make-ca-secret.sh --from DIR     # your CA files (e.g. an intermediate of your own PKI)
-#   daemonset/make-ca-secret.sh --print [...]  # print the Secret instead of applying it
+#   daemonset/make-ca-secret.sh --print [...]  # print the Secret and the ConfigMap instead of applying them
 # A new CA needs Python with nodeagent importable: $PYTHON (default: .venv/bin/python of this checkout,
 # else python3).
 set -euo pipefail
@@ -15,7 +16,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --from) from="${2:?--from needs a directory}"; shift 2 ;;
     --print) print=1; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "make-ca-secret: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -41,6 +42,11 @@ secret() {
     --from-file=root-cert.pem="$from/root-cert.pem" --from-file=ca-cert.pem="$from/ca-cert.pem" \
     --from-file=ca-key.pem="$from/ca-key.pem"
 }
-if [ "$print" = 1 ]; then secret; exit 0; fi
+root() {
+  kubectl create configmap nodeagent-ca-root-cert --namespace nodeagent --dry-run=client -o yaml \
+    --from-file=root-cert.pem="$from/root-cert.pem"
+}
+if [ "$print" = 1 ]; then secret; echo ---; root; exit 0; fi
 kubectl create namespace nodeagent --dry-run=client -o yaml | kubectl apply -f -
 secret | kubectl apply -f -
+root | kubectl apply -f -

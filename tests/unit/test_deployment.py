@@ -4,8 +4,9 @@ No cluster can start here, so these check everything short of one: the kustomiza
 manifest validates against the Kubernetes schemas of each supported version (kubernetes-validate,
 strict: unknown fields fail); the ClusterRole grants exactly the API calls the code makes (derived by
 driving the Kubernetes source against a recording fake, plus a scan for any other way to call the API);
-the CRDs match the kinds the source watches; the containers' flags exist in the CLI; the privileges
-are the justified ones; the shipped configurations load; the shell scripts pass shellcheck; the
+the CA's ClusterRole grants exactly its TokenReviews and pod watch; only the CA Deployment mounts the CA
+key, the tunnels authenticate with a projected token; the CRDs match the kinds the source watches; the
+containers' flags exist in the CLI; the privileges are the justified ones; the shipped configurations load; the shell scripts pass shellcheck; the
 Vagrantfile parses and runs under a stub Vagrant; the smoke test's own manifests are valid.
 
 Tools: kubectl (kustomize), shellcheck, ruby and the kubernetes-validate package, all installed by
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import yaml
@@ -92,6 +93,14 @@ def find(docs: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -
     return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
 
 
+WORKLOADS = ("DaemonSet", "Deployment")
+
+
+def workloads(docs: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    """The DaemonSets and Deployments: every object that runs containers."""
+    return [d for d in docs if d["kind"] in WORKLOADS]
+
+
 def containers(daemonset: dict[str, Any]) -> Iterator[dict[str, Any]]:
     spec = daemonset["spec"]["template"]["spec"]
     yield from spec.get("initContainers", [])
@@ -99,7 +108,7 @@ def containers(daemonset: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def container(docs: tuple[dict[str, Any], ...], daemonset: str, name: str) -> dict[str, Any]:
-    [ds] = find(docs, "DaemonSet", daemonset)
+    [ds] = [d for d in workloads(docs) if d["metadata"]["name"] == daemonset]
     [found] = [c for c in containers(ds) if c["name"] == name]
     return found
 
@@ -112,7 +121,7 @@ def test_kustomization_renders(name: str) -> None:
     kinds = {d["kind"] for d in rendered(name)}
     expected = {"DaemonSet"} if name == "cleanup" else {
         "Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-        "ConfigMap", "DaemonSet"}
+        "ConfigMap", "DaemonSet", "Deployment", "Service"}
     assert expected <= kinds
 
 
@@ -253,12 +262,16 @@ def test_no_other_way_to_call_the_api() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n == "kubernetes" or n.startswith("kubernetes.") for n in names):
                 importers.append(path.relative_to(ROOT).as_posix())
-    assert sorted(set(importers)) == ["nodeagent/discovery/kubernetes.py"]
+    assert sorted(set(importers)) == ["nodeagent/discovery/kubernetes.py", "nodeagent/discovery/tokenreview.py"]
     tree = ast.parse((ROOT / "nodeagent/discovery/kubernetes.py").read_text())
     methods, used = _kubernetes_calls(tree)
     assert methods == {"GET"}, f"API calls with {methods - {'GET'}}: derive their RBAC in this test"
     assert used <= {"k8s_client.ApiClient", "k8s_client.Configuration", "k8s_config.load_incluster_config",
                     "k8s_config.load_kube_config"}, f"new client entry points {used}: derive their RBAC here"
+    # the CA's calls: derived in test_the_ca_cluster_role_grants_exactly_its_token_reviews_and_pod_watch
+    methods, used = _kubernetes_calls(ast.parse((ROOT / "nodeagent/discovery/tokenreview.py").read_text()))
+    assert not methods and used <= {"k8s_client.AuthenticationV1Api", "k8s_client.V1TokenReview",
+                                    "k8s_client.V1TokenReviewSpec", "k8s_client.ApiException"}, used
 
 
 def test_the_scan_would_see_a_new_call() -> None:
@@ -267,14 +280,75 @@ def test_the_scan_would_see_a_new_call() -> None:
     assert methods == {"POST"} and used == {"k8s_client.CoreV1Api"}
 
 
-def test_both_service_accounts_are_bound_and_used() -> None:
+def test_every_service_account_is_bound_and_used() -> None:
     docs = rendered("base")
-    [binding] = find(docs, "ClusterRoleBinding", "nodeagent")
-    bound = {(s["namespace"], s["name"]) for s in binding["subjects"]}
+    bound = {(b["roleRef"]["name"], s["namespace"], s["name"]) for b in find(docs, "ClusterRoleBinding")
+             for s in b["subjects"]}
+    assert bound == {("nodeagent", "nodeagent", "nodeagent"), ("nodeagent", "nodeagent", "nodeagent-ztunnel"),
+                     ("nodeagent-ca", "nodeagent", "nodeagent-ca")}, "the CA's role is the CA's alone"
     accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in find(docs, "ServiceAccount")}
     used = {(d["metadata"]["namespace"], d["spec"]["template"]["spec"]["serviceAccountName"])
-            for d in find(docs, "DaemonSet")}
-    assert bound == accounts == used
+            for d in workloads(docs)}
+    assert {(ns, name) for _, ns, name in bound} == accounts == used
+
+
+class _RecordingCalls:
+    """Wraps the official client's ApiClient.call_api: records (method, path, query) and sends it on."""
+
+    def __init__(self, call_api: Any) -> None:
+        self.call_api, self.calls = call_api, []
+
+    def __call__(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        parts = urlsplit(url)
+        self.calls.append((method, parts.path, dict(parse_qsl(parts.query))))
+        return self.call_api(method, url, *args, **kwargs)
+
+
+def ca_derived_permissions(tmp_path: Path) -> set[tuple[str, str, str]]:
+    """Drive the CA's API calls (a TokenReview and the tunnel pod's lookup, against the fake API server,
+    and the pod watch) and map them to RBAC."""
+    from nodeagent.ca.auth import TokenReviewAuthenticator
+    from nodeagent.discovery.tokenreview import ReviewConnection
+    from nodeagent.model import Kind
+    from tests.fakeapi import FakeApiServer
+
+    fake = FakeApiServer()
+    fake.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "nodeagent", "name": "zt", "uid": "u"},
+                 "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]}})
+    fake.start()
+    try:
+        connection = ReviewConnection.connect(str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
+        recorder = _RecordingCalls(connection._api.call_api)
+        connection._api.call_api = recorder  # type: ignore[method-assign]
+        token = fake.issue_token("nodeagent", "nodeagent-ztunnel", "zt", "u", "n1")
+        assert TokenReviewAuthenticator(connection).authenticate(token).node == "n1"
+        connection.close()
+    finally:
+        fake.stop()
+    permissions = set()
+    for method, path, query in recorder.calls:
+        group, resource, verb = _rbac_of(path, query)
+        permissions.add((group, resource, "create" if method == "POST" else verb))
+    api = _RecordingApi()
+    source = KubernetesSource(api, lambda event: None, "", kinds=(Kind.POD,), all_pods=True)  # type: ignore[arg-type]
+    source.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not all(r.watches >= 1 for r in source.reflectors.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the reflectors' own counters, with a deadline
+    finally:
+        source.stop()
+    return permissions | {_rbac_of(path, query) for path, query in api.requests}
+
+
+def test_the_ca_cluster_role_grants_exactly_its_token_reviews_and_pod_watch(tmp_path: Path) -> None:
+    derived = ca_derived_permissions(tmp_path)
+    assert ("authentication.k8s.io", "tokenreviews", "create") in derived  # the derivation itself works
+    [role] = find(rendered("base"), "ClusterRole", "nodeagent-ca")
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    assert granted == derived, (f"granted but never called: {sorted(granted - derived)}; "
+                                f"called but not granted: {sorted(derived - granted)} (daemonset/base/ca.yaml)")
 
 
 def test_the_crds_define_the_kinds_the_source_watches() -> None:
@@ -298,7 +372,7 @@ def _flags(args: list[str]) -> set[str]:
 
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_every_flag_a_container_passes_exists(name: str) -> None:
-    for ds in find(rendered(name), "DaemonSet"):
+    for ds in workloads(rendered(name)):
         for c in containers(ds):
             args = c.get("args", [])
             if c.get("command") or not args:
@@ -354,15 +428,16 @@ def test_the_tunnel_runs_apart_with_fewer_privileges() -> None:
     assert tunnel["livenessProbe"]["tcpSocket"] == {"port": 15021}
     [ds] = find(docs, "DaemonSet", "nodeagent-ztunnel")
     volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
-    # never the CA key: only the root certificate of the CA Secret
-    [secret] = [v["secret"] for v in volumes.values() if "secret" in v]
-    assert secret["items"] == [{"key": "root-cert.pem", "path": "root-cert.pem"}]
+    # never the CA key, no Secret at all: the root certificate from its ConfigMap
+    assert not [v for v in volumes.values() if "secret" in v]
+    [root] = [v["configMap"] for v in volumes.values() if "configMap" in v]
+    assert root == {"name": "nodeagent-ca-root-cert", "items": [{"key": "root-cert.pem", "path": "root-cert.pem"}]}
     assert not any(v.get("hostPath", {}).get("path") in ("/sys/fs/bpf", "/sys/fs/cgroup") for v in volumes.values())
 
 
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_every_container_is_least_privilege_and_bounded(name: str) -> None:
-    for ds in find(rendered(name), "DaemonSet"):
+    for ds in workloads(rendered(name)):
         for c in containers(ds):
             where = f"{ds['metadata']['name']}/{c['name']}"
             security = c["securityContext"]
@@ -383,7 +458,7 @@ def test_the_replace_kube_proxy_overlay_points_both_at_the_api_server() -> None:
     docs = rendered("vagrant")
     [env] = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].startswith("nodeagent-apiserver")]
     assert env["data"] == {"KUBERNETES_SERVICE_HOST": "192.168.56.10", "KUBERNETES_SERVICE_PORT": "6443"}
-    for ds, name in (("nodeagent", "agent"), ("nodeagent-ztunnel", "ztunnel")):
+    for ds, name in (("nodeagent", "agent"), ("nodeagent-ztunnel", "ztunnel"), ("nodeagent-ca", "ca")):
         assert container(docs, ds, name)["envFrom"] == [{"configMapRef": {"name": env["metadata"]["name"]}}]
         assert container(docs, ds, name)["image"] == "localhost/nodeagent:dev"
 
@@ -412,7 +487,7 @@ def test_init_container_scripts_pass_shellcheck(tmp_path: Path) -> None:
     scripts = [(f"{ds['metadata']['name']}/{c['name']}", c["args"][0]) for name in sorted(KUSTOMIZATIONS)
                for ds in find(rendered(name), "DaemonSet") for c in containers(ds)
                if c.get("command") == ["/bin/sh", "-c"]]
-    assert len({where for where, _ in scripts}) == 2  # prepare-bpffs, wait-for-agent
+    assert len({where for where, _ in scripts}) == 1  # prepare-bpffs
     for where, text in scripts:
         path = tmp_path / "script.sh"
         path.write_text(text)
@@ -520,3 +595,92 @@ def test_the_smoke_tests_manifests_are_valid() -> None:
         else:
             for version in (SUPPORTED_VERSIONS[0], SUPPORTED_VERSIONS[-1]):
                 kv.validate(doc, version, strict=True)
+
+
+# --- the mesh CA: off the nodes ---------------------------------------------------------------------------
+
+
+def _mounted_secrets(workload: dict[str, Any]) -> set[str]:
+    """Names of the Secrets a workload's pods mount (directly or projected)."""
+    names = set()
+    for volume in workload["spec"]["template"]["spec"].get("volumes", []):
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                names.add(source["secret"]["name"])
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_only_the_ca_deployment_mounts_the_ca_key(name: str) -> None:
+    holders = [w["metadata"]["name"] for w in workloads(rendered(name)) if "nodeagent-ca" in _mounted_secrets(w)]
+    assert holders == ([] if name == "cleanup" else ["nodeagent-ca"])
+    for workload in workloads(rendered(name)):
+        if workload["metadata"]["name"] != "nodeagent-ca":
+            assert workload["kind"] == "DaemonSet" and not _mounted_secrets(workload), workload["metadata"]["name"]
+            for c in containers(workload):
+                assert not any(a.startswith("--ca-dir") for a in c.get("args", [])), c["name"]
+
+
+def test_the_agent_mounts_no_ca_key_and_serves_no_ca() -> None:
+    docs = rendered("replace-kube-proxy")
+    agent = container(docs, "nodeagent", "agent")
+    assert not any(a.startswith(("--ca-", "ca")) for a in agent["args"])
+    assert not [m for m in agent["volumeMounts"] if m["mountPath"].startswith("/etc/nodeagent/ca")]
+    assert not any(p["containerPort"] == 15012 for p in agent["ports"])
+
+
+def test_the_ca_deployment_holds_the_key_unprivileged_behind_a_service() -> None:
+    docs = rendered("replace-kube-proxy")
+    [deployment] = find(docs, "Deployment", "nodeagent-ca")
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "nodeagent-ca" and not spec.get("hostNetwork")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    ca = container(docs, "nodeagent-ca", "ca")
+    assert ca["args"][0] == "ca" and "--ca-dir=/etc/nodeagent/ca" in ca["args"]
+    assert not any(a.startswith("--token-file-dir") for a in ca["args"]), "the lab's authenticator, never here"
+    security = ca["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]} and security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    [mount] = [m for m in ca["volumeMounts"] if m["mountPath"] == "/etc/nodeagent/ca"]
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "nodeagent-ca" and mount["readOnly"] is True
+    assert ca["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 15014}
+    [service] = find(docs, "Service", "nodeagent-ca")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert {p["port"] for p in service["spec"]["ports"]} == {15012, 15014}
+
+
+def _flag(args: list[str], flag: str, command: Any) -> str:
+    """A flag's value in `args`, else the command's default."""
+    for arg in args:
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+    [param] = [p for p in command.params if flag in p.opts]
+    return str(param.default)
+
+
+def test_the_tunnel_authenticates_with_a_projected_token_for_the_cas_audience() -> None:
+    docs = rendered("replace-kube-proxy")
+    tunnel = container(docs, "nodeagent-ztunnel", "ztunnel")
+    [ds] = find(docs, "DaemonSet", "nodeagent-ztunnel")
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in tunnel["volumeMounts"]}
+    [(name, token)] = [(n, s["serviceAccountToken"]) for n, v in volumes.items()
+                       for s in v.get("projected", {}).get("sources", []) if "serviceAccountToken" in s]
+    assert token["expirationSeconds"] == 3600
+    token_file = _flag(tunnel["args"][1:], "--ca-token-file", main.commands["ztunnel"])
+    assert token_file == f"{mounts[name]}/{token['path']}"
+    ca = container(docs, "nodeagent-ca", "ca")
+    assert token["audience"] == _flag(ca["args"][1:], "--audience", main.commands["ca"]) == "nodeagent-ca"
+    account = _flag(ca["args"][1:], "--tunnel-service-account", main.commands["ca"])
+    assert account == f"{ds['metadata']['namespace']}/{ds['spec']['template']['spec']['serviceAccountName']}"
+    [service] = find(docs, "Service", "nodeagent-ca")
+    address = _flag(tunnel["args"][1:], "--ca-address", main.commands["ztunnel"])
+    assert address == f"nodeagent-ca.{service['metadata']['namespace']}.svc:15012"
+    assert ds["spec"]["template"]["spec"]["dnsPolicy"] == "ClusterFirstWithHostNet", "the Service name resolves"
+    # the name the tunnel checks is in the CA's own certificate
+    dns_names = [a.split("=", 1)[1] for a in ca["args"] if a.startswith("--dns-name=")] or list(
+        [p for p in main.commands["ca"].params if "--dns-name" in p.opts][0].default)
+    assert "nodeagent-ca" in dns_names
