@@ -873,15 +873,26 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
     timer: asyncio.TimerHandle | None = None
     timer_reason = ""  # what the armed timer ends the connection for
     requested = False  # a complete CONNECT arrived (the first-request deadline is met)
+    stopped = False  # closed for a violation: what is left of the peer's last read is not acted on
 
-    def report(reason: str, detail: str) -> None:
-        log.warning("hbone protocol violation", peer=peer, identity=str(identity), reason=reason, detail=detail)
+    def report(reason: str, detail: str, *, logged: bool = True) -> None:
+        if logged:
+            log.warning("hbone protocol violation", peer=peer, identity=str(identity), reason=reason, detail=detail)
         if violation is not None:
             violation(reason)
 
     def close_for(reason: str, detail: str, code: ErrorCodes = ErrorCodes.ENHANCE_YOUR_CALM) -> None:
+        nonlocal stopped
+        if stopped:
+            return
+        stopped = True
         report(reason, detail)
         h2.goaway(code, reason)
+
+    def violated(reason: str, detail: str) -> None:  # a connection error h2 or our frame screen raised
+        nonlocal stopped
+        stopped = True
+        report(reason, detail)
 
     def arm(delay: float, reason: str) -> None:
         nonlocal timer, timer_reason
@@ -940,9 +951,14 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
     def refused(stream_id: int) -> None:
         """A stream refused over the limits (REFUSED_STREAM already sent): counted; a peer that keeps
         pushing past them is closed."""
-        report("max_streams", f"stream {stream_id} refused: {MAX_STREAMS} streams open or "
-                              f"{MAX_PENDING_OPENS} upstream connects in flight")
-        if not refusals.spend():
+        if stopped:
+            return
+        within = refusals.spend()
+        # Each refusal is counted; only the window's first is logged (a flood must not become a log flood).
+        report("max_streams", f"stream {stream_id} refused: {MAX_STREAMS} streams open or {MAX_PENDING_OPENS} "
+                              "upstream connects in flight (more this window are counted, not logged)",
+               logged=refusals.count == 1)
+        if not within:
             close_for("refused_stream_flood", f"more than {REFUSED_BUDGET} streams refused in {FLOOD_WINDOW:g} s")
 
     def on_reset(stream_id: int) -> None:
@@ -952,7 +968,7 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
         if task is None:
             return
         task.cancel()
-        if not resets.spend():
+        if not stopped and not resets.spend():
             close_for("rapid_reset", f"more than {RESET_BUDGET} streams reset before their response "
                                      f"in {FLOOD_WINDOW:g} s")
 
@@ -1007,7 +1023,7 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
                 arm(idle_timeout, "idle")
             else:
                 disarm()
-        if h2.transport is None or h2.transport.is_closing():
+        if stopped or h2.transport is None or h2.transport.is_closing():
             return  # closed for a violation earlier in this read
         status, destination, reason = connect_verdict(_text(event.headers))
         if status:
@@ -1027,7 +1043,7 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
             opening[event.stream_id] = task
 
     h2.on_request = on_request
-    h2.on_reset, h2.on_refused, h2.on_violation, h2.on_received = on_reset, refused, report, received
+    h2.on_reset, h2.on_refused, h2.on_violation, h2.on_received = on_reset, refused, violated, received
     arm(request_timeout, "first_request")
     buffered, eof = _take_over(reader, writer, h2)
     if buffered:
