@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
 
 import structlog
@@ -24,13 +25,16 @@ import yaml
 from nodeagent.lab import cgroups, netns, processes
 from nodeagent.lab.errors import LabBuildError, LabEnvironmentError, LabError, LabExistsError, LabNotFoundError
 from nodeagent.lab.manifests import DEFAULT_MANIFESTS, Document, load_default, load_directory, parse_text
-from nodeagent.lab.plan import LabPlan, check_lab_name, netns_prefix, plan_lab
+from nodeagent.lab.plan import UPLINK, LabPlan, NodePlan, Route, check_lab_name, netns_prefix, plan_lab
 from nodeagent.lab.state import LabRecord, Process, locked, recorded_labs
-from nodeagent.lab.topology import LabTopology, build_topology
+from nodeagent.lab.topology import ContainerPort, LabNode, LabTopology, build_topology
 
-__all__ = ["Lab", "LabNotFoundError", "down", "exec_in", "load", "status", "up"]
+__all__ = ["Lab", "LabNotFoundError", "down", "exec_in", "kubeconfig", "kubectl", "load", "status", "up"]
 
 log = structlog.get_logger("nodeagent.lab")
+API_PORT = 6443
+# The API server's cgroup under the lab's: "_" is in no DNS name, so no node's cgroup can be called so.
+API_SERVER_CGROUP = "_apiserver"
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,7 @@ def _build(record: LabRecord, plan: LabPlan, topology: LabTopology) -> None:
     record.manifests_path.parent.mkdir(parents=True, exist_ok=True)
     record.manifests_path.write_text(yaml.safe_dump_all(topology.documents, sort_keys=False))
 
-    started = []
+    started = [_start_api_server(record, plan, topology)]
     for pod in plan.pods:
         env = {"POD_NAME": pod.pod.name, "POD_NAMESPACE": pod.pod.namespace, "NODE_NAME": pod.pod.node,
                "POD_IP": str(pod.pod.ip), "NODEAGENT_LAB": plan.name}
@@ -146,6 +150,41 @@ def _build(record: LabRecord, plan: LabPlan, topology: LabTopology) -> None:
         processes.wait_serving(what, pid, cgroup, ports, logfile)
     record.phase = "up"
     record.save()
+
+
+def api_server_dir(record: LabRecord) -> Path:
+    """The lab API server's files: certificates, tokens, kubeconfig, pid."""
+    return record.directory / "apiserver"
+
+
+def api_server_plan(plan: LabPlan, topology: LabTopology) -> NodePlan:
+    """The API server's own namespace on the fabric bridge, addressed like a node (so the fabric stays L2
+    only), with routes to every node's pods so that pods reach it as they reach a cluster's API server."""
+    address = topology.api_server_address
+    return NodePlan(node=LabNode("apiserver", address, IPv4Network(f"{address}/32")),
+                    netns=f"{plan.name}-apiserver", cgroup=f"{plan.cgroup_root}/{API_SERVER_CGROUP}",
+                    fabric_port="apiserver0", prefixlen=topology.node_cidr.prefixlen,
+                    routes=tuple(Route(dst=n.node.pod_cidr, dev=UPLINK, gateway=n.node.address) for n in plan.nodes))
+
+
+def _start_api_server(record: LabRecord, plan: LabPlan,
+                      topology: LabTopology) -> tuple[str, int, Path, tuple[ContainerPort, ...], Path]:
+    """Start `nodeagent lab apiserver` in its namespace, loaded with the lab's manifests (waited for with the
+    pods). Its namespace and cgroup are journaled, so `lab down` stops it with the cgroup; it is not one of
+    `record.processes`, which are the pods' (and the agents')."""
+    control = api_server_plan(plan, topology)
+    _new_netns(record, control.netns)
+    netns.attach_node(plan.fabric_netns, control)
+    cgroup = _new_cgroup(record, control.cgroup)
+    directory = api_server_dir(record)
+    directory.mkdir(parents=True, exist_ok=True)
+    logfile = record.directory / "logs" / "apiserver.log"
+    argv = ["nodeagent", "--log-json", "--log-level", "info", "lab", "apiserver", "--lab", record.name,
+            "--address", str(control.node.address), "--port", str(API_PORT), "--dir", str(directory),
+            "--manifests", str(record.manifests_path)]
+    pid = processes.spawn(control.netns, cgroup, argv, {"NODEAGENT_LAB": record.name}, logfile)
+    (directory / "pid").write_text(f"{pid}\n")
+    return "the lab API server", pid, cgroup, (ContainerPort(API_PORT),), logfile
 
 
 def _teardown(name: str, record: LabRecord | None) -> list[str]:
@@ -253,7 +292,43 @@ def status(name: str) -> tuple[LabRecord, list[ObjectStatus]]:
              for cg in record.cgroups]
     rows += [ObjectStatus("process", f"{p.owner}/{p.container}", Path(f"/proc/{p.pid}").exists(),
                           f"pid {p.pid}, log {p.log}") for p in record.processes]
+    pid_file = api_server_dir(record) / "pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        rows.append(ObjectStatus("process", "apiserver", Path(f"/proc/{pid}").exists(),
+                                 f"pid {pid}, log {record.directory / 'logs' / 'apiserver.log'}, "
+                                 f"kubeconfig {api_server_dir(record) / 'kubeconfig'}"))
     return record, rows
+
+
+def kubeconfig(name: str) -> Path:
+    """The kubeconfig of lab `name`'s API server (reachable from the lab's namespaces, not from the root one)."""
+    check_lab_name(name)
+    record = LabRecord.load(name)
+    if record is None:
+        raise LabNotFoundError(f"no lab {name!r}; labs here: {recorded_labs() or 'none'}")
+    path = api_server_dir(record) / "kubeconfig"
+    if not path.exists():
+        raise LabError(f"lab {name!r} has no API server kubeconfig (is it {record.phase}? was it made by an older "
+                       "version? `lab down` and `lab up` again)")
+    return path
+
+
+def kubectl(name: str, arguments: Sequence[str], *, timeout: float | None = None,
+            capture: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real `kubectl` with the lab's kubeconfig inside the API server's namespace (the server lives
+    inside the lab, so that is where it is reachable); its discovery cache stays in the lab's directory."""
+    path = kubeconfig(name)
+    binary = shutil.which("kubectl")
+    if binary is None:
+        raise LabEnvironmentError("kubectl is not installed: the Debian package `kubectl` (1.32) provides it; "
+                                  "scripts/setup.sh installs it where an apt repository offers it")
+    lab = load(name)
+    control = api_server_plan(lab.plan, lab.topology)
+    command = [binary, "--kubeconfig", str(path), "--cache-dir", str(path.parent / "kubectl-cache"), *arguments]
+    argv = processes.enter_argv(control.netns, cgroups.path_of(control.cgroup), command)
+    return subprocess.run(argv, env=processes.child_env({"NODEAGENT_LAB": name}), timeout=timeout, check=False,
+                          text=True, capture_output=capture)
 
 
 def exec_in(name: str, command: Sequence[str], *, pod: str | None = None, node: str | None = None,

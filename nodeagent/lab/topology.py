@@ -95,12 +95,23 @@ class LabTopology:
     service_cidr: IPv4Network
     documents: tuple[Mapping[str, Any], ...] = field(repr=False)
 
+    @property
+    def api_server_address(self) -> IPv4Address:
+        """Where the lab's API server listens (see `api_server_address`)."""
+        return api_server_address(self.node_cidr)
+
     def node(self, name: str) -> LabNode:
         """The node called `name` (KeyError if there is none)."""
         for node in self.nodes:
             if node.name == name:
                 return node
         raise KeyError(name)
+
+def api_server_address(node_cidr: IPv4Network) -> IPv4Address:
+    """The lab API server's address: the node network's last host (172.18.0.254 by default), never given to
+    a node. Not the first host: that one is the mesh CA's, on the fabric bridge itself."""
+    return node_cidr.broadcast_address - 1
+
 
 class _Problems:
     """Collects problems so that every one of them is reported, not just the first."""
@@ -270,6 +281,10 @@ def _nodes(
                     problems.add(doc, f"status.addresses[{index}].address",
                                  f"{address} is not a host address of the lab's node CIDR {node_cidr}")
                     address = None
+                elif address == api_server_address(node_cidr):
+                    problems.add(doc, f"status.addresses[{index}].address",
+                                 f"{address} is the lab API server's address (the node CIDR's last host)")
+                    address = None
         spec = doc.body.get("spec") or {}
         pod_cidr = None
         if "podCIDR" in spec:
@@ -294,7 +309,8 @@ def _nodes(
                                                         f"{_describe(doc_i.body)}")
             if cidr_i is not None and cidr_j is not None and cidr_i.overlaps(cidr_j):
                 problems.add(doc_j, "spec.podCIDR", f"{cidr_j} overlaps {cidr_i} of {_describe(doc_i.body)}")
-    free_addresses = (a for a in node_cidr.hosts() if a not in used_addresses and a != node_cidr[1])
+    free_addresses = (a for a in node_cidr.hosts() if a not in used_addresses
+                      and a not in (node_cidr[1], api_server_address(node_cidr)))
     free_cidrs = (c for c in DEFAULT_POD_SUPERNET.subnets(new_prefix=24)
                   if c.network_address.packed[2] != 0 and not any(c.overlaps(u) for u in used_cidrs))
     nodes = []
