@@ -173,6 +173,43 @@ def lab_demo(lab_name: str, keep: bool) -> None:
     run_demo(lab_name, keep, click.echo)
 
 
+@lab.command("apiserver")
+@LAB_OPTION
+@click.option("--address", default="127.0.0.1", show_default=True, help="the address to listen on (and certify)")
+@click.option("--port", default=6443, show_default=True, type=int)
+@click.option("--dir", "directory", required=True, type=click.Path(path_type=Path),
+              help="its files: certificates, tokens, the kubeconfig it writes (reused when present)")
+@click.option("--manifests", type=click.Path(exists=True, path_type=Path), default=None,
+              help="objects to serve from the start (a YAML file or a directory of them)")
+def lab_apiserver(lab_name: str, address: str, port: int, directory: Path, manifests: Path | None) -> None:
+    """Serve the lab's Kubernetes API over HTTPS until SIGTERM (`lab up` runs it inside the lab)."""
+    from nodeagent.lab.apiserver.process import serve
+
+    _daemon_logging()
+    serve(address, port, directory, manifests, lab_name)
+
+
+@lab.command("kubeconfig")
+@LAB_OPTION
+@_lab_errors
+def lab_kubeconfig(lab_name: str) -> None:
+    """Print the path of the kubeconfig of the lab's API server (usable inside the lab: see `lab kubectl`)."""
+    from nodeagent.lab import lab as labs
+
+    click.echo(labs.kubeconfig(lab_name))
+
+
+@lab.command("kubectl", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@LAB_OPTION
+@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+@_lab_errors
+def lab_kubectl(lab_name: str, arguments: tuple[str, ...]) -> None:
+    """Run kubectl against the lab's API server, inside the lab: `lab kubectl -- get svc -A`."""
+    from nodeagent.lab import lab as labs
+
+    sys.exit(labs.kubectl(lab_name, arguments).returncode)
+
+
 def source_options(func: F) -> F:
     """The options that say where the cluster's state comes from (exactly one of them)."""
     func = click.option("--node", "node_name", envvar="NODE_NAME", default=None,
