@@ -36,6 +36,7 @@ from nodeagent.lab.apiserver.http import Handler
 from nodeagent.lab.apiserver.resources import PLURAL_OF_KIND, RESOURCES, ApiResource
 from nodeagent.lab.apiserver.store import DROP, END, INITIAL_EVENTS_END, ApiError, Store, status_body
 from nodeagent.lab.apiserver.tls import ServingCredentials, make_credentials
+from nodeagent.lab.apiserver.tokens import API_AUDIENCE, TokenRegistry, review_answer
 from nodeagent.model import MESH_GROUP
 
 log = structlog.get_logger("nodeagent.lab.apiserver")
@@ -86,6 +87,7 @@ class LabApiServer:
         self.bookmark_interval = bookmark_interval
         self.store = Store()
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.tokens = TokenRegistry()
         self._credentials = credentials if credentials is not None or not tls else make_credentials(
             [host, "localhost"])
         self._port = port
@@ -236,19 +238,26 @@ class LabApiServer:
             metadata["annotations"] = {INITIAL_EVENTS_END: "true"}
         return {"kind": resource.kind, "apiVersion": resource.api_version, "metadata": metadata}
 
+    def issue_token(self, namespace: str, service_account: str, pod_name: str, pod_uid: str, node_name: str,
+                    audiences: Iterable[str] = ("nodeagent-ca",), expires: float | None = None) -> str:
+        """A projected ServiceAccount token this server's TokenReview accepts (see tokens.TokenRegistry)."""
+        return self.tokens.issue(namespace, service_account, pod_name, pod_uid, node_name, audiences, expires)
+
     def review_token(self, body: Any) -> dict[str, Any]:
-        """TokenReview: authenticated when the token is one this server accepts."""
+        """TokenReview: the registry's answer for a token it issued; the server's own bearer token
+        authenticates as the lab's admin; anything else is not authenticated."""
         spec = body.get("spec") if isinstance(body, dict) else None
         token = spec.get("token") if isinstance(spec, dict) else None
-        if not isinstance(token, str):
+        if not isinstance(token, str) or not token:
             raise ApiError(400, "BadRequest", "spec.token is required")
+        answer = self.tokens.review(body)
+        if answer is not None:
+            return answer
         user = self.identity_of(token)
-        status: dict[str, Any] = {"authenticated": user is not None}
-        if user is not None:
-            status["user"] = user
-            status["audiences"] = (spec or {}).get("audiences") or []
-        return {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {},
-                "spec": spec, "status": status}
+        if user is None:
+            return review_answer(spec or {}, {"authenticated": False, "user": {}, "error": "invalid bearer token"})
+        return review_answer(spec or {}, {"authenticated": True, "user": user,
+                                          "audiences": list((spec or {}).get("audiences") or [API_AUDIENCE])})
 
     def identity_of(self, token: str) -> dict[str, Any] | None:
         """The user a token authenticates as, or None."""
