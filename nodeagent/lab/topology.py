@@ -524,7 +524,10 @@ def _check_as_the_agent_reads(resolved: Sequence[Mapping[str, Any]], documents: 
         if ref is None:  # kinds only carried through (ConfigMap); the agent does not read them
             continue
         for rejection in decode(body).rejections:
-            scope = "the agent would reject the object" if rejection.whole_object else "the agent would ignore it"
+            # A part is dropped, or (a policy part the tunnel cannot enforce) kept so that it can only narrow
+            # access: either way the agent would not do what the manifest says, which the reason spells out.
+            scope = "the agent would reject the object" if rejection.whole_object else \
+                "the agent would not apply it as written"
             problems.items.append(ManifestProblem(written_at.get(rejection.ref, "derived by the lab"),
                                                   str(rejection.ref), rejection.field,
                                                   f"{rejection.reason} ({scope})"))

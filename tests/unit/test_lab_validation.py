@@ -110,7 +110,7 @@ def test_lab_refuses_what_the_agent_would_drop(extra: str, expected: str) -> Non
     assert any(line.startswith(expected) and "(the agent would" in line for line in found), found
 
 
-def test_lab_refuses_a_mesh_policy_the_agent_would_reject() -> None:
+def test_lab_refuses_a_mesh_policy_the_agent_cannot_enforce_as_written() -> None:
     policy = """---
 apiVersion: security.nodeagent.io/v1alpha1
 kind: AuthorizationPolicy
@@ -119,5 +119,6 @@ spec:
   rules: [{to: [{operation: {paths: [/admin]}}]}]
 """
     found = problems(NODES + policy)
+    # Kept, matching nothing (an ALLOW rule with an L7 part), which the lab says rather than run silently.
     assert any(line.startswith("lab.yaml#2: AuthorizationPolicy default/l7: spec.rules[0].to[0].operation")
-               and "reject the object" in line for line in found), found
+               and "matches nothing" in line and "not apply it as written" in line for line in found), found
