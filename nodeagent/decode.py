@@ -811,8 +811,29 @@ def _authorization_policy(ctx: _Ctx, raw: Mapping[str, Any]) -> AuthorizationPol
         if spec.get(key):
             ctx.drop(f"spec.{key}", "attaches the policy to a waypoint or gateway, which nodeagent does not run; "
                                     "the tunnel applies the policy by its selector (namespace-wide without one)")
-    return AuthorizationPolicy(ref=ctx.ref, action=action, selector=_selector(ctx, spec), rules=rules,
-                               resource_version=rv)
+    selector, readable = _policy_selector(spec)
+    if not readable:
+        # Dropping the policy would fail open (a DENY gone; an ALLOW gone, so "no ALLOW applies"). Applied
+        # to the whole namespace instead: a DENY denies as written there, an ALLOW allows nothing.
+        effect = ("its rules then match nothing" if action is PolicyAction.ALLOW else "it denies as written there")
+        ctx.drop("spec.selector", f"({_short(spec.get('selector'))}) is not a selector with string matchLabels: "
+                                  f"the policy applies to every workload of the namespace and {effect}")
+        if action is PolicyAction.ALLOW:
+            rules = (PolicyRule(unenforceable=(Unenforceable("selector", "unreadable selector"),)),)
+    return AuthorizationPolicy(ref=ctx.ref, action=action, selector=selector, rules=rules, resource_version=rv)
+
+
+def _policy_selector(spec: Mapping[str, Any]) -> tuple[dict[str, str] | None, bool]:
+    """(matchLabels or None for the whole namespace, whether the selector could be read at all)."""
+    raw = spec.get("selector")
+    if raw is None:
+        return None, True
+    labels = raw.get("matchLabels") if isinstance(raw, Mapping) else raw
+    if labels is None and isinstance(raw, Mapping):
+        return None, True
+    if isinstance(labels, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        return (dict(labels) or None), True
+    return None, False
 
 
 def _peer_authentication(ctx: _Ctx, raw: Mapping[str, Any]) -> PeerAuthentication:

@@ -478,3 +478,21 @@ def test_port_level_mtls_without_a_port_is_the_workload_mode() -> None:
 ])
 def test_patterns_match_as_prefix_suffix_presence_or_exact(pattern: str, value: str | None, matches: bool) -> None:
     assert pattern_matches(pattern, value) is matches
+
+
+@pytest.mark.parametrize("selector", [["app", "web"], {"matchLabels": {"app": 7}}, {"matchLabels": "app=web"}, "web"])
+def test_an_unreadable_selector_never_widens_access(selector: Any) -> None:
+    """Dropping such a policy would fail open; it applies namespace-wide instead, a DENY as written and an
+    ALLOW matching nothing (so a workload another ALLOW does not admit is refused)."""
+    deny = policy("deny", {"selector": selector, "action": "DENY",
+                           "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/client"]}}]}]})
+    assert deny.selector is None
+    assert not check(Authorizer([deny], [])).allowed
+    assert check(Authorizer([deny], []), source=OTHER).allowed
+    allow = policy("allow", {"selector": selector, "action": "ALLOW", "rules": [{}]})
+    verdict = check(Authorizer([allow], []))
+    assert not verdict.allowed and "matches nothing" in verdict.reason
+    raw = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+           "metadata": {"name": "deny", "namespace": "shop"}, "spec": {"selector": selector, "action": "DENY"}}
+    assert any(r.field == "spec.selector" and "every workload of the namespace" in r.reason
+               for r in decode(raw).rejections)
