@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from nodeagent.inspect.model import Capture, Drift, ServicePath, Tunnel
+from nodeagent.inspect.model import Capture, Drift, PolicyLine, ServicePath, Tunnel
+from nodeagent.model import ObjectRef
+from nodeagent.state import Snapshot
+from nodeagent.ztunnel.authz import Authorizer
 
 
 def compute_drift(*, enrolled: bool, capture: Capture, missing: Sequence[str], unexpected: Sequence[str],
@@ -45,3 +48,20 @@ def tunnel_part(dump: Mapping[str, Any] | None, ip: str, error: str = "") -> Tun
                   listeners=tuple(int(port) for port in pod.get("listeners", ())),
                   certificate_subject=str(pod.get("identity", "")), certificate_serial=str(cert.get("serial", "")),
                   certificate_expiry=str(cert.get("not_after", "")), pools=tuple(pod.get("pools", ())))
+
+
+def policy_lines(snapshot: Snapshot, namespace: str, labels: Mapping[str, str]) -> tuple[PolicyLine, ...]:
+    """The policies the tunnel applies to a workload as a destination, with what it cannot enforce as written:
+    its mTLS mode (the PeerAuthentication that sets it, or the mesh default), then every AuthorizationPolicy
+    that selects it. The unenforceable parts come from the snapshot's rejections of each policy, which name
+    the field and what the tunnel does instead (an ALLOW rule matches nothing, a DENY denies on the rest)."""
+    authorizer = Authorizer.from_snapshot(snapshot)
+
+    def notes(ref: ObjectRef) -> tuple[str, ...]:
+        return tuple(f"{r.field}: {r.reason}" for r in snapshot.rejections_of(ref))
+
+    mode, peer = authorizer.mode(namespace, labels)
+    lines = [PolicyLine("PeerAuthentication", peer.key if peer else "", str(mode), notes(peer) if peer else ())]
+    lines += [PolicyLine("AuthorizationPolicy", policy.ref.key, str(policy.action), notes(policy.ref))
+              for policy in authorizer.applicable(namespace, labels)]
+    return tuple(lines)

@@ -21,7 +21,7 @@ import structlog
 
 from nodeagent.enrollment import Enrollment
 from nodeagent.inspect.agent_client import AgentUnreachable, query_agent
-from nodeagent.inspect.build import compute_drift, tunnel_part
+from nodeagent.inspect.build import compute_drift, policy_lines, tunnel_part
 from nodeagent.inspect.model import Capture, PodReport, ProgramLine, RuleLine, ServicePath
 from nodeagent.inspect.paths import captured_by_tunnel, ebpf_paths, iptables_paths, with_live
 from nodeagent.model import IPNetwork
@@ -228,7 +228,8 @@ def inspect_pod(target: Target, ref: str, namespace: str | None = None, service:
                           agent_state=agent_state or None, tunnel=tunnel, services=services)
     log.debug("pod inspected", pod=key, source=source, drift=len(drift))
     return PodReport(key, target.node, ips, str(identity), decision.enrolled, decision.reason, source, note,
-                     mode, reason, agent_state, capture, tunnel, tuple(services), drift)
+                     mode, reason, agent_state, capture, tunnel, tuple(services), drift,
+                     policy_lines(target.snapshot, pod.ref.namespace, pod.labels))
 
 
 def inspect_service(target: Target, service: str) -> list[ServicePath]:

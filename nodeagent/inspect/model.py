@@ -80,6 +80,16 @@ class ServicePath:
 
 
 @dataclass(frozen=True)
+class PolicyLine:
+    """One policy that applies to the pod, and every part of it the tunnel cannot enforce as written."""
+
+    kind: str  # AuthorizationPolicy | PeerAuthentication
+    policy: str  # namespace/name, or "" for the mesh default
+    effect: str  # ALLOW | DENY | STRICT | PERMISSIVE | ...
+    unenforceable: tuple[str, ...] = ()  # "field: reason: what the tunnel does instead"
+
+
+@dataclass(frozen=True)
 class Drift:
     """A difference between desired and live state."""
 
@@ -107,6 +117,7 @@ class PodReport:
     tunnel: Tunnel
     services: tuple[ServicePath, ...] = ()
     drift: tuple[Drift, ...] = ()
+    policies: tuple[PolicyLine, ...] = ()
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -75,6 +75,12 @@ def to_human(report: PodReport) -> str:
                          path.via, eps])
         lines += _table(rows, ["", "frontend", "service", "verdict", "via", "endpoints"])
         lines.append("")
+    if report.policies:
+        lines.append("Policies (this pod as a destination):")
+        for line in report.policies:
+            lines.append(f"  {line.kind} {line.policy or '(mesh default)'}: {line.effect}")
+            lines += [f"    {MARK} not enforceable as written: {note}" for note in line.unenforceable]
+        lines.append("")
     if report.drift:
         lines.append(f"Drift ({len(report.drift)}):")
         lines += [f"  {MARK} {d.where} {d.change}: {d.detail}" for d in report.drift]

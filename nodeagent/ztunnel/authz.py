@@ -202,6 +202,10 @@ class Authorizer:
                     return Verdict(True, f"allowed by ALLOW policy {policy.ref.key} rule {index}", policy.ref, index)
         return Verdict(False, f"no ALLOW policy matched ({', '.join(_describe_allow(p) for p in allows)})")
 
+    def applicable(self, namespace: str, labels: Mapping[str, str]) -> list[AuthorizationPolicy]:
+        """The AuthorizationPolicies that apply to a workload (for `inspect`), in evaluation order."""
+        return list(self._applicable(namespace, labels))
+
     def _applicable(self, namespace: str, labels: Mapping[str, str]) -> Iterable[AuthorizationPolicy]:
         scopes = [self._policies.get(namespace, ())]
         if namespace != self.root_namespace:

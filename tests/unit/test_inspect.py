@@ -3,6 +3,7 @@ part of the report, the renderers (JSON valid against the documented schema), an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from ipaddress import ip_address
@@ -18,7 +19,7 @@ from nodeagent.agent import AgentOptions, proxy_config
 from nodeagent.cli import main
 from nodeagent.decode import decode, object_ref
 from nodeagent.events import Upserted
-from nodeagent.inspect.build import compute_drift, tunnel_part
+from nodeagent.inspect.build import compute_drift, policy_lines, tunnel_part
 from nodeagent.inspect.model import Capture, Drift, PodReport, RuleLine, ServicePath, Tunnel, as_document
 from nodeagent.inspect.output import MARK, render, to_human
 from nodeagent.inspect.paths import captured_by_tunnel, ebpf_paths, iptables_paths, with_live
@@ -241,3 +242,24 @@ def test_node_and_service_views_render_in_every_format() -> None:
     assert "KUBE-SVC-" in service_text(paths, "human")
     assert {p["frontend"] for p in json.loads(service_text(paths, "json"))} == {"10.96.0.10:80/TCP",
                                                                                   "<node>:30080/TCP"}
+
+
+def test_policies_that_apply_are_shown_with_the_parts_the_tunnel_cannot_enforce() -> None:
+    l7 = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+          "metadata": {"name": "web-get", "namespace": "shop"},
+          "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW",
+                   "rules": [{"to": [{"operation": {"methods": ["GET"], "ports": ["8080"]}}]}]}}
+    other = {**l7, "metadata": {"name": "db-only", "namespace": "shop"},
+             "spec": {"selector": {"matchLabels": {"app": "db"}}, "action": "DENY", "rules": [{}]}}
+    strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+              "metadata": {"name": "all", "namespace": "shop"}, "spec": {"mtls": {"mode": "STRICT"}}}
+    lines = policy_lines(snapshot([*OBJECTS, l7, other, strict]), "shop", {"app": "web"})
+    assert [(line.kind, line.policy, line.effect) for line in lines] == [
+        ("PeerAuthentication", "shop/all", "STRICT"), ("AuthorizationPolicy", "shop/web-get", "ALLOW")]
+    assert lines[1].unenforceable and "spec.rules[0].to[0].operation.methods" in lines[1].unenforceable[0]
+    assert "matches nothing" in lines[1].unenforceable[0]
+    human = to_human(dataclasses.replace(report(), policies=lines))
+    assert f"{MARK} not enforceable as written: spec.rules[0].to[0].operation.methods" in human
+    jsonschema.validate(json.loads(render(dataclasses.replace(report(), policies=lines), "json")), schema())
+    default = policy_lines(snapshot(), "shop", {"app": "web"})
+    assert [(line.policy, line.effect) for line in default] == [("", "PERMISSIVE")]
