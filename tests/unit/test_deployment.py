@@ -6,8 +6,9 @@ strict: unknown fields fail); the ClusterRole grants exactly the API calls the c
 driving the Kubernetes source against a recording fake, plus a scan for any other way to call the API);
 the CA's ClusterRole grants exactly its TokenReviews and pod watch; only the CA Deployment mounts the CA
 key, the tunnels authenticate with a projected token; the CRDs match the kinds the source watches; the
-containers' flags exist in the CLI; the privileges are the justified ones; the shipped configurations load; the shell scripts pass shellcheck; the
-Vagrantfile parses and runs under a stub Vagrant; the smoke test's own manifests are valid.
+containers' flags exist in the CLI; the privileges are the justified ones; the shipped configurations
+load; the shell scripts pass shellcheck; the Vagrantfile parses and runs under a stub Vagrant; the smoke
+test's own manifests are valid.
 
 Tools: kubectl (kustomize), shellcheck, ruby and the kubernetes-validate package, all installed by
 scripts/setup.sh. A missing one fails the test in CI (CI=true) and skips it elsewhere, with the reason.
@@ -682,5 +683,5 @@ def test_the_tunnel_authenticates_with_a_projected_token_for_the_cas_audience() 
     assert ds["spec"]["template"]["spec"]["dnsPolicy"] == "ClusterFirstWithHostNet", "the Service name resolves"
     # the name the tunnel checks is in the CA's own certificate
     dns_names = [a.split("=", 1)[1] for a in ca["args"] if a.startswith("--dns-name=")] or list(
-        [p for p in main.commands["ca"].params if "--dns-name" in p.opts][0].default)
+        next(p for p in main.commands["ca"].params if "--dns-name" in p.opts).default)
     assert "nodeagent-ca" in dns_names
