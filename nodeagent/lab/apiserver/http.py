@@ -55,6 +55,7 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     api: LabApiServer
+    _raw_body = b""
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: requests are not logged line by line (watch streams would flood the log)."""
@@ -85,8 +86,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(error.code, error.status(), headers=error.headers)
 
     def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self._raw_body
         if not raw:
             return None
         try:
@@ -122,6 +122,10 @@ class Handler(BaseHTTPRequestHandler):
         return None
 
     def _dispatch(self) -> None:
+        # The body is read before anything is answered: a reply (say a 401) sent over an unread body, then
+        # the connection closed, makes the kernel reset it and the client may never see the reply.
+        length = int(self.headers.get("Content-Length") or 0)
+        self._raw_body = self.rfile.read(length) if length > 0 else b""
         parts = urlsplit(self.path)
         path = parts.path.rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
