@@ -68,8 +68,9 @@ def token_file(lab: labs.Lab, node: str) -> Path:
 def ca_address(lab: labs.Lab) -> ipaddress.IPv4Address:
     """Where the lab's CA listens: an address of the node network on the fabric bridge itself, so every node
     reaches it directly and it belongs to no node (as the CA runs apart from the nodes in a cluster). The
-    node network's first host, which the lab never gives a node unless a manifest asks for it."""
-    taken = {node.node.address for node in lab.plan.nodes}
+    node network's first host, which the lab never gives a node unless a manifest asks for it (then the
+    highest host free of nodes and of the lab API server)."""
+    taken = {node.node.address for node in lab.plan.nodes} | {lab.topology.api_server_address}
     network = lab.topology.node_cidr
     return next(a for a in (network[1], *reversed(list(network.hosts()))) if a not in taken)
 
