@@ -31,9 +31,10 @@ through `violation(reason)`, the tunnel's nodeagent_hbone_protocol_violations_to
     h2 would end the whole connection), as is one while `MAX_PENDING_OPENS` upstream connects are
     in flight; too many refusals per window close the connection;
   - rapid reset (CVE-2023-44487): a stream reset by the peer before its 200 cancels its upstream
-    connect at once, and more than `RESET_BUDGET` such resets per window close the connection
-    (GOAWAY ENHANCE_YOUR_CALM), as rust h2's max_pending_accept_reset_streams (ztunnel's stack) and
-    Envoy's premature-reset check (overload.premature_reset_*) do;
+    connect at once; a reset then or within `PREMATURE_RESET` of the stream's HEADERS is premature, and
+    more than `RESET_BUDGET` premature resets per window close the connection (GOAWAY
+    ENHANCE_YOUR_CALM), as rust h2's max_pending_accept_reset_streams (ztunnel's stack) and Envoy's
+    premature-reset check (overload.premature_reset_*, 1.24.11 / 1.27.1 and later) do;
   - slowloris: no complete CONNECT within `REQUEST_TIMEOUT` of the handshake (no preface, a trickled
     first request), or a header block still incomplete `REQUEST_TIMEOUT` after its first byte, closes
     the connection; a connection without streams for `IDLE_TIMEOUT` is closed with GOAWAY NO_ERROR
@@ -157,7 +158,9 @@ FLOOD_WINDOW = 10.0  # seconds over which the budgets below are counted
 PING_BUDGET = 100  # PINGs per window (a keepalive is one per 30 s; each is answered at once)
 SETTINGS_BUDGET = 100  # SETTINGS frames per window (a peer sends one, plus its ACKs)
 CONTROL_BUDGET = 1000  # other non-DATA frames but RST_STREAM / WINDOW_UPDATE, and empty DATA frames
-RESET_BUDGET = 2 * MAX_STREAMS  # streams the peer resets before their 200, per window
+RESET_BUDGET = 2 * MAX_STREAMS  # streams the peer resets prematurely, per window
+PREMATURE_RESET = 1.0  # a stream reset by the peer within this many seconds of its HEADERS is premature (Envoy's
+                       # overload.premature_reset_min_stream_lifetime_seconds default)
 REFUSED_BUDGET = 2 * MAX_STREAMS  # streams refused (over the stream limits), per window
 MAX_PENDING_OPENS = MAX_STREAMS  # upstream connects in flight per connection
 HANDSHAKE_TIMEOUT = 10.0  # a TLS handshake not done by then is aborted
@@ -451,6 +454,7 @@ class _Stream:
     response: asyncio.Future[int] | None = None
     writable: asyncio.Event = field(default_factory=asyncio.Event)  # nothing pending, TLS not paused
     done: asyncio.Future[None] | None = None  # resolved when the stream is finished or aborted
+    born: float = 0.0  # server: loop time of its HEADERS (a reset soon after is premature, see on_reset)
 
 
 class _Local(asyncio.Protocol):
@@ -509,7 +513,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.on_request: Callable[[RequestReceived], None] | None = None  # the server's CONNECT handler
         # The server's guard (serve_connection): a stream the peer reset, one refused over the limits, a
         # connection error (reason, detail), and a check after each read (header blocks in progress).
-        self.on_reset: Callable[[int], None] | None = None
+        self.on_reset: Callable[[int, _Stream | None], None] | None = None
         self.on_refused: Callable[[int], None] | None = None
         self.on_violation: Callable[[str, str], None] | None = None
         self.on_received: Callable[[], None] | None = None
@@ -608,7 +612,7 @@ class _Connection(asyncio.BufferedProtocol):
                 if gone is not None:
                     self._abort(gone)
                 if self.on_reset is not None and event.remote_reset:
-                    self.on_reset(event.stream_id)
+                    self.on_reset(event.stream_id, gone)
             elif isinstance(event, PingAckReceived):
                 self.pings_acked += 1
                 self.ping_acked.set()
@@ -961,16 +965,18 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
         if not within:
             close_for("refused_stream_flood", f"more than {REFUSED_BUDGET} streams refused in {FLOOD_WINDOW:g} s")
 
-    def on_reset(stream_id: int) -> None:
-        """The peer reset a stream: one still connecting upstream is a premature reset (rapid reset's
-        mechanism): its connect is cancelled now, and too many per window close the connection."""
+    def on_reset(stream_id: int, stream: _Stream | None) -> None:
+        """The peer reset a stream: one still connecting upstream has its connect cancelled now (rapid
+        reset's mechanism is making the server start work it then throws away). That reset, or one within
+        PREMATURE_RESET of the HEADERS, is premature: too many per window close the connection."""
         task = opening.pop(stream_id, None)
-        if task is None:
+        if task is not None:
+            task.cancel()
+        elif stream is None or loop.time() - stream.born >= PREMATURE_RESET:
             return
-        task.cancel()
         if not stopped and not resets.spend():
-            close_for("rapid_reset", f"more than {RESET_BUDGET} streams reset before their response "
-                                     f"in {FLOOD_WINDOW:g} s")
+            close_for("rapid_reset", f"more than {RESET_BUDGET} streams reset within {PREMATURE_RESET:g} s of "
+                                     f"their HEADERS in {FLOOD_WINDOW:g} s")
 
     async def open_stream(stream: _Stream, destination: tuple[str, int]) -> None:
         target = f"{destination[0]}:{destination[1]}"
@@ -1035,7 +1041,7 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
             h2.reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
             refused(event.stream_id)
             return
-        stream = h2.streams[event.stream_id] = _Stream(event.stream_id)
+        stream = h2.streams[event.stream_id] = _Stream(event.stream_id, born=loop.time())
         task = asyncio.create_task(open_stream(stream, destination))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

@@ -67,6 +67,23 @@ async def test_rapid_reset_cancels_every_upstream_connect_and_closes_the_connect
     await served.serves_honest_client()
 
 
+async def test_streams_reset_right_after_their_response_count_as_premature(served: Target) -> None:
+    """The rapid reset variant that lets each connect finish: open, take the 200, reset at once (in
+    rounds of the stream limit, so the flood takes a few round trips)."""
+    raw = await started(served)
+    authority = f"127.0.0.1:{served.echo_port}"
+    ids = iter(range(1, 1 << 20, 2))
+    for _ in range(RESET_BUDGET // MAX_STREAMS + 1):
+        batch = [next(ids) for _ in range(MAX_STREAMS)]
+        raw.send(*(raw.connect(i, authority) for i in batch))
+        for i in batch:
+            await raw.frames(HeadersFrame, match=answered(i))
+        raw.send(*(raw.reset(i) for i in batch))
+    await goaway(raw, ErrorCodes.ENHANCE_YOUR_CALM)
+    assert await served.counted("rapid_reset") == 1
+    await served.serves_honest_client()
+
+
 async def test_a_header_block_of_endless_continuations_is_cut_short(served: Target) -> None:
     raw = await started(served)
     block = raw.block([(":method", "CONNECT"), (":authority", f"127.0.0.1:{served.echo_port}")])

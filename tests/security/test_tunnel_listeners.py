@@ -194,4 +194,4 @@ async def test_the_tunnel_counts_refused_handshakes(pod_netns: str) -> None:
             writer.close()
         sock.close()
         await until(lambda: r.sample("nodeagent_hbone_protocol_violations_total", {"reason": "tls_version"}) == 1,
-                    "the refused handshake is counted", timeout=2)
+                    "the refused handshake is counted", timeout=1)
