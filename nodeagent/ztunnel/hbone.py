@@ -457,6 +457,16 @@ class _Stream:
     born: float = 0.0  # server: loop time of its HEADERS (a reset soon after is premature, see on_reset)
 
 
+def _nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY, as ztunnel and Envoy set it on every connection: a CONNECT, its 200 and small
+    request/response exchanges must not wait for Nagle's delayed ACK (40 ms a round on Linux). uvloop sets
+    it itself; asyncio only on sockets whose `proto` is IPPROTO_TCP, which ours (made with proto 0) are not."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class _Local(asyncio.Protocol):
     """The plain TCP side of one stream; every callback goes straight to the stream's connection."""
 
@@ -469,6 +479,7 @@ class _Local(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        _nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         self.h2.send_local(self.stream, data)
@@ -530,6 +541,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        _nodelay(transport)
         self.transport.set_write_buffer_limits(high=TLS_WRITE_HIGH)
         self.conn.initiate_connection()
         self.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
