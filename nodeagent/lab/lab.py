@@ -187,11 +187,22 @@ def _start_api_server(record: LabRecord, plan: LabPlan,
     return "the lab API server", pid, cgroup, (ContainerPort(API_PORT),), logfile
 
 
+def _shims(record: LabRecord | None) -> list[int]:
+    """The supervising shims of the lab's processes: the recorded ones and the API server's."""
+    if record is None:
+        return []
+    shims = [p.pid for p in record.processes]
+    pid_file = api_server_dir(record) / "pid"
+    if pid_file.exists():
+        shims.append(int(pid_file.read_text()))
+    return shims
+
+
 def _teardown(name: str, record: LabRecord | None) -> list[str]:
     """Remove everything of lab `name`: recorded objects and any stray object with its prefix."""
     removed: list[str] = []
     cgroup_root = f"{name}-lab"
-    _stop_processes(name, cgroup_root, [p.pid for p in record.processes] if record else [])
+    _stop_processes(name, cgroup_root, _shims(record))
     cgroups.remove_tree(cgroup_root)
     removed.append(f"cgroup {cgroup_root}")
     removed.extend(_remove_bpf_pins(name))
