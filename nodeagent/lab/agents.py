@@ -25,7 +25,7 @@ from nodeagent.lab.state import Process, locked
 
 AGENT_OWNER = "agent/"
 TUNNEL_OWNER = "ztunnel/"
-CA_OWNER = "ca/"
+CA_OWNER = "ca"  # `lab status` shows it as ca/nodeagent-ca
 CA_PORT = 15012
 CA_MONITORING_PORT = 15014
 
