@@ -15,8 +15,8 @@ through `violation(reason)`, the tunnel's nodeagent_hbone_protocol_violations_to
 - TLS (`serve_tls`): the handshake is the server's own, so a refused one is seen and named (tls.py:
   TLS < 1.3, no client certificate, untrusted chain, expired / not yet valid leaf, stalled handshake);
   then ALPN h2 and the trust domain (`peer_identity`).
-- h2 4.x already bounds: the decoded header list (hpack's max_header_list_size, our 16 KiB once the peer
-  acknowledged our SETTINGS; the HPACK-bomb guard), 64 CONTINUATION frames per block, frames beyond
+- h2 4.x already bounds: the decoded header list (hpack's max_header_list_size, the HPACK-bomb guard;
+  h2 applies our 16 KiB only once the peer acknowledged our SETTINGS, we set it from the first byte), 64 CONTINUATION frames per block, frames beyond
   SETTINGS_MAX_FRAME_SIZE, even / decreasing stream ids (connection errors, RFC 9113 5.1.1), and closed
   streams remembered (2^16). What it lacks is added here:
   - the *encoded* header block is capped (`MAX_HEADER_BLOCK`, `MAX_CONTINUATIONS`) when each frame's
@@ -548,6 +548,9 @@ class _Connection(asyncio.BufferedProtocol):
                                    SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
                                    SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
                                    SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST})
+        # h2 applies our header list limit only once the peer acknowledges the SETTINGS (64 KiB until then);
+        # a peer may send its first requests before that, so the decoder holds them to it from the start.
+        self.conn.decoder.max_header_list_size = MAX_HEADER_LIST
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
 

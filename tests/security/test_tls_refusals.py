@@ -13,7 +13,7 @@ import pytest
 from nodeagent.ztunnel.hbone import VIOLATIONS
 from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr, new_key
 from nodeagent.ztunnel.tls import client_context
-from tests.security.hostile import CLIENT_ID, HANDSHAKE_TIMEOUT, Pki, Target, bare_client
+from tests.security.hostile import CLIENT_ID, HANDSHAKE_TIMEOUT, Pki, Target, bare_client, target
 
 pytestmark = pytest.mark.root
 
@@ -91,3 +91,21 @@ def test_every_reason_counted_here_is_declared() -> None:
     for reason in ("trust_domain", "certificate_untrusted", "certificate_expired", "certificate_not_yet_valid",
                    "no_client_certificate", "tls_version", "alpn", "handshake_timeout"):
         assert reason in VIOLATIONS
+
+
+def test_the_handshake_is_refused_and_counted_the_same_under_uvloop(netns: str, pki: Pki) -> None:
+    """The tunnel runs on uvloop: serve_tls's paused-then-upgraded accept and its timeout behave alike."""
+    import uvloop
+
+    async def main() -> None:
+        async with target(netns, pki) as served:
+            await check(served, bare_client(alpn=["h2"], tls12=True), "tls_version")
+            await check(served, pki.forged(str(CLIENT_ID), NOW - 2 * DAY, NOW - DAY), "certificate_expired")
+            reader, writer = await asyncio.open_connection(sock=await served.socket())
+            writer.write(b"\x16\x03")
+            assert await asyncio.wait_for(reader.read(), HANDSHAKE_TIMEOUT * 8) == b""
+            writer.close()
+            assert await served.counted("handshake_timeout") == 1
+            await served.serves_honest_client()
+
+    uvloop.run(main())

@@ -33,6 +33,7 @@ from nodeagent.ztunnel.hbone import (
     SETTINGS_BUDGET,
     VIOLATIONS,
     _Budget,
+    _Connection,
     violation_reason,
 )
 from nodeagent.ztunnel.tls import handshake_failure
@@ -183,3 +184,41 @@ def test_handshake_failures_are_named() -> None:
         "certificate_expired", "certificate_untrusted", "no_client_certificate", "tls_version",
         "handshake_timeout", "handshake_aborted"]
     assert all(handshake_failure(e) in VIOLATIONS for e in (expired, untrusted, nocert, version, stalled))
+
+
+class FakeTransport:
+    """Just enough of a transport for _Connection: collects what is written."""
+
+    def __init__(self) -> None:
+        self.out, self.closed = bytearray(), False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_header_list_limit_holds_before_the_peer_acknowledges_our_settings() -> None:
+    """A block within the encoded cap that decodes past MAX_HEADER_LIST (but below h2's 64 KiB default) is
+    refused on the connection's very first request, the peer's SETTINGS ACK not yet in."""
+    connection = _Connection(client_side=False)
+    transport = FakeTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    reasons: list[str] = []
+    connection.on_violation = lambda reason, detail: reasons.append(reason)
+    block = Encoder().encode([(":method", "CONNECT"), (":authority", "10.0.0.1:80")] + [("x-b", "b" * 4000)] * 8)
+    assert len(block) < MAX_HEADER_BLOCK
+    frame = HeadersFrame(1, data=block)
+    frame.flags.add("END_HEADERS")
+    connection.receive(client_bytes(frame))
+    assert reasons == ["header_list_too_large"] and transport.closed
