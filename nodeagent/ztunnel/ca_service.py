@@ -79,29 +79,38 @@ def pods_on_node(pods: Mapping[str, set[tuple[str, str]]]) -> Authorizer:
 _FINISHED = ("Succeeded", "Failed")  # a pod that has terminated holds no identity any more
 
 
-def pods_in(snapshot: Callable[[], Snapshot | None]) -> Authorizer:
+class PodsIn:
     """An authorizer over the latest pod snapshot: the node runs a (not terminated) pod with the identity's
     namespace and service account, so a pod that left no longer gets certificates. Refuses with
-    UNAVAILABLE until the pods have been listed once (the tunnel retries)."""
-    lock = threading.Lock()
-    index: dict[str, frozenset[tuple[str, str]]] = {}
-    indexed: list[int] = [-1]  # the generation the index was built from
+    UNAVAILABLE until the pods have been listed once (the tunnel retries).
 
-    def authorize(node: str, identity: SpiffeId) -> bool:
-        current = snapshot()
+    The snapshot is indexed by node once per generation: a burst of requests does not rescan every pod.
+    """
+
+    def __init__(self, snapshot: Callable[[], Snapshot | None]) -> None:
+        self.snapshot = snapshot
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._by_node: dict[str, frozenset[tuple[str, str]]] = {}
+
+    def __call__(self, node: str, identity: SpiffeId) -> bool:
+        current = self.snapshot()
         if current is None or not current.synced((Kind.POD,)):
             raise Refused(grpc.StatusCode.UNAVAILABLE, "pods_not_synced", "the CA has not listed the pods yet")
-        with lock:  # one index per snapshot: a burst of requests does not rescan every pod
-            if indexed[0] != current.generation:
+        with self._lock:
+            if self._generation != current.generation:
                 by_node: dict[str, set[tuple[str, str]]] = {}
                 for pod in current.pods.values():
                     if pod.node_name and pod.phase not in _FINISHED:
                         by_node.setdefault(pod.node_name, set()).add((pod.ref.namespace, pod.service_account))
-                index.clear()
-                index.update({name: frozenset(ids) for name, ids in by_node.items()})
-                indexed[0] = current.generation
-            return (identity.namespace, identity.service_account) in index.get(node, frozenset())
-    return authorize
+                self._by_node = {name: frozenset(ids) for name, ids in by_node.items()}
+                self._generation = current.generation
+            return (identity.namespace, identity.service_account) in self._by_node.get(node, frozenset())
+
+
+def pods_in(snapshot: Callable[[], Snapshot | None]) -> Authorizer:
+    """`PodsIn` over `snapshot` (the CA's pod index)."""
+    return PodsIn(snapshot)
 
 
 class CaMetrics:

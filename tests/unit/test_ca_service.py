@@ -391,3 +391,24 @@ def test_the_endpoint_certificate_is_renewed_before_it_expires(tmp_path: Path) -
         assert (metrics.registry.get_sample_value("nodeagent_ca_serving_certificate_renewals_total") or 0) >= 1
     finally:
         server.stop(grace=None)
+
+
+# --- the pod index ------------------------------------------------------------------------------------------
+
+
+def test_the_pod_index_refuses_until_listed_and_ignores_terminated_pods() -> None:
+    from nodeagent.decode import decode, object_ref
+    from nodeagent.events import Listed
+    from nodeagent.state import ChangeTracker
+    from nodeagent.ztunnel.ca_service import PodsIn
+
+    tracker = ChangeTracker("")
+    authorize = PodsIn(lambda: tracker.snapshot() or tracker.last())
+    with pytest.raises(Refused) as caught:
+        authorize("node1", CLIENT)
+    assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "pods_not_synced")
+    done = pod("demo", "job", "node1", "batch") | {"status": {"phase": "Succeeded", "podIP": "10.244.1.9"}}
+    items = tuple((object_ref(raw), decode(raw)) for raw in (pod("demo", "client", "node1", "client"), done))
+    tracker.apply(Listed(Kind.POD, items, "7"))
+    assert authorize("node1", CLIENT) and not authorize("node2", CLIENT)
+    assert not authorize("node1", SpiffeId("cluster.local", "demo", "batch")), "a finished pod holds no identity"
