@@ -16,9 +16,9 @@ through `violation(reason)`, the tunnel's nodeagent_hbone_protocol_violations_to
   TLS < 1.3, no client certificate, untrusted chain, expired / not yet valid leaf, stalled handshake);
   then ALPN h2 and the trust domain (`peer_identity`).
 - h2 4.x already bounds: the decoded header list (hpack's max_header_list_size, the HPACK-bomb guard;
-  h2 applies our 16 KiB only once the peer acknowledged our SETTINGS, we set it from the first byte), 64 CONTINUATION frames per block, frames beyond
-  SETTINGS_MAX_FRAME_SIZE, even / decreasing stream ids (connection errors, RFC 9113 5.1.1), and closed
-  streams remembered (2^16). What it lacks is added here:
+  h2 applies our 16 KiB only once the peer acknowledged our SETTINGS, we set it from the first byte),
+  64 CONTINUATION frames per block, frames beyond SETTINGS_MAX_FRAME_SIZE, even / decreasing stream ids
+  (connection errors, RFC 9113 5.1.1), and closed streams remembered (2^16). What it lacks is added here:
   - the *encoded* header block is capped (`MAX_HEADER_BLOCK`, `MAX_CONTINUATIONS`) when each frame's
     header arrives, before its body is buffered: h2's 64-frame cap alone lets a block reach 64 x our
     16 MiB frame size (CVE-2024-27316 class, "CONTINUATION flood"); any other non-DATA frame is capped at
@@ -27,6 +27,7 @@ through `violation(reason)`, the tunnel's nodeagent_hbone_protocol_violations_to
     each is answered or processed at once, so a flood is CPU and queued ACKs (CVE-2019-9512, -9515,
     -9518; Envoy bounds the same with max_outbound_control_frames and
     max_consecutive_inbound_frames_with_empty_payload, nghttp2 with its queued-ACK limit);
+    WINDOW_UPDATEs are bounded by what we sent (Envoy's max_inbound_window_update_frames_per_data_frame_sent);
   - a stream over MAX_CONCURRENT_STREAMS is refused alone (REFUSED_STREAM; RFC 9113 5.1.2 allows it,
     h2 would end the whole connection), as is one while `MAX_PENDING_OPENS` upstream connects are
     in flight; too many refusals per window close the connection;
@@ -176,8 +177,8 @@ VIOLATIONS = (
     # HTTP/2
     "preface", "preface_timeout", "request_timeout", "header_timeout", "header_list_too_large",
     "continuation_flood", "frame_too_large", "settings_flood", "ping_flood", "control_frame_flood",
-    "empty_frame_flood", "rapid_reset", "max_streams", "refused_stream_flood", "stream_id", "flow_control",
-    "protocol_error",
+    "empty_frame_flood", "window_update_flood", "rapid_reset", "max_streams", "refused_stream_flood",
+    "stream_id", "flow_control", "protocol_error",
 )
 _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING = 0x1, 0x2, 0x3, 0x4, 0x5, 0x6
 _WINDOW_UPDATE, _CONTINUATION = 0x8, 0x9
@@ -392,6 +393,20 @@ class _H2(H2Connection):
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         self._frames: list[bytes] = []
         self._admit = False  # _receive_headers_frame: take a stream over the limit, to refuse it alone
+        self.sent_frames = 0  # frames we sent: what the peer's WINDOW_UPDATEs may answer
+        self.window_updates = 0
+        self.streams_opened = 0  # by the peer (not its highest id: a peer may jump straight to 2^31 - 1)
+
+    def _receive_window_update_frame(self, frame: Any) -> tuple[list[Frame], list[Event]]:
+        """h2's, after a bound on WINDOW_UPDATEs: each one makes us look at every stream with data to send,
+        so a flood of them is CPU times the streams. A peer acknowledges what we send, so their number
+        is bounded by ours, as Envoy bounds it (max_inbound_window_update_frames_per_data_frame_sent,
+        10 by default; its check is 1 + 2 * (streams + 10 * DATA frames sent), here all frames sent)."""
+        self.window_updates += 1
+        if self.window_updates > CONTROL_BUDGET + 2 * (self.streams_opened + 10 * self.sent_frames):
+            raise Violation("window_update_flood", f"{self.window_updates} WINDOW_UPDATEs for {self.sent_frames} "
+                                                   "frames sent")
+        return super()._receive_window_update_frame(frame)
 
     @property
     def open_inbound_streams(self) -> int:
@@ -401,8 +416,10 @@ class _H2(H2Connection):
         """h2's, but a new stream over our MAX_CONCURRENT_STREAMS is refused alone (REFUSED_STREAM, which
         RFC 9113 5.1.2 allows) where h2 ends the connection, every other stream with it. The header block
         is decoded all the same: the HPACK state is the connection's."""
-        if (self.config.client_side or frame.stream_id in self.streams
-                or self.open_inbound_streams < self.local_settings.max_concurrent_streams):
+        if self.config.client_side or frame.stream_id in self.streams:
+            return super()._receive_headers_frame(frame)
+        self.streams_opened += 1
+        if self.open_inbound_streams < self.local_settings.max_concurrent_streams:
             return super()._receive_headers_frame(frame)
         self._admit = True
         try:
@@ -414,6 +431,7 @@ class _H2(H2Connection):
         return frames, [*kept, _StreamRefused(frame.stream_id)]
 
     def _prepare_for_sending(self, frames: list[Frame]) -> None:
+        self.sent_frames += len(frames)
         self._frames.extend(frame.serialize() for frame in frames)
 
     def data_to_send(self, amount: int | None = None) -> bytes:

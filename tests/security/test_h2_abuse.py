@@ -9,9 +9,10 @@ import asyncio
 
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
 
 from nodeagent.ztunnel.hbone import (
+    CONTROL_BUDGET,
     MAX_CONTINUATIONS,
     MAX_HEADER_BLOCK,
     MAX_PENDING_OPENS,
@@ -200,4 +201,13 @@ async def test_the_last_stream_id_is_served_and_nothing_after_it(served: Target)
     raw.send(raw.connect(1, authority))
     await goaway(raw, ErrorCodes.PROTOCOL_ERROR)
     assert await served.counted("stream_id") == 1
+    await served.serves_honest_client()
+
+
+async def test_a_window_update_flood_closes_the_connection(served: Target) -> None:
+    """WINDOW_UPDATEs answer the data we send: far more of them than frames we sent is a flood."""
+    raw = await started(served)
+    raw.send(*(WindowUpdateFrame(0, window_increment=1) for _ in range(CONTROL_BUDGET + 100)))
+    await goaway(raw, ErrorCodes.ENHANCE_YOUR_CALM)
+    assert await served.counted("window_update_flood") == 1
     await served.serves_honest_client()
