@@ -181,7 +181,7 @@ def _start_api_server(record: LabRecord, plan: LabPlan,
     logfile = record.directory / "logs" / "apiserver.log"
     argv = ["nodeagent", "--log-json", "--log-level", "info", "lab", "apiserver", "--lab", record.name,
             "--address", str(control.node.address), "--port", str(API_PORT), "--dir", str(directory),
-            "--manifests", str(record.manifests_path)]
+            "--manifests", str(record.manifests_path), "--service-cidr", str(topology.service_cidr)]
     pid = processes.spawn(control.netns, cgroup, argv, {"NODEAGENT_LAB": record.name}, logfile)
     (directory / "pid").write_text(f"{pid}\n")
     return "the lab API server", pid, cgroup, (ContainerPort(API_PORT),), logfile

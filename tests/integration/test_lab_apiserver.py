@@ -332,6 +332,69 @@ def test_faults_refusals_with_retry_after_and_the_admin_surface(api: Api) -> Non
     assert state["resourceVersion"] == api.server.resource_version
 
 
+def test_the_manifests_file_is_applied_on_change_and_prunes_only_its_own_objects(tmp_path: Path) -> None:
+    from nodeagent.lab.apiserver.process import load_manifests
+    from nodeagent.lab.apiserver.sync import ManifestSync
+
+    server = LabApiServer(tls=False)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(json.dumps(k8s.service("a", cluster_ip="10.96.0.20")) + "\n---\n"
+                    + json.dumps(k8s.service("b", cluster_ip="10.96.0.21")))
+    sync = ManifestSync(server, path)
+    sync.adopt(load_manifests(server, path))
+    first = server.get("Service", "shop", "a")
+    server.create(k8s.service("through-api", cluster_ip="10.96.0.22"))
+    version = server.resource_version
+    path.write_text(path.read_text() + "\n")  # same objects: nothing changes, no event
+    assert sync.poll() is False or server.resource_version == version
+    edited = k8s.service("a", cluster_ip="10.96.0.20")
+    edited["metadata"]["labels"] = {"edited": "yes"}
+    path.write_text(json.dumps(edited))  # a edited, b gone
+    assert sync.poll()
+    assert {name for _, name in server._objects["services"]} == {"a", "through-api"}
+    now = server.get("Service", "shop", "a")
+    assert now["metadata"]["labels"] == {"edited": "yes"} and now["metadata"]["uid"] == first["metadata"]["uid"]
+    assert int(now["metadata"]["resourceVersion"]) > version
+
+
+def test_endpoint_slices_and_cluster_ips_follow_writes_through_the_api(api: Api, tmp_path: Path) -> None:
+    from ipaddress import IPv4Network
+
+    from nodeagent.lab.apiserver.controllers import EndpointSliceController
+
+    server = LabApiServer(token="lab-token", service_cidr=IPv4Network("10.96.0.0/12")).start()
+    controller = EndpointSliceController(server.store).start()
+    try:
+        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+        cluster = Api(server, kubeconfig, tmp_path / "cache", None, None)
+        server.create(k8s.namespace("shop"))
+        service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+                   "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+        cluster.kubectl("create", "-f", "-", stdin=json.dumps(service))
+        assert server.get("Service", "shop", "web")["spec"]["clusterIP"] == "10.96.0.10", "allocated as lab up does"
+        server.create(k8s.pod("web-0", "10.244.1.5", app="web"))
+        server.create(k8s.pod("web-1", "10.244.2.5", node="node2", app="web"))
+
+        def endpoints() -> list[str]:
+            with server._lock:
+                return sorted(a for s in server._objects["endpointslices"].values()
+                              for e in s.get("endpoints") or [] for a in e["addresses"])
+
+        deadline = time.monotonic() + 10
+        while endpoints() != ["10.244.1.5", "10.244.2.5"]:
+            assert time.monotonic() < deadline, f"endpoints {endpoints()}"
+            time.sleep(0.02)  # polling a condition with a deadline
+        cluster.kubectl("delete", "pod", "web-0", "-n", "shop")
+        while endpoints() != ["10.244.2.5"]:
+            assert time.monotonic() < deadline, f"endpoints {endpoints()} after the delete"
+            time.sleep(0.02)  # polling a condition with a deadline
+        printed = cluster.kubectl("get", "endpointslices", "-n", "shop").stdout.splitlines()
+        assert printed[1].split()[1:4] == ["IPv4", "8080", "10.244.2.5"]
+    finally:
+        controller.stop()
+        server.stop()
+
+
 @pytest.mark.root
 def test_lab_up_serves_its_api_inside_the_lab_and_lab_kubectl_reaches_it() -> None:
     from nodeagent.lab import lab as labs

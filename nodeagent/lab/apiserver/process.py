@@ -13,13 +13,16 @@ import secrets
 import signal
 import threading
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
 import structlog
 import yaml
 
+from nodeagent.lab.apiserver.controllers import EndpointSliceController
 from nodeagent.lab.apiserver.server import LabApiServer
+from nodeagent.lab.apiserver.sync import ManifestSync
 from nodeagent.lab.apiserver.tls import load_or_make
 
 log = structlog.get_logger("nodeagent.lab.apiserver")
@@ -61,31 +64,49 @@ def read_or_make_secret(path: Path) -> str:
     return secret
 
 
-def build(address: str, port: int, directory: Path, manifests: Path | None, name: str = "lab") -> LabApiServer:
-    """The server of `directory`, loaded with `manifests` (a YAML file or a directory of them), its kubeconfig
-    written; not yet listening."""
+def build(address: str, port: int, directory: Path, service_cidr: IPv4Network | None = None,
+          name: str = "lab") -> LabApiServer:
+    """The server of `directory` with its kubeconfig written; not yet listening."""
     files = ServerFiles(directory)
     server = LabApiServer(read_or_make_secret(files.token), port, host=address,
                           credentials=load_or_make(directory, [address, "localhost"]),
-                          admin_token=read_or_make_secret(files.admin_token), bookmark_interval=BOOKMARK_INTERVAL)
-    if manifests is not None:
-        paths = sorted(manifests.glob("*.y*ml")) if manifests.is_dir() else [manifests]
-        documents: list[dict[str, Any]] = [d for p in paths for d in yaml.safe_load_all(p.read_text())
-                                           if isinstance(d, dict)]
-        loaded = server.load_documents(documents)
-        log.info("apiserver.loaded", objects=loaded, skipped=len(documents) - loaded, manifests=str(manifests))
+                          admin_token=read_or_make_secret(files.admin_token), bookmark_interval=BOOKMARK_INTERVAL,
+                          service_cidr=service_cidr)
     # Written before listening: whoever sees the port bound finds the kubeconfig complete.
     server.write_kubeconfig(files.kubeconfig, name)
     return server
 
 
-def serve(address: str, port: int, directory: Path, manifests: Path | None, name: str = "lab") -> None:
-    """Run the server until SIGTERM or SIGINT."""
+def load_manifests(server: LabApiServer, manifests: Path) -> list[dict[str, Any]]:
+    """Load a YAML file into `server` (no history, like a restored etcd); returns its documents."""
+    documents: list[dict[str, Any]] = [d for d in yaml.safe_load_all(manifests.read_text()) if isinstance(d, dict)]
+    loaded = server.load_documents(documents)
+    log.info("apiserver.loaded", objects=loaded, skipped=len(documents) - loaded, manifests=str(manifests))
+    return documents
+
+
+def serve(address: str, port: int, directory: Path, manifests: Path | None, *, name: str = "lab",
+          service_cidr: IPv4Network | None = None, follow: bool = True) -> None:
+    """Run the server until SIGTERM or SIGINT: loaded with `manifests` and, with `follow`, applying every later
+    change of that file (sync.py); the endpoint-slice controller handles changes made through the API."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _signum, _frame: stop.set())
-    server = build(address, port, directory, manifests, name).start()
+    server = build(address, port, directory, service_cidr, name)
+    sync = None
+    if manifests is not None:
+        documents = load_manifests(server, manifests)
+        if follow:
+            sync = ManifestSync(server, manifests)
+            sync.adopt(documents)
+    controller = EndpointSliceController(server.store).start()
+    server.start()
+    if sync is not None:
+        sync.start()
     log.info("apiserver.serving", url=server.url, kubeconfig=str(ServerFiles(directory).kubeconfig))
     stop.wait()
+    if sync is not None:
+        sync.stop()
+    controller.stop()
     server.stop()
     log.info("apiserver.stopped")

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from http.server import ThreadingHTTPServer
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import orjson
 import structlog
 
 from nodeagent.lab.apiserver import resources
+from nodeagent.lab.apiserver.controllers import ServiceDefaults
 from nodeagent.lab.apiserver.http import Handler
 from nodeagent.lab.apiserver.resources import PLURAL_OF_KIND, RESOURCES, ApiResource
 from nodeagent.lab.apiserver.store import DROP, END, INITIAL_EVENTS_END, ApiError, Store, status_body
@@ -77,7 +79,7 @@ class LabApiServer:
     def __init__(self, token: str | None = None, port: int = 0, *, host: str = "127.0.0.1", tls: bool = True,
                  credentials: ServingCredentials | None = None, admin_token: str | None = None,
                  expire_in_stream: bool = True, bookmark_interval: float | None = None,
-                 serve_mesh_kinds: bool = True) -> None:
+                 serve_mesh_kinds: bool = True, service_cidr: IPv4Network | None = None) -> None:
         self.token = token or secrets.token_urlsafe(24)
         self.admin_token = admin_token or secrets.token_urlsafe(24)
         self.host = host
@@ -88,6 +90,10 @@ class LabApiServer:
         self.store = Store()
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.tokens = TokenRegistry()
+        if service_cidr is not None:  # then Services created through the API get cluster IPs from it
+            defaults = ServiceDefaults(self.store, service_cidr)
+            self.store.on_create.append(lambda resource, obj: defaults.apply(obj) if resource.kind == "Service"
+                                        else None)
         self._credentials = credentials if credentials is not None or not tls else make_credentials(
             [host, "localhost"])
         self._port = port
@@ -202,15 +208,16 @@ class LabApiServer:
     def load_documents(self, documents: Iterable[dict[str, Any]]) -> int:
         """Load manifests (the lab's): kinds not served are skipped; policies written for Istio's group are
         stored under the agent's, which is where the agent reads them. Returns how many were loaded."""
-        chosen = []
-        for doc in documents:
-            if doc.get("kind") not in PLURAL_OF_KIND:
-                continue
-            if str(doc.get("apiVersion", "")).startswith(ISTIO_GROUP + "/"):
-                doc = {**doc, "apiVersion": f"{MESH_GROUP}/v1"}
-            chosen.append(doc)
+        chosen = [self.normalized(doc) for doc in documents if doc.get("kind") in PLURAL_OF_KIND]
         self.create_many(chosen)
         return len(chosen)
+
+    @staticmethod
+    def normalized(doc: dict[str, Any]) -> dict[str, Any]:
+        """A manifest as the server stores it: policies of Istio's group under the agent's group."""
+        if str(doc.get("apiVersion", "")).startswith(ISTIO_GROUP + "/"):
+            return {**doc, "apiVersion": f"{MESH_GROUP}/v1"}
+        return doc
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         """Remove an object and notify watchers (KeyError if there is none)."""

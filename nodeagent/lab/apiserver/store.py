@@ -26,7 +26,7 @@ import secrets
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -120,6 +120,7 @@ class Change:
     type: str
     obj: dict[str, Any]
     prev: dict[str, Any] | None
+    origin: str = "api"  # who wrote it: "api" for requests, or a loader (the manifest sync)
 
 
 @dataclass
@@ -187,6 +188,10 @@ class Store:
         self.oldest = 1  # the oldest resourceVersion a watch (or a continue token) may start from
         self.rv = 100
         self.watchers: list[Watcher] = []
+        # Called with every change, under the lock (in-process controllers queue what they need).
+        self.observers: list[Callable[[Change], None]] = []
+        # Called with every object about to be created through the API, under the lock (server defaults).
+        self.on_create: list[Callable[[ApiResource, dict[str, Any]], None]] = []
         self._max_history = max_history
         self._snapshots: OrderedDict[tuple[str, int], tuple[list[Key], list[dict[str, Any]]]] = OrderedDict()
 
@@ -259,7 +264,7 @@ class Store:
     # --- writing ------------------------------------------------------------------------------------
 
     def commit(self, resource: ApiResource, event: str, obj: dict[str, Any],
-               prev: dict[str, Any] | None) -> dict[str, Any]:
+               prev: dict[str, Any] | None, origin: str = "api") -> dict[str, Any]:
         """Record one change with the next resourceVersion and feed the watchers; call with the lock held."""
         self.rv += 1
         obj = {"apiVersion": resource.api_version, "kind": resource.kind, **obj,
@@ -269,7 +274,7 @@ class Store:
             self.objects[resource.plural].pop(key, None)
         else:
             self.objects[resource.plural][key] = obj
-        change = Change(self.rv, resource.plural, event, obj, prev)
+        change = Change(self.rv, resource.plural, event, obj, prev, origin)
         self.history.append(change)
         if len(self.history) > self._max_history:  # etcd compacts too: the oldest half goes
             cut = len(self.history) // 2
@@ -278,6 +283,8 @@ class Store:
         for watcher in self.watchers:
             if watcher.plural == resource.plural:
                 watcher.offer(change)
+        for observer in self.observers:
+            observer(change)
         return obj
 
     def create(self, resource: ApiResource, namespace: str | None, body: dict[str, Any], *,
@@ -291,6 +298,8 @@ class Store:
                                _details(resource, meta["name"]))
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
             meta.pop("resourceVersion", None)
+            for hook in self.on_create:
+                hook(resource, obj)
             if dry_run:
                 return {**obj, "metadata": {**meta, "resourceVersion": str(self.rv)}}
             return self.commit(resource, "ADDED", obj, None)
@@ -390,7 +399,8 @@ class Store:
             return self._replace(resource, current, obj, subresource=subresource, dry_run=dry_run)
 
     def delete(self, resource: ApiResource, namespace: str | None, name: str,
-               preconditions: dict[str, Any] | None = None, *, dry_run: bool = False) -> dict[str, Any]:
+               preconditions: dict[str, Any] | None = None, *, dry_run: bool = False,
+               origin: str = "api") -> dict[str, Any]:
         """DELETE: remove an object (404 if absent, 409 if a precondition fails); returns it as deleted."""
         with self.lock:
             current = self.get(resource, namespace, name)
@@ -405,9 +415,9 @@ class Store:
                                                f"meta: {current['metadata'].get('uid')}")
             if dry_run:
                 return current
-            return self.commit(resource, "DELETED", current, current)
+            return self.commit(resource, "DELETED", current, current, origin)
 
-    def upsert(self, resource: ApiResource, obj: dict[str, Any]) -> dict[str, Any]:
+    def upsert(self, resource: ApiResource, obj: dict[str, Any], origin: str = "api") -> dict[str, Any]:
         """Add or replace an object as given (tests and the lab's loaders), with watch events."""
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
@@ -422,7 +432,7 @@ class Store:
                 for kept in ("uid", "creationTimestamp"):
                     if kept in current["metadata"]:
                         meta.setdefault(kept, current["metadata"][kept])
-            return self.commit(resource, "MODIFIED" if current is not None else "ADDED", obj, current)
+            return self.commit(resource, "MODIFIED" if current is not None else "ADDED", obj, current, origin)
 
     def load(self, objects: Iterable[tuple[ApiResource, dict[str, Any]]]) -> None:
         """Add many objects with no history (like a restored etcd): watches start after them."""
