@@ -179,14 +179,21 @@ def lab_demo(lab_name: str, keep: bool) -> None:
 @click.option("--port", default=6443, show_default=True, type=int)
 @click.option("--dir", "directory", required=True, type=click.Path(path_type=Path),
               help="its files: certificates, tokens, the kubeconfig it writes (reused when present)")
-@click.option("--manifests", type=click.Path(exists=True, path_type=Path), default=None,
-              help="objects to serve from the start (a YAML file or a directory of them)")
-def lab_apiserver(lab_name: str, address: str, port: int, directory: Path, manifests: Path | None) -> None:
+@click.option("--manifests", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="a YAML file of objects to serve from the start")
+@click.option("--follow/--no-follow", default=True, show_default=True,
+              help="apply every later change of --manifests (objects created through the API are kept)")
+@click.option("--service-cidr", default=None, help="give Services created through the API cluster IPs from it")
+def lab_apiserver(lab_name: str, address: str, port: int, directory: Path, manifests: Path | None, follow: bool,
+                  service_cidr: str | None) -> None:
     """Serve the lab's Kubernetes API over HTTPS until SIGTERM (`lab up` runs it inside the lab)."""
+    from ipaddress import IPv4Network
+
     from nodeagent.lab.apiserver.process import serve
 
     _daemon_logging()
-    serve(address, port, directory, manifests, lab_name)
+    serve(address, port, directory, manifests, name=lab_name, follow=follow,
+          service_cidr=IPv4Network(service_cidr) if service_cidr else None)
 
 
 @lab.command("kubeconfig")
