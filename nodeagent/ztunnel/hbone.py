@@ -180,7 +180,7 @@ VIOLATIONS = (
     "empty_frame_flood", "window_update_flood", "rapid_reset", "max_streams", "refused_stream_flood",
     "stream_id", "flow_control", "protocol_error",
 )
-_HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING = 0x1, 0x2, 0x3, 0x4, 0x5, 0x6
+_HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING = 0x1, 0x3, 0x4, 0x5, 0x6  # frame types, RFC 9113 6
 _WINDOW_UPDATE, _CONTINUATION = 0x8, 0x9
 
 # (peer identity, destination "ip:port") -> True (allowed), False (401: denied by policy), or the HTTP
@@ -477,8 +477,9 @@ class _Stream:
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
     """TCP_NODELAY, as ztunnel and Envoy set it on every connection: a CONNECT, its 200 and small
-    request/response exchanges must not wait for Nagle's delayed ACK (40 ms a round on Linux). uvloop sets
-    it itself; asyncio only on sockets whose `proto` is IPPROTO_TCP, which ours (made with proto 0) are not."""
+    request/response exchanges must not wait for Nagle's delayed ACK (40 ms a round on Linux). asyncio sets
+    it only on sockets made with proto IPPROTO_TCP (ours are made with 0), and uvloop, measured, not on the
+    sockets handed to it with sock= (a CONNECT round: 43 ms on asyncio, 2.9 ms on uvloop, 1.3 ms with it)."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
