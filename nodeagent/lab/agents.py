@@ -1,7 +1,8 @@
 """Running `nodeagent run` on every node of a lab, as the DaemonSet runs it on every node of a cluster.
 
-Each agent runs in its node's network namespace and cgroup under the lab's supervising shim, reads
-the lab's resolved manifests, and is recorded with the pods' processes, so `lab down` stops it.
+Each agent runs in its node's network namespace and cgroup under the lab's supervising shim, reads the
+lab's resolved manifests (or its API server: see `source_args`), and is recorded with the pods'
+processes, so `lab down` stops it.
 With the mesh, the lab's CA (`nodeagent ca`) runs once for the whole lab in the fabric namespace, on an
 address of the node network, as the CA Deployment runs apart from the nodes in a cluster.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,12 +41,27 @@ def cluster_cidr(lab: labs.Lab) -> str:
     return str(net)
 
 
+SOURCE_ENV = "NODEAGENT_LAB_AGENT_SOURCE"
+
+
+def source_args(lab: labs.Lab) -> list[str]:
+    """Where agents and tunnels read the cluster: the lab's resolved manifests, or, with
+    $NODEAGENT_LAB_AGENT_SOURCE=api, the lab's API server as on a cluster (its kubeconfig is reachable from
+    every node; it serves the same manifests and follows their changes). Not the API by default yet: an
+    agent whose kinds are listed one by one (as from any API server) programs its node only at its first
+    periodic sync, 30 s after start, because the tracker reports no change before its first snapshot."""
+    kubeconfig = labs.api_server_dir(lab.record) / "kubeconfig"
+    if os.environ.get(SOURCE_ENV) == "api" and kubeconfig.exists():
+        return ["--kubeconfig", str(kubeconfig)]
+    return ["--manifests", str(lab.record.manifests_path.parent)]
+
+
 def agent_argv(lab: labs.Lab, node: str, mode: str, extra: Sequence[str] = ()) -> list[str]:
     """The command line of the agent on `node`."""
     address = lab.plan.node(node).node.address
     return ["nodeagent", "--log-json", "--log-level", "info", "run", "--mode", mode,
             "--bpf-scope", f"{lab.record.name}-{node}",
-            "--manifests", str(lab.record.manifests_path.parent), "--node", node,
+            *source_args(lab), "--node", node,
             "--cluster-cidr", cluster_cidr(lab), "--healthz-bind-address", f"{address}:10256",
             "--metrics-bind-address", f"{address}:10249", *extra]
 
@@ -95,8 +112,7 @@ def mesh_agent_args(lab: labs.Lab, node: str, capture: bool = True) -> list[str]
 def tunnel_argv(lab: labs.Lab, node: str, capture: bool = True) -> list[str]:
     """The command line of the tunnel on `node`: its pods' namespaces are the lab's `<lab>-pod-…`."""
     address = lab.plan.node(node).node.address
-    return ["nodeagent", "--log-json", "--log-level", "info", "ztunnel", "--node", node,
-            "--manifests", str(lab.record.manifests_path.parent),
+    return ["nodeagent", "--log-json", "--log-level", "info", "ztunnel", "--node", node, *source_args(lab),
             "--ca-address", f"{ca_address(lab)}:{CA_PORT}", "--ca-token-file", str(token_file(lab, node)),
             "--ca-root-file", str(ca_dir(lab) / "root-cert.pem"),
             "--netns-dir", "/run/netns", "--netns-prefix", f"{lab.record.name}-pod-",
