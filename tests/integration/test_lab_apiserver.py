@@ -416,6 +416,20 @@ def test_lab_up_serves_its_api_inside_the_lab_and_lab_kubectl_reaches_it() -> No
                                "--cache-dir", str(Path(path).parent / "node-cache"), "get", "pods", "-n", "demo",
                                "-o", "name"], capture_output=True, text=True, timeout=30, check=False)
         assert pods.stdout.split() == ["pod/client", "pod/echo-0", "pod/echo-1"], pods.stderr
+
+        def endpoints() -> set[str]:
+            rows = labs.kubectl(name, ["get", "endpointslices", "-n", "demo", "-o",
+                                       "jsonpath={.items[*].endpoints[*].addresses[*]}"], capture=True).stdout
+            return set(rows.split())
+
+        far = str(lab.plan.pod("demo/echo-1").pod.ip)
+        assert far in endpoints()
+        assert labs.kubectl(name, ["delete", "pod", "echo-1", "-n", "demo"], capture=True).returncode == 0
+        deadline = time.monotonic() + 10
+        while far in endpoints():  # the lab's endpoint-slice controller withdraws it
+            assert time.monotonic() < deadline, "the deleted pod's endpoint stayed"
+            time.sleep(0.1)  # polling a condition with a deadline
+        assert str(lab.plan.pod("demo/echo-0").pod.ip) in endpoints()
     finally:
         labs.down(name)
     assert leftovers(name, []) == []
