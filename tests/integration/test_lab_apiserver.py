@@ -125,6 +125,7 @@ def test_kubectl_discovers_every_kind_the_agent_reads_and_the_server_version(api
             "tokenreviews.authentication.k8s.io"} <= set(names)
     version = json.loads(api.kubectl("version", "-o", "json").stdout)
     assert version["serverVersion"]["minor"] == "32"
+    assert api.kubectl("auth", "can-i", "delete", "pods", "-A").stdout.strip() == "yes", "the token is the admin"
 
 
 def test_kubectl_get_prints_the_servers_tables(api: Api) -> None:
@@ -330,6 +331,15 @@ def test_faults_refusals_with_retry_after_and_the_admin_surface(api: Api) -> Non
     assert code == 503 and json.loads(body)["reason"] == "ServiceUnavailable"
     state = json.loads(api.raw("/admin/state", token=api.server.admin_token)[1])
     assert state["resourceVersion"] == api.server.resource_version
+    api.server.delay(0.3, count=1)
+    started = time.monotonic()
+    assert api.raw("/api/v1/namespaces/faults")[0] == 200 and time.monotonic() - started >= 0.3
+    # A restart over the admin surface: down, then back on the same port with every object kept.
+    assert api.raw("/admin/restart", "POST", token=api.server.admin_token, body={"downSeconds": 0.2})[0] == 202
+    deadline = time.monotonic() + 10
+    while (answer := api.kubectl("get", "ns", "faults", "-o", "name", check=False)).returncode != 0:
+        assert time.monotonic() < deadline, answer.stderr
+    assert answer.stdout.strip() == "namespace/faults"
 
 
 def test_the_manifests_file_is_applied_on_change_and_prunes_only_its_own_objects(tmp_path: Path) -> None:

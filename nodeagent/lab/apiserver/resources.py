@@ -80,6 +80,10 @@ PLURAL_OF_KIND = {r.kind: r.plural for r in RESOURCES.values()}
 # TokenReview is create-only and stores nothing: it is answered, not kept (see http.py).
 TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 TOKEN_REVIEW = ApiResource("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False, (), ("create",))
+# `kubectl auth can-i`: the token is the lab's admin (no RBAC beyond it), so every review is allowed.
+ACCESS_REVIEW_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+ACCESS_REVIEW = ApiResource("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview",
+                            False, (), ("create",))
 
 
 def _groups(resources: Iterable[ApiResource]) -> dict[str, list[ApiResource]]:
@@ -92,7 +96,7 @@ def _groups(resources: Iterable[ApiResource]) -> dict[str, list[ApiResource]]:
 def served(mesh: bool) -> list[ApiResource]:
     """The resources served (the mesh CRDs only when `mesh`: a cluster may not have them installed)."""
     kinds = [r for r in RESOURCES.values() if mesh or r.group != MESH_GROUP]
-    return [*kinds, TOKEN_REVIEW]
+    return [*kinds, TOKEN_REVIEW, ACCESS_REVIEW]
 
 
 def api_versions(address: str) -> dict[str, Any]:
