@@ -21,8 +21,11 @@ from nodeagent.ztunnel.hbone import (
     REFUSED_BUDGET,
     RESET_BUDGET,
     SETTINGS_BUDGET,
+    open_connection,
+    open_stream,
 )
-from tests.security.hostile import RawH2, Target
+from nodeagent.ztunnel.netns import client_socket
+from tests.security.hostile import SERVER_ID, RawH2, Target
 
 pytestmark = pytest.mark.root
 
@@ -211,3 +214,25 @@ async def test_a_window_update_flood_closes_the_connection(served: Target) -> No
     await goaway(raw, ErrorCodes.ENHANCE_YOUR_CALM)
     assert await served.counted("window_update_flood") == 1
     await served.serves_honest_client()
+
+
+async def test_an_attack_on_one_connection_leaves_the_others_streams_alone(served: Target) -> None:
+    """An honest stream open on its own connection carries on through another peer's floods."""
+    honest = await open_connection(("127.0.0.1", served.port), served.pki.client(), SERVER_ID, timeout=5,
+                                   make_socket=lambda: client_socket(served.netns, 0))
+    try:
+        stream = await open_stream(honest, f"127.0.0.1:{served.echo_port}", timeout=5)
+        await stream.write(b"before")
+        assert await asyncio.wait_for(stream.read(), 5) == b"before"
+        raw = await started(served)
+        raw.send(*(raw.ping(n) for n in range(PING_BUDGET + 20)))
+        await goaway(raw, ErrorCodes.ENHANCE_YOUR_CALM)
+        raw = await started(served)
+        for n in range(RESET_BUDGET + 20):
+            raw.send(raw.connect(2 * n + 1, f"127.0.0.1:{served.echo_port}"), raw.reset(2 * n + 1))
+        await goaway(raw, ErrorCodes.ENHANCE_YOUR_CALM)
+        await stream.write(b"after")
+        assert await asyncio.wait_for(stream.read(), 5) == b"after"
+        stream.close()
+    finally:
+        honest.writer.close()
