@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import structlog
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
 
@@ -25,7 +26,7 @@ from nodeagent.ztunnel.hbone import (
     open_stream,
 )
 from nodeagent.ztunnel.netns import client_socket
-from tests.security.hostile import SERVER_ID, RawH2, Target
+from tests.security.hostile import CLIENT_ID, SERVER_ID, RawH2, Target
 
 pytestmark = pytest.mark.root
 
@@ -236,3 +237,15 @@ async def test_an_attack_on_one_connection_leaves_the_others_streams_alone(serve
         stream.close()
     finally:
         honest.writer.close()
+
+
+async def test_a_refusal_is_logged_naming_the_peer_and_its_identity(served: Target) -> None:
+    with structlog.testing.capture_logs() as logs:
+        raw = await started(served)
+        raw.send(*(raw.ping(n) for n in range(PING_BUDGET + 20)))
+        await goaway(raw, ErrorCodes.ENHANCE_YOUR_CALM)
+        await served.counted("ping_flood")
+    entries = [e for e in logs if e["event"] == "hbone protocol violation"]
+    assert len(entries) == 1, logs
+    assert entries[0]["reason"] == "ping_flood" and entries[0]["identity"] == str(CLIENT_ID)
+    assert entries[0]["peer"].startswith("('127.0.0.1', ") and entries[0]["log_level"] == "warning"

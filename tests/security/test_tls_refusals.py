@@ -9,6 +9,7 @@ import ssl
 import time
 
 import pytest
+import structlog
 
 from nodeagent.ztunnel.hbone import VIOLATIONS
 from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr, new_key
@@ -109,3 +110,12 @@ def test_the_handshake_is_refused_and_counted_the_same_under_uvloop(netns: str, 
             await served.serves_honest_client()
 
     uvloop.run(main())
+
+
+async def test_a_refused_handshake_is_logged_naming_the_peer(served: Target) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await refused(served, bare_client(alpn=["h2"], tls12=True))
+        await served.counted("tls_version")
+    entries = [e for e in logs if e["event"] == "hbone peer refused"]
+    assert len(entries) == 1 and entries[0]["reason"] == "tls_version", logs
+    assert entries[0]["peer"].startswith("('127.0.0.1', ") and entries[0]["log_level"] == "warning"
