@@ -204,6 +204,21 @@ def test_kubectl_writes_the_policy_crds_with_merge_patches(api: Api) -> None:
         "authorizationpolicy.security.nodeagent.io/allow-web"]
 
 
+def test_status_changes_only_through_the_status_subresource(api: Api) -> None:
+    ns = namespace(api, "status")
+    api.server.create(k8s.pod("p", "10.244.1.40", namespace=ns))
+    before = api.server.get("Pod", ns, "p")
+    api.core.patch_namespaced_pod("p", ns, {"status": {"podIP": "10.244.1.99"}, "metadata": {"labels": {"x": "1"}}})
+    after = api.server.get("Pod", ns, "p")
+    assert after["status"] == before["status"] and after["metadata"]["labels"] == {"x": "1"}
+    api.core.patch_namespaced_pod_status("p", ns, {"status": {"podIP": "10.244.1.41"},
+                                                   "metadata": {"labels": {"ignored": "yes"}}})
+    moved = api.server.get("Pod", ns, "p")
+    assert moved["status"]["podIP"] == "10.244.1.41" and moved["metadata"]["labels"] == {"x": "1"}
+    assert moved["metadata"]["generation"] == after["metadata"]["generation"], "status is not a spec change"
+    assert int(moved["metadata"]["resourceVersion"]) > int(after["metadata"]["resourceVersion"])
+
+
 def test_kubectl_get_watch_sees_label_selector_transitions(api: Api) -> None:
     ns = namespace(api, "watching")
     api.server.create(k8s.pod("early", "10.244.1.20", namespace=ns, app="web"))

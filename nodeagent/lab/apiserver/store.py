@@ -363,7 +363,7 @@ class Store:
             obj = {**current, "status": obj.get("status", {})}
         elif resource.kind in STATUS_SUBRESOURCE_KINDS and "status" in current:
             obj = {**obj, "status": current["status"]}  # and never through the object itself
-        meta = obj["metadata"]
+        meta = obj["metadata"] = dict(obj["metadata"])  # never the stored object's own metadata
         for kept in ("uid", "creationTimestamp"):
             if kept in current["metadata"]:
                 meta[kept] = current["metadata"][kept]
