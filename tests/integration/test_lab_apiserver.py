@@ -204,6 +204,31 @@ def test_kubectl_writes_the_policy_crds_with_merge_patches(api: Api) -> None:
         "authorizationpolicy.security.nodeagent.io/allow-web"]
 
 
+def test_set_based_selectors_json_patches_and_bad_requests(api: Api) -> None:
+    ns = namespace(api, "selectors")
+    for name, labels in (("a", {"app": "web"}), ("b", {"app": "db", "tier": "x"}), ("c", {"app": "cache"})):
+        api.server.create(k8s.pod(name, "10.244.1.50", namespace=ns, **labels))
+
+    def names(**query: str) -> list[str]:
+        return [p.metadata.name for p in api.core.list_namespaced_pod(ns, **query).items]
+
+    assert names(label_selector="app in (web, db)") == ["a", "b"]
+    assert names(label_selector="app notin (web),!tier") == ["c"]
+    assert names(label_selector="app!=web,tier") == ["b"]
+    assert names(field_selector="metadata.name!=a,metadata.namespace=selectors") == ["b", "c"]
+    api.core.patch_namespaced_pod("a", ns, [{"op": "add", "path": "/metadata/labels/extra", "value": "1"},
+                                            {"op": "test", "path": "/metadata/labels/app", "value": "web"}])
+    assert api.server.get("Pod", ns, "a")["metadata"]["labels"] == {"app": "web", "extra": "1"}
+    with pytest.raises(k8s_client.ApiException) as failed:
+        api.core.patch_namespaced_pod("a", ns, [{"op": "test", "path": "/metadata/labels/app", "value": "db"}])
+    assert failed.value.status == 422 and json.loads(failed.value.body)["reason"] == "Invalid"
+    code, body = api.raw(f"/api/v1/namespaces/{ns}/pods?labelSelector=app%20in%20(", "GET")
+    assert code == 400 and json.loads(body)["reason"] == "BadRequest"
+    code, body = api.raw(f"/api/v1/namespaces/{ns}/pods", "POST", body={
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "Not_A_Name"}})
+    assert code == 422 and json.loads(body)["details"]["causes"][0]["field"] == "metadata.name"
+
+
 def test_status_changes_only_through_the_status_subresource(api: Api) -> None:
     ns = namespace(api, "status")
     api.server.create(k8s.pod("p", "10.244.1.40", namespace=ns))
