@@ -229,6 +229,61 @@ def test_set_based_selectors_json_patches_and_bad_requests(api: Api) -> None:
     assert code == 422 and json.loads(body)["details"]["causes"][0]["field"] == "metadata.name"
 
 
+def test_the_agents_source_sees_what_kubectl_changes(api: Api) -> None:
+    """The agent's own reader (KubernetesSource into a ChangeTracker) follows kubectl's writes, including the
+    Service leaving kube-proxy's `!service.kubernetes.io/service-proxy-name` selection and coming back."""
+    from nodeagent.discovery.kubernetes import ApiConnection, KubernetesSource
+    from nodeagent.model import Kind
+    from nodeagent.state import ChangeTracker, Snapshot
+
+    ns = namespace(api, "agent")
+    api.server.create(k8s.service("web", namespace=ns, cluster_ip="10.96.0.70"))
+    api.server.create(k8s.endpoint_slice("web-a", "web", [k8s.endpoint("10.244.1.70")], namespace=ns))
+    tracker = ChangeTracker("node1")
+    changed = threading.Condition()
+
+    def sink(event: Any) -> None:
+        tracker.apply(event)
+        with changed:
+            changed.notify_all()
+
+    def endpoints(snapshot: Snapshot) -> list[str]:
+        return sorted(str(e) for port, found in snapshot.endpoints.items() if str(port).startswith(f"{ns}/")
+                      for e in found)
+
+    latest: list[Snapshot] = []
+
+    def wait_until(want: list[str], what: str) -> None:
+        deadline = time.monotonic() + 10
+        with changed:
+            while True:
+                snapshot = tracker.snapshot() or (latest[-1] if latest else None)
+                if snapshot is not None:
+                    latest.append(snapshot)
+                    if endpoints(snapshot) == want:
+                        return
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"{what}: {endpoints(snapshot) if snapshot else None}"
+                changed.wait(min(remaining, 0.1))
+
+    connection = ApiConnection.from_config(str(api.kubeconfig))
+    source = KubernetesSource(connection, sink, "node1", kinds=(Kind.SERVICE, Kind.ENDPOINT_SLICE)).start()
+    try:
+        wait_until(["10.244.1.70:8080"], "the first list")
+        api.kubectl("label", "svc", "web", "-n", ns, "service.kubernetes.io/service-proxy-name=other")
+        wait_until([], "the Service handed to another proxy")
+        api.kubectl("label", "svc", "web", "-n", ns, "service.kubernetes.io/service-proxy-name-")
+        wait_until(["10.244.1.70:8080"], "the Service back")
+        api.kubectl("patch", "endpointslice", "web-a", "-n", ns, "--type", "merge", "-p",
+                    '{"endpoints":[{"addresses":["10.244.1.71"],"conditions":{"ready":true},"nodeName":"node1"}]}')
+        wait_until(["10.244.1.71:8080"], "the endpoint kubectl wrote")
+        api.kubectl("delete", "endpointslice", "web-a", "-n", ns)
+        wait_until([], "the slice kubectl deleted")
+    finally:
+        source.stop()
+        connection.close()
+
+
 def test_status_changes_only_through_the_status_subresource(api: Api) -> None:
     ns = namespace(api, "status")
     api.server.create(k8s.pod("p", "10.244.1.40", namespace=ns))
