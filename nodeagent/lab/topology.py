@@ -500,6 +500,12 @@ def _resolved_node(node: LabNode, docs: Iterable[Document]) -> Mapping[str, Any]
     addresses = [a for a in status.get("addresses") or [] if a.get("type") != "InternalIP"]
     status["addresses"] = [{"type": "InternalIP", "address": str(node.address)},
                            *(addresses or [{"type": "Hostname", "address": node.name}])]
+    # What a kubelet reports (`kubectl get nodes` shows Ready and a version; the agent reads neither).
+    status.setdefault("conditions", [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                      "message": "the lab's node namespace is up"}])
+    status.setdefault("nodeInfo", {"kubeletVersion": "v1.32.0-lab", "containerRuntimeVersion": "nodeagent-lab",
+                                   "osImage": "nodeagent lab", "kernelVersion": "", "operatingSystem": "linux",
+                                   "architecture": "amd64"})
     return body
 
 

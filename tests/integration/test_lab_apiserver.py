@@ -535,6 +535,11 @@ def test_lab_up_serves_its_api_inside_the_lab_and_lab_kubectl_reaches_it() -> No
             assert time.monotonic() < deadline, "the deleted pod's endpoint stayed"
             time.sleep(0.1)  # polling a condition with a deadline
         assert str(lab.plan.pod("demo/echo-0").pod.ip) in endpoints()
+        nodes = labs.kubectl(name, ["get", "nodes"], capture=True).stdout.splitlines()
+        assert [line.split()[:2] for line in nodes[1:]] == [["node1", "Ready"], ["node2", "Ready"]]
+        assert labs.kubectl(name, ["delete", "namespace", "demo"], capture=True).returncode == 0
+        left = labs.kubectl(name, ["get", "pods,svc,endpointslices", "-n", "demo", "-o", "name"], capture=True)
+        assert left.stdout.split() == [], "the namespace's objects went with it"
     finally:
         labs.down(name)
     assert leftovers(name, []) == []

@@ -415,6 +415,12 @@ class Store:
                                                f"meta: {current['metadata'].get('uid')}")
             if dry_run:
                 return current
+            if resource.kind == "Namespace":
+                # The namespace controller's work, done at once: everything in the namespace goes first.
+                for plural, objects in self.objects.items():
+                    if RESOURCES[plural].namespaced:
+                        for key in sorted(k for k in objects if k[0] == name):
+                            self.commit(RESOURCES[plural], "DELETED", objects[key], objects[key], origin)
             return self.commit(resource, "DELETED", current, current, origin)
 
     def upsert(self, resource: ApiResource, obj: dict[str, Any], origin: str = "api") -> dict[str, Any]:
