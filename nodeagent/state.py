@@ -153,11 +153,14 @@ class ChangeTracker:
     def apply_all(self, events: Iterable[Event]) -> None:
         """Fold several events in under one lock acquisition."""
         with self._lock:
-            before = self._pending()
+            before, listed_before = self._pending(), len(self._synced)
             for event in events:
                 self._apply(event)
-            now_pending = self._pending()
-        if now_pending and not before and self._on_change is not None:
+            now_pending, newly_listed = self._pending(), len(self._synced) > listed_before
+        # A kind listed for the first time is news even while changes are already pending: a consumer that
+        # waits for its kinds (the agent before its first sync) passed on the earlier notice and must be
+        # told, or it would wait for its periodic sync (30 s) when kinds arrive one by one from an API server.
+        if now_pending and (not before or newly_listed) and self._on_change is not None:
             self._on_change()
 
     def synced(self, kinds: Iterable[Kind]) -> bool:

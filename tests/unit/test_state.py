@@ -232,6 +232,21 @@ def test_on_change_fires_once_per_batch_of_pending_changes() -> None:
     assert calls == [1, 1]
 
 
+def test_each_kind_listed_for_the_first_time_is_told_even_while_changes_are_pending() -> None:
+    """Kinds arrive one by one from an API server; the agent waits for Services and EndpointSlices before its
+    first sync, so a notice swallowed while earlier changes were pending left it waiting for its periodic sync."""
+    calls: list[Kind] = []
+    tracker = ChangeTracker("node1", on_change=lambda: calls.append(Kind.NODE))
+    tracker.apply(listed(Kind.NODE, [k8s.node("node1", "172.18.0.2", "10.244.1.0/24")]))
+    tracker.apply(up(k8s.service("web")))  # pending already: no new notice
+    assert len(calls) == 1
+    tracker.apply(listed(Kind.SERVICE, [k8s.service("web")]))
+    tracker.apply(listed(Kind.ENDPOINT_SLICE, []))
+    assert len(calls) == 3
+    tracker.apply(listed(Kind.SERVICE, [k8s.service("web")]))  # a relist: nothing newly listed
+    assert len(calls) == 3
+
+
 # --- the diff, checked against a from-scratch rebuild ----------------------------------------------------
 
 _names = st.sampled_from(["a", "b", "c"])
