@@ -188,6 +188,17 @@ def test_kubectl_create_label_annotate_patch_replace_delete(api: Api) -> None:
     assert missing.returncode == 1 and 'Error from server (NotFound): pods "p1" not found' in missing.stderr
 
 
+def test_kubectl_generators_post_protobuf_and_the_server_decodes_it(api: Api) -> None:
+    assert api.kubectl("create", "namespace", "generated").stdout.strip() == "namespace/generated created"
+    api.kubectl("create", "configmap", "settings", "-n", "generated", "--from-literal=mode=fast")
+    api.kubectl("create", "service", "nodeport", "front", "-n", "generated", "--tcp=80:http", "--node-port=30081")
+    assert api.server.get("ConfigMap", "generated", "settings")["data"] == {"mode": "fast"}
+    front = api.server.get("Service", "generated", "front")
+    assert front["spec"]["type"] == "NodePort" and front["spec"]["selector"] == {"app": "front"}
+    assert front["spec"]["ports"] == [{"name": "80-http", "protocol": "TCP", "port": 80, "targetPort": "http",
+                                       "nodePort": 30081}]
+
+
 def test_kubectl_writes_the_policy_crds_with_merge_patches(api: Api) -> None:
     ns = namespace(api, "policies")
     policy = {"apiVersion": "security.nodeagent.io/v1", "kind": "AuthorizationPolicy",

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 import structlog
 
-from nodeagent.lab.apiserver import resources, tables
+from nodeagent.lab.apiserver import protobuf, resources, tables
 from nodeagent.lab.apiserver.patch import APPLY, PATCH_TYPES
 from nodeagent.lab.apiserver.resources import ApiResource
 from nodeagent.lab.apiserver.selectors import Selection
@@ -89,6 +89,13 @@ class Handler(BaseHTTPRequestHandler):
         raw = self._raw_body
         if not raw:
             return None
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        if content_type == protobuf.CONTENT_TYPE:
+            try:
+                return protobuf.decode_object(raw)
+            except (protobuf.Unsupported, UnicodeDecodeError) as exc:
+                raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format "
+                               f"- accepted media types include: application/json ({exc})") from exc
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
