@@ -35,7 +35,7 @@ from nodeagent.decode import decode, object_ref  # noqa: E402
 from nodeagent.events import Listed, Upserted  # noqa: E402
 from nodeagent.model import Kind, ObjectRef  # noqa: E402
 from nodeagent.state import ChangeTracker, Snapshot  # noqa: E402
-from nodeagent.ztunnel.authz import Authorizer  # noqa: E402
+from nodeagent.ztunnel.authz import Authorizer, AuthzRequest  # noqa: E402
 from nodeagent.ztunnel.balance import Attempts, choose  # noqa: E402
 from nodeagent.ztunnel.circuit import CircuitBreaker  # noqa: E402
 from nodeagent.ztunnel.identity import SpiffeId  # noqa: E402
@@ -134,10 +134,11 @@ def run(services: int, endpoints: int, calls: int, changes: int, seed: int) -> d
 
     authorizer = Authorizer.from_snapshot(snapshot)
     source = SpiffeId("cluster.local", "client", "default")
-    labels = [{"app": f"svc-{i}"} for i in range(services)]
+    requests = [AuthzRequest("bench", {"app": f"svc-{i}"}, "10.244.2.2", 8080, source, "10.244.1.5")
+                for i in range(services)]
 
     def authz(i: int) -> object:
-        return authorizer.check("bench", labels[i % services], 8080, source)
+        return authorizer.check(requests[i % services])
 
     breaker = CircuitBreaker(1024, 1024)
 

@@ -32,7 +32,7 @@ import structlog
 from nodeagent.ztunnel.admission import NotAdmitted, Refusal, check_target
 from nodeagent.ztunnel.authz import Authorizer, AuthzRequest, Verdict
 from nodeagent.ztunnel.certs import Fetch, WorkloadCertificate, rotating_server_context
-from nodeagent.ztunnel.hbone import SOCKET_MARK, HbonePool, HboneStream, serve_connection
+from nodeagent.ztunnel.hbone import SOCKET_MARK, HbonePool, HboneStream, TlsListener, serve_connection, serve_tls
 from nodeagent.ztunnel.identity import SpiffeId
 from nodeagent.ztunnel.netns import client_socket, listening_socket, original_destination
 from nodeagent.ztunnel.outbound import Outbound, Refused
@@ -56,7 +56,7 @@ class _Pod:
     workload: Workload
     certificate: WorkloadCertificate
     pool: HbonePool
-    servers: list[asyncio.Server] = field(default_factory=list)
+    servers: list[asyncio.Server | TlsListener] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -118,9 +118,11 @@ class NodeTunnel:
         inbound = listening_socket(workload.netns, HBONE_PORT)
         outbound = listening_socket(workload.netns, OUTBOUND_PORT)
         plaintext = listening_socket(workload.netns, INBOUND_PLAIN_PORT)
-        pod.servers.append(await asyncio.start_server(
-            lambda r, w: self._inbound(pod, r, w), sock=inbound, ssl=rotating_server_context(certificate),
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT))
+        # The handshake is served by hbone.serve_tls, not start_server(ssl=...), so a refused or stalled one
+        # is counted (asyncio reports those only in debug mode).
+        pod.servers.append(await serve_tls(inbound, rotating_server_context(certificate),
+                                           lambda r, w: self._inbound(pod, r, w), handshake_timeout=HANDSHAKE_TIMEOUT,
+                                           violation=self._violation))
         pod.servers.append(await asyncio.start_server(lambda r, w: self._outbound(pod, r, w), sock=outbound))
         pod.servers.append(await asyncio.start_server(lambda r, w: self._inbound_plaintext(pod, r, w),
                                                       sock=plaintext))
@@ -149,10 +151,14 @@ class NodeTunnel:
         sock = client_socket(pod.workload.netns, SOCKET_MARK, source if pod.workload.transparent else None)
         try:
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
-        except OSError:
+        except BaseException:  # also a connect cancelled by the peer's reset: never leak the socket
             sock.close()
             raise
         return sock
+
+    def _violation(self, reason: str) -> None:
+        """Count an HBONE peer refused at TLS or for abusing HTTP/2 (hbone.VIOLATIONS names the reasons)."""
+        self.metrics.protocol_violations.labels(reason=reason).inc()
 
     async def _connect_from(self, pod: _Pod, host: str, port: int, source: str | None = None
                             ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -249,7 +255,7 @@ class NodeTunnel:
         # already refused any other with 400; this keeps it so even if that check were bypassed).
         await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
                                connect=lambda _host, port: self._connect_socket(pod, pod.workload.ip, port, source),
-                               observe=observe)
+                               observe=observe, violation=self._violation)
 
     async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                                  ) -> None:
@@ -286,7 +292,10 @@ class NodeTunnel:
 
             live = _Live(pod, port, None, source_ip, abort)
             self.live.add(live)
-            await _bridge_tcp(reader, writer, up_reader, up_writer, connection)
+            # No Service tells this path its idle timeout: the default (Envoy's tcp_proxy 1 h) bounds a silent
+            # client, which otherwise held its app connection for ever.
+            await _until_idle(_bridge_tcp(reader, writer, up_reader, up_writer, connection),
+                              lambda: connection.request_bytes + connection.response_bytes, connection, abort)
         except (OSError, ConnectionError) as exc:
             if not opened:
                 connection.flags = UPSTREAM_FAILURE

@@ -34,7 +34,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from nodeagent.ztunnel.hbone import SOCKET_MARK, open_connection, open_stream, serve_connection, serve_tls
+from nodeagent.ztunnel.hbone import SOCKET_MARK, TlsListener, open_connection, open_stream, serve_connection, serve_tls
 from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr, new_key
 from nodeagent.ztunnel.netns import client_socket, listening_socket
 from nodeagent.ztunnel.telemetry import TunnelMetrics
@@ -123,7 +123,7 @@ class Target:
         self.metrics = TunnelMetrics()
         self.gate: asyncio.Event | None = None
         self.inflight = self.peak = self.connects = 0
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[asyncio.Server | TlsListener] = []
         self.port = self.echo_port = 0
         self.idle_timeout: float | None = 3600.0
 

@@ -181,9 +181,6 @@ async def test_a_stalled_handshake_on_15008_is_dropped_after_the_handshake_timeo
         await r.hbone_echo()
 
 
-@pytest.mark.xfail(strict=True, reason="tunnel.py serves 15008 with asyncio.start_server(ssl=...), which hides "
-                                       "refused handshakes; it needs hbone.serve_tls(..., violation=) and "
-                                       "serve_connection(..., violation=) wired to the metric")
 async def test_the_tunnel_counts_refused_handshakes(pod_netns: str) -> None:
     async with rig(pod_netns, "STRICT") as r:
         sock = client_socket(pod_netns, 0)
