@@ -1130,10 +1130,17 @@ class TlsListener:
 
     def close(self) -> None:
         """Stop accepting and close the listening socket."""
+        sockets, self.sockets = self.sockets, []
+
+        def close_sockets(_: object) -> None:
+            for sock in sockets:
+                sock.close()
+
+        # Closed only once the accept loop has ended: the event loop unregisters the socket when the
+        # cancelled accept completes, and a socket closed before that leaves a stale registration that a
+        # new socket with the same descriptor then trips over (asyncio's selector loop).
         self._task.cancel()
-        for sock in self.sockets:
-            sock.close()
-        self.sockets = []
+        self._task.add_done_callback(close_sockets)
 
     async def wait_closed(self) -> None:
         """Return once the accept loop has ended (after `close`)."""
