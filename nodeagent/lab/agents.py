@@ -1,8 +1,7 @@
 """Running `nodeagent run` on every node of a lab, as the DaemonSet runs it on every node of a cluster.
 
 Each agent runs in its node's network namespace and cgroup under the lab's supervising shim, reads the
-lab's resolved manifests (or its API server: see `source_args`), and is recorded with the pods'
-processes, so `lab down` stops it.
+lab's API server (see `source_args`), and is recorded with the pods' processes, so `lab down` stops it.
 With the mesh, the lab's CA (`nodeagent ca`) runs once for the whole lab in the fabric namespace, on an
 address of the node network, as the CA Deployment runs apart from the nodes in a cluster.
 """
@@ -45,13 +44,11 @@ SOURCE_ENV = "NODEAGENT_LAB_AGENT_SOURCE"
 
 
 def source_args(lab: labs.Lab) -> list[str]:
-    """Where agents and tunnels read the cluster: the lab's resolved manifests, or, with
-    $NODEAGENT_LAB_AGENT_SOURCE=api, the lab's API server as on a cluster (its kubeconfig is reachable from
-    every node; it serves the same manifests and follows their changes). Not the API by default yet: an
-    agent whose kinds are listed one by one (as from any API server) programs its node only at its first
-    periodic sync, 30 s after start, because the tracker reports no change before its first snapshot."""
+    """Where agents and tunnels read the cluster: the lab's API server, as on a cluster (its kubeconfig is
+    reachable from every node; it serves the resolved manifests and follows their changes). The manifests
+    themselves with $NODEAGENT_LAB_AGENT_SOURCE=manifests, or for a lab made before it had an API server."""
     kubeconfig = labs.api_server_dir(lab.record) / "kubeconfig"
-    if os.environ.get(SOURCE_ENV) == "api" and kubeconfig.exists():
+    if os.environ.get(SOURCE_ENV) != "manifests" and kubeconfig.exists():
         return ["--kubeconfig", str(kubeconfig)]
     return ["--manifests", str(lab.record.manifests_path.parent)]
 

@@ -23,6 +23,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from http.server import ThreadingHTTPServer
 from ipaddress import IPv4Network
@@ -88,7 +89,8 @@ class LabApiServer:
         self.serve_mesh_kinds = serve_mesh_kinds
         self.bookmark_interval = bookmark_interval
         self.store = Store()
-        self.requests: list[tuple[str, dict[str, str]]] = []
+        # The latest GETs of resources (plural, query), for tests; bounded, as the lab's server runs for hours.
+        self.requests: deque[tuple[str, dict[str, str]]] = deque(maxlen=100_000)
         self.tokens = TokenRegistry()
         if service_cidr is not None:  # then Services created through the API get cluster IPs from it
             defaults = ServiceDefaults(self.store, service_cidr)
