@@ -32,11 +32,14 @@ class Refusal(StrEnum):
     TUNNEL_PORT = "target-tunnel-port"  # the authority names one of the tunnel's own ports
     POLICIES_NOT_SYNCED = "policies-not-synced"  # fail closed until the policy kinds are listed
     POD_UNKNOWN = "pod-unknown"  # the served pod is no longer in the workload table (leaving)
+    IDENTITY_UNKNOWN = "source-identity-unknown"  # a valid certificate of an identity no pod holds any more
 
     @property
     def status(self) -> int:
         """The HTTP status an HBONE CONNECT is refused with (ztunnel's choices, see the module doc)."""
-        return 400 if self is Refusal.NOT_THIS_POD else 503
+        if self is Refusal.NOT_THIS_POD:
+            return 400
+        return 401 if self is Refusal.IDENTITY_UNKNOWN else 503
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,8 @@ Authorization fails closed: until AuthorizationPolicy and PeerAuthentication are
 authorizer, every inbound connection is refused with 503 and readiness says why (a missing CRD names
 itself there). `--no-policy-crds` is the operator saying the cluster has none: both kinds count as listed
 and empty, and that is logged at start. A new snapshot whose policies or pod labels differ re-checks
-every open inbound connection (`NodeTunnel.reevaluate`).
+every open inbound connection (`NodeTunnel.reevaluate`), as does an identity whose last pod left (a
+certificate of an identity no pod holds is refused: a deleted pod's leftover).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class TunnelProcess:
 
     def __post_init__(self) -> None:
         self.tunnel = NodeTunnel(self.options.node, self.options.trust_domain, self.fetch, self.lookup,
-                                 services=lambda: self.services, authorizer=lambda: self.authorizer)
+                                 services=lambda: self.services, authorizer=lambda: self.authorizer,
+                                 identity_known=lambda identity: self.table is not None and self.table.holds(identity))
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._synced_kinds: frozenset[Kind] = frozenset()
@@ -210,7 +212,7 @@ class TunnelProcess:
         self._synced_kinds = snapshot.synced_kinds
         if snapshot.synced(POLICY_KINDS):
             # Rebuilt only when its inputs change; then every open inbound connection is judged again.
-            inputs = (snapshot.authorization_policies, snapshot.peer_authentications,
+            inputs = (snapshot.authorization_policies, snapshot.peer_authentications, self.table.identities,
                       tuple(sorted((ip, w.name, tuple(sorted(w.labels.items())))
                                    for ip, w in self.table.by_ip.items() if ip in self.tunnel.pods)))
             if inputs != self._authz_inputs:

@@ -76,8 +76,10 @@ class NodeTunnel:
     def __init__(self, node: str, trust_domain: str, fetch: Fetch, lookup: Callable[[str], Workload | None], *,
                  services: Callable[[], ServiceTable | None] = lambda: None,
                  authorizer: Callable[[], Authorizer | None] = lambda: None,
-                 metrics: TunnelMetrics | None = None) -> None:
+                 metrics: TunnelMetrics | None = None,
+                 identity_known: Callable[[SpiffeId], bool] = lambda _: True) -> None:
         self.node, self.trust_domain, self.fetch, self.lookup = node, trust_domain, fetch, lookup
+        self.identity_known = identity_known  # does some pod still hold this identity (see WorkloadTable.holds)
         self.authorizer = authorizer
         self.metrics = metrics or TunnelMetrics()
         self.outbound = Outbound(node, lookup, services, self.metrics)
@@ -179,6 +181,9 @@ class NodeTunnel:
         current = self.lookup(workload.ip)
         if current is None or current.name != workload.name:
             return NotAdmitted(Refusal.POD_UNKNOWN, f"{workload.name or workload.ip} is no longer a known pod")
+        if source is not None and not self.identity_known(source):
+            return NotAdmitted(Refusal.IDENTITY_UNKNOWN, f"no pod holds {source} any more (its pods were deleted): "
+                                                         "the certificate is a leftover")
         return authorizer.check(AuthzRequest(current.namespace, current.labels, workload.ip, port, source,
                                              source_ip))
 

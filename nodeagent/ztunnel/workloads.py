@@ -43,10 +43,16 @@ class WorkloadTable:
     by_ip: Mapping[str, Workload]
     local: Mapping[str, Workload]  # enrolled pods scheduled on `node`, by IP (netns still to be found)
     decisions: Mapping[str, Enrollment]  # namespace/name -> enrollment, for this node's pods
+    identities: frozenset[SpiffeId] = frozenset()  # every identity some known pod holds
 
     def lookup(self, ip: str) -> Workload | None:
         """The workload holding `ip`, if it is a pod the table knows."""
         return self.by_ip.get(ip)
+
+    def holds(self, identity: SpiffeId) -> bool:
+        """Whether some pod the table knows runs as `identity` (a certificate of an identity no pod holds
+        any more, its pods deleted, is refused: it can only be a leftover or a stolen one)."""
+        return identity in self.identities
 
 
 def workload_table(snapshot: Snapshot, node: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> WorkloadTable:
@@ -70,4 +76,4 @@ def workload_table(snapshot: Snapshot, node: str, trust_domain: str = DEFAULT_TR
             by_ip[workload.ip] = workload
             if decision.enrolled and pod.node_name == node:
                 local[workload.ip] = workload
-    return WorkloadTable(node, by_ip, local, decisions)
+    return WorkloadTable(node, by_ip, local, decisions, frozenset(w.identity for w in by_ip.values()))

@@ -61,11 +61,11 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 class Attacker:
-    """An HBONE client in the client pod's namespace with a valid certificate for demo/client."""
+    """An HBONE client in the client pod's namespace with a valid certificate (for demo/client unless told)."""
 
-    def __init__(self, lab: labs.Lab) -> None:
+    def __init__(self, lab: labs.Lab, identity: SpiffeId = CLIENT) -> None:
         ca = CertificateAuthority.load_or_create(ca_dir(lab))  # the lab's own root: a genuine certificate
-        self.certificate = WorkloadCertificate(CLIENT, lambda identity, key: ca.issue(make_csr(identity, key))[1])
+        self.certificate = WorkloadCertificate(identity, lambda identity, key: ca.issue(make_csr(identity, key))[1])
         netns = f"/run/netns/{lab.plan.pod('demo/client').netns}"
         # The tunnel's mark keeps the client pod's own capture from taking the connection to the tunnel.
         self.pool = HbonePool(lambda: self.certificate.contexts()[1],
@@ -122,6 +122,21 @@ async def test_connect_to_anything_but_the_served_pod_is_refused_and_the_pod_sti
         await attacker.pool.close()
     assert refusals(lab, "node2", "target-not-served-pod") - before["target-not-served-pod"] >= 4
     assert refusals(lab, "node2", "target-tunnel-port") - before["target-tunnel-port"] >= 6
+
+
+async def test_a_certificate_of_an_identity_no_pod_holds_is_refused(lab: labs.Lab) -> None:
+    """A deleted pod's certificate (valid until it expires, the CA no longer renews it): no pod runs as
+    demo/ghost, so its CONNECT is refused with 401 and counted; demo/client's goes on."""
+    echo1 = str(lab.plan.pod("demo/echo-1").pod.ip)
+    before = refusals(lab, "node2", "source-identity-unknown")
+    ghost, client = Attacker(lab, SpiffeId("cluster.local", "demo", "ghost")), Attacker(lab)
+    try:
+        assert await ghost.status(echo1, f"{echo1}:8080") == 401
+        assert await client.status(echo1, f"{echo1}:8080") == 200
+    finally:
+        await ghost.pool.close()
+        await client.pool.close()
+    assert refusals(lab, "node2", "source-identity-unknown") > before
 
 
 def test_plaintext_straight_to_15006_is_refused_and_counted(lab: labs.Lab) -> None:

@@ -35,13 +35,15 @@ def deny_from(principal: str, **selector: str) -> AuthorizationPolicy:
 
 
 class Harness:
-    """A NodeTunnel with one served pod whose table entry and authorizer the test changes."""
+    """A NodeTunnel with one served pod whose table entry, known identities and authorizer the test changes."""
 
     def __init__(self) -> None:
         self.table: dict[str, Workload] = {ECHO.ip: ECHO}
+        self.identities = {CLIENT, STRANGER, ECHO.identity}
         self.authorizer: Authorizer | None = None
         self.tunnel = NodeTunnel("node2", "cluster.local", cast(Any, None), self.table.get,
-                                 authorizer=lambda: self.authorizer, metrics=TunnelMetrics())
+                                 authorizer=lambda: self.authorizer, metrics=TunnelMetrics(),
+                                 identity_known=self.identities.__contains__)
         self.pod = _Pod(ECHO, cast(Any, None), cast(Any, None))
         self.tunnel.pods[ECHO.ip] = self.pod
 
@@ -120,3 +122,19 @@ def test_losing_policies_during_a_relist_admits_nothing_new_but_keeps_what_was_a
     harness.authorizer = None
     assert harness.tunnel.reevaluate() == 0 and not aborted
     assert isinstance(harness.admit(ECHO.ip, 8080), NotAdmitted)
+
+
+def test_a_certificate_of_an_identity_no_pod_holds_any_more_is_refused_and_its_connections_closed() -> None:
+    """A deleted pod's certificate stays valid until it expires; the tunnel refuses it once no pod runs as
+    that identity, and closes what it carried."""
+    harness = Harness()
+    harness.authorizer = Authorizer([], [])
+    aborted: list[str] = []
+    harness.tunnel.live.add(_Live(harness.pod, 8080, STRANGER, "10.244.1.9", lambda: aborted.append("stranger")))
+    harness.identities.discard(STRANGER)
+    outcome = harness.admit(ECHO.ip, 8080, STRANGER)
+    assert isinstance(outcome, NotAdmitted) and outcome.refusal is Refusal.IDENTITY_UNKNOWN
+    assert outcome.refusal.status == 401
+    assert harness.tunnel.reevaluate() == 1 and aborted == ["stranger"]
+    assert cast(Verdict, harness.admit(ECHO.ip, 8080, CLIENT)).allowed
+    assert harness.counter("nodeagent_tunnel_hbone_refusals_total", reason="source-identity-unknown") == 1
