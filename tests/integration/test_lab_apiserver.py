@@ -427,7 +427,8 @@ def test_initial_events_end_with_the_annotated_bookmark_only_when_asked(api: Api
 
 def test_faults_refusals_with_retry_after_and_the_admin_surface(api: Api) -> None:
     namespace(api, "faults")
-    api.server.refuse(2, 429, retry_after=1)
+    api.kubectl("get", "ns", "faults")  # discovery cached: the refusals below meet the namespace request
+    api.server.refuse(2, 429, retry_after=1, plural="namespaces")
     started = time.monotonic()
     result = api.kubectl("get", "ns", "faults", "-o", "name")  # client-go honours Retry-After and retries
     assert result.stdout.strip() == "namespace/faults" and time.monotonic() - started >= 1.0
@@ -440,6 +441,10 @@ def test_faults_refusals_with_retry_after_and_the_admin_surface(api: Api) -> Non
     api.server.delay(0.3, count=1)
     started = time.monotonic()
     assert api.raw("/api/v1/namespaces/faults")[0] == 200 and time.monotonic() - started >= 0.3
+    api.server.delay(0.5, count=1, plural="namespaces")  # one kind late: adversarial delivery orders
+    started = time.monotonic()
+    assert api.raw("/api/v1/services")[0] == 200 and time.monotonic() - started < 0.5, "other kinds are not held"
+    assert api.raw("/api/v1/namespaces")[0] == 200 and time.monotonic() - started >= 0.5
     # A restart over the admin surface: down, then back on the same port with every object kept.
     assert api.raw("/admin/restart", "POST", token=api.server.admin_token, body={"downSeconds": 0.2})[0] == 202
     deadline = time.monotonic() + 10

@@ -104,7 +104,8 @@ class LabApiServer:
         self._sockets: set[Any] = set()
         self._faults_lock = threading.Lock()
         self._refusals: list[tuple[int, int, str | None]] = []  # (code, retry-after, plural or None)
-        self._delay: tuple[float, int | None] = (0.0, None)
+        # (seconds, requests left or None for all, plural or None for any): held responses
+        self._delays: list[list[Any]] = []
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -333,17 +334,26 @@ class LabApiServer:
         with self._faults_lock:
             self._refusals.extend([(code, retry_after, plural)] * count)
 
-    def delay(self, seconds: float, count: int | None = None) -> None:
-        """Hold the next `count` responses (every response, with None) for `seconds`; delay(0) stops."""
+    def delay(self, seconds: float, count: int | None = None, plural: str | None = None) -> None:
+        """Hold the next `count` responses (every one, with None) about `plural` (or any) for `seconds`, so that a
+        test can deliver kinds late or in an order of its choosing; delay(0) removes every delay."""
         with self._faults_lock:
-            self._delay = (seconds, count)
+            if not seconds:
+                self._delays.clear()
+            else:
+                self._delays.append([seconds, count, plural])
 
     def _before_request(self, plural: str | None) -> None:
         """Apply pending faults to a request about to be served (ApiError for a refusal)."""
+        seconds = 0.0
         with self._faults_lock:
-            seconds, count = self._delay
-            if seconds and count is not None:
-                self._delay = (seconds if count > 1 else 0.0, count - 1)
+            held = next((d for d in self._delays if d[2] in (None, plural)), None)
+            if held is not None:
+                seconds = held[0]
+                if held[1] is not None:
+                    held[1] -= 1
+                    if held[1] <= 0:
+                        self._delays.remove(held)
             refusal = next((r for r in self._refusals if r[2] in (None, plural)), None)
             if refusal is not None:
                 self._refusals.remove(refusal)
@@ -381,7 +391,7 @@ class LabApiServer:
             "expire-watches": self.expire_watches, "bookmark": self.bookmark,
             "refuse": lambda: self.refuse(int(params.get("count", 1)), int(params.get("code", 503)),
                                           int(params.get("retryAfter", 1)), params.get("plural")),
-            "delay": lambda: self.delay(float(params.get("seconds", 0)), params.get("count")),
+            "delay": lambda: self.delay(float(params.get("seconds", 0)), params.get("count"), params.get("plural")),
         }
         if handler.command != "POST" or (action not in actions and action != "restart"):
             handler._send(404, status_body(404, "NotFound", f"no admin action {action!r} (POST one of "
