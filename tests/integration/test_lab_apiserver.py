@@ -578,7 +578,8 @@ def _admin_in_lab(lab: Any, action: str, body: dict[str, Any]) -> None:
 
 
 @pytest.mark.root
-def test_agents_on_the_lab_api_ride_out_a_410_storm_and_a_restart_then_follow_kubectl() -> None:
+@pytest.mark.parametrize("mode", ["iptables", pytest.param("ebpf", marks=pytest.mark.bcc)])
+def test_agents_on_the_lab_api_ride_out_a_410_storm_and_a_restart_then_follow_kubectl(mode: str) -> None:
     """Agents read the lab's API server: traffic to a Service keeps flowing through a 410 storm and while the
     server is down (the datapath stays programmed), and a kubectl change made after it returns takes effect."""
     from nodeagent.lab import lab as labs
@@ -589,7 +590,7 @@ def test_agents_on_the_lab_api_ride_out_a_410_storm_and_a_restart_then_follow_ku
     name = unique_lab_name()
     labs.up(name)
     try:
-        lab = start_agents(name, "iptables", mesh=False)
+        lab = start_agents(name, mode, mesh=False)
         vip = f"{lab.cluster_ip('echo')}:80"
         assert {request_from(lab, "demo/client", vip)["pod"] for _ in range(6)} == {"demo/echo-0", "demo/echo-1"}
         _admin_in_lab(lab, "expire-watches", {})  # every watch ends with a 410: the agents relist
