@@ -314,6 +314,7 @@ def test_kubectl_get_watch_sees_label_selector_transitions(api: Api) -> None:
     ns = namespace(api, "watching")
     api.server.create(k8s.pod("early", "10.244.1.20", namespace=ns, app="web"))
     assert KUBECTL
+    watches_before = api.server.open_watches("pods")
     process = subprocess.Popen([KUBECTL, "--kubeconfig", str(api.kubeconfig), "--cache-dir", str(api.cache),
                                 "get", "pods", "-n", ns, "-l", "app=web", "--watch", "--output-watch-events",
                                 "-o", 'jsonpath={.type} {.object.metadata.name}{"\\n"}'],
@@ -322,7 +323,7 @@ def test_kubectl_get_watch_sees_label_selector_transitions(api: Api) -> None:
         lines = Lines(process)
         assert lines.wait_for(1) == ["ADDED early"]
         deadline = time.monotonic() + 10
-        while api.server.open_watches("pods") < 1:
+        while api.server.open_watches("pods") <= watches_before:
             assert time.monotonic() < deadline, "kubectl never opened its watch"
             time.sleep(0.02)  # polling a condition with a deadline
         api.server.create(k8s.pod("late", "10.244.1.21", namespace=ns, app="web"))
