@@ -3,10 +3,15 @@ datapath lab tests)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import psutil
 import yaml
 
 from nodeagent.lab import lab as labs
@@ -28,3 +33,26 @@ def lab_with_agents(directory: Path, extra_yaml: str, mode: str, agent_args: Seq
         yield start_agents(name, mode, extra=agent_args, mesh=mesh, capture=capture)
     finally:
         labs.down(name)
+
+
+def api_fault(lab: labs.Lab, action: str, body: dict[str, Any] | None = None) -> None:
+    """POST /admin/<action> (fault injection: delay, refuse, drop-watches, compact, restart, ...) to the lab's
+    API server, from inside the namespace its address lives in, with its admin token."""
+    directory = labs.api_server_dir(lab.record)
+    script = ("import ssl,sys,urllib.request as u\n"
+              "c=ssl.create_default_context(cafile=sys.argv[2])\n"
+              "r=u.Request(sys.argv[1],data=sys.argv[4].encode(),method='POST',headers={'Authorization':"
+              "'Bearer '+open(sys.argv[3]).read().strip(),'Content-Type':'application/json'})\n"
+              "print(u.urlopen(r,context=c,timeout=5).status)")
+    url = f"https://{lab.topology.api_server_address}:6443/admin/{action}"
+    subprocess.run(["ip", "netns", "exec", labs.api_server_plan(lab.plan, lab.topology).netns, sys.executable, "-c",
+                    script, url, str(directory / "ca.crt"), str(directory / "admin-token"), json.dumps(body or {})],
+                   check=True, capture_output=True, text=True, timeout=20)
+
+
+def owner_process(lab: labs.Lab, owner: str) -> psutil.Process:
+    """The command (not its supervising shim) of the lab process recorded as `owner` (e.g. "agent/node1")."""
+    record = labs.load(lab.record.name).record
+    shim = next(p.pid for p in reversed(record.processes) if p.owner == owner)
+    children = psutil.Process(shim).children(recursive=True)
+    return next(c for c in children if "nodeagent" in " ".join(c.cmdline()) and "enter" not in c.cmdline()[1:3])

@@ -35,7 +35,7 @@ from nodeagent.lab.demo import request_from
 from nodeagent.lab.state import locked
 from nodeagent.redirect.render import PROBE_ADDRESS
 from nodeagent.ztunnel.netns import in_netns
-from tests.integration.agent_labs import lab_with_agents
+from tests.integration.agent_labs import api_fault, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
 from tests.integration.test_tunnel_lab import Capture
 from tests.integration.test_tunnel_process import admin_dump
@@ -170,14 +170,6 @@ def test_probes_from_the_node_still_reach_an_enrolled_app(lab: labs.Lab) -> None
     assert answer["peer"].rsplit(":", 1)[0] == PROBE_ADDRESS, "SNATed to the probe address, not captured"
 
 
-def _owner_process(lab: labs.Lab, owner: str) -> psutil.Process:
-    """The command (not its supervising shim) of the lab process recorded as `owner`."""
-    record = labs.load(lab.record.name).record
-    shim = next(p.pid for p in reversed(record.processes) if p.owner == owner)
-    children = psutil.Process(shim).children(recursive=True)
-    return next(c for c in children if "nodeagent" in " ".join(c.cmdline()) and "enter" not in c.cmdline()[1:3])
-
-
 def in_pod(lab: labs.Lab, pod: str, *command: str) -> list[str]:
     """The argv running `command` in the pod's namespace *and cgroup* (the eBPF capture is per cgroup)."""
     plan = lab.plan.pod(pod)
@@ -201,7 +193,9 @@ def test_agent_restarted_mid_loop_loses_no_connection_and_established_ones_stay_
                                                                                      mode: str) -> None:
     """A connection loop runs *across* an agent's kill and restart: the tunnel keeps serving while the agent
     is away, and the new agent run neither sends it an empty or partial full state (it publishes only after
-    its first complete pass) nor drops a capture; no connection of the loop fails."""
+    its first complete pass) nor drops a capture; no connection of the loop fails. The lab's API server
+    hands the new agent its Pods late and its Namespaces later still, as a loaded API server may: an agent
+    that published before both were listed would tell the tunnel to drop every pod."""
     target = (ip_of(lab, "demo/echo-1"), 8080)
     # One connection held open across the kill, by a process in the client pod: "before", then "after".
     held = subprocess.Popen(in_pod(lab, "demo/client", "python3", "-c", HOLD, target[0], str(target[1])),
@@ -210,12 +204,14 @@ def test_agent_restarted_mid_loop_loses_no_connection_and_established_ones_stay_
     run_before = admin_dump(lab, "node1")["control"]["agent_run"]
     try:
         assert json.loads(held.stdout.readline())["echo"] == "before"
-        thread, results = _loop(lab, f"{target[0]}:{target[1]}", 10.0)
+        thread, results = _loop(lab, f"{target[0]}:{target[1]}", 14.0)
         time.sleep(1.0)  # let the loop run before the kill (a workload pause, not a readiness wait)
-        agent = _owner_process(lab, AGENT_OWNER + "node1")
+        agent = owner_process(lab, AGENT_OWNER + "node1")
         os.kill(agent.pid, signal.SIGKILL)
         wait_for(lambda: not psutil.pid_exists(agent.pid) or agent.status() == psutil.STATUS_ZOMBIE, "agent gone")
         assert captured(lab, "demo/client"), "the capture stays in place while the agent is away"
+        api_fault(lab, "delay", {"seconds": 2, "count": 2, "plural": "pods"})
+        api_fault(lab, "delay", {"seconds": 4, "count": 2, "plural": "namespaces"})
         with locked(lab.record.name):
             spawn_owned(labs.load(lab.record.name), "node1", AGENT_OWNER, "nodeagent",
                         agent_argv(lab, "node1", mode, mesh_agent_args(lab, "node1")), None)
@@ -228,6 +224,7 @@ def test_agent_restarted_mid_loop_loses_no_connection_and_established_ones_stay_
         held.stdin.flush()
         assert json.loads(held.stdout.readline())["echo"] == "after", "the established connection survived"
     finally:
+        api_fault(lab, "delay", {"seconds": 0})
         held.kill()
         held.wait(timeout=10)
     assert results and all(ok for _, ok, _ in results), [r for r in results if not r[1]]
@@ -244,7 +241,7 @@ def test_tunnel_killed_mid_loop_recovers_within_the_stated_bound(lab: labs.Lab, 
     target = f"{ip_of(lab, 'demo/echo-0')}:8080"
     thread, results = _loop(lab, target, 14.0)
     time.sleep(1.0)  # a workload pause
-    tunnel = _owner_process(lab, TUNNEL_OWNER + "node1")
+    tunnel = owner_process(lab, TUNNEL_OWNER + "node1")
     os.kill(tunnel.pid, signal.SIGKILL)
     killed = time.monotonic()
     wait_for(lambda: not psutil.pid_exists(tunnel.pid) or tunnel.status() == psutil.STATUS_ZOMBIE, "tunnel gone")

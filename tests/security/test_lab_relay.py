@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 
 from nodeagent.lab import lab as labs
-from nodeagent.lab.agents import ca_dir
+from nodeagent.lab.agents import TUNNEL_OWNER, ca_dir, spawn_owned, tunnel_argv
+from nodeagent.lab.state import locked
 from nodeagent.ztunnel.certs import WorkloadCertificate
 from nodeagent.ztunnel.hbone import SOCKET_MARK, ConnectRefused, HbonePool, HboneStream
 from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr
 from nodeagent.ztunnel.netns import client_socket
-from tests.integration.agent_labs import lab_with_agents
+from tests.integration.agent_labs import api_fault, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
 from tests.integration.test_tunnel_balancing import metrics, netns_run, sample
 
@@ -228,3 +232,49 @@ def test_tunnels_ready_and_no_pod_left_unserved(lab: labs.Lab) -> None:
                                ".read().decode())", f"http://{address}:15021/healthz/ready"],
                               capture_output=True, text=True, check=True).stdout
         assert json.loads(body) == {"ready": True, "missing": [], "blockers": []}
+
+
+def _readiness(lab: labs.Lab, node: str) -> dict[str, Any]:
+    address = lab.plan.node(node).node.address
+    body = subprocess.run(["ip", "netns", "exec", lab.plan.node(node).netns, "python3", "-c",
+                           "import urllib.request,urllib.error,sys\n"
+                           "try: print(urllib.request.urlopen(sys.argv[1],timeout=5).read().decode())\n"
+                           "except urllib.error.HTTPError as e: print(e.read().decode())\n"
+                           "except OSError: print('{}')", f"http://{address}:15021/healthz/ready"],
+                          capture_output=True, text=True, check=True).stdout
+    answer: dict[str, Any] = json.loads(body)
+    return answer
+
+
+async def test_a_tunnel_that_starts_before_policies_are_listed_refuses_inbound_until_they_are(
+        lab: labs.Lab) -> None:
+    """Fail closed: node2's tunnel restarts while the API server holds back AuthorizationPolicies. Its pods'
+    listeners open, but every CONNECT gets 503 and readiness names the kind, until the list arrives."""
+    echo1 = str(lab.plan.pod("demo/echo-1").pod.ip)
+    api_fault(lab, "delay", {"seconds": 12, "count": 4, "plural": "authorizationpolicies"})
+    try:
+        tunnel = owner_process(lab, TUNNEL_OWNER + "node2")
+        os.kill(tunnel.pid, signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(tunnel.pid) or tunnel.status() == psutil.STATUS_ZOMBIE, "tunnel gone")
+        with locked(lab.record.name):
+            spawn_owned(labs.load(lab.record.name), "node2", TUNNEL_OWNER, "ztunnel", tunnel_argv(lab, "node2"), None)
+        # Serving the pods (listeners, certificates) but blocked on the policy kinds.
+        wait_for(lambda: (lambda r: r.get("missing") == [] and bool(r.get("blockers")))(_readiness(lab, "node2")),
+                 "echo-1 served, blocked on policies")
+        readiness = _readiness(lab, "node2")
+        assert readiness["ready"] is False
+        assert any("AuthorizationPolicy" in b for b in readiness["blockers"]), readiness
+        attacker = Attacker(lab)
+        try:
+            assert await attacker.status(echo1, f"{echo1}:8080") == 503, "inbound before policies are listed"
+        finally:
+            await attacker.pool.close()
+        assert refusals(lab, "node2", "policies-not-synced") >= 1
+    finally:
+        api_fault(lab, "delay", {"seconds": 0})
+    wait_for(lambda: _readiness(lab, "node2").get("ready") is True, "ready once policies are listed", timeout=30)
+    attacker = Attacker(lab)
+    try:
+        assert await attacker.status(echo1, f"{echo1}:8080") == 200
+    finally:
+        await attacker.pool.close()
