@@ -232,6 +232,15 @@ class TunnelProcess:
             log.warning("service annotation ignored", rejection=rejection)
         self.rejections = rejections
 
+    def prime(self, tracker: ChangeTracker) -> None:
+        """Before the source starts: with --no-policy-crds, both policy kinds count as listed and empty (the
+        source does not watch them), which is said once at start."""
+        if self.options.no_policy_crds:
+            log.warning("no policy CRDs (--no-policy-crds): serving with no AuthorizationPolicy and no "
+                        "PeerAuthentication; every peer of the trust domain is allowed", node=self.options.node)
+            for kind in POLICY_KINDS:
+                tracker.apply(Listed(kind, (), ""))
+
     def _set_state(self, workload: Workload, state: str) -> None:
         if self.states.get(workload.ip) != state:
             if state:
@@ -246,11 +255,7 @@ class TunnelProcess:
             loop.call_soon_threadsafe(self._changed.set)
 
         tracker = ChangeTracker(self.options.node, on_change=changed)
-        if self.options.no_policy_crds:
-            log.warning("no policy CRDs (--no-policy-crds): serving with no AuthorizationPolicy and no "
-                        "PeerAuthentication; every peer of the trust domain is allowed", node=self.options.node)
-            for kind in POLICY_KINDS:
-                tracker.apply(Listed(kind, (), ""))
+        self.prime(tracker)
         source = self.source = self.make_source(tracker.apply)
         admin, readiness = await start_admin(self.tunnel, self.assigned, admin=self.options.admin,
                                              readiness=self.options.readiness, status=self.status,
