@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import select
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("nodeagent.lab.apiserver")
 AGGREGATED = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
 DEFAULT_WATCH_TIMEOUT = 1800.0
+CLIENT_CHECK_INTERVAL = 1.0  # how often an idle watch checks that its client is still there
 _UNAUTHENTICATED = ("/healthz", "/livez", "/readyz")
 
 
@@ -343,19 +346,44 @@ class Handler(BaseHTTPRequestHandler):
             self._header_pending = False
         self._chunk(_dumps({"type": event_type, "object": obj}) + b"\n")
 
+    def _client_gone(self) -> bool:
+        """Whether the watching client closed its end (it sends nothing on a watch, so a readable socket
+        means end of stream, or a TLS close_notify that reads as one)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            # Non-blocking: a TLS record that carries no application data must not stall the stream.
+            self.connection.setblocking(False)
+            try:
+                data: bytes = self.connection.recv(1)
+            finally:
+                self.connection.setblocking(True)
+            return data == b""
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False
+        except (OSError, ValueError):
+            return True
+
     def _stream(self, watcher: Watcher, route: Route, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         interval = self.api.bookmark_interval
+        next_bookmark = time.monotonic() + (interval or timeout)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._chunk(b"")  # the server-side timeout: a clean end of stream
                 return
             try:
-                item = watcher.events.get(timeout=min(remaining, interval or remaining))
+                item = watcher.events.get(timeout=min(remaining, CLIENT_CHECK_INTERVAL))
             except queue.Empty:
-                if interval and watcher.bookmarks:
+                # Idle: a client that went away is noticed now, not at the next event of its kind (which
+                # may never come), so its watch is not counted or fed any longer.
+                if self._client_gone():
+                    return
+                if interval and watcher.bookmarks and time.monotonic() >= next_bookmark:
                     self._event("BOOKMARK", self.api.bookmark_object(route.resource), route)
+                    next_bookmark = time.monotonic() + interval
                 continue
             if item == DROP:
                 self.close_connection = True
