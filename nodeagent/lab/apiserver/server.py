@@ -305,8 +305,9 @@ class LabApiServer:
     def expire_watches(self) -> None:
         """End every open watch with an ERROR 410 event, and forget history (as a compaction would)."""
         with self.store.lock:
+            # Compacted up to now: the 410 makes every watcher relist, and a watch from the version that
+            # relist returns is valid again (no relist loop while nothing is written).
             self.store.compact()
-            self.store.oldest = self.store.rv + 1
             for watcher in self.store.watchers:
                 watcher.events.put(b'{"type":"ERROR","object":' + orjson.dumps(status_body(
                     410, "Expired", "too old resource version")) + b"}")
