@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 
 from nodeagent.lab import lab as labs
@@ -74,6 +76,7 @@ def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
         counted = tunnel_connections(lab, client.pod.node, "demo/echo")
         say(f"the tunnel on {client.pod.node} counted {counted:.0f} mTLS connections to demo/echo "
             f"(istio_tcp_connections_opened_total on http://{lab.plan.node(client.pod.node).node.address}:15020/metrics)")
+        live_change(lab, name, client.pod.key, vip, say)
         far = next(node for node in lab.plan.nodes if node.node.name != client.pod.node)
         answers = [request_from(lab, "demo/client", f"{far.node.address}:30080")["pod"] for _ in range(8)]
         say(f"{client.pod.key} -> NodePort {far.node.address}:30080 ({far.node.name}) x8: answered by "
@@ -86,6 +89,66 @@ def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
         else:
             labs.down(name)
             say(f"lab {name!r} removed (use --keep to leave it up)")
+
+
+WEIGHTS = '{"echo-0": 100, "echo-1": 0}'
+CANARY_ANNOTATION = f"nodeagent.io/endpoint-weights={WEIGHTS}"
+
+
+def requests_from(lab: labs.Lab, pod: str, target: str, count: int, *, timeout: float = 5.0) -> list[str]:
+    """Send `count` TCP requests from `pod` to `target` (ip:port), each on a new connection, from one process;
+    return the answering pod of each."""
+    plan = lab.plan.pod(pod)
+    host, _, port = target.rpartition(":")
+    script = ("import asyncio,json,sys;from nodeagent.lab.workload import request_tcp\n"
+              "async def main():\n"
+              f" return [(await request_tcp({host!r}, {int(port)}, 'hello', {timeout}))['pod']\n"
+              f"         for _ in range({count})]\n"
+              "print(json.dumps(asyncio.run(main())))")
+    result = subprocess.run(processes.enter_argv(plan.netns, path_of(plan.cgroup), [sys.executable, "-c", script]),
+                            env=processes.child_env({"POD_NAME": plan.pod.name}), capture_output=True, text=True,
+                            timeout=count * (timeout + 1) + 10, check=False)
+    if result.returncode != 0:
+        raise LabError(f"requests from {pod} to {target} failed: {(result.stderr or result.stdout).strip()[-500:]}")
+    answers: list[str] = json.loads(result.stdout)
+    return answers
+
+
+def counts(pods: list[str]) -> str:
+    return ", ".join(f"{pod} {pods.count(pod)}x" for pod in sorted(set(pods)))
+
+
+def live_change(lab: labs.Lab, name: str, client: str, vip: str, say: Callable[[str], None], *,
+                deadline_s: float = 30.0) -> None:
+    """Show the cluster through the lab API with kubectl, move the echo Service's traffic with one `kubectl
+    annotate` (a canary weight the client's tunnel honours), and show requests before and after."""
+    listed = labs.kubectl(name, ["get", "svc,pods", "-A", "-o", "wide"], capture=True, timeout=60)
+    if listed.returncode != 0:
+        raise LabError(f"kubectl get svc,pods -A failed: {listed.stderr.strip()}")
+    say(f"`nodeagent lab kubectl --lab {name} -- get svc,pods -A -o wide` (the real kubectl against the lab's "
+        "API server, which the agents and tunnels read):\n" + "\n".join(("  " + line).rstrip() for line in
+                                                                    listed.stdout.rstrip().splitlines()))
+    before = requests_from(lab, client, f"{vip}:80", 10)
+    say(f"before: {client} -> ClusterIP {vip}:80 x10: answered by {counts(before)}")
+    argv = ["annotate", "svc", "echo", "-n", "demo", CANARY_ANNOTATION, "--overwrite"]
+    say(f"live change: `nodeagent lab kubectl --lab {name} -- annotate svc echo -n demo "
+        f"nodeagent.io/endpoint-weights='{WEIGHTS}' --overwrite`")
+    changed = labs.kubectl(name, argv, capture=True, timeout=60)
+    if changed.returncode != 0:
+        raise LabError(f"kubectl annotate failed: {changed.stderr.strip()}")
+    say("  " + changed.stdout.strip())
+    started = time.monotonic()
+    # Taken effect when a whole batch of new connections lands on echo-0 (1 in 2**8 by chance before it).
+    while set(batch := requests_from(lab, client, f"{vip}:80", 8)) != {"demo/echo-0"}:
+        if time.monotonic() - started > deadline_s:
+            raise LabError(f"the weight change did not reach the tunnel within {deadline_s:.0f} s: "
+                           f"still answered by {counts(batch)}")
+    took = time.monotonic() - started
+    after = requests_from(lab, client, f"{vip}:80", 10)
+    say(f"after: {client} -> ClusterIP {vip}:80 x10: answered by {counts(after)} "
+        f"(the kubectl change took effect within {took:.1f} s: echo-1 weighs 0 in the tunnel now)")
+    if set(after) != {"demo/echo-0"}:
+        raise LabError(f"after the weight change echo-1 still answered: {counts(after)}")
 
 
 def tunnel_connections(lab: labs.Lab, node: str, service: str) -> float:

@@ -33,6 +33,12 @@ def assert_demo_output(output: str, lab: str) -> None:
                      r"10\.244\.1\.2 \(TCP: captured", output), output
     counted = re.search(r"the tunnel on node1 counted (\d+) mTLS connections to demo/echo", output)
     assert counted and int(counted.group(1)) >= 8, output
+    # The cluster as kubectl sees it through the lab API server, then one live kubectl change moving traffic.
+    assert re.search(r"^\s+NAMESPACE\s+NAME\s+TYPE\s+CLUSTER-IP", output, re.M), output
+    assert re.search(r"^\s+demo\s+pod/echo-1\s+1/1\s+Running", output, re.M), output
+    assert "service/echo annotated" in output, output
+    assert re.search(r"after: demo/client -> ClusterIP [\d.]+:80 x10: answered by demo/echo-0 10x \(the kubectl "
+                     r"change took effect within [\d.]+ s", output), output
     assert f"lab '{lab}' removed" in output
 
 
