@@ -2,13 +2,15 @@
 
 Paths follow kube-apiserver: `/api/v1/<plural>`, `/api/v1/namespaces/<ns>/<plural>[/<name>[/status]]`,
 `/apis/<group>/<version>/...`, discovery under `/api` and `/apis`, `/version`, the health endpoints,
-TokenReview, and `/admin/...` (fault injection, guarded by the admin token; see server.py).
+TokenReview, TokenRequest (`/api/v1/namespaces/<ns>/serviceaccounts/<sa>/token`), and `/admin/...`
+(fault injection, guarded by the admin token; see server.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import queue
+import re
 import select
 import socket
 import ssl
@@ -36,6 +38,8 @@ AGGREGATED = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryLi
 DEFAULT_WATCH_TIMEOUT = 1800.0
 CLIENT_CHECK_INTERVAL = 1.0  # how often an idle watch checks that its client is still there
 _UNAUTHENTICATED = ("/healthz", "/livez", "/readyz")
+# The TokenRequest subresource of a ServiceAccount (the lab stores no ServiceAccounts: only this is served).
+_TOKEN_REQUEST = re.compile(r"^/api/v1/namespaces/([^/]+)/serviceaccounts/([^/]+)/token$")
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,10 @@ class Handler(BaseHTTPRequestHandler):
             self.api._before_request(route.resource.plural if route else None)
             if route is not None:
                 self._resource(route)
+            elif (token_request := _TOKEN_REQUEST.match(path)) is not None:
+                if self.command != "POST":
+                    raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on {path}")
+                self._send(201, self.api.request_token(token_request[1], token_request[2], self._body()))
             elif path == resources.TOKEN_REVIEW_PATH and self.command == "POST":
                 self._send(201, self.api.review_token(self._body()))
             elif path == resources.ACCESS_REVIEW_PATH and self.command == "POST":

@@ -37,13 +37,21 @@ from nodeagent.lab.apiserver import resources
 from nodeagent.lab.apiserver.controllers import ServiceDefaults
 from nodeagent.lab.apiserver.http import Handler
 from nodeagent.lab.apiserver.resources import PLURAL_OF_KIND, RESOURCES, ApiResource
-from nodeagent.lab.apiserver.store import DROP, END, INITIAL_EVENTS_END, ApiError, Store, status_body
+from nodeagent.lab.apiserver.store import DROP, END, INITIAL_EVENTS_END, ApiError, Store, conflict, status_body
 from nodeagent.lab.apiserver.tls import ServingCredentials, make_credentials
-from nodeagent.lab.apiserver.tokens import API_AUDIENCE, TokenRegistry, review_answer
+from nodeagent.lab.apiserver.tokens import (
+    API_AUDIENCE,
+    TokenRegistry,
+    review_answer,
+    token_request,
+    token_request_answer,
+)
 from nodeagent.model import MESH_GROUP
 
 log = structlog.get_logger("nodeagent.lab.apiserver")
 ISTIO_GROUP = "security.istio.io"
+# How kube-apiserver names the bound object in a TokenRequest's 409: by kind ("Pod"), not by resource.
+_POD_KIND = ApiResource("", "v1", "Pod", "Pod", True)
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -252,6 +260,38 @@ class LabApiServer:
                     audiences: Iterable[str] = ("nodeagent-ca",), expires: float | None = None) -> str:
         """A projected ServiceAccount token this server's TokenReview accepts (see tokens.TokenRegistry)."""
         return self.tokens.issue(namespace, service_account, pod_name, pod_uid, node_name, audiences, expires)
+
+    def request_token(self, namespace: str, service_account: str, body: Any) -> dict[str, Any]:
+        """TokenRequest (`POST .../serviceaccounts/<sa>/token`), as the kubelet asks for a pod's projected token:
+        a token bound to the pod the request names (its uid, and the node from its `spec.nodeName`), for the
+        asked audiences (the API server's by default) and `expirationSeconds` (3600 by default). Refused as
+        kube-apiserver refuses it: 404 for a pod that does not exist, 409 for a uid that is not the pod's
+        (a deleted and recreated pod), 400 for a pod running as another ServiceAccount or a bound object
+        that is not a Pod, 422 for an expiration outside [600 s, 2^32 s]."""
+        request = token_request(service_account, body)
+        pod_name = pod_uid = node_name = node_uid = ""
+        if request.bound_kind == "Pod":
+            pod = self.store.get(RESOURCES["pods"], namespace, request.bound_name)  # 404 when there is none
+            pod_uid = str(pod["metadata"].get("uid") or "")
+            if (pod.get("spec") or {}).get("serviceAccountName", "default") != service_account:
+                raise ApiError(400, "BadRequest", f'cannot bind token for serviceaccount "{service_account}" to pod '
+                               "running with different serviceaccount name.")
+            if request.bound_uid and request.bound_uid != pod_uid:
+                raise conflict(_POD_KIND, request.bound_name, f"the UID in the bound object reference "
+                               f"({request.bound_uid}) does not match the UID in record. The object might have "
+                               "been deleted and then recreated")
+            pod_name, node_name = request.bound_name, str((pod.get("spec") or {}).get("nodeName") or "")
+            if node_name:
+                with self.store.lock:
+                    node = self.store.objects["nodes"].get(("", node_name))
+                node_uid = str((node or {}).get("metadata", {}).get("uid") or "")
+        expires = time.time() + request.expiration_seconds
+        token = self.tokens.issue(namespace, service_account, pod_name, pod_uid, node_name, request.audiences,
+                                  expires, node_uid=node_uid)
+        log.info("apiserver.token_issued", namespace=namespace, service_account=service_account,
+                 pod=pod_name or None, node=node_name or None, audiences=list(request.audiences),
+                 expiration_seconds=request.expiration_seconds)
+        return token_request_answer(namespace, service_account, request, token, expires, pod_uid)
 
     def review_token(self, body: Any) -> dict[str, Any]:
         """TokenReview: the registry's answer for a token it issued; the server's own bearer token
