@@ -3,7 +3,15 @@
 Each agent runs in its node's network namespace and cgroup under the lab's supervising shim, reads the
 lab's API server (see `source_args`), and is recorded with the pods' processes, so `lab down` stops it.
 With the mesh, the lab's CA (`nodeagent ca`) runs once for the whole lab in the fabric namespace, on an
-address of the node network, as the CA Deployment runs apart from the nodes in a cluster.
+address of the node network, as the CA Deployment runs apart from the nodes in a cluster, and
+authenticates tunnels as it does in a cluster: a TokenReview, by the lab's API server, of the tunnel's
+projected ServiceAccount token. As the tunnel DaemonSet's pods are in a cluster, each node's tunnel is a
+Pod object in the API (`nodeagent/ztunnel-<node>`, ServiceAccount `nodeagent-ztunnel`, hostNetwork, so
+the lab starts no process and no namespace for it and the mesh ignores it), and, as the kubelet does for
+its projected token volume, `lab agents` asks the API server for a token bound to that pod (TokenRequest,
+audience `nodeagent-ca`, 3600 s) and writes it to the tunnel's `--ca-token-file`. The token is written
+once: a lab's tunnels get certificates for an hour after `lab agents` (the kubelet would rotate it at 80%
+of its life; `request_tunnel_tokens` asks again, as a rotation would).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import ipaddress
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +38,10 @@ TUNNEL_OWNER = "ztunnel/"
 CA_OWNER = "ca"  # `lab status` shows it as ca/nodeagent-ca
 CA_PORT = 15012
 CA_MONITORING_PORT = 15014
+TUNNEL_NAMESPACE = "nodeagent"  # daemonset/base/ztunnel.yaml's namespace and ServiceAccount
+TUNNEL_SERVICE_ACCOUNT = "nodeagent-ztunnel"
+CA_AUDIENCE = "nodeagent-ca"
+TOKEN_SECONDS = 3600  # the projected token's expirationSeconds (daemonset/base/ztunnel.yaml's)
 
 
 def cluster_cidr(lab: labs.Lab) -> str:
@@ -70,13 +83,124 @@ def ca_dir(lab: labs.Lab) -> Path:
 
 
 def token_dir(lab: labs.Lab) -> Path:
-    """The lab CA's static node tokens (`nodeagent ca --token-file-dir`): <dir>/<node>."""
-    return lab.record.directory / "node-tokens"
+    """The tunnels' projected ServiceAccount tokens, as the kubelet writes them: <dir>/<node>."""
+    return lab.record.directory / "tunnel-tokens"
 
 
 def token_file(lab: labs.Lab, node: str) -> Path:
-    """The token the tunnel of `node` presents to the lab's CA (a projected ServiceAccount token in a cluster)."""
+    """The token the tunnel of `node` presents to the lab's CA (`--ca-token-file`): bound to its tunnel pod."""
     return token_dir(lab) / node
+
+
+def tunnel_pod_name(node: str) -> str:
+    """The name of the tunnel Pod object of `node` (namespace TUNNEL_NAMESPACE)."""
+    return f"ztunnel-{node}"
+
+
+def api_kubeconfig(lab: labs.Lab) -> Path:
+    """The lab API server's kubeconfig (LabError for a lab made before it had an API server)."""
+    path = labs.api_server_dir(lab.record) / "kubeconfig"
+    if not path.exists():
+        raise LabError(f"lab {lab.record.name!r} has no API server kubeconfig, and the mesh's CA needs one (a lab "
+                       "made by an older version? `lab down` and `lab up` again)")
+    return path
+
+
+# One request to the lab's API server from inside a namespace of the lab (the only place its address
+# exists), with the kubeconfig's CA and token: argv kubeconfig, method, path; the JSON body on stdin.
+# Prints {"code": status, "body": parsed answer}.
+_API_REQUEST = """
+import base64, json, ssl, sys, urllib.error, urllib.request
+config = json.load(open(sys.argv[1]))
+cluster, user = config["clusters"][0]["cluster"], config["users"][0]["user"]
+context = ssl.create_default_context(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
+data = sys.stdin.read().encode() or None
+request = urllib.request.Request(cluster["server"] + sys.argv[3], data=data, method=sys.argv[2],
+                                 headers={"Authorization": "Bearer " + user["token"],
+                                          "Content-Type": "application/json", "Accept": "application/json"})
+try:
+    with urllib.request.urlopen(request, context=context, timeout=10) as answer:
+        code, body = answer.status, answer.read()
+except urllib.error.HTTPError as error:
+    code, body = error.code, error.read()
+print(json.dumps({"code": code, "body": json.loads(body or b"null")}))
+"""
+
+
+def api_request(lab: labs.Lab, netns: str, method: str, path: str,
+                body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+    """`method path` to the lab's API server from inside `netns`: (status, answer)."""
+    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _API_REQUEST, str(api_kubeconfig(lab)),
+                             method, path], input=json.dumps(body) if body is not None else "", capture_output=True,
+                            text=True, timeout=30, check=False)
+    if result.returncode != 0:
+        raise LabBuildError(f"{method} {path} to the lab's API server from {netns} failed: {result.stderr.strip()}")
+    answer = json.loads(result.stdout)
+    return int(answer["code"]), answer["body"] or {}
+
+
+def _api_ok(lab: labs.Lab, netns: str, method: str, path: str, body: dict[str, object] | None = None,
+            accept: tuple[int, ...] = ()) -> tuple[int, dict[str, object]]:
+    code, answer = api_request(lab, netns, method, path, body)
+    if code >= 300 and code not in accept:
+        raise LabBuildError(f"{method} {path}: the lab's API server answered {code}: {answer.get('message', answer)}")
+    return code, answer
+
+
+def tunnel_pod(lab: labs.Lab, node: str) -> dict[str, object]:
+    """The tunnel Pod object of `node`, as its DaemonSet would make it and its kubelet report it running."""
+    address = str(lab.plan.node(node).node.address)
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": tunnel_pod_name(node), "namespace": TUNNEL_NAMESPACE,
+                         "labels": {"app": "nodeagent-ztunnel"}},
+            "spec": {"nodeName": node, "serviceAccountName": TUNNEL_SERVICE_ACCOUNT, "hostNetwork": True,
+                     "containers": [{"name": "ztunnel", "command": tunnel_argv(lab, node)}]},
+            "status": {"phase": "Running", "hostIP": address, "hostIPs": [{"ip": address}], "podIP": address,
+                       "podIPs": [{"ip": address}]}}
+
+
+def ensure_tunnel_pods(lab: labs.Lab) -> dict[str, str]:
+    """Create the tunnel namespace and one tunnel Pod per node in the lab's API server (through the API,
+    from the API server's namespace, as kubectl runs; existing ones are kept). Returns each node's pod uid."""
+    control = labs.api_server_plan(lab.plan, lab.topology).netns
+    _api_ok(lab, control, "POST", "/api/v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": TUNNEL_NAMESPACE}}, accept=(409,))
+    uids = {}
+    for node in lab.plan.nodes:
+        name = node.node.name
+        path = f"/api/v1/namespaces/{TUNNEL_NAMESPACE}/pods"
+        code, pod = _api_ok(lab, control, "POST", path, tunnel_pod(lab, name), accept=(409,))
+        if code == 409:  # made by an earlier `lab agents` that failed later on
+            _, pod = _api_ok(lab, control, "GET", f"{path}/{tunnel_pod_name(name)}")
+        uids[name] = str(pod["metadata"]["uid"])  # type: ignore[index]
+    return uids
+
+
+def request_tunnel_tokens(lab: labs.Lab, uids: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """As each node's kubelet does for a projected token volume: ask the API server (from the node) for a
+    token of the tunnel's ServiceAccount bound to the node's tunnel pod (audience nodeagent-ca, 3600 s),
+    and write it (mode 0600, replaced atomically) where the tunnel reads it per request. Called again, it
+    rotates them. Returns each node's token file."""
+    written = {}
+    token_dir(lab).mkdir(mode=0o700, parents=True, exist_ok=True)
+    for node in lab.plan.nodes:
+        name = node.node.name
+        ref: dict[str, object] = {"apiVersion": "v1", "kind": "Pod", "name": tunnel_pod_name(name)}
+        if uids is not None:
+            ref["uid"] = uids[name]
+        _, answer = _api_ok(lab, node.netns, "POST", f"/api/v1/namespaces/{TUNNEL_NAMESPACE}/serviceaccounts/"
+                            f"{TUNNEL_SERVICE_ACCOUNT}/token",
+                            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                             "spec": {"audiences": [CA_AUDIENCE], "expirationSeconds": TOKEN_SECONDS,
+                                      "boundObjectRef": ref}})
+        path = token_file(lab, name)
+        partial = path.with_name(f".{name}.new")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(str(answer["status"]["token"]))  # type: ignore[index]
+        os.replace(partial, path)
+        written[name] = path
+    return written
 
 
 def ca_address(lab: labs.Lab) -> ipaddress.IPv4Address:
@@ -196,26 +320,27 @@ def _wait_captured(lab: labs.Lab, timeout: float) -> None:
 
 
 def ca_argv(lab: labs.Lab) -> list[str]:
-    """The command line of the lab's CA: the lab's manifests for the pods, static node tokens (the lab has
-    no API server to review projected tokens)."""
+    """The command line of the lab's CA: the lab's API server for the pods and for TokenReviews of the
+    tunnels' tokens (the default authenticator, as in a cluster; reachable from the fabric namespace,
+    where the server's address is on the same bridge)."""
     address = ca_address(lab)
     return ["nodeagent", "--log-json", "--log-level", "info", "ca", "--ca-dir", str(ca_dir(lab)),
             "--address", f"{address}:{CA_PORT}", "--monitoring-address", f"{address}:{CA_MONITORING_PORT}",
-            "--manifests", str(lab.record.manifests_path.parent), "--token-file-dir", str(token_dir(lab))]
+            "--kubeconfig", str(api_kubeconfig(lab)), "--audience", CA_AUDIENCE,
+            "--tunnel-service-account", f"{TUNNEL_NAMESPACE}/{TUNNEL_SERVICE_ACCOUNT}"]
 
 
 def start_ca(lab: labs.Lab, env: Mapping[str, str] | None, timeout: float) -> int:
     """Start the lab's CA in the fabric namespace (no node's) and wait until it serves; call with the lab
-    locked. Made here once: the root, the key only the CA process reads, one static token per node.
-    Returns the supervising shim's pid; `lab down` stops it with the lab's other processes."""
-    from nodeagent.ztunnel.ca_service import node_token
+    locked. Made here first: the root and the key only the CA process reads (once), the tunnel pods in the
+    API and each tunnel's projected token. Returns the supervising shim's pid; `lab down` stops it with the
+    lab's other processes."""
     from nodeagent.ztunnel.identity import CertificateAuthority
 
     if any(p.owner == CA_OWNER for p in lab.record.processes):
         raise LabError(f"lab {lab.record.name!r} already runs its CA")
     CertificateAuthority.load_or_create(ca_dir(lab))
-    for node in lab.plan.nodes:
-        node_token(token_file(lab, node.node.name))
+    request_tunnel_tokens(lab, ensure_tunnel_pods(lab))
     address, fabric = ca_address(lab), lab.plan.fabric_netns
     # The bridge gets an address on the node network, inside the lab's own fabric namespace (never the
     # root namespace); it goes with the namespace at `lab down`.
