@@ -13,15 +13,32 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ingest_benchmark_runs_and_reports_every_measure() -> None:
-    result = subprocess.run([sys.executable, "bench/ingest.py", "--services", "300", "--changes", "5", "--json"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "bench/ingest.py", "--services", "300", "--changes", "5", "--no-agent",
+                             "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert report["services"] == 300 and report["changes"] == 5
-    assert 0 < report["first_snapshot_s"] < 60
+    assert report["services"] == 300 and report["changes"] == 5 and "agent" not in report
+    assert report["transport"].startswith("https")
+    assert 0 < report["first_snapshot_s"] < 60 and 0 < report["reference_bare_list_s"] < 60
     for key in ("change_end_to_end_ms", "change_after_receipt_ms", "snapshot_build_ms"):
         assert 0 < report[key]["p50"] <= report[key]["p99"], key
     assert report["rss_mb"]["first_snapshot"] >= report["rss_mb"]["before"] > 0
+    assert len(report["loadavg"]["start"]) == 3
+
+
+@pytest.mark.root
+def test_ingest_benchmark_measures_the_whole_agent_in_a_throwaway_namespace() -> None:
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    result = subprocess.run([sys.executable, "bench/ingest.py", "--services", "100", "--changes", "3", "--agent",
+                             "--steady", "3", "--sync-period", "2", "--json"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    agent = json.loads(result.stdout.splitlines()[-1])["agent"]
+    assert agent["services"] == 100 and agent["iptables_rules"] > 100 * 10 and agent["sync_failures"] == 0
+    rss = agent["rss_mb"]
+    assert 0 < rss["first_sync"] <= rss["peak_vmhwm"] and 0 < rss["steady_median"] <= rss["steady_max"]
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not {ns for ns in after - before if ns.startswith("bingest")}, "the benchmark removes its namespace"
 
 
 def test_endpoint_choice_benchmark_runs_and_reports_every_measure() -> None:
