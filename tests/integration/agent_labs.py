@@ -56,3 +56,35 @@ def owner_process(lab: labs.Lab, owner: str) -> psutil.Process:
     shim = next(p.pid for p in reversed(record.processes) if p.owner == owner)
     children = psutil.Process(shim).children(recursive=True)
     return next(c for c in children if "nodeagent" in " ".join(c.cmdline()) and "enter" not in c.cmdline()[1:3])
+
+
+def api_state(lab: labs.Lab) -> dict[str, Any]:
+    """GET /admin/state of the lab's API server (resourceVersion, oldest, openWatches, history), from inside
+    its namespace, with its admin token."""
+    directory = labs.api_server_dir(lab.record)
+    script = ("import ssl,sys,urllib.request as u\n"
+              "c=ssl.create_default_context(cafile=sys.argv[2])\n"
+              "r=u.Request(sys.argv[1],headers={'Authorization':'Bearer '+open(sys.argv[3]).read().strip()})\n"
+              "print(u.urlopen(r,context=c,timeout=5).read().decode())")
+    url = f"https://{lab.topology.api_server_address}:6443/admin/state"
+    out = subprocess.run(["ip", "netns", "exec", labs.api_server_plan(lab.plan, lab.topology).netns, sys.executable,
+                          "-c", script, url, str(directory / "ca.crt"), str(directory / "admin-token")],
+                         check=True, capture_output=True, text=True, timeout=20).stdout
+    state: dict[str, Any] = json.loads(out)
+    return state
+
+
+def agent_healthz(lab: labs.Lab, node: str) -> tuple[int, dict[str, Any]]:
+    """(status, body) of `node`'s agent /healthz, read inside the node's namespace; (0, {}) when nothing answers."""
+    address = lab.plan.node(node).node.address
+    script = ("import json,sys,urllib.request,urllib.error\n"
+              "try:\n"
+              " r=urllib.request.urlopen(sys.argv[1],timeout=2);print(r.status,r.read().decode())\n"
+              "except urllib.error.HTTPError as e: print(e.code,e.read().decode())\n"
+              "except OSError: print(0,'{}')")
+    out = subprocess.run(["ip", "netns", "exec", lab.plan.node(node).netns, sys.executable, "-c", script,
+                          f"http://{address}:10256/healthz"], check=True, capture_output=True, text=True,
+                         timeout=20).stdout
+    status, _, body = out.strip().partition(" ")
+    answer: dict[str, Any] = json.loads(body)
+    return int(status), answer
