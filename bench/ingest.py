@@ -398,6 +398,14 @@ def run_agent(services: int, endpoints: int, steady_s: float, rate: float, sync_
             steady = sampler.between(at_first_sync + 1, ended)
             everything = sampler.between(0, ended)
             mb = 2**20
+            # one sample a second (seconds since the agent started, MB) to see where the memory comes
+            timeline, next_at = [], started
+            for at, rss in sampler.samples:
+                if at >= next_at:
+                    timeline.append([round(at - started, 1), round(rss / mb, 1)])
+                    next_at = at + 1.0
+            backend = next((json.loads(line).get("backend") for line in log.read_text().splitlines()
+                            if "iptables backend detected" in line), None)
             return {
                 "services": services, "endpoints_per_slice": endpoints, "mode": "iptables",
                 "command": "ip netns exec NS nodeagent run --mode iptables --kubeconfig K --node node1",
@@ -414,7 +422,7 @@ def run_agent(services: int, endpoints: int, steady_s: float, rate: float, sync_
                            "steady_median": round(statistics.median(steady) / mb, 1) if steady else None,
                            "steady_max": round(max(steady) / mb, 1) if steady else None,
                            "end": round(rss_end / mb, 1)},
-                "rss_samples": len(everything),
+                "rss_samples": len(everything), "iptables_backend": backend, "rss_timeline_s_mb": timeline,
             }
     finally:
         if agent is not None and agent.poll() is None:
