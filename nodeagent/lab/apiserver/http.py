@@ -69,6 +69,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body leave in separate writes: with Nagle's algorithm the body waited for the client's
+        # delayed ACK of the headers, ~40 ms per response on a kept-alive connection (44 ms per PUT measured).
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.api._track(self.connection, True)
 
     def finish(self) -> None:
