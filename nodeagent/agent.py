@@ -98,6 +98,7 @@ class Agent:
 
     def __init__(self, options: AgentOptions, make_source: Callable[[Sink], Source], proxier: Datapath,
                  addresses: Callable[[], tuple[IPAddress, ...]] = local_addresses) -> None:
+        heap.limit_malloc_retention()
         self.options = options
         self.make_source = make_source
         self.proxier = proxier

@@ -16,8 +16,15 @@ about *when* the collector runs, never whether memory is freed (reference counti
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 from collections.abc import Iterator
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 @contextlib.contextmanager
@@ -40,3 +47,24 @@ def settle() -> None:
     """Collect once, then exempt every object alive now from future collections (see the module doc)."""
     gc.collect()
     gc.freeze()
+
+
+def limit_malloc_retention() -> bool:
+    """Make glibc give large freed blocks back to the kernel; returns whether it could be set (glibc only).
+
+    A sync's transient buffers (the ~30 MB restore input at 10,000 Services, list arrays of 300,000
+    lines) are malloc'ed, not pymalloc'ed. glibc's dynamic mmap threshold rises to the size of the
+    largest block freed (up to 32 MB) and its trim threshold to twice that, so after the first full
+    sync such buffers come from the heap and stay in the RSS when freed: measured +45 MB at the first
+    periodic resync. Fixed thresholds (and two malloc arenas for the agent's few threads) keep them out.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in
+               ((_M_MMAP_THRESHOLD, 256 << 10), (_M_TRIM_THRESHOLD, 1 << 20), (_M_ARENA_MAX, 2)))

@@ -30,6 +30,9 @@ from nodeagent.model import (
     TrafficPolicy,
 )
 
+# shared by every endpoint without zone hints (almost all): an empty frozenset each was 216 bytes per
+# endpoint, 20 MB at 100,000 endpoints
+NO_HINTS: frozenset[str] = frozenset()
 TOPOLOGY_MODE_ANNOTATIONS = ("service.kubernetes.io/topology-mode", "service.kubernetes.io/topology-aware-hints")
 
 
@@ -141,7 +144,8 @@ def merge_endpoints(service: ObjectRef, slices: Iterable[EndpointSlice],
                     ip=endpoint.addresses[0], port=slice_port.port, ready=endpoint.conditions.ready,
                     serving=endpoint.conditions.serving, terminating=endpoint.conditions.terminating,
                     node_name=endpoint.node_name, is_local=is_local,
-                    zone_hints=frozenset(endpoint.hint_zones), pod=endpoint.target,
+                    zone_hints=frozenset(endpoint.hint_zones) if endpoint.hint_zones else NO_HINTS,
+                    pod=endpoint.target,
                 )
                 key = str(info)
                 if key not in by_string or is_local:

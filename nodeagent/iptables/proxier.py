@@ -25,7 +25,7 @@ import structlog
 from nodeagent.heap import collector_paused
 from nodeagent.iptables import names as n
 from nodeagent.iptables.jumps import CANARY_TABLES, JUMPS, KUBELET_JUMPS
-from nodeagent.iptables.kernel import Iptables, chains_in
+from nodeagent.iptables.kernel import Iptables
 from nodeagent.iptables.render import ProxyConfig, RenderCache, Rendered, render
 from nodeagent.model import ObjectRef, Protocol
 from nodeagent.translation import EndpointInfo, ServicePortInfo, ServicePortName
@@ -49,8 +49,9 @@ class SyncReport:
         partial sync writes only what changed, so it reports nothing."""
         if not self.full:
             return {}
-        return {"rules": {"filter": self.rendered.filter.text().count("\n-A "),
-                          "nat": self.rendered.nat.text().count("\n-A ")}}
+        # counted in place: joining the nat table's text again only to count its lines took ~25 MB
+        return {"rules": {"filter": sum(1 for r in self.rendered.filter.rules if r.startswith("-A ")),
+                          "nat": sum(1 for r in self.rendered.nat.rules if r.startswith("-A "))}}
 
 
 @dataclass
@@ -128,7 +129,7 @@ class IptablesProxier:
 
     def _prepare_full_sync(self) -> set[str]:
         self._ensure_hooks()
-        return chains_in(self.ipt.save("nat"))
+        return self.ipt.chain_names("nat")
 
     def _ensure_hooks(self) -> None:
         for table in CANARY_TABLES:

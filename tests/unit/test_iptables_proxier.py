@@ -36,6 +36,9 @@ class RecordingIptables:
     def save(self, table: str) -> str:
         return ""
 
+    def chain_names(self, table: str) -> set[str]:
+        return set()
+
     def chain_exists(self, table: str, chain: str) -> bool:
         return (table, chain) in self.chains
 
