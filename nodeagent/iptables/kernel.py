@@ -7,6 +7,7 @@ with kube-proxy's wait flags (`-w 5 -W 100000`), so a concurrent iptables user m
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import tempfile
@@ -114,23 +115,21 @@ _CHUNK = 1 << 20
 
 def _feed(argv: list[str], text: str) -> tuple[int, str]:
     """Run `argv` with `text` on its stdin, encoded a megabyte at a time (a restore at 10,000 Services is
-    ~30 MB: `subprocess.run(input=...)` would hold a second, encoded copy of all of it); its exit code and stderr."""
-    with tempfile.TemporaryFile() as err, subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                                           stderr=err) as proc:
-        assert proc.stdin is not None
+    ~30 MB: `subprocess.run(input=...)` would hold a second, encoded copy of all of it); its exit code and stderr.
+
+    Its stderr is read to the end before waiting: the end of stderr is the exit, so the wait is immediate
+    (`wait(timeout)` polls with sleeps of up to 50 ms: ~40 ms more per restore, measured)."""
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        assert proc.stdin is not None and proc.stderr is not None
         try:
             for start in range(0, len(text), _CHUNK):
                 proc.stdin.write(text[start:start + _CHUNK].encode())
             proc.stdin.close()
         except BrokenPipeError:  # it stopped reading (a parse error): its exit code and stderr tell why
-            pass
-        try:
-            returncode = proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        err.seek(0)
-        return returncode, err.read().decode(errors="replace")
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()  # (what was left in the buffer cannot be written; closed all the same)
+        stderr = proc.stderr.read()
+        return proc.wait(timeout=300), stderr.decode(errors="replace")
 
 
 def offending_lines(text: str, line: int, context: int = 3) -> str:
