@@ -690,13 +690,22 @@ def _unknown_and_l7(raw: Mapping[str, Any], known: frozenset[str], l7: frozenset
         parts.add(f"{path}.{key}", _L7 if key in l7 else _UNKNOWN)
 
 
+def _policy_inner(raw: Any, name: str, path: str, parts: _Parts) -> dict[str, Any] | None:
+    """The object under `name` of a `from[]`/`to[]` entry (`source`, `operation`), or None with the part
+    recorded as unenforceable; other keys beside it are unknown parts."""
+    inner = raw.get(name) if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or not isinstance(inner, dict):
+        parts.add(f"{path}.{name}" if isinstance(raw, dict) else path, "is not an object, unenforceable")
+        return None
+    _unknown_and_l7(raw, frozenset({name}), frozenset(), path, parts)
+    return inner
+
+
 def _policy_source(raw: Any, path: str, namespace: str) -> PolicySource:
     parts = _Parts()
-    src = raw.get("source") if isinstance(raw, dict) else None
-    if not isinstance(raw, dict) or not isinstance(src, dict):
-        parts.add(f"{path}.source" if isinstance(raw, dict) else path, "is not an object, unenforceable")
+    src = _policy_inner(raw, "source", path, parts)
+    if src is None:
         return PolicySource(unenforceable=parts.done())
-    _unknown_and_l7(raw, frozenset({"source"}), frozenset(), path, parts)
     path = f"{path}.source"
     _unknown_and_l7(src, _SOURCE_FIELDS, _SOURCE_L7, path, parts)
     source = PolicySource(
@@ -719,11 +728,9 @@ def _policy_source(raw: Any, path: str, namespace: str) -> PolicySource:
 
 def _policy_operation(raw: Any, path: str) -> PolicyOperation:
     parts = _Parts()
-    op = raw.get("operation") if isinstance(raw, dict) else None
-    if not isinstance(raw, dict) or not isinstance(op, dict):
-        parts.add(f"{path}.operation" if isinstance(raw, dict) else path, "is not an object, unenforceable")
+    op = _policy_inner(raw, "operation", path, parts)
+    if op is None:
         return PolicyOperation(unenforceable=parts.done())
-    _unknown_and_l7(raw, frozenset({"operation"}), frozenset(), path, parts)
     path = f"{path}.operation"
     _unknown_and_l7(op, _OPERATION_FIELDS, _OPERATION_L7, path, parts)
     operation = PolicyOperation(ports=_policy_ports(op.get("ports"), f"{path}.ports", parts),

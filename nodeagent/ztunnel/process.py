@@ -214,7 +214,7 @@ class TunnelProcess:
             # Rebuilt only when its inputs change; then every open inbound connection is judged again.
             inputs = (snapshot.authorization_policies, snapshot.peer_authentications, self.table.identities,
                       tuple(sorted((ip, w.name, tuple(sorted(w.labels.items())))
-                                   for ip, w in self.table.by_ip.items() if ip in self.tunnel.pods)))
+                                   for ip in self.tunnel.pods if (w := self.table.by_ip.get(ip)) is not None)))
             if inputs != self._authz_inputs:
                 self.authorizer = Authorizer.from_snapshot(snapshot)
                 if not self.policies_synced:

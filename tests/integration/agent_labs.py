@@ -19,6 +19,21 @@ from nodeagent.lab.agents import start_agents
 from nodeagent.lab.manifests import load_default
 from tests.integration.conftest import unique_lab_name
 
+# A namespace outside the mesh with one idle pod on node1: the lab tests' plaintext peer.
+OUTSIDER = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: plain, labels: {app: outsider}}
+spec:
+  nodeName: node1
+  containers:
+  - {name: sleep, command: [nodeagent, workload, idle]}
+"""
+
 
 @contextmanager
 def lab_with_agents(directory: Path, extra_yaml: str, mode: str, agent_args: Sequence[str] = (), *,

@@ -21,24 +21,13 @@ import pytest
 
 from nodeagent.lab import cgroups
 from nodeagent.lab import lab as labs
-from tests.integration.agent_labs import lab_with_agents
+from tests.integration.agent_labs import OUTSIDER, lab_with_agents
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.root
 NODEAGENT = str(Path(sys.executable).with_name("nodeagent"))
 
-OUTSIDER = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: plain}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: plain, labels: {app: outsider}}
-spec:
-  nodeName: node1
-  containers:
-  - {name: sleep, command: [nodeagent, workload, idle]}
+EXTRA = OUTSIDER + """
 ---
 apiVersion: v1
 kind: Service
@@ -81,7 +70,7 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[labs.Lab]:
-    with lab_with_agents(tmp_path_factory.mktemp("inspect"), OUTSIDER, mode, mesh=True) as lab:
+    with lab_with_agents(tmp_path_factory.mktemp("inspect"), EXTRA, mode, mesh=True) as lab:
         yield lab
 
 

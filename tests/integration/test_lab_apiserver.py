@@ -565,22 +565,6 @@ def test_lab_up_serves_its_api_inside_the_lab_and_lab_kubectl_reaches_it() -> No
     assert leftovers(name, []) == []
 
 
-def _admin_in_lab(lab: Any, action: str, body: dict[str, Any]) -> None:
-    """POST /admin/<action> to the lab's API server from inside its namespace (where its address lives)."""
-    from nodeagent.lab import lab as labs
-
-    directory = labs.api_server_dir(lab.record)
-    script = ("import ssl,sys,urllib.request as u\n"
-              "c=ssl.create_default_context(cafile=sys.argv[2])\n"
-              "r=u.Request(sys.argv[1],data=sys.argv[4].encode(),method='POST',headers={'Authorization':"
-              "'Bearer '+open(sys.argv[3]).read().strip(),'Content-Type':'application/json'})\n"
-              "print(u.urlopen(r,context=c,timeout=5).status)")
-    url = f"https://{lab.topology.api_server_address}:6443/admin/{action}"
-    subprocess.run(["ip", "netns", "exec", labs.api_server_plan(lab.plan, lab.topology).netns, sys.executable, "-c",
-                    script, url, str(directory / "ca.crt"), str(directory / "admin-token"), json.dumps(body)],
-                   check=True, capture_output=True, text=True, timeout=20)
-
-
 @pytest.mark.root
 @pytest.mark.parametrize("mode", ["iptables", pytest.param("ebpf", marks=pytest.mark.bcc)])
 def test_agents_on_the_lab_api_ride_out_a_410_storm_and_a_restart_then_follow_kubectl(mode: str) -> None:
@@ -589,6 +573,7 @@ def test_agents_on_the_lab_api_ride_out_a_410_storm_and_a_restart_then_follow_ku
     from nodeagent.lab import lab as labs
     from nodeagent.lab.agents import start_agents
     from nodeagent.lab.demo import request_from
+    from tests.integration.agent_labs import api_fault
     from tests.integration.conftest import unique_lab_name
 
     name = unique_lab_name()
@@ -602,8 +587,8 @@ def test_agents_on_the_lab_api_ride_out_a_410_storm_and_a_restart_then_follow_ku
             if len(seen) == 2:
                 break
         assert seen == {"demo/echo-0", "demo/echo-1"}
-        _admin_in_lab(lab, "expire-watches", {})  # every watch ends with a 410: the agents relist
-        _admin_in_lab(lab, "restart", {"downSeconds": 3})
+        api_fault(lab, "expire-watches", {})  # every watch ends with a 410: the agents relist
+        api_fault(lab, "restart", {"downSeconds": 3})
         for _ in range(4):  # while the server is away, the programmed Service still answers
             assert request_from(lab, "demo/client", vip)["pod"] in ("demo/echo-0", "demo/echo-1")
         deadline = time.monotonic() + 20

@@ -43,7 +43,7 @@ from nodeagent.lab.demo import requests_from
 from nodeagent.lab.state import locked
 from nodeagent.model import MESH_GROUP
 from nodeagent.ztunnel.netns import in_netns
-from tests.integration.agent_labs import agent_healthz, api_fault, api_state, lab_with_agents, owner_process
+from tests.integration.agent_labs import OUTSIDER, agent_healthz, api_fault, api_state, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
 from tests.integration.test_tunnel_balancing import metrics, sample
 from tests.integration.test_tunnel_process import admin_dump
@@ -52,18 +52,7 @@ pytestmark = pytest.mark.root
 
 # A pod outside the mesh (its Service traffic goes through the agent's datapath, not a tunnel) and an enrolled
 # pod under its own identity, which the DENY policy of the storm case names.
-EXTRA = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: plain}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: plain, labels: {app: outsider}}
-spec:
-  nodeName: node1
-  containers:
-  - {name: sleep, command: [nodeagent, workload, idle]}
+EXTRA = OUTSIDER + """
 ---
 apiVersion: v1
 kind: Pod

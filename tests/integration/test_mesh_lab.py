@@ -35,7 +35,7 @@ from nodeagent.lab.demo import request_from
 from nodeagent.lab.state import locked
 from nodeagent.redirect.render import PROBE_ADDRESS
 from nodeagent.ztunnel.netns import in_netns
-from tests.integration.agent_labs import api_fault, lab_with_agents, owner_process
+from tests.integration.agent_labs import OUTSIDER, api_fault, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
 from tests.integration.test_tunnel_lab import Capture
 from tests.integration.test_tunnel_process import admin_dump
@@ -43,19 +43,6 @@ from tests.integration.test_tunnel_process import admin_dump
 pytestmark = pytest.mark.root
 MARKER = "mesh-plaintext-marker-93c1"
 
-OUTSIDER = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: plain}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: plain, labels: {app: outsider}}
-spec:
-  nodeName: node1
-  containers:
-  - {name: sleep, command: [nodeagent, workload, idle]}
-"""
 
 # Connections from inside a pod, one every `gap` seconds for `seconds`: (started, ok, peer or error).
 LOOP = r"""

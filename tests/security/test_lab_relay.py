@@ -28,7 +28,7 @@ from nodeagent.ztunnel.certs import WorkloadCertificate
 from nodeagent.ztunnel.hbone import SOCKET_MARK, ConnectRefused, HbonePool, HboneStream
 from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr
 from nodeagent.ztunnel.netns import client_socket
-from tests.integration.agent_labs import api_fault, lab_with_agents, owner_process
+from tests.integration.agent_labs import OUTSIDER, api_fault, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
 from tests.integration.test_tunnel_balancing import metrics, netns_run, sample
 
@@ -36,19 +36,6 @@ pytestmark = pytest.mark.root
 
 CLIENT = SpiffeId("cluster.local", "demo", "client")
 ECHO = SpiffeId("cluster.local", "demo", "echo")
-OUTSIDER = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: plain}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: plain, labels: {app: outsider}}
-spec:
-  nodeName: node1
-  containers:
-  - {name: sleep, command: [nodeagent, workload, idle]}
-"""
 DENY_CLIENT = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
                "metadata": {"name": "deny-client", "namespace": "demo"},
                "spec": {"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY",
