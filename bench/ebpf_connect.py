@@ -31,13 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.iptables_sync import percentile, tracker_for  # noqa: E402
 from nodeagent import heap  # noqa: E402
-from nodeagent.bpf import loader  # noqa: E402
-from nodeagent.bpf.desired import desired_entries  # noqa: E402
-from nodeagent.bpf.maps import MapSync  # noqa: E402
-from nodeagent.decode import decode, object_ref  # noqa: E402
-from nodeagent.events import Upserted  # noqa: E402
-from nodeagent.model import Kind  # noqa: E402
-from nodeagent.observability import configure_logging  # noqa: E402
+from nodeagent.cluster.decode import decode, object_ref  # noqa: E402
+from nodeagent.cluster.events import Upserted  # noqa: E402
+from nodeagent.cluster.model import Kind  # noqa: E402
+from nodeagent.kernel.bpf import loader  # noqa: E402
+from nodeagent.observability.logs import configure_logging  # noqa: E402
+from nodeagent.service.ebpf.desired import desired_entries  # noqa: E402
+from nodeagent.service.ebpf.maps import MapSync  # noqa: E402
 from tests.objects import scale_slice  # noqa: E402
 
 # The client, run inside the namespace and cgroup: a server on the backend address, then timed loops.

@@ -31,16 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nodeagent import heap  # noqa: E402
-from nodeagent.decode import decode, object_ref  # noqa: E402
-from nodeagent.events import Listed, Upserted  # noqa: E402
-from nodeagent.model import Kind, ObjectRef  # noqa: E402
-from nodeagent.state import ChangeTracker, Snapshot  # noqa: E402
-from nodeagent.ztunnel.authz import Authorizer, AuthzRequest  # noqa: E402
-from nodeagent.ztunnel.balance import Attempts, choose  # noqa: E402
-from nodeagent.ztunnel.circuit import CircuitBreaker  # noqa: E402
-from nodeagent.ztunnel.identity import SpiffeId  # noqa: E402
-from nodeagent.ztunnel.outlier import OutlierDetector  # noqa: E402
-from nodeagent.ztunnel.services import ServiceTable, service_table  # noqa: E402
+from nodeagent.ca.identity import SpiffeId  # noqa: E402
+from nodeagent.cluster.decode import decode, object_ref  # noqa: E402
+from nodeagent.cluster.events import Listed, Upserted  # noqa: E402
+from nodeagent.cluster.model import Kind, ObjectRef  # noqa: E402
+from nodeagent.state.tracker import ChangeTracker, Snapshot  # noqa: E402
+from nodeagent.tunnel.resilience.balance import Attempts, choose  # noqa: E402
+from nodeagent.tunnel.resilience.circuit import CircuitBreaker  # noqa: E402
+from nodeagent.tunnel.resilience.outlier import OutlierDetector  # noqa: E402
+from nodeagent.tunnel.state.authz import Authorizer, AuthzRequest  # noqa: E402
+from nodeagent.tunnel.state.services import ServiceTable, service_table  # noqa: E402
 from tests.objects import node, scale_cluster, scale_slice  # noqa: E402
 
 NODE = "node1"

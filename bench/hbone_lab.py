@@ -50,10 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.hbone_throughput import envoy_configs, write_pki  # noqa: E402
+from nodeagent.kernel.netns import in_netns  # noqa: E402
 from nodeagent.lab import cgroups, processes  # noqa: E402
 from nodeagent.lab import lab as labs  # noqa: E402
 from nodeagent.lab.plan import NodePlan, PodPlan  # noqa: E402
-from nodeagent.ztunnel.netns import in_netns  # noqa: E402
 
 LOAD = str(ROOT / "bench" / "hbone_load.py")
 PEER = str(ROOT / "bench" / "hbone_peer.py")

@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from nodeagent.ztunnel.hbone import HbonePool, serve_connection, upstream_socket  # noqa: E402
-from nodeagent.ztunnel.identity import SpiffeId  # noqa: E402
-from nodeagent.ztunnel.tls import client_context, server_context  # noqa: E402
+from nodeagent.ca.identity import SpiffeId  # noqa: E402
+from nodeagent.tunnel.hbone.protocol import HbonePool, serve_connection, upstream_socket  # noqa: E402
+from nodeagent.tunnel.identity.tls import client_context, server_context  # noqa: E402
 
 SERVER_ID = SpiffeId("cluster.local", "bench", "server")
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr, new_key  # noqa: E402
+from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr, new_key  # noqa: E402
 
 SERVER_ID = SpiffeId("cluster.local", "bench", "server")
 CLIENT_ID = SpiffeId("cluster.local", "bench", "client")

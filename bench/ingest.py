@@ -54,11 +54,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nodeagent import heap  # noqa: E402
-from nodeagent.discovery.kubernetes import CORE_KINDS, MESH_KINDS, ApiConnection, KubernetesSource  # noqa: E402
-from nodeagent.events import Event, Upserted  # noqa: E402
-from nodeagent.model import Kind  # noqa: E402
-from nodeagent.observability import configure_logging  # noqa: E402
-from nodeagent.state import ChangeTracker  # noqa: E402
+from nodeagent.cluster.discovery.kubernetes import CORE_KINDS, MESH_KINDS, ApiConnection, KubernetesSource  # noqa: E402
+from nodeagent.cluster.events import Event, Upserted  # noqa: E402
+from nodeagent.cluster.model import Kind  # noqa: E402
+from nodeagent.observability.logs import configure_logging  # noqa: E402
+from nodeagent.state.tracker import ChangeTracker  # noqa: E402
 from tests.objects import scale_slice  # noqa: E402
 
 GOALS = {"first_snapshot_s": 5.0, "change_p99_ms": 5.0, "rss_mb": 250.0}

@@ -34,15 +34,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nodeagent import heap  # noqa: E402
-from nodeagent.decode import decode, object_ref  # noqa: E402
-from nodeagent.discovery.bulk import decode_items  # noqa: E402
-from nodeagent.events import Listed, Upserted  # noqa: E402
-from nodeagent.iptables.kernel import Iptables, supports_random_fully  # noqa: E402
-from nodeagent.iptables.proxier import IptablesProxier  # noqa: E402
-from nodeagent.iptables.render import ProxyConfig, render  # noqa: E402
-from nodeagent.model import Kind  # noqa: E402
-from nodeagent.observability import configure_logging  # noqa: E402
-from nodeagent.state import ChangeTracker  # noqa: E402
+from nodeagent.cluster.decode import decode, object_ref  # noqa: E402
+from nodeagent.cluster.discovery.bulk import decode_items  # noqa: E402
+from nodeagent.cluster.events import Listed, Upserted  # noqa: E402
+from nodeagent.cluster.model import Kind  # noqa: E402
+from nodeagent.kernel.netfilter import Iptables, supports_random_fully  # noqa: E402
+from nodeagent.observability.logs import configure_logging  # noqa: E402
+from nodeagent.service.config import ProxyConfig  # noqa: E402
+from nodeagent.service.iptables.proxier import IptablesProxier  # noqa: E402
+from nodeagent.service.iptables.render import render  # noqa: E402
+from nodeagent.state.tracker import ChangeTracker  # noqa: E402
 from tests.objects import scale_cluster, scale_slice  # noqa: E402
 
 

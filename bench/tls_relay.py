@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.hbone_peer import address, load  # noqa: E402
-from nodeagent.ztunnel.tls import client_context, server_context  # noqa: E402
+from nodeagent.tunnel.identity.tls import client_context, server_context  # noqa: E402
 
 
 class Half(asyncio.Protocol):

@@ -1,5 +1,5 @@
-// Mesh capture, eBPF mode (issue 9): the same guarantees as the iptables capture (nodeagent/redirect),
-// without a rule in the pod. Compiled by bcc from nodeagent/bpf/mesh.py, which substitutes PIN_DIR.
+// Mesh capture, eBPF mode (issue 9): the same guarantees as the iptables capture (nodeagent/mesh/iptables),
+// without a rule in the pod. Compiled by bcc from nodeagent/mesh/ebpf/programs.py, which substitutes PIN_DIR.
 //
 // Outbound (programs on the POD's cgroup, so only the pod's own processes are captured; the tunnel's
 // sockets are created by the tunnel process, in the tunnel's cgroup, and never pass these):
@@ -106,7 +106,7 @@ static __always_inline int port_listed(const u16 *ports, u8 count, u16 port) {
     return 0;
 }
 
-// 1 when the iptables capture would not redirect this connect either (see nodeagent/redirect/render.py).
+// 1 when the iptables capture would not redirect this connect either (see nodeagent/mesh/iptables/render.py).
 static __always_inline int outbound_exempt(struct nm_config *cfg, struct bpf_sock *sk, u32 ip, u16 port) {
     if ((sk->mark & NM_MARK_MASK) == cfg->mark)
         return 1;  // the tunnel's own socket: never in a pod's cgroup, but never captured even if it were

@@ -1,6 +1,6 @@
 // NodePort / externalIPs / load-balancer IPs for traffic that enters the node from outside: tc
 // programs on the node's external interfaces (clsact, direct action), sharing the Service maps of
-// sock_lb.c. Compiled by bcc from nodeagent/bpf/tc.py (PIN_DIR substituted).
+// sock_lb.c. Compiled by bcc from nodeagent/kernel/bpf/tc.py (PIN_DIR substituted).
 //
 // Ingress, a packet to a frontend of this node:
 //   - backend on this node: DNAT only (the client address is kept), the stack delivers it; the

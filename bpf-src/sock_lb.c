@@ -3,7 +3,7 @@
 // (unconnected UDP), so packets never carry the VIP and need no per-packet NAT. The reverse view
 // (getpeername, the source of UDP replies) shows the VIP again, so applications see what they dialed.
 //
-// Compiled by bcc from nodeagent/bpf/loader.py, which substitutes PIN_DIR; every map is pinned there,
+// Compiled by bcc from nodeagent/kernel/bpf/loader.py, which substitutes PIN_DIR; every map is pinned there,
 // so it outlives the agent and a restarted agent adopts it. Layout changes bump LAYOUT_VERSION in the
 // loader, which moves PIN_DIR: an old map is never read with a new layout.
 //

@@ -30,7 +30,7 @@ if [ -z "$from" ]; then
   fi
   from="$work/ca"
   "$python" -c 'import sys; from pathlib import Path
-from nodeagent.ztunnel.identity import CertificateAuthority
+from nodeagent.ca.identity import CertificateAuthority
 CertificateAuthority.load_or_create(Path(sys.argv[1]))' "$from"
 fi
 for f in root-cert.pem ca-cert.pem ca-key.pem; do

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodeagent.bpf import syscall
+from nodeagent.kernel.bpf import syscall
 from nodeagent.lab import cgroups
 from nodeagent.lab.errors import LabEnvironmentError
 
@@ -139,7 +139,7 @@ def check_iptables(variant: str) -> Check:
 
 def check_bcc() -> Check:
     """bcc imports and compiles+loads a cgroup program (needs kernel headers, see scripts/setup.sh)."""
-    result = _run([sys.executable, "-m", "nodeagent.bpf.compile_check"], timeout=120)
+    result = _run([sys.executable, "-m", "nodeagent.kernel.bpf.compile_check"], timeout=120)
     build = Path(f"/lib/modules/{os.uname().release}/build")
     fix = (f"{SETUP_HINT}: it installs python3-bpfcc and linux-headers-cloud-amd64 and links {build} and "
            f"{build.parent / 'source'} to them (bcc needs both)")

@@ -32,7 +32,7 @@ class FakeApiServer(LabApiServer):
 
 def main() -> None:
     """Serve a cluster of the benchmark's shape until killed; print the URL and token on stdout."""
-    from nodeagent.observability import configure_logging
+    from nodeagent.observability.logs import configure_logging
     from tests.objects import scale_cluster
 
     configure_logging(json=True, level="warning")  # stdout carries only the one JSON line the caller reads

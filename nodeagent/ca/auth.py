@@ -27,8 +27,8 @@ from typing import Protocol
 import grpc
 import structlog
 
-from nodeagent.discovery.tokenreview import NODE_NAME, POD_NAME, POD_UID, PodBinding, TokenReview
-from nodeagent.ztunnel.ca_service import Caller, CaMetrics, Refused
+from nodeagent.ca.service import Caller, CaMetrics, Refused
+from nodeagent.cluster.discovery.tokenreview import NODE_NAME, POD_NAME, POD_UID, PodBinding, TokenReview
 
 log = structlog.get_logger("nodeagent.ca.auth")
 

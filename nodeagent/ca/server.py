@@ -22,11 +22,8 @@ import structlog
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from nodeagent.events import Sink
-from nodeagent.httpserve import RouteServer
-from nodeagent.model import Kind
-from nodeagent.state import ChangeTracker, Snapshot
-from nodeagent.ztunnel.ca_service import (
+from nodeagent.ca.identity import CertificateAuthority, IdentityError
+from nodeagent.ca.service import (
     SERVICE_NAME,
     Authenticator,
     CaMetrics,
@@ -35,7 +32,10 @@ from nodeagent.ztunnel.ca_service import (
     pods_in,
     serve,
 )
-from nodeagent.ztunnel.identity import CertificateAuthority, IdentityError
+from nodeagent.cluster.events import Sink
+from nodeagent.cluster.model import Kind
+from nodeagent.observability.http import RouteServer
+from nodeagent.state.tracker import ChangeTracker, Snapshot
 
 log = structlog.get_logger("nodeagent.ca")
 

@@ -1,1 +1,1 @@
-"""The node-local control stream from the agent to the tunnel (`nodeagent/api/control.proto`)."""
+"""The node-local control stream from the agent to the tunnel (`nodeagent/control/api/control.proto`)."""

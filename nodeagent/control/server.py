@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import structlog
 
-from nodeagent.api import control_pb2, control_pb2_grpc
+from nodeagent.control.api import control_pb2, control_pb2_grpc
 from nodeagent.control.assignments import Assignment, Assignments, Delta, VersionLog, diff
 
 log = structlog.get_logger("nodeagent.control")

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from nodeagent.api import control_pb2
+from nodeagent.control.api import control_pb2
 
 INSPECT_METHOD = "/nodeagent.control.v1.TunnelControl/Inspect"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from nodeagent.cluster.model import ObjectRef
 from nodeagent.inspect.model import Capture, Drift, PolicyLine, ServicePath, Tunnel
-from nodeagent.model import ObjectRef
-from nodeagent.state import Snapshot
-from nodeagent.ztunnel.authz import Authorizer
+from nodeagent.state.tracker import Snapshot
+from nodeagent.tunnel.state.authz import Authorizer
 
 
 def compute_drift(*, enrolled: bool, capture: Capture, missing: Sequence[str], unexpected: Sequence[str],
@@ -35,7 +35,7 @@ def compute_drift(*, enrolled: bool, capture: Capture, missing: Sequence[str], u
 
 
 def tunnel_part(dump: Mapping[str, Any] | None, ip: str, error: str = "") -> Tunnel:
-    """The pod's entry of the tunnel's config dump (`nodeagent.ztunnel.admin.config_dump` plus the process's
+    """The pod's entry of the tunnel's config dump (`nodeagent.tunnel.admin.config_dump` plus the process's
     status); unreachable with `error` when there is no dump."""
     if dump is None:
         return Tunnel(False, error or "the tunnel's admin endpoint did not answer")

@@ -19,16 +19,16 @@ from typing import Any
 
 import structlog
 
-from nodeagent.enrollment import Enrollment
+from nodeagent.ca.identity import SpiffeId
+from nodeagent.cluster.enrollment import Enrollment
+from nodeagent.cluster.model import IPNetwork
 from nodeagent.inspect.agent_client import AgentUnreachable, query_agent
 from nodeagent.inspect.build import compute_drift, policy_lines, tunnel_part
 from nodeagent.inspect.model import Capture, PodReport, ProgramLine, RuleLine, ServicePath
 from nodeagent.inspect.paths import captured_by_tunnel, ebpf_paths, iptables_paths, with_live
-from nodeagent.model import IPNetwork
-from nodeagent.redirect import CaptureOptions, CaptureState, CaptureStatus, capture_options, live_state
-from nodeagent.state import Snapshot
-from nodeagent.ztunnel.identity import SpiffeId
-from nodeagent.ztunnel.workloads import workload_table
+from nodeagent.mesh.iptables import CaptureOptions, CaptureState, CaptureStatus, capture_options, live_state
+from nodeagent.state.tracker import Snapshot
+from nodeagent.tunnel.state.workloads import workload_table
 
 log = structlog.get_logger("nodeagent.inspect")
 ADMIN_URL = "http://127.0.0.1:15000/config_dump"
@@ -66,7 +66,7 @@ def find_pod(snapshot: Snapshot, ref: str, namespace: str | None) -> Any:
 
 
 def _pod_netns(target: Target, ip: str, key: str) -> str:
-    from nodeagent.ztunnel import podnetns
+    from nodeagent.kernel import podnetns
 
     found = podnetns.locate([ip], target.netns_dir, target.netns_prefix).get(ip)
     if found is None or not os.path.exists(found):
@@ -101,11 +101,11 @@ def _ebpf_capture(target: Target, netns: str, key: str, options: CaptureOptions)
     """The eBPF capture of the pod, when the node's mesh programs are pinned and its cgroup can be found."""
     if target.pod_cgroup_parent is None:
         return None
-    from nodeagent.bpf import mesh as bpf_mesh
-    from nodeagent.bpf.loader import BpfError
-    from nodeagent.bpf.mesh_agent import CgroupBesideNetns, EbpfCapture
-    from nodeagent.bpf.mesh_hooks import cookie_key, netns_cookie, on_cgroup, tc_ours
-    from nodeagent.bpf.mesh_state import describe_config
+    from nodeagent.kernel.bpf.loader import BpfError
+    from nodeagent.mesh.ebpf import programs as bpf_mesh
+    from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
+    from nodeagent.mesh.ebpf.hooks import cookie_key, netns_cookie, on_cgroup, tc_ours
+    from nodeagent.mesh.ebpf.state import describe_config
 
     locate = CgroupBesideNetns(target.pod_cgroup_parent, target.netns_prefix)
     try:
@@ -136,7 +136,7 @@ def read_dump(node_netns: str | None, timeout: float = 3.0) -> tuple[dict[str, A
     try:
         if node_netns is None:
             return fetch(), ""
-        from nodeagent.ztunnel.netns import in_netns
+        from nodeagent.kernel.netns import in_netns
 
         return in_netns(f"/run/netns/{node_netns}", fetch), ""
     except (OSError, ValueError) as exc:
@@ -144,7 +144,7 @@ def read_dump(node_netns: str | None, timeout: float = 3.0) -> tuple[dict[str, A
 
 
 def _live_nat_chains(node_netns: str | None) -> set[str] | None:
-    from nodeagent.iptables.kernel import Iptables, IptablesError, detect_backend
+    from nodeagent.kernel.netfilter import Iptables, IptablesError, detect_backend
 
     try:
         text = Iptables(detect_backend(node_netns), node_netns).save("nat")
@@ -158,7 +158,7 @@ def datapath_mode(target: Target) -> str:
     try:
         return str(query_agent(target.control_socket).get("mode") or "iptables")
     except AgentUnreachable:
-        from nodeagent.bpf.loader import ROOT
+        from nodeagent.kernel.bpf.loader import ROOT
 
         return "ebpf" if any((ROOT / target.bpf_scope).glob("v*")) else "iptables"
 
@@ -169,7 +169,7 @@ def service_paths(target: Target, mode: str) -> list[ServicePath]:
 
 
 def _services(target: Target, mode: str, enrolled: bool, only: str | None) -> list[ServicePath]:
-    from nodeagent.agent import AgentOptions, local_addresses, proxy_config
+    from nodeagent.daemon.agent import AgentOptions, local_addresses, proxy_config
 
     snapshot = target.snapshot
     node = snapshot.node

@@ -1,6 +1,6 @@
 """Translation paths of Service frontends, computed from the render functions the datapath itself uses:
-`nodeagent.iptables.render.render` (the chains a new connection walks: KUBE-SERVICES → KUBE-SVC/EXT → KUBE-SEP
-→ DNAT) and `nodeagent.bpf.desired.desired_entries` (the map entry a connect() is rewritten from). Pure.
+`nodeagent.service.iptables.render.render` (the chains a new connection walks: KUBE-SERVICES → KUBE-SVC/EXT → KUBE-SEP
+→ DNAT) and `nodeagent.service.ebpf.desired.desired_entries` (the map entry a connect() is rewritten from). Pure.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import re
 import shlex
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
-from nodeagent.bpf.desired import Frontend, desired_entries
+from nodeagent.cluster.model import IPAddress
 from nodeagent.inspect.model import Endpoint, ServicePath
-from nodeagent.iptables.render import ProxyConfig, render
-from nodeagent.model import IPAddress
-from nodeagent.translation import EndpointInfo, ServicePortInfo, ServicePortName
+from nodeagent.service.config import ProxyConfig
+from nodeagent.service.ebpf.desired import Frontend, desired_entries
+from nodeagent.service.iptables.render import render
+from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName
 
 _TRANSLATING = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-")
 

@@ -27,7 +27,7 @@ class ProbeResult:
 
 def sep_counters(node_netns: str) -> dict[str, int]:
     """Packets through each KUBE-SEP chain's DNAT in the node's nat table."""
-    from nodeagent.iptables.kernel import detect_backend
+    from nodeagent.kernel.netfilter import detect_backend
 
     argv = ["ip", "netns", "exec", node_netns, f"iptables-{detect_backend(node_netns)}-save", "-c", "-t", "nat"]
     text = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
@@ -46,7 +46,7 @@ def tunnel_opened(node_netns: str, address: str) -> int:
 
 def tunnel_metric(node_netns: str, address: str, name: str, having: str = "") -> int:
     """The sum of a tunnel counter's samples (those whose labels contain `having`), read inside the node."""
-    from nodeagent.ztunnel.netns import in_netns
+    from nodeagent.kernel.netns import in_netns
 
     def fetch() -> str:
         with urllib.request.urlopen(f"http://{address}:15020/metrics", timeout=3) as answer:

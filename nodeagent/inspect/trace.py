@@ -1,8 +1,8 @@
 """`nodeagent trace`: the path one new connection from a pod would take, step by step, predicted from the same
-functions the datapath uses: enrollment and the capture's exclusions (`nodeagent.enrollment`,
-`nodeagent.redirect`), the tunnel's Service table and balancer (`nodeagent.ztunnel.services`, `.balance`), the
+functions the datapath uses: enrollment and the capture's exclusions (`nodeagent.cluster.enrollment`,
+`nodeagent.mesh.iptables`), the tunnel's Service table and balancer (`nodeagent.tunnel.state.services`, `.balance`), the
 node's translation (`paths`: the rendered iptables chains or the eBPF map entries) and L4 authorization
-(`nodeagent.ztunnel.authz`). Pure.
+(`nodeagent.tunnel.state.authz`). Pure.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from nodeagent.ca.identity import SpiffeId
 from nodeagent.inspect.model import ServicePath
-from nodeagent.redirect import CaptureOptions
-from nodeagent.redirect.render import DEFAULT_OPTIONS
-from nodeagent.state import Snapshot
-from nodeagent.ztunnel import balance
-from nodeagent.ztunnel.authz import Authorizer, AuthzRequest
-from nodeagent.ztunnel.identity import SpiffeId
-from nodeagent.ztunnel.services import Candidate, ServiceTarget, service_table
-from nodeagent.ztunnel.workloads import Workload, workload_table
+from nodeagent.mesh.iptables import CaptureOptions
+from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS
+from nodeagent.state.tracker import Snapshot
+from nodeagent.tunnel.resilience import balance
+from nodeagent.tunnel.state.authz import Authorizer, AuthzRequest
+from nodeagent.tunnel.state.services import Candidate, ServiceTarget, service_table
+from nodeagent.tunnel.state.workloads import Workload, workload_table
 
 CONNECTED, REFUSED, DENIED, PARTLY_DENIED = "connected", "refused", "denied", "denied for some candidates"
 

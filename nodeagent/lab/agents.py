@@ -6,7 +6,7 @@ With the mesh, the lab's CA (`nodeagent ca`) runs once for the whole lab in the 
 address of the node network, as the CA Deployment runs apart from the nodes in a cluster, and
 authenticates tunnels as it does in a cluster: a TokenReview, by the lab's API server, of the tunnel's
 projected ServiceAccount token. As the tunnel DaemonSet's pods are in a cluster, each node's tunnel is a
-Pod object in the API (`nodeagent/ztunnel-<node>`, ServiceAccount `nodeagent-ztunnel`, hostNetwork, so
+Pod object in the API (`nodeagent/tunnel-<node>`, ServiceAccount `nodeagent-ztunnel`, hostNetwork, so
 the lab starts no process and no namespace for it and the mesh ignores it), and, as the kubelet does for
 its projected token volume, `lab agents` asks the API server for a token bound to that pod (TokenRequest,
 audience `nodeagent-ca`, 3600 s) and writes it to the tunnel's `--ca-token-file`. The token is written
@@ -275,8 +275,8 @@ def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = ()
 
 def enrolled_pods(lab: labs.Lab) -> list[str]:
     """The pods (namespace/name) of the lab that are enrolled in the mesh, as the agents decide it."""
-    from nodeagent.discovery.once import snapshot_of_manifests
-    from nodeagent.ztunnel.workloads import workload_table
+    from nodeagent.state.once import snapshot_of_manifests
+    from nodeagent.tunnel.state.workloads import workload_table
 
     snapshot = snapshot_of_manifests(lab.record.manifests_path.parent, lab.plan.nodes[0].node.name)
     return sorted(w.name for node in lab.plan.nodes
@@ -285,14 +285,14 @@ def enrolled_pods(lab: labs.Lab) -> list[str]:
 
 def captured(lab: labs.Lab, pod: str) -> bool:
     """Whether `pod` holds a complete capture, iptables in its namespace or eBPF on its cgroup."""
-    from nodeagent.redirect import CaptureOptions, CaptureStatus, live_state
+    from nodeagent.mesh.iptables import CaptureOptions, CaptureStatus, live_state
 
     netns = f"/run/netns/{lab.plan.pod(pod).netns}"
     if any(live_state(netns, backend=b).status is CaptureStatus.INSTALLED for b in ("nft", "legacy")):
         return True
-    from nodeagent.bpf import mesh as bpf_mesh
-    from nodeagent.bpf.loader import BpfError
-    from nodeagent.bpf.mesh_agent import CgroupBesideNetns, EbpfCapture
+    from nodeagent.kernel.bpf.loader import BpfError
+    from nodeagent.mesh.ebpf import programs as bpf_mesh
+    from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
 
     node = lab.plan.node(lab.plan.pod(pod).pod.node)
     try:
@@ -335,7 +335,7 @@ def start_ca(lab: labs.Lab, env: Mapping[str, str] | None, timeout: float) -> in
     locked. Made here first: the root and the key only the CA process reads (once), the tunnel pods in the
     API and each tunnel's projected token. Returns the supervising shim's pid; `lab down` stops it with the
     lab's other processes."""
-    from nodeagent.ztunnel.identity import CertificateAuthority
+    from nodeagent.ca.identity import CertificateAuthority
 
     if any(p.owner == CA_OWNER for p in lab.record.processes):
         raise LabError(f"lab {lab.record.name!r} already runs its CA")

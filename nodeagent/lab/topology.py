@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from nodeagent.decode import decode, object_ref
+from nodeagent.cluster.decode import decode, object_ref
 from nodeagent.lab.endpoints import derive_endpoint_slices
 from nodeagent.lab.errors import LabManifestError, ManifestProblem
 from nodeagent.lab.manifests import Document

@@ -22,9 +22,9 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 
+from nodeagent.ca.identity import CertificateAuthority, SpiffeId, new_key, spiffe_id_of
+from nodeagent.ca.service import CertificateRequestError, request_certificate
 from nodeagent.cli import main
-from nodeagent.ztunnel.ca_service import CertificateRequestError, request_certificate
-from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, new_key, spiffe_id_of
 from tests.fakeapi import FakeApiServer
 
 CLIENT = SpiffeId("cluster.local", "demo", "client")

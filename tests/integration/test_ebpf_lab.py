@@ -19,13 +19,13 @@ import psutil
 import pytest
 import yaml
 
-from nodeagent.bpf import loader
-from nodeagent.bpf.desired import Backend, Frontend
-from nodeagent.bpf.maps import MapSync
+from nodeagent.kernel.bpf import loader
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import AGENT_OWNER, start_agents
 from nodeagent.lab.demo import request_from
+from nodeagent.service.ebpf.desired import Backend, Frontend
+from nodeagent.service.ebpf.maps import MapSync
 from tests.integration.agent_labs import lab_with_agents
 from tests.integration.conftest import unique_lab_name
 

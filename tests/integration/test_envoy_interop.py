@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from nodeagent.ztunnel.hbone import hbone_connect, open_upstream, serve_connection
-from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr, new_key
-from nodeagent.ztunnel.tls import client_context, server_context
+from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr, new_key
+from nodeagent.tunnel.hbone.protocol import hbone_connect, open_upstream, serve_connection
+from nodeagent.tunnel.identity.tls import client_context, server_context
 from tests.integration.test_hbone import upstream_echo
 
 pytestmark = pytest.mark.root

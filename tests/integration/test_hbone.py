@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from nodeagent.ztunnel.hbone import hbone_connect, open_upstream, serve_connection
-from nodeagent.ztunnel.identity import CertificateAuthority, IdentityError, SpiffeId, make_csr, new_key
-from nodeagent.ztunnel.tls import client_context, server_context
+from nodeagent.ca.identity import CertificateAuthority, IdentityError, SpiffeId, make_csr, new_key
+from nodeagent.tunnel.hbone.protocol import hbone_connect, open_upstream, serve_connection
+from nodeagent.tunnel.identity.tls import client_context, server_context
 
 pytestmark = pytest.mark.root
 
@@ -138,7 +138,7 @@ async def test_plaintext_on_the_hbone_port_is_refused_and_the_server_goes_on(rig
 async def test_rotation_keeps_open_connections_and_serves_new_ones_the_new_certificate() -> None:
     from cryptography import x509
 
-    from nodeagent.ztunnel.certs import WorkloadCertificate, rotating_server_context
+    from nodeagent.tunnel.identity.certs import WorkloadCertificate, rotating_server_context
 
     ca = CertificateAuthority.generate()
     server_cert = WorkloadCertificate(SERVER_ID, lambda identity, key: ca.issue(make_csr(identity, key))[1])
@@ -172,7 +172,7 @@ async def test_rotation_keeps_open_connections_and_serves_new_ones_the_new_certi
 
 
 async def test_the_pool_shares_connections_up_to_the_stream_limit() -> None:
-    from nodeagent.ztunnel.hbone import HbonePool
+    from nodeagent.tunnel.hbone.protocol import HbonePool
 
     server_ctx, client_ctx = contexts()
     accepted = 0
@@ -211,7 +211,7 @@ async def test_a_wrong_alpn_or_an_expired_client_certificate_is_refused_and_othe
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
-    from nodeagent.ztunnel.tls import client_context
+    from nodeagent.tunnel.identity.tls import client_context
 
     # Valid certificates of the rig's own CA: only the ALPN, then only the dates, are wrong.
     ca = rig.ca
@@ -244,7 +244,7 @@ async def test_a_wrong_alpn_or_an_expired_client_certificate_is_refused_and_othe
 
 
 async def test_pooled_connections_are_kept_alive_with_pings_and_a_silent_peer_is_dropped() -> None:
-    from nodeagent.ztunnel.hbone import HbonePool
+    from nodeagent.tunnel.hbone.protocol import HbonePool
 
     server_ctx, client_ctx = contexts()
     silent = asyncio.Event()

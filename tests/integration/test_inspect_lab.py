@@ -217,7 +217,7 @@ def test_the_agents_health_and_metrics_endpoints_parse(lab: labs.Lab, mode: str)
     the node (never from the root namespace), the metrics through Prometheus' own parser."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from nodeagent.ztunnel.netns import in_netns
+    from nodeagent.kernel.netns import in_netns
 
     node = lab.plan.node("node1")
 
@@ -260,7 +260,7 @@ def test_the_agents_health_and_metrics_endpoints_parse(lab: labs.Lab, mode: str)
 
 
 def cluster_ip(lab: labs.Lab, service: str) -> str:
-    from nodeagent.discovery.once import snapshot_of_manifests
+    from nodeagent.state.once import snapshot_of_manifests
 
     state = snapshot_of_manifests(lab.record.manifests_path.parent, "node1")
     return next(str(info.cluster_ips[0]) for name, info in state.service_ports.items()

@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from nodeagent.iptables import cleanup, names
-from nodeagent.iptables.formats import format_list, format_save, node_tables
-from nodeagent.iptables.kernel import Iptables
-from nodeagent.iptables.proxier import IptablesProxier
-from nodeagent.iptables.render import ProxyConfig
-from nodeagent.model import Kind, ObjectRef
+from nodeagent.cluster.model import Kind, ObjectRef
+from nodeagent.kernel.netfilter import Iptables
+from nodeagent.service.config import ProxyConfig
+from nodeagent.service.iptables import cleanup, names
+from nodeagent.service.iptables.formats import format_list, format_save, node_tables
+from nodeagent.service.iptables.proxier import IptablesProxier
 from tests.integration.conftest import unique_lab_name
-from tests.unit.test_iptables_render import OVERALL_OBJECTS, ep, slice_, snapshot_of
+from tests.unit.service.iptables.test_render import OVERALL_OBJECTS, ep, slice_, snapshot_of
 
 pytestmark = pytest.mark.root
 
@@ -120,7 +120,7 @@ def test_a_batched_nft_full_sync_programs_exactly_what_one_restore_does(netns: s
 
 
 def test_a_failed_restore_names_the_offending_line_and_changes_nothing(netns: str) -> None:
-    from nodeagent.iptables.kernel import IptablesError
+    from nodeagent.kernel.netfilter import IptablesError
 
     ipt = Iptables("nft", netns)
     sync(IptablesProxier(ipt), snapshot_of(*OVERALL_OBJECTS))

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from nodeagent.discovery.kubernetes import CORE_KINDS, ApiConnection, KubernetesSource
-from nodeagent.discovery.wire import Backoff
-from nodeagent.events import Event
-from nodeagent.model import Kind, ObjectRef
-from nodeagent.state import ChangeTracker, Snapshot
+from nodeagent.cluster.discovery.kubernetes import CORE_KINDS, ApiConnection, KubernetesSource
+from nodeagent.cluster.discovery.wire import Backoff
+from nodeagent.cluster.events import Event
+from nodeagent.cluster.model import Kind, ObjectRef
+from nodeagent.state.tracker import ChangeTracker, Snapshot
 from tests import objects as k8s
 from tests.fakeapi import FakeApiServer
 

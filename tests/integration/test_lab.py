@@ -186,11 +186,11 @@ def test_exec_returns_the_commands_exit_code_and_status_notices_missing_objects(
 
 def test_the_agents_manifest_source_reads_the_lab_as_the_lab_built_it(make_lab) -> None:  # type: ignore[no-untyped-def]
     """The lab's resolved manifests are the agent's input: every object decodes, the endpoints are the pods."""
-    from nodeagent.discovery.manifests import ManifestSource
-    from nodeagent.events import Event
-    from nodeagent.model import Kind, Protocol
-    from nodeagent.state import ChangeTracker
-    from nodeagent.translation import ServicePortName
+    from nodeagent.cluster.discovery.manifests import ManifestSource
+    from nodeagent.cluster.events import Event
+    from nodeagent.cluster.model import Kind, Protocol
+    from nodeagent.state.tracker import ChangeTracker
+    from nodeagent.state.translation import ServicePortName
 
     lab = make_lab()
     tracker = ChangeTracker("node1")

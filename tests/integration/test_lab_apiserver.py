@@ -243,9 +243,9 @@ def test_set_based_selectors_json_patches_and_bad_requests(api: Api) -> None:
 def test_the_agents_source_sees_what_kubectl_changes(api: Api) -> None:
     """The agent's own reader (KubernetesSource into a ChangeTracker) follows kubectl's writes, including the
     Service leaving kube-proxy's `!service.kubernetes.io/service-proxy-name` selection and coming back."""
-    from nodeagent.discovery.kubernetes import ApiConnection, KubernetesSource
-    from nodeagent.model import Kind
-    from nodeagent.state import ChangeTracker, Snapshot
+    from nodeagent.cluster.discovery.kubernetes import ApiConnection, KubernetesSource
+    from nodeagent.cluster.model import Kind
+    from nodeagent.state.tracker import ChangeTracker, Snapshot
 
     ns = namespace(api, "agent")
     api.server.create(k8s.service("web", namespace=ns, cluster_ip="10.96.0.70"))

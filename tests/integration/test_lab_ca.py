@@ -28,9 +28,9 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from nodeagent.ca.auth import TokenReviewAuthenticator
-from nodeagent.discovery.tokenreview import ReviewConnection
+from nodeagent.ca.service import Refused
+from nodeagent.cluster.discovery.tokenreview import ReviewConnection
 from nodeagent.lab.apiserver import LabApiServer
-from nodeagent.ztunnel.ca_service import Refused
 from tests import objects as k8s
 
 TUNNEL_NS, TUNNEL_SA = "nodeagent", "nodeagent-ztunnel"
@@ -179,8 +179,8 @@ spec:
 CSR = """
 import sys
 from pathlib import Path
-from nodeagent.ztunnel.ca_service import CertificateRequestError, request_certificate
-from nodeagent.ztunnel.identity import SpiffeId, new_key
+from nodeagent.ca.service import CertificateRequestError, request_certificate
+from nodeagent.ca.identity import SpiffeId, new_key
 address, token, root, namespace, account = sys.argv[1:6]
 try:
     request_certificate(address, Path(token).read_text().strip(), SpiffeId("cluster.local", namespace, account),
@@ -227,4 +227,4 @@ def test_a_labs_tunnel_token_gets_only_its_own_nodes_identities(tmp_path: Path) 
         log = [json.loads(line) for line in (lab.record.directory / "logs" / "ca.log").read_text().splitlines()
                if line.startswith("{")]
         authenticated = {line.get("pod") for line in log if line.get("event") == "tunnel authenticated"}
-        assert {"nodeagent/ztunnel-node1", "nodeagent/ztunnel-node2"} <= authenticated
+        assert {"nodeagent/tunnel-node1", "nodeagent/tunnel-node2"} <= authenticated

@@ -28,6 +28,8 @@ import psutil
 import pytest
 
 from nodeagent.cli import run as run_command
+from nodeagent.cluster.model import MESH_GROUP
+from nodeagent.kernel.netns import in_netns
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import (
@@ -41,8 +43,6 @@ from nodeagent.lab.agents import (
 )
 from nodeagent.lab.demo import requests_from
 from nodeagent.lab.state import locked
-from nodeagent.model import MESH_GROUP
-from nodeagent.ztunnel.netns import in_netns
 from tests.integration.agent_labs import OUTSIDER, agent_healthz, api_fault, api_state, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
 from tests.integration.test_tunnel_balancing import metrics, sample

@@ -1,4 +1,4 @@
-"""The eBPF-mode capture (bpf-src/mesh_capture.c, nodeagent/bpf/mesh.py) in the two-node lab with agents (eBPF
+"""The eBPF-mode capture (bpf-src/mesh_capture.c, nodeagent/mesh/ebpf/programs.py) in the two-node lab with agents (eBPF
 service datapath) and node tunnels serving every enrolled pod, the agents capturing nothing themselves
 (`capture=False`): each test installs the capture it needs on the lab's own pod cgroups and interfaces and
 removes it. The original-destination hook goes on each node's cgroup, where the lab runs the tunnel.
@@ -25,16 +25,17 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeagent.bpf import loader, mesh
-from nodeagent.bpf.mesh_agent import CgroupBesideNetns, EbpfCapture
-from nodeagent.bpf.mesh_state import MAX_EXCLUDE, encode_config
-from nodeagent.iptables.kernel import detect_backend
+from nodeagent.kernel.bpf import loader
+from nodeagent.kernel.netfilter import detect_backend
+from nodeagent.kernel.netns import in_netns
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import TUNNEL_OWNER
-from nodeagent.redirect import CaptureStatus, apply_probe_snat, remove_probe_snat
-from nodeagent.redirect.render import DEFAULT_OPTIONS, PROBE_ADDRESS, CaptureOptions, CaptureOptionsError
-from nodeagent.ztunnel.netns import in_netns
+from nodeagent.mesh.ebpf import programs as mesh
+from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
+from nodeagent.mesh.ebpf.state import MAX_EXCLUDE, encode_config
+from nodeagent.mesh.iptables import CaptureStatus, apply_probe_snat, remove_probe_snat
+from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, PROBE_ADDRESS, CaptureOptions, CaptureOptionsError
 from tests.integration.agent_labs import lab_with_agents
 from tests.integration.test_tunnel_process import admin_dump
 
@@ -431,7 +432,7 @@ def test_the_pins_sit_beside_the_agents_datapath(lab: labs.Lab, programs: dict[s
 
 
 def test_the_agents_capture_protocol_in_ebpf_mode(lab: labs.Lab, programs: dict[str, mesh.MeshPrograms]) -> None:
-    """`EbpfCapture` as `nodeagent.mesh.MeshReconciler` would drive it: pods named by namespace path, found
+    """`EbpfCapture` as `nodeagent.mesh.reconciler.MeshReconciler` would drive it: pods named by namespace path, found
     by the lab's layout (pod cgroups beside the node's namespace names)."""
     capture = EbpfCapture(programs["node1"], CgroupBesideNetns(node_cgroup(lab, "node1"), f"{lab.record.name}-pod-"),
                           backend=detect_backend(lab.plan.node("node1").netns),
@@ -454,7 +455,7 @@ def test_the_agents_capture_protocol_in_ebpf_mode(lab: labs.Lab, programs: dict[
 
 
 def test_compile_check_verifies_the_mesh_programs() -> None:
-    result = subprocess.run([sys.executable, "-m", "nodeagent.bpf.compile_check", "--mesh"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "nodeagent.kernel.bpf.compile_check", "--mesh"], capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("mesh capture programs (nm_sockops, nm_getpeername4, nm_getpeername6, "

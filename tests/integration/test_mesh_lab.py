@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from nodeagent.kernel.netns import in_netns
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import (
@@ -33,8 +34,7 @@ from nodeagent.lab.agents import (
 )
 from nodeagent.lab.demo import request_from
 from nodeagent.lab.state import locked
-from nodeagent.redirect.render import PROBE_ADDRESS
-from nodeagent.ztunnel.netns import in_netns
+from nodeagent.mesh.iptables.render import PROBE_ADDRESS
 from tests.integration.agent_labs import OUTSIDER, api_fault, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
 from tests.integration.test_tunnel_lab import Capture

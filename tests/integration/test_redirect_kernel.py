@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.redirect import kernel
-from nodeagent.redirect.kernel import (
+from nodeagent.kernel.netns import in_netns
+from nodeagent.mesh.capture import CaptureStatus
+from nodeagent.mesh.iptables import apply as kernel
+from nodeagent.mesh.iptables.apply import (
     CaptureError,
     apply_capture,
     apply_probe_snat,
@@ -29,9 +31,7 @@ from nodeagent.redirect.kernel import (
     remove_probe_snat,
     rule_counters,
 )
-from nodeagent.redirect.render import TUNNEL_MARK, CaptureOptions, node_probe_snat, pod_capture
-from nodeagent.redirect.state import CaptureStatus
-from nodeagent.ztunnel.netns import in_netns
+from nodeagent.mesh.iptables.render import TUNNEL_MARK, CaptureOptions, node_probe_snat, pod_capture
 from tests.integration.conftest import unique_lab_name
 
 pytestmark = pytest.mark.root

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from nodeagent.iptables.kernel import detect_backend
+from nodeagent.kernel.netfilter import detect_backend
+from nodeagent.kernel.netns import in_netns
 from nodeagent.lab import lab as labs
-from nodeagent.redirect import (
+from nodeagent.mesh.iptables import (
     CaptureStatus,
     apply_capture,
     apply_probe_snat,
@@ -28,8 +29,7 @@ from nodeagent.redirect import (
     remove_probe_snat,
     rule_counters,
 )
-from nodeagent.redirect.render import PROBE_ADDRESS, TUNNEL_MARK
-from nodeagent.ztunnel.netns import in_netns
+from nodeagent.mesh.iptables.render import PROBE_ADDRESS, TUNNEL_MARK
 from tests.integration.agent_labs import lab_with_agents
 from tests.integration.test_tunnel_process import admin_dump
 

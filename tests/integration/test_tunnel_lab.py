@@ -17,14 +17,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr
+from nodeagent.kernel.netns import in_netns
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
-from nodeagent.ztunnel.admin import start_admin
-from nodeagent.ztunnel.authz import Authorizer
-from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr
-from nodeagent.ztunnel.netns import in_netns
-from nodeagent.ztunnel.tunnel import NodeTunnel
-from nodeagent.ztunnel.workloads import Workload
+from nodeagent.tunnel.admin import start_admin
+from nodeagent.tunnel.proxy.node import NodeTunnel
+from nodeagent.tunnel.state.authz import Authorizer
+from nodeagent.tunnel.state.workloads import Workload
 from tests.integration.conftest import unique_lab_name
 
 pytestmark = pytest.mark.root

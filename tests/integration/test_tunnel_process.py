@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from nodeagent.lab import lab as labs
-from nodeagent.redirect import CaptureStatus, live_state
+from nodeagent.mesh.iptables import CaptureStatus, live_state
 from tests.integration.agent_labs import lab_with_agents
 from tests.integration.conftest import wait_for
 

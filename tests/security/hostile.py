@@ -34,11 +34,18 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from nodeagent.ztunnel.hbone import SOCKET_MARK, TlsListener, open_connection, open_stream, serve_connection, serve_tls
-from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr, new_key
-from nodeagent.ztunnel.netns import client_socket, listening_socket
-from nodeagent.ztunnel.telemetry import TunnelMetrics
-from nodeagent.ztunnel.tls import client_context, server_context
+from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr, new_key
+from nodeagent.kernel.netns import client_socket, listening_socket
+from nodeagent.tunnel.hbone.protocol import (
+    SOCKET_MARK,
+    TlsListener,
+    open_connection,
+    open_stream,
+    serve_connection,
+    serve_tls,
+)
+from nodeagent.tunnel.identity.tls import client_context, server_context
+from nodeagent.tunnel.telemetry import TunnelMetrics
 
 SERVER_ID = SpiffeId("cluster.local", "demo", "echo")
 CLIENT_ID = SpiffeId("cluster.local", "demo", "client")

@@ -12,7 +12,8 @@ import structlog
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
 
-from nodeagent.ztunnel.hbone import (
+from nodeagent.kernel.netns import client_socket
+from nodeagent.tunnel.hbone.protocol import (
     CONTROL_BUDGET,
     MAX_CONTINUATIONS,
     MAX_HEADER_BLOCK,
@@ -25,7 +26,6 @@ from nodeagent.ztunnel.hbone import (
     open_connection,
     open_stream,
 )
-from nodeagent.ztunnel.netns import client_socket
 from tests.security.hostile import CLIENT_ID, SERVER_ID, RawH2, Target
 
 pytestmark = pytest.mark.root

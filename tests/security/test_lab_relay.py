@@ -21,13 +21,13 @@ from typing import Any
 import psutil
 import pytest
 
+from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr
+from nodeagent.kernel.netns import client_socket
 from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import TUNNEL_OWNER, ca_dir, spawn_owned, tunnel_argv
 from nodeagent.lab.state import locked
-from nodeagent.ztunnel.certs import WorkloadCertificate
-from nodeagent.ztunnel.hbone import SOCKET_MARK, ConnectRefused, HbonePool, HboneStream
-from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr
-from nodeagent.ztunnel.netns import client_socket
+from nodeagent.tunnel.hbone.protocol import SOCKET_MARK, ConnectRefused, HbonePool, HboneStream
+from nodeagent.tunnel.identity.certs import WorkloadCertificate
 from tests.integration.agent_labs import OUTSIDER, api_fault, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
 from tests.integration.test_tunnel_balancing import metrics, netns_run, sample

@@ -11,9 +11,9 @@ import time
 import pytest
 import structlog
 
-from nodeagent.ztunnel.hbone import VIOLATIONS
-from nodeagent.ztunnel.identity import CertificateAuthority, SpiffeId, make_csr, new_key
-from nodeagent.ztunnel.tls import client_context
+from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr, new_key
+from nodeagent.tunnel.hbone.protocol import VIOLATIONS
+from nodeagent.tunnel.identity.tls import client_context
 from tests.security.hostile import CLIENT_ID, HANDSHAKE_TIMEOUT, Pki, Target, bare_client, target
 
 pytestmark = pytest.mark.root

@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from nodeagent.decode import decode
-from nodeagent.model import PeerAuthentication
-from nodeagent.ztunnel import tunnel as tunnels
-from nodeagent.ztunnel.authz import Authorizer
-from nodeagent.ztunnel.hbone import SOCKET_MARK, open_connection, open_stream
-from nodeagent.ztunnel.identity import SpiffeId, make_csr
-from nodeagent.ztunnel.netns import client_socket, listening_socket
-from nodeagent.ztunnel.tunnel import NodeTunnel
-from nodeagent.ztunnel.workloads import Workload
+from nodeagent.ca.identity import SpiffeId, make_csr
+from nodeagent.cluster.decode import decode
+from nodeagent.cluster.model import PeerAuthentication
+from nodeagent.kernel.netns import client_socket, listening_socket
+from nodeagent.tunnel.hbone.protocol import SOCKET_MARK, open_connection, open_stream
+from nodeagent.tunnel.proxy import node as tunnels
+from nodeagent.tunnel.proxy.node import NodeTunnel
+from nodeagent.tunnel.state.authz import Authorizer
+from nodeagent.tunnel.state.workloads import Workload
 from tests.security.hostile import SERVER_ID, Pki, bare_client, throwaway_netns
 
 pytestmark = pytest.mark.root

@@ -33,10 +33,10 @@ import pytest
 import yaml
 
 from nodeagent.cli import main
+from nodeagent.cluster.discovery.kubernetes import CORE_KINDS, MESH_KINDS, KubernetesSource
+from nodeagent.cluster.discovery.wire import RESOURCES
+from nodeagent.cluster.model import MESH_GROUP
 from nodeagent.config import parse_config
-from nodeagent.discovery.kubernetes import CORE_KINDS, MESH_KINDS, KubernetesSource
-from nodeagent.discovery.wire import RESOURCES
-from nodeagent.model import MESH_GROUP
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET = ROOT / "daemonset"
@@ -263,14 +263,15 @@ def test_no_other_way_to_call_the_api() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n == "kubernetes" or n.startswith("kubernetes.") for n in names):
                 importers.append(path.relative_to(ROOT).as_posix())
-    assert sorted(set(importers)) == ["nodeagent/discovery/kubernetes.py", "nodeagent/discovery/tokenreview.py"]
-    tree = ast.parse((ROOT / "nodeagent/discovery/kubernetes.py").read_text())
+    assert sorted(set(importers)) == [
+        "nodeagent/cluster/discovery/kubernetes.py", "nodeagent/cluster/discovery/tokenreview.py"]
+    tree = ast.parse((ROOT / "nodeagent/cluster/discovery/kubernetes.py").read_text())
     methods, used = _kubernetes_calls(tree)
     assert methods == {"GET"}, f"API calls with {methods - {'GET'}}: derive their RBAC in this test"
     assert used <= {"k8s_client.ApiClient", "k8s_client.Configuration", "k8s_config.load_incluster_config",
                     "k8s_config.load_kube_config"}, f"new client entry points {used}: derive their RBAC here"
     # the CA's calls: derived in test_the_ca_cluster_role_grants_exactly_its_token_reviews_and_pod_watch
-    methods, used = _kubernetes_calls(ast.parse((ROOT / "nodeagent/discovery/tokenreview.py").read_text()))
+    methods, used = _kubernetes_calls(ast.parse((ROOT / "nodeagent/cluster/discovery/tokenreview.py").read_text()))
     assert not methods and used <= {"k8s_client.AuthenticationV1Api", "k8s_client.V1TokenReview",
                                     "k8s_client.V1TokenReviewSpec", "k8s_client.ApiException"}, used
 
@@ -309,8 +310,8 @@ def ca_derived_permissions(tmp_path: Path) -> set[tuple[str, str, str]]:
     """Drive the CA's API calls (a TokenReview and the tunnel pod's lookup, against the fake API server,
     and the pod watch) and map them to RBAC."""
     from nodeagent.ca.auth import TokenReviewAuthenticator
-    from nodeagent.discovery.tokenreview import ReviewConnection
-    from nodeagent.model import Kind
+    from nodeagent.cluster.discovery.tokenreview import ReviewConnection
+    from nodeagent.cluster.model import Kind
     from tests.fakeapi import FakeApiServer
 
     fake = FakeApiServer()
@@ -581,7 +582,7 @@ def _smoke_manifests() -> list[dict[str, Any]]:
 def test_the_smoke_tests_manifests_are_valid() -> None:
     import jsonschema
 
-    from nodeagent.decode import decode
+    from nodeagent.cluster.decode import decode
 
     kv = kubernetes_validate()
     docs = _smoke_manifests()

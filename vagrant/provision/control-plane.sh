@@ -47,7 +47,7 @@ say "nodeagent: the mesh CA, then daemonset/overlays/replace-kube-proxy (vagrant
 if ! kubectl -n nodeagent get secret nodeagent-ca >/dev/null 2>&1; then
   ca="$(mktemp -d)"
   podman run --rm --user 0 --entrypoint python3 -v "$ca:/out" localhost/nodeagent:dev -c \
-    'from pathlib import Path; from nodeagent.ztunnel.identity import CertificateAuthority as CA; CA.load_or_create(Path("/out"))'
+    'from pathlib import Path; from nodeagent.ca.identity import CertificateAuthority as CA; CA.load_or_create(Path("/out"))'
   /nodeagent/daemonset/make-ca-secret.sh --from "$ca"
   rm -rf "$ca"
 fi

@@ -23,12 +23,12 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 import structlog
 
+from nodeagent.cluster.model import MESH_GROUP
 from nodeagent.lab.apiserver import protobuf, resources, tables
 from nodeagent.lab.apiserver.patch import APPLY, PATCH_TYPES
 from nodeagent.lab.apiserver.resources import ApiResource
 from nodeagent.lab.apiserver.selectors import Selection
 from nodeagent.lab.apiserver.store import DROP, END, ApiError, Watcher, status_body
-from nodeagent.model import MESH_GROUP
 
 if TYPE_CHECKING:
     from nodeagent.lab.apiserver.server import LabApiServer

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from nodeagent.model import MESH_GROUP
+from nodeagent.cluster.model import MESH_GROUP
 
 SERVER_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-nodeagent-lab", "gitCommit": "",
                   "gitTreeState": "clean", "buildDate": "1970-01-01T00:00:00Z", "goVersion": "go1.23",
@@ -71,7 +71,7 @@ RESOURCES: dict[str, ApiResource] = {r.plural: r for r in (
     ApiResource("", "v1", "namespaces", "Namespace", False, ("ns",)),
     ApiResource("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
     ApiResource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
-    # The agent reads its policies from its own group (nodeagent.discovery.wire.RESOURCES); it decodes
+    # The agent reads its policies from its own group (nodeagent.cluster.discovery.wire.RESOURCES); it decodes
     # objects written for security.istio.io too, so the lab stores those under the agent's group.
     ApiResource(MESH_GROUP, "v1", "authorizationpolicies", "AuthorizationPolicy", True, ("ap",)),
     ApiResource(MESH_GROUP, "v1", "peerauthentications", "PeerAuthentication", True, ("pa",)),

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 import structlog
 
+from nodeagent.cluster.model import MESH_GROUP
 from nodeagent.lab.apiserver import resources
 from nodeagent.lab.apiserver.controllers import ServiceDefaults
 from nodeagent.lab.apiserver.http import Handler
@@ -46,7 +47,6 @@ from nodeagent.lab.apiserver.tokens import (
     token_request,
     token_request_answer,
 )
-from nodeagent.model import MESH_GROUP
 
 log = structlog.get_logger("nodeagent.lab.apiserver")
 ISTIO_GROUP = "security.istio.io"

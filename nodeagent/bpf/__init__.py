@@ -1,1 +1,0 @@
-"""eBPF: the only package that loads programs into the kernel (bcc, and raw bpf(2) for probes)."""

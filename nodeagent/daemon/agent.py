@@ -1,0 +1,195 @@
+"""The reconcile loop: a source feeds the change tracker, a rate-limited runner syncs the datapath.
+
+As kube-proxy: nothing is programmed before Services and EndpointSlices have been listed completely
+(a half-listed cluster would withdraw Services that exist); changes are coalesced by
+`min_sync_period`; a sync also runs every `sync_period` (repairing drift, noticing flushed tables);
+a failed sync is retried as a full sync with backoff, and `/healthz` turns unhealthy once changes
+have waited longer than its grace period.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import ip_address
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+import psutil
+import structlog
+
+from nodeagent import heap
+from nodeagent.cluster.events import Sink
+from nodeagent.cluster.model import IPAddress, IPNetwork, Kind, ObjectRef
+from nodeagent.observability.health import HealthState, health_routes
+from nodeagent.observability.http import RouteServer
+from nodeagent.observability.metrics import AgentMetrics, metrics_routes
+from nodeagent.service.config import ProxyConfig
+from nodeagent.state.sync import SyncRunner, SyncSchedule
+from nodeagent.state.tracker import ChangeTracker, Snapshot
+
+log = structlog.get_logger("nodeagent.daemon.agent")
+PROGRAMMED_KINDS = (Kind.SERVICE, Kind.ENDPOINT_SLICE)
+
+
+class Source(TypingProtocol):
+    def start(self) -> object: ...
+    def stop(self) -> None: ...
+
+
+class Datapath(TypingProtocol):
+    """What the loop needs of a datapath (iptables or eBPF)."""
+
+    def sync(self, service_ports: Any, endpoints: Any, config: ProxyConfig, changed_services: set[ObjectRef]) -> object:
+        ...
+
+    def force_full_sync(self) -> None: ...
+
+    def canaries_intact(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """The flags of `nodeagent run` (kube-proxy's names where it has them)."""
+
+    node_name: str
+    min_sync_period: float = 1.0
+    sync_period: float = 30.0
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
+    masquerade_all: bool = False
+    masquerade_bit: int = 14
+    nodeport_addresses: tuple[IPNetwork, ...] = ()
+    random_fully: bool = False
+    healthz_host: str = "0.0.0.0"
+    healthz_port: int | None = 10256
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = None  # 10249 in `run`: /metrics and /proxyMode
+    healthz_grace: float = 60.0
+
+
+def local_addresses() -> tuple[IPAddress, ...]:
+    """Every address configured on an interface of this network namespace."""
+    found = []
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family.name in ("AF_INET", "AF_INET6"):
+                found.append(ip_address(addr.address.split("%")[0]))
+    return tuple(sorted(set(found), key=lambda ip: (ip.version, int(ip))))
+
+
+def proxy_config(options: AgentOptions, snapshot: Snapshot, addresses: tuple[IPAddress, ...]) -> ProxyConfig:
+    """The renderer's configuration from the flags and this node's Node object. Pure."""
+    node = snapshot.node
+    internal = [ip for ip in (node.internal_ips if node is not None else ()) if ip.version == 4]
+    nodeport_ips = None
+    if options.nodeport_addresses:
+        nodeport_ips = tuple(ip for ip in addresses if ip.version == 4
+                             and any(ip in cidr for cidr in options.nodeport_addresses if cidr.version == 4))
+    return ProxyConfig(node_name=options.node_name, node_ip=internal[0] if internal else None,
+                       cluster_cidrs=options.cluster_cidrs, masquerade_all=options.masquerade_all,
+                       masquerade_bit=options.masquerade_bit, nodeport_ips=nodeport_ips,
+                       random_fully=options.random_fully,
+                       node_labels=dict(node.labels) if node is not None else {})
+
+
+class Agent:
+    """Ties a source, the tracker, the runner, the iptables proxier and the health endpoint together."""
+
+    def __init__(self, options: AgentOptions, make_source: Callable[[Sink], Source], proxier: Datapath,
+                 addresses: Callable[[], tuple[IPAddress, ...]] = local_addresses) -> None:
+        heap.limit_malloc_retention()
+        self.options = options
+        self.make_source = make_source
+        self.proxier = proxier
+        self.addresses = addresses
+        self.health = HealthState(grace=options.healthz_grace)
+        self.metrics = AgentMetrics()
+        self.metrics.observe_health(self.health)
+        self.synced = threading.Event()  # set after the first successful sync
+        self.syncs = 0
+        self._pending: set[ObjectRef] = set()
+        self._settled = False
+        self._tracker = ChangeTracker(self.options.node_name, on_change=self._changed)
+        self._runner = SyncRunner(self._sync, SyncSchedule(self.options.min_sync_period, self.options.sync_period),
+                                  name="iptables-sync")
+        self._source: Source | None = None
+        self._server: RouteServer | None = None
+        self._metrics_server: RouteServer | None = None
+
+    def _changed(self) -> None:
+        self.health.queued()
+        self._runner.request()
+
+    @property
+    def tracker(self) -> ChangeTracker:
+        return self._tracker
+
+    def start(self) -> Agent:
+        """Serve health, start the source and the sync runner."""
+        self.metrics.set_mode(self.health.mode, self.health.mode_reason)
+        if self.options.healthz_port is not None:
+            self._server = RouteServer(health_routes(self.health), self.options.healthz_host,
+                                       self.options.healthz_port, "healthz").start()
+        if self.options.metrics_port is not None:
+            self._metrics_server = RouteServer(metrics_routes(self.metrics, lambda: self.health.mode),
+                                               self.options.metrics_host, self.options.metrics_port,
+                                               "metrics").start()
+        # Everything the source is about to deliver waits for the first sync: it counts for /healthz and for
+        # the network programming duration from now (the tracker reports only later changes itself).
+        self.health.queued()
+        self._source = self.make_source(self._tracker.apply)
+        self._source.start()
+        self._runner.start()
+        log.info("agent started", node=self.options.node_name)
+        return self
+
+    def stop(self) -> None:
+        """Stop syncing and watching; the programmed datapath stays in place (as kube-proxy's does)."""
+        self._runner.stop()
+        if self._source is not None:
+            self._source.stop()
+        if self._server is not None:
+            self._server.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+
+    def _sync(self) -> None:
+        if not self._tracker.synced(PROGRAMMED_KINDS):
+            log.info("waiting for the complete list of Services and EndpointSlices")
+            return
+        snapshot = self._tracker.snapshot()
+        if snapshot is not None:
+            self._pending |= snapshot.changed_services
+        else:
+            snapshot = self._tracker.last()
+            assert snapshot is not None
+            if not self.proxier.canaries_intact():
+                log.warning("iptables canary chains are gone (tables flushed?); full resync")
+                self.proxier.force_full_sync()
+        config = proxy_config(self.options, snapshot, self.addresses())
+        kind = "partial" if self._pending and self.syncs else "full"
+        started = time.monotonic()
+        try:
+            report = self.proxier.sync(snapshot.service_ports, snapshot.endpoints, config, self._pending)
+        except Exception:
+            self.metrics.sync_failures.labels(mode=self.health.mode).inc()
+            raise
+        gauges = getattr(report, "gauges", None)
+        for name, values in (gauges() if callable(gauges) else {}).items():
+            gauge = self.metrics.rules if name == "rules" else self.metrics.map_entries
+            for label, value in values.items():
+                gauge.labels(label).set(value)
+        self.metrics.sync_duration.labels(mode=self.health.mode, kind=kind).observe(time.monotonic() - started)
+        self.metrics.last_sync.set_to_current_time()
+        self.metrics.service_ports.set(len(snapshot.service_ports))
+        for (kind_name, scope), count in snapshot.rejection_counts.items():
+            self.metrics.rejections.labels(kind=kind_name, scope=scope).set(count)
+        self._pending = set()
+        self.syncs += 1
+        self.health.updated()
+        self.synced.set()
+        if not self._settled:
+            heap.settle()
+            self._settled = True

@@ -1,0 +1,335 @@
+"""`nodeagent ztunnel`: the node tunnel as a process, kept in step with the cluster.
+
+A source (the Kubernetes API with every node's pods, or a manifests directory) feeds a change tracker;
+each new snapshot becomes a workload table (who is who, which local pods are enrolled), and a reconcile
+opens listeners for every enrolled pod of this node whose network namespace is found and closes those
+of pods that left. What cannot be served yet (no namespace, CA unreachable) is kept as a named state,
+logged once per change, shown on the admin endpoint and retried on the next pass. Certificates are
+renewed by a periodic pass in a thread, never on the path of a connection.
+
+Authorization fails closed: until AuthorizationPolicy and PeerAuthentication are both listed there is no
+authorizer, every inbound connection is refused with 503 and readiness says why (a missing CRD names
+itself there). `--no-policy-crds` is the operator saying the cluster has none: both kinds count as listed
+and empty, and that is logged at start. A new snapshot whose policies or pod labels differ re-checks
+every open inbound connection (`NodeTunnel.reevaluate`), as does an identity whose last pod left (a
+certificate of an identity no pod holds is refused: a deleted pod's leftover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from nodeagent.ca.identity import SpiffeId
+from nodeagent.cluster.events import Listed, Sink
+from nodeagent.cluster.model import Kind
+from nodeagent.control.assignments import Assignment
+from nodeagent.control.client import ControlClient
+from nodeagent.kernel import podnetns
+from nodeagent.state.tracker import ChangeTracker, Snapshot
+from nodeagent.tunnel.admin import serve_http, start_admin
+from nodeagent.tunnel.identity.certs import Fetch
+from nodeagent.tunnel.proxy.node import NodeTunnel
+from nodeagent.tunnel.state.authz import Authorizer
+from nodeagent.tunnel.state.services import ServiceTable, service_table
+from nodeagent.tunnel.state.workloads import Workload, WorkloadTable, workload_table
+from nodeagent.tunnel.telemetry import METRICS_PORT, metrics_routes
+
+log = structlog.get_logger("nodeagent.daemon.tunnel")
+TABLE_KINDS = (Kind.POD, Kind.NAMESPACE)
+POLICY_KINDS = (Kind.AUTHORIZATION_POLICY, Kind.PEER_AUTHENTICATION)
+RECONCILE_PERIOD = 5.0  # retry of unserved pods and certificate renewal check
+
+
+@dataclass(frozen=True)
+class TunnelOptions:
+    """The flags of `nodeagent ztunnel`."""
+
+    node: str
+    trust_domain: str = "cluster.local"
+    netns_dir: Path = Path("/run/netns")
+    netns_prefix: str = ""
+    admin: tuple[str, int] = ("127.0.0.1", 15000)
+    readiness: tuple[str, int] = ("0.0.0.0", 15021)
+    metrics: tuple[str, int] | None = ("0.0.0.0", METRICS_PORT)
+    control_socket: str | None = None  # the agent's control stream; None: decide from the snapshot alone
+    reconcile_period: float = RECONCILE_PERIOD
+    no_policy_crds: bool = False  # the cluster has no policy CRDs: serve with no policies (said at start)
+
+
+class Source(Protocol):
+    """What the tunnel needs of a source (the Kubernetes API or a manifests directory)."""
+
+    def start(self) -> object: ...
+    def stop(self) -> None: ...
+
+
+def source_failures(source: object) -> dict[Kind, str]:
+    """The kinds a source failed to list, with why (sources that cannot fail have no `failures`)."""
+    failures = getattr(source, "failures", None)
+    return dict(failures()) if callable(failures) else {}
+
+
+@dataclass
+class TunnelProcess:
+    """The tunnel, its admin endpoints, and the reconcile that keeps its pods in step with snapshots."""
+
+    options: TunnelOptions
+    fetch: Fetch
+    make_source: Callable[[Sink], Source]
+    table: WorkloadTable | None = None
+    services: ServiceTable | None = None
+    authorizer: Authorizer | None = None
+    rejections: set[str] = field(default_factory=set)
+    states: dict[str, str] = field(default_factory=dict)  # pod ip -> why it is not served ("" = served)
+    netns_of: dict[str, str] = field(default_factory=dict)  # pod ip -> namespace path, as found
+    assignments: dict[str, Assignment] | None = None  # uid -> pod, when the agent streams them
+    version: int = 0
+    agent_run: str = ""
+    on_reconciled: Callable[[], None] | None = None
+    policies_synced: bool = False
+    source: Source | None = None
+    tunnel: NodeTunnel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tunnel = NodeTunnel(self.options.node, self.options.trust_domain, self.fetch, self.lookup,
+                                 services=lambda: self.services, authorizer=lambda: self.authorizer,
+                                 identity_known=lambda identity: self.table is not None and self.table.holds(identity))
+        self._changed = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._synced_kinds: frozenset[Kind] = frozenset()
+        self._authz_inputs: object = None  # what the current authorizer and served labels were built from
+
+    def lookup(self, ip: str) -> Workload | None:
+        """The workload holding `ip` in the current table (the tunnel's destination lookup)."""
+        return self.table.lookup(ip) if self.table is not None else None
+
+    def desired(self) -> dict[str, Workload]:
+        """The pods to serve, by IP: the agent's assignments when it streams them, else the enrolled
+        local pods of the tunnel's own snapshot (standalone mode; namespaces found by address)."""
+        if self.assignments is not None:
+            out = {}
+            for assignment in self.assignments.values():
+                known = self.lookup(assignment.ip)
+                out[assignment.ip] = Workload(
+                    assignment.ip, SpiffeId(self.options.trust_domain, assignment.namespace,
+                                            assignment.service_account),
+                    self.options.node, netns=assignment.netns, name=assignment.uid,
+                    labels=known.labels if known is not None else {}, transparent=assignment.transparent)
+            return out
+        return dict(self.table.local) if self.table is not None else {}
+
+    def assigned(self) -> set[str]:
+        """The pods the tunnel must serve to be ready."""
+        if self.assignments is None and self.table is None:
+            return {"(no snapshot yet)"}
+        return set(self.desired())
+
+    def blockers(self) -> list[str]:
+        """Why the tunnel is not ready beyond its pods: policies not synced (and why, when listing failed)."""
+        if self.policies_synced:
+            return []
+        failures = source_failures(self.source) if self.source is not None else {}
+        return [f"policies not synced: {kind} not listed" + (f" ({failures[kind]})" if kind in failures else "")
+                for kind in POLICY_KINDS if kind not in self._synced_kinds] or ["policies not synced"]
+
+    def status(self) -> dict[str, Any]:
+        """Per-pod states and enrollment decisions, for the admin endpoint."""
+        table = self.table
+        return {"states": {ip: state or "served" for ip, state in sorted(self.states.items())},
+                "policies_synced": self.policies_synced, "blockers": self.blockers(),
+                "control": None if self.assignments is None else {"agent_run": self.agent_run,
+                                                                  "version": self.version},
+                "rejected_annotations": sorted(self.rejections),
+                "enrollment": {} if table is None else {name: {"enrolled": d.enrolled, "reason": d.reason}
+                                                         for name, d in sorted(table.decisions.items())}}
+
+    def pod_statuses(self) -> list[tuple[str, bool, str]]:
+        """(uid, served, reason) of every assigned pod, for the acknowledgement to the agent."""
+        return [(a.uid, a.ip in self.tunnel.pods and not self.states.get(a.ip), self.states.get(a.ip, ""))
+                for a in (self.assignments or {}).values()]
+
+    async def apply(self, version: int, agent_run: str, full_state: bool, add: list[Assignment],
+                    remove: list[str]) -> None:
+        """Take an update of the agent's stream and serve accordingly (returns once reconciled)."""
+        current = {} if full_state or self.assignments is None else dict(self.assignments)
+        for uid in remove:
+            current.pop(uid, None)
+        for assignment in add:
+            current[assignment.uid] = assignment
+        self.assignments, self.version, self.agent_run = current, version, agent_run
+        await self.reconcile(None)
+
+    async def reconcile(self, snapshot: Snapshot | None) -> None:
+        """Serve exactly the desired pods that can be served now (one pass at a time)."""
+        async with self._lock:
+            if snapshot is not None and (self.services is None or self.services.generation != snapshot.generation):
+                self._follow(snapshot)
+            desired = self.desired()
+            for ip in [ip for ip, pod in self.tunnel.pods.items() if ip not in desired
+                       or _must_readd(pod.workload, desired[ip])]:
+                await self.tunnel.remove_pod(ip)
+            for ip in [ip for ip in self.states if ip not in desired]:
+                del self.states[ip]
+                self.netns_of.pop(ip, None)
+            missing = [ip for ip, w in desired.items() if not w.netns
+                       and (ip not in self.netns_of or not Path(self.netns_of[ip]).exists())]
+            if missing:
+                found = await asyncio.to_thread(podnetns.locate, missing, self.options.netns_dir,
+                                                self.options.netns_prefix)
+                self.netns_of.update(found)
+            for ip, workload in desired.items():
+                if ip in self.tunnel.pods:
+                    self._set_state(workload, "")
+                    continue
+                netns = workload.netns or self.netns_of.get(ip)
+                if netns is None:
+                    self._set_state(workload, f"netns-missing: no namespace under {self.options.netns_dir} "
+                                              f"holds {ip}")
+                    continue
+                if not Path(netns).exists():
+                    self._set_state(workload, f"netns-missing: {netns} does not exist")
+                    continue
+                try:
+                    await self.tunnel.add_pod(replace(workload, netns=netns))
+                    self._set_state(workload, "")
+                except Exception as exc:  # one pod's failure (CA, vanished netns) must not stop the others
+                    self.netns_of.pop(ip, None)
+                    self._set_state(workload, f"error: {type(exc).__name__}: {exc}")
+        if self.on_reconciled is not None:
+            self.on_reconciled()
+
+    def _follow(self, snapshot: Snapshot) -> None:
+        """New workload, Service and policy views for a new snapshot; report newly rejected annotations."""
+        self.table = workload_table(snapshot, self.options.node, self.options.trust_domain)
+        self.services = service_table(snapshot) if self.services is None else self.services.updated(snapshot)
+        self._synced_kinds = snapshot.synced_kinds
+        if snapshot.synced(POLICY_KINDS):
+            # Rebuilt only when its inputs change; then every open inbound connection is judged again.
+            inputs = (snapshot.authorization_policies, snapshot.peer_authentications, self.table.identities,
+                      tuple(sorted((ip, w.name, tuple(sorted(w.labels.items())))
+                                   for ip in self.tunnel.pods if (w := self.table.by_ip.get(ip)) is not None)))
+            if inputs != self._authz_inputs:
+                self.authorizer = Authorizer.from_snapshot(snapshot)
+                if not self.policies_synced:
+                    log.info("policies synced, serving inbound", node=self.options.node,
+                             authorization_policies=len(snapshot.authorization_policies),
+                             peer_authentications=len(snapshot.peer_authentications))
+                self.policies_synced = True
+                closed = self.tunnel.reevaluate() if self._authz_inputs is not None else 0
+                self._authz_inputs = inputs
+                if closed:
+                    log.info("connections closed after a policy change", node=self.options.node, closed=closed)
+        self.tunnel.outbound.resilience.retain(self.services)
+        rejections = {str(r) for r in self.services.all_rejections()}
+        for rejection in sorted(rejections - self.rejections):
+            log.warning("service annotation ignored", rejection=rejection)
+        self.rejections = rejections
+
+    def prime(self, tracker: ChangeTracker) -> None:
+        """Before the source starts: with --no-policy-crds, both policy kinds count as listed and empty (the
+        source does not watch them), which is said once at start."""
+        if self.options.no_policy_crds:
+            log.warning("no policy CRDs (--no-policy-crds): serving with no AuthorizationPolicy and no "
+                        "PeerAuthentication; every peer of the trust domain is allowed", node=self.options.node)
+            for kind in POLICY_KINDS:
+                tracker.apply(Listed(kind, (), ""))
+
+    def _set_state(self, workload: Workload, state: str) -> None:
+        if self.states.get(workload.ip) != state:
+            if state:
+                log.warning("pod not served", pod=workload.name, pod_ip=workload.ip, state=state)
+            self.states[workload.ip] = state
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set: then close every listener and pool (GOAWAY to peers)."""
+        loop = asyncio.get_running_loop()
+
+        def changed() -> None:
+            loop.call_soon_threadsafe(self._changed.set)
+
+        tracker = ChangeTracker(self.options.node, on_change=changed)
+        self.prime(tracker)
+        source = self.source = self.make_source(tracker.apply)
+        admin, readiness = await start_admin(self.tunnel, self.assigned, admin=self.options.admin,
+                                             readiness=self.options.readiness, status=self.status,
+                                             blockers=self.blockers)
+        servers = [admin, readiness]
+        if self.options.metrics is not None:
+            servers.append(await serve_http(*self.options.metrics, metrics_routes(self.tunnel.metrics)))
+        source.start()
+        control = None
+        if self.options.control_socket is not None:
+            self.assignments = {}  # the agent decides what to serve; nothing until it says
+            control = ControlClient(self.options.control_socket, self.options.node, self.apply, self.pod_statuses)
+            self.on_reconciled = control.notify
+            control_task = asyncio.create_task(control.run(stop))
+        log.info("tunnel started", node=self.options.node, admin=f"{self.options.admin[0]}:{self.options.admin[1]}",
+                 control=self.options.control_socket)
+        retry = 0.1
+        try:
+            while not stop.is_set():
+                snapshot = tracker.snapshot() or tracker.last()
+                # Before pods and namespaces are fully listed, a pod missing from the table may exist.
+                if snapshot is not None and snapshot.synced(TABLE_KINDS):
+                    await self.reconcile(snapshot)
+                elif self.assignments:
+                    await self.reconcile(None)
+                await self.tunnel.rotate()
+                # Pods not served yet (the CA starting beside us, a namespace being made) are retried
+                # soon, then less often; a served node only reconciles on change or the period.
+                retry = min(retry * 2, self.options.reconcile_period) if any(self.states.values()) else 0.1
+                waiters = [asyncio.ensure_future(self._changed.wait()), asyncio.ensure_future(stop.wait())]
+                await asyncio.wait(waiters, timeout=retry if any(self.states.values()) else
+                                   self.options.reconcile_period, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+                self._changed.clear()
+        finally:
+            if control is not None:
+                await control_task
+            source.stop()
+            for server in servers:
+                server.close()
+            await self.tunnel.close()
+            log.info("tunnel stopped", node=self.options.node)
+
+
+def _must_readd(served: Workload, wanted: Workload) -> bool:
+    """Whether a served pod must be re-added to match what is wanted now."""
+    return (served.identity, served.transparent) != (wanted.identity, wanted.transparent) or bool(
+        wanted.netns and served.netns != wanted.netns)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit of open files to the hard one, as ztunnel and Envoy do at start: every proxied
+    connection holds two or three descriptors, and the usual soft limit of 1,024 ends a busy tunnel."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def run_forever(process: TunnelProcess) -> None:
+    """Run `process` on uvloop until SIGTERM or SIGINT."""
+    import uvloop
+
+    limit = raise_open_files_limit()
+    log.info("open files limit", soft=limit[0], hard=limit[1])
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await process.run(stop)
+
+    uvloop.run(main())

@@ -1,4 +1,0 @@
-"""Sources of cluster state: the Kubernetes API (`kubernetes`) and a manifests directory (`manifests`).
-
-Both decode what they read and emit `nodeagent.events` to one sink, the change tracker.
-"""

@@ -1,0 +1,213 @@
+"""Loading, pinning, adopting and attaching the socket load-balancing programs (bpf-src/sock_lb.c).
+
+- Everything lives under `/sys/fs/bpf/nodeagent/<scope>/v<LAYOUT_VERSION>/`: the maps (pinned by bcc
+  as it creates them) and the four programs (pinned here). A changed map layout bumps the version, so
+  an old pinned map is never read with a new layout; the old directory is removed by `cleanup`.
+- A restarted agent **adopts** what is pinned: no compile, no reload, the attached programs never stop
+  translating. bcc is needed only the first time (or after a layout change).
+- Attachments are made with `BPF_F_ALLOW_MULTI` through bpftool, explicitly and idempotently: a
+  program of ours already attached stays; one from an older load is replaced; others' programs on the
+  same cgroup are never touched. Attachments outlive the agent (bcc gives no bpf_link, and the agent
+  should not take the datapath down with it anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import structlog
+
+from nodeagent.kernel.bpf.syscall import MapHandle, obj_pin
+
+log = structlog.get_logger("nodeagent.kernel.bpf.loader")
+
+LAYOUT_VERSION = 2
+BPFFS = Path("/sys/fs/bpf")
+ROOT = BPFFS / "nodeagent"
+# program name -> (bpf_attach_type number, bpftool's argument for it)
+PROGRAMS = {
+    "na_connect4": (10, "connect4"),
+    "na_sendmsg4": (14, "sendmsg4"),
+    "na_recvmsg4": (19, "recvmsg4"),
+    "na_getpeername4": (29, "getpeername4"),
+}
+# bpftool's argument -> the name its JSON output uses (libbpf's)
+_JSON_NAMES = {"connect4": "cgroup_inet4_connect", "sendmsg4": "cgroup_udp4_sendmsg",
+               "recvmsg4": "cgroup_udp4_recvmsg", "getpeername4": "cgroup_inet4_getpeername"}
+# map name -> (key size, value size), matching the structs in sock_lb.c
+MAPS = {
+    "na_services": (8, 16),
+    "na_slots": (8, 8),
+    "na_backends": (4, 8),
+    "na_reverse": (16, 8),
+    "na_affinity": (16, 16),
+}
+# maps pinned but never touched from userspace (socket-local storage)
+KERNEL_ONLY_MAPS = ("na_sk_reverse",)
+
+
+class BpfError(Exception):
+    """The eBPF datapath cannot be set up here; the message says what failed (compile, verifier, bpffs...)."""
+
+
+def pin_dir(scope: str) -> Path:
+    """Where `scope`'s maps and programs are pinned (versioned by map layout)."""
+    return ROOT / scope / f"v{LAYOUT_VERSION}"
+
+
+def source() -> str:
+    """The C source of the programs."""
+    bundled = resources.files("nodeagent.kernel.bpf").joinpath("sock_lb.c")
+    if bundled.is_file():
+        return bundled.read_text()
+    return (Path(__file__).resolve().parents[2] / "bpf-src" / "sock_lb.c").read_text()
+
+
+@dataclass
+class Datapath:
+    """The pinned programs and open maps of one scope."""
+
+    scope: str
+    directory: Path
+    maps: dict[str, MapHandle]
+    adopted: bool
+
+    def close(self) -> None:
+        for handle in self.maps.values():
+            handle.close()
+
+
+def _pinned_complete(directory: Path) -> bool:
+    return all((directory / name).exists() for name in (*PROGRAMS, *MAPS, *KERNEL_ONLY_MAPS))
+
+
+def load(scope: str) -> Datapath:
+    """Adopt the pinned datapath of `scope`, or compile, load and pin it; raises BpfError on failure."""
+    if not BPFFS.is_dir() or not any(line.split()[1] == str(BPFFS) and line.split()[2] == "bpf"
+                                     for line in Path("/proc/mounts").read_text().splitlines()):
+        raise BpfError(f"no bpffs mounted at {BPFFS} (mount -t bpf bpf {BPFFS})")
+    directory = pin_dir(scope)
+    adopted = _pinned_complete(directory)
+    if not adopted:
+        _compile_and_pin(directory)
+    maps = {name: MapHandle.pinned(str(directory / name), *sizes) for name, sizes in MAPS.items()}
+    log.info("ebpf datapath ready", scope=scope, adopted=adopted, pins=str(directory))
+    return Datapath(scope, directory, maps, adopted)
+
+
+def _compile_and_pin(directory: Path) -> None:
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        raise BpfError(f"bcc is not importable: {exc}") from exc
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    pinned: list[Path] = []
+    try:
+        program = BPF(text=source().replace("PIN_DIR", str(directory)))
+        for name, (attach_type, _) in PROGRAMS.items():
+            fn = program.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
+            path = directory / name
+            if path.exists():
+                path.unlink()
+            obj_pin(fn.fd, str(path))
+            pinned.append(path)
+        program.cleanup()
+    except Exception as exc:
+        for path in pinned:  # never leave a half-pinned set that a later start would adopt
+            path.unlink(missing_ok=True)
+        raise BpfError(f"compiling or loading {', '.join(PROGRAMS)} failed: {exc}") from exc
+    log.info("ebpf programs compiled, loaded and pinned", directory=str(directory),
+             seconds=round(time.monotonic() - started, 2))
+
+
+def _bpftool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bpftool", *args], capture_output=True, text=True, timeout=30, check=False)
+
+
+def program_id(path: Path) -> int:
+    """The kernel id of the program pinned at `path`."""
+    result = _bpftool("-j", "prog", "show", "pinned", str(path))
+    if result.returncode != 0:
+        raise BpfError(f"bpftool prog show pinned {path}: {result.stderr.strip()}")
+    return int(json.loads(result.stdout)["id"])
+
+
+def attached(cgroup: Path) -> list[dict[str, object]]:
+    """Programs attached directly to `cgroup` (bpftool's records: id, attach_type, name)."""
+    result = _bpftool("-j", "cgroup", "show", str(cgroup))
+    if result.returncode != 0:
+        raise BpfError(f"bpftool cgroup show {cgroup}: {result.stderr.strip()}")
+    records: list[dict[str, object]] = json.loads(result.stdout.strip() or "[]")
+    return records
+
+
+def attach(datapath: Datapath, cgroup: Path) -> list[str]:
+    """Attach every program of `datapath` to `cgroup`; returns what changed (empty if all were attached)."""
+    changed = []
+    present = attached(cgroup)
+    for name, (_, kind) in PROGRAMS.items():
+        wanted = program_id(datapath.directory / name)
+        ours = [r for r in present if r.get("attach_type") in (kind, _JSON_NAMES[kind])
+                and name.startswith(str(r.get("name", "")) or "?")]
+        if any(r.get("id") == wanted for r in ours):
+            continue
+        result = _bpftool("cgroup", "attach", str(cgroup), kind, "pinned", str(datapath.directory / name), "multi")
+        if result.returncode != 0:
+            raise BpfError(f"attaching {name} to {cgroup} failed: {result.stderr.strip()}")
+        for stale in ours:  # an older load of ours: replaced, after the new one is in place
+            _bpftool("cgroup", "detach", str(cgroup), kind, "id", str(stale["id"]))
+        changed.append(f"{kind} -> {cgroup}")
+    if changed:
+        log.info("ebpf programs attached", cgroup=str(cgroup), changed=changed)
+    return changed
+
+
+def detach(cgroup: Path) -> list[str]:
+    """Detach every program of ours (by name) from `cgroup`; returns what was detached."""
+    if not cgroup.is_dir():
+        return []
+    removed = []
+    for record in attached(cgroup):
+        name = str(record.get("name", ""))
+        if name.startswith("na_") and any(n.startswith(name) for n in PROGRAMS):
+            result = _bpftool("cgroup", "detach", str(cgroup), str(record["attach_type"]), "id", str(record["id"]))
+            if result.returncode == 0:
+                removed.append(f"{record['attach_type']} {name} <- {cgroup}")
+    return removed
+
+
+def remove_pins(scope: str) -> list[str]:
+    """Remove every pin of `scope` (all layout versions); programs and maps go once nothing holds them."""
+    directory = ROOT / scope
+    if not directory.exists():
+        return []
+    removed = [str(p) for p in sorted(directory.rglob("*")) if p.is_file() or not p.is_dir()]
+    shutil.rmtree(directory)
+    if ROOT.exists() and not any(ROOT.iterdir()):
+        ROOT.rmdir()
+    return removed or [str(directory)]
+
+
+def cgroup2_root() -> Path:
+    """Where the unified (v2) hierarchy is mounted."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    raise BpfError("no cgroup v2 hierarchy is mounted")
+
+
+def own_cgroup() -> Path:
+    """This process's cgroup v2 directory; refuses the root (attach there only when asked explicitly)."""
+    relative = next((line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                     if line.startswith("0::")), None)
+    if not relative or relative == "/":
+        raise BpfError("this process runs in the root cgroup; pass --cgroup to attach there deliberately")
+    return cgroup2_root() / relative.lstrip("/")

@@ -1,0 +1,208 @@
+"""The eBPF mesh capture's pure half: the per-pod configuration the programs read (bpf-src/mesh_capture.c
+`struct nm_config`), and what a pod's (or the tunnel's) capture looks like against what it should be.
+
+States are the iptables capture's (`nodeagent.mesh.capture.CaptureStatus`, same `ACTION` table), so a
+reconciler handles both modes alike. Their meaning here:
+- absent:        no program of ours on the pod's cgroup or interface, no configuration for its namespace
+                 or its address.
+- installed:     each of our programs attached exactly once, each the one pinned now; the configuration
+                 equals the desired one and the pod's address points at the pod's namespace.
+- drifted:       some of it missing, doubled, or the configuration differs (detached or edited by hand).
+- stale:         a program of ours from another load (another id than the pinned one) is attached.
+- netns-missing: the pod's namespace or cgroup is gone; nothing to repair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import socket
+import struct
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from nodeagent.mesh.capture import CaptureState, CaptureStatus
+from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, CaptureOptions, CaptureOptionsError
+
+BACKEND = "ebpf"
+MAX_EXCLUDE = 8  # NM_MAX_EXCLUDE in mesh_capture.c
+CONFIG_SIZE = 120  # sizeof(struct nm_config)
+STATS_FIELDS = ("outbound", "outbound_skipped", "inbound", "inbound_dropped", "answered")  # struct nm_stats
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """One program of the capture: where it attaches and as what."""
+
+    name: str
+    prog_type: int  # enum bpf_prog_type
+    attach_type: int  # enum bpf_attach_type (-1: none, tc)
+    kind: str  # bpftool's attach argument, or "tc-ingress"
+    json_kind: str  # the attach type as bpftool's JSON may print it (libbpf's name)
+    on: str  # "pod" (the pod's cgroup), "tunnel" (the tunnel's cgroup) or "interface" (the pod's, tc)
+
+
+PROGRAMS = (
+    Program("nm_sockops", 13, 3, "sock_ops", "cgroup_sock_ops", "pod"),
+    Program("nm_getpeername4", 18, 29, "getpeername4", "cgroup_inet4_getpeername", "pod"),
+    Program("nm_getpeername6", 18, 30, "getpeername6", "cgroup_inet6_getpeername", "pod"),  # IPv4-mapped
+    # the connects last: once they capture, sock_ops is there to file the destination
+    Program("nm_connect6", 18, 11, "connect6", "cgroup_inet6_connect", "pod"),  # IPv4-mapped
+    Program("nm_connect4", 18, 10, "connect4", "cgroup_inet4_connect", "pod"),
+    Program("nm_getsockopt", 25, 21, "getsockopt", "cgroup_getsockopt", "tunnel"),
+    Program("nm_tc_inbound", 3, -1, "tc-ingress", "tc-ingress", "interface"),
+)
+BY_NAME = {p.name: p for p in PROGRAMS}
+POD_PROGRAMS = tuple(p for p in PROGRAMS if p.on in ("pod", "interface"))
+TUNNEL_PROGRAMS = tuple(p for p in PROGRAMS if p.on == "tunnel")
+
+
+def _ip(field: str, value: str) -> bytes:
+    try:
+        return ipaddress.IPv4Address(value).packed
+    except ValueError as exc:
+        raise CaptureOptionsError(field, value, "not an IPv4 address") from exc
+
+
+def _bounded(field: str, values: tuple[object, ...]) -> None:
+    if len(values) > MAX_EXCLUDE:
+        raise CaptureOptionsError(field, values, f"the eBPF capture holds at most {MAX_EXCLUDE} (has {len(values)})")
+
+
+def encode_config(pod_ip: str, options: CaptureOptions = DEFAULT_OPTIONS) -> bytes:
+    """`struct nm_config` for a pod at `pod_ip`. The iptables-only options (connection mark, route table,
+    rule priority) have no meaning here and are ignored."""
+    o = options
+    _bounded("exclude_outbound_ports", o.exclude_outbound_ports)
+    _bounded("exclude_inbound_ports", o.exclude_inbound_ports)
+    _bounded("exclude_outbound_cidrs", o.exclude_outbound_cidrs)
+    cidrs = b"".join(net.network_address.packed + net.netmask.packed
+                     for net in (ipaddress.IPv4Network(c) for c in o.exclude_outbound_cidrs))
+
+    def ports(values: tuple[int, ...]) -> bytes:
+        return struct.pack(f">{MAX_EXCLUDE}H", *values, *([0] * (MAX_EXCLUDE - len(values))))
+
+    value = (_ip("pod_ip", pod_ip) + _ip("probe_address", o.probe_address) + struct.pack("=I", o.mark)
+             + struct.pack(">HHH", o.outbound_port, o.inbound_plaintext_port, o.hbone_port)
+             + struct.pack("=BBB3x", len(o.exclude_outbound_ports), len(o.exclude_inbound_ports),
+                           len(o.exclude_outbound_cidrs))
+             + ports(o.exclude_outbound_ports) + ports(o.exclude_inbound_ports)
+             + cidrs.ljust(MAX_EXCLUDE * 8, b"\0"))
+    assert len(value) == CONFIG_SIZE
+    return value
+
+
+def describe_config(value: bytes) -> str:
+    """A readable line for a `struct nm_config` (what the state's missing/unexpected lines show)."""
+    if len(value) != CONFIG_SIZE:
+        return f"config of {len(value)} bytes (not ours)"
+    pod, probe = socket.inet_ntoa(value[0:4]), socket.inet_ntoa(value[4:8])
+    (mark,) = struct.unpack("=I", value[8:12])
+    out, inbound, hbone = struct.unpack(">HHH", value[12:18])
+    n_out, n_in, n_cidr = struct.unpack("=BBB", value[18:21])
+    out_ports = struct.unpack(f">{MAX_EXCLUDE}H", value[24:40])[:n_out]
+    in_ports = struct.unpack(f">{MAX_EXCLUDE}H", value[40:56])[:n_in]
+    cidrs = [str(ipaddress.IPv4Network((socket.inet_ntoa(value[56 + 8 * i:60 + 8 * i]),
+                                        socket.inet_ntoa(value[60 + 8 * i:64 + 8 * i])), strict=False))
+             for i in range(min(n_cidr, MAX_EXCLUDE))]
+    return (f"pod {pod}: outbound -> 127.0.0.1:{out}, inbound -> {inbound} except {hbone}, mark {mark:#x}, "
+            f"probe {probe}, exclude outbound ports {list(out_ports)}, inbound ports {list(in_ports)}, "
+            f"outbound cidrs {cidrs}")
+
+
+def decode_stats(value: bytes) -> dict[str, int]:
+    """`struct nm_stats` as a dict."""
+    return dict(zip(STATS_FIELDS, struct.unpack(f"={len(STATS_FIELDS)}Q", value), strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """A program of ours found attached (on a cgroup, or as a tc filter)."""
+
+    name: str
+    prog_id: int
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class PodLive:
+    """One read of everything of ours for a pod."""
+
+    attached: tuple[Attached, ...]
+    config: bytes | None  # nm_config[netns cookie]
+    cookie_of_ip: int | None  # nm_pod_ips[pod ip]
+
+
+@dataclass(frozen=True, slots=True)
+class PodDesired:
+    """What a captured pod must have."""
+
+    program_ids: Mapping[str, int]  # program name -> id of the program pinned now
+    config: bytes
+    cookie: int
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies configuration and programs together (changes when either does)."""
+        ids = ",".join(f"{n}={i}" for n, i in sorted(self.program_ids.items()))
+        return hashlib.sha256(self.config + ids.encode()).hexdigest()[:16]
+
+
+def _programs(wanted: tuple[Program, ...], ids: Mapping[str, int], attached: tuple[Attached, ...]
+              ) -> tuple[list[str], list[str], bool]:
+    missing: list[str] = []
+    unexpected: list[str] = []
+    stale = False
+    counts = Counter((a.name, a.prog_id) for a in attached)
+    for program in wanted:
+        want = ids[program.name]
+        where = next((a.where for a in attached if a.name == program.name), program.on)
+        if counts[(program.name, want)] == 0:
+            missing.append(f"{program.kind} {program.name} (id {want})")
+        elif counts[(program.name, want)] > 1:
+            unexpected.append(f"{program.kind} {program.name} (id {want}) x{counts[(program.name, want)]} on {where}")
+    for item in attached:
+        if item.prog_id != ids.get(item.name, -1):
+            stale = True
+            unexpected.append(f"{BY_NAME[item.name].kind if item.name in BY_NAME else '?'} {item.name} "
+                              f"(id {item.prog_id}, not the pinned program) on {item.where}")
+    return missing, unexpected, stale
+
+
+def _status(present: bool, missing: list[str], unexpected: list[str], stale: bool) -> CaptureStatus:
+    if not present:
+        return CaptureStatus.ABSENT
+    if not missing and not unexpected:
+        return CaptureStatus.INSTALLED
+    return CaptureStatus.STALE if stale else CaptureStatus.DRIFTED
+
+
+def assess_pod(desired: PodDesired, live: PodLive, *, netns: str) -> CaptureState:
+    """Name the state of a pod's capture."""
+    missing, unexpected, stale = _programs(POD_PROGRAMS, desired.program_ids, live.attached)
+    if live.config is None:
+        missing.append(f"config {describe_config(desired.config)}")
+    elif live.config != desired.config:
+        missing.append(f"config {describe_config(desired.config)}")
+        unexpected.append(f"config {describe_config(live.config)}")
+    if live.cookie_of_ip != desired.cookie:
+        missing.append(f"pod address -> netns cookie {desired.cookie}")
+        if live.cookie_of_ip is not None:
+            unexpected.append(f"pod address -> netns cookie {live.cookie_of_ip} (another namespace)")
+    present = bool(live.attached) or live.config is not None or live.cookie_of_ip is not None
+    status = _status(present, missing, unexpected, stale)
+    return CaptureState(status, netns, BACKEND, desired.fingerprint, (), tuple(missing), tuple(unexpected))
+
+
+def assess_tunnel(program_ids: Mapping[str, int], attached: tuple[Attached, ...], *, cgroup: str) -> CaptureState:
+    """Name the state of the tunnel's hook (the original-destination answer) on its cgroup."""
+    missing, unexpected, stale = _programs(TUNNEL_PROGRAMS, program_ids, attached)
+    status = _status(bool(attached), missing, unexpected, stale)
+    fingerprint = ",".join(f"{p.name}={program_ids[p.name]}" for p in TUNNEL_PROGRAMS)
+    return CaptureState(status, cgroup, BACKEND, fingerprint, (), tuple(missing), tuple(unexpected))
+
+
+def gone(netns: str, what: str) -> CaptureState:
+    """The state of a pod whose namespace or cgroup no longer exists."""
+    return CaptureState(CaptureStatus.NETNS_MISSING, netns, BACKEND, missing=(what,))

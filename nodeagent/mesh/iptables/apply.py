@@ -1,0 +1,299 @@
+"""The capture rules in the kernel: read, apply, remove, inside a network namespace given by its path.
+
+Thin I/O around the pure halves (`render`, `rules`, `state`). Commands run through `nsenter --net=PATH`
+(`ip netns exec` wants a name under /run/netns and remounts /sys; runtimes hand us paths such as
+/run/netns/cni-… or /proc/PID/ns/net). iptables itself is `nodeagent.kernel.netfilter.Iptables`:
+its restore (with kube-proxy's lock-wait flags and the failing lines in the error) and save. The
+backend is the node's, decided once by `nodeagent.kernel.netfilter.detect_backend` as Istio's CNI agent
+does for every pod; the other backend is only read, and only where its tables already exist.
+
+Apply never leaves a namespace half-captured: the policy route (harmless alone: only packets with the
+connection mark use it) goes first, then one restore with mangle before nat; if anything fails, all
+of ours is removed again and `CaptureError` says what failed. A namespace that is gone (the pod was
+deleted) is a state, `netns-missing`, never an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from nodeagent.kernel.netfilter import BACKENDS, Iptables, IptablesError
+from nodeagent.mesh.capture import (
+    CaptureState,
+    CaptureStatus,
+    LiveRouting,
+    assess,
+    missing_netns,
+    parse_ip_routes,
+    parse_ip_rules,
+)
+from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, PROBE_ADDRESS, CaptureOptions, node_probe_snat, pod_capture
+from nodeagent.mesh.iptables.rules import LiveRules, PolicyRoute, RuleSet, cleanup_payload, parse_save, restore_payload
+
+log = structlog.get_logger("nodeagent.mesh.iptables.apply")
+_TIMEOUT = 30
+
+
+class RedirectError(Exception):
+    """Root of the capture's errors."""
+
+
+class CaptureError(RedirectError):
+    """The capture could not be applied or removed in a namespace; nothing of ours was left half-applied."""
+
+    def __init__(self, pod: str, netns: str, reason: str) -> None:
+        super().__init__(f"capture of pod {pod or '?'} in {netns}: {reason}")
+        self.pod, self.netns, self.reason = pod, netns, reason
+
+
+class _NetnsGone(Exception):
+    """The namespace vanished while we worked in it."""
+
+
+@dataclass(frozen=True)
+class NetnsIptables(Iptables):
+    """`Iptables` run inside the namespace bound at `path` (None: this process's own namespace)."""
+
+    path: str | None = None
+
+    def _argv(self, tool: str, *args: str) -> list[str]:
+        return _in_netns(self.path, Iptables(self.backend)._argv(tool, *args))
+
+
+def _in_netns(path: str | None, argv: list[str]) -> list[str]:
+    return ["nsenter", f"--net={path}", *argv] if path else argv
+
+
+def netns_present(path: str | None) -> bool:
+    """Whether `path` is a live network namespace (a leftover file where one was bound is not)."""
+    if path is None:
+        return True
+    try:
+        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev  # both on nsfs
+    except OSError:
+        return False
+
+
+def _run(path: str | None, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(_in_netns(path, argv), capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+    if result.returncode != 0 and not netns_present(path):
+        raise _NetnsGone(path)
+    if check and result.returncode != 0:
+        raise RedirectError(f"{' '.join(argv)}: {result.stderr.strip() or result.returncode}")
+    return result
+
+
+def _legacy_tables_exist(path: str | None) -> bool:
+    # Asking iptables-legacy about a table instantiates it; /proc/net (read from inside) does not.
+    result = _run(path, ["cat", "/proc/net/ip_tables_names"], check=False)
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+def _read(path: str | None, backend: str, desired: RuleSet) -> LiveRules:
+    ipt = NetnsIptables(backend, path=path)
+    try:
+        return parse_save({table: ipt.save(table) for table in desired.tables()}, desired.owned())
+    except IptablesError:
+        if not netns_present(path):
+            raise _NetnsGone(path) from None
+        raise
+
+
+def _read_other(path: str | None, backend: str, desired: RuleSet) -> tuple[str, LiveRules | None]:
+    other = next(b for b in BACKENDS if b != backend)
+    if other == "legacy" and not _legacy_tables_exist(path):
+        return other, None
+    try:
+        return other, _read(path, other, desired)
+    except (IptablesError, FileNotFoundError):
+        return other, None  # that backend is not installed here: nothing of ours can be in it
+
+
+def _read_routing(path: str | None, route: PolicyRoute) -> LiveRouting:
+    rules = parse_ip_rules(_run(path, ["ip", "-json", "rule", "show"]).stdout, route)
+    shown = _run(path, ["ip", "-json", "route", "show", "table", str(route.table)], check=False)
+    # An empty table does not exist for the kernel: "FIB table does not exist", exit status 2.
+    return LiveRouting(rules, shown.returncode == 0 and parse_ip_routes(shown.stdout))
+
+
+def _label(netns: str | None) -> str:
+    return netns or "(own namespace)"
+
+
+@dataclass(frozen=True)
+class _Live:
+    """One read of everything of ours in a namespace."""
+
+    rules: LiveRules
+    other_backend: str
+    other: LiveRules | None  # None: that backend is absent, or holds nothing of ours
+    routing: LiveRouting | None
+
+
+def _read_all(netns: str | None, desired: RuleSet, backend: str) -> _Live:
+    other_backend, other = _read_other(netns, backend, desired)
+    if other is not None and other.empty:
+        other = None
+    return _Live(_read(netns, backend, desired), other_backend, other,
+                 _read_routing(netns, desired.routing) if desired.routing else None)
+
+
+def _assess(netns: str | None, desired: RuleSet, backend: str, live: _Live) -> CaptureState:
+    return assess(desired, live.rules, live.routing, netns=_label(netns), backend=backend, other=live.other,
+                  other_backend=live.other_backend)
+
+
+def _state(netns: str | None, desired: RuleSet, backend: str) -> CaptureState:
+    return _assess(netns, desired, backend, _read_all(netns, desired, backend))
+
+
+def live_state(netns: str, options: CaptureOptions = DEFAULT_OPTIONS, *, backend: str) -> CaptureState:
+    """Read the capture in the pod namespace at `netns` and name its state against `options`."""
+    desired = pod_capture(options)
+    if not netns_present(netns):
+        return missing_netns(netns, backend, desired)
+    try:
+        return _state(netns, desired, backend)
+    except _NetnsGone:
+        return missing_netns(netns, backend, desired)
+
+
+def apply_capture(netns: str, options: CaptureOptions = DEFAULT_OPTIONS, *, backend: str, pod: str = "",
+                  force: bool = False) -> CaptureState:
+    """Make the pod namespace at `netns` hold exactly the capture for `options`; returns the state after.
+
+    Installed already: nothing is written (unless `force`). Absent, drifted or stale: one atomic restore
+    over what is there, after removing our rules from the other backend. Gone: `netns-missing`.
+    Raises CaptureError when the kernel refuses, after removing every rule and route of ours.
+    """
+    return _ensure(netns, pod_capture(options), backend=backend, who=pod, force=force)
+
+
+def remove_capture(netns: str, *, backend: str, pod: str = "") -> CaptureState:
+    """Remove every chain, jump and policy route of ours from the pod namespace (both backends);
+    returns `absent`, or `netns-missing` when the namespace is gone."""
+    return _remove(netns, pod_capture(), backend=backend, who=pod)
+
+
+def probe_snat_state(netns: str | None, pod_ips: Iterable[str], *, backend: str,
+                     probe_address: str = PROBE_ADDRESS) -> CaptureState:
+    """The node's probe SNAT (in the node namespace at `netns`; None: our own) against `pod_ips`."""
+    desired = node_probe_snat(pod_ips, probe_address)
+    if not netns_present(netns):
+        return missing_netns(_label(netns), backend, desired)
+    try:
+        return _state(netns, desired, backend)
+    except _NetnsGone:
+        return missing_netns(_label(netns), backend, desired)
+
+
+def apply_probe_snat(netns: str | None, pod_ips: Iterable[str], *, backend: str,
+                     probe_address: str = PROBE_ADDRESS, force: bool = False) -> CaptureState:
+    """SNAT connections from the node's own processes to `pod_ips` (the node's enrolled pods) to the
+    probe address, in the node namespace at `netns` (None: the agent's own)."""
+    return _ensure(netns, node_probe_snat(pod_ips, probe_address), backend=backend, who="node", force=force)
+
+
+def remove_probe_snat(netns: str | None, *, backend: str) -> CaptureState:
+    """Remove the node's probe SNAT chain and its jump."""
+    return _remove(netns, node_probe_snat(()), backend=backend, who="node")
+
+
+def _ensure(netns: str | None, desired: RuleSet, *, backend: str, who: str, force: bool) -> CaptureState:
+    where = _label(netns)
+    if not netns_present(netns):
+        log.info("capture skipped: namespace gone", pod=who, netns=where)
+        return missing_netns(where, backend, desired)
+    try:
+        live = _read_all(netns, desired, backend)
+        before = _assess(netns, desired, backend, live)
+        if before.status is CaptureStatus.INSTALLED and not force:
+            return before
+        if live.other is not None:
+            NetnsIptables(live.other_backend, path=netns).restore(cleanup_payload(live.other))
+        if desired.routing is not None and live.routing != LiveRouting(1, True):
+            _ensure_routing(netns, desired.routing, live.routing or LiveRouting())
+        NetnsIptables(backend, path=netns).restore(restore_payload(desired, live.rules))
+        after = _state(netns, desired, backend)
+    except (_NetnsGone, IptablesError, RedirectError, OSError, subprocess.SubprocessError) as exc:
+        if not netns_present(netns):
+            log.info("capture abandoned: namespace gone", pod=who, netns=where)
+            return missing_netns(where, backend, desired)
+        _undo(netns, desired, backend, who)
+        raise CaptureError(who, where, str(exc)) from exc
+    if after.status is not CaptureStatus.INSTALLED:
+        _undo(netns, desired, backend, who)
+        raise CaptureError(who, where, f"the rules read back {after.status}: missing {list(after.missing)}, "
+                                       f"unexpected {list(after.unexpected)}")
+    log.info("capture applied", pod=who, netns=where, backend=backend, ruleset=desired.name, was=str(before.status),
+             fingerprint=desired.fingerprint)
+    return after
+
+
+def _undo(netns: str | None, desired: RuleSet, backend: str, who: str) -> None:
+    try:
+        _remove(netns, desired, backend=backend, who=who)
+    except RedirectError as exc:  # the original failure is what the caller needs to see
+        log.error("capture rollback failed", pod=who, netns=_label(netns), reason=str(exc))
+
+
+def _remove(netns: str | None, desired: RuleSet, *, backend: str, who: str) -> CaptureState:
+    where = _label(netns)
+    if not netns_present(netns):
+        return missing_netns(where, backend, desired)
+    try:
+        for name in (backend, next(b for b in BACKENDS if b != backend)):
+            if name != backend and name == "legacy" and not _legacy_tables_exist(netns):
+                continue
+            try:
+                live = _read(netns, name, desired)
+            except (IptablesError, FileNotFoundError):
+                if name == backend:
+                    raise
+                continue
+            if not live.empty:
+                NetnsIptables(name, path=netns).restore(cleanup_payload(live))
+        if desired.routing is not None:
+            _remove_routing(netns, desired.routing)
+        after = _state(netns, desired, backend)
+    except (_NetnsGone, IptablesError, RedirectError, OSError, subprocess.SubprocessError) as exc:
+        if not netns_present(netns):
+            return missing_netns(where, backend, desired)
+        raise CaptureError(who, where, f"removal failed: {exc}") from exc
+    if after.status is not CaptureStatus.ABSENT:
+        raise CaptureError(who, where, f"removal read back {after.status}: {list(after.unexpected)}")
+    log.info("capture removed", pod=who, netns=where, backend=backend, ruleset=desired.name)
+    return after
+
+
+def _ensure_routing(netns: str | None, route: PolicyRoute, live: LiveRouting) -> None:
+    for _ in range(live.rules - 1):  # duplicates
+        _run(netns, ["ip", "rule", "del", *route.rule_args()])
+    if live.rules == 0:
+        _run(netns, ["ip", "rule", "add", *route.rule_args()])
+    _run(netns, ["ip", "route", "replace", *route.route_args()])
+
+
+def _remove_routing(netns: str | None, route: PolicyRoute) -> None:
+    live = _read_routing(netns, route)
+    for _ in range(live.rules):
+        _run(netns, ["ip", "rule", "del", *route.rule_args()])
+    if live.route:
+        _run(netns, ["ip", "route", "del", *route.route_args()])
+
+
+def rule_counters(netns: str | None, *, backend: str, table: str) -> dict[str, int]:
+    """{`-A chain spec`: packets} for our chains' rules in `table` (what `inspect` shows, and what tests
+    read to prove which rule a connection took)."""
+    text = _run(netns, Iptables(backend)._argv("save", "-c", "-t", table)).stdout
+    counters: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("[") and " -A NODEAGENT_" in line:
+            packets = int(line[1:line.index(":")])
+            counters[line.split("] ", 1)[1]] = packets
+    return counters

@@ -1,0 +1,192 @@
+"""The mesh capture rules (iptables mode): inside each enrolled pod's network namespace, and the one rule
+on the node that lets kubelet's probes through. Pure: options in, rule sets and restore text out.
+
+The rules mirror Istio ambient's in-pod rules (istio/istio cni/pkg/iptables/iptables.go:
+`AppendInpodRules` without TPROXY, and `AppendHostRules` for the probe SNAT) rule for rule, with our
+chain names (`NODEAGENT_PRERT`, `NODEAGENT_OUTPUT`, `NODEAGENT_POSTRT`) in place of `ISTIO_*`, the
+same marks (0x539 on the tunnel's sockets, 0x111 on connections the tunnel made into the pod) and the
+same probe address. Every rule carries the reason it exists (`Rule.reason`; `inspect` can show it).
+Differences: no DNS capture (UDP is left alone for now); optional exclusions, as the sidecar
+annotations `traffic.sidecar.istio.io/exclude*` did, are RETURN rules placed before the REDIRECTs;
+the probe SNAT matches the pod addresses one rule each instead of an ipset.
+
+Source addresses survive the tunnel only if the tunnel connects to the application from the original
+source (IP_TRANSPARENT, bound to the client's address, mark 0x539). The application's replies go to
+an address that is not in the pod; the mangle rules and the policy route deliver them back to the
+tunnel's socket instead of out of eth0 (see the reasons below).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from nodeagent.mesh.iptables.rules import (
+    Hook,
+    LiveRules,
+    PolicyRoute,
+    Rule,
+    RuleSet,
+    cleanup_payload,
+    restore_payload,
+)
+
+# The tunnel's side of the contract (DESIGN §4); tests check these equal nodeagent.tunnel's.
+OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT = 15001, 15006, 15008
+TUNNEL_MARK = 0x539  # SO_MARK on every socket the tunnel opens (Istio's InpodMark, 1337)
+MARK_MASK = 0xFFF  # only our bits: other marks (kube-proxy's 0x4000, CNI bits) pass through
+CONNECTION_MARK = 0x111  # connections the tunnel made into the pod (Istio's InpodTProxyMark)
+RESTORE_MASK = 0xFFFFFFFF
+PROBE_ADDRESS = "169.254.7.127"  # kubelet probes appear from here (Istio's HostProbeSNATAddress)
+ROUTE_TABLE = 100  # Istio's RouteTableInbound
+RULE_PRIORITY = 32764  # before `main` (32766)
+
+PRERT, OUTPUT, POSTRT = "NODEAGENT_PRERT", "NODEAGENT_OUTPUT", "NODEAGENT_POSTRT"
+POD_CHAINS = (("mangle", PRERT), ("mangle", OUTPUT), ("nat", PRERT), ("nat", OUTPUT))
+NODE_CHAINS = (("nat", POSTRT),)
+
+
+class CaptureOptionsError(ValueError):
+    """An option of the capture is unusable; the message names the field and the value."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        super().__init__(f"capture option {field}={value!r}: {reason}")
+        self.field, self.value, self.reason = field, value, reason
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureOptions:
+    """What changes a pod's capture rules; the defaults are the mesh's (DESIGN §4)."""
+
+    outbound_port: int = OUTBOUND_PORT
+    inbound_plaintext_port: int = INBOUND_PLAIN_PORT
+    hbone_port: int = HBONE_PORT
+    mark: int = TUNNEL_MARK
+    connection_mark: int = CONNECTION_MARK
+    probe_address: str = PROBE_ADDRESS
+    route_table: int = ROUTE_TABLE
+    rule_priority: int = RULE_PRIORITY
+    exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_cidrs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("outbound_port", "inbound_plaintext_port", "hbone_port"):
+            _port(name, getattr(self, name))
+        ports = (self.outbound_port, self.inbound_plaintext_port, self.hbone_port)
+        if len(set(ports)) != 3:
+            raise CaptureOptionsError("tunnel ports", ports, "the three tunnel ports must differ")
+        for name in ("mark", "connection_mark"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 < value <= MARK_MASK:
+                raise CaptureOptionsError(name, value, f"must be a non-zero mark within the mask {MARK_MASK:#x}")
+        if self.mark == self.connection_mark:
+            raise CaptureOptionsError("connection_mark", self.connection_mark, "must differ from mark")
+        _ipv4("probe_address", self.probe_address)
+        if not isinstance(self.route_table, int) or not 0 < self.route_table < 253:  # 253-255: default/main/local
+            raise CaptureOptionsError("route_table", self.route_table, "must be 1-252")
+        if not isinstance(self.rule_priority, int) or not 0 < self.rule_priority < 32766:
+            raise CaptureOptionsError("rule_priority", self.rule_priority, "must be 1-32765 (before `main`)")
+        for name in ("exclude_outbound_ports", "exclude_inbound_ports"):
+            for port in getattr(self, name):
+                _port(name, port)
+        for cidr in self.exclude_outbound_cidrs:
+            try:
+                ipaddress.IPv4Network(cidr)
+            except ValueError as exc:
+                raise CaptureOptionsError("exclude_outbound_cidrs", cidr, f"not an IPv4 network ({exc})") from exc
+
+
+def _port(field: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise CaptureOptionsError(field, value, "not a port (1-65535)")
+
+
+def _ipv4(field: str, value: str) -> None:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError as exc:
+        raise CaptureOptionsError(field, value, "not an IPv4 address") from exc
+
+
+DEFAULT_OPTIONS = CaptureOptions()
+
+
+def _mark(value: int) -> str:
+    return f"{value:#x}/{MARK_MASK:#x}"
+
+
+def pod_capture(options: CaptureOptions = DEFAULT_OPTIONS) -> RuleSet:
+    """The rule set inside one enrolled pod's network namespace."""
+    o = options
+    mark, conn = _mark(o.mark), _mark(o.connection_mark)
+    probe = f"{o.probe_address}/32"
+    rules = [
+        Rule("mangle", PRERT, f"-m mark --mark {mark} -j CONNMARK --set-xmark {conn}",
+             "a packet the tunnel sent into the pod (to the app, looped through lo with its socket's mark) "
+             "marks its connection, so that the app's replies can be told apart"),
+        Rule("mangle", OUTPUT, f"-m connmark --mark {conn} -j CONNMARK --restore-mark "
+             f"--nfmask {RESTORE_MASK:#x} --ctmask {RESTORE_MASK:#x}",
+             "the app's replies on such a connection carry the connection's mark; the policy route then "
+             "delivers them to the tunnel's transparent socket instead of out of eth0 toward the original source"),
+        Rule("nat", PRERT, f"-s {probe} -p tcp -m tcp -j ACCEPT",
+             "kubelet's probes (SNATed to the probe address on the node) reach the app directly"),
+        *(Rule("nat", PRERT, f"-p tcp -m tcp --dport {port} -j RETURN", "inbound port excluded from capture")
+          for port in o.exclude_inbound_ports),
+        Rule("nat", PRERT, f"! -d 127.0.0.1/32 -p tcp -m tcp ! --dport {o.hbone_port} -m mark ! --mark {mark} "
+             f"-j REDIRECT --to-ports {o.inbound_plaintext_port}",
+             "inbound TCP that is not HBONE (which reaches the tunnel's own port directly) and not sent by the "
+             "tunnel goes to the tunnel's plaintext inbound port"),
+        Rule("nat", OUTPUT, f"-d {probe} -p tcp -m tcp -j ACCEPT",
+             "connections toward the probe address (the answers to probes) are never captured"),
+        Rule("nat", OUTPUT, f"-p tcp -m mark --mark {conn} -j ACCEPT",
+             "traffic of connections the tunnel made into the pod is never captured again"),
+        Rule("nat", OUTPUT, "! -d 127.0.0.1/32 -o lo -j ACCEPT",
+             "the app calling itself (its own pod address goes over lo) is not captured; 127.0.0.1 is "
+             "left alone by the REDIRECT below"),
+        *(Rule("nat", OUTPUT, f"-p tcp -m tcp --dport {port} -j RETURN", "outbound port excluded from capture")
+          for port in o.exclude_outbound_ports),
+        *(Rule("nat", OUTPUT, f"-d {ipaddress.IPv4Network(cidr)} -p tcp -j RETURN",
+               "outbound destination range excluded from capture") for cidr in o.exclude_outbound_cidrs),
+        Rule("nat", OUTPUT, f"! -d 127.0.0.1/32 -p tcp -m mark ! --mark {mark} -j REDIRECT --to-ports "
+             f"{o.outbound_port}",
+             "outbound TCP not sent by the tunnel itself goes to the tunnel's outbound port"),
+    ]
+    hooks = (Hook("mangle", "PREROUTING", PRERT), Hook("mangle", "OUTPUT", OUTPUT),
+             Hook("nat", "PREROUTING", PRERT), Hook("nat", "OUTPUT", OUTPUT))
+    return RuleSet("capture", POD_CHAINS, tuple(rules), hooks,
+                   PolicyRoute(o.connection_mark, MARK_MASK, o.route_table, o.rule_priority))
+
+
+def render_pod_capture(options: CaptureOptions = DEFAULT_OPTIONS, live: LiveRules | None = None) -> str:
+    """iptables-restore `--noflush` input installing (or repairing) the capture in a pod's namespace that
+    holds `live` of ours (None: nothing). The policy route (`pod_capture(options).routing`) goes beside it."""
+    return restore_payload(pod_capture(options), live)
+
+
+def render_pod_cleanup(live: LiveRules) -> str:
+    """iptables-restore `--noflush` input removing exactly the chains and jumps of ours in `live`."""
+    return cleanup_payload(live)
+
+
+def node_probe_snat(pod_ips: Iterable[str], probe_address: str = PROBE_ADDRESS) -> RuleSet:
+    """The rule set in the node's namespace: connections from the node's own processes (kubelet) to its
+    enrolled pods leave with the probe address as source, which the pods' capture lets through."""
+    _ipv4("probe_address", probe_address)
+    ips = set(pod_ips)
+    for ip in ips:
+        _ipv4("pod_ips", ip)
+    addresses = sorted(ipaddress.IPv4Address(ip) for ip in ips)
+    rules = tuple(
+        Rule("nat", POSTRT, f"-d {ip}/32 -p tcp -m owner --socket-exists -j SNAT --to-source {probe_address}",
+             "a connection from a process of the node (a socket exists: not forwarded traffic) to an enrolled "
+             "pod is a probe; the pod lets this source through uncaptured")
+        for ip in addresses)
+    return RuleSet("probe-snat", NODE_CHAINS, rules, (Hook("nat", "POSTROUTING", POSTRT),))
+
+
+def render_node_probe_snat(pod_ips: Iterable[str], probe_address: str = PROBE_ADDRESS,
+                           live: LiveRules | None = None) -> str:
+    """iptables-restore `--noflush` input for the node's probe SNAT, given what of it is `live`."""
+    return restore_payload(node_probe_snat(pod_ips, probe_address), live)

@@ -1,0 +1,1 @@
+"""Logs, metrics, health and the small HTTP server that serves them."""

@@ -1,0 +1,3 @@
+"""The eBPF service datapath: cgroup socket-LB for ClusterIP and tc for NodePort, fed from the same translation as
+iptables.
+"""

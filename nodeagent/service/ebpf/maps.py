@@ -1,0 +1,182 @@
+"""Keeping the socket load balancer's maps equal to the desired entries, change by change.
+
+A frontend's backend set is never edited in place. A new set gets a new version id: its slots are
+written first, then the frontend's entry is pointed at the version in one map update, then the old
+version's slots are deleted. A connect sees the old set or the new one, never a mix. Backend ids are
+stable per (Service port, ip, port), so ClientIP affinity survives unrelated changes and ends when
+its backend leaves the Service (the program checks that the backend id still exists).
+
+`adopt()` reads what the maps hold (after an agent restart, or to reconcile drift), so `apply()`
+then writes only the difference.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from nodeagent.kernel.bpf.syscall import MapHandle
+from nodeagent.service.ebpf.desired import Backend, Frontend, ServiceEntry
+
+log = structlog.get_logger("nodeagent.service.ebpf.maps")
+
+_SVC = struct.Struct("=IIII")  # version id, backend count, total weight, affinity seconds
+_SLOT_KEY = struct.Struct("=II")  # version id, slot
+_SLOT = struct.Struct("=II")  # backend id, cumulative weight
+_ID = struct.Struct("=I")
+
+
+def _backend_value(ip: str, port: int) -> bytes:
+    return socket.inet_aton(ip) + struct.pack(">HH", port, 0)
+
+
+def _backend_from_value(value: bytes) -> tuple[str, int]:
+    return socket.inet_ntoa(value[:4]), struct.unpack(">H", value[4:6])[0]
+
+
+@dataclass
+class Installed:
+    """What the maps hold for one frontend."""
+
+    version: int
+    backend_ids: tuple[int, ...]
+    entry: ServiceEntry
+
+
+@dataclass
+class SyncStats:
+    written: int = 0
+    removed: int = 0
+    map_updates: int = 0
+
+
+@dataclass
+class MapSync:
+    """The maps of one datapath and what they are known to hold."""
+
+    maps: Mapping[str, MapHandle]
+    installed: dict[Frontend, Installed] = field(default_factory=dict)
+    backend_ids: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    refs: Counter[int] = field(default_factory=Counter)
+    next_version: int = 1
+    next_backend: int = 1
+
+    def adopt(self, desired: Mapping[Frontend, ServiceEntry], *, clean: bool = True) -> None:
+        """Learn what the maps hold now; entries the maps hold but `desired` lacks are removed on apply.
+
+        `clean` also deletes slots and backends nothing points at (left by a crash between two writes).
+        """
+        services, slots, backends = (self.maps["na_services"].items(), self.maps["na_slots"].items(),
+                                     self.maps["na_backends"].items())
+        by_version: dict[int, dict[int, tuple[int, int]]] = {}
+        for key, value in slots.items():
+            version, slot = _SLOT_KEY.unpack(key)
+            by_version.setdefault(version, {})[slot] = _SLOT.unpack(value)
+        backend_at = {_ID.unpack(k)[0]: _backend_from_value(v) for k, v in backends.items()}
+        self.installed.clear()
+        self.backend_ids.clear()
+        self.refs.clear()
+        for key, value in services.items():
+            frontend = Frontend.from_key(key)
+            version, count, _total, affinity = _SVC.unpack(value)
+            ids, members, previous = [], [], 0
+            for slot in range(count):
+                backend_id, cumulative = by_version.get(version, {}).get(slot, (0, 0))
+                ids.append(backend_id)
+                ip, port = backend_at.get(backend_id, ("0.0.0.0", 0))
+                members.append(Backend(ip, port, cumulative - previous))
+                previous = cumulative
+            label = desired[frontend].port_name if frontend in desired else f"<stale {frontend}>"
+            self.installed[frontend] = Installed(version, tuple(ids), ServiceEntry(label, tuple(members), affinity))
+            for backend_id, member in zip(ids, members, strict=True):
+                self.backend_ids[(label, member.ip, member.port)] = backend_id
+                self.refs[backend_id] += 1
+        self.next_version = 1 + max((v.version for v in self.installed.values()), default=0)
+        self.next_version = max(self.next_version, 1 + max(by_version, default=0))
+        self.next_backend = 1 + max(backend_at, default=0)
+        if not clean:
+            return
+        live_versions = {i.version for i in self.installed.values()}
+        for version, members_of in by_version.items():
+            if version not in live_versions:
+                for slot in members_of:
+                    self.maps["na_slots"].delete(_SLOT_KEY.pack(version, slot))
+        for backend_id in backend_at:
+            if self.refs[backend_id] == 0:
+                self.maps["na_backends"].delete(_ID.pack(backend_id))
+        log.info("ebpf maps adopted", frontends=len(self.installed), backends=len(backend_at))
+
+    def apply(self, desired: Mapping[Frontend, ServiceEntry], *, only: set[str] | None = None) -> SyncStats:
+        """Make the maps hold `desired` (restricted to entries of the port names in `only`, when given)."""
+        stats = SyncStats()
+        for frontend, entry in desired.items():
+            current = self.installed.get(frontend)
+            if current is not None and current.entry == entry:
+                continue
+            self._install(frontend, entry, current, stats)
+        for frontend in [f for f, i in self.installed.items()
+                         if f not in desired and (only is None or i.entry.port_name in only)]:
+            self._uninstall(frontend, stats)
+        return stats
+
+    def _backend_id(self, port_name: str, backend: Backend, stats: SyncStats) -> int:
+        key = (port_name, backend.ip, backend.port)
+        backend_id = self.backend_ids.get(key)
+        if backend_id is None:
+            backend_id = self.backend_ids[key] = self.next_backend
+            self.next_backend += 1
+            self.maps["na_backends"].update(_ID.pack(backend_id), _backend_value(backend.ip, backend.port))
+            stats.map_updates += 1
+        return backend_id
+
+    def _install(self, frontend: Frontend, entry: ServiceEntry, current: Installed | None, stats: SyncStats) -> None:
+        ids = tuple(self._backend_id(entry.port_name, b, stats) for b in entry.backends)
+        version = 0
+        total = 0
+        if ids:
+            version = self.next_version
+            self.next_version += 1
+            for slot, (backend_id, backend) in enumerate(zip(ids, entry.backends, strict=True)):
+                total += max(1, backend.weight)
+                self.maps["na_slots"].update(_SLOT_KEY.pack(version, slot), _SLOT.pack(backend_id, total))
+                stats.map_updates += 1
+        # The switch: one update makes the complete new set visible.
+        self.maps["na_services"].update(frontend.key, _SVC.pack(version, len(ids), total, entry.affinity_seconds))
+        stats.map_updates += 1
+        stats.written += 1
+        for backend_id in ids:
+            self.refs[backend_id] += 1
+        self.installed[frontend] = Installed(version, ids, entry)
+        if current is not None:
+            self._release(current, stats)
+
+    def _uninstall(self, frontend: Frontend, stats: SyncStats) -> None:
+        current = self.installed.pop(frontend)
+        self.maps["na_services"].delete(frontend.key)
+        stats.map_updates += 1
+        stats.removed += 1
+        self._release(current, stats)
+
+    def _release(self, old: Installed, stats: SyncStats) -> None:
+        for slot in range(len(old.backend_ids)):
+            if old.version:
+                self.maps["na_slots"].delete(_SLOT_KEY.pack(old.version, slot))
+                stats.map_updates += 1
+        for backend_id, backend in zip(old.backend_ids, old.entry.backends, strict=True):
+            self.refs[backend_id] -= 1
+            if self.refs[backend_id] <= 0:
+                del self.refs[backend_id]
+                self.backend_ids.pop((old.entry.port_name, backend.ip, backend.port), None)
+                self.maps["na_backends"].delete(_ID.pack(backend_id))
+                stats.map_updates += 1
+
+    def contents(self) -> dict[Frontend, ServiceEntry]:
+        """What the maps hold, read back from the kernel (for tests and inspect)."""
+        probe = MapSync(self.maps)
+        probe.adopt({}, clean=False)
+        return {f: ServiceEntry("", i.entry.backends, i.entry.affinity_seconds) for f, i in probe.installed.items()}

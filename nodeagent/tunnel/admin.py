@@ -1,0 +1,93 @@
+"""The tunnel's admin (15000, localhost: config dump) and readiness (15021: /healthz/ready) endpoints.
+
+As ztunnel's: the dump lists the pods served with their identities and certificates (subject SAN,
+serial, expiry) and the HBONE pools; ready means every assigned pod has its listeners and certificate,
+and nothing blocks serving (policies not synced yet: the answer names the kind and why).
+A minimal HTTP/1.1 responder on asyncio (two GET paths do not justify a web framework).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from nodeagent.observability.http import Route
+from nodeagent.tunnel.proxy.node import NodeTunnel
+
+ADMIN_PORT, READINESS_PORT = 15000, 15021
+
+
+def config_dump(tunnel: NodeTunnel) -> dict[str, Any]:
+    """What the tunnel serves now, as JSON-able data."""
+    pods = []
+    for ip, pod in sorted(tunnel.pods.items()):
+        leaf = pod.certificate.leaf
+        pods.append({
+            "ip": ip, "identity": str(pod.workload.identity), "node": pod.workload.node,
+            "listeners": [s.sockets[0].getsockname()[1] for s in pod.servers if s.sockets],
+            "certificate": None if leaf is None else {
+                "serial": f"{leaf.serial_number:x}", "not_after": leaf.not_valid_after_utc.isoformat(),
+                "renewals": pod.certificate.renewals},
+            "pools": [{"peer": f"{peer[0]}:{peer[1]}", "identity": str(identity),
+                       "connections": len(conns), "streams": sum(c.conn.open_outbound_streams for c in conns)}
+                      for (peer, identity), conns in pod.pool.connections.items()],
+        })
+    return {"node": tunnel.node, "trust_domain": tunnel.trust_domain, "pods": pods}
+
+
+def ready(tunnel: NodeTunnel, assigned: set[str]) -> tuple[bool, list[str]]:
+    """(ready, what is missing) for the pod IPs the tunnel is assigned."""
+    missing = [ip for ip in sorted(assigned)
+               if ip not in tunnel.pods or tunnel.pods[ip].certificate.leaf is None or len(tunnel.pods[ip].servers) < 3]
+    return not missing, missing
+
+
+def json_route(body: Callable[[], tuple[int, Any]]) -> Route:
+    """A route answering JSON from `body()`'s (status, data)."""
+    def route() -> tuple[int, str, bytes]:
+        status, data = body()
+        return status, "application/json", json.dumps(data, indent=1).encode()
+    return route
+
+
+async def serve_http(host: str, port: int, routes: Mapping[str, Route]) -> asyncio.Server:
+    """Answer GET <path> with the route's (status, content type, body); 404 otherwise. On the tunnel's
+    event loop, so a route reads the tunnel's state between two steps of its connections, never mid-way."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split()
+            route = routes.get(path.split("?")[0]) if method == "GET" else None
+            status, content_type, data = route() if route is not None else (
+                404, "application/json", json.dumps({"error": f"no route {path}"}).encode())
+            writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {content_type}"
+                         f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ValueError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
+
+
+async def start_admin(tunnel: NodeTunnel, assigned: Callable[[], set[str]], *, admin: tuple[str, int] =
+                      ("127.0.0.1", ADMIN_PORT), readiness: tuple[str, int] = ("0.0.0.0", READINESS_PORT),
+                      status: Callable[[], dict[str, Any]] | None = None,
+                      blockers: Callable[[], list[str]] = list) -> tuple[asyncio.Server, asyncio.Server]:
+    """Both endpoints; the admin one on localhost only. `status` adds the reconcile's view (why pods are
+    or are not served) to the config dump; `blockers` are reasons not to be ready beyond the pods."""
+    def readiness_route() -> tuple[int, Any]:
+        ok, missing = ready(tunnel, assigned())
+        blocked = blockers()
+        ok = ok and not blocked
+        return (200 if ok else 503), {"ready": ok, "missing": missing, "blockers": blocked}
+
+    def dump() -> tuple[int, Any]:
+        return 200, {**config_dump(tunnel), **(status() if status is not None else {})}
+
+    admin_server = await serve_http(*admin, {"/config_dump": json_route(dump)})
+    ready_server = await serve_http(*readiness, {"/healthz/ready": json_route(readiness_route)})
+    return admin_server, ready_server

@@ -1,0 +1,1 @@
+"""HBONE: HTTP/2 CONNECT over mutual TLS between node tunnels."""

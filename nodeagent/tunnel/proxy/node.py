@@ -1,0 +1,441 @@
+"""The node tunnel's per-pod listeners and the paths between them (ztunnel's inbound/outbound split).
+
+For every enrolled pod on the node, two listeners are opened *inside the pod's network namespace* and
+served from this process:
+- **15008 inbound (HBONE)**: mutual TLS with the pod's own certificate; a CONNECT to `ip:port` is
+  connected to from inside the pod's namespace (so the application sees a local connection).
+- **15006 inbound (captured plaintext)**: connections to the pod that its capture rules redirected
+  here without HBONE; allowed only where the pod's peer authentication is PERMISSIVE, then connected
+  to the original destination from inside the pod's namespace.
+- **15001 outbound (captured)**: connections the pod's capture rules redirected here; the original
+  destination (SO_ORIGINAL_DST) decides: an enrolled destination is reached over HBONE to its pod's
+  15008 with the source pod's identity (pooled per source pod); anything else is passed through as
+  plain TCP from the pod's namespace. Every socket the tunnel opens carries mark 0x539, which capture
+  rules skip.
+Inbound, whatever the peer asks for, the tunnel connects only to the served pod's own address and never to
+the tunnel's own ports (`admission.check_target`: 400 / 503, counted), and only once policies are synced
+(fail closed: 503 until then). Every inbound connection stays registered while it lasts, so a policy or
+label change that now denies it closes it (`reevaluate`, as ztunnel's connection manager does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar, cast
+
+import structlog
+
+from nodeagent.ca.identity import SpiffeId
+from nodeagent.kernel.netns import client_socket, listening_socket, original_destination
+from nodeagent.tunnel.hbone.protocol import (
+    SOCKET_MARK,
+    HbonePool,
+    HboneStream,
+    TlsListener,
+    serve_connection,
+    serve_tls,
+)
+from nodeagent.tunnel.identity.certs import Fetch, WorkloadCertificate, rotating_server_context
+from nodeagent.tunnel.proxy.admission import NotAdmitted, Refusal, check_target
+from nodeagent.tunnel.proxy.outbound import Outbound, Refused
+from nodeagent.tunnel.state.authz import Authorizer, AuthzRequest, Verdict
+from nodeagent.tunnel.state.services import ServiceTable
+from nodeagent.tunnel.state.workloads import Workload
+from nodeagent.tunnel.telemetry import POLICY_DENIED, UPSTREAM_FAILURE, Connection, TunnelMetrics
+
+log = structlog.get_logger("nodeagent.tunnel.proxy.node")
+T = TypeVar("T")
+
+OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT = 15001, 15006, 15008
+CHUNK = 256 << 10
+HANDSHAKE_TIMEOUT = 10.0  # a peer that stalls mid-handshake is dropped after this
+
+
+__all__ = ["NodeTunnel", "Workload"]
+
+
+@dataclass
+class _Pod:
+    workload: Workload
+    certificate: WorkloadCertificate
+    pool: HbonePool
+    servers: list[asyncio.Server | TlsListener] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Live:
+    """An inbound connection (HBONE stream or captured plaintext) being carried, for re-evaluation."""
+
+    pod: _Pod
+    port: int
+    source: SpiffeId | None  # None: plaintext
+    source_ip: str | None
+    abort: Callable[[], None]
+
+
+class NodeTunnel:
+    """One node's tunnel: listeners for its pods, HBONE to the other pods' tunnels."""
+
+    def __init__(self, node: str, trust_domain: str, fetch: Fetch, lookup: Callable[[str], Workload | None], *,
+                 services: Callable[[], ServiceTable | None] = lambda: None,
+                 authorizer: Callable[[], Authorizer | None] = lambda: None,
+                 metrics: TunnelMetrics | None = None,
+                 identity_known: Callable[[SpiffeId], bool] = lambda _: True) -> None:
+        self.node, self.trust_domain, self.fetch, self.lookup = node, trust_domain, fetch, lookup
+        self.identity_known = identity_known  # does some pod still hold this identity (see WorkloadTable.holds)
+        self.authorizer = authorizer
+        self.metrics = metrics or TunnelMetrics()
+        self.outbound = Outbound(node, lookup, services, self.metrics)
+        self.pods: dict[str, _Pod] = {}
+        self.live: set[_Live] = set()  # inbound connections open now, re-checked when policy changes
+        # Pods sharing a service account share its certificate (one CSR per identity, as ztunnel's cache).
+        self.certificates: dict[SpiffeId, WorkloadCertificate] = {}
+
+    def _certificate(self, identity: SpiffeId) -> WorkloadCertificate:
+        if identity not in self.certificates:
+            self.certificates[identity] = WorkloadCertificate(identity, self.fetch)
+        return self.certificates[identity]
+
+    async def rotate(self) -> int:
+        """Renew every certificate past half life (in a thread: the CA call blocks); returns how many."""
+        renewed = 0
+        for certificate in list(self.certificates.values()):
+            try:
+                renewed += await asyncio.to_thread(certificate.refresh)
+            except Exception as exc:  # the CA may be down: keep serving with the current certificate
+                log.warning("certificate renewal failed", identity=str(certificate.identity), reason=str(exc))
+        return renewed
+
+    async def add_pod(self, workload: Workload) -> None:
+        """Fetch the pod's certificate and open its listeners (idempotent)."""
+        if workload.ip in self.pods:
+            return
+        if not workload.netns:
+            raise ValueError(f"pod {workload.ip}: a pod served by the tunnel needs its network namespace")
+        certificate = self._certificate(workload.identity)
+        await asyncio.to_thread(certificate.refresh)
+        if workload.ip in self.pods:
+            return  # added concurrently while the certificate was fetched
+        # Connections to other tunnels start in the pod's own namespace, as the pod's traffic would.
+        pool = HbonePool(lambda: certificate.contexts()[1],
+                         make_socket=lambda: client_socket(workload.netns, SOCKET_MARK))
+        pod = _Pod(workload, certificate, pool)
+        inbound = listening_socket(workload.netns, HBONE_PORT)
+        outbound = listening_socket(workload.netns, OUTBOUND_PORT)
+        plaintext = listening_socket(workload.netns, INBOUND_PLAIN_PORT)
+        # The handshake is served by hbone.serve_tls, not start_server(ssl=...), so a refused or stalled one
+        # is counted (asyncio reports those only in debug mode).
+        pod.servers.append(await serve_tls(inbound, rotating_server_context(certificate),
+                                           lambda r, w: self._inbound(pod, r, w), handshake_timeout=HANDSHAKE_TIMEOUT,
+                                           violation=self._violation))
+        pod.servers.append(await asyncio.start_server(lambda r, w: self._outbound(pod, r, w), sock=outbound))
+        pod.servers.append(await asyncio.start_server(lambda r, w: self._inbound_plaintext(pod, r, w),
+                                                      sock=plaintext))
+        self.pods[workload.ip] = pod
+        log.info("pod served", pod=workload.name, pod_ip=workload.ip, identity=str(workload.identity), node=self.node)
+
+    async def remove_pod(self, ip: str) -> None:
+        """Close the pod's listeners and its pool; other pods are untouched."""
+        pod = self.pods.pop(ip, None)
+        if pod is None:
+            return
+        for server in pod.servers:
+            server.close()
+        await pod.pool.close()
+        if not any(p.workload.identity == pod.workload.identity for p in self.pods.values()):
+            self.certificates.pop(pod.workload.identity, None)
+        log.info("pod released", pod=pod.workload.name, pod_ip=ip, node=self.node)
+
+    async def close(self) -> None:
+        for ip in list(self.pods):
+            await self.remove_pod(ip)
+
+    async def _connect_socket(self, pod: _Pod, host: str, port: int, source: str | None = None) -> socket.socket:
+        """A connected socket from inside the pod's namespace; from `source` (transparently) when the
+        pod's capture routes replies back, so the app sees its real client."""
+        sock = client_socket(pod.workload.netns, SOCKET_MARK, source if pod.workload.transparent else None)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:  # also a connect cancelled by the peer's reset: never leak the socket
+            sock.close()
+            raise
+        return sock
+
+    def _violation(self, reason: str) -> None:
+        """Count an HBONE peer refused at TLS or for abusing HTTP/2 (hbone.VIOLATIONS names the reasons)."""
+        self.metrics.protocol_violations.labels(reason=reason).inc()
+
+    async def _connect_from(self, pod: _Pod, host: str, port: int, source: str | None = None
+                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """`_connect_socket` as a (reader, writer) pair."""
+        return await asyncio.open_connection(sock=await self._connect_socket(pod, host, port, source), limit=CHUNK)
+
+    def _verdict(self, workload: Workload, port: int, source: SpiffeId | None, source_ip: str | None
+                 ) -> Verdict | NotAdmitted:
+        """Policy for a connection to `workload`:`port` from `source` (None: plaintext) at `source_ip`.
+
+        Fails closed: before the policy kinds are synced there is no authorizer and nothing is allowed.
+        The workload's labels are read from the current table, not from when the pod was first served, so
+        a relabelled pod is judged by the policies that select it now."""
+        authorizer = self.authorizer()
+        if authorizer is None:
+            return NotAdmitted(Refusal.POLICIES_NOT_SYNCED, "policies not synced yet: AuthorizationPolicy and "
+                                                        "PeerAuthentication must be listed before serving")
+        current = self.lookup(workload.ip)
+        if current is None or current.name != workload.name:
+            return NotAdmitted(Refusal.POD_UNKNOWN, f"{workload.name or workload.ip} is no longer a known pod")
+        if source is not None and not self.identity_known(source):
+            return NotAdmitted(Refusal.IDENTITY_UNKNOWN, f"no pod holds {source} any more (its pods were deleted): "
+                                                         "the certificate is a leftover")
+        return authorizer.check(AuthzRequest(current.namespace, current.labels, workload.ip, port, source,
+                                             source_ip))
+
+    def _refuse(self, workload: Workload, outcome: Verdict | NotAdmitted, peer: object, source: SpiffeId | None
+                ) -> None:
+        """Count and log a refused inbound connection (by policy, or before it)."""
+        who = str(source) if source else "plaintext"
+        if isinstance(outcome, NotAdmitted):
+            self.metrics.refusals.labels(reason=str(outcome.refusal)).inc()
+            log.info("inbound connection refused", pod=workload.name, peer=str(peer), source=who,
+                     reason=outcome.reason, refusal=str(outcome.refusal))
+            return
+        self.metrics.denials.labels(destination_workload_namespace=workload.namespace,
+                                    policy=outcome.policy.key if outcome.policy else "-").inc()
+        log.info("connection denied by policy", pod=workload.name, peer=str(peer), source=who,
+                 reason=outcome.reason)
+
+    def admit(self, pod: _Pod, host: str, port: int, source: SpiffeId | None, source_ip: str | None,
+              peer: object) -> Verdict | NotAdmitted:
+        """The whole inbound decision for one connection: the target check, then policy; refusals are
+        counted and logged here."""
+        outcome: Verdict | NotAdmitted | None = check_target(pod.workload.ip, host, port)
+        if outcome is None:
+            outcome = self._verdict(pod.workload, port, source, source_ip)
+        if isinstance(outcome, NotAdmitted) or not outcome.allowed:
+            self._refuse(pod.workload, outcome, peer, source)
+        return outcome
+
+    def reevaluate(self) -> int:
+        """Re-check every open inbound connection against the current policies and labels; close those
+        now refused (ztunnel closes connections a new policy denies). Returns how many were closed."""
+        closed = 0
+        for live in list(self.live):
+            outcome = self._verdict(live.pod.workload, live.port, live.source, live.source_ip)
+            if isinstance(outcome, NotAdmitted) and outcome.refusal is Refusal.POLICIES_NOT_SYNCED:
+                continue  # policies lost (a relist in progress): keep what was admitted, admit nothing new
+            if isinstance(outcome, NotAdmitted) or not outcome.allowed:
+                self.live.discard(live)
+                self.metrics.revocations.labels(destination_workload_namespace=live.pod.workload.namespace).inc()
+                log.info("open connection closed: policy now denies it", pod=live.pod.workload.name,
+                         source=str(live.source) if live.source else "plaintext", port=live.port,
+                         reason=outcome.reason)
+                live.abort()
+                closed += 1
+        return closed
+
+    async def _inbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        # The client tunnel dials from inside the client pod, so the peer address is the client pod's.
+        source = peer[0] if peer else None
+
+        def policy(identity: SpiffeId, target: str) -> bool | int:
+            host, _, port = target.rpartition(":")
+            outcome = self.admit(pod, host.strip("[]"), int(port), identity, source, peer)
+            if isinstance(outcome, NotAdmitted):
+                return outcome.refusal.status
+            return outcome.allowed
+
+        def observe(who: SpiffeId, target: str, abort: Callable[[], None]) -> Callable[[int, int], None]:
+            connection = Connection("destination", self.lookup(source) if source else None, pod.workload,
+                                    source_principal=str(who), destination_principal=str(pod.workload.identity),
+                                    address=target, endpoint=target, attempts=1)
+            self.metrics.opened(connection)
+            live = _Live(pod, int(target.rpartition(":")[2]), who, source, abort)
+            self.live.add(live)
+
+            def finished(request_bytes: int, response_bytes: int) -> None:
+                self.live.discard(live)
+                connection.request_bytes, connection.response_bytes = request_bytes, response_bytes
+                self.metrics.closed(connection, was_open=True)
+            return finished
+
+        # Whatever the authority's host, only the served pod's own address is ever dialled (policy has
+        # already refused any other with 400; this keeps it so even if that check were bypassed).
+        await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
+                               connect=lambda _host, port: self._connect_socket(pod, pod.workload.ip, port, source),
+                               observe=observe, violation=self._violation)
+
+    async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                                 ) -> None:
+        sock = writer.get_extra_info("socket")
+        peer = writer.get_extra_info("peername")
+        try:
+            host, port = original_destination(sock)
+        except OSError as exc:  # not captured (dialled straight), so there is no target to serve
+            self.metrics.refusals.labels(reason="no-original-destination").inc()
+            log.warning("captured inbound connection without an original destination", pod=pod.workload.name,
+                        peer=str(peer), reason=str(exc))
+            writer.close()
+            return
+        connection = Connection("destination", self.lookup(peer[0]) if peer else None, pod.workload,
+                                destination_principal=str(pod.workload.identity), address=f"{host}:{port}",
+                                endpoint=f"{host}:{port}", mtls=False, attempts=1)
+        opened, live = False, None
+        source_ip = peer[0] if peer else None
+        try:
+            outcome = self.admit(pod, host, port, None, source_ip, peer)
+            if isinstance(outcome, NotAdmitted):
+                connection.flags, connection.reason = UPSTREAM_FAILURE, outcome.reason
+                return
+            if not outcome.allowed:
+                connection.flags, connection.reason = POLICY_DENIED, outcome.reason
+                return
+            up_reader, up_writer = await self._connect_from(pod, pod.workload.ip, port, source_ip)
+            self.metrics.opened(connection)
+            opened = True
+
+            def abort() -> None:
+                writer.close()
+                up_writer.close()
+
+            live = _Live(pod, port, None, source_ip, abort)
+            self.live.add(live)
+            # No Service tells this path its idle timeout: the default (Envoy's tcp_proxy 1 h) bounds a silent
+            # client, which otherwise held its app connection for ever.
+            await _until_idle(_bridge_tcp(reader, writer, up_reader, up_writer, connection),
+                              lambda: connection.request_bytes + connection.response_bytes, connection, abort)
+        except (OSError, ConnectionError) as exc:
+            if not opened:
+                connection.flags = UPSTREAM_FAILURE
+            connection.reason = str(exc)
+        finally:
+            if live is not None:
+                self.live.discard(live)
+            writer.close()
+            self.metrics.closed(connection, was_open=opened)
+
+    async def _outbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        peer = writer.get_extra_info("peername")
+        if not peer or not _from_pod_itself(peer[0], pod.workload.ip):
+            # 15001 carries the pod's own captured connections out *with the pod's identity*: a connection
+            # from anywhere else (another pod dialling the port) must never borrow that identity.
+            self.metrics.refusals.labels(reason="outbound-not-from-pod").inc()
+            log.warning("outbound listener reached from outside its pod", pod=pod.workload.name, peer=str(peer))
+            writer.close()
+            return
+        try:
+            host, port = original_destination(sock)
+        except OSError as exc:
+            log.warning("outbound connection without an original destination", pod=pod.workload.name,
+                        reason=str(exc))
+            writer.close()
+            return
+        connection = Connection("source", pod.workload, None, source_principal=str(pod.workload.identity),
+                                address=f"{host}:{port}")
+
+        async def dial(destination: Workload | None, ip: str, port: int, timeout: float) -> object:
+            if destination is not None and destination.enrolled:
+                return await pod.pool.connect((destination.ip, HBONE_PORT), f"{ip}:{port}", destination.identity,
+                                              timeout)
+            connection.mtls = False
+            return await self._connect_from(pod, ip, port)
+
+        opened, slot = False, None
+        try:
+            upstream, slot = await self.outbound.connect(connection, host, port, dial)
+            self.metrics.opened(connection)
+            opened = True
+            if isinstance(upstream, HboneStream):
+                connection.mtls = True
+                stream = upstream
+
+                def hbone_abort() -> None:
+                    stream.close()
+                    writer.close()
+
+                carried = await _until_idle(stream.splice(reader, writer), lambda: stream.carried(), connection,
+                                            hbone_abort)
+                connection.request_bytes, connection.response_bytes = carried
+            else:
+                up_reader, up_writer = cast(tuple[asyncio.StreamReader, asyncio.StreamWriter], upstream)
+
+                def tcp_abort() -> None:
+                    writer.close()
+                    up_writer.close()
+
+                await _until_idle(_bridge_tcp(reader, writer, up_reader, up_writer, connection),
+                                  lambda: connection.request_bytes + connection.response_bytes, connection, tcp_abort)
+        except Refused as exc:
+            connection.flags, connection.reason = exc.flags, str(exc)
+            log.info("outbound connection refused", pod=pod.workload.name, destination=f"{host}:{port}",
+                     flags=exc.flags, reason=str(exc))
+        except (OSError, ConnectionError) as exc:
+            connection.reason = str(exc)
+        finally:
+            writer.close()
+            if slot is not None:
+                slot.closed()
+            self.metrics.closed(connection, was_open=opened)
+
+
+def _from_pod_itself(address: str, pod_ip: str) -> bool:
+    """Whether a connection to the outbound listener came from its own pod: the pod's address, or loopback
+    (where a cgroup capture may send it)."""
+    try:
+        ip = ipaddress.ip_address(address)
+        return ip.is_loopback or ip == ipaddress.ip_address(pod_ip)
+    except ValueError:
+        return False
+
+
+async def _until_idle(carry: Awaitable[T], progress: Callable[[], int], connection: Connection,
+                      abort: Callable[[], None]) -> T:
+    """Await `carry`, aborting it once no byte moved either way for the connection's idle timeout (Envoy's
+    tcp_proxy idle_timeout; checked at a quarter of the timeout, so it fires within 1.25x of it)."""
+    task = asyncio.ensure_future(carry)
+    idle = connection.idle_timeout
+    if idle is None:
+        return await task
+    loop = asyncio.get_running_loop()
+    seen, since = progress(), loop.time()
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=max(idle / 4, 0.05))
+            if task in done:
+                return task.result()
+            now = progress()
+            if now != seen:
+                seen, since = now, loop.time()
+            elif loop.time() - since >= idle:
+                connection.reason = f"idle for {idle:g}s (the Service's idle timeout)"
+                abort()
+                return await task
+    except BaseException:
+        task.cancel()
+        raise
+
+
+async def _bridge_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
+                      connection: Connection | None = None) -> None:
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, request: bool) -> None:
+        while data := await source.read(CHUNK):
+            sink.write(data)
+            if connection is not None:
+                if request:
+                    connection.request_bytes += len(data)
+                else:
+                    connection.response_bytes += len(data)
+            await sink.drain()
+        if sink.can_write_eof():
+            sink.write_eof()
+
+    try:
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+    finally:
+        up_writer.close()

@@ -1,0 +1,1 @@
+"""Choosing and protecting backends: balancing, outlier ejection, circuit breaking. Pure."""

@@ -1,0 +1,92 @@
+"""Desired map entries (pure) and the map writer's ordering, against in-memory maps (no root, no bcc)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nodeagent.cluster.decode import decode
+from nodeagent.service.ebpf.desired import Backend, Frontend, desired_entries
+from nodeagent.service.ebpf.maps import MapSync
+from tests.unit.service.iptables.test_render import OVERALL_OBJECTS, ep, service, slice_, snapshot_of
+
+
+class MemoryMap:
+    """A map handle over a dict, recording every operation in one shared journal."""
+
+    def __init__(self, name: str, journal: list[tuple[str, str, bytes]]) -> None:
+        self.name, self.data, self.journal = name, {}, journal
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self.data[key] = value
+        self.journal.append(("update", self.name, key))
+
+    def delete(self, key: bytes) -> bool:
+        self.journal.append(("delete", self.name, key))
+        return self.data.pop(key, None) is not None
+
+    def items(self) -> dict[bytes, bytes]:
+        return dict(self.data)
+
+
+def memory_maps() -> tuple[dict[str, Any], list[tuple[str, str, bytes]]]:
+    journal: list[tuple[str, str, bytes]] = []
+    return {n: MemoryMap(n, journal) for n in ("na_services", "na_slots", "na_backends")}, journal
+
+
+def entries(*objects: dict[str, Any]) -> Any:
+    snapshot = snapshot_of(*objects)
+    return desired_entries(snapshot.service_ports, snapshot.endpoints, node_ips=[],
+                           node_labels={})
+
+
+def test_frontends_follow_kube_proxys_policies_for_local_clients() -> None:
+    import ipaddress
+
+    snapshot = snapshot_of(*OVERALL_OBJECTS)
+    desired = desired_entries(snapshot.service_ports, snapshot.endpoints,
+                              node_ips=[ipaddress.ip_address("192.168.0.2")])
+    # svc2: LoadBalancer, eTP Local, its only endpoint is remote: pods and the host still reach it
+    assert desired[Frontend("1.2.3.4", 80, 6)].backends == (Backend("10.180.0.2", 80),)
+    assert desired[Frontend("192.168.0.2", 3001, 6)].backends == (Backend("10.180.0.2", 80),)
+    assert desired[Frontend("172.30.0.46", 80, 6)].backends == (), "no endpoints: refuse"
+    assert desired[Frontend("172.30.0.45", 80, 6)].affinity_seconds == 10800
+
+
+def test_weights_come_from_the_annotation_and_zero_removes_an_endpoint() -> None:
+    svc = service("ns1", "svc1", "172.30.0.41")
+    svc["metadata"]["annotations"] = {"nodeagent.io/endpoint-weights": '{"a": 3, "c": 0}'}
+    endpoints = [dict(ep(ip), targetRef={"kind": "Pod", "name": name})
+                 for ip, name in (("10.180.0.1", "a"), ("10.180.0.2", "b"), ("10.180.0.3", "c"))]
+    desired = entries(svc, slice_("ns1", "svc1", *endpoints))
+    assert desired[Frontend("172.30.0.41", 80, 6)].backends == (Backend("10.180.0.1", 80, 3),
+                                                                Backend("10.180.0.2", 80, 1))
+    svc["metadata"]["annotations"] = {"nodeagent.io/endpoint-weights": '{"a": -1}'}
+    assert [r.field for r in decode(svc).rejections] == ["metadata.annotations[nodeagent.io/endpoint-weights]"]
+
+
+def test_a_changed_backend_set_is_written_beside_the_old_one_then_switched() -> None:
+    maps, journal = memory_maps()
+    sync = MapSync(maps)
+    frontend = Frontend("172.30.0.41", 80, 6)
+    first = entries(service("ns1", "svc1", "172.30.0.41"), slice_("ns1", "svc1", ep("10.180.0.1"), ep("10.180.0.2")))
+    sync.apply(first)
+    journal.clear()
+    second = entries(service("ns1", "svc1", "172.30.0.41"), slice_("ns1", "svc1", ep("10.180.0.2"), ep("10.180.0.3")))
+    stats = sync.apply(second)
+    switch = journal.index(("update", "na_services", frontend.key))
+    assert all(op == "update" for op, name, _ in journal[:switch]), "only additions before the switch"
+    assert [name for op, name, _ in journal[:switch]] == ["na_backends", "na_slots", "na_slots"]
+    assert all(op == "delete" for op, _, _ in journal[switch + 1:]), "only removals after it"
+    assert stats.written == 1 and len(maps["na_backends"].data) == 2, "10.180.0.1's backend is gone"
+    assert len(maps["na_slots"].data) == 2, "the old version's slots are gone"
+
+
+def test_adopting_the_maps_writes_only_the_difference() -> None:
+    maps, journal = memory_maps()
+    desired = entries(*OVERALL_OBJECTS)
+    MapSync(maps).apply(desired)
+    journal.clear()
+    restarted = MapSync(maps)
+    restarted.adopt(desired)
+    assert restarted.apply(desired).map_updates == 0 and journal == []
+    assert restarted.contents() == {f: type(e)("", e.backends, e.affinity_seconds) for f, e in desired.items()}
