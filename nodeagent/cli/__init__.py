@@ -735,7 +735,7 @@ def inspect(pod_ref: str | None, namespace: str | None, service: str | None, kub
     from nodeagent.inspect.gather import InspectError, inspect_node, inspect_pod, inspect_service
     from nodeagent.inspect.output import node_text, service_text
     from nodeagent.inspect.output import render as render_report
-    from nodeagent.mesh.iptables import RedirectError
+    from nodeagent.mesh.iptables.apply import RedirectError
 
     target, _ = _inspect_target(pod_ref, namespace, kubeconfig, context, manifests, source_lab, node_name,
                                 control_socket, netns_dir, netns_prefix, bpf_scope, pod_cgroup_parent)
@@ -810,7 +810,7 @@ def trace(source: str, namespace: str | None, destination: str, proto: str, prob
     from nodeagent.inspect import probe as probing
     from nodeagent.inspect.gather import InspectError, datapath_mode, find_pod, service_paths
     from nodeagent.inspect.trace import TraceError, TraceInput, predict, to_text
-    from nodeagent.mesh.iptables import capture_options
+    from nodeagent.mesh.annotations import capture_options
 
     host, _, port = destination.rpartition(":")
     if not port.isdigit() or not host:
@@ -895,7 +895,8 @@ def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_pat
 def _cleanup_mesh(backends: list[str], netns: str | None, pod_netns_dir: Path, pod_netns_prefix: str) -> None:
     """The mesh capture of every pod namespace that holds one, then the node's probe SNAT."""
     from nodeagent.kernel.podnetns import candidates
-    from nodeagent.mesh.iptables import CaptureStatus, RedirectError, live_state, remove_capture, remove_probe_snat
+    from nodeagent.mesh.capture import CaptureStatus
+    from nodeagent.mesh.iptables.apply import RedirectError, live_state, remove_capture, remove_probe_snat
 
     node = f"/run/netns/{netns}" if netns else None
     for backend in backends:

@@ -26,7 +26,10 @@ from nodeagent.inspect.agent_client import AgentUnreachable, query_agent
 from nodeagent.inspect.build import compute_drift, policy_lines, tunnel_part
 from nodeagent.inspect.model import Capture, PodReport, ProgramLine, RuleLine, ServicePath
 from nodeagent.inspect.paths import captured_by_tunnel, ebpf_paths, iptables_paths, with_live
-from nodeagent.mesh.iptables import CaptureOptions, CaptureState, CaptureStatus, capture_options, live_state
+from nodeagent.mesh.annotations import capture_options
+from nodeagent.mesh.capture import CaptureState, CaptureStatus
+from nodeagent.mesh.iptables.apply import live_state
+from nodeagent.mesh.iptables.render import CaptureOptions
 from nodeagent.state.tracker import Snapshot
 from nodeagent.tunnel.state.workloads import workload_table
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from nodeagent.ca.identity import SpiffeId
 from nodeagent.inspect.model import ServicePath
-from nodeagent.mesh.iptables import CaptureOptions
-from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS
+from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, CaptureOptions
 from nodeagent.state.tracker import Snapshot
 from nodeagent.tunnel.resilience import balance
 from nodeagent.tunnel.state.authz import Authorizer, AuthzRequest

@@ -285,7 +285,9 @@ def enrolled_pods(lab: labs.Lab) -> list[str]:
 
 def captured(lab: labs.Lab, pod: str) -> bool:
     """Whether `pod` holds a complete capture, iptables in its namespace or eBPF on its cgroup."""
-    from nodeagent.mesh.iptables import CaptureOptions, CaptureStatus, live_state
+    from nodeagent.mesh.capture import CaptureStatus
+    from nodeagent.mesh.iptables.apply import live_state
+    from nodeagent.mesh.iptables.render import CaptureOptions
 
     netns = f"/run/netns/{lab.plan.pod(pod).netns}"
     if any(live_state(netns, backend=b).status is CaptureStatus.INSTALLED for b in ("nft", "legacy")):

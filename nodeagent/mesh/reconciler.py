@@ -22,7 +22,10 @@ from nodeagent.cluster.model import Kind, ObjectRef
 from nodeagent.control.assignments import Assignment
 from nodeagent.control.server import ControlServer
 from nodeagent.kernel import podnetns
-from nodeagent.mesh.iptables import CaptureError, CaptureOptions, CaptureState, CaptureStatus, capture_options
+from nodeagent.mesh.annotations import capture_options
+from nodeagent.mesh.capture import CaptureState, CaptureStatus
+from nodeagent.mesh.iptables.apply import CaptureError
+from nodeagent.mesh.iptables.render import CaptureOptions
 from nodeagent.state.tracker import Snapshot
 from nodeagent.tunnel.state.workloads import Workload, workload_table
 

@@ -31,10 +31,11 @@ from nodeagent.kernel.netns import in_netns
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import TUNNEL_OWNER
+from nodeagent.mesh.capture import CaptureStatus
 from nodeagent.mesh.ebpf import programs as mesh
 from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
 from nodeagent.mesh.ebpf.state import MAX_EXCLUDE, encode_config
-from nodeagent.mesh.iptables import CaptureStatus, apply_probe_snat, remove_probe_snat
+from nodeagent.mesh.iptables.apply import apply_probe_snat, remove_probe_snat
 from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, PROBE_ADDRESS, CaptureOptions, CaptureOptionsError
 from tests.integration.agent_labs import lab_with_agents
 from tests.integration.test_tunnel_process import admin_dump

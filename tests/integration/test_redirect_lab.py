@@ -20,8 +20,8 @@ import pytest
 from nodeagent.kernel.netfilter import detect_backend
 from nodeagent.kernel.netns import in_netns
 from nodeagent.lab import lab as labs
-from nodeagent.mesh.iptables import (
-    CaptureStatus,
+from nodeagent.mesh.capture import CaptureStatus
+from nodeagent.mesh.iptables.apply import (
     apply_capture,
     apply_probe_snat,
     live_state,

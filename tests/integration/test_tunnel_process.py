@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from nodeagent.lab import lab as labs
-from nodeagent.mesh.iptables import CaptureStatus, live_state
+from nodeagent.mesh.capture import CaptureStatus
+from nodeagent.mesh.iptables.apply import live_state
 from tests.integration.agent_labs import lab_with_agents
 from tests.integration.conftest import wait_for
 

@@ -66,7 +66,7 @@ def source() -> str:
     bundled = resources.files("nodeagent.kernel.bpf").joinpath("sock_lb.c")
     if bundled.is_file():
         return bundled.read_text()
-    return (Path(__file__).resolve().parents[2] / "bpf-src" / "sock_lb.c").read_text()
+    return (Path(__file__).resolve().parents[3] / "bpf-src" / "sock_lb.c").read_text()
 
 
 @dataclass

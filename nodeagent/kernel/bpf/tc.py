@@ -28,7 +28,7 @@ PRIORITY = 1
 
 
 def tc_source() -> str:
-    return (Path(__file__).resolve().parents[2] / "bpf-src" / "nodeport_tc.c").read_text()
+    return (Path(__file__).resolve().parents[3] / "bpf-src" / "nodeport_tc.c").read_text()
 
 
 def load_tc(datapath: Datapath) -> bool:

@@ -99,6 +99,6 @@ class EbpfCapture:
 
     def probe_snat(self, pod_ips: list[str]) -> None:
         """The node's probe SNAT to the probe address, as in iptables mode."""
-        from nodeagent.mesh.iptables import apply_probe_snat
+        from nodeagent.mesh.iptables.apply import apply_probe_snat
 
         apply_probe_snat(None, pod_ips, backend=self.backend)

@@ -84,7 +84,7 @@ def mesh_dir(scope: str) -> Path:
 
 def source() -> str:
     """The C source of the capture programs."""
-    return (Path(__file__).resolve().parents[2] / "bpf-src" / "mesh_capture.c").read_text()
+    return (Path(__file__).resolve().parents[3] / "bpf-src" / "mesh_capture.c").read_text()
 
 
 @dataclass(frozen=True, slots=True)

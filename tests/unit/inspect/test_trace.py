@@ -11,7 +11,7 @@ import pytest
 from nodeagent.daemon.agent import AgentOptions, proxy_config
 from nodeagent.inspect.paths import ebpf_paths, iptables_paths
 from nodeagent.inspect.trace import CONNECTED, DENIED, REFUSED, TraceError, TraceInput, predict, to_text
-from nodeagent.mesh.iptables import CaptureOptions
+from nodeagent.mesh.iptables.render import CaptureOptions
 from nodeagent.state.tracker import Snapshot
 from tests import objects as k8s
 from tests.unit.inspect.test_inspect import OBJECTS, snapshot
