@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from nodeagent.errors import NodeAgentError
+
 API_VERSION = "config.nodeagent.io/v1alpha1"
 KIND = "NodeAgentConfiguration"
 MODES = ("auto", "ebpf", "iptables")
@@ -56,7 +58,7 @@ class FieldError:
         return f"{self.path}: {self.reason} (got {self.value!r})"
 
 
-class ConfigError(Exception):
+class ConfigError(NodeAgentError):
     """The file cannot be used; `errors` names every bad field."""
 
     def __init__(self, source: str, errors: list[FieldError]) -> None:

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from nodeagent.errors import NodeAgentError
+
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 MAX_LEAF_TTL = dt.timedelta(hours=24)
 DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
@@ -34,7 +36,7 @@ _CA_USAGE = x509.KeyUsage(digital_signature=False, content_commitment=False, key
                           encipher_only=False, decipher_only=False)
 
 
-class IdentityError(Exception):
+class IdentityError(NodeAgentError):
     """A CSR, certificate or identity that cannot be accepted; the message says which field and why."""
 
 

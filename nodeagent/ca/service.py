@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter
 from nodeagent.ca.identity import CertificateAuthority, IdentityError, SpiffeId, make_csr, new_key
 from nodeagent.cluster.model import Kind
 from nodeagent.control.api import ca_pb2, ca_pb2_grpc
+from nodeagent.errors import NodeAgentError
 from nodeagent.state.tracker import Snapshot
 
 log = structlog.get_logger("nodeagent.tunnel.ca")
@@ -53,7 +54,7 @@ class Caller:
     principal: str
 
 
-class Refused(Exception):
+class Refused(NodeAgentError):
     """A request the CA will not serve: the gRPC status, a short reason (the metric label) and a message."""
 
     def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
@@ -286,7 +287,7 @@ def request_certificate(address: str, token: str, identity: SpiffeId, key: objec
     return list(response.cert_chain)
 
 
-class CertificateRequestError(Exception):
+class CertificateRequestError(NodeAgentError):
     """The CA did not issue a certificate (unreachable, refused, or the request was bad)."""
 
     def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:

@@ -8,11 +8,12 @@ from typing import Any
 import grpc
 
 from nodeagent.control.api import control_pb2
+from nodeagent.errors import NodeAgentError
 
 INSPECT_METHOD = "/nodeagent.control.v1.TunnelControl/Inspect"
 
 
-class AgentUnreachable(Exception):
+class AgentUnreachable(NodeAgentError):
     """No agent answers on the control socket (not running, or not started with --mesh)."""
 
 

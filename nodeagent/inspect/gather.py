@@ -22,6 +22,7 @@ import structlog
 from nodeagent.ca.identity import SpiffeId
 from nodeagent.cluster.enrollment import Enrollment
 from nodeagent.cluster.model import IPNetwork
+from nodeagent.errors import NodeAgentError
 from nodeagent.inspect.agent_client import AgentUnreachable, query_agent
 from nodeagent.inspect.build import compute_drift, policy_lines, tunnel_part
 from nodeagent.inspect.model import Capture, PodReport, ProgramLine, RuleLine, ServicePath
@@ -37,7 +38,7 @@ log = structlog.get_logger("nodeagent.inspect")
 ADMIN_URL = "http://127.0.0.1:15000/config_dump"
 
 
-class InspectError(Exception):
+class InspectError(NodeAgentError):
     """Bad input or a vanished object: one line for the user, naming the object."""
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nodeagent.ca.identity import SpiffeId
+from nodeagent.errors import NodeAgentError
 from nodeagent.inspect.model import ServicePath
 from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, CaptureOptions
 from nodeagent.state.tracker import Snapshot
@@ -70,7 +71,7 @@ class TraceInput:
     trust_domain: str = "cluster.local"
 
 
-class TraceError(Exception):
+class TraceError(NodeAgentError):
     """The trace cannot be computed (an unknown source pod, a bad address)."""
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from nodeagent.errors import NodeAgentError
+
 log = structlog.get_logger("nodeagent.kernel.netfilter")
 
 WAIT = ("-w", "5", "-W", "100000")
@@ -25,7 +27,7 @@ HINT_CHAIN = "KUBE-IPTABLES-HINT"  # kubelet's marker of the backend it uses
 _FAILED_LINE = re.compile(r"line (\d+) failed|Error occurred at line: (\d+)")
 
 
-class IptablesError(Exception):
+class IptablesError(NodeAgentError):
     """An iptables command failed; the message carries its stderr (and, for a restore, the lines at fault)."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from nodeagent.errors import NodeAgentError
 
-class LabError(Exception):
+
+class LabError(NodeAgentError):
     """Root of every error the lab raises."""
 
 

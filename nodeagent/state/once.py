@@ -9,10 +9,11 @@ from pathlib import Path
 
 from nodeagent.cluster.discovery.kubernetes import CORE_KINDS, MESH_KINDS, ApiConnection, KubernetesSource
 from nodeagent.cluster.discovery.manifests import ManifestSource
+from nodeagent.errors import NodeAgentError
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 
 
-class SourceTimeout(Exception):
+class SourceTimeout(NodeAgentError):
     """The API server did not deliver a complete list of every kind in time."""
 
 

@@ -50,6 +50,7 @@ from nodeagent.cluster.discovery.wire import (
 )
 from nodeagent.cluster.events import Deleted, Listed, Progressed, Sink, Unreadable, Upserted
 from nodeagent.cluster.model import Kind
+from nodeagent.errors import NodeAgentError
 from nodeagent.heap import collector_paused
 
 log = structlog.get_logger("nodeagent.cluster.discovery.kubernetes")
@@ -59,7 +60,7 @@ CORE_KINDS = (Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.POD, Kind.NODE, Kind.NAMES
 MESH_KINDS = (Kind.AUTHORIZATION_POLICY, Kind.PEER_AUTHENTICATION)
 
 
-class ApiError(Exception):
+class ApiError(NodeAgentError):
     """The API server answered with an error status."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -67,7 +68,7 @@ class ApiError(Exception):
         self.status = status
 
 
-class Expired(Exception):
+class Expired(NodeAgentError):
     """The resourceVersion (or continue token) is too old: list again."""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from nodeagent.cluster.model import MESH_GROUP, Kind
+from nodeagent.errors import NodeAgentError
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class ListPage:
     continue_token: str
 
 
-class ProtocolError(Exception):
+class ProtocolError(NodeAgentError):
     """The server's answer does not follow the API's wire format."""
 
 

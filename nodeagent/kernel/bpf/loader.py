@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 
+from nodeagent.errors import NodeAgentError
 from nodeagent.kernel.bpf.syscall import MapHandle, obj_pin
 
 log = structlog.get_logger("nodeagent.kernel.bpf.loader")
@@ -52,7 +53,7 @@ MAPS = {
 KERNEL_ONLY_MAPS = ("na_sk_reverse",)
 
 
-class BpfError(Exception):
+class BpfError(NodeAgentError):
     """The eBPF datapath cannot be set up here; the message says what failed (compile, verifier, bpffs...)."""
 
 

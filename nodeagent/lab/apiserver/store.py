@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from nodeagent.errors import NodeAgentError
 from nodeagent.lab.apiserver.resources import RESOURCES, ApiResource
 from nodeagent.lab.apiserver.selectors import Predicate
 
@@ -46,7 +47,7 @@ DROP = "drop"
 END = "end"
 
 
-class ApiError(Exception):
+class ApiError(NodeAgentError):
     """An error the server answers with a Status body, as kube-apiserver does."""
 
     def __init__(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from nodeagent.errors import NodeAgentError
 from nodeagent.kernel.netfilter import BACKENDS, Iptables, IptablesError
 from nodeagent.mesh.capture import (
     CaptureState,
@@ -39,7 +40,7 @@ log = structlog.get_logger("nodeagent.mesh.iptables.apply")
 _TIMEOUT = 30
 
 
-class RedirectError(Exception):
+class RedirectError(NodeAgentError):
     """Root of the capture's errors."""
 
 

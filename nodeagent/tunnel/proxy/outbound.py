@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from nodeagent.cluster.model import ObjectRef
+from nodeagent.errors import NodeAgentError
 from nodeagent.tunnel.hbone.protocol import ConnectRefused
 from nodeagent.tunnel.resilience.balance import Attempts
 from nodeagent.tunnel.resilience.circuit import CircuitBreaker, Slot
@@ -78,7 +79,7 @@ class Resilience:
             del self.states[ref]
 
 
-class Refused(Exception):
+class Refused(NodeAgentError):
     """The connection cannot be carried; `flags` (Envoy's response flag) and the message say why."""
 
     def __init__(self, flags: str, reason: str) -> None:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from nodeagent.errors import NodeAgentError
 
-class CircuitError(Exception):
+
+class CircuitError(NodeAgentError):
     """A slot was moved by an event its state has no transition for (a wiring bug): names both."""
 
 
