@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from nodeagent.kernel.bpf.loader import PROGRAMS, source
+from nodeagent.kernel.bpf.loader import CFLAGS, PROGRAMS, source
 
 
 def unpinned(text: str) -> str:
@@ -32,7 +32,7 @@ def check_mesh() -> int:
     started = time.monotonic()
     names = ", ".join(p.name for p in mesh_state.PROGRAMS)
     try:
-        program = BPF(text=unpinned(mesh.source()).encode())
+        program = BPF(text=unpinned(mesh.source()).encode(), cflags=CFLAGS)
         for p in mesh_state.PROGRAMS:
             if p.attach_type >= 0:
                 program.load_func(p.name.encode(), p.prog_type, attach_type=p.attach_type)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_mesh()
     started = time.monotonic()
     try:
-        program = BPF(text=unpinned(source()))
+        program = BPF(text=unpinned(source()), cflags=CFLAGS)
         for name, (attach_type, _) in PROGRAMS.items():
             program.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
     except Exception as exc:

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import structlog
@@ -62,12 +61,15 @@ def pin_dir(scope: str) -> Path:
     return ROOT / scope / f"v{LAYOUT_VERSION}"
 
 
+# The C programs, read from the source tree (scripts/setup.sh and the image install from it). Passed as an
+# include directory too, so the programs share bpf-src/lib/*.h (compiled from text, bcc has no file path).
+SOURCE_DIR = Path(__file__).resolve().parents[3] / "bpf-src"
+CFLAGS = [f"-I{SOURCE_DIR}"]
+
+
 def source() -> str:
     """The C source of the programs."""
-    bundled = resources.files("nodeagent.kernel.bpf").joinpath("sock_lb.c")
-    if bundled.is_file():
-        return bundled.read_text()
-    return (Path(__file__).resolve().parents[3] / "bpf-src" / "sock_lb.c").read_text()
+    return (SOURCE_DIR / "sock_lb.c").read_text()
 
 
 @dataclass
@@ -111,7 +113,7 @@ def _compile_and_pin(directory: Path) -> None:
     started = time.monotonic()
     pinned: list[Path] = []
     try:
-        program = BPF(text=source().replace("PIN_DIR", str(directory)))
+        program = BPF(text=source().replace("PIN_DIR", str(directory)), cflags=CFLAGS)
         for name, (attach_type, _) in PROGRAMS.items():
             fn = program.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
             path = directory / name

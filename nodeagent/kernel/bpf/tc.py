@@ -18,7 +18,7 @@ import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nodeagent.kernel.bpf.loader import BpfError, Datapath
+from nodeagent.kernel.bpf.loader import CFLAGS, SOURCE_DIR, BpfError, Datapath
 from nodeagent.kernel.bpf.syscall import obj_get, obj_pin
 
 log = structlog.get_logger("nodeagent.kernel.bpf.tc")
@@ -28,7 +28,7 @@ PRIORITY = 1
 
 
 def tc_source() -> str:
-    return (Path(__file__).resolve().parents[3] / "bpf-src" / "nodeport_tc.c").read_text()
+    return (SOURCE_DIR / "nodeport_tc.c").read_text()
 
 
 def load_tc(datapath: Datapath) -> bool:
@@ -43,7 +43,7 @@ def load_tc(datapath: Datapath) -> bool:
     started = time.monotonic()
     pinned: list[Path] = []
     try:
-        program = BPF(text=tc_source().replace("PIN_DIR", str(directory)))
+        program = BPF(text=tc_source().replace("PIN_DIR", str(directory)), cflags=CFLAGS)
         for name in TC_PROGRAMS:
             fn = program.load_func(name, BPF.SCHED_CLS)
             path = directory / name

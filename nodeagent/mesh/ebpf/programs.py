@@ -34,7 +34,7 @@ from pathlib import Path
 
 import structlog
 
-from nodeagent.kernel.bpf.loader import ROOT, BpfError, program_id
+from nodeagent.kernel.bpf.loader import CFLAGS, ROOT, SOURCE_DIR, BpfError, program_id
 from nodeagent.kernel.bpf.syscall import MapHandle, obj_pin
 from nodeagent.mesh.capture import CaptureState, CaptureStatus
 from nodeagent.mesh.ebpf.hooks import (
@@ -84,7 +84,7 @@ def mesh_dir(scope: str) -> Path:
 
 def source() -> str:
     """The C source of the capture programs."""
-    return (Path(__file__).resolve().parents[3] / "bpf-src" / "mesh_capture.c").read_text()
+    return (SOURCE_DIR / "mesh_capture.c").read_text()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +143,7 @@ def _compile_and_pin(directory: Path) -> None:
     started = time.monotonic()
     pinned: list[Path] = []
     try:
-        bpf = BPF(text=source().replace("PIN_DIR", str(directory)).encode())
+        bpf = BPF(text=source().replace("PIN_DIR", str(directory)).encode(), cflags=CFLAGS)
         for program in PROGRAMS:
             name = program.name.encode()
             fn = (bpf.load_func(name, program.prog_type, attach_type=program.attach_type)
