@@ -38,7 +38,7 @@ from nodeagent.kernel.bpf import loader  # noqa: E402
 from nodeagent.observability.logs import configure_logging  # noqa: E402
 from nodeagent.service.ebpf.desired import desired_entries  # noqa: E402
 from nodeagent.service.ebpf.maps import MapSync  # noqa: E402
-from tests.objects import scale_slice  # noqa: E402
+from tests.support.objects import scale_slice  # noqa: E402
 
 # The client, run inside the namespace and cgroup: a server on the backend address, then timed loops.
 CLIENT = r"""

@@ -41,7 +41,7 @@ from nodeagent.tunnel.resilience.circuit import CircuitBreaker  # noqa: E402
 from nodeagent.tunnel.resilience.outlier import OutlierDetector  # noqa: E402
 from nodeagent.tunnel.state.authz import Authorizer, AuthzRequest  # noqa: E402
 from nodeagent.tunnel.state.services import ServiceTable, service_table  # noqa: E402
-from tests.objects import node, scale_cluster, scale_slice  # noqa: E402
+from tests.support.objects import node, scale_cluster, scale_slice  # noqa: E402
 
 NODE = "node1"
 

@@ -1,5 +1,5 @@
 """Ingest benchmark (issues 4 and 18): N Services with one EndpointSlice each, served over HTTPS with a bearer
-token by the lab's own Kubernetes API server (nodeagent.lab.apiserver, via `python -m tests.fakeapi --tls`).
+token by the lab's own Kubernetes API server (nodeagent.lab.apiserver, via `python -m tests.support.fakeapi --tls`).
 
 Part 1, the agent's discovery and state half in this process (Kubernetes source -> change tracker -> snapshot):
 - time to the first snapshot: from starting the source until every kind is listed and the first
@@ -59,7 +59,7 @@ from nodeagent.cluster.events import Event, Upserted  # noqa: E402
 from nodeagent.cluster.model import Kind  # noqa: E402
 from nodeagent.observability.logs import configure_logging  # noqa: E402
 from nodeagent.state.tracker import ChangeTracker  # noqa: E402
-from tests.objects import scale_slice  # noqa: E402
+from tests.support.objects import scale_slice  # noqa: E402
 
 GOALS = {"first_snapshot_s": 5.0, "change_p99_ms": 5.0, "rss_mb": 250.0}
 
@@ -68,7 +68,8 @@ GOALS = {"first_snapshot_s": 5.0, "change_p99_ms": 5.0, "rss_mb": 250.0}
 def api_server(services: int, endpoints: int, netns: str | None = None) -> Iterator[dict[str, str]]:
     """The lab API server (HTTPS, token) in a child process, filled with the benchmark's cluster, on the
     loopback of `netns` (or of this namespace); yields its URL, token and kubeconfig path; killed on exit."""
-    argv = [sys.executable, "-m", "tests.fakeapi", "--tls", "--services", str(services), "--endpoints", str(endpoints)]
+    argv = [sys.executable, "-m", "tests.support.fakeapi", "--tls", "--services", str(services),
+            "--endpoints", str(endpoints)]
     child = subprocess.Popen((["ip", "netns", "exec", netns] if netns else []) + argv, cwd=ROOT,
                              stdout=subprocess.PIPE, text=True)
     printed: dict[str, str] = {}

@@ -44,7 +44,7 @@ from nodeagent.service.config import ProxyConfig  # noqa: E402
 from nodeagent.service.iptables.proxier import IptablesProxier  # noqa: E402
 from nodeagent.service.iptables.render import render  # noqa: E402
 from nodeagent.state.tracker import ChangeTracker  # noqa: E402
-from tests.objects import scale_cluster, scale_slice  # noqa: E402
+from tests.support.objects import scale_cluster, scale_slice  # noqa: E402
 
 
 @contextlib.contextmanager

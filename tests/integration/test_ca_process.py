@@ -25,7 +25,7 @@ from cryptography import x509
 from nodeagent.ca.identity import CertificateAuthority, SpiffeId, new_key, spiffe_id_of
 from nodeagent.ca.service import CertificateRequestError, request_certificate
 from nodeagent.cli import main
-from tests.fakeapi import FakeApiServer
+from tests.support.fakeapi import FakeApiServer
 
 CLIENT = SpiffeId("cluster.local", "demo", "client")
 

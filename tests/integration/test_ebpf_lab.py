@@ -26,8 +26,8 @@ from nodeagent.lab.agents import AGENT_OWNER, start_agents
 from nodeagent.lab.demo import request_from
 from nodeagent.service.ebpf.desired import Backend, Frontend
 from nodeagent.service.ebpf.maps import MapSync
-from tests.integration.agent_labs import lab_with_agents
 from tests.integration.conftest import unique_lab_name
+from tests.support.agent_labs import lab_with_agents
 
 pytestmark = [pytest.mark.root, pytest.mark.bcc]
 

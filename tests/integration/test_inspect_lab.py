@@ -21,8 +21,8 @@ import pytest
 
 from nodeagent.lab import cgroups
 from nodeagent.lab import lab as labs
-from tests.integration.agent_labs import OUTSIDER, lab_with_agents
 from tests.integration.conftest import wait_for
+from tests.support.agent_labs import OUTSIDER, lab_with_agents
 
 pytestmark = pytest.mark.root
 NODEAGENT = str(Path(sys.executable).with_name("nodeagent"))

@@ -23,7 +23,7 @@ from nodeagent.service.iptables import cleanup, names
 from nodeagent.service.iptables.formats import format_list, format_save, node_tables
 from nodeagent.service.iptables.proxier import IptablesProxier
 from tests.integration.conftest import unique_lab_name
-from tests.unit.service.iptables.test_render import OVERALL_OBJECTS, ep, slice_, snapshot_of
+from tests.support.services import OVERALL_OBJECTS, ep, slice_, snapshot_of
 
 pytestmark = pytest.mark.root
 

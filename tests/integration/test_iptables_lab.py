@@ -19,7 +19,7 @@ from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.demo import request_from
 from nodeagent.lab.errors import LabError
-from tests.integration.agent_labs import lab_with_agents
+from tests.support.agent_labs import lab_with_agents
 
 pytestmark = pytest.mark.root
 

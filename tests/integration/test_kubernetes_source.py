@@ -20,8 +20,8 @@ from nodeagent.cluster.discovery.wire import Backoff
 from nodeagent.cluster.events import Event
 from nodeagent.cluster.model import Kind, ObjectRef
 from nodeagent.state.tracker import ChangeTracker, Snapshot
-from tests import objects as k8s
-from tests.fakeapi import FakeApiServer
+from tests.support import objects as k8s
+from tests.support.fakeapi import FakeApiServer
 
 
 class Harness:

@@ -28,7 +28,7 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 
 from nodeagent.lab.apiserver import LabApiServer
-from tests import objects as k8s
+from tests.support import objects as k8s
 
 KUBECTL = shutil.which("kubectl")
 
@@ -573,8 +573,8 @@ def test_agents_on_the_lab_api_ride_out_a_410_storm_and_a_restart_then_follow_ku
     from nodeagent.lab import lab as labs
     from nodeagent.lab.agents import start_agents
     from nodeagent.lab.demo import request_from
-    from tests.integration.agent_labs import api_fault
     from tests.integration.conftest import unique_lab_name
+    from tests.support.agent_labs import api_fault
 
     name = unique_lab_name()
     labs.up(name)

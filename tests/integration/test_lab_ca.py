@@ -31,7 +31,7 @@ from nodeagent.ca.auth import TokenReviewAuthenticator
 from nodeagent.ca.service import Refused
 from nodeagent.cluster.discovery.tokenreview import ReviewConnection
 from nodeagent.lab.apiserver import LabApiServer
-from tests import objects as k8s
+from tests.support import objects as k8s
 
 TUNNEL_NS, TUNNEL_SA = "nodeagent", "nodeagent-ztunnel"
 
@@ -195,7 +195,7 @@ except CertificateRequestError as exc:
 def test_a_labs_tunnel_token_gets_only_its_own_nodes_identities(tmp_path: Path) -> None:
     from nodeagent.lab import lab as labs
     from nodeagent.lab.agents import CA_OWNER, CA_PORT, api_request, ca_address, ca_dir, token_file
-    from tests.integration.agent_labs import lab_with_agents, owner_process
+    from tests.support.agent_labs import lab_with_agents, owner_process
 
     with lab_with_agents(tmp_path, LONELY, "iptables", mesh=True) as lab:
         # The CA reviews tokens with the lab API server: no static tokens, no manifests.

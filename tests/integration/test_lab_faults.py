@@ -43,10 +43,9 @@ from nodeagent.lab.agents import (
 )
 from nodeagent.lab.demo import requests_from
 from nodeagent.lab.state import locked
-from tests.integration.agent_labs import OUTSIDER, agent_healthz, api_fault, api_state, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
-from tests.integration.test_tunnel_balancing import metrics, sample
-from tests.integration.test_tunnel_process import admin_dump
+from tests.support.agent_labs import OUTSIDER, agent_healthz, api_fault, api_state, lab_with_agents, owner_process
+from tests.support.tunnel import admin_dump, metrics, sample
 
 pytestmark = pytest.mark.root
 

@@ -37,8 +37,8 @@ from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
 from nodeagent.mesh.ebpf.state import MAX_EXCLUDE, encode_config
 from nodeagent.mesh.iptables.apply import apply_probe_snat, remove_probe_snat
 from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, PROBE_ADDRESS, CaptureOptions, CaptureOptionsError
-from tests.integration.agent_labs import lab_with_agents
-from tests.integration.test_tunnel_process import admin_dump
+from tests.support.agent_labs import lab_with_agents
+from tests.support.tunnel import admin_dump
 
 pytestmark = [pytest.mark.root, pytest.mark.bcc]
 

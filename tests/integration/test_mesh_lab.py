@@ -35,10 +35,9 @@ from nodeagent.lab.agents import (
 from nodeagent.lab.demo import request_from
 from nodeagent.lab.state import locked
 from nodeagent.mesh.iptables.render import PROBE_ADDRESS
-from tests.integration.agent_labs import OUTSIDER, api_fault, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
-from tests.integration.test_tunnel_lab import Capture
-from tests.integration.test_tunnel_process import admin_dump
+from tests.support.agent_labs import OUTSIDER, api_fault, lab_with_agents, owner_process
+from tests.support.tunnel import Capture, admin_dump
 
 pytestmark = pytest.mark.root
 MARKER = "mesh-plaintext-marker-93c1"

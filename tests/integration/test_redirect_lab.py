@@ -30,8 +30,8 @@ from nodeagent.mesh.iptables.apply import (
     rule_counters,
 )
 from nodeagent.mesh.iptables.render import PROBE_ADDRESS, TUNNEL_MARK
-from tests.integration.agent_labs import lab_with_agents
-from tests.integration.test_tunnel_process import admin_dump
+from tests.support.agent_labs import lab_with_agents
+from tests.support.tunnel import admin_dump
 
 pytestmark = pytest.mark.root
 

@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.lab import lab as labs
-from tests.integration.agent_labs import lab_with_agents
 from tests.integration.conftest import wait_for
+from tests.support.agent_labs import lab_with_agents
+from tests.support.netns import netns_run
+from tests.support.tunnel import metrics, sample
 
 pytestmark = pytest.mark.root
 
@@ -197,11 +198,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
         yield lab
 
 
-def netns_run(netns: str, *argv: str, check: bool = True) -> str:
-    return subprocess.run(["ip", "netns", "exec", netns, *argv], check=check, capture_output=True,
-                          text=True, timeout=120).stdout
-
-
 def connections(lab: labs.Lab, target: str, count: int, timeout: float = 5.0, pod: str = "demo/client"
                 ) -> list[dict[str, Any]]:
     """`count` sequential connections from `pod` to `target` (its answers, in order)."""
@@ -225,18 +221,8 @@ def edit_manifests(lab: labs.Lab, change: Callable[[dict[str, Any]], None]) -> N
 
 
 
-def metrics(lab: labs.Lab, node: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The tunnel's /metrics on `node`, parsed by the Prometheus text parser: (sample, labels) -> value."""
-    address = lab.plan.node(node).node.address
-    text = netns_run(lab.plan.node(node).netns, "python3", "-c", "import sys,urllib.request;sys.stdout.write("
-                     f"urllib.request.urlopen('http://{address}:15020/metrics',timeout=5).read().decode())")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def sample(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    """Sum of the samples named `name` whose labels include `labels`."""
-    return sum(v for (n, ls), v in values.items() if n == name and labels.items() <= dict(ls).items())
 
 
 def test_weighted_canary_split_is_within_statistical_bounds(lab: labs.Lab) -> None:

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr
-from nodeagent.kernel.netns import in_netns
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.tunnel.admin import start_admin
@@ -26,6 +23,7 @@ from nodeagent.tunnel.proxy.node import NodeTunnel
 from nodeagent.tunnel.state.authz import Authorizer
 from nodeagent.tunnel.state.workloads import Workload
 from tests.integration.conftest import unique_lab_name
+from tests.support.tunnel import Capture
 
 pytestmark = pytest.mark.root
 MARKER = "nodeagent-plaintext-marker-7f3a"
@@ -52,30 +50,6 @@ def workloads(lab: labs.Lab) -> dict[str, Workload]:
     return out
 
 
-class Capture:
-    """Every frame on the fabric bridge while it runs (AF_PACKET socket made inside the fabric namespace)."""
-
-    def __init__(self, lab: labs.Lab) -> None:
-        self.sock = in_netns(f"/run/netns/{lab.plan.fabric_netns}",
-                             lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003)))
-        self.sock.settimeout(0.2)
-        self.frames: list[bytes] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.frames.append(self.sock.recv(65535))
-            except TimeoutError:
-                continue
-
-    def finish(self) -> bytes:
-        self.stop.set()
-        self.thread.join()
-        self.sock.close()
-        return b"".join(self.frames)
 
 
 async def http_get(server: asyncio.Server, path: str) -> tuple[int, str]:

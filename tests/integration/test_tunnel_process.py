@@ -6,11 +6,8 @@ tunnels is in test_mesh_lab.py and test_tunnel_balancing.py.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -18,8 +15,10 @@ import yaml
 from nodeagent.lab import lab as labs
 from nodeagent.mesh.capture import CaptureStatus
 from nodeagent.mesh.iptables.apply import live_state
-from tests.integration.agent_labs import lab_with_agents
 from tests.integration.conftest import wait_for
+from tests.support.agent_labs import lab_with_agents
+from tests.support.netns import netns_run
+from tests.support.tunnel import admin_dump
 
 pytestmark = pytest.mark.root
 
@@ -31,16 +30,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
 
 
 def in_netns(netns: str, *argv: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", netns, *argv], check=True, capture_output=True, text=True).stdout
+    return netns_run(netns, *argv)
 
 
-def admin_dump(lab: labs.Lab, node: str) -> dict[str, Any]:
-    """The tunnel's /config_dump, read from inside its node (the admin port is localhost only)."""
-    out = in_netns(lab.plan.node(node).netns, "python3", "-c",
-                   "import urllib.request;print(urllib.request.urlopen("
-                   "'http://127.0.0.1:15000/config_dump',timeout=5).read().decode())")
-    result: dict[str, Any] = json.loads(out)
-    return result
 
 
 

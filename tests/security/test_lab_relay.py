@@ -28,9 +28,10 @@ from nodeagent.lab.agents import TUNNEL_OWNER, ca_dir, spawn_owned, tunnel_argv
 from nodeagent.lab.state import locked
 from nodeagent.tunnel.hbone.protocol import SOCKET_MARK, ConnectRefused, HbonePool, HboneStream
 from nodeagent.tunnel.identity.certs import WorkloadCertificate
-from tests.integration.agent_labs import OUTSIDER, api_fault, lab_with_agents, owner_process
 from tests.integration.conftest import wait_for
-from tests.integration.test_tunnel_balancing import metrics, netns_run, sample
+from tests.support.agent_labs import OUTSIDER, api_fault, lab_with_agents, owner_process
+from tests.support.netns import netns_run
+from tests.support.tunnel import metrics, sample
 
 pytestmark = pytest.mark.root
 

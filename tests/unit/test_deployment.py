@@ -312,7 +312,7 @@ def ca_derived_permissions(tmp_path: Path) -> set[tuple[str, str, str]]:
     from nodeagent.ca.auth import TokenReviewAuthenticator
     from nodeagent.cluster.discovery.tokenreview import ReviewConnection
     from nodeagent.cluster.model import Kind
-    from tests.fakeapi import FakeApiServer
+    from tests.support.fakeapi import FakeApiServer
 
     fake = FakeApiServer()
     fake.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "nodeagent", "name": "zt", "uid": "u"},

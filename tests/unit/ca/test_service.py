@@ -34,7 +34,7 @@ from nodeagent.ca.service import (
 from nodeagent.cluster.discovery.kubernetes import KubernetesSource
 from nodeagent.cluster.discovery.tokenreview import PodBinding, ReviewConnection, TokenReview
 from nodeagent.cluster.model import Kind
-from tests.fakeapi import FakeApiServer
+from tests.support.fakeapi import FakeApiServer
 
 ECHO = SpiffeId("cluster.local", "demo", "echo")
 CLIENT = SpiffeId("cluster.local", "demo", "client")

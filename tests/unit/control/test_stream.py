@@ -24,7 +24,7 @@ from nodeagent.control.server import ControlServer
 from nodeagent.daemon.mesh import MeshLoop
 from nodeagent.mesh.reconciler import MeshReconciler
 from nodeagent.state.tracker import ChangeTracker, Snapshot
-from tests.unit.state.test_tracker import listed
+from tests.support.events import listed
 
 POD = Assignment("demo/echo-0", "10.244.1.2", "demo", "echo", "/run/netns/echo-0")
 

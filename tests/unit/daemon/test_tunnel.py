@@ -13,7 +13,7 @@ from nodeagent.cluster.model import Kind
 from nodeagent.daemon.tunnel import TunnelOptions, TunnelProcess
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.tunnel.proxy.node import _Live, _Pod
-from tests import objects as k8s
+from tests.support import objects as k8s
 
 MISSING_CRD = ("404: the server could not find the requested resource (does this API server serve "
                "/apis/security.istio.io/v1/authorizationpolicies? a CRD may not be installed)")

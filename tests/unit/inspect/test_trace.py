@@ -13,8 +13,8 @@ from nodeagent.inspect.paths import ebpf_paths, iptables_paths
 from nodeagent.inspect.trace import CONNECTED, DENIED, REFUSED, TraceError, TraceInput, predict, to_text
 from nodeagent.mesh.iptables.render import CaptureOptions
 from nodeagent.state.tracker import Snapshot
-from tests import objects as k8s
-from tests.unit.inspect.test_inspect import OBJECTS, snapshot
+from tests.support import objects as k8s
+from tests.support.inspect_objects import OBJECTS, snapshot
 
 DENY_SHOP = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
              "metadata": {"name": "deny-shop", "namespace": "shop"},

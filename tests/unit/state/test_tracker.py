@@ -12,7 +12,8 @@ from nodeagent.cluster.events import Deleted, Event, Listed, Progressed, Unreada
 from nodeagent.cluster.model import Kind, ObjectRef, Protocol
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.state.translation import ServicePortName
-from tests import objects as k8s
+from tests.support import objects as k8s
+from tests.support.events import listed
 
 
 def up(raw: dict[str, Any], rv: str = "") -> Upserted:
@@ -20,8 +21,6 @@ def up(raw: dict[str, Any], rv: str = "") -> Upserted:
     return Upserted(Kind(raw["kind"]), object_ref(raw), decoded, rv)
 
 
-def listed(kind: Kind, raws: list[Any], rv: str = "") -> Listed:
-    return Listed(kind, tuple((object_ref(r), decode(r)) for r in raws), rv)
 
 
 def spn(name: str, port: str = "http", namespace: str = "shop", protocol: Protocol = Protocol.TCP) -> ServicePortName:

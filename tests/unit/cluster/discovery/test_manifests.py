@@ -17,7 +17,7 @@ from nodeagent.cluster.events import Event, Unreadable
 from nodeagent.cluster.model import Kind, ObjectRef, Protocol
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.state.translation import ServicePortName
-from tests import objects as k8s
+from tests.support import objects as k8s
 
 WEB = ServicePortName("shop", "web", "http", Protocol.TCP)
 DB = ServicePortName("shop", "db", "pg", Protocol.TCP)

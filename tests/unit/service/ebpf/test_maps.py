@@ -7,7 +7,7 @@ from typing import Any
 from nodeagent.cluster.decode import decode
 from nodeagent.service.ebpf.desired import Backend, Frontend, desired_entries
 from nodeagent.service.ebpf.maps import MapSync
-from tests.unit.service.iptables.test_render import OVERALL_OBJECTS, ep, service, slice_, snapshot_of
+from tests.support.services import OVERALL_OBJECTS, ep, service, slice_, snapshot_of
 
 
 class MemoryMap:

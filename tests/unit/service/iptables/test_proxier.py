@@ -11,7 +11,7 @@ from nodeagent.kernel.netfilter import IptablesError
 from nodeagent.observability.health import HealthState
 from nodeagent.service.config import ProxyConfig
 from nodeagent.service.iptables.proxier import IptablesProxier
-from tests.unit.service.iptables.test_render import OVERALL_OBJECTS, ep, slice_, snapshot_of
+from tests.support.services import OVERALL_OBJECTS, ep, slice_, snapshot_of
 
 CONFIG = ProxyConfig(node_name="test-node")
 

@@ -18,7 +18,7 @@ from nodeagent.tunnel.state.service_config import (
     parse_duration,
     service_config,
 )
-from tests.objects import service
+from tests.support.objects import service
 
 
 def svc(annotations: dict[str, str] | None = None, **spec: Any) -> Service:

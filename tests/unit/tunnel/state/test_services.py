@@ -14,7 +14,7 @@ from nodeagent.cluster.model import Kind, ObjectRef
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.tunnel.state.service_config import Locality
 from nodeagent.tunnel.state.services import ServiceTable, service_table
-from tests import objects as k8s
+from tests.support import objects as k8s
 
 WEB = ObjectRef(Kind.SERVICE, "shop", "web")
 

@@ -11,7 +11,7 @@ from nodeagent.cluster.events import Listed
 from nodeagent.cluster.model import Kind, Namespace, Pod
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.tunnel.state.workloads import workload_table
-from tests import objects as k8s
+from tests.support import objects as k8s
 
 
 def decoded(raw: dict[str, Any]) -> Any:

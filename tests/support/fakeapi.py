@@ -5,7 +5,7 @@ lists, watches with bookmarks, selectors and 410s, writes with the server's erro
 the faults (`drop_connections()`, `inject()`, `expire_watches()`, `compact()`, `refuse()`, `delay()`,
 `stop()`/`start()` with state kept). Only the fixed token and the standalone entry point are here.
 
-Run standalone for benchmarks: `python -m tests.fakeapi --services 10000` prints its URL and token
+Run standalone for benchmarks: `python -m tests.support.fakeapi --services 10000` prints its URL and token
 (plain HTTP by default, as bench/ingest.py builds its kubeconfig from those two; `--tls` serves HTTPS
 and prints the kubeconfig's path instead).
 """
@@ -33,7 +33,7 @@ class FakeApiServer(LabApiServer):
 def main() -> None:
     """Serve a cluster of the benchmark's shape until killed; print the URL and token on stdout."""
     from nodeagent.observability.logs import configure_logging
-    from tests.objects import scale_cluster
+    from tests.support.objects import scale_cluster
 
     configure_logging(json=True, level="warning")  # stdout carries only the one JSON line the caller reads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
