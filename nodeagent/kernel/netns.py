@@ -1,9 +1,15 @@
-"""Sockets inside other network namespaces, served from the tunnel's own process.
+"""The one way into another network namespace: in a thread (`in_netns`, `setns`) or for a command (`command_in`).
 
 A socket belongs to the namespace it was created in, whatever thread later uses it. So a short-lived
 helper thread enters the pod's namespace (setns affects only the calling thread), creates the socket,
 and exits; the tunnel's event loop then serves it like any other (as ztunnel does with its in-pod
 listeners).
+
+A binary that must run in a namespace (iptables, conntrack, ip) gets the prefix of `command_in`:
+`nsenter --net=PATH`, since runtimes hand us namespace paths while the lab names its namespaces
+(a name is the path /run/netns/NAME, as `ip netns exec` resolves it). Unlike `ip netns exec`, nsenter
+does not remount /sys nor bind /etc/netns/NAME: iptables, conntrack, tc and ip talk netlink or read
+/proc/net (the calling process's namespace), so none of them needs either.
 """
 
 from __future__ import annotations
@@ -13,11 +19,24 @@ import functools
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/run/netns"  # where `ip netns add NAME` binds a namespace
 T = TypeVar("T")
+
+
+def netns_path(netns: str) -> str:
+    """The path of a network namespace given by name (bound under /run/netns, as `ip netns` names them) or path."""
+    return netns if "/" in netns else os.path.join(NETNS_RUN_DIR, netns)
+
+
+def command_in(netns: str | None, argv: Sequence[str]) -> list[str]:
+    """`argv` run inside the network namespace `netns` (a name or a path); unchanged for None (this namespace)."""
+    if not netns:
+        return list(argv)
+    return ["nsenter", f"--net={netns_path(netns)}", *argv]
 
 
 @functools.cache
@@ -25,17 +44,18 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _setns(fd: int) -> None:
-    if _libc().setns(fd, CLONE_NEWNET) != 0:
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    """Move the calling thread into the namespace open at `fd` (`nstype` 0: any kind, as `fd` says)."""
+    if _libc().setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 def _enter(path: str) -> None:
-    """Move the calling thread into the network namespace bound at `path`."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """Move the calling thread into the network namespace bound at `path` (or named so)."""
+    fd = os.open(netns_path(path), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(fd)
+        setns(fd)
     finally:
         os.close(fd)
 

@@ -25,6 +25,7 @@ import structlog
 from nodeagent.cluster.model import ObjectRef, Protocol
 from nodeagent.heap import collector_paused
 from nodeagent.kernel.netfilter import Iptables
+from nodeagent.kernel.netns import command_in
 from nodeagent.service.config import ProxyConfig
 from nodeagent.service.iptables import names as n
 from nodeagent.service.iptables.jumps import CANARY_TABLES, JUMPS, KUBELET_JUMPS
@@ -145,8 +146,7 @@ class IptablesProxier:
                              changed: set[ObjectRef] | None) -> list[list[str]]:
         flushes = stale_udp_flows(self._ports, self._endpoints, ports, endpoints, changed)
         for argv in flushes:
-            self.run(["conntrack", *argv] if self.ipt.netns is None
-                     else ["ip", "netns", "exec", self.ipt.netns, "conntrack", *argv])
+            self.run(command_in(self.ipt.netns, ["conntrack", *argv]))
         return flushes
 
 
