@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from nodeagent.ca.identity import SpiffeId  # noqa: E402
-from nodeagent.tunnel.hbone.protocol import HbonePool, serve_connection, upstream_socket  # noqa: E402
+from nodeagent.tunnel.hbone.client import HbonePool  # noqa: E402
+from nodeagent.tunnel.hbone.server import serve_connection, upstream_socket  # noqa: E402
 from nodeagent.tunnel.identity.tls import client_context, server_context  # noqa: E402
 
 SERVER_ID = SpiffeId("cluster.local", "bench", "server")

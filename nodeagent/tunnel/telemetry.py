@@ -110,8 +110,8 @@ class TunnelMetrics:
         self.revocations = Counter("nodeagent_tunnel_policy_revocations",
                                    "Open inbound connections closed because a changed policy or label now denies "
                                    "them", ["destination_workload_namespace"], registry=self.registry)
-        # Hostile or broken HBONE peers (hbone.serve_connection's `violation`): a refused TLS handshake, a
-        # refused stream, or a connection closed for a flood or a stall; `reason` is one of hbone.VIOLATIONS.
+        # Hostile or broken HBONE peers (hbone.server.serve_connection's `violation`): a refused TLS handshake, a
+        # refused stream, or a connection closed for a flood or a stall; `reason` is one of hbone.limits.VIOLATIONS.
         self.protocol_violations = Counter("nodeagent_hbone_protocol_violations",
                                            "HBONE peers refused at TLS, streams refused or connections closed for "
                                            "abusing HTTP/2", ["reason"], registry=self.registry)

@@ -23,9 +23,10 @@ import pytest
 import yaml
 
 from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr, new_key
-from nodeagent.tunnel.hbone.protocol import hbone_connect, open_upstream, serve_connection
+from nodeagent.tunnel.hbone.client import hbone_connect
+from nodeagent.tunnel.hbone.server import open_upstream, serve_connection
 from nodeagent.tunnel.identity.tls import client_context, server_context
-from tests.integration.test_hbone import upstream_echo
+from tests.support.hbone import upstream_echo
 
 pytestmark = pytest.mark.root
 

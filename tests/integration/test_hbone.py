@@ -11,33 +11,12 @@ from typing import Any
 import pytest
 
 from nodeagent.ca.identity import CertificateAuthority, IdentityError, SpiffeId, make_csr, new_key
-from nodeagent.tunnel.hbone.protocol import hbone_connect, open_upstream, serve_connection
-from nodeagent.tunnel.identity.tls import client_context, server_context
+from nodeagent.tunnel.hbone.client import hbone_connect
+from nodeagent.tunnel.hbone.server import open_upstream, serve_connection
+from nodeagent.tunnel.identity.tls import client_context
+from tests.support.hbone import CLIENT_ID, SERVER_ID, contexts, upstream_echo
 
 pytestmark = pytest.mark.root
-
-SERVER_ID = SpiffeId("cluster.local", "demo", "echo")
-CLIENT_ID = SpiffeId("cluster.local", "demo", "client")
-
-
-def contexts(ca: CertificateAuthority | None = None) -> tuple[Any, Any]:
-    ca = ca or CertificateAuthority.generate()
-    keys = {i: new_key() for i in (SERVER_ID, CLIENT_ID)}
-    chains = {i: ca.issue(make_csr(i, k))[1] for i, k in keys.items()}
-    return (server_context(chains[SERVER_ID], keys[SERVER_ID], ca.root_pem),
-            client_context(chains[CLIENT_ID], keys[CLIENT_ID], ca.root_pem))
-
-
-async def upstream_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Echo until EOF, then a digest of everything received, then close (proves the half-close crossed)."""
-    digest = hashlib.sha256()
-    while data := await reader.read(1 << 16):
-        digest.update(data)
-        writer.write(data)
-        await writer.drain()
-    writer.write(b"EOF:" + digest.hexdigest().encode())
-    await writer.drain()
-    writer.close()
 
 
 class Rig:
@@ -172,7 +151,7 @@ async def test_rotation_keeps_open_connections_and_serves_new_ones_the_new_certi
 
 
 async def test_the_pool_shares_connections_up_to_the_stream_limit() -> None:
-    from nodeagent.tunnel.hbone.protocol import HbonePool
+    from nodeagent.tunnel.hbone.client import HbonePool
 
     server_ctx, client_ctx = contexts()
     accepted = 0
@@ -211,7 +190,6 @@ async def test_a_wrong_alpn_or_an_expired_client_certificate_is_refused_and_othe
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
-    from nodeagent.tunnel.identity.tls import client_context
 
     # Valid certificates of the rig's own CA: only the ALPN, then only the dates, are wrong.
     ca = rig.ca
@@ -244,7 +222,7 @@ async def test_a_wrong_alpn_or_an_expired_client_certificate_is_refused_and_othe
 
 
 async def test_pooled_connections_are_kept_alive_with_pings_and_a_silent_peer_is_dropped() -> None:
-    from nodeagent.tunnel.hbone.protocol import HbonePool
+    from nodeagent.tunnel.hbone.client import HbonePool
 
     server_ctx, client_ctx = contexts()
     silent = asyncio.Event()

@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
-from nodeagent.tunnel.hbone.protocol import STREAM_WINDOW, HbonePool, HboneStream, open_upstream, serve_connection
-from tests.integration.test_hbone import SERVER_ID, contexts, upstream_echo
+from nodeagent.tunnel.hbone.client import HbonePool, HboneStream
+from nodeagent.tunnel.hbone.limits import STREAM_WINDOW
+from nodeagent.tunnel.hbone.server import open_upstream, serve_connection
+from tests.support.hbone import SERVER_ID, contexts, upstream_echo
 
 pytestmark = pytest.mark.root
 
@@ -129,7 +131,7 @@ def test_a_spliced_connection_carries_bytes_both_ways_with_half_close(loop: str)
     with `upstream_socket` (both sides' protocol callbacks), on both event loops the tunnel runs on."""
     import uvloop
 
-    from nodeagent.tunnel.hbone.protocol import upstream_socket
+    from nodeagent.tunnel.hbone.server import upstream_socket
 
     async def scenario() -> tuple[bytes, bytes, tuple[int, int]]:
         server_ctx, client_ctx = contexts()

@@ -36,14 +36,9 @@ from hyperframe.frame import (
 
 from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr, new_key
 from nodeagent.kernel.netns import client_socket, listening_socket
-from nodeagent.tunnel.hbone.protocol import (
-    SOCKET_MARK,
-    TlsListener,
-    open_connection,
-    open_stream,
-    serve_connection,
-    serve_tls,
-)
+from nodeagent.tunnel.hbone.client import open_connection, open_stream
+from nodeagent.tunnel.hbone.limits import SOCKET_MARK
+from nodeagent.tunnel.hbone.server import TlsListener, serve_connection, serve_tls
 from nodeagent.tunnel.identity.tls import client_context, server_context
 from nodeagent.tunnel.telemetry import TunnelMetrics
 

@@ -13,7 +13,8 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
 
 from nodeagent.kernel.netns import client_socket
-from nodeagent.tunnel.hbone.protocol import (
+from nodeagent.tunnel.hbone.client import open_connection, open_stream
+from nodeagent.tunnel.hbone.limits import (
     CONTROL_BUDGET,
     MAX_CONTINUATIONS,
     MAX_HEADER_BLOCK,
@@ -23,8 +24,6 @@ from nodeagent.tunnel.hbone.protocol import (
     REFUSED_BUDGET,
     RESET_BUDGET,
     SETTINGS_BUDGET,
-    open_connection,
-    open_stream,
 )
 from tests.security.hostile import CLIENT_ID, SERVER_ID, RawH2, Target
 

@@ -26,7 +26,8 @@ from nodeagent.kernel.netns import client_socket
 from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import TUNNEL_OWNER, ca_dir, spawn_owned, tunnel_argv
 from nodeagent.lab.state import locked
-from nodeagent.tunnel.hbone.protocol import SOCKET_MARK, ConnectRefused, HbonePool, HboneStream
+from nodeagent.tunnel.hbone.client import ConnectRefused, HbonePool, HboneStream
+from nodeagent.tunnel.hbone.limits import SOCKET_MARK
 from nodeagent.tunnel.identity.certs import WorkloadCertificate
 from tests.integration.conftest import wait_for
 from tests.support.agent_labs import OUTSIDER, api_fault, lab_with_agents, owner_process

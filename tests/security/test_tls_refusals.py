@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr, new_key
-from nodeagent.tunnel.hbone.protocol import VIOLATIONS
+from nodeagent.tunnel.hbone.limits import VIOLATIONS
 from nodeagent.tunnel.identity.tls import client_context
 from tests.security.hostile import CLIENT_ID, HANDSHAKE_TIMEOUT, Pki, Target, bare_client, target
 

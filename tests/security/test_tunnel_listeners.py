@@ -19,7 +19,8 @@ from nodeagent.ca.identity import SpiffeId, make_csr
 from nodeagent.cluster.decode import decode
 from nodeagent.cluster.model import PeerAuthentication
 from nodeagent.kernel.netns import client_socket, listening_socket
-from nodeagent.tunnel.hbone.protocol import SOCKET_MARK, open_connection, open_stream
+from nodeagent.tunnel.hbone.client import open_connection, open_stream
+from nodeagent.tunnel.hbone.limits import SOCKET_MARK
 from nodeagent.tunnel.proxy import node as tunnels
 from nodeagent.tunnel.proxy.node import NodeTunnel
 from nodeagent.tunnel.state.authz import Authorizer

@@ -31,14 +31,9 @@ import structlog
 
 from nodeagent.ca.identity import SpiffeId
 from nodeagent.kernel.netns import client_socket, listening_socket, original_destination
-from nodeagent.tunnel.hbone.protocol import (
-    SOCKET_MARK,
-    HbonePool,
-    HboneStream,
-    TlsListener,
-    serve_connection,
-    serve_tls,
-)
+from nodeagent.tunnel.hbone.client import HbonePool, HboneStream
+from nodeagent.tunnel.hbone.limits import SOCKET_MARK
+from nodeagent.tunnel.hbone.server import TlsListener, serve_connection, serve_tls
 from nodeagent.tunnel.identity.certs import Fetch, WorkloadCertificate, rotating_server_context
 from nodeagent.tunnel.proxy.admission import NotAdmitted, Refusal, check_target
 from nodeagent.tunnel.proxy.outbound import Outbound, Refused
@@ -127,7 +122,7 @@ class NodeTunnel:
         inbound = listening_socket(workload.netns, HBONE_PORT)
         outbound = listening_socket(workload.netns, OUTBOUND_PORT)
         plaintext = listening_socket(workload.netns, INBOUND_PLAIN_PORT)
-        # The handshake is served by hbone.serve_tls, not start_server(ssl=...), so a refused or stalled one
+        # The handshake is served by hbone.server.serve_tls, not start_server(ssl=...), so a refused or stalled one
         # is counted (asyncio reports those only in debug mode).
         pod.servers.append(await serve_tls(inbound, rotating_server_context(certificate),
                                            lambda r, w: self._inbound(pod, r, w), handshake_timeout=HANDSHAKE_TIMEOUT,
@@ -166,7 +161,7 @@ class NodeTunnel:
         return sock
 
     def _violation(self, reason: str) -> None:
-        """Count an HBONE peer refused at TLS or for abusing HTTP/2 (hbone.VIOLATIONS names the reasons)."""
+        """Count an HBONE peer refused at TLS or for abusing HTTP/2 (hbone.limits.VIOLATIONS names the reasons)."""
         self.metrics.protocol_violations.labels(reason=reason).inc()
 
     async def _connect_from(self, pod: _Pod, host: str, port: int, source: str | None = None

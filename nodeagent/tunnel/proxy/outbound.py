@@ -25,7 +25,7 @@ import structlog
 
 from nodeagent.cluster.model import ObjectRef
 from nodeagent.errors import NodeAgentError
-from nodeagent.tunnel.hbone.protocol import ConnectRefused
+from nodeagent.tunnel.hbone.client import ConnectRefused
 from nodeagent.tunnel.resilience.balance import Attempts
 from nodeagent.tunnel.resilience.circuit import CircuitBreaker, Slot
 from nodeagent.tunnel.resilience.outlier import OutlierDetector

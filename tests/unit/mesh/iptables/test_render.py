@@ -199,7 +199,7 @@ def test_node_probe_snat_matches_each_enrolled_pod_for_local_sockets_only() -> N
 
 def test_the_tunnel_and_the_rules_agree_on_ports_and_mark() -> None:
     from nodeagent.mesh.iptables import render
-    from nodeagent.tunnel.hbone import protocol as hbone
+    from nodeagent.tunnel.hbone import limits as hbone
     from nodeagent.tunnel.proxy import node as tunnel
 
     assert (render.OUTBOUND_PORT, render.INBOUND_PLAIN_PORT, render.HBONE_PORT) == (

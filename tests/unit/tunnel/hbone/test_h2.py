@@ -23,8 +23,9 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from nodeagent.tunnel.hbone.protocol import (
-    _H2,
+from nodeagent.tunnel.hbone.connection import HboneConnection
+from nodeagent.tunnel.hbone.framing import Budget, HboneH2, violation_reason
+from nodeagent.tunnel.hbone.limits import (
     CONTROL_BUDGET,
     FLOOD_WINDOW,
     MAX_CONTINUATIONS,
@@ -32,9 +33,6 @@ from nodeagent.tunnel.hbone.protocol import (
     PING_BUDGET,
     SETTINGS_BUDGET,
     VIOLATIONS,
-    _Budget,
-    _Connection,
-    violation_reason,
 )
 from nodeagent.tunnel.identity.tls import handshake_failure
 
@@ -60,7 +58,7 @@ def script(conn: H2Connection) -> list[bytes]:
 
 
 def test_the_bytes_on_the_wire_are_h2s() -> None:
-    ours = script(_H2(config=H2Configuration(client_side=True)))
+    ours = script(HboneH2(config=H2Configuration(client_side=True)))
     theirs = script(H2Connection(config=H2Configuration(client_side=True)))
     assert ours == theirs
 
@@ -82,14 +80,14 @@ def test_frames_are_parsed_as_h2_parses_them_however_the_bytes_are_cut() -> None
     reference = events(H2Connection(config=H2Configuration(client_side=False)), len(wire))
     assert [e[0] for e in reference] == ["RequestReceived", "data", "data", "data", "data", "StreamEnded"]
     for step in (1, 7, 9, 100, len(wire)):
-        assert events(_H2(config=H2Configuration(client_side=False)), step) == reference, step
+        assert events(HboneH2(config=H2Configuration(client_side=False)), step) == reference, step
 
 
 # -- the server's screen against hostile peers (hbone.py's module doc), on the pure h2 layer
 
 
-def server() -> _H2:
-    conn = _H2(config=H2Configuration(client_side=False))
+def server() -> HboneH2:
+    conn = HboneH2(config=H2Configuration(client_side=False))
     conn.initiate_connection()
     conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 2})
     conn.data_to_send()
@@ -100,7 +98,7 @@ def client_bytes(*frames: Frame) -> bytes:
     return PREFACE + SettingsFrame(0).serialize() + b"".join(f.serialize() for f in frames)
 
 
-def goaway_code(conn: _H2) -> int:
+def goaway_code(conn: HboneH2) -> int:
     sent = conn.data_to_send()
     frame, _ = Frame.parse_frame_header(memoryview(sent[-17:-8]))
     assert isinstance(frame, GoAwayFrame), sent
@@ -108,7 +106,7 @@ def goaway_code(conn: _H2) -> int:
     return frame.error_code
 
 
-def violation(conn: _H2, wire: bytes) -> str:
+def violation(conn: HboneH2, wire: bytes) -> str:
     with pytest.raises(ProtocolError) as caught:
         conn.receive_data(wire)
     return violation_reason(caught.value)
@@ -152,7 +150,7 @@ def test_a_stream_over_the_limit_is_refused_alone() -> None:
     conn.receive_data(SettingsFrame(0, flags=["ACK"]).serialize())  # our limit of 2 is in force
     conn.data_to_send()
     events = conn.receive_data(b"".join(connect(i).serialize() for i in (1, 3, 5)))
-    assert [type(e).__name__ for e in events] == ["RequestReceived", "RequestReceived", "_StreamRefused"]
+    assert [type(e).__name__ for e in events] == ["RequestReceived", "RequestReceived", "StreamRefused"]
     sent = conn.data_to_send()
     refusal, _ = Frame.parse_frame_header(memoryview(sent[:9]))
     refusal.parse_body(memoryview(sent[9:]))
@@ -164,7 +162,7 @@ def test_a_stream_over_the_limit_is_refused_alone() -> None:
 
 
 def test_the_budget_window_restarts() -> None:
-    budget = _Budget(2)
+    budget = Budget(2)
     assert budget.spend() and budget.spend() and not budget.spend()
     budget.start -= FLOOD_WINDOW
     assert budget.spend()
@@ -187,7 +185,7 @@ def test_handshake_failures_are_named() -> None:
 
 
 class FakeTransport:
-    """Just enough of a transport for _Connection: collects what is written."""
+    """Just enough of a transport for HboneConnection: collects what is written."""
 
     def __init__(self) -> None:
         self.out, self.closed = bytearray(), False
@@ -211,7 +209,7 @@ class FakeTransport:
 def test_the_header_list_limit_holds_before_the_peer_acknowledges_our_settings() -> None:
     """A block within the encoded cap that decodes past MAX_HEADER_LIST (but below h2's 64 KiB default) is
     refused on the connection's very first request, the peer's SETTINGS ACK not yet in."""
-    connection = _Connection(client_side=False)
+    connection = HboneConnection(client_side=False)
     transport = FakeTransport()
     connection.connection_made(transport)  # type: ignore[arg-type]
     reasons: list[str] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.tunnel.hbone.protocol import connect_verdict, parse_authority
+from nodeagent.tunnel.hbone.request import connect_verdict, parse_authority
 
 
 @pytest.mark.parametrize(("headers", "status", "reason"), [
