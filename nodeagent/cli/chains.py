@@ -1,0 +1,146 @@
+"""`nodeagent snapshot`, `chains` and `cleanup`: what a node would program, and removing it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from nodeagent.cli.options import (
+    parse_cidrs,
+    read_snapshot,
+    source_options,
+)
+
+
+@click.command()
+@source_options
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def snapshot(kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
+             node_name: str | None, as_json: bool) -> None:
+    """Show what the node would program: every Service port with its endpoints, and every rejection."""
+    from nodeagent.state.describe import format_snapshot, snapshot_document
+
+    state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
+    click.echo(json.dumps(snapshot_document(state), indent=2) if as_json else format_snapshot(state))
+
+
+@click.command()
+@source_options
+@click.option("--format", "output", type=click.Choice(["save", "list", "restore"]), default="save", show_default=True,
+              help="save: as iptables-save prints it; list: as iptables -L -n; restore: our iptables-restore input")
+@click.option("--table", type=click.Choice(["nat", "filter"]), default=None, help="one table only")
+@click.option("--cluster-cidr", default=None, help="as for run (a lab's pod range by default)")
+@click.option("--masquerade-all", is_flag=True)
+@click.option("--diff", is_flag=True, help="compare with the live tables of the node (root); exit 1 on drift")
+@click.option("--netns", default=None, help="the node's network namespace for --diff (a lab node's by default)")
+def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
+           node_name: str | None, output: str, table: str | None, cluster_cidr: str | None, masquerade_all: bool,
+           diff: bool, netns: str | None) -> None:
+    """Print the iptables rules the agent would program on a node (no root needed), or diff them with the kernel."""
+    import difflib
+
+    from nodeagent.daemon.agent import AgentOptions, proxy_config
+    from nodeagent.kernel.netfilter import Iptables, IptablesError, detect_backend, supports_random_fully
+    from nodeagent.service.iptables.formats import format_list, format_save, node_tables, ours_only
+    from nodeagent.service.iptables.render import render
+
+    if source_lab is not None:
+        from nodeagent.lab import lab as labs
+        from nodeagent.lab.agents import cluster_cidr as lab_cluster_cidr
+        from nodeagent.lab.errors import LabError
+
+        try:
+            the_lab = labs.load(source_lab)
+        except LabError as exc:
+            raise click.ClickException(str(exc)) from exc
+        cluster_cidr = cluster_cidr if cluster_cidr is not None else lab_cluster_cidr(the_lab)
+        node_name = node_name or "node1"
+        netns = netns or the_lab.plan.node(node_name).netns
+    state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
+    options = AgentOptions(node_name=state.node_name, cluster_cidrs=parse_cidrs(cluster_cidr or ""),
+                           masquerade_all=masquerade_all, random_fully=supports_random_fully())
+    rendered = render(state.service_ports, state.endpoints, proxy_config(options, state, ()))
+    views = [v for v in node_tables(rendered) if v.name in ((table,) if table else ("filter", "nat"))]
+    if output == "restore":
+        text = "".join(t.text() for t in (rendered.filter, rendered.nat) if table in (None, t.name))
+    elif output == "list":
+        text = "\n".join(format_list(v) for v in views)
+    else:
+        text = format_save(views)
+    if not diff:
+        click.echo(text, nl=False)
+        return
+    try:
+        ipt = Iptables(detect_backend(netns), netns)
+        live = "".join(ipt.save(v.name) for v in views)
+    except (IptablesError, OSError) as exc:
+        raise click.ClickException(f"reading the live tables{f' of {netns}' if netns else ''}: {exc}") from exc
+    drift = list(difflib.unified_diff(ours_only(live), ours_only(format_save(views)), "kernel", "expected",
+                                      lineterm=""))
+    if drift:
+        click.echo("\n".join(drift))
+        sys.exit(1)
+    click.echo(f"no drift: the kernel{f' of {netns}' if netns else ''} holds exactly the expected rules")
+
+
+@click.command()
+@click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy", "both"]), default="both",
+              show_default=True)
+@click.option("--netns", default=None, help="clean a node network namespace instead of this one")
+@click.option("--bpf-scope", default="host", show_default=True, help="whose pinned eBPF maps and programs to remove")
+@click.option("--cgroup", "cgroup_path", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="cgroup v2 directory to detach the eBPF programs from (as given to run --cgroup)")
+@click.option("--pod-netns-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/run/netns"),
+              show_default=True, help="where pod network namespaces are: the mesh capture is removed from each")
+@click.option("--pod-netns-prefix", default="", help="only pod namespaces whose names start with this")
+def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_path: Path | None,
+            pod_netns_dir: Path, pod_netns_prefix: str) -> None:
+    """Remove what either datapath and the mesh created: iptables chains and jump rules (as kube-proxy
+    --cleanup), eBPF attachments and pins, the mesh capture in pod namespaces and the node's probe SNAT;
+    nothing else."""
+    from nodeagent.kernel.bpf import loader, tc
+    from nodeagent.kernel.netfilter import Iptables, IptablesError, detect_backend, legacy_tables_exist
+    from nodeagent.service.iptables import cleanup as iptables_cleanup
+
+    try:
+        detached = loader.detach(cgroup_path) if cgroup_path is not None else []
+        for line in detached + tc.detach_tc(netns=netns) + loader.remove_pins(bpf_scope):
+            click.echo(f"removed (ebpf) {line}")
+    except (loader.BpfError, OSError) as exc:
+        raise click.ClickException(f"cleanup (ebpf): {exc}") from exc
+
+    if iptables_backend == "both":
+        backends = ["nft"] + (["legacy"] if legacy_tables_exist(netns) else [])
+    else:
+        backends = [detect_backend(netns) if iptables_backend == "auto" else iptables_backend]
+    for backend in backends:
+        try:
+            removed = iptables_cleanup.cleanup(Iptables(backend, netns))
+        except (IptablesError, OSError) as exc:
+            raise click.ClickException(f"cleanup ({backend}): {exc}") from exc
+        for line in removed:
+            click.echo(f"removed ({backend}) {line}")
+    _cleanup_mesh(backends, netns, pod_netns_dir, pod_netns_prefix)
+
+
+def _cleanup_mesh(backends: list[str], netns: str | None, pod_netns_dir: Path, pod_netns_prefix: str) -> None:
+    """The mesh capture of every pod namespace that holds one, then the node's probe SNAT."""
+    from nodeagent.kernel.podnetns import candidates
+    from nodeagent.mesh.capture import CaptureStatus
+    from nodeagent.mesh.iptables.apply import RedirectError, live_state, remove_capture, remove_probe_snat
+
+    node = f"/run/netns/{netns}" if netns else None
+    for backend in backends:
+        try:
+            for path in candidates(pod_netns_dir, pod_netns_prefix):
+                if str(path) == node:
+                    continue
+                if live_state(str(path), backend=backend).status is not CaptureStatus.ABSENT:
+                    remove_capture(str(path), backend=backend, pod=path.name)
+                    click.echo(f"removed ({backend}) mesh capture in {path}")
+            remove_probe_snat(node, backend=backend)
+        except (RedirectError, OSError) as exc:
+            raise click.ClickException(f"cleanup (mesh, {backend}): {exc}") from exc

@@ -1,0 +1,83 @@
+"""`nodeagent ztunnel`: the node tunnel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nodeagent.cli.options import (
+    daemon_logging,
+    parse_host_port,
+)
+
+
+@click.command()
+@click.option("--node", "node_name", envvar="NODE_NAME", required=True, help="this node's name [$NODE_NAME]")
+@click.option("--manifests", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="a directory of Kubernetes YAML/JSON (else the API server)")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+              help="a kubeconfig (default: in-cluster config in a pod, else $KUBECONFIG)")
+@click.option("--context", default=None, help="kubeconfig context")
+@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--ca-address", default="nodeagent-ca.nodeagent.svc:15012", show_default=True,
+              help="the mesh CA, `nodeagent ca` (HOST:PORT)")
+@click.option("--ca-token-file", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="the token the CA authenticates this tunnel with: its projected ServiceAccount token "
+                   "(audience nodeagent-ca), or a lab node token; read again for every request, as the "
+                   "kubelet rotates it")
+@click.option("--ca-root-file", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="the mesh root certificate (root-cert.pem, the nodeagent-ca-root-cert ConfigMap)")
+@click.option("--netns-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/run/netns"),
+              show_default=True, help="where the container runtime binds pod network namespaces")
+@click.option("--netns-prefix", default="", help="only namespaces whose names start with this")
+@click.option("--admin-address", default="127.0.0.1:15000", show_default=True, help="config dump (HOST:PORT)")
+@click.option("--readiness-address", default="0.0.0.0:15021", show_default=True, help="/healthz/ready (HOST:PORT)")
+@click.option("--metrics-address", default="0.0.0.0:15020", show_default=True,
+              help="Prometheus /metrics, Istio's TCP metric names (HOST:PORT; empty: off)")
+@click.option("--control-socket", default=None,
+              help="the agent's control stream (unix socket): serve the pods it assigns; without it, serve "
+                   "every enrolled pod of the node, namespaces found under --netns-dir")
+@click.option("--no-policy-crds", is_flag=True,
+              help="the cluster has no AuthorizationPolicy/PeerAuthentication CRDs: serve with no policies "
+                   "(without it, inbound is refused and readiness fails until both kinds are listed)")
+def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, context: str | None, trust_domain: str,
+            ca_address: str, ca_token_file: Path, ca_root_file: Path, netns_dir: Path, netns_prefix: str,
+            admin_address: str, readiness_address: str, metrics_address: str, control_socket: str | None,
+            no_policy_crds: bool) -> None:
+    """Run the node tunnel: HBONE (mTLS) for every enrolled pod of this node, until SIGTERM."""
+    from nodeagent.ca.service import request_certificate
+    from nodeagent.daemon.tunnel import TunnelOptions, TunnelProcess, run_forever
+
+    admin, readiness = parse_host_port(admin_address), parse_host_port(readiness_address)
+    metrics = parse_host_port(metrics_address)
+    if admin[1] is None or readiness[1] is None:
+        raise click.BadParameter("the admin and readiness endpoints cannot be turned off")
+    try:
+        root_pem = ca_root_file.read_text()
+        ca_token_file.read_text()
+    except OSError as exc:
+        raise click.ClickException(f"tunnel credentials: {exc}") from exc
+    daemon_logging()
+
+    def fetch(identity: Any, key: Any) -> list[str]:
+        # Read per request: the kubelet rotates a projected token on disk; no restart needed.
+        return request_certificate(ca_address, ca_token_file.read_text().strip(), identity, key, root_pem)
+
+    def make_source(sink: Any) -> Any:
+        if manifests is not None:
+            from nodeagent.cluster.discovery.manifests import ManifestSource
+
+            return ManifestSource(manifests, sink)
+        from nodeagent.cluster.discovery.kubernetes import CORE_KINDS, MESH_KINDS, ApiConnection, KubernetesSource
+
+        # Every node's pods: the tunnel checks the identity of destinations on other nodes.
+        return KubernetesSource(ApiConnection.from_config(kubeconfig, context), sink, node_name, all_pods=True,
+                                kinds=CORE_KINDS if no_policy_crds else CORE_KINDS + MESH_KINDS)
+
+    options = TunnelOptions(node=node_name, trust_domain=trust_domain, netns_dir=netns_dir, netns_prefix=netns_prefix,
+                            admin=(admin[0], admin[1]), readiness=(readiness[0], readiness[1]),
+                            metrics=None if metrics[1] is None else (metrics[0], metrics[1]),
+                            control_socket=control_socket, no_policy_crds=no_policy_crds)
+    run_forever(TunnelProcess(options, fetch, make_source))
