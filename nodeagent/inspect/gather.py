@@ -80,7 +80,9 @@ def _pod_netns(target: Target, ip: str, key: str) -> str:
 
 
 def _save(netns: str, backend: str, table: str) -> str:
-    argv = ["nsenter", f"--net={netns}", f"iptables-{backend}-save", "-c", "-t", table]
+    from nodeagent.kernel.netns import command_in
+
+    argv = command_in(netns, [f"iptables-{backend}-save", "-c", "-t", table])
     result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     return result.stdout if result.returncode == 0 else ""
 

@@ -28,8 +28,9 @@ class ProbeResult:
 def sep_counters(node_netns: str) -> dict[str, int]:
     """Packets through each KUBE-SEP chain's DNAT in the node's nat table."""
     from nodeagent.kernel.netfilter import detect_backend
+    from nodeagent.kernel.netns import command_in
 
-    argv = ["ip", "netns", "exec", node_netns, f"iptables-{detect_backend(node_netns)}-save", "-c", "-t", "nat"]
+    argv = command_in(node_netns, [f"iptables-{detect_backend(node_netns)}-save", "-c", "-t", "nat"])
     text = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
     out: dict[str, int] = {}
     for line in text.splitlines():
@@ -52,7 +53,7 @@ def tunnel_metric(node_netns: str, address: str, name: str, having: str = "") ->
         with urllib.request.urlopen(f"http://{address}:15020/metrics", timeout=3) as answer:
             return str(answer.read().decode())
 
-    text = in_netns(f"/run/netns/{node_netns}", fetch)
+    text = in_netns(node_netns, fetch)
     return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith((f"{name}{{", f"{name} ")) and having in line))
 

@@ -1,7 +1,7 @@
 """The iptables binaries, the one place the iptables datapath touches the kernel.
 
-Every call can run in another network namespace (`netns`, via `ip netns exec`), so the agent of a
-lab node and the tests can program a node's tables from outside it. All calls take the xtables lock
+Every call can run in another network namespace (`netns`, a name or a path, via `kernel.netns.command_in`),
+so the agent of a lab node and the tests can program a node's tables from outside it. All calls take the xtables lock
 with kube-proxy's wait flags (`-w 5 -W 100000`), so a concurrent iptables user makes us wait, not fail.
 """
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from nodeagent.errors import NodeAgentError
+from nodeagent.kernel.netns import command_in
 
 log = structlog.get_logger("nodeagent.kernel.netfilter")
 
@@ -39,8 +40,8 @@ class Iptables:
     netns: str | None = None
 
     def _argv(self, tool: str, *args: str) -> list[str]:
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        return [*prefix, f"{tool}-{self.backend}" if tool == "iptables" else f"iptables-{self.backend}-{tool}", *args]
+        binary = f"{tool}-{self.backend}" if tool == "iptables" else f"iptables-{self.backend}-{tool}"
+        return command_in(self.netns, [binary, *args])
 
     def _run(self, argv: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=300)
@@ -152,9 +153,7 @@ def rule_count(save_output: str) -> int:
 
 def legacy_tables_exist(netns: str | None = None) -> bool:
     """Whether any legacy (x_tables) table is instantiated in the namespace; reading does not create one."""
-    argv = ["cat", "/proc/net/ip_tables_names"]
-    if netns:
-        argv = ["ip", "netns", "exec", netns, *argv]
+    argv = command_in(netns, ["cat", "/proc/net/ip_tables_names"])  # /proc/net: the reader's namespace
     result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     return result.returncode == 0 and bool(result.stdout.strip())
 

@@ -51,7 +51,7 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def _enter(path: str) -> None:
+def enter(path: str) -> None:
     """Move the calling thread into the network namespace bound at `path` (or named so)."""
     fd = os.open(netns_path(path), os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -67,7 +67,7 @@ def in_netns(path: str, make: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
-            _enter(path)
+            enter(path)
             result.append(make())
         except BaseException as exc:  # handed back to the caller
             error.append(exc)

@@ -9,31 +9,19 @@ command: it forks, the child enters the cgroup and namespace and execs, and the 
 outside the lab's cgroups, forwarding SIGTERM/SIGINT/SIGHUP. Without that, a pod process whose
 `lab up` has exited is an orphan reaped by init whenever init gets to it, and until then its zombie
 keeps the pod cgroup busy so `lab down` cannot remove it (seen on this VM: more than 10 s).
-Python 3.11 has no os.setns, so setns(2) is called through libc.
+Python 3.11 has no os.setns: setns(2) is `nodeagent.kernel.netns.setns` (libc), the tunnel's own way in.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import sys
 
-CLONE_NEWNET = 0x40000000
+from nodeagent.kernel.netns import enter
+
 _FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-
-
-def setns(path: str) -> None:
-    """Move the calling thread into the network namespace bound at `path`."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 def _enter_and_exec(netns: str, cgroup: str, command: list[str]) -> None:
     with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
         procs.write(str(os.getpid()))
-    setns(os.path.join("/run/netns", netns))
+    enter(netns)  # the process is single-threaded here: the whole process is in the namespace
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # the mask would survive exec
     try:
         os.execvp(command[0], command)

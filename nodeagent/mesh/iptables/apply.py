@@ -1,11 +1,11 @@
 """The capture rules in the kernel: read, apply, remove, inside a network namespace given by its path.
 
-Thin I/O around the pure halves (`render`, `rules`, `state`). Commands run through `nsenter --net=PATH`
-(`ip netns exec` wants a name under /run/netns and remounts /sys; runtimes hand us paths such as
-/run/netns/cni-… or /proc/PID/ns/net). iptables itself is `nodeagent.kernel.netfilter.Iptables`:
-its restore (with kube-proxy's lock-wait flags and the failing lines in the error) and save. The
-backend is the node's, decided once by `nodeagent.kernel.netfilter.detect_backend` as Istio's CNI agent
-does for every pod; the other backend is only read, and only where its tables already exist.
+Thin I/O around the pure halves (`render`, `rules`, `state`). Commands run in the namespace through
+`nodeagent.kernel.netns.command_in` (runtimes hand us paths such as /run/netns/cni-… or /proc/PID/ns/net).
+iptables itself is `nodeagent.kernel.netfilter.Iptables`: its restore (with kube-proxy's lock-wait flags
+and the failing lines in the error) and save. The backend is the node's, decided once by
+`nodeagent.kernel.netfilter.detect_backend` as Istio's CNI agent does for every pod; the other backend is
+only read, and only where its tables already exist.
 
 Apply never leaves a namespace half-captured: the policy route (harmless alone: only packets with the
 connection mark use it) goes first, then one restore with mangle before nat; if anything fails, all
@@ -24,6 +24,7 @@ import structlog
 
 from nodeagent.errors import NodeAgentError
 from nodeagent.kernel.netfilter import BACKENDS, Iptables, IptablesError
+from nodeagent.kernel.netns import command_in
 from nodeagent.mesh.capture import (
     CaptureState,
     CaptureStatus,
@@ -63,11 +64,7 @@ class NetnsIptables(Iptables):
     path: str | None = None
 
     def _argv(self, tool: str, *args: str) -> list[str]:
-        return _in_netns(self.path, Iptables(self.backend)._argv(tool, *args))
-
-
-def _in_netns(path: str | None, argv: list[str]) -> list[str]:
-    return ["nsenter", f"--net={path}", *argv] if path else argv
+        return command_in(self.path, Iptables(self.backend)._argv(tool, *args))
 
 
 def netns_present(path: str | None) -> bool:
@@ -81,7 +78,7 @@ def netns_present(path: str | None) -> bool:
 
 
 def _run(path: str | None, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(_in_netns(path, argv), capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+    result = subprocess.run(command_in(path, argv), capture_output=True, text=True, timeout=_TIMEOUT, check=False)
     if result.returncode != 0 and not netns_present(path):
         raise _NetnsGone(path)
     if check and result.returncode != 0:
