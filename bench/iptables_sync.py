@@ -89,15 +89,14 @@ def run_backend(backend: str, tracker: ChangeTracker, config: ProxyConfig, servi
                 bare.append(time.perf_counter() - started)
         with scratch_netns() as ns:
             started = time.perf_counter()
-            IptablesProxier(Iptables(backend, ns), sync_period=1e9).sync(
-                snapshot.service_ports, snapshot.endpoints, config, set(snapshot.changed_services))
+            IptablesProxier(Iptables(backend, ns), sync_period=1e9).sync(snapshot, config, snapshot.changed_services)
             ours.append(time.perf_counter() - started)
     if bare:
         result["bare_restore_s"] = round(statistics.median(bare), 3)
     with scratch_netns() as ns:
         ipt = Iptables(backend, ns)
         proxier = IptablesProxier(ipt, sync_period=1e9)
-        report = proxier.sync(snapshot.service_ports, snapshot.endpoints, config, set(snapshot.changed_services))
+        report = proxier.sync(snapshot, config, snapshot.changed_services)
         result["full_sync_s"] = round(statistics.median(ours), 3)
         result["full_sync_runs_s"] = [round(x, 2) for x in ours]
         result["bare_restore_runs_s"] = [round(x, 2) for x in bare]
@@ -114,8 +113,7 @@ def run_backend(backend: str, tracker: ChangeTracker, config: ProxyConfig, servi
             tracker.apply(Upserted(Kind.ENDPOINT_SLICE, object_ref(changed), decode(changed), str(i)))
             next_snapshot = tracker.snapshot()
             assert next_snapshot is not None
-            proxier.sync(next_snapshot.service_ports, next_snapshot.endpoints, config,
-                         set(next_snapshot.changed_services))
+            proxier.sync(next_snapshot, config, next_snapshot.changed_services)
             latencies.append(time.perf_counter() - started)
         if latencies:
             result["change_ms"] = {"p50": round(percentile(latencies, .5) * 1000, 1),

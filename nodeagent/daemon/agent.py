@@ -14,8 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import Any
-from typing import Protocol as TypingProtocol
+from typing import Protocol
 
 import psutil
 import structlog
@@ -27,6 +26,7 @@ from nodeagent.observability.health import HealthState, health_routes
 from nodeagent.observability.http import RouteServer
 from nodeagent.observability.metrics import AgentMetrics, metrics_routes
 from nodeagent.service.config import ProxyConfig
+from nodeagent.service.datapath import Datapath
 from nodeagent.state.sync import SyncRunner, SyncSchedule
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 
@@ -34,20 +34,16 @@ log = structlog.get_logger("nodeagent.daemon.agent")
 PROGRAMMED_KINDS = (Kind.SERVICE, Kind.ENDPOINT_SLICE)
 
 
-class Source(TypingProtocol):
-    def start(self) -> object: ...
-    def stop(self) -> None: ...
+class Source(Protocol):
+    """Where the objects come from (the API server's watches, or a directory of manifests)."""
 
-
-class Datapath(TypingProtocol):
-    """What the loop needs of a datapath (iptables or eBPF)."""
-
-    def sync(self, service_ports: Any, endpoints: Any, config: ProxyConfig, changed_services: set[ObjectRef]) -> object:
+    def start(self) -> object:
+        """Begin delivering events to the sink it was made with."""
         ...
 
-    def force_full_sync(self) -> None: ...
-
-    def canaries_intact(self) -> bool: ...
+    def stop(self) -> None:
+        """Stop delivering events."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,7 @@ def proxy_config(options: AgentOptions, snapshot: Snapshot, addresses: tuple[IPA
 
 
 class Agent:
-    """Ties a source, the tracker, the runner, the iptables proxier and the health endpoint together."""
+    """Ties a source, the tracker, the runner, the datapath (iptables or eBPF) and the health endpoint together."""
 
     def __init__(self, options: AgentOptions, make_source: Callable[[Sink], Source], proxier: Datapath,
                  addresses: Callable[[], tuple[IPAddress, ...]] = local_addresses) -> None:
@@ -113,7 +109,7 @@ class Agent:
         self._settled = False
         self._tracker = ChangeTracker(self.options.node_name, on_change=self._changed)
         self._runner = SyncRunner(self._sync, SyncSchedule(self.options.min_sync_period, self.options.sync_period),
-                                  name="iptables-sync")
+                                  name=f"{proxier.mode}-sync")
         self._source: Source | None = None
         self._server: RouteServer | None = None
         self._metrics_server: RouteServer | None = None
@@ -166,21 +162,22 @@ class Agent:
             snapshot = self._tracker.last()
             assert snapshot is not None
             if not self.proxier.canaries_intact():
-                log.warning("iptables canary chains are gone (tables flushed?); full resync")
+                log.warning("iptables canary chains are gone (tables flushed?); full resync",
+                            mode=str(self.proxier.mode))
                 self.proxier.force_full_sync()
         config = proxy_config(self.options, snapshot, self.addresses())
         kind = "partial" if self._pending and self.syncs else "full"
         started = time.monotonic()
         try:
-            report = self.proxier.sync(snapshot.service_ports, snapshot.endpoints, config, self._pending)
+            report = self.proxier.sync(snapshot, config, self._pending)
         except Exception:
             self.metrics.sync_failures.labels(mode=self.health.mode).inc()
             raise
-        gauges = getattr(report, "gauges", None)
-        for name, values in (gauges() if callable(gauges) else {}).items():
-            gauge = self.metrics.rules if name == "rules" else self.metrics.map_entries
-            for label, value in values.items():
-                gauge.labels(label).set(value)
+        gauges = report.gauges()
+        for table, rules in gauges.rules.items():
+            self.metrics.rules.labels(table).set(rules)
+        for map_name, entries in gauges.map_entries.items():
+            self.metrics.map_entries.labels(map_name).set(entries)
         self.metrics.sync_duration.labels(mode=self.health.mode, kind=kind).observe(time.monotonic() - started)
         self.metrics.last_sync.set_to_current_time()
         self.metrics.service_ports.set(len(snapshot.service_ports))

@@ -47,8 +47,7 @@ def live_save(ipt: Iptables) -> str:
 
 
 def sync(proxier: IptablesProxier, snapshot: Any, changed: set[ObjectRef] | None = None) -> Any:
-    return proxier.sync(snapshot.service_ports, snapshot.endpoints, CONFIG,
-                        changed if changed is not None else set(snapshot.changed_services))
+    return proxier.sync(snapshot, CONFIG, changed if changed is not None else snapshot.changed_services)
 
 
 @pytest.mark.parametrize("backend", ["nft", "legacy"])

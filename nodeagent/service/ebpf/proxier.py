@@ -12,41 +12,49 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import structlog
 
 from nodeagent.cluster.model import ObjectRef
 from nodeagent.kernel.bpf import loader, tc
 from nodeagent.service.config import ProxyConfig
+from nodeagent.service.datapath import DatapathMode, Gauges
 from nodeagent.service.ebpf.desired import desired_entries
 from nodeagent.service.ebpf.maps import MapSync, SyncStats
 from nodeagent.service.iptables import cleanup as iptables_cleanup
 from nodeagent.service.iptables.proxier import IptablesProxier
-from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName
+from nodeagent.state.tracker import Snapshot
 
 log = structlog.get_logger("nodeagent.service.ebpf.proxier")
 EXTERNAL_PATHS = "iptables (NodePort, externalIPs and load-balancer IPs from outside the node)"
 
 
-@dataclass
+@dataclass(frozen=True)
 class EbpfSyncReport:
+    """What one sync of the maps did (for logs, metrics and tests); a `service.datapath.SyncReport`."""
+
     full: bool
     stats: SyncStats
     seconds: float
     services: int = 0  # frontends in the service map after the sync
     backends: int = 0  # backends in the backend map
 
-    def gauges(self) -> dict[str, dict[str, int]]:
+    def gauges(self) -> Gauges:
         """Entries of ours per map after the sync."""
-        return {"map_entries": {"na_services": self.services, "na_backends": self.backends}}
+        return Gauges(map_entries={"na_services": self.services, "na_backends": self.backends})
 
 
 @dataclass
 class EbpfProxier:
-    """Keeps one node's socket load balancer (and its iptables side for external traffic) in sync."""
+    """Keeps one node's socket load balancer (and its iptables side for external traffic) in sync (a
+    `service.datapath.Datapath`)."""
+
+    mode: ClassVar[DatapathMode] = DatapathMode.EBPF
 
     scope: str
     cgroup: Path
@@ -99,11 +107,11 @@ class EbpfProxier:
     def canaries_intact(self) -> bool:
         return self.external.canaries_intact() if self.external is not None else True
 
-    def sync(self, service_ports: Mapping[ServicePortName, ServicePortInfo],
-             endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], config: ProxyConfig,
-             changed_services: set[ObjectRef]) -> EbpfSyncReport:
-        """Write the maps; raises on failure (the next sync is then a full one)."""
+    def sync(self, snapshot: Snapshot, config: ProxyConfig, changed: AbstractSet[ObjectRef]) -> EbpfSyncReport:
+        """Write the maps to match `snapshot` (a partial sync rewrites the Services in `changed`); raises on
+        failure (the next sync is then a full one)."""
         assert self._maps is not None and self.datapath is not None, "start() first"
+        service_ports, endpoints = snapshot.service_ports, snapshot.endpoints
         started = self.clock()
         full = self._need_full or config != self._config or started - self._last_full >= self.sync_period
         self._need_full = True
@@ -115,7 +123,7 @@ class EbpfProxier:
             self._maps.adopt(desired)
             stats = self._maps.apply(desired)
         else:
-            keys = {f"{ref.namespace}/{ref.name}" for ref in changed_services}
+            keys = {f"{ref.namespace}/{ref.name}" for ref in changed}
             ports = {name for name in service_ports if f"{name.namespace}/{name.name}" in keys}
             labels = {str(name) for name in ports} | {
                 i.entry.port_name for i in self._maps.installed.values() if i.entry.port_name.split(":")[0] in keys}
@@ -123,7 +131,7 @@ class EbpfProxier:
                                       only=ports)
             stats = self._maps.apply(desired, only=labels)
         if self.external is not None:
-            self.external.sync(service_ports, endpoints, replace(config, external_only=True), changed_services)
+            self.external.sync(snapshot, replace(config, external_only=True), changed)
         self._need_full = False
         self._config = config
         if full:

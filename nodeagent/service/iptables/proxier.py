@@ -18,7 +18,9 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import structlog
 
@@ -27,17 +29,19 @@ from nodeagent.heap import collector_paused
 from nodeagent.kernel.netfilter import Iptables
 from nodeagent.kernel.netns import command_in
 from nodeagent.service.config import ProxyConfig
+from nodeagent.service.datapath import DatapathMode, Gauges
 from nodeagent.service.iptables import names as n
 from nodeagent.service.iptables.jumps import CANARY_TABLES, JUMPS, KUBELET_JUMPS
 from nodeagent.service.iptables.render import RenderCache, Rendered, render
+from nodeagent.state.tracker import Snapshot
 from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName
 
 log = structlog.get_logger("nodeagent.service.iptables.proxier")
 
 
-@dataclass
-class SyncReport:
-    """What one sync did (for logs, metrics and tests)."""
+@dataclass(frozen=True)
+class IptablesSyncReport:
+    """What one sync did (for logs, metrics and tests); a `service.datapath.SyncReport`."""
 
     full: bool
     rendered: Rendered
@@ -46,19 +50,21 @@ class SyncReport:
     conntrack_flushes: list[list[str]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def gauges(self) -> dict[str, dict[str, int]]:
+    def gauges(self) -> Gauges:
         """Rules of ours per table after a full sync (kube-proxy's sync_proxy_rules_iptables_total); a
         partial sync writes only what changed, so it reports nothing."""
         if not self.full:
-            return {}
+            return Gauges()
         # counted in place: joining the nat table's text again only to count its lines took ~25 MB
-        return {"rules": {"filter": sum(1 for r in self.rendered.filter.rules if r.startswith("-A ")),
-                          "nat": sum(1 for r in self.rendered.nat.rules if r.startswith("-A "))}}
+        return Gauges(rules={"filter": sum(1 for r in self.rendered.filter.rules if r.startswith("-A ")),
+                             "nat": sum(1 for r in self.rendered.nat.rules if r.startswith("-A "))})
 
 
 @dataclass
 class IptablesProxier:
-    """Keeps one node's tables equal to the snapshots it is given."""
+    """Keeps one node's tables equal to the snapshots it is given (a `service.datapath.Datapath`)."""
+
+    mode: ClassVar[DatapathMode] = DatapathMode.IPTABLES
 
     ipt: Iptables
     sync_period: float = 30.0
@@ -85,10 +91,10 @@ class IptablesProxier:
         """Whether our canary chains still exist (a flush by someone else removes them)."""
         return all(self.ipt.chain_exists(table, n.KUBE_PROXY_CANARY) for table in CANARY_TABLES)
 
-    def sync(self, service_ports: Mapping[ServicePortName, ServicePortInfo],
-             endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], config: ProxyConfig,
-             changed_services: set[ObjectRef]) -> SyncReport:
-        """Program the node; raises on failure (and the next sync is then a full one)."""
+    def sync(self, snapshot: Snapshot, config: ProxyConfig, changed: AbstractSet[ObjectRef]) -> IptablesSyncReport:
+        """Program the node to match `snapshot` (a partial sync rewrites the Services in `changed`); raises on
+        failure (and the next sync is then a full one)."""
+        service_ports, endpoints = snapshot.service_ports, snapshot.endpoints
         started = self.clock()
         full = (self._need_full or config != self._config or started - self._last_full >= self.sync_period)
         self._need_full = True  # until this sync succeeds
@@ -100,7 +106,7 @@ class IptablesProxier:
         if config != self._config:
             self._cache.clear()
         with collector_paused():  # a full render allocates ~1M strings that are no garbage (nodeagent.heap)
-            rendered = render(service_ports, endpoints, config, partial=None if full else changed_services,
+            rendered = render(service_ports, endpoints, config, partial=None if full else changed,
                               cache=self._cache)
         top_level = rendered.top_level()
         if not full:
@@ -120,10 +126,10 @@ class IptablesProxier:
         if full:
             self._last_full = started
         self._config = config
-        flushes = self._clean_udp_conntrack(service_ports, endpoints, changed_services if not full else None)
+        flushes = self._clean_udp_conntrack(service_ports, endpoints, changed if not full else None)
         self._ports, self._endpoints = service_ports, endpoints
-        report = SyncReport(full, rendered, text, deleted, flushes, self.clock() - started)
-        log.info("iptables synced", full=full, services_changed=len(changed_services),
+        report = IptablesSyncReport(full, rendered, text, deleted, flushes, self.clock() - started)
+        log.info("iptables synced", full=full, services_changed=len(changed),
                  nat_rules=len(rendered.nat.rules),
                  filter_rules=len(rendered.filter.rules), stale_chains_deleted=len(deleted),
                  seconds=round(report.seconds, 4))
@@ -143,7 +149,7 @@ class IptablesProxier:
 
     def _clean_udp_conntrack(self, ports: Mapping[ServicePortName, ServicePortInfo],
                              endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
-                             changed: set[ObjectRef] | None) -> list[list[str]]:
+                             changed: AbstractSet[ObjectRef] | None) -> list[list[str]]:
         flushes = stale_udp_flows(self._ports, self._endpoints, ports, endpoints, changed)
         for argv in flushes:
             self.run(command_in(self.ipt.netns, ["conntrack", *argv]))
@@ -176,7 +182,7 @@ def stale_udp_flows(old_ports: Mapping[ServicePortName, ServicePortInfo],
                     old_endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
                     new_ports: Mapping[ServicePortName, ServicePortInfo],
                     new_endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
-                    changed: set[ObjectRef] | None) -> list[list[str]]:
+                    changed: AbstractSet[ObjectRef] | None) -> list[list[str]]:
     """`conntrack -D` arguments for UDP flows that a sync made stale. Pure.
 
     A flow to a Service address that was NATed to an endpoint that is gone would keep carrying a UDP

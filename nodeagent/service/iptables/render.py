@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import chain as concat
@@ -179,7 +180,7 @@ RenderCache = dict[ServicePortName, "_Entry"]
 
 def render(service_ports: Mapping[ServicePortName, ServicePortInfo],
            endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
-           config: ProxyConfig, *, partial: set[ObjectRef] | None = None,
+           config: ProxyConfig, *, partial: AbstractSet[ObjectRef] | None = None,
            cache: RenderCache | None = None) -> Rendered:
     """Every rule kube-proxy would write for these Service ports on this node.
 

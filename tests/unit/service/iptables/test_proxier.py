@@ -50,7 +50,7 @@ class RecordingIptables:
 
 
 def sync(proxier: IptablesProxier, snapshot: Any, changed: set[ObjectRef]) -> Any:
-    return proxier.sync(snapshot.service_ports, snapshot.endpoints, CONFIG, changed)
+    return proxier.sync(snapshot, CONFIG, changed)
 
 
 def test_a_failed_restore_raises_and_the_next_sync_is_full() -> None:
