@@ -108,9 +108,10 @@ def _ebpf_capture(target: Target, netns: str, key: str, options: CaptureOptions)
     if target.pod_cgroup_parent is None:
         return None
     from nodeagent.kernel.bpf.loader import BpfError
+    from nodeagent.kernel.netns import cookie_key, netns_cookie
     from nodeagent.mesh.ebpf import programs as bpf_mesh
     from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
-    from nodeagent.mesh.ebpf.hooks import cookie_key, netns_cookie, on_cgroup, tc_ours
+    from nodeagent.mesh.ebpf.hooks import on_cgroup, tc_ours
     from nodeagent.mesh.ebpf.state import describe_config
 
     locate = CgroupBesideNetns(target.pod_cgroup_parent, target.netns_prefix)

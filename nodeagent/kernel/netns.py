@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
@@ -37,6 +41,32 @@ def command_in(netns: str | None, argv: Sequence[str]) -> list[str]:
     if not netns:
         return list(argv)
     return ["nsenter", f"--net={netns_path(netns)}", *argv]
+
+
+# A command that could not finish (timed out): what callers above the kernel layer catch, beside OSError,
+# without importing subprocess themselves.
+CommandError = subprocess.SubprocessError
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """How a command ended: its exit status and its (text) output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in(netns: str | None, argv: Sequence[str], *, timeout: float = 30) -> CommandResult:
+    """Run `argv` inside `netns` (None: here), output captured; never raises on its exit status (raises
+    OSError when it cannot start, CommandError when it times out)."""
+    done = subprocess.run(command_in(netns, argv), capture_output=True, text=True, timeout=timeout, check=False)
+    return CommandResult(done.returncode, done.stdout, done.stderr)
+
+
+def exit_status(argv: Sequence[str], *, timeout: float = 30) -> int:
+    """Run `argv` here, output discarded; its exit status (for fire-and-check commands such as conntrack)."""
+    return subprocess.run(list(argv), capture_output=True, timeout=timeout, check=False).returncode
 
 
 @functools.cache
@@ -95,6 +125,32 @@ def listening_socket(netns_path: str, port: int, *, backlog: int = 512) -> socke
         return sock
 
     return in_netns(netns_path, make)
+
+
+SO_NETNS_COOKIE = 71
+
+
+def netns_cookie(netns: str) -> int:
+    """The kernel's cookie of the network namespace `netns` (what eBPF programs key a namespace by)."""
+    def make() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), sys.byteorder)
+
+    return in_netns(netns, make)
+
+
+def cookie_key(cookie: int) -> bytes:
+    """A netns cookie as a u64 map key, in the kernel's byte order."""
+    return cookie.to_bytes(8, sys.byteorder)
+
+
+def ipv4_address(netns: str, interface: str = "eth0") -> str | None:
+    """The first IPv4 address on `interface` inside the namespace `netns` (None: none, or gone)."""
+    shown = run_in(netns, ["ip", "-j", "-4", "addr", "show", "dev", interface])
+    if shown.returncode != 0:
+        return None
+    return next((str(a["local"]) for link in json.loads(shown.stdout or "[]") for a in link.get("addr_info", [])),
+                None)
 
 
 IP_TRANSPARENT, IP_FREEBIND = 19, 15

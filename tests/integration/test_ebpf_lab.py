@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from nodeagent.kernel.bpf import loader
+from nodeagent.kernel.netns import command_in
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import AGENT_OWNER, start_agents
@@ -75,7 +76,7 @@ def in_pod(lab: labs.Lab, pod: str, code: str, *args: str) -> subprocess.Complet
 
 
 def test_no_iptables_rule_captures_cluster_ips(lab: labs.Lab) -> None:
-    nat = subprocess.run(["ip", "netns", "exec", lab.plan.node("node1").netns, "iptables-save", "-t", "nat"],
+    nat = subprocess.run(command_in(lab.plan.node("node1").netns, ["iptables-save", "-t", "nat"]),
                          capture_output=True, text=True, check=True).stdout
     assert lab.cluster_ip("echo") not in nat, "cluster IPs are translated at connect(), not by NAT rules"
 
@@ -138,10 +139,10 @@ def test_node_port_from_the_other_node_goes_through_tc(lab: labs.Lab) -> None:
     assert set(peers) == {"demo/echo-0", "demo/echo-1"}, peers
     assert peers["demo/echo-0"] == {str(node2.node.address)}, "a local backend sees the client"
     assert peers["demo/echo-1"] == {str(node1.node.address)}, "a remote backend sees the node (SNAT)"
-    tables = subprocess.run(["ip", "netns", "exec", node1.netns, "iptables-save"], capture_output=True, text=True,
+    tables = subprocess.run(command_in(node1.netns, ["iptables-save"]), capture_output=True, text=True,
                             check=True).stdout
     assert "KUBE-" not in tables
-    filters = subprocess.run(["ip", "netns", "exec", node1.netns, "tc", "filter", "show", "dev", "eth0", "ingress"],
+    filters = subprocess.run(command_in(node1.netns, ["tc", "filter", "show", "dev", "eth0", "ingress"]),
                              capture_output=True, text=True, check=True).stdout
     assert "na_tc_ingress" in filters
 
@@ -250,8 +251,8 @@ def test_cleanup_leaves_no_program_attachment_or_pin(lab: labs.Lab) -> None:
     assert result.exit_code == 0, result.output
     assert "removed (ebpf) cgroup_inet4_connect na_connect4" in result.stdout
     assert loader.attached(cgroup) == [] and not (loader.ROOT / scope).exists()
-    filters = subprocess.run(["ip", "netns", "exec", lab.plan.node("node1").netns, "tc", "filter", "show", "dev",
-                              "eth0", "ingress"], capture_output=True, text=True, check=True).stdout
+    filters = subprocess.run(command_in(lab.plan.node("node1").netns, ["tc", "filter", "show", "dev",
+                              "eth0", "ingress"]), capture_output=True, text=True, check=True).stdout
     assert "na_tc" not in filters
     for program in programs:  # nothing holds them any more: the kernel freed them
         shown = subprocess.run(["bpftool", "prog", "show", "id", str(program)], capture_output=True, check=False)
@@ -269,8 +270,8 @@ def test_auto_mode_falls_back_to_iptables_when_bcc_cannot_compile(tmp_path: Path
         probe = ("import urllib.request,sys,json;get=lambda u:urllib.request.urlopen(u).read().decode();"
                  "print(json.dumps([get(sys.argv[1]+':10249/proxyMode'),get(sys.argv[1]+':10256/healthz'),"
                  "get(sys.argv[1]+':10249/metrics')]))")
-        result = subprocess.run(["ip", "netns", "exec", node.netns, "python3", "-c", probe,
-                                 f"http://{node.node.address}"], capture_output=True, text=True, timeout=20,
+        result = subprocess.run(command_in(node.netns, ["python3", "-c", probe,
+                                 f"http://{node.node.address}"]), capture_output=True, text=True, timeout=20,
                                 check=True)
         mode, health, metrics = json.loads(result.stdout)
         assert mode == "iptables"
@@ -323,7 +324,7 @@ def test_switching_a_node_to_iptables_removes_the_ebpf_datapath() -> None:
         while loader.attached(cgroup) or (loader.ROOT / f"{name}-node1").exists() is not False:
             assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
             time.sleep(0.1)
-        nat = ["ip", "netns", "exec", node.netns, "iptables-save", "-t", "nat"]
+        nat = command_in(node.netns, ["iptables-save", "-t", "nat"])
         while lab.cluster_ip("echo") not in subprocess.run(nat, capture_output=True, text=True, check=True).stdout:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)

@@ -18,6 +18,7 @@ import pytest
 
 from nodeagent.cluster.model import Kind, ObjectRef
 from nodeagent.kernel.netfilter import Iptables
+from nodeagent.kernel.netns import command_in
 from nodeagent.service.config import ProxyConfig
 from nodeagent.service.iptables import cleanup, names
 from nodeagent.service.iptables.formats import format_list, format_save, node_tables
@@ -86,8 +87,8 @@ def test_a_flush_by_someone_else_is_repaired_by_a_full_sync(netns: str) -> None:
     snapshot = snapshot_of(*OVERALL_OBJECTS)
     sync(proxier, snapshot)
     assert proxier.canaries_intact()
-    subprocess.run(["ip", "netns", "exec", netns, "iptables-nft", "-t", "mangle", "-F"], check=True)
-    subprocess.run(["ip", "netns", "exec", netns, "iptables-nft", "-t", "mangle", "-X"], check=True)
+    subprocess.run(command_in(netns, ["iptables-nft", "-t", "mangle", "-F"]), check=True)
+    subprocess.run(command_in(netns, ["iptables-nft", "-t", "mangle", "-X"]), check=True)
     assert not proxier.canaries_intact()
     proxier.force_full_sync()
     assert sync(proxier, snapshot, set()).full
@@ -98,9 +99,9 @@ def test_a_flush_by_someone_else_is_repaired_by_a_full_sync(netns: str) -> None:
 def test_cleanup_restores_the_tables_as_they_were(netns: str, backend: str) -> None:
     ipt = Iptables(backend, netns)
     # someone else's rules, which must survive
-    subprocess.run(["ip", "netns", "exec", netns, f"iptables-{backend}", "-t", "nat", "-A", "POSTROUTING",
-                    "-s", "10.9.0.0/16", "-j", "MASQUERADE"], check=True)
-    subprocess.run(["ip", "netns", "exec", netns, f"iptables-{backend}", "-t", "filter", "-N", "MINE"], check=True)
+    subprocess.run(command_in(netns, [f"iptables-{backend}", "-t", "nat", "-A", "POSTROUTING",
+                    "-s", "10.9.0.0/16", "-j", "MASQUERADE"]), check=True)
+    subprocess.run(command_in(netns, [f"iptables-{backend}", "-t", "filter", "-N", "MINE"]), check=True)
     before = live_save(ipt)
     sync(IptablesProxier(ipt), snapshot_of(*OVERALL_OBJECTS))
     assert "KUBE-SERVICES" in live_save(ipt)

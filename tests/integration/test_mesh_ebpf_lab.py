@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.kernel.bpf import loader
 from nodeagent.kernel.netfilter import detect_backend
-from nodeagent.kernel.netns import in_netns
+from nodeagent.kernel.netns import command_in, in_netns
 from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import TUNNEL_OWNER
@@ -147,9 +147,9 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 def tunnel_metrics(lab: labs.Lab, node: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     address = lab.plan.node(node).node.address
-    text = subprocess.run(["ip", "netns", "exec", lab.plan.node(node).netns, "python3", "-c",
+    text = subprocess.run(command_in(lab.plan.node(node).netns, ["python3", "-c",
                            "import sys,urllib.request;sys.stdout.write(urllib.request.urlopen("
-                           f"'http://{address}:15020/metrics',timeout=5).read().decode())"],
+                           f"'http://{address}:15020/metrics',timeout=5).read().decode())"]),
                           check=True, capture_output=True, text=True, timeout=30).stdout
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
@@ -404,7 +404,7 @@ def test_large_getsockopt_values_pass_the_tunnel_hook(lab: labs.Lab, programs: d
     node's, where the agent runs iptables too) it must still get the kernel's answer. (This kernel ignores
     a program's buffer beyond a page by itself; kernels before 6.5 rely on the program's optlen = 0.)"""
     netns = lab.plan.pod("demo/echo-0").netns  # a lab namespace with no legacy table of anyone's
-    run = ["ip", "netns", "exec", netns, "iptables-legacy"]
+    run = command_in(netns, ["iptables-legacy"])
     subprocess.run([*run, "-N", "NM_BIG"], check=True)
     try:
         for n in range(LEGACY_RULES):
@@ -456,7 +456,7 @@ def test_the_agents_capture_protocol_in_ebpf_mode(lab: labs.Lab, programs: dict[
 
 
 def test_compile_check_verifies_the_mesh_programs() -> None:
-    result = subprocess.run([sys.executable, "-m", "nodeagent.kernel.bpf.compile_check", "--mesh"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "nodeagent.mesh.ebpf.compile_check"], capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("mesh capture programs (nm_sockops, nm_getpeername4, nm_getpeername6, "
@@ -485,6 +485,6 @@ def test_cleanup_leaves_no_attachment_and_no_pin(lab: labs.Lab) -> None:
                           capture_output=True, text=True, check=True).stdout
     ours = [line for line in tree.splitlines() if " nm_" in line]
     assert len(ours) == 2 and all("nm_getsockopt" in line for line in ours), "only the node tunnels' hooks remain"
-    filters = subprocess.run(["ip", "netns", "exec", lab.plan.pod("demo/echo-1").netns, "tc", "filter", "show",
-                              "dev", "eth0", "ingress"], capture_output=True, text=True, check=True).stdout
+    filters = subprocess.run(command_in(lab.plan.pod("demo/echo-1").netns, ["tc", "filter", "show",
+                              "dev", "eth0", "ingress"]), capture_output=True, text=True, check=True).stdout
     assert "nm_tc_inbound" not in filters

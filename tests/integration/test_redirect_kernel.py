@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.kernel.netns import in_netns
+from nodeagent.kernel.netns import command_in, in_netns
 from nodeagent.mesh.capture import CaptureStatus
 from nodeagent.mesh.iptables import apply as kernel
 from nodeagent.mesh.iptables.apply import (
@@ -53,7 +53,7 @@ def netns() -> Iterator[str]:
 
 
 def ns(path: str, *argv: str) -> str:
-    return subprocess.run(["nsenter", f"--net={path}", *argv], check=True, capture_output=True, text=True).stdout
+    return subprocess.run(command_in(path, argv), check=True, capture_output=True, text=True).stdout
 
 
 def ours(path: str, backend: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Loading, pinning, adopting and attaching the socket load-balancing programs (bpf-src/sock_lb.c).
+"""The one eBPF loader (`compile_and_pin`, `verify`: every program set of both jobs is compiled here with
+bcc), and loading, pinning, adopting and attaching the socket load-balancing programs (bpf-src/sock_lb.c).
 
 - Everything lives under `/sys/fs/bpf/nodeagent/<scope>/v<LAYOUT_VERSION>/`: the maps (pinned by bcc
   as it creates them) and the four programs (pinned here). A changed map layout bumps the version, so
@@ -17,8 +18,10 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -28,6 +31,10 @@ from nodeagent.kernel.bpf.syscall import MapHandle, obj_pin
 log = structlog.get_logger("nodeagent.kernel.bpf.loader")
 
 LAYOUT_VERSION = 2
+# enum bpf_prog_type values (bcc's BPF.<NAME> constants, without importing bcc to name them)
+PROG_TYPE_SCHED_CLS = 3
+PROG_TYPE_CGROUP_SOCK_ADDR = 18
+NO_ATTACH_TYPE = -1  # a program loaded without an expected attach type (tc)
 BPFFS = Path("/sys/fs/bpf")
 ROOT = BPFFS / "nodeagent"
 # program name -> (bpf_attach_type number, bpftool's argument for it)
@@ -72,9 +79,93 @@ def source() -> str:
     return (SOURCE_DIR / "sock_lb.c").read_text()
 
 
+class ProgramLoad(Protocol):
+    """What loading one program of a C source needs: its function name and how the kernel must load it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def prog_type(self) -> int: ...  # enum bpf_prog_type
+    @property
+    def attach_type(self) -> int: ...  # enum bpf_attach_type, NO_ATTACH_TYPE for none
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramSpec:
+    """A `ProgramLoad` as plain data (the service programs' sets)."""
+
+    name: str
+    prog_type: int
+    attach_type: int = NO_ATTACH_TYPE
+
+
+SOCK_LB_PROGRAMS = tuple(ProgramSpec(name, PROG_TYPE_CGROUP_SOCK_ADDR, attach)
+                         for name, (attach, _) in PROGRAMS.items())
+
+
+def _compile(text: str, programs: Sequence[ProgramLoad], each: Callable[[ProgramLoad, int], None]) -> None:
+    """Compile `text` with bcc (`cflags=CFLAGS`) and load each program, handing `each` its fd (valid
+    until this returns: pin it to keep it); raises BpfError, after bcc has released what it loaded."""
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        raise BpfError(f"bcc is not importable: {exc}") from exc
+    bpf = BPF(text=text.encode(), cflags=CFLAGS)
+    try:
+        for program in programs:
+            name = program.name.encode()
+            fn = (bpf.load_func(name, program.prog_type, attach_type=program.attach_type)
+                  if program.attach_type != NO_ATTACH_TYPE else bpf.load_func(name, program.prog_type))
+            each(program, fn.fd)
+    finally:
+        bpf.cleanup()
+
+
+def verify(text: str, programs: Sequence[ProgramLoad]) -> float:
+    """Compile `text` and load `programs` without pinning anything (the verifier's verdict); returns the
+    seconds it took. Raises BpfError (bcc missing) or bcc's own exception (compile or verifier)."""
+    started = time.monotonic()
+    _compile(text, programs, lambda _program, _fd: None)
+    return time.monotonic() - started
+
+
+def compile_and_pin(text: str, directory: Path, programs: Sequence[ProgramLoad], *, what: str) -> None:
+    """Compile `text` (PIN_DIR replaced by `directory`, where bcc pins its maps), load `programs` and pin
+    each at `directory/<name>`. Either all are pinned or none is: a later start must never adopt a
+    half-pinned set. Raises BpfError naming `what` on any failure."""
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    pinned: list[Path] = []
+
+    def pin(program: ProgramLoad, fd: int) -> None:
+        path = directory / program.name
+        path.unlink(missing_ok=True)
+        obj_pin(fd, str(path))
+        pinned.append(path)
+
+    try:
+        _compile(text.replace("PIN_DIR", str(directory)), programs, pin)
+    except Exception as exc:
+        for path in pinned:
+            path.unlink(missing_ok=True)
+        raise BpfError(f"compiling or loading {what} ({', '.join(p.name for p in programs)}) failed: {exc}") from exc
+    log.info("ebpf programs compiled, loaded and pinned", programs=what, directory=str(directory),
+             seconds=round(time.monotonic() - started, 2))
+
+
+def ensure_pinned(text: str, directory: Path, programs: Sequence[ProgramLoad], *, what: str,
+                  also: Sequence[str] = ()) -> bool:
+    """Adopt `programs` if they (and the pins `also`, e.g. maps) are all pinned in `directory`, else
+    `compile_and_pin` them; returns whether they were adopted (nothing compiled)."""
+    if all((directory / name).exists() for name in (*(p.name for p in programs), *also)):
+        return True
+    compile_and_pin(text, directory, programs, what=what)
+    return False
+
+
 @dataclass
-class Datapath:
-    """The pinned programs and open maps of one scope."""
+class ServicePrograms:
+    """The pinned socket load-balancing programs and open Service maps of one scope."""
 
     scope: str
     directory: Path
@@ -86,48 +177,17 @@ class Datapath:
             handle.close()
 
 
-def _pinned_complete(directory: Path) -> bool:
-    return all((directory / name).exists() for name in (*PROGRAMS, *MAPS, *KERNEL_ONLY_MAPS))
-
-
-def load(scope: str) -> Datapath:
+def load(scope: str) -> ServicePrograms:
     """Adopt the pinned datapath of `scope`, or compile, load and pin it; raises BpfError on failure."""
     if not BPFFS.is_dir() or not any(line.split()[1] == str(BPFFS) and line.split()[2] == "bpf"
                                      for line in Path("/proc/mounts").read_text().splitlines()):
         raise BpfError(f"no bpffs mounted at {BPFFS} (mount -t bpf bpf {BPFFS})")
     directory = pin_dir(scope)
-    adopted = _pinned_complete(directory)
-    if not adopted:
-        _compile_and_pin(directory)
+    adopted = ensure_pinned(source(), directory, SOCK_LB_PROGRAMS, what="the socket programs",
+                            also=(*MAPS, *KERNEL_ONLY_MAPS))
     maps = {name: MapHandle.pinned(str(directory / name), *sizes) for name, sizes in MAPS.items()}
     log.info("ebpf datapath ready", scope=scope, adopted=adopted, pins=str(directory))
-    return Datapath(scope, directory, maps, adopted)
-
-
-def _compile_and_pin(directory: Path) -> None:
-    try:
-        from bcc import BPF
-    except ImportError as exc:
-        raise BpfError(f"bcc is not importable: {exc}") from exc
-    directory.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    pinned: list[Path] = []
-    try:
-        program = BPF(text=source().replace("PIN_DIR", str(directory)), cflags=CFLAGS)
-        for name, (attach_type, _) in PROGRAMS.items():
-            fn = program.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
-            path = directory / name
-            if path.exists():
-                path.unlink()
-            obj_pin(fn.fd, str(path))
-            pinned.append(path)
-        program.cleanup()
-    except Exception as exc:
-        for path in pinned:  # never leave a half-pinned set that a later start would adopt
-            path.unlink(missing_ok=True)
-        raise BpfError(f"compiling or loading {', '.join(PROGRAMS)} failed: {exc}") from exc
-    log.info("ebpf programs compiled, loaded and pinned", directory=str(directory),
-             seconds=round(time.monotonic() - started, 2))
+    return ServicePrograms(scope, directory, maps, adopted)
 
 
 def _bpftool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -151,7 +211,7 @@ def attached(cgroup: Path) -> list[dict[str, object]]:
     return records
 
 
-def attach(datapath: Datapath, cgroup: Path) -> list[str]:
+def attach(datapath: ServicePrograms, cgroup: Path) -> list[str]:
     """Attach every program of `datapath` to `cgroup`; returns what changed (empty if all were attached)."""
     changed = []
     present = attached(cgroup)

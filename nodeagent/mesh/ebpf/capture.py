@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent.kernel.bpf.loader import BpfError
+from nodeagent.kernel.netns import ipv4_address
 from nodeagent.mesh.capture import CaptureState, CaptureStatus
-from nodeagent.mesh.ebpf.hooks import pod_ip_in
 from nodeagent.mesh.ebpf.programs import (
     MeshPrograms,
     PodTarget,
@@ -47,7 +47,7 @@ class CgroupBesideNetns:
         name = Path(netns).name
         if not name.startswith(self.netns_prefix) or not netns_present(netns):
             return None
-        address = pod_ip_in(netns, self.interface)
+        address = ipv4_address(netns, self.interface)
         if address is None:
             return None
         return PodTarget(pod or name, netns, self.parent / name[len(self.netns_prefix):], address, self.interface)

@@ -26,28 +26,18 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from nodeagent.kernel.bpf.loader import CFLAGS, ROOT, SOURCE_DIR, BpfError, program_id
-from nodeagent.kernel.bpf.syscall import MapHandle, obj_pin
+from nodeagent.kernel.bpf.cgroup import cgroup_of_pid
+from nodeagent.kernel.bpf.loader import ROOT, SOURCE_DIR, BpfError, ensure_pinned, program_id
+from nodeagent.kernel.bpf.syscall import MapHandle
+from nodeagent.kernel.netns import CommandError, cookie_key, netns_cookie
 from nodeagent.mesh.capture import CaptureState, CaptureStatus
-from nodeagent.mesh.ebpf.hooks import (
-    attach_cgroup,
-    attach_tc,
-    cgroup_of_pid,
-    cookie_key,
-    detach_cgroup,
-    detach_tc,
-    netns_cookie,
-    on_cgroup,
-    tc_ours,
-)
+from nodeagent.mesh.ebpf.hooks import attach_cgroup, attach_tc, detach_cgroup, detach_tc, on_cgroup, tc_ours
 from nodeagent.mesh.ebpf.state import (
     BY_NAME,
     POD_PROGRAMS,
@@ -123,42 +113,14 @@ class MeshPrograms:
 def load(scope: str, *, compile_if_missing: bool = True) -> MeshPrograms:
     """Adopt the pinned capture of `scope`, or compile, load and pin it; raises BpfError on failure."""
     directory = mesh_dir(scope)
-    adopted = all((directory / n).exists() for n in (*BY_NAME, *MAPS, *KERNEL_ONLY_MAPS))
-    if not adopted:
-        if not compile_if_missing:
-            raise BpfError(f"the mesh capture of scope {scope} is not pinned at {directory}")
-        _compile_and_pin(directory)
+    pins = (*MAPS, *KERNEL_ONLY_MAPS)
+    if not compile_if_missing and not all((directory / n).exists() for n in (*BY_NAME, *pins)):
+        raise BpfError(f"the mesh capture of scope {scope} is not pinned at {directory}")
+    adopted = ensure_pinned(source(), directory, PROGRAMS, what="the mesh capture", also=pins)
     maps = {name: MapHandle.pinned(str(directory / name), *sizes) for name, sizes in MAPS.items()}
     ids = {name: program_id(directory / name) for name in BY_NAME}
     log.info("mesh capture programs ready", scope=scope, adopted=adopted, pins=str(directory))
     return MeshPrograms(scope, directory, maps, ids, adopted)
-
-
-def _compile_and_pin(directory: Path) -> None:
-    try:
-        from bcc import BPF
-    except ImportError as exc:
-        raise BpfError(f"bcc is not importable: {exc}") from exc
-    directory.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    pinned: list[Path] = []
-    try:
-        bpf = BPF(text=source().replace("PIN_DIR", str(directory)).encode(), cflags=CFLAGS)
-        for program in PROGRAMS:
-            name = program.name.encode()
-            fn = (bpf.load_func(name, program.prog_type, attach_type=program.attach_type)
-                  if program.attach_type >= 0 else bpf.load_func(name, program.prog_type))
-            path = directory / program.name
-            path.unlink(missing_ok=True)
-            obj_pin(fn.fd, str(path))
-            pinned.append(path)
-        bpf.cleanup()
-    except Exception as exc:
-        for path in pinned:  # a later start must never adopt a half-pinned set
-            path.unlink(missing_ok=True)
-        raise BpfError(f"compiling or loading the mesh capture ({', '.join(BY_NAME)}) failed: {exc}") from exc
-    log.info("mesh capture compiled, loaded and pinned", directory=str(directory),
-             seconds=round(time.monotonic() - started, 2))
 
 
 def remove_pins(scope: str) -> list[str]:
@@ -198,7 +160,7 @@ def live_state(programs: MeshPrograms, pod: PodTarget, options: CaptureOptions =
         cookie = netns_cookie(pod.netns)
         desired = PodDesired(programs.program_ids, encode_config(pod.ip, options), cookie)
         return assess_pod(desired, _read_pod(programs, pod, cookie), netns=pod.netns)
-    except (OSError, subprocess.SubprocessError, BpfError):
+    except (OSError, CommandError, BpfError):
         if (what := _pod_gone(pod)) is not None:
             return gone(pod.netns, what)
         raise
@@ -228,7 +190,7 @@ def apply_capture(programs: MeshPrograms, pod: PodTarget, options: CaptureOption
         changed += attach_cgroup(programs.directory, programs.program_ids, pod.cgroup,
                                  tuple(p.name for p in POD_PROGRAMS if p.on == "pod"))
         after = live_state(programs, pod, options)
-    except (OSError, subprocess.SubprocessError, BpfError) as exc:
+    except (OSError, CommandError, BpfError) as exc:
         if (what := _pod_gone(pod)) is not None:
             return gone(pod.netns, what)
         _undo(programs, pod)
@@ -265,7 +227,7 @@ def remove_capture(programs: MeshPrograms, pod: PodTarget) -> CaptureState:
             programs.maps["nm_config"].delete(cookie)
             programs.maps["nm_stats"].delete(cookie)
         programs.maps["nm_pod_ips"].delete(ip_key)
-    except (OSError, subprocess.SubprocessError, BpfError) as exc:
+    except (OSError, CommandError, BpfError) as exc:
         if (what := _pod_gone(pod)) is not None:
             return gone(pod.netns, what)
         raise CaptureError(pod.name, pod.netns, f"removal failed: {exc}") from exc

@@ -16,7 +16,6 @@ deleted) is a state, `netns-missing`, never an exception.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import structlog
 
 from nodeagent.errors import NodeAgentError
 from nodeagent.kernel.netfilter import BACKENDS, Iptables, IptablesError
-from nodeagent.kernel.netns import command_in
+from nodeagent.kernel.netns import CommandError, CommandResult, command_in, run_in
 from nodeagent.mesh.capture import (
     CaptureState,
     CaptureStatus,
@@ -77,8 +76,8 @@ def netns_present(path: str | None) -> bool:
         return False
 
 
-def _run(path: str | None, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(command_in(path, argv), capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+def _run(path: str | None, argv: list[str], check: bool = True) -> CommandResult:
+    result = run_in(path, argv, timeout=_TIMEOUT)
     if result.returncode != 0 and not netns_present(path):
         raise _NetnsGone(path)
     if check and result.returncode != 0:
@@ -218,7 +217,7 @@ def _ensure(netns: str | None, desired: RuleSet, *, backend: str, who: str, forc
             _ensure_routing(netns, desired.routing, live.routing or LiveRouting())
         NetnsIptables(backend, path=netns).restore(restore_payload(desired, live.rules))
         after = _state(netns, desired, backend)
-    except (_NetnsGone, IptablesError, RedirectError, OSError, subprocess.SubprocessError) as exc:
+    except (_NetnsGone, IptablesError, RedirectError, OSError, CommandError) as exc:
         if not netns_present(netns):
             log.info("capture abandoned: namespace gone", pod=who, netns=where)
             return missing_netns(where, backend, desired)
@@ -259,7 +258,7 @@ def _remove(netns: str | None, desired: RuleSet, *, backend: str, who: str) -> C
         if desired.routing is not None:
             _remove_routing(netns, desired.routing)
         after = _state(netns, desired, backend)
-    except (_NetnsGone, IptablesError, RedirectError, OSError, subprocess.SubprocessError) as exc:
+    except (_NetnsGone, IptablesError, RedirectError, OSError, CommandError) as exc:
         if not netns_present(netns):
             return missing_netns(where, backend, desired)
         raise CaptureError(who, where, f"removal failed: {exc}") from exc

@@ -61,7 +61,7 @@ class EbpfProxier:
     external: IptablesProxier | None = None
     sync_period: float = 30.0
     clock: Callable[[], float] = time.monotonic
-    datapath: loader.Datapath | None = None
+    datapath: loader.ServicePrograms | None = None
     _maps: MapSync | None = None
     _need_full: bool = True
     _last_full: float = float("-inf")

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nodeagent.kernel.bpf import cgroup as kernel_cgroup
 from nodeagent.kernel.bpf.loader import BpfError
 from nodeagent.mesh.capture import ACTION, Action, CaptureStatus
 from nodeagent.mesh.ebpf import hooks as mesh_hooks
@@ -187,9 +188,9 @@ def test_the_root_cgroup_is_refused_before_anything_is_attached(tmp_path: Path,
         calls.append(("show", str(cgroup)))
         return []
 
-    monkeypatch.setattr(mesh_hooks, "cgroup2_root", lambda: tmp_path)
-    monkeypatch.setattr(mesh_hooks, "bpftool", bpftool)
-    monkeypatch.setattr(mesh_hooks, "attached", attached)
+    monkeypatch.setattr(kernel_cgroup, "cgroup2_root", lambda: tmp_path)
+    monkeypatch.setattr(kernel_cgroup, "bpftool", bpftool)
+    monkeypatch.setattr(kernel_cgroup, "attached", attached)
     programs = mesh.MeshPrograms("s", tmp_path, {}, dict(IDS), adopted=True)
     with pytest.raises(BpfError, match="root cgroup"):
         mesh.attach_tunnel(programs, tmp_path)
