@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+from nodeagent.errors import NodeAgentError
+
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 
@@ -84,6 +86,40 @@ class ObjectRef:
     def key(self) -> str:
         """`namespace/name` (or `name`), the form kubectl and kube-proxy logs use."""
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+class PodKeyError(NodeAgentError, ValueError):
+    """A text that is not a pod's `namespace/name`."""
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class PodKey:
+    """A pod's namespace and name: how the mesh names a pod (its uid on the control stream, its key in the
+    reconciler's maps). `str()` is the `namespace/name` form every wire format and log line carries."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> PodKey:
+        """The key written as `namespace/name`; PodKeyError when either half is missing."""
+        namespace, slash, name = text.partition("/")
+        if not slash or not namespace or not name or "/" in name:
+            raise PodKeyError(f"pod key {text!r}: not namespace/name")
+        return cls(namespace, name)
+
+    @classmethod
+    def of(cls, ref: ObjectRef) -> PodKey:
+        """The key of a Pod's reference."""
+        return cls(ref.namespace, ref.name)
+
+    @property
+    def ref(self) -> ObjectRef:
+        """The Pod's object reference (for snapshot lookups)."""
+        return ObjectRef(Kind.POD, self.namespace, self.name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,17 +10,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from nodeagent.cluster.model import PodKey
+
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
     """One pod for the tunnel to serve."""
 
-    uid: str  # namespace/name
+    uid: str  # str(PodKey), namespace/name: the pod's id on the control stream (a protobuf string)
     ip: str
     namespace: str
     service_account: str
     netns: str
     transparent: bool = False
+
+    @classmethod
+    def of(cls, pod: PodKey, ip: str, service_account: str, netns: str, transparent: bool = False) -> Assignment:
+        """The assignment of the pod `pod` (its uid is the key's `namespace/name`)."""
+        return cls(str(pod), ip, pod.namespace, service_account, netns, transparent)
+
+    @property
+    def pod(self) -> PodKey:
+        """The pod's key, parsed from its uid (PodKeyError if the sender wrote something else)."""
+        return PodKey.parse(self.uid)
 
 
 Assignments = Mapping[str, Assignment]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,16 @@ class PodStatus:
     served: bool
     reason: str
     version: int  # the update version the tunnel had applied when it said so
+
+
+def _json_keys(value: object) -> object:
+    """`value` with every mapping key written as its `str()`: JSON keys are strings, and the agent's maps are
+    keyed by typed keys (a `PodKey` becomes `namespace/name`). Values are left to `json.dumps(default=str)`."""
+    if isinstance(value, Mapping):
+        return {k if k is None or isinstance(k, str | int | float) else str(k): _json_keys(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_keys(v) for v in value]
+    return value
 
 
 def _proto(assignment: Assignment) -> control_pb2.PodAssignment:
@@ -131,7 +141,7 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
             control = {"node": self.node, "agent_run": self.run, "version": self._log.version,
                        "acked_version": self.acked_version, "tunnel_connected": self.connected, "acks": acks}
         extra = self.inspect_status(request.pod) if self.inspect_status is not None else {}
-        return control_pb2.InspectReply(json=json.dumps({"control": control, **extra}, default=str))
+        return control_pb2.InspectReply(json=json.dumps(_json_keys({"control": control, **extra}), default=str))
 
     # -- the tunnel's stream ----------------------------------------------------------------------
     def Connect(self, request_iterator: Iterator[control_pb2.TunnelAck],

@@ -20,7 +20,7 @@ EXCLUDE_OUTBOUND_RANGES = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
 
 
 @dataclass(frozen=True, slots=True)
-class Rejection:
+class AnnotationRejection:
     """An annotation that was not applied, and why."""
 
     pod: str
@@ -65,7 +65,7 @@ _SETTERS: tuple[tuple[str, Callable[[CaptureOptions, str], CaptureOptions]], ...
 
 
 def capture_options(pod: str, annotations: Mapping[str, str], base: CaptureOptions = DEFAULT_OPTIONS
-                    ) -> tuple[CaptureOptions, list[Rejection]]:
+                    ) -> tuple[CaptureOptions, list[AnnotationRejection]]:
     """`base` with the pod's exclusion annotations applied; the ones that cannot be used are returned."""
     options, rejected = base, []
     for annotation, setter in _SETTERS:
@@ -75,5 +75,5 @@ def capture_options(pod: str, annotations: Mapping[str, str], base: CaptureOptio
         try:
             options = setter(options, value)
         except (ValueError, CaptureOptionsError) as exc:
-            rejected.append(Rejection(pod, annotation, value, str(exc)))
+            rejected.append(AnnotationRejection(pod, annotation, value, str(exc)))
     return options, rejected

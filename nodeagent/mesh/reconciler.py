@@ -7,18 +7,20 @@ not exist (istio-cni and ztunnel order it the same way).
 State is read back from the kernel, never assumed: after an agent restart a pod whose capture is
 installed stays captured (the tunnel kept serving it), a capture left in a pod that is no longer
 enrolled is removed, and drift (a rule deleted by hand) is repaired on the next pass. Every pod has a
-named state for logs and `inspect`: `waiting-for-tunnel`, `captured`, `netns-missing`, `error: …`.
+named state for logs and `inspect` (`MeshPodStatus`): `waiting-for-tunnel`, `captured`, `netns-missing: …`,
+`error: …`. Pods are keyed by `PodKey`; its `namespace/name` form is their uid on the control stream.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-from nodeagent.cluster.model import Kind, ObjectRef
+from nodeagent.cluster.model import Kind, PodKey
 from nodeagent.control.assignments import Assignment
 from nodeagent.control.server import ControlServer
 from nodeagent.kernel import podnetns
@@ -31,10 +33,38 @@ from nodeagent.tunnel.state.workloads import Workload, workload_table
 
 log = structlog.get_logger("nodeagent.mesh.reconciler")
 
-WAITING, CAPTURED, NETNS_MISSING = "waiting-for-tunnel", "captured", "netns-missing"
 # A pass needs every Pod and Namespace listed: before that, an enrolled pod missing from the snapshot may
 # exist, and publishing without it would tell the tunnel to drop it (after an agent restart, every pod).
 MESH_INPUT_KINDS = (Kind.POD, Kind.NAMESPACE)
+
+
+class MeshPodState(StrEnum):
+    """Where an enrolled pod of this node stands (its value is the word logs and `inspect` show)."""
+
+    WAITING_FOR_TUNNEL = "waiting-for-tunnel"  # assigned; the tunnel has not acknowledged serving it yet
+    CAPTURED = "captured"  # served by the tunnel, capture installed
+    NETNS_MISSING = "netns-missing"  # no network namespace holds its IP (not yet created, or gone)
+    ERROR = "error"  # the capture could not be read or installed
+
+
+@dataclass(frozen=True, slots=True)
+class MeshPodStatus:
+    """A pod's state and what about it (the namespace that is missing, the error)."""
+
+    state: MeshPodState
+    detail: str = ""
+
+    @property
+    def text(self) -> str:
+        """`state` or `state: detail`, the form on the control socket and in logs."""
+        return f"{self.state}: {self.detail}" if self.detail else str(self.state)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+WAITING = MeshPodStatus(MeshPodState.WAITING_FOR_TUNNEL)
+CAPTURED = MeshPodStatus(MeshPodState.CAPTURED)
 
 
 class Capture(Protocol):
@@ -57,95 +87,96 @@ class MeshReconciler:
     netns_prefix: str = ""
     trust_domain: str = "cluster.local"
     transparent: bool = True
-    states: dict[str, str] = field(default_factory=dict)  # uid -> named state
+    states: dict[PodKey, MeshPodStatus] = field(default_factory=dict)
     netns_of: dict[str, str] = field(default_factory=dict)  # pod ip -> namespace path
-    captured: dict[str, str] = field(default_factory=dict)  # uid -> namespace path holding our capture
+    captured: dict[PodKey, str] = field(default_factory=dict)  # pod -> namespace path holding our capture
     _started: bool = False
 
     def sync(self, snapshot: Snapshot) -> None:
         """One pass: assignments, capture of served pods, release of departed ones, probe SNAT."""
         table = workload_table(snapshot, self.node, self.trust_domain)
-        local = {w.name: w for w in table.local.values()}
+        local = table.local_pods
         self._locate([w.ip for w in local.values()])
         if not self._started:  # reconstruct: a capture left in a pod that is no longer enrolled goes
             self._started = True
             self._release_leftovers(snapshot, set(local))
-        desired: dict[str, Assignment] = {}
-        for uid, workload in sorted(local.items()):
+        desired: dict[PodKey, Assignment] = {}
+        for pod, workload in sorted(local.items()):
             netns = self.netns_of.get(workload.ip)
             if netns is None:
-                self._state(uid, f"{NETNS_MISSING}: no namespace under {self.netns_dir} holds {workload.ip}")
+                self._state(pod, MeshPodStatus(MeshPodState.NETNS_MISSING,
+                                               f"no namespace under {self.netns_dir} holds {workload.ip}"))
                 continue
-            desired[uid] = Assignment(uid, workload.ip, workload.identity.namespace,
-                                      workload.identity.service_account, netns, self.transparent)
-        for uid in [uid for uid in self.captured if uid not in desired or desired[uid].netns != self.captured[uid]]:
-            self._release(uid, self.captured.pop(uid))  # capture off before the tunnel lets the pod go
-        for uid in [uid for uid in self.states if uid not in local]:
-            del self.states[uid]
-        self.control.publish(desired)
-        for uid, assignment in desired.items():
-            self._capture_if_served(uid, assignment, local[uid], snapshot)
+            desired[pod] = Assignment.of(pod, workload.ip, workload.identity.service_account, netns, self.transparent)
+        for pod in [pod for pod in self.captured if pod not in desired or desired[pod].netns != self.captured[pod]]:
+            self._release(pod, self.captured.pop(pod))  # capture off before the tunnel lets the pod go
+        for pod in [pod for pod in self.states if pod not in local]:
+            del self.states[pod]
+        self.control.publish({a.uid: a for a in desired.values()})
+        for pod, assignment in desired.items():
+            self._capture_if_served(pod, assignment, local[pod], snapshot)
         try:
-            self.capture.probe_snat(sorted(desired[uid].ip for uid in self.captured if uid in desired))
+            self.capture.probe_snat(sorted(desired[pod].ip for pod in self.captured if pod in desired))
         except Exception as exc:  # the probe SNAT failing must not undo pods' captures
             log.warning("probe SNAT not applied", node=self.node, reason=str(exc))
 
     def waiting(self) -> bool:
         """Whether some pod waits for the tunnel (the caller then passes again soon)."""
-        return any(state == WAITING for state in self.states.values())
+        return any(status.state is MeshPodState.WAITING_FOR_TUNNEL for status in self.states.values())
 
     def _locate(self, ips: list[str]) -> None:
         missing = [ip for ip in ips if ip not in self.netns_of or not Path(self.netns_of[ip]).exists()]
         if missing:
             self.netns_of.update(podnetns.locate(missing, self.netns_dir, self.netns_prefix))
 
-    def _capture_if_served(self, uid: str, assignment: Assignment, workload: Workload, snapshot: Snapshot) -> None:
+    def _capture_if_served(self, pod: PodKey, assignment: Assignment, workload: Workload,
+                           snapshot: Snapshot) -> None:
         if not self.control.served(assignment):
-            if uid not in self.captured:
-                self._state(uid, WAITING)
+            if pod not in self.captured:
+                self._state(pod, WAITING)
             return
-        namespace, _, name = uid.partition("/")
-        pod = snapshot.pods.get(ObjectRef(Kind.POD, namespace, name))
-        options, rejected = capture_options(uid, pod.annotations if pod is not None else {})
+        uid = str(pod)
+        obj = snapshot.pods.get(pod.ref)
+        options, rejected = capture_options(uid, obj.annotations if obj is not None else {})
         for rejection in rejected:
             log.warning("capture annotation ignored", pod=uid, rejection=str(rejection))
         try:
             state = self.capture.state(assignment.netns, options)
             if state.status is not CaptureStatus.INSTALLED:
-                if uid in self.captured:
+                if pod in self.captured:
                     log.warning("capture drifted, repairing", pod=uid, status=str(state.status),
                                 missing=len(state.missing), unexpected=len(state.unexpected))
                 state = self.capture.apply(assignment.netns, options, uid)
         except CaptureError as exc:
-            self.captured.pop(uid, None)
-            self._state(uid, f"error: {exc}")
+            self.captured.pop(pod, None)
+            self._state(pod, MeshPodStatus(MeshPodState.ERROR, str(exc)))
             return
         if state.status is CaptureStatus.NETNS_MISSING:
-            self.captured.pop(uid, None)
+            self.captured.pop(pod, None)
             self.netns_of.pop(workload.ip, None)
-            self._state(uid, f"{NETNS_MISSING}: {assignment.netns} vanished")
+            self._state(pod, MeshPodStatus(MeshPodState.NETNS_MISSING, f"{assignment.netns} vanished"))
             return
-        self.captured[uid] = assignment.netns
-        self._state(uid, CAPTURED)
+        self.captured[pod] = assignment.netns
+        self._state(pod, CAPTURED)
 
-    def _release(self, uid: str, netns: str) -> None:
+    def _release(self, pod: PodKey, netns: str) -> None:
         try:
-            self.capture.remove(netns, uid)
-            log.info("capture removed", pod=uid, netns=netns)
+            self.capture.remove(netns, str(pod))
+            log.info("capture removed", pod=str(pod), netns=netns)
         except CaptureError as exc:
-            log.warning("capture removal failed", pod=uid, netns=netns, reason=str(exc))
+            log.warning("capture removal failed", pod=str(pod), netns=netns, reason=str(exc))
 
-    def _release_leftovers(self, snapshot: Snapshot, enrolled: set[str]) -> None:
-        others = {p.ref.key: p for p in snapshot.pods.values() if p.node_name == self.node and p.ips
-                  and not p.host_network and p.ref.key not in enrolled}
+    def _release_leftovers(self, snapshot: Snapshot, enrolled: set[PodKey]) -> None:
+        others = {PodKey.of(p.ref): p for p in snapshot.pods.values() if p.node_name == self.node and p.ips
+                  and not p.host_network and PodKey.of(p.ref) not in enrolled}
         found = podnetns.locate([str(p.ips[0]) for p in others.values()], self.netns_dir, self.netns_prefix)
-        for uid, pod in others.items():
-            netns = found.get(str(pod.ips[0]))
+        for key, obj in others.items():
+            netns = found.get(str(obj.ips[0]))
             if netns is not None and self.capture.state(netns, CaptureOptions()).status is not CaptureStatus.ABSENT:
-                log.info("capture left from an earlier run, removing", pod=uid, netns=netns)
-                self._release(uid, netns)
+                log.info("capture left from an earlier run, removing", pod=str(key), netns=netns)
+                self._release(key, netns)
 
-    def _state(self, uid: str, state: str) -> None:
-        if self.states.get(uid) != state:
-            log.info("mesh pod state", pod=uid, state=state)
-            self.states[uid] = state
+    def _state(self, pod: PodKey, status: MeshPodStatus) -> None:
+        if self.states.get(pod) != status:
+            log.info("mesh pod state", pod=str(pod), state=status.text)
+            self.states[pod] = status

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from nodeagent.ca.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from nodeagent.cluster.enrollment import Enrollment, enrollment
-from nodeagent.cluster.model import Kind, ObjectRef
+from nodeagent.cluster.model import Kind, ObjectRef, PodKey
 from nodeagent.state.tracker import Snapshot
 
 
@@ -44,6 +44,7 @@ class WorkloadTable:
     local: Mapping[str, Workload]  # enrolled pods scheduled on `node`, by IP (netns still to be found)
     decisions: Mapping[str, Enrollment]  # namespace/name -> enrollment, for this node's pods
     identities: frozenset[SpiffeId] = frozenset()  # every identity some known pod holds
+    local_pods: Mapping[PodKey, Workload] = field(default_factory=dict)  # `local` by pod, for the mesh reconciler
 
     def lookup(self, ip: str) -> Workload | None:
         """The workload holding `ip`, if it is a pod the table knows."""
@@ -59,6 +60,7 @@ def workload_table(snapshot: Snapshot, node: str, trust_domain: str = DEFAULT_TR
     """Build the table from a snapshot (which must hold every node's pods for cross-node identities)."""
     by_ip: dict[str, Workload] = {}
     local: dict[str, Workload] = {}
+    local_pods: dict[PodKey, Workload] = {}
     decisions: dict[str, Enrollment] = {}
     for pod in snapshot.pods.values():
         namespace = snapshot.namespaces.get(ObjectRef(Kind.NAMESPACE, "", pod.ref.namespace))
@@ -76,4 +78,5 @@ def workload_table(snapshot: Snapshot, node: str, trust_domain: str = DEFAULT_TR
             by_ip[workload.ip] = workload
             if decision.enrolled and pod.node_name == node:
                 local[workload.ip] = workload
-    return WorkloadTable(node, by_ip, local, decisions, frozenset(w.identity for w in by_ip.values()))
+                local_pods[PodKey.of(pod.ref)] = workload
+    return WorkloadTable(node, by_ip, local, decisions, frozenset(w.identity for w in by_ip.values()), local_pods)

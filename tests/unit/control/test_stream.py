@@ -7,6 +7,7 @@ initial set as a full state and dropped every pod it served.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import stat
@@ -17,13 +18,16 @@ from pathlib import Path
 
 import grpc
 
-from nodeagent.cluster.model import Kind
+from nodeagent.cluster.model import Kind, PodKey
 from nodeagent.control.api import control_pb2, control_pb2_grpc
 from nodeagent.control.assignments import Assignment
 from nodeagent.control.server import ControlServer
 from nodeagent.daemon.mesh import MeshLoop
-from nodeagent.mesh.reconciler import MeshReconciler
+from nodeagent.mesh.capture import CaptureState
+from nodeagent.mesh.iptables.render import CaptureOptions
+from nodeagent.mesh.reconciler import MeshPodState, MeshPodStatus, MeshReconciler
 from nodeagent.state.tracker import ChangeTracker, Snapshot
+from tests.support import objects as k8s
 from tests.support.events import listed
 
 POD = Assignment("demo/echo-0", "10.244.1.2", "demo", "echo", "/run/netns/echo-0")
@@ -139,3 +143,61 @@ def test_the_mesh_pass_waits_until_pods_and_namespaces_are_listed() -> None:
             time.sleep(0.01)  # polling a condition with a deadline
     finally:
         loop.stop()
+
+
+def test_inspect_writes_pod_keys_and_mesh_states_as_the_strings_on_the_wire_today() -> None:
+    server = ControlServer("node1")
+    states = {PodKey("demo", "a"): MeshPodStatus(MeshPodState.CAPTURED),
+              PodKey("demo", "b"): MeshPodStatus(MeshPodState.WAITING_FOR_TUNNEL),
+              PodKey("demo", "c"): MeshPodStatus(MeshPodState.NETNS_MISSING, "/run/netns/c vanished"),
+              PodKey("demo", "d"): MeshPodStatus(MeshPodState.ERROR, "iptables-restore failed")}
+    server.inspect_status = lambda pod: {"mesh_states": dict(states), "captured": {PodKey("demo", "a"): "/ns/a"}}
+    reply = json.loads(server.Inspect(control_pb2.InspectRequest(pod="demo/a"), None).json)  # type: ignore[arg-type]
+    assert reply["mesh_states"] == {"demo/a": "captured", "demo/b": "waiting-for-tunnel",
+                                    "demo/c": "netns-missing: /run/netns/c vanished",
+                                    "demo/d": "error: iptables-restore failed"}
+    assert reply["captured"] == {"demo/a": "/ns/a"}
+
+
+def test_an_assignment_names_its_pod_by_key_and_sends_namespace_slash_name() -> None:
+    assert Assignment.of(PodKey("demo", "echo-0"), "10.244.1.2", "echo", "/run/netns/echo-0") == POD
+    assert POD.pod == PodKey("demo", "echo-0")
+
+
+class _NoCapture:
+    """A capture that must not be touched: no pod here is served, so none is captured."""
+
+    def state(self, netns: str, options: CaptureOptions) -> CaptureState:
+        raise AssertionError("no capture is read before the tunnel serves the pod")
+
+    def apply(self, netns: str, options: CaptureOptions, pod: str) -> CaptureState:
+        raise AssertionError("no capture is installed before the tunnel serves the pod")
+
+    def remove(self, netns: str, pod: str) -> CaptureState:
+        raise AssertionError("nothing was captured")
+
+    def probe_snat(self, pod_ips: list[str]) -> None:
+        pass
+
+
+def test_a_pass_names_each_pods_state_by_key_and_publishes_namespace_slash_name_uids(tmp_path: Path) -> None:
+    tracker = ChangeTracker("node1")
+    tracker.apply(listed(Kind.POD, [k8s.pod("a", "10.244.1.2"), k8s.pod("b", "10.244.1.3")]))
+    tracker.apply(listed(Kind.NAMESPACE, [k8s.namespace("shop", **{"nodeagent.io/mesh": "enabled"})]))
+    snapshot = tracker.snapshot()
+    assert snapshot is not None
+    netns_a = tmp_path / "pod-a"
+    netns_a.touch()  # found before: the pass only checks that the path still exists
+    server = ControlServer("node1")
+    reconciler = MeshReconciler("node1", server, _NoCapture(), netns_dir=tmp_path / "empty",
+                                netns_of={"10.244.1.2": str(netns_a)}, _started=True)
+    (tmp_path / "empty").mkdir()
+    reconciler.sync(snapshot)
+    assert reconciler.states == {
+        PodKey("shop", "a"): MeshPodStatus(MeshPodState.WAITING_FOR_TUNNEL),
+        PodKey("shop", "b"): MeshPodStatus(MeshPodState.NETNS_MISSING,
+                                           f"no namespace under {tmp_path / 'empty'} holds 10.244.1.3")}
+    assert str(reconciler.states[PodKey("shop", "b")]).startswith("netns-missing: no namespace under ")
+    assert reconciler.waiting()
+    assert server._log.current == {"shop/a": Assignment("shop/a", "10.244.1.2", "shop", "default", str(netns_a),
+                                                            transparent=True)}

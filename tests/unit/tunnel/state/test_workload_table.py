@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from nodeagent.ca.identity import SpiffeId
 from nodeagent.cluster.decode import decode, object_ref
 from nodeagent.cluster.enrollment import enrollment
 from nodeagent.cluster.events import Listed
-from nodeagent.cluster.model import Kind, Namespace, Pod
+from nodeagent.cluster.model import Kind, Namespace, ObjectRef, Pod, PodKey, PodKeyError
+from nodeagent.errors import NodeAgentError
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.tunnel.state.workloads import workload_table
 from tests.support import objects as k8s
@@ -70,3 +73,14 @@ def test_table_knows_every_pod_by_ip_and_serves_only_enrolled_local_ones() -> No
     assert peer.identity == SpiffeId("cluster.local", "shop", "reviews")
     assert not table.by_ip["10.244.1.9"].enrolled
     assert set(table.decisions) == {"shop/a", "shop/b", "other/x"}, "decisions are for this node's pods"
+    assert dict(table.local_pods) == {PodKey("shop", "a"): table.local["10.244.1.2"]}, "the mesh reconciler's view"
+
+
+def test_a_pod_key_reads_and_writes_namespace_slash_name() -> None:
+    key = PodKey.parse("shop/a")
+    assert key == PodKey("shop", "a") and str(key) == "shop/a" and key.ref == ObjectRef(Kind.POD, "shop", "a")
+    for bad in ("a", "/a", "shop/", "shop/a/b"):
+        with pytest.raises(PodKeyError):
+            PodKey.parse(bad)
+    with pytest.raises(NodeAgentError):  # callers catch the one root
+        PodKey.parse("a")
