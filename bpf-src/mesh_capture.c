@@ -52,16 +52,29 @@
 #include <uapi/linux/pkt_cls.h>
 #include <linux/in.h>
 
+#include "lib/cgroup.h"
+
 #define NM_SOL_IP 0
 #define NM_SO_ORIGINAL_DST 80
 #define NM_PAGE_SIZE 4096
-#define NM_MAX_EXCLUDE 8
-#define NM_MARK_MASK 0xfff
+#define NM_MAX_EXCLUDE 8    // mirrored by nodeagent/mesh/ebpf/state.py MAX_EXCLUDE
+#define NM_MARK_MASK 0xfff  // the iptables capture's too: nodeagent/mesh/iptables/render.py MARK_MASK
 #define NM_LOCALHOST 0x7f000001
 #define NM_TCP_TIME_WAIT 6
 #define NM_TCP_LISTEN 10
 #define NM_SOCK_STREAM 1
 
+// Where a sock_addr program's context holds its IPv4 destination: a constant per program (see
+// v4_destination).
+enum nm_family {
+    NM_IPV4 = 0,         // user_ip4 (connect4, getpeername4)
+    NM_IPV4_MAPPED = 1,  // user_ip6 as ::ffff:a.b.c.d (connect6, getpeername6 on dual-stack sockets)
+};
+
+// nm_config, nm_pod_ips and nm_stats are written or read by the agent: nodeagent/mesh/ebpf/state.py mirrors
+// struct nm_config, struct nm_stats and NM_MAX_EXCLUDE, nodeagent/mesh/ebpf/programs.py MAPS their sizes, and
+// tests/integration/test_bpf_layouts.py compares them with what bcc compiles. A layout change here bumps the
+// capture's LAYOUT in programs.py (the maps are pinned and outlive the agent).
 struct nm_cidr { u32 net; u32 mask; };
 struct nm_config {
     u32 pod_ip;
@@ -126,10 +139,10 @@ static __always_inline int outbound_exempt(struct nm_config *cfg, struct bpf_soc
 
 // The destination of a connect or getpeername, IPv4 or IPv4-mapped IPv6 (a dual-stack socket talking IPv4,
 // as Java's and Node's are by default: IPv4 on the wire, which the iptables capture would catch too, so
-// it must not pass here). 0 when it is neither. `v6` is a constant per program, so each program reads only
-// its own context fields (a pointer chosen at run time between them is refused by the verifier).
-static __always_inline int v4_destination(struct bpf_sock_addr *ctx, const int v6, u32 *ip) {
-    if (!v6) {
+// it must not pass here). 0 when it is neither. `family` is a constant per program, so each program reads
+// only its own context fields (a pointer chosen at run time between them is refused by the verifier).
+static __always_inline int v4_destination(struct bpf_sock_addr *ctx, const enum nm_family family, u32 *ip) {
+    if (family == NM_IPV4) {
         if (ctx->user_family != AF_INET)
             return 0;
         *ip = ctx->user_ip4;
@@ -142,69 +155,70 @@ static __always_inline int v4_destination(struct bpf_sock_addr *ctx, const int v
     return 1;
 }
 
-static __always_inline void set_v4_destination(struct bpf_sock_addr *ctx, const int v6, u32 ip, u16 port) {
-    if (!v6)
+static __always_inline void set_v4_destination(struct bpf_sock_addr *ctx, const enum nm_family family, u32 ip,
+                                               u16 port) {
+    if (family == NM_IPV4)
         ctx->user_ip4 = ip;
     else
         ctx->user_ip6[3] = ip;  // the ::ffff: prefix stays
     ctx->user_port = (u32)port;
 }
 
-static __always_inline int capture_connect(struct bpf_sock_addr *ctx, const int v6) {
+static __always_inline int capture_connect(struct bpf_sock_addr *ctx, const enum nm_family family) {
     u32 ip = 0;
-    if (ctx->type != NM_SOCK_STREAM || ctx->protocol != IPPROTO_TCP || !v4_destination(ctx, v6, &ip))
-        return 1;  // UDP (connected or not) is left alone, as in iptables mode; so is real IPv6
+    if (ctx->type != NM_SOCK_STREAM || ctx->protocol != IPPROTO_TCP || !v4_destination(ctx, family, &ip))
+        return CGROUP_PROCEED;  // UDP (connected or not) is left alone, as in iptables mode; so is real IPv6
     u64 netns = bpf_get_netns_cookie(ctx);
     struct nm_config *cfg = nm_config.lookup(&netns);
     if (!cfg)
-        return 1;  // a namespace the agent has not configured: not captured
+        return CGROUP_PROCEED;  // a namespace the agent has not configured: not captured
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
-        return 1;
+        return CGROUP_PROCEED;
     u16 port = (u16)ctx->user_port;
     struct nm_stats *st = stats_of(netns);
     if (outbound_exempt(cfg, sk, ip, port)) {
         if (st)
             __sync_fetch_and_add(&st->outbound_skipped, 1);
-        return 1;
+        return CGROUP_PROCEED;
     }
     struct nm_orig *orig = nm_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
     if (!orig)
-        return 0;  // out of memory: refuse (EPERM) rather than let the connection bypass the mesh
+        return CGROUP_REFUSE;  // out of memory: refuse (EPERM) rather than let the connection bypass the mesh
     orig->ip = ip;
     orig->port = port;
     orig->via_port = cfg->outbound_port;
-    set_v4_destination(ctx, v6, bpf_htonl(NM_LOCALHOST), cfg->outbound_port);
+    set_v4_destination(ctx, family, bpf_htonl(NM_LOCALHOST), cfg->outbound_port);
     if (st)
         __sync_fetch_and_add(&st->outbound, 1);
-    return 1;
+    return CGROUP_PROCEED;
 }
 
-static __always_inline int show_dialed(struct bpf_sock_addr *ctx, const int v6) {
+static __always_inline int show_dialed(struct bpf_sock_addr *ctx, const enum nm_family family) {
     u32 ip = 0;
     struct bpf_sock *sk = ctx->sk;
-    if (!sk || !v4_destination(ctx, v6, &ip))
-        return 1;
+    if (!sk || !v4_destination(ctx, family, &ip))
+        return CGROUP_PROCEED;
     struct nm_orig *orig = nm_orig.sk_storage_get(sk, 0, 0);
     if (orig && orig->via_port && ip == bpf_htonl(NM_LOCALHOST) && (u16)ctx->user_port == orig->via_port)
-        set_v4_destination(ctx, v6, orig->ip, orig->port);
-    return 1;
+        set_v4_destination(ctx, family, orig->ip, orig->port);
+    return CGROUP_PROCEED;
 }
 
-int nm_connect4(struct bpf_sock_addr *ctx) { return capture_connect(ctx, 0); }
-int nm_connect6(struct bpf_sock_addr *ctx) { return capture_connect(ctx, 1); }
-int nm_getpeername4(struct bpf_sock_addr *ctx) { return show_dialed(ctx, 0); }
-int nm_getpeername6(struct bpf_sock_addr *ctx) { return show_dialed(ctx, 1); }
+int nm_connect4(struct bpf_sock_addr *ctx) { return capture_connect(ctx, NM_IPV4); }
+int nm_connect6(struct bpf_sock_addr *ctx) { return capture_connect(ctx, NM_IPV4_MAPPED); }
+int nm_getpeername4(struct bpf_sock_addr *ctx) { return show_dialed(ctx, NM_IPV4); }
+int nm_getpeername6(struct bpf_sock_addr *ctx) { return show_dialed(ctx, NM_IPV4_MAPPED); }
 
 int nm_sockops(struct bpf_sock_ops *skops) {
     if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
-        return 1;  // (a v4-mapped IPv6 socket has its IPv4 addresses in the fields read below too)
+        return CGROUP_PROCEED;  // (a v4-mapped IPv6 socket has its IPv4 addresses in the fields read below too)
     struct bpf_sock *sk = skops->sk;
     if (!sk)
-        return 1;
+        return CGROUP_PROCEED;
     struct nm_orig *orig = nm_orig.sk_storage_get(sk, 0, 0);
     if (!orig || !orig->via_port)
-        return 1;
+        return CGROUP_PROCEED;
     struct nm_pending_key key = {};
     key.netns = bpf_get_netns_cookie(skops);
     key.client_ip = sk->src_ip4;
@@ -213,7 +227,7 @@ int nm_sockops(struct bpf_sock_ops *skops) {
     key.server_port = (u16)sk->dst_port;
     struct nm_orig answer = {.ip = orig->ip, .port = orig->port, .via_port = 0};
     nm_pending.update(&key, &answer);
-    return 1;
+    return CGROUP_PROCEED;
 }
 
 int nm_getsockopt(struct bpf_sockopt *ctx) {
@@ -272,14 +286,14 @@ int nm_getsockopt(struct bpf_sockopt *ctx) {
     struct nm_stats *st = stats_of(bpf_get_netns_cookie(ctx));
     if (st)
         __sync_fetch_and_add(&st->answered, 1);
-    return 1;
+    return CGROUP_PROCEED;
 pass:
     // Values beyond a page are not shown to programs; optlen 0 hands the kernel's own result back
     // untouched. Kernels before 6.5 otherwise fail such calls with EFAULT (iptables-legacy's
     // IPT_SO_GET_ENTRIES from this cgroup); later ones ignore the program's buffer by themselves.
     if (ctx->optlen > NM_PAGE_SIZE)
         ctx->optlen = 0;
-    return 1;
+    return CGROUP_PROCEED;
 }
 
 int nm_tc_inbound(struct __sk_buff *skb) {

@@ -4,11 +4,13 @@
 //
 // Ingress, a packet to a frontend of this node:
 //   - backend on this node: DNAT only (the client address is kept), the stack delivers it; the
-//     egress program undoes the DNAT on the reply (na_ct direction 1).
+//     egress program undoes the DNAT on the reply (na_ct direction NA_CT_REPLY_LOCAL).
 //   - backend elsewhere: DNAT and SNAT to the frontend address (as kube-proxy masquerades), sent out
 //     at once with bpf_redirect_neigh (a packet with a local source address must not re-enter the
-//     stack); its reply comes back to that address and is translated back to the client (direction 2).
+//     stack); its reply comes back to that address and is translated back to the client
+//     (direction NA_CT_REPLY_SNAT).
 // Flows are remembered in na_ct (LRU), so every packet of a connection goes to the same backend.
+// The maps and their layouts are described in lib/maps.h, the backend pick in lib/pick.h.
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -18,18 +20,29 @@
 #include <uapi/linux/pkt_cls.h>
 #include <linux/in.h>
 
-struct svc_key { u32 ip; u16 port; u8 proto; u8 pad; };
-struct svc_val { u32 id; u32 count; u32 weight_total; u32 affinity_s; };
-struct slot_key { u32 id; u32 slot; };
-struct slot_val { u32 backend; u32 cum_weight; };
-struct backend_val { u32 ip; u16 port; u16 pad; };
-struct ct_key { u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; u8 dir; u16 pad; };
-struct ct_val { u32 ip1; u16 port1; u16 pad1; u32 ip2; u16 port2; u16 pad2; };
+#include "lib/maps.h"
+#include "lib/pick.h"
 
-BPF_TABLE_PINNED("hash", struct svc_key, struct svc_val, na_services, 131072, "PIN_DIR/na_services");
-BPF_TABLE_PINNED("hash", struct slot_key, struct slot_val, na_slots, 1048576, "PIN_DIR/na_slots");
-BPF_TABLE_PINNED("hash", u32, struct backend_val, na_backends, 1048576, "PIN_DIR/na_backends");
-BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, na_ct, 262144, "PIN_DIR/na_ct");
+#define NA_IP_FRAG_MASK 0x3fff     // IP_MF | IP_OFFSET: a fragment (first or later)
+#define NA_SNAT_PORT_MIN 32768     // a source port taken for masquerading is drawn from
+#define NA_SNAT_PORT_SPAN 28000    // [NA_SNAT_PORT_MIN, NA_SNAT_PORT_MIN + NA_SNAT_PORT_SPAN)
+
+// Which address of a packet set_addr() rewrites.
+enum na_side {
+    NA_DESTINATION = 0,
+    NA_SOURCE = 1,
+};
+
+BPF_TABLE_PINNED("hash", struct svc_key, struct svc_val, na_services, NA_SERVICES_MAX, "PIN_DIR/na_services");
+BPF_TABLE_PINNED("hash", struct slot_key, struct slot_val, na_slots, NA_SLOTS_MAX, "PIN_DIR/na_slots");
+BPF_TABLE_PINNED("hash", u32, struct backend_val, na_backends, NA_BACKENDS_MAX, "PIN_DIR/na_backends");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, na_ct, NA_CT_MAX, "PIN_DIR/na_ct");
+
+// lib/pick.h's one map access, here because bcc rewrites map calls only in the program's own text.
+static __always_inline struct slot_val *na_slot_lookup(u32 id, u32 slot) {
+    struct slot_key k = {.id = id, .slot = slot};
+    return na_slots.lookup(&k);
+}
 
 // The kernel's four-argument form (bcc 0.26 declares an older three-argument one).
 static long (*na_redirect_neigh)(u32 ifindex, void *params, int plen, u64 flags) = (void *)BPF_FUNC_redirect_neigh;
@@ -48,7 +61,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f) {
     if ((void *)(eth + 1) > end || eth->h_proto != htons(ETH_P_IP))
         return -1;
     struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & htons(0x3fff)))
+    if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & htons(NA_IP_FRAG_MASK)))
         return -1;  // options or fragments: leave them to the stack
     f->saddr = ip->saddr;
     f->daddr = ip->daddr;
@@ -73,7 +86,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f) {
     return 0;
 }
 
-static __always_inline void set_addr(struct __sk_buff *skb, struct flow *f, int src, u32 new_ip, u16 new_port) {
+static __always_inline void set_addr(struct __sk_buff *skb, struct flow *f, enum na_side side, u32 new_ip,
+                                     u16 new_port) {
+    int src = side == NA_SOURCE;
     u32 old_ip = src ? f->saddr : f->daddr;
     u16 old_port = src ? f->sport : f->dport;
     u32 port_off = L4_OFF + (src ? 0 : 2);  // source and destination ports lead TCP and UDP headers
@@ -88,27 +103,6 @@ static __always_inline void set_addr(struct __sk_buff *skb, struct flow *f, int 
         bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0);
     }
     if (src) { f->saddr = new_ip; f->sport = new_port; } else { f->daddr = new_ip; f->dport = new_port; }
-}
-
-static __always_inline int pick(struct svc_val *svc, u32 *backend) {
-    u32 r = bpf_get_prandom_u32() % svc->weight_total;
-    u32 lo = 0, hi = svc->count - 1;
-    for (int i = 0; i < 16; i++) {
-        if (lo >= hi)
-            break;
-        u32 mid = lo + (hi - lo) / 2;
-        struct slot_key k = {.id = svc->id, .slot = mid};
-        struct slot_val *v = na_slots.lookup(&k);
-        if (!v)
-            return -1;
-        if (v->cum_weight > r) hi = mid; else lo = mid + 1;
-    }
-    struct slot_key k = {.id = svc->id, .slot = lo};
-    struct slot_val *v = na_slots.lookup(&k);
-    if (!v)
-        return -1;
-    *backend = v->backend;
-    return 0;
 }
 
 // Whether `ip` is reached through another interface than the one the packet came in on.
@@ -132,16 +126,17 @@ int na_tc_ingress(struct __sk_buff *skb) {
         return TC_ACT_OK;
     // A reply from a backend elsewhere to a flow we masqueraded: back to the client, from the frontend.
     struct ct_key rk = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto,
-                        .dir = 2};
+                        .dir = NA_CT_REPLY_SNAT};
     struct ct_val *rv = na_ct.lookup(&rk);
     if (rv) {
         u32 cip = rv->ip1, fip = rv->ip2;
         u16 cport = rv->port1, fport = rv->port2;
-        set_addr(skb, &f, 0, cip, cport);
-        set_addr(skb, &f, 1, fip, fport);
+        set_addr(skb, &f, NA_DESTINATION, cip, cport);
+        set_addr(skb, &f, NA_SOURCE, fip, fport);
         return na_redirect_neigh(skb->ingress_ifindex, NULL, 0, 0);
     }
-    struct ct_key fk = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto};
+    struct ct_key fk = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto,
+                        .dir = NA_CT_FORWARD};
     struct ct_val *fv = na_ct.lookup(&fk);
     u32 bip, snat_ip;
     u16 bport, snat_port;
@@ -155,10 +150,10 @@ int na_tc_ingress(struct __sk_buff *skb) {
         struct svc_val *svc = na_services.lookup(&sk);
         if (!svc)
             return TC_ACT_OK;
-        if (svc->count == 0 || svc->weight_total == 0)
+        if (!na_has_backends(svc))
             return TC_ACT_SHOT;  // a frontend without endpoints
         u32 id = 0;
-        if (pick(svc, &id) < 0)
+        if (na_pick(svc, &id) < 0)
             return TC_ACT_OK;
         struct backend_val *b = na_backends.lookup(&id);
         if (!b)
@@ -168,26 +163,26 @@ int na_tc_ingress(struct __sk_buff *skb) {
             snat_ip = f.daddr;
             snat_port = f.sport;
             struct ct_key probe = {.saddr = bip, .daddr = snat_ip, .sport = bport, .dport = snat_port,
-                                   .proto = f.proto, .dir = 2};
+                                   .proto = f.proto, .dir = NA_CT_REPLY_SNAT};
             if (na_ct.lookup(&probe))  // that source port is taken towards this backend: another one
-                snat_port = htons(32768 + (bpf_get_prandom_u32() % 28000));
+                snat_port = htons(NA_SNAT_PORT_MIN + (bpf_get_prandom_u32() % NA_SNAT_PORT_SPAN));
             struct ct_val back = {.ip1 = f.saddr, .port1 = f.sport, .ip2 = f.daddr, .port2 = f.dport};
             probe.sport = bport;
             probe.dport = snat_port;
             na_ct.update(&probe, &back);
         } else {
             struct ct_key lk = {.saddr = bip, .daddr = f.saddr, .sport = bport, .dport = f.sport, .proto = f.proto,
-                                .dir = 1};
+                                .dir = NA_CT_REPLY_LOCAL};
             struct ct_val front = {.ip1 = f.daddr, .port1 = f.dport};
             na_ct.update(&lk, &front);
         }
         struct ct_val fwd = {.ip1 = bip, .port1 = bport, .ip2 = snat_ip, .port2 = snat_port};
         na_ct.update(&fk, &fwd);
     }
-    set_addr(skb, &f, 0, bip, bport);
+    set_addr(skb, &f, NA_DESTINATION, bip, bport);
     if (!snat_ip)
         return TC_ACT_OK;
-    set_addr(skb, &f, 1, snat_ip, snat_port);
+    set_addr(skb, &f, NA_SOURCE, snat_ip, snat_port);
     return na_redirect_neigh(out_ifindex ? out_ifindex : skb->ingress_ifindex, NULL, 0, 0);
 }
 
@@ -196,12 +191,12 @@ int na_tc_egress(struct __sk_buff *skb) {
     if (parse(skb, &f) < 0)
         return TC_ACT_OK;
     struct ct_key k = {.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport, .proto = f.proto,
-                       .dir = 1};
+                       .dir = NA_CT_REPLY_LOCAL};
     struct ct_val *v = na_ct.lookup(&k);
     if (v) {
         u32 ip = v->ip1;
         u16 port = v->port1;
-        set_addr(skb, &f, 1, ip, port);
+        set_addr(skb, &f, NA_SOURCE, ip, port);
     }
     return TC_ACT_OK;
 }

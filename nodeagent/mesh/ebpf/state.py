@@ -26,9 +26,20 @@ from nodeagent.mesh.capture import CaptureState, CaptureStatus
 from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, CaptureOptions, CaptureOptionsError
 
 BACKEND = "ebpf"
-MAX_EXCLUDE = 8  # NM_MAX_EXCLUDE in mesh_capture.c
-CONFIG_SIZE = 120  # sizeof(struct nm_config)
-STATS_FIELDS = ("outbound", "outbound_skipped", "inbound", "inbound_dropped", "answered")  # struct nm_stats
+# The byte layouts of the maps the agent writes and reads; tests/integration/test_bpf_layouts.py compares them
+# with what bcc compiles. Changing one changes a pinned map's layout: that bumps LAYOUT in programs.py.
+MAX_EXCLUDE = 8  # must match bpf-src/mesh_capture.c NM_MAX_EXCLUDE
+# must match `struct nm_config` in bpf-src/mesh_capture.c, field by field: pod_ip, probe_ip (network order),
+# mark (host order: compared with the socket's mark), outbound_port, inbound_port, hbone_port (network order,
+# as bytes), n_out_ports, n_in_ports, n_out_cidrs, pad[3], exclude_out_ports, exclude_in_ports (network order),
+# exclude_out_cidrs (net, mask pairs, network order)
+CONFIG = struct.Struct(f"=4s4sI2s2s2sBBB3x{2 * MAX_EXCLUDE}s{2 * MAX_EXCLUDE}s{8 * MAX_EXCLUDE}s")
+CONFIG_SIZE = CONFIG.size  # 120
+_PORTS = struct.Struct(f">{MAX_EXCLUDE}H")  # exclude_out_ports, exclude_in_ports
+_PORT = struct.Struct(">H")
+STATS_FIELDS = ("outbound", "outbound_skipped", "inbound", "inbound_dropped", "answered")
+# must match `struct nm_stats` in bpf-src/mesh_capture.c: one u64 per name in STATS_FIELDS, in that order
+STATS = struct.Struct(f"={len(STATS_FIELDS)}Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,30 +92,26 @@ def encode_config(pod_ip: str, options: CaptureOptions = DEFAULT_OPTIONS) -> byt
                      for net in (ipaddress.IPv4Network(c) for c in o.exclude_outbound_cidrs))
 
     def ports(values: tuple[int, ...]) -> bytes:
-        return struct.pack(f">{MAX_EXCLUDE}H", *values, *([0] * (MAX_EXCLUDE - len(values))))
+        return _PORTS.pack(*values, *([0] * (MAX_EXCLUDE - len(values))))
 
-    value = (_ip("pod_ip", pod_ip) + _ip("probe_address", o.probe_address) + struct.pack("=I", o.mark)
-             + struct.pack(">HHH", o.outbound_port, o.inbound_plaintext_port, o.hbone_port)
-             + struct.pack("=BBB3x", len(o.exclude_outbound_ports), len(o.exclude_inbound_ports),
-                           len(o.exclude_outbound_cidrs))
-             + ports(o.exclude_outbound_ports) + ports(o.exclude_inbound_ports)
-             + cidrs.ljust(MAX_EXCLUDE * 8, b"\0"))
-    assert len(value) == CONFIG_SIZE
-    return value
+    return CONFIG.pack(_ip("pod_ip", pod_ip), _ip("probe_address", o.probe_address), o.mark,
+                       _PORT.pack(o.outbound_port), _PORT.pack(o.inbound_plaintext_port), _PORT.pack(o.hbone_port),
+                       len(o.exclude_outbound_ports), len(o.exclude_inbound_ports), len(o.exclude_outbound_cidrs),
+                       ports(o.exclude_outbound_ports), ports(o.exclude_inbound_ports), cidrs)
 
 
 def describe_config(value: bytes) -> str:
     """A readable line for a `struct nm_config` (what the state's missing/unexpected lines show)."""
     if len(value) != CONFIG_SIZE:
         return f"config of {len(value)} bytes (not ours)"
-    pod, probe = socket.inet_ntoa(value[0:4]), socket.inet_ntoa(value[4:8])
-    (mark,) = struct.unpack("=I", value[8:12])
-    out, inbound, hbone = struct.unpack(">HHH", value[12:18])
-    n_out, n_in, n_cidr = struct.unpack("=BBB", value[18:21])
-    out_ports = struct.unpack(f">{MAX_EXCLUDE}H", value[24:40])[:n_out]
-    in_ports = struct.unpack(f">{MAX_EXCLUDE}H", value[40:56])[:n_in]
-    cidrs = [str(ipaddress.IPv4Network((socket.inet_ntoa(value[56 + 8 * i:60 + 8 * i]),
-                                        socket.inet_ntoa(value[60 + 8 * i:64 + 8 * i])), strict=False))
+    pod_ip, probe_ip, mark, out_port, in_port, hbone_port, n_out, n_in, n_cidr, out_list, in_list, cidr_list = (
+        CONFIG.unpack(value))
+    pod, probe = socket.inet_ntoa(pod_ip), socket.inet_ntoa(probe_ip)
+    (out,), (inbound,), (hbone,) = _PORT.unpack(out_port), _PORT.unpack(in_port), _PORT.unpack(hbone_port)
+    out_ports = _PORTS.unpack(out_list)[:n_out]
+    in_ports = _PORTS.unpack(in_list)[:n_in]
+    cidrs = [str(ipaddress.IPv4Network((socket.inet_ntoa(cidr_list[8 * i:8 * i + 4]),
+                                        socket.inet_ntoa(cidr_list[8 * i + 4:8 * i + 8])), strict=False))
              for i in range(min(n_cidr, MAX_EXCLUDE))]
     return (f"pod {pod}: outbound -> 127.0.0.1:{out}, inbound -> {inbound} except {hbone}, mark {mark:#x}, "
             f"probe {probe}, exclude outbound ports {list(out_ports)}, inbound ports {list(in_ports)}, "
@@ -113,7 +120,7 @@ def describe_config(value: bytes) -> str:
 
 def decode_stats(value: bytes) -> dict[str, int]:
     """`struct nm_stats` as a dict."""
-    return dict(zip(STATS_FIELDS, struct.unpack(f"={len(STATS_FIELDS)}Q", value), strict=True))
+    return dict(zip(STATS_FIELDS, STATS.unpack(value), strict=True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,11 @@ from nodeagent.cluster.model import IPAddress, Protocol
 from nodeagent.service.topology import ZONE_LABEL, categorize, uses_cluster_endpoints
 from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName
 
-PROTOCOL_NUMBERS = {Protocol.TCP: 6, Protocol.UDP: 17, Protocol.SCTP: 132}
+PROTOCOL_NUMBERS = {Protocol.TCP: 6, Protocol.UDP: 17, Protocol.SCTP: 132}  # IPPROTO_* (linux/in.h): svc_key.proto
+
+# must match `struct svc_key` in bpf-src/lib/maps.h (the na_services key): the address and port in network
+# order as the programs read them from the socket or packet, the protocol number, a pad byte (zero).
+SERVICE_KEY = struct.Struct(">4sHBx")
 
 
 @dataclass(frozen=True, order=True)
@@ -33,12 +37,14 @@ class Frontend:
 
     @property
     def key(self) -> bytes:
-        return socket.inet_aton(self.ip) + struct.pack(">HBB", self.port, self.protocol, 0)
+        """Its na_services key (`struct svc_key`)."""
+        return SERVICE_KEY.pack(socket.inet_aton(self.ip), self.port, self.protocol)
 
     @classmethod
     def from_key(cls, key: bytes) -> Frontend:
-        port, protocol, _ = struct.unpack(">HBB", key[4:8])
-        return cls(socket.inet_ntoa(key[:4]), port, protocol)
+        """The frontend of an na_services key (`struct svc_key`)."""
+        ip, port, protocol = SERVICE_KEY.unpack(key)
+        return cls(socket.inet_ntoa(ip), port, protocol)
 
     def __str__(self) -> str:
         return f"{self.ip}:{self.port}/{ {6: 'TCP', 17: 'UDP', 132: 'SCTP'}.get(self.protocol, self.protocol)}"

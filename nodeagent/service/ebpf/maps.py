@@ -25,18 +25,31 @@ from nodeagent.service.ebpf.desired import Backend, Frontend, ServiceEntry
 
 log = structlog.get_logger("nodeagent.service.ebpf.maps")
 
-_SVC = struct.Struct("=IIII")  # version id, backend count, total weight, affinity seconds
-_SLOT_KEY = struct.Struct("=II")  # version id, slot
-_SLOT = struct.Struct("=II")  # backend id, cumulative weight
-_ID = struct.Struct("=I")
+# The maps' byte layouts, as the programs (bpf-src/sock_lb.c, nodeport_tc.c) declare them in bpf-src/lib/maps.h;
+# tests/integration/test_bpf_layouts.py compares each with what bcc compiles. Changing one changes a pinned
+# map's layout: that bumps LAYOUT_VERSION in nodeagent/kernel/bpf/loader.py. Numbers are in host order
+# except addresses and ports, which the programs compare with the socket's or packet's (network order).
+# The na_services key is `Frontend.key` (desired.py, `struct svc_key`).
+
+# must match `struct svc_val` in bpf-src/lib/maps.h: version id, backend count, total weight, affinity seconds
+SERVICE_VALUE = struct.Struct("=IIII")
+# must match `struct slot_key` in bpf-src/lib/maps.h: version id, slot
+SLOT_KEY = struct.Struct("=II")
+# must match `struct slot_val` in bpf-src/lib/maps.h: backend id, cumulative weight
+SLOT_VALUE = struct.Struct("=II")
+# must match the na_backends key (a u32 backend id) in bpf-src/sock_lb.c and nodeport_tc.c
+BACKEND_KEY = struct.Struct("=I")
+# must match `struct backend_val` in bpf-src/lib/maps.h: address, port (network order), pad (zero)
+BACKEND_VALUE = struct.Struct(">4sH2x")
 
 
 def _backend_value(ip: str, port: int) -> bytes:
-    return socket.inet_aton(ip) + struct.pack(">HH", port, 0)
+    return BACKEND_VALUE.pack(socket.inet_aton(ip), port)
 
 
 def _backend_from_value(value: bytes) -> tuple[str, int]:
-    return socket.inet_ntoa(value[:4]), struct.unpack(">H", value[4:6])[0]
+    ip, port = BACKEND_VALUE.unpack(value)
+    return socket.inet_ntoa(ip), port
 
 
 @dataclass
@@ -75,15 +88,15 @@ class MapSync:
                                      self.maps["na_backends"].items())
         by_version: dict[int, dict[int, tuple[int, int]]] = {}
         for key, value in slots.items():
-            version, slot = _SLOT_KEY.unpack(key)
-            by_version.setdefault(version, {})[slot] = _SLOT.unpack(value)
-        backend_at = {_ID.unpack(k)[0]: _backend_from_value(v) for k, v in backends.items()}
+            version, slot = SLOT_KEY.unpack(key)
+            by_version.setdefault(version, {})[slot] = SLOT_VALUE.unpack(value)
+        backend_at = {BACKEND_KEY.unpack(k)[0]: _backend_from_value(v) for k, v in backends.items()}
         self.installed.clear()
         self.backend_ids.clear()
         self.refs.clear()
         for key, value in services.items():
             frontend = Frontend.from_key(key)
-            version, count, _total, affinity = _SVC.unpack(value)
+            version, count, _total, affinity = SERVICE_VALUE.unpack(value)
             ids, members, previous = [], [], 0
             for slot in range(count):
                 backend_id, cumulative = by_version.get(version, {}).get(slot, (0, 0))
@@ -105,10 +118,10 @@ class MapSync:
         for version, members_of in by_version.items():
             if version not in live_versions:
                 for slot in members_of:
-                    self.maps["na_slots"].delete(_SLOT_KEY.pack(version, slot))
+                    self.maps["na_slots"].delete(SLOT_KEY.pack(version, slot))
         for backend_id in backend_at:
             if self.refs[backend_id] == 0:
-                self.maps["na_backends"].delete(_ID.pack(backend_id))
+                self.maps["na_backends"].delete(BACKEND_KEY.pack(backend_id))
         log.info("ebpf maps adopted", frontends=len(self.installed), backends=len(backend_at))
 
     def apply(self, desired: Mapping[Frontend, ServiceEntry], *, only: set[str] | None = None) -> SyncStats:
@@ -130,7 +143,7 @@ class MapSync:
         if backend_id is None:
             backend_id = self.backend_ids[key] = self.next_backend
             self.next_backend += 1
-            self.maps["na_backends"].update(_ID.pack(backend_id), _backend_value(backend.ip, backend.port))
+            self.maps["na_backends"].update(BACKEND_KEY.pack(backend_id), _backend_value(backend.ip, backend.port))
             stats.map_updates += 1
         return backend_id
 
@@ -143,10 +156,11 @@ class MapSync:
             self.next_version += 1
             for slot, (backend_id, backend) in enumerate(zip(ids, entry.backends, strict=True)):
                 total += max(1, backend.weight)
-                self.maps["na_slots"].update(_SLOT_KEY.pack(version, slot), _SLOT.pack(backend_id, total))
+                self.maps["na_slots"].update(SLOT_KEY.pack(version, slot), SLOT_VALUE.pack(backend_id, total))
                 stats.map_updates += 1
         # The switch: one update makes the complete new set visible.
-        self.maps["na_services"].update(frontend.key, _SVC.pack(version, len(ids), total, entry.affinity_seconds))
+        value = SERVICE_VALUE.pack(version, len(ids), total, entry.affinity_seconds)
+        self.maps["na_services"].update(frontend.key, value)
         stats.map_updates += 1
         stats.written += 1
         for backend_id in ids:
@@ -165,14 +179,14 @@ class MapSync:
     def _release(self, old: Installed, stats: SyncStats) -> None:
         for slot in range(len(old.backend_ids)):
             if old.version:
-                self.maps["na_slots"].delete(_SLOT_KEY.pack(old.version, slot))
+                self.maps["na_slots"].delete(SLOT_KEY.pack(old.version, slot))
                 stats.map_updates += 1
         for backend_id, backend in zip(old.backend_ids, old.entry.backends, strict=True):
             self.refs[backend_id] -= 1
             if self.refs[backend_id] <= 0:
                 del self.refs[backend_id]
                 self.backend_ids.pop((old.entry.port_name, backend.ip, backend.port), None)
-                self.maps["na_backends"].delete(_ID.pack(backend_id))
+                self.maps["na_backends"].delete(BACKEND_KEY.pack(backend_id))
                 stats.map_updates += 1
 
     def contents(self) -> dict[Frontend, ServiceEntry]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from typing import Any
 
 from nodeagent.cluster.decode import decode
-from nodeagent.service.ebpf.desired import Backend, Frontend, desired_entries
-from nodeagent.service.ebpf.maps import MapSync
+from nodeagent.service.ebpf.desired import SERVICE_KEY, Backend, Frontend, ServiceEntry, desired_entries
+from nodeagent.service.ebpf.maps import BACKEND_VALUE, SERVICE_VALUE, SLOT_KEY, SLOT_VALUE, MapSync
 from tests.support.services import OVERALL_OBJECTS, ep, service, slice_, snapshot_of
 
 
@@ -14,7 +16,8 @@ class MemoryMap:
     """A map handle over a dict, recording every operation in one shared journal."""
 
     def __init__(self, name: str, journal: list[tuple[str, str, bytes]]) -> None:
-        self.name, self.data, self.journal = name, {}, journal
+        self.name, self.journal = name, journal
+        self.data: dict[bytes, bytes] = {}
 
     def update(self, key: bytes, value: bytes) -> None:
         self.data[key] = value
@@ -62,6 +65,23 @@ def test_weights_come_from_the_annotation_and_zero_removes_an_endpoint() -> None
                                                                 Backend("10.180.0.2", 80, 1))
     svc["metadata"]["annotations"] = {"nodeagent.io/endpoint-weights": '{"a": -1}'}
     assert [r.field for r in decode(svc).rejections] == ["metadata.annotations[nodeagent.io/endpoint-weights]"]
+
+
+def test_the_entries_bytes_are_the_c_structs() -> None:
+    """The bytes of bpf-src/lib/maps.h's structs (tests/integration/test_bpf_layouts.py compares the layouts with
+    bcc's): addresses and ports in network order, counters in host order, pads zero."""
+    sizes = (SERVICE_KEY.size, SERVICE_VALUE.size, SLOT_KEY.size, SLOT_VALUE.size, BACKEND_VALUE.size)
+    assert sizes == (8, 16, 8, 8, 8)
+    frontend = Frontend("10.96.0.1", 443, 17)
+    assert frontend.key == socket.inet_aton("10.96.0.1") + bytes([0x01, 0xBB, 17, 0])
+    assert Frontend.from_key(frontend.key) == frontend
+    maps, _ = memory_maps()
+    sync = MapSync(maps)
+    sync.apply({frontend: ServiceEntry("ns/svc:dns", (Backend("10.1.0.7", 53, 3),), 30)})
+    backend_key = (1).to_bytes(4, sys.byteorder)  # a u32 id in host order
+    assert maps["na_backends"].data == {backend_key: socket.inet_aton("10.1.0.7") + bytes([0, 53, 0, 0])}
+    assert maps["na_services"].data == {frontend.key: SERVICE_VALUE.pack(1, 1, 3, 30)}
+    assert maps["na_slots"].data == {SLOT_KEY.pack(1, 0): SLOT_VALUE.pack(1, 3)}
 
 
 def test_a_changed_backend_set_is_written_beside_the_old_one_then_switched() -> None:
