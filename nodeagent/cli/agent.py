@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -11,35 +11,21 @@ from nodeagent.cli.options import (
     daemon_logging,
     parse_cidrs,
     parse_host_port,
+    reported,
     source_options,
 )
-
-
-def _clear_ebpf(scope: str, cgroup_path: Path | None) -> None:
-    """Switching to iptables: programs of an earlier eBPF run must not keep translating beside the rules."""
-    import structlog
-
-    from nodeagent.kernel.bpf import loader
-
-    try:
-        cgroup = cgroup_path or loader.own_cgroup()
-        removed = loader.detach(cgroup) + loader.remove_pins(scope)
-    except (loader.BpfError, OSError) as exc:
-        structlog.get_logger("nodeagent.run").warning("could not clear the eBPF datapath", reason=str(exc))
-        return
-    if removed:
-        structlog.get_logger("nodeagent.run").info("eBPF datapath of an earlier run removed", removed=removed)
+from nodeagent.errors import NodeAgentError
 
 
 def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
     """`run --config FILE`: the file's settings become the defaults, so flags (and $NODE_NAME) still win."""
     if value is None:
         return
-    from nodeagent.config import ConfigError, read_config
+    from nodeagent.config import read_config
 
     try:
         ctx.default_map = {**(ctx.default_map or {}), **read_config(value).run_defaults()}
-    except ConfigError as exc:
+    except (NodeAgentError, OSError) as exc:
         raise click.BadParameter(str(exc), ctx, param) from exc
 
 
@@ -89,14 +75,9 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
         control_socket: str, netns_dir: Path,
         netns_prefix: str, pod_cgroup_parent: Path | None, tunnel_cgroup: Path | None) -> None:
     """Run the node agent: watch the source, keep this node's datapath in sync, until SIGTERM."""
-    import signal
-    import threading
-
-    import structlog
-
-    from nodeagent.daemon.agent import Agent, AgentOptions
-    from nodeagent.kernel.netfilter import Iptables, detect_backend, supports_random_fully
-    from nodeagent.service.iptables.proxier import IptablesProxier
+    from nodeagent.daemon import run as agent_daemon
+    from nodeagent.daemon.mesh import MeshOptions
+    from nodeagent.daemon.sources import SourceOptions
     from nodeagent.state.sync import SyncSchedule
 
     if source_lab is not None:
@@ -107,110 +88,14 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
         SyncSchedule(min_sync_period, sync_period)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    host, port = parse_host_port(healthz_bind_address)
-    metrics_host, metrics_port = parse_host_port(metrics_bind_address)
+    options = agent_daemon.RunOptions(
+        node_name=node_name, source=SourceOptions(manifests, kubeconfig, context),
+        mode=agent_daemon.ModeRequest(mode), cgroup=cgroup_path, bpf_scope=bpf_scope,
+        iptables_backend=iptables_backend, min_sync_period=min_sync_period, sync_period=sync_period,
+        cluster_cidrs=parse_cidrs(cluster_cidr), masquerade_all=masquerade_all,
+        nodeport_addresses=parse_cidrs(nodeport_addresses), healthz=parse_host_port(healthz_bind_address),
+        metrics=parse_host_port(metrics_bind_address),
+        mesh=MeshOptions(control_socket, netns_dir, netns_prefix, pod_cgroup_parent, tunnel_cgroup) if mesh else None)
     daemon_logging()
-    options = AgentOptions(node_name=node_name, min_sync_period=min_sync_period, sync_period=sync_period,
-                           cluster_cidrs=parse_cidrs(cluster_cidr), masquerade_all=masquerade_all,
-                           nodeport_addresses=parse_cidrs(nodeport_addresses), random_fully=supports_random_fully(),
-                           healthz_host=host, healthz_port=port, metrics_host=metrics_host, metrics_port=metrics_port)
-    backend = detect_backend() if iptables_backend == "auto" else iptables_backend
-    iptables_proxier = IptablesProxier(Iptables(backend), sync_period=sync_period)
-    proxier: Any = iptables_proxier
-    active, reason = "iptables", "asked for (--mode iptables)"
-    if mode in ("auto", "ebpf"):
-        from nodeagent.kernel.bpf.loader import BpfError, own_cgroup
-        from nodeagent.service.ebpf.proxier import EbpfProxier, external_interfaces
-
-        try:
-            cgroup = cgroup_path or own_cgroup()
-            ebpf = EbpfProxier(bpf_scope, cgroup, external=iptables_proxier, sync_period=sync_period,
-                               tc_interfaces=external_interfaces()).start()
-            proxier, active, reason = ebpf, "ebpf", ebpf.mode_detail
-        except (BpfError, OSError) as exc:
-            if mode == "ebpf":
-                raise click.ClickException(f"eBPF datapath unavailable: {exc}. `nodeagent doctor` says what this "
-                                           "machine lacks; `--mode auto` falls back to iptables") from exc
-            reason = f"eBPF unavailable, fell back to iptables: {exc}"
-            structlog.get_logger("nodeagent.run").warning("falling back to iptables", reason=str(exc))
-
-    def make_source(sink: Any) -> Any:
-        if manifests is not None:
-            from nodeagent.cluster.discovery.manifests import ManifestSource
-
-            return ManifestSource(manifests, sink)
-        from nodeagent.cluster.discovery.kubernetes import ApiConnection, KubernetesSource
-
-        return KubernetesSource(ApiConnection.from_config(kubeconfig, context), sink, node_name)
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if active == "iptables":
-        _clear_ebpf(bpf_scope, cgroup_path)
-    agent = Agent(options, make_source, proxier)
-    agent.health.mode, agent.health.mode_reason = active, reason
-    agent.start()
-    capture = _mesh_capture(active, backend, bpf_scope, netns_prefix, pod_cgroup_parent, tunnel_cgroup) if mesh \
-        else None
-    mesh_loop = _start_mesh(node_name, capture, control_socket, netns_dir, netns_prefix, agent) if mesh else None
-    try:
-        stop.wait()
-    finally:
-        if mesh_loop is not None:
-            mesh_loop.stop()
-            mesh_loop.reconciler.control.stop()
-        agent.stop()
-
-
-def _mesh_capture(active: str, backend: str, bpf_scope: str, netns_prefix: str, pod_cgroup_parent: Path | None,
-                  tunnel_cgroup: Path | None) -> Any:
-    """How pods are captured: eBPF on their cgroups when the datapath is eBPF and their cgroups can be
-    found, else iptables in their namespaces."""
-    from nodeagent.mesh.iptables.capture import IptablesCapture
-
-    if active != "ebpf" or pod_cgroup_parent is None:
-        return IptablesCapture(backend)
-    from nodeagent.kernel.bpf.loader import BpfError, own_cgroup
-    from nodeagent.mesh.ebpf import programs as bpf_mesh
-    from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
-
-    try:
-        programs = bpf_mesh.load(bpf_scope)
-        return EbpfCapture(programs, CgroupBesideNetns(pod_cgroup_parent, netns_prefix), backend,
-                           tunnel_cgroup or own_cgroup())
-    except (BpfError, OSError) as exc:
-        raise click.ClickException(f"eBPF mesh capture unavailable: {exc}; drop --pod-cgroup-parent to capture "
-                                   "with iptables") from exc
-
-
-def _start_mesh(node_name: str, capture: Any, control_socket: str, netns_dir: Path, netns_prefix: str,
-                agent: Any) -> Any:
-    """The control stream to the node tunnel and the loop that enrolls and captures this node's pods."""
-    from nodeagent.control.server import ControlServer
-    from nodeagent.daemon.mesh import MeshLoop
-    from nodeagent.mesh.iptables.capture import IptablesCapture
-    from nodeagent.mesh.reconciler import MeshReconciler
-
-    Path(control_socket).parent.mkdir(parents=True, exist_ok=True)
-    control = ControlServer(node_name)
-    try:
-        control.start(control_socket)
-    except (OSError, RuntimeError) as exc:
-        raise click.ClickException(f"control socket {control_socket}: {exc}") from exc
-    # Transparent connects need the iptables capture's policy routing for the replies (eBPF mode has none).
-    reconciler = MeshReconciler(node_name, control, capture, netns_dir=netns_dir, netns_prefix=netns_prefix,
-                                transparent=isinstance(capture, IptablesCapture))
-    loop = MeshLoop(reconciler, agent.tracker.last)
-    control.on_ack = loop.request
-
-    def inspect_status(pod: str) -> dict[str, Any]:  # for `nodeagent inspect`, over the control socket
-        snapshot = agent.tracker.last()
-        report: dict[str, Any] = agent.health.report()[1]
-        return {"mode": agent.health.mode, "mode_reason": agent.health.mode_reason, "syncs": agent.syncs,
-                "generation": None if snapshot is None else snapshot.generation, "health": report,
-                "capture": type(capture).__name__, "mesh_states": dict(reconciler.states),
-                "captured": dict(reconciler.captured)}
-
-    control.inspect_status = inspect_status
-    return loop.start()
+    with reported():
+        sys.exit(agent_daemon.run(options))

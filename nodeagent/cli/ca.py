@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from nodeagent.cli.options import (
-    daemon_logging,
-    parse_host_port,
-)
+from nodeagent.cli.options import daemon_logging, parse_host_port, reported
 
 
 @click.command("ca")
@@ -49,51 +46,22 @@ def ca(ca_dir: Path, trust_domain: str, address: str, monitoring_address: str, d
     on the tunnel's own node, after a TokenReview of its projected token. Until SIGTERM."""
     import datetime as dt
 
-    from nodeagent.ca.identity import IdentityError
-    from nodeagent.ca.server import CaOptions, CaServer, PodIndex, load_ca, run_until_stopped
-    from nodeagent.ca.service import CaMetrics
+    from nodeagent.ca.server import CaOptions
+    from nodeagent.daemon import ca as ca_daemon
+    from nodeagent.daemon.sources import SourceOptions
 
     namespace, _, account = tunnel_service_account.partition("/")
     if not namespace or not account or "/" in account:
         raise click.BadParameter(f"{tunnel_service_account!r} is not NAMESPACE/NAME",
                                  param_hint="--tunnel-service-account")
     monitoring = parse_host_port(monitoring_address)
-    try:
-        authority = load_ca(ca_dir, trust_domain)
-    except IdentityError as exc:
-        raise click.ClickException(f"mesh CA: {exc}") from exc
+    server = CaOptions(address=address, monitoring=None if monitoring[1] is None else (monitoring[0], monitoring[1]),
+                       max_ttl=dt.timedelta(seconds=max_workload_ttl),
+                       serving_ttl=dt.timedelta(seconds=serving_cert_ttl), dns_names=dns_names)
+    options = ca_daemon.CaRunOptions(ca_dir=ca_dir, tunnel_account=(namespace, account), trust_domain=trust_domain,
+                                     server=server, source=SourceOptions(manifests, kubeconfig, context),
+                                     audience=audience, review_cache_ttl=review_cache_ttl,
+                                     token_file_dir=token_file_dir)
     daemon_logging()
-    metrics = CaMetrics()
-    connection: Any = None
-    if manifests is None or token_file_dir is None:
-        from nodeagent.cluster.discovery.tokenreview import ReviewConnection
-
-        connection = ReviewConnection.connect(kubeconfig, context)
-    if token_file_dir is not None:
-        from nodeagent.ca.auth import StaticTokens
-
-        authenticator: Any = StaticTokens(token_file_dir)
-    else:
-        from nodeagent.ca.auth import TokenReviewAuthenticator
-
-        authenticator = TokenReviewAuthenticator(connection, audience, (namespace, account),
-                                                 cache_ttl=review_cache_ttl, metrics=metrics)
-
-    def make_source(sink: Any) -> Any:
-        if manifests is not None:
-            from nodeagent.cluster.discovery.manifests import ManifestSource
-
-            return ManifestSource(manifests, sink)
-        from nodeagent.cluster.discovery.kubernetes import KubernetesSource
-        from nodeagent.cluster.model import Kind
-
-        # Every node's pods, and nothing else: which identities each node runs.
-        return KubernetesSource(connection, sink, "", kinds=(Kind.POD,), all_pods=True)
-
-    options = CaOptions(address=address, monitoring=None if monitoring[1] is None else (monitoring[0], monitoring[1]),
-                        max_ttl=dt.timedelta(seconds=max_workload_ttl),
-                        serving_ttl=dt.timedelta(seconds=serving_cert_ttl), dns_names=dns_names)
-    try:
-        run_until_stopped(CaServer(options, authority, authenticator, PodIndex(make_source), metrics))
-    except (OSError, RuntimeError) as exc:
-        raise click.ClickException(f"mesh CA: {exc}") from exc
+    with reported():
+        sys.exit(ca_daemon.main(options))

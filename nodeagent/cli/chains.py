@@ -8,11 +8,8 @@ from pathlib import Path
 
 import click
 
-from nodeagent.cli.options import (
-    parse_cidrs,
-    read_snapshot,
-    source_options,
-)
+from nodeagent.cli.options import parse_cidrs, read_snapshot, reported, source_options
+from nodeagent.errors import NodeAgentError
 
 
 @click.command()
@@ -43,22 +40,18 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
     import difflib
 
     from nodeagent.daemon.agent import AgentOptions, proxy_config
-    from nodeagent.kernel.netfilter import Iptables, IptablesError, detect_backend, supports_random_fully
+    from nodeagent.kernel.netfilter import Iptables, detect_backend, supports_random_fully
     from nodeagent.service.iptables.formats import format_list, format_save, node_tables, ours_only
     from nodeagent.service.iptables.render import render
 
     if source_lab is not None:
-        from nodeagent.lab import lab as labs
-        from nodeagent.lab.agents import cluster_cidr as lab_cluster_cidr
-        from nodeagent.lab.errors import LabError
+        from nodeagent.lab import views as lab_views
 
-        try:
-            the_lab = labs.load(source_lab)
-        except LabError as exc:
-            raise click.ClickException(str(exc)) from exc
-        cluster_cidr = cluster_cidr if cluster_cidr is not None else lab_cluster_cidr(the_lab)
-        node_name = node_name or "node1"
-        netns = netns or the_lab.plan.node(node_name).netns
+        node_name = node_name or lab_views.DEFAULT_NODE
+        with reported():
+            view = lab_views.node_view(source_lab, node_name)
+        cluster_cidr = cluster_cidr if cluster_cidr is not None else view.cluster_cidr
+        netns = netns or view.netns
     state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
     options = AgentOptions(node_name=state.node_name, cluster_cidrs=parse_cidrs(cluster_cidr or ""),
                            masquerade_all=masquerade_all, random_fully=supports_random_fully())
@@ -76,7 +69,7 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
     try:
         ipt = Iptables(detect_backend(netns), netns)
         live = "".join(ipt.save(v.name) for v in views)
-    except (IptablesError, OSError) as exc:
+    except (NodeAgentError, OSError) as exc:
         raise click.ClickException(f"reading the live tables{f' of {netns}' if netns else ''}: {exc}") from exc
     drift = list(difflib.unified_diff(ours_only(live), ours_only(format_save(views)), "kernel", "expected",
                                       lineterm=""))
@@ -102,14 +95,14 @@ def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_pat
     --cleanup), eBPF attachments and pins, the mesh capture in pod namespaces and the node's probe SNAT;
     nothing else."""
     from nodeagent.kernel.bpf import loader, tc
-    from nodeagent.kernel.netfilter import Iptables, IptablesError, detect_backend, legacy_tables_exist
+    from nodeagent.kernel.netfilter import Iptables, detect_backend, legacy_tables_exist
     from nodeagent.service.iptables import cleanup as iptables_cleanup
 
     try:
         detached = loader.detach(cgroup_path) if cgroup_path is not None else []
         for line in detached + tc.detach_tc(netns=netns) + loader.remove_pins(bpf_scope):
             click.echo(f"removed (ebpf) {line}")
-    except (loader.BpfError, OSError) as exc:
+    except (NodeAgentError, OSError) as exc:
         raise click.ClickException(f"cleanup (ebpf): {exc}") from exc
 
     if iptables_backend == "both":
@@ -119,7 +112,7 @@ def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_pat
     for backend in backends:
         try:
             removed = iptables_cleanup.cleanup(Iptables(backend, netns))
-        except (IptablesError, OSError) as exc:
+        except (NodeAgentError, OSError) as exc:
             raise click.ClickException(f"cleanup ({backend}): {exc}") from exc
         for line in removed:
             click.echo(f"removed ({backend}) {line}")
@@ -130,7 +123,7 @@ def _cleanup_mesh(backends: list[str], netns: str | None, pod_netns_dir: Path, p
     """The mesh capture of every pod namespace that holds one, then the node's probe SNAT."""
     from nodeagent.kernel.podnetns import candidates
     from nodeagent.mesh.capture import CaptureStatus
-    from nodeagent.mesh.iptables.apply import RedirectError, live_state, remove_capture, remove_probe_snat
+    from nodeagent.mesh.iptables.apply import live_state, remove_capture, remove_probe_snat
 
     node = f"/run/netns/{netns}" if netns else None
     for backend in backends:
@@ -142,5 +135,5 @@ def _cleanup_mesh(backends: list[str], netns: str | None, pod_netns_dir: Path, p
                     remove_capture(str(path), backend=backend, pod=path.name)
                     click.echo(f"removed ({backend}) mesh capture in {path}")
             remove_probe_snat(node, backend=backend)
-        except (RedirectError, OSError) as exc:
+        except (NodeAgentError, OSError) as exc:
             raise click.ClickException(f"cleanup (mesh, {backend}): {exc}") from exc

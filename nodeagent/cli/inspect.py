@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from nodeagent.cli.options import (
-    parse_cidrs,
-    read_snapshot,
-    source_options,
-)
+from nodeagent.cli.options import parse_cidrs, read_snapshot, reported, source_options
+from nodeagent.errors import NodeAgentError
+
+if TYPE_CHECKING:
+    from nodeagent.inspect.gather import Target
 
 
 @click.command()
@@ -41,10 +41,9 @@ def inspect(pod_ref: str | None, namespace: str | None, service: str | None, kub
     counters, or eBPF programs and map entries), the tunnel's view, the Services' translation paths, and every
     difference between desired and live state (marked !!; exit 3 when there is any). Without --pod: a Service's
     frontends (--service), or every pod of the node. Read-only."""
-    from nodeagent.inspect.gather import InspectError, inspect_node, inspect_pod, inspect_service
+    from nodeagent.inspect.gather import inspect_node, inspect_pod, inspect_service
     from nodeagent.inspect.output import node_text, service_text
     from nodeagent.inspect.output import render as render_report
-    from nodeagent.mesh.iptables.apply import RedirectError
 
     target, _ = _inspect_target(pod_ref, namespace, kubeconfig, context, manifests, source_lab, node_name,
                                 control_socket, netns_dir, netns_prefix, bpf_scope, pod_cgroup_parent)
@@ -58,7 +57,7 @@ def inspect(pod_ref: str | None, namespace: str | None, service: str | None, kub
             click.echo(node_text(target.node, reports, output), nl=False)
             sys.exit(3 if any(r.drifted for r in reports) else 0)
         report = inspect_pod(target, pod_ref, namespace, service)
-    except (InspectError, RedirectError, OSError) as exc:
+    except (NodeAgentError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(render_report(report, output), nl=False)
     sys.exit(3 if report.drifted else 0)
@@ -67,31 +66,23 @@ def inspect(pod_ref: str | None, namespace: str | None, service: str | None, kub
 def _inspect_target(pod_ref: str | None, namespace: str | None, kubeconfig: str | None, context: str | None,
                     manifests: Path | None, source_lab: str | None, node_name: str | None, control_socket: str | None,
                     netns_dir: Path, netns_prefix: str, bpf_scope: str, pod_cgroup_parent: Path | None
-                    ) -> tuple[Any, str]:
+                    ) -> tuple[Target, str]:
     """Where the pod's node keeps its parts (a lab's node: the pod's own unless --node), and the node's address."""
-    from nodeagent.inspect.gather import InspectError, Target, find_pod
+    from nodeagent.inspect.gather import Target, find_pod
 
     node_netns, cidrs, address = None, "", ""
     if source_lab is not None:
-        from nodeagent.lab import cgroups
-        from nodeagent.lab import lab as labs
-        from nodeagent.lab.agents import cluster_cidr
-        from nodeagent.lab.agents import control_socket as lab_socket
-        from nodeagent.lab.errors import LabError
+        from nodeagent.lab import views
 
-        try:
-            the_lab = labs.load(source_lab)
+        with reported():
             if node_name is None and pod_ref is not None:  # the pod's own node
                 first = read_snapshot(None, None, None, source_lab, None)
-                node_name = find_pod(first, pod_ref, namespace).node_name or "node1"
-            node_name = node_name or "node1"
-            plan = the_lab.plan.node(node_name)
-        except (LabError, InspectError) as exc:
-            raise click.ClickException(str(exc)) from exc
-        node_netns, cidrs, address = plan.netns, cluster_cidr(the_lab), str(plan.node.address)
-        control_socket = control_socket or str(lab_socket(the_lab, node_name))
-        netns_prefix, bpf_scope = f"{source_lab}-pod-", f"{source_lab}-{node_name}"
-        pod_cgroup_parent = cgroups.path_of(plan.cgroup)
+                node_name = find_pod(first, pod_ref, namespace).node_name or views.DEFAULT_NODE
+            node_name = node_name or views.DEFAULT_NODE
+            view = views.node_view(source_lab, node_name)
+        node_netns, cidrs, address = view.netns, view.cluster_cidr, view.address
+        control_socket = control_socket or str(view.control_socket)
+        netns_prefix, bpf_scope, pod_cgroup_parent = view.pod_netns_prefix, view.bpf_scope, view.pod_cgroup_parent
     state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
     return Target(state, state.node_name, node_netns, control_socket or "/run/nodeagent/control.sock", bpf_scope,
                   netns_dir, netns_prefix, pod_cgroup_parent, parse_cidrs(cidrs)), address
@@ -118,7 +109,7 @@ def trace(source: str, namespace: str | None, destination: str, proto: str, prob
 
     from nodeagent.inspect import probe as probing
     from nodeagent.inspect.gather import InspectError, datapath_mode, find_pod, service_paths
-    from nodeagent.inspect.trace import TraceError, TraceInput, predict, to_text
+    from nodeagent.inspect.trace import TraceInput, predict, to_text
     from nodeagent.mesh.annotations import capture_options
 
     host, _, port = destination.rpartition(":")
@@ -138,18 +129,15 @@ def trace(source: str, namespace: str | None, destination: str, proto: str, prob
                            tuple(str(ip) for ip in (target.snapshot.node.internal_ips if target.snapshot.node
                                                     else ())), options)
         predicted = predict(target.snapshot, target.node, given)
-    except (InspectError, TraceError, ValueError, OSError) as exc:
+    except (NodeAgentError, ValueError, OSError) as exc:  # ValueError: a malformed address
         raise click.ClickException(str(exc)) from exc
     result = None
     if probe:
         assert target.node_netns is not None and source_lab is not None
-        from nodeagent.lab import lab as labs
+        from nodeagent.lab import views
 
-        plan = labs.load(source_lab).plan
-
-        def node_of(name: str) -> tuple[str, str]:
-            return plan.node(name).netns, str(plan.node(name).node.address)
-
+        with reported():
+            node_of = views.node_locator(source_lab)
         result = probing.probe(predicted, probing.lab_sender(source_lab, pod.ref.key, destination, proto == "udp"),
                                target.node_netns, address, mode, node_of)
     if output == "json":

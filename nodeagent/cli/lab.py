@@ -44,16 +44,10 @@ def lab_up(directory: Path | None, lab_name: str) -> None:
 def lab_agents(lab_name: str, mode: str, mesh: bool) -> None:
     """Start `nodeagent run` (and the tunnel) on every node of the lab (stopped by `lab down`)."""
     from nodeagent.lab.agents import start_agents
+    from nodeagent.lab.views import agents_summary
 
-    lab = start_agents(lab_name, mode, mesh=mesh)
-    logs = lab.record.directory / "logs"
-    for node in lab.plan.nodes:
-        name, address = node.node.name, node.node.address
-        click.echo(f"agent on {name}: synced, healthz http://{address}:10256/healthz "
-                   f"(in {node.netns}), log {logs / f'agent.{name}.log'}")
-        if mesh:
-            click.echo(f"tunnel on {name}: ready, http://{address}:15021/healthz/ready, "
-                       f"log {logs / f'ztunnel.{name}.log'}")
+    for line in agents_summary(start_agents(lab_name, mode, mesh=mesh), mesh):
+        click.echo(line)
 
 
 @lab.command("down")

@@ -1,34 +1,48 @@
 """What several commands share: where the cluster state comes from, address and CIDR parsing, the lab
-option, daemon logging."""
+option, daemon logging, and turning nodeagent's errors into one-paragraph messages."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
 import click
 
+from nodeagent.cluster.model import IPNetwork
+from nodeagent.errors import NodeAgentError
 from nodeagent.observability.logs import configure_logging
+from nodeagent.state.tracker import Snapshot
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., object])
 LAB_OPTION = click.option("--lab", "lab_name", default="lab", envvar="NODEAGENT_LAB", show_default=True,
                           help="lab name: the prefix of all its namespaces and cgroups")
 
 
-def lab_errors(func: F) -> F:
+@contextmanager
+def reported(prefix: str = "") -> Iterator[None]:
+    """nodeagent's errors (and the machine's) inside become a click error, "PREFIXmessage", exit status 1,
+    not a traceback."""
+    try:
+        yield
+    except (NodeAgentError, OSError) as exc:
+        raise click.ClickException(f"{prefix}{exc}") from exc
+
+
+def lab_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn lab errors into a one-paragraph message and exit status 1, not a traceback."""
-    from nodeagent.lab.errors import LabError
 
     @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with reported():
             return func(*args, **kwargs)
-        except LabError as exc:
-            raise click.ClickException(str(exc)) from exc
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def daemon_logging() -> None:
@@ -51,40 +65,35 @@ def source_options(func: F) -> F:
 
 
 def read_snapshot(kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
-                  node_name: str | None) -> Any:
+                  node_name: str | None) -> Snapshot:
     """One complete snapshot from the chosen source; a click error naming what is wrong otherwise."""
     chosen = [flag for flag, value in (("--kubeconfig", kubeconfig or context), ("--manifests", manifests),
                                        ("--lab", source_lab)) if value]
     if len(chosen) > 1:
         raise click.UsageError(f"choose one source, not {' and '.join(chosen)}")
-    from nodeagent.state.once import SourceTimeout, snapshot_of_cluster, snapshot_of_manifests
+    from nodeagent.state.once import snapshot_of_cluster, snapshot_of_manifests
 
     if source_lab is not None:
-        from nodeagent.lab import lab as labs
-        from nodeagent.lab.errors import LabError
+        from nodeagent.lab import views
 
-        try:
-            manifests = labs.load(source_lab).record.manifests_path.parent
-        except LabError as exc:
-            raise click.ClickException(str(exc)) from exc
-        node_name = node_name or "node1"
+        with reported():
+            manifests = views.manifests_dir(source_lab)
+        node_name = node_name or views.DEFAULT_NODE
     if node_name is None:
         raise click.UsageError("--node (or $NODE_NAME) is needed: which node's view to show")
     try:
-        if manifests is not None:
-            return snapshot_of_manifests(manifests, node_name)
-        return snapshot_of_cluster(kubeconfig, node_name, context=context)
-    except (OSError, SourceTimeout) as exc:
-        raise click.ClickException(str(exc)) from exc
+        with reported():
+            if manifests is not None:
+                return snapshot_of_manifests(manifests, node_name)
+            return snapshot_of_cluster(kubeconfig, node_name, context=context)
     except Exception as exc:  # the kubernetes client's config errors have no common base class
         if type(exc).__module__.startswith("kubernetes"):
             raise click.ClickException(f"Kubernetes configuration: {exc}") from exc
         raise
 
 
-def parse_cidrs(value: str) -> tuple[Any, ...]:
-    import ipaddress
-
+def parse_cidrs(value: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated CIDRs (empty: none); a bad one is a usage error naming it."""
     try:
         return tuple(ipaddress.ip_network(part.strip()) for part in value.split(",") if part.strip())
     except ValueError as exc:
@@ -92,6 +101,7 @@ def parse_cidrs(value: str) -> tuple[Any, ...]:
 
 
 def parse_host_port(value: str) -> tuple[str, int | None]:
+    """HOST:PORT (host 0.0.0.0 when empty); "" or "0": off (port None)."""
     if value in ("", "0"):
         return "", None
     host, _, port = value.rpartition(":")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from nodeagent.cli.options import (
-    daemon_logging,
-    parse_host_port,
-)
+from nodeagent.cli.options import daemon_logging, parse_host_port, reported
 
 
 @click.command()
@@ -47,37 +44,19 @@ def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, cont
             admin_address: str, readiness_address: str, metrics_address: str, control_socket: str | None,
             no_policy_crds: bool) -> None:
     """Run the node tunnel: HBONE (mTLS) for every enrolled pod of this node, until SIGTERM."""
-    from nodeagent.ca.service import request_certificate
-    from nodeagent.daemon.tunnel import TunnelOptions, TunnelProcess, run_forever
+    from nodeagent.daemon import tunnel
+    from nodeagent.daemon.sources import SourceOptions
 
     admin, readiness = parse_host_port(admin_address), parse_host_port(readiness_address)
     metrics = parse_host_port(metrics_address)
     if admin[1] is None or readiness[1] is None:
         raise click.BadParameter("the admin and readiness endpoints cannot be turned off")
-    try:
-        root_pem = ca_root_file.read_text()
-        ca_token_file.read_text()
-    except OSError as exc:
-        raise click.ClickException(f"tunnel credentials: {exc}") from exc
+    options = tunnel.TunnelOptions(node=node_name, trust_domain=trust_domain, netns_dir=netns_dir,
+                                   netns_prefix=netns_prefix, admin=(admin[0], admin[1]),
+                                   readiness=(readiness[0], readiness[1]),
+                                   metrics=None if metrics[1] is None else (metrics[0], metrics[1]),
+                                   control_socket=control_socket, no_policy_crds=no_policy_crds)
+    credentials = tunnel.CaCredentials(ca_address, ca_token_file, ca_root_file)
     daemon_logging()
-
-    def fetch(identity: Any, key: Any) -> list[str]:
-        # Read per request: the kubelet rotates a projected token on disk; no restart needed.
-        return request_certificate(ca_address, ca_token_file.read_text().strip(), identity, key, root_pem)
-
-    def make_source(sink: Any) -> Any:
-        if manifests is not None:
-            from nodeagent.cluster.discovery.manifests import ManifestSource
-
-            return ManifestSource(manifests, sink)
-        from nodeagent.cluster.discovery.kubernetes import CORE_KINDS, MESH_KINDS, ApiConnection, KubernetesSource
-
-        # Every node's pods: the tunnel checks the identity of destinations on other nodes.
-        return KubernetesSource(ApiConnection.from_config(kubeconfig, context), sink, node_name, all_pods=True,
-                                kinds=CORE_KINDS if no_policy_crds else CORE_KINDS + MESH_KINDS)
-
-    options = TunnelOptions(node=node_name, trust_domain=trust_domain, netns_dir=netns_dir, netns_prefix=netns_prefix,
-                            admin=(admin[0], admin[1]), readiness=(readiness[0], readiness[1]),
-                            metrics=None if metrics[1] is None else (metrics[0], metrics[1]),
-                            control_socket=control_socket, no_policy_crds=no_policy_crds)
-    run_forever(TunnelProcess(options, fetch, make_source))
+    with reported():
+        sys.exit(tunnel.main(options, credentials, SourceOptions(manifests, kubeconfig, context)))

@@ -1,5 +1,6 @@
-"""The mesh reconciler's loop: a thread that passes after each new snapshot, periodically, and while a pod
-waits for the tunnel's acknowledgement."""
+"""The agent's mesh part: how pods are captured, the control stream to the node tunnel, and the reconciler's
+loop, a thread that passes after each new snapshot, periodically, and while a pod waits for the tunnel's
+acknowledgement. `start_mesh` wires them: the control server's callbacks go to the loop and the agent."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
+from nodeagent.control.server import ControlServer
+from nodeagent.daemon.agent import Agent
+from nodeagent.daemon.errors import StartError
+from nodeagent.errors import NodeAgentError
+from nodeagent.mesh.ebpf.capture import EbpfCapture
+from nodeagent.mesh.iptables.capture import IptablesCapture
 from nodeagent.mesh.reconciler import MESH_INPUT_KINDS, MeshReconciler
 from nodeagent.state.tracker import Snapshot
 
@@ -62,3 +70,61 @@ class MeshLoop:
                 generation, due = snapshot.generation, time.monotonic() + self.period
             # New snapshots are noticed within the poll; the tunnel's acknowledgements wake it at once.
             self._wake.wait(self.poll)
+
+
+@dataclass(frozen=True)
+class MeshOptions:
+    """The mesh flags of `nodeagent run`."""
+
+    control_socket: str = "/run/nodeagent/control.sock"
+    netns_dir: Path = Path("/run/netns")
+    netns_prefix: str = ""
+    # eBPF-mode capture: pods' cgroups are <dir>/<netns name minus the prefix>; None: iptables in every mode.
+    pod_cgroup_parent: Path | None = None
+    tunnel_cgroup: Path | None = None  # where the original-destination hook goes (None: this process's cgroup)
+
+
+def mesh_capture(ebpf_datapath: bool, backend: str, bpf_scope: str, options: MeshOptions
+                 ) -> IptablesCapture | EbpfCapture:
+    """How pods are captured: eBPF on their cgroups when the datapath is eBPF and their cgroups can be
+    found, else iptables in their namespaces (`backend`)."""
+    if not ebpf_datapath or options.pod_cgroup_parent is None:
+        return IptablesCapture(backend)
+    from nodeagent.kernel.bpf.loader import own_cgroup
+    from nodeagent.mesh.ebpf import programs as bpf_mesh
+    from nodeagent.mesh.ebpf.capture import CgroupBesideNetns
+
+    try:
+        programs = bpf_mesh.load(bpf_scope)
+        return EbpfCapture(programs, CgroupBesideNetns(options.pod_cgroup_parent, options.netns_prefix), backend,
+                           options.tunnel_cgroup or own_cgroup())
+    except (NodeAgentError, OSError) as exc:
+        raise StartError(f"eBPF mesh capture unavailable: {exc}; drop --pod-cgroup-parent to capture "
+                         "with iptables") from exc
+
+
+def start_mesh(agent: Agent, capture: IptablesCapture | EbpfCapture, options: MeshOptions) -> MeshLoop:
+    """The control stream to the node tunnel and the loop that enrolls and captures the agent's node's pods,
+    started; the control server's acknowledgements wake the loop, and its inspect calls read the agent."""
+    node = agent.options.node_name
+    Path(options.control_socket).parent.mkdir(parents=True, exist_ok=True)
+    control = ControlServer(node)
+    try:
+        control.start(options.control_socket)
+    except (OSError, RuntimeError) as exc:
+        raise StartError(f"control socket {options.control_socket}: {exc}") from exc
+    # Transparent connects need the iptables capture's policy routing for the replies (eBPF mode has none).
+    reconciler = MeshReconciler(node, control, capture, netns_dir=options.netns_dir,
+                                netns_prefix=options.netns_prefix, transparent=isinstance(capture, IptablesCapture))
+    loop = MeshLoop(reconciler, agent.tracker.last)
+    control.on_ack = loop.request
+
+    def inspect_status(pod: str) -> dict[str, object]:  # for `nodeagent inspect`, over the control socket
+        snapshot = agent.tracker.last()
+        return {"mode": agent.health.mode, "mode_reason": agent.health.mode_reason, "syncs": agent.syncs,
+                "generation": None if snapshot is None else snapshot.generation, "health": agent.health.report()[1],
+                "capture": type(capture).__name__, "mesh_states": dict(reconciler.states),
+                "captured": dict(reconciler.captured)}
+
+    control.inspect_status = inspect_status
+    return loop.start()

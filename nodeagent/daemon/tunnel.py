@@ -22,15 +22,19 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.ca.identity import SpiffeId
+from nodeagent.ca.service import request_certificate
 from nodeagent.cluster.events import Listed, Sink
 from nodeagent.cluster.model import Kind
 from nodeagent.control.assignments import Assignment
 from nodeagent.control.client import ControlClient
+from nodeagent.daemon.errors import StartError
+from nodeagent.daemon.sources import SourceOptions, source_factory
 from nodeagent.kernel import podnetns
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.tunnel.admin import serve_http, start_admin
@@ -139,7 +143,7 @@ class TunnelProcess:
         return [f"policies not synced: {kind} not listed" + (f" ({failures[kind]})" if kind in failures else "")
                 for kind in POLICY_KINDS if kind not in self._synced_kinds] or ["policies not synced"]
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, object]:
         """Per-pod states and enrollment decisions, for the admin endpoint."""
         table = self.table
         return {"states": {ip: state or "served" for ip, state in sorted(self.states.items())},
@@ -333,3 +337,40 @@ def run_forever(process: TunnelProcess) -> None:
         await process.run(stop)
 
     uvloop.run(main())
+
+
+@dataclass(frozen=True)
+class CaCredentials:
+    """How the tunnel reaches the mesh CA: its address, the token it authenticates with (a projected
+    ServiceAccount token the kubelet rotates on disk, so read for every request) and the mesh root."""
+
+    address: str
+    token_file: Path
+    root_file: Path
+
+    def fetcher(self) -> Fetch:
+        """The certificate fetch of the tunnel; raises StartError when either file cannot be read now."""
+        try:
+            root_pem = self.root_file.read_text()
+            self.token_file.read_text()
+        except OSError as exc:
+            raise StartError(f"tunnel credentials: {exc}") from exc
+
+        def fetch(identity: SpiffeId, key: ec.EllipticCurvePrivateKey) -> list[str]:
+            # Read per request: the kubelet rotates a projected token on disk; no restart needed.
+            return request_certificate(self.address, self.token_file.read_text().strip(), identity, key, root_pem)
+
+        return fetch
+
+
+def main(options: TunnelOptions, credentials: CaCredentials, source: SourceOptions) -> int:
+    """`nodeagent ztunnel`: run the tunnel until SIGTERM or SIGINT; the exit status. Raises StartError when
+    its credentials cannot be read."""
+    from nodeagent.cluster.discovery.kubernetes import CORE_KINDS, MESH_KINDS
+
+    fetch = credentials.fetcher()
+    # Every node's pods: the tunnel checks the identity of destinations on other nodes.
+    make_source = source_factory(source, options.node, all_pods=True,
+                                 kinds=CORE_KINDS if options.no_policy_crds else CORE_KINDS + MESH_KINDS)
+    run_forever(TunnelProcess(options, fetch, make_source))
+    return 0

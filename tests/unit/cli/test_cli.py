@@ -37,3 +37,17 @@ def test_lab_up_without_root_says_so(monkeypatch) -> None:  # type: ignore[no-un
     result = CliRunner().invoke(main, ["lab", "up", "--lab", "unitnoroot"])
     assert result.exit_code == 1
     assert "needs root: run it with sudo" in result.output
+
+
+def test_a_daemon_that_cannot_start_says_why_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "root-cert.pem").write_text("root")
+    result = CliRunner().invoke(main, ["ztunnel", "--node", "n1", "--manifests", str(tmp_path),
+                                       "--ca-token-file", str(tmp_path / "token"),
+                                       "--ca-root-file", str(tmp_path / "root-cert.pem")])
+    assert result.exit_code == 1
+    assert "Error: tunnel credentials: " in result.output and "Traceback" not in result.output
+
+
+def test_every_command_group_is_registered_on_the_root() -> None:
+    assert set(main.commands) == {"version", "doctor", "lab", "workload", "snapshot", "run", "ztunnel", "ca", "chains",
+                                  "inspect", "trace", "cleanup"}
