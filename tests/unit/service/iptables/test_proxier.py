@@ -7,9 +7,11 @@ from typing import Any
 import pytest
 
 from nodeagent.cluster.model import Kind, ObjectRef
+from nodeagent.daemon.agent import Agent, AgentOptions
 from nodeagent.kernel.netfilter import IptablesError
 from nodeagent.observability.health import HealthState
 from nodeagent.service.config import ProxyConfig
+from nodeagent.service.datapath import Datapath, DatapathMode, Gauges
 from nodeagent.service.iptables.proxier import IptablesProxier
 from tests.support.services import OVERALL_OBJECTS, ep, slice_, snapshot_of
 
@@ -99,3 +101,29 @@ def test_health_turns_unhealthy_only_after_changes_wait_longer_than_the_grace() 
     assert not healthy and body["lastUpdated"] == ""
     health.updated()
     assert health.report()[0] and health.report()[1]["lastUpdated"].startswith("1970")
+
+
+def test_a_full_sync_reports_rules_per_table_and_a_partial_one_nothing() -> None:
+    proxier = IptablesProxier(RecordingIptables(), sync_period=1e6, run=lambda argv: 0)  # type: ignore[arg-type]
+    full = sync(proxier, snapshot_of(*OVERALL_OBJECTS), set())
+    assert full.gauges() == Gauges(rules={"filter": sum(r.startswith("-A ") for r in full.rendered.filter.rules),
+                                          "nat": sum(r.startswith("-A ") for r in full.rendered.nat.rules)})
+    assert full.gauges().rules["nat"] > 0 and not full.gauges().map_entries
+    partial = sync(proxier, snapshot_of(*OVERALL_OBJECTS), {ObjectRef(Kind.SERVICE, "ns1", "svc1")})
+    assert not partial.full and partial.gauges() == Gauges()
+
+
+def test_the_agent_names_its_sync_thread_after_the_datapath() -> None:
+    proxier = IptablesProxier(RecordingIptables(), run=lambda argv: 0)  # type: ignore[arg-type]
+    datapath: Datapath = proxier  # the protocol the agent drives
+    agent = Agent(AgentOptions("node1", healthz_port=None), lambda sink: _NoSource(), datapath)
+    assert datapath.mode is DatapathMode.IPTABLES
+    assert agent._runner._thread.name == "iptables-sync"
+
+
+class _NoSource:
+    def start(self) -> object:
+        return self
+
+    def stop(self) -> None:
+        pass
