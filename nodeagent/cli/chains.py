@@ -94,46 +94,10 @@ def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_pat
     """Remove what either datapath and the mesh created: iptables chains and jump rules (as kube-proxy
     --cleanup), eBPF attachments and pins, the mesh capture in pod namespaces and the node's probe SNAT;
     nothing else."""
-    from nodeagent.kernel.bpf import loader, tc
-    from nodeagent.kernel.netfilter import Iptables, detect_backend, legacy_tables_exist
-    from nodeagent.service.iptables import cleanup as iptables_cleanup
+    from nodeagent.daemon.cleanup import CleanupOptions
+    from nodeagent.daemon.cleanup import cleanup as clean_node
 
-    try:
-        detached = loader.detach(cgroup_path) if cgroup_path is not None else []
-        for line in detached + tc.detach_tc(netns=netns) + loader.remove_pins(bpf_scope):
-            click.echo(f"removed (ebpf) {line}")
-    except (NodeAgentError, OSError) as exc:
-        raise click.ClickException(f"cleanup (ebpf): {exc}") from exc
-
-    if iptables_backend == "both":
-        backends = ["nft"] + (["legacy"] if legacy_tables_exist(netns) else [])
-    else:
-        backends = [detect_backend(netns) if iptables_backend == "auto" else iptables_backend]
-    for backend in backends:
-        try:
-            removed = iptables_cleanup.cleanup(Iptables(backend, netns))
-        except (NodeAgentError, OSError) as exc:
-            raise click.ClickException(f"cleanup ({backend}): {exc}") from exc
-        for line in removed:
-            click.echo(f"removed ({backend}) {line}")
-    _cleanup_mesh(backends, netns, pod_netns_dir, pod_netns_prefix)
-
-
-def _cleanup_mesh(backends: list[str], netns: str | None, pod_netns_dir: Path, pod_netns_prefix: str) -> None:
-    """The mesh capture of every pod namespace that holds one, then the node's probe SNAT."""
-    from nodeagent.kernel.podnetns import candidates
-    from nodeagent.mesh.capture import CaptureStatus
-    from nodeagent.mesh.iptables.apply import live_state, remove_capture, remove_probe_snat
-
-    node = f"/run/netns/{netns}" if netns else None
-    for backend in backends:
-        try:
-            for path in candidates(pod_netns_dir, pod_netns_prefix):
-                if str(path) == node:
-                    continue
-                if live_state(str(path), backend=backend).status is not CaptureStatus.ABSENT:
-                    remove_capture(str(path), backend=backend, pod=path.name)
-                    click.echo(f"removed ({backend}) mesh capture in {path}")
-            remove_probe_snat(node, backend=backend)
-        except (NodeAgentError, OSError) as exc:
-            raise click.ClickException(f"cleanup (mesh, {backend}): {exc}") from exc
+    options = CleanupOptions(iptables_backend, netns, bpf_scope, cgroup_path, pod_netns_dir, pod_netns_prefix)
+    with reported():
+        for line in clean_node(options):
+            click.echo(line)
