@@ -194,7 +194,16 @@ except CertificateRequestError as exc:
 @pytest.mark.root
 def test_a_labs_tunnel_token_gets_only_its_own_nodes_identities(tmp_path: Path) -> None:
     from nodeagent.lab import lab as labs
-    from nodeagent.lab.agents import CA_OWNER, CA_PORT, api_request, ca_address, ca_dir, token_file
+    from nodeagent.lab.agents import (
+        CA_OWNER,
+        CA_PORT,
+        TUNNEL_NAMESPACE,
+        api_request,
+        ca_address,
+        ca_dir,
+        token_file,
+        tunnel_pod_name,
+    )
     from tests.support.agent_labs import lab_with_agents, owner_process
 
     with lab_with_agents(tmp_path, LONELY, "iptables", mesh=True) as lab:
@@ -227,4 +236,4 @@ def test_a_labs_tunnel_token_gets_only_its_own_nodes_identities(tmp_path: Path) 
         log = [json.loads(line) for line in (lab.record.directory / "logs" / "ca.log").read_text().splitlines()
                if line.startswith("{")]
         authenticated = {line.get("pod") for line in log if line.get("event") == "tunnel authenticated"}
-        assert {"nodeagent/tunnel-node1", "nodeagent/tunnel-node2"} <= authenticated
+        assert {f"{TUNNEL_NAMESPACE}/{tunnel_pod_name(node)}" for node in ("node1", "node2")} <= authenticated
