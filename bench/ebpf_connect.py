@@ -1,4 +1,4 @@
-"""eBPF datapath benchmark (issue 6), in a throwaway network namespace and cgroup (root, bcc).
+"""eBPF datapath benchmark, in a throwaway network namespace and cgroup (root, bcc).
 
 With N Services x E endpoints in the maps (default 10,000 x 10):
 - time to load all maps from empty;

@@ -1,4 +1,4 @@
-"""Endpoint choice benchmark (issue 8): what the tunnel's pure logic costs per captured connection.
+"""Endpoint choice benchmark: what the tunnel's pure logic costs per captured connection.
 
 With N Services x E endpoints (default 10,000 x 10) in a snapshot, nodes in two zones, every Service
 asking for zone locality and one Service in ten with an ejected endpoint:

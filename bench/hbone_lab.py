@@ -1,4 +1,4 @@
-"""Tunnel benchmark on the lab topology (issue 7, DESIGN §6): pod -> node1 -> fabric -> node2 -> pod, same run:
+"""Tunnel benchmark on the lab topology: pod -> node1 -> fabric -> node2 -> pod, same run:
 
   bare       the routed veth path, no proxy (the ceiling)
   envoy      two Envoys doing HBONE (tcp_proxy tunneling -> HCM CONNECT termination, mTLS 1.3, --concurrency 1)

@@ -1,11 +1,11 @@
-"""Tunnel throughput benchmark (issue 7, first cut): single-stream bytes/s on loopback, same run:
+"""Tunnel throughput benchmark (first cut): single-stream bytes/s on loopback, same run:
 (a) bare TCP, (b) two Envoys doing HBONE (tcp_proxy tunneling -> HCM CONNECT termination), (c) two
 nodeagent HBONE peers (bench/hbone_peer.py), each tunnel side its own process, mutual TLS 1.3 with
 SPIFFE certificates from one CA. Medians of --runs transfers of --mib MiB.
 
     .venv/bin/python bench/hbone_throughput.py            (root: the tunnel marks its sockets)
 
-The issue's full benchmark (lab topology, latency at 1,000 req/s, CPU and RSS) is still to come.
+The full benchmark (lab topology, latency at 1,000 req/s, CPU and RSS) is bench/hbone_lab.py.
 """
 
 from __future__ import annotations

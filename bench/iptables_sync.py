@@ -1,9 +1,9 @@
-"""iptables datapath benchmark (issue 5), in throwaway network namespaces (root).
+"""iptables datapath benchmark, in throwaway network namespaces (root).
 
 For N Services x E endpoints (default 10,000 x 10), per backend:
 - full sync: the agent's first sync (jump rules, render, iptables-save for stale chains, restore; on
   iptables-nft in batches) against the reference, a bare `iptables-restore --noflush` of the same
-  rules in one go, each into a fresh namespace. The nft reference is quadratic (DESIGN.md: over
+  rules in one go, each into a fresh namespace. The nft reference is quadratic (measured: over
   16 minutes at 10,000), so it runs only up to --nft-reference-max Services.
 - one endpoint change -> rules in the kernel: an EndpointSlice update folded into the tracker, the
   snapshot built, the partial sync rendered and restored (minSyncPeriod 0: no rate limiter), p50/p99.

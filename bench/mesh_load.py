@@ -1,4 +1,4 @@
-"""New-connection load through two node tunnels with one endpoint failing (issue 8): "1,000 connections/s
+"""New-connection load through two node tunnels with one endpoint failing: "1,000 connections/s
 held for 60 s through two tunnels with one endpoint failing: zero failed client connections, p99 connect
 latency".
 

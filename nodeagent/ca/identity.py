@@ -1,6 +1,6 @@
 """Workload identity: SPIFFE IDs, the mesh CA, CSRs and certificate checks. No I/O besides the CA's files.
 
-- Identity is `spiffe://<trust-domain>/ns/<namespace>/sa/<service account>` (DESIGN §4), carried as the
+- Identity is `spiffe://<trust-domain>/ns/<namespace>/sa/<service account>` (docs/security.md), carried as the
   single URI SAN of an ECDSA P-256 certificate, as Istio's workload certificates carry it.
 - The CA (root + intermediate) is generated at first start and persisted, or loaded from files; leaf
   certificates are issued from CSRs with the requested TTL capped at a maximum, like Istio's
@@ -67,7 +67,7 @@ class SpiffeId:
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
-    """A fresh ECDSA P-256 key (DESIGN §4)."""
+    """A fresh ECDSA P-256 key, the key type of Istio's workload certificates."""
     return ec.generate_private_key(ec.SECP256R1())
 
 

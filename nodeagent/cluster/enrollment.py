@@ -1,4 +1,4 @@
-"""Which pods are in the mesh, and why (DESIGN §4): pure, shared by the tunnel, the redirect and inspect.
+"""Which pods are in the mesh, and why: pure, shared by the tunnel, the mesh capture and inspect.
 
 As Istio ambient: the namespace or the pod carries `nodeagent.io/mesh=enabled` (or
 `istio.io/dataplane-mode=ambient`); a pod label `nodeagent.io/mesh=disabled` (or

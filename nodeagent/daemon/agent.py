@@ -91,7 +91,8 @@ def proxy_config(options: AgentOptions, snapshot: Snapshot, addresses: tuple[IPA
 
 
 class Agent:
-    """Ties a source, the tracker, the runner, the datapath (iptables or eBPF) and the health endpoint together."""
+    """Ties a source, the tracker, the runner, the datapath (iptables or eBPF) and the health and metrics
+    endpoints together."""
 
     def __init__(self, options: AgentOptions, make_source: Callable[[Sink], Source], proxier: Datapath,
                  addresses: Callable[[], tuple[IPAddress, ...]] = local_addresses) -> None:

@@ -1,6 +1,7 @@
 """`nodeagent trace`: the path one new connection from a pod would take, step by step, predicted from the same
 functions the datapath uses: enrollment and the capture's exclusions (`nodeagent.cluster.enrollment`,
-`nodeagent.mesh.iptables`), the tunnel's Service table and balancer (`nodeagent.tunnel.state.services`, `.balance`), the
+`nodeagent.mesh.iptables`), the tunnel's Service table and balancer (`nodeagent.tunnel.state.services`,
+`nodeagent.tunnel.resilience.balance`), the
 node's translation (`paths`: the rendered iptables chains or the eBPF map entries) and L4 authorization
 (`nodeagent.tunnel.state.authz`). Pure.
 """

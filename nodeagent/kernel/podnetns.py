@@ -1,8 +1,9 @@
 """Finding a pod's network namespace by its IP, among the namespaces a container runtime binds in a
 directory (`/run/netns/cni-…` for containerd and CRI-O; `/run/netns/<lab>-pod-…` in the lab).
 
-istio-cni hands ztunnel the netns of each new pod from its CNI plugin; without a CNI hook of our own
-(the mesh-redirect issue adds the agent's stream), the tunnel finds the namespace holding the pod's IP.
+istio-cni hands ztunnel the netns of each new pod from its CNI plugin. Without a CNI hook of our own, the
+agent's mesh reconciler finds the namespace holding the pod's IP and sends it over the control stream; a
+tunnel started without `--control-socket` scans for itself.
 Each candidate namespace is entered once per scan by a short-lived thread that reads its addresses;
 namespaces are told apart by inode so a bind mount seen twice is read once.
 """

@@ -6,7 +6,7 @@ With the mesh, the lab's CA (`nodeagent ca`) runs once for the whole lab in the 
 address of the node network, as the CA Deployment runs apart from the nodes in a cluster, and
 authenticates tunnels as it does in a cluster: a TokenReview, by the lab's API server, of the tunnel's
 projected ServiceAccount token. As the tunnel DaemonSet's pods are in a cluster, each node's tunnel is a
-Pod object in the API (`nodeagent/tunnel-<node>`, ServiceAccount `nodeagent-ztunnel`, hostNetwork, so
+Pod object in the API (`nodeagent/ztunnel-<node>`, ServiceAccount `nodeagent-ztunnel`, hostNetwork, so
 the lab starts no process and no namespace for it and the mesh ignores it), and, as the kubelet does for
 its projected token volume, `lab agents` asks the API server for a token bound to that pod (TokenRequest,
 audience `nodeagent-ca`, 3600 s) and writes it to the tunnel's `--ca-token-file`. The token is written

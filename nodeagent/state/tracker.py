@@ -1,4 +1,4 @@
-"""Events in, immutable snapshots out: the change tracker and the rate-limited sync runner.
+"""Events in, immutable snapshots out: the change tracker (its pacing is `nodeagent.state.sync`).
 
 Modelled on kube-proxy's `pkg/proxy`: change trackers remember which Services an event touched,
 and one sync function turns the pending changes into the next state. Here that state is a
@@ -6,8 +6,9 @@ and one sync function turns the pending changes into the next state. Here that s
 since the previous snapshot, so a reconciler can rewrite only those chains or map entries (kube-proxy's
 partial sync).
 
-Building a snapshot costs O(changed Services) plus a shallow copy of the maps that changed; objects
-are immutable and shared between snapshots, so a snapshot handed to a reconciler never changes under it.
+Building a snapshot costs O(changed Services): the maps are persistent (HAMTs), so a change makes a new
+map sharing every untouched entry; objects are immutable and shared between snapshots, so a snapshot
+handed to a reconciler never changes under it.
 
 Threads: sources call `ChangeTracker.apply` from their own threads; `SyncRunner` calls `snapshot()`
 from its thread. One lock guards the tracker; a snapshot is built under it in milliseconds.

@@ -1,1 +1,1 @@
-"""The node tunnel: HBONE over mutual TLS with SPIFFE identities (DESIGN §4)."""
+"""The node tunnel: HBONE over mutual TLS with SPIFFE identities (docs/security.md)."""

@@ -1,4 +1,4 @@
-"""`nodeagent inspect` against a real lab (issue 10), in both modes: an enrolled and a non-enrolled pod, the
+"""`nodeagent inspect` against a real lab, in both modes: an enrolled and a non-enrolled pod, the
 capture shown as the kernel holds it (checked against iptables-save / bpftool read here independently), a rule
 deleted by hand flagged as drift while the agent is stopped (and read from the kernel alone, said so), and the
 JSON valid against the documented schema. One lab per mode (module-scoped)."""

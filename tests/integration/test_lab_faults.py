@@ -1,4 +1,4 @@
-"""Ordering and faults end to end on the lab's Kubernetes API (issue 18, item 4), in both datapath modes with
+"""Ordering and faults end to end on the lab's Kubernetes API, in both datapath modes with
 the mesh on: kinds delivered in adversarial orders to a restarting agent, a 30 s API outage, a 410 storm,
 an agent and a tunnel restarted under load. Traffic runs across every fault; the expectations are those of
 the issue: no loss for Services whose endpoints did not change, no fail-open, convergence within one sync

@@ -1,4 +1,4 @@
-"""The mesh end to end in the lab (issue 9), in both modes: the agents enroll the pods (assign them to
+"""The mesh end to end in the lab, in both modes: the agents enroll the pods (assign them to
 their node's tunnel over the control socket, then capture them), the tunnels carry the traffic.
 
 Client and server code are unchanged: a pod connects to another pod's address and the capture, the two

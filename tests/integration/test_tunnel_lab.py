@@ -1,8 +1,9 @@
 """The tunnel across two lab nodes: pod A -> tunnel(node1) -> HBONE mTLS -> tunnel(node2) -> pod B.
 
 Both node tunnels run in this test's event loop; their listeners live in the pods' namespaces. The
-client pod's capture is one REDIRECT rule in its own namespace (the mesh-redirect issue builds the
-real one). A raw capture on the fabric bridge proves no plaintext crosses between the nodes.
+client pod's capture is one REDIRECT rule in its own namespace (the mesh's real capture is tested in
+test_redirect_lab.py and test_mesh_lab.py). A raw capture on the fabric bridge proves no plaintext
+crosses between the nodes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The capture rules in the kernel: read, apply, remove, inside a network namespace given by its path.
 
-Thin I/O around the pure halves (`render`, `rules`, `state`). Commands run in the namespace through
+Thin I/O around the pure halves (`render`, `rules`, `nodeagent.mesh.capture`). Commands run in the namespace through
 `nodeagent.kernel.netns.command_in` (runtimes hand us paths such as /run/netns/cni-… or /proc/PID/ns/net).
 iptables itself is `nodeagent.kernel.netfilter.Iptables`: its restore (with kube-proxy's lock-wait flags
 and the failing lines in the error) and save. The backend is the node's, decided once by

@@ -32,7 +32,7 @@ from nodeagent.mesh.iptables.rules import (
     restore_payload,
 )
 
-# The tunnel's side of the contract (DESIGN §4); tests check these equal nodeagent.tunnel's.
+# The tunnel's side of the contract (docs/ports-and-names.md); tests check these equal nodeagent.tunnel's.
 OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT = 15001, 15006, 15008
 TUNNEL_MARK = 0x539  # SO_MARK on every socket the tunnel opens (Istio's InpodMark, 1337)
 MARK_MASK = 0xFFF  # only our bits: other marks (kube-proxy's 0x4000, CNI bits) pass through
@@ -57,7 +57,7 @@ class CaptureOptionsError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class CaptureOptions:
-    """What changes a pod's capture rules; the defaults are the mesh's (DESIGN §4)."""
+    """What changes a pod's capture rules; the defaults are the mesh's (docs/ports-and-names.md)."""
 
     outbound_port: int = OUTBOUND_PORT
     inbound_plaintext_port: int = INBOUND_PLAIN_PORT

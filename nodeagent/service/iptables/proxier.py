@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +26,7 @@ import structlog
 from nodeagent.cluster.model import ObjectRef, Protocol
 from nodeagent.heap import collector_paused
 from nodeagent.kernel.netfilter import Iptables
-from nodeagent.kernel.netns import command_in
+from nodeagent.kernel.netns import command_in, exit_status
 from nodeagent.service.config import ProxyConfig
 from nodeagent.service.datapath import DatapathMode, Gauges
 from nodeagent.service.iptables import names as n
@@ -69,8 +68,7 @@ class IptablesProxier:
     ipt: Iptables
     sync_period: float = 30.0
     clock: Callable[[], float] = time.monotonic
-    run: Callable[[list[str]], int] = field(default=lambda argv: subprocess.run(
-        argv, capture_output=True, timeout=30).returncode)
+    run: Callable[[list[str]], int] = exit_status
     # iptables-nft: a full sync of more Service ports than this goes in batches (see Rendered.in_batches)
     nft_batch_threshold: int = 500
     nft_ports_per_batch: int = 50

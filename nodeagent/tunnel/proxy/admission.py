@@ -19,7 +19,7 @@ import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
 
-# Every port the tunnel itself listens on in a pod's namespace or on the node (DESIGN §4): admin, captured
+# Every port the tunnel itself listens on in a pod's namespace or on the node (docs/ports-and-names.md): admin, captured
 # outbound, captured inbound, HBONE, metrics, readiness. A CONNECT to one of them would loop back into
 # the tunnel, or reach its admin surface from outside the node.
 TUNNEL_PORTS = frozenset({15000, 15001, 15006, 15008, 15020, 15021})

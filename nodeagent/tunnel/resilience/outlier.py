@@ -6,7 +6,7 @@ Rules (the numbers are the Service's `OutlierConfig`, see `service_config`):
 - every failed connect to an endpoint adds one to its consecutive failures; a successful one resets
   them to zero. `consecutive_failures` of them in a row eject the endpoint (0 turns ejection off);
 - the n-th ejection lasts `base * 2**(n-1)`, capped at `max_ejection_seconds` (Envoy multiplies the
-  base by n instead; doubling backs off faster from an endpoint that keeps failing, as the issue asks).
+  base by n instead; doubling backs off faster from an endpoint that keeps failing).
   n decays by one for every `base` seconds the endpoint has been back in service, as Envoy lowers its
   multiplier while a host stays healthy, so an endpoint that failed once last week starts again at base;
 - at most `max_ejected_percent` of the Service's endpoints are ejected at once, but one always may be

@@ -1,4 +1,4 @@
-"""Lab manifest validation: each of the issue's named errors names file, object and field, and all are reported."""
+"""Lab manifest validation: each named error names file, object and field, and all are reported."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Logs (issue 10): structlog everywhere, JSON lines when stderr is not a terminal, readable key=value on one,
+"""Logs: structlog everywhere, JSON lines when stderr is not a terminal, readable key=value on one,
 `--log-level` honoured, and no print() in the package (output goes through click or explicit writes)."""
 
 from __future__ import annotations
