@@ -39,8 +39,8 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
     """Print the iptables rules the agent would program on a node (no root needed), or diff them with the kernel."""
     import difflib
 
-    from nodeagent.daemon.agent import AgentOptions, proxy_config
     from nodeagent.kernel.netfilter import Iptables, detect_backend, supports_random_fully
+    from nodeagent.service.config import ProxySettings, proxy_config
     from nodeagent.service.iptables.formats import format_list, format_save, node_tables, ours_only
     from nodeagent.service.iptables.render import render
 
@@ -53,9 +53,9 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
         cluster_cidr = cluster_cidr if cluster_cidr is not None else view.cluster_cidr
         netns = netns or view.netns
     state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
-    options = AgentOptions(node_name=state.node_name, cluster_cidrs=parse_cidrs(cluster_cidr or ""),
-                           masquerade_all=masquerade_all, random_fully=supports_random_fully())
-    rendered = render(state.service_ports, state.endpoints, proxy_config(options, state, ()))
+    settings = ProxySettings(cluster_cidrs=parse_cidrs(cluster_cidr or ""), masquerade_all=masquerade_all,
+                             random_fully=supports_random_fully())
+    rendered = render(state.service_ports, state.endpoints, proxy_config(state.node_name, settings, state, ()))
     views = [v for v in node_tables(rendered) if v.name in ((table,) if table else ("filter", "nat"))]
     if output == "restore":
         text = "".join(t.text() for t in (rendered.filter, rendered.nat) if table in (None, t.name))

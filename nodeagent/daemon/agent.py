@@ -12,23 +12,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from ipaddress import ip_address
+from dataclasses import dataclass, field
 from typing import Protocol
 
-import psutil
 import structlog
 
 from nodeagent import heap
 from nodeagent.cluster.events import Sink
-from nodeagent.cluster.model import IPAddress, IPNetwork, Kind, ObjectRef
+from nodeagent.cluster.model import IPAddress, Kind, ObjectRef
 from nodeagent.observability.health import HealthState, health_routes
 from nodeagent.observability.http import RouteServer
 from nodeagent.observability.metrics import AgentMetrics, metrics_routes
-from nodeagent.service.config import ProxyConfig
+from nodeagent.service.addresses import local_addresses
+from nodeagent.service.config import ProxySettings, proxy_config
 from nodeagent.service.datapath import Datapath
 from nodeagent.state.sync import SyncRunner, SyncSchedule
-from nodeagent.state.tracker import ChangeTracker, Snapshot
+from nodeagent.state.tracker import ChangeTracker
 
 log = structlog.get_logger("nodeagent.daemon.agent")
 PROGRAMMED_KINDS = (Kind.SERVICE, Kind.ENDPOINT_SLICE)
@@ -53,41 +52,12 @@ class AgentOptions:
     node_name: str
     min_sync_period: float = 1.0
     sync_period: float = 30.0
-    cluster_cidrs: tuple[IPNetwork, ...] = ()
-    masquerade_all: bool = False
-    masquerade_bit: int = 14
-    nodeport_addresses: tuple[IPNetwork, ...] = ()
-    random_fully: bool = False
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     healthz_host: str = "0.0.0.0"
     healthz_port: int | None = 10256
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = None  # 10249 in `run`: /metrics and /proxyMode
     healthz_grace: float = 60.0
-
-
-def local_addresses() -> tuple[IPAddress, ...]:
-    """Every address configured on an interface of this network namespace."""
-    found = []
-    for addrs in psutil.net_if_addrs().values():
-        for addr in addrs:
-            if addr.family.name in ("AF_INET", "AF_INET6"):
-                found.append(ip_address(addr.address.split("%")[0]))
-    return tuple(sorted(set(found), key=lambda ip: (ip.version, int(ip))))
-
-
-def proxy_config(options: AgentOptions, snapshot: Snapshot, addresses: tuple[IPAddress, ...]) -> ProxyConfig:
-    """The renderer's configuration from the flags and this node's Node object. Pure."""
-    node = snapshot.node
-    internal = [ip for ip in (node.internal_ips if node is not None else ()) if ip.version == 4]
-    nodeport_ips = None
-    if options.nodeport_addresses:
-        nodeport_ips = tuple(ip for ip in addresses if ip.version == 4
-                             and any(ip in cidr for cidr in options.nodeport_addresses if cidr.version == 4))
-    return ProxyConfig(node_name=options.node_name, node_ip=internal[0] if internal else None,
-                       cluster_cidrs=options.cluster_cidrs, masquerade_all=options.masquerade_all,
-                       masquerade_bit=options.masquerade_bit, nodeport_ips=nodeport_ips,
-                       random_fully=options.random_fully,
-                       node_labels=dict(node.labels) if node is not None else {})
 
 
 class Agent:
@@ -166,7 +136,7 @@ class Agent:
                 log.warning("iptables canary chains are gone (tables flushed?); full resync",
                             mode=str(self.proxier.mode))
                 self.proxier.force_full_sync()
-        config = proxy_config(self.options, snapshot, self.addresses())
+        config = proxy_config(self.options.node_name, self.options.proxy, snapshot, self.addresses())
         kind = "partial" if self._pending and self.syncs else "full"
         started = time.monotonic()
         try:

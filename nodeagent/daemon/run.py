@@ -20,6 +20,7 @@ from nodeagent.daemon.sources import SourceOptions, source_factory
 from nodeagent.errors import NodeAgentError
 from nodeagent.kernel.bpf import loader
 from nodeagent.kernel.netfilter import Iptables, detect_backend, supports_random_fully
+from nodeagent.service.config import ProxySettings
 from nodeagent.service.ebpf.proxier import EbpfProxier, external_interfaces
 from nodeagent.service.iptables.proxier import IptablesProxier
 
@@ -113,9 +114,11 @@ class RunningAgent:
 def agent_options(options: RunOptions) -> AgentOptions:
     """The agent's options from the flags (and whether this kernel's iptables has --random-fully)."""
     return AgentOptions(node_name=options.node_name, min_sync_period=options.min_sync_period,
-                        sync_period=options.sync_period, cluster_cidrs=options.cluster_cidrs,
-                        masquerade_all=options.masquerade_all, nodeport_addresses=options.nodeport_addresses,
-                        random_fully=supports_random_fully(), healthz_host=options.healthz[0],
+                        sync_period=options.sync_period,
+                        proxy=ProxySettings(cluster_cidrs=options.cluster_cidrs, masquerade_all=options.masquerade_all,
+                                            nodeport_addresses=options.nodeport_addresses,
+                                            random_fully=supports_random_fully()),
+                        healthz_host=options.healthz[0],
                         healthz_port=options.healthz[1], metrics_host=options.metrics[0],
                         metrics_port=options.metrics[1])
 

@@ -176,7 +176,8 @@ def service_paths(target: Target, mode: str) -> list[ServicePath]:
 
 
 def _services(target: Target, mode: str, enrolled: bool, only: str | None) -> list[ServicePath]:
-    from nodeagent.daemon.agent import AgentOptions, local_addresses, proxy_config
+    from nodeagent.service.addresses import local_addresses
+    from nodeagent.service.config import ProxySettings, proxy_config
 
     snapshot = target.snapshot
     node = snapshot.node
@@ -185,8 +186,8 @@ def _services(target: Target, mode: str, enrolled: bool, only: str | None) -> li
         paths = ebpf_paths(snapshot.service_ports, snapshot.endpoints, node_ips,
                            dict(node.labels) if node is not None else None)
     else:
-        options = AgentOptions(node_name=target.node, cluster_cidrs=target.cluster_cidrs)
-        config = proxy_config(options, snapshot, () if target.node_netns else local_addresses())
+        settings = ProxySettings(cluster_cidrs=target.cluster_cidrs)
+        config = proxy_config(target.node, settings, snapshot, () if target.node_netns else local_addresses())
         paths = with_live(iptables_paths(snapshot.service_ports, snapshot.endpoints, config, node_ips),
                           _live_nat_chains(target.node_netns))
     if only is not None:

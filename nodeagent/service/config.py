@@ -6,6 +6,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from nodeagent.cluster.model import IPAddress, IPNetwork
+from nodeagent.state.tracker import Snapshot
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The kube-proxy flags that change what a datapath programs (kube-proxy's names where it has them)."""
+
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
+    masquerade_all: bool = False
+    masquerade_bit: int = 14
+    nodeport_addresses: tuple[IPNetwork, ...] = ()
+    random_fully: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,3 +56,19 @@ class ProxyConfig:
         if self.family != 4 or not self.localhost_nodeports:
             return False
         return self.nodeport_ips is None or any(ip.is_loopback for ip in self.nodeport_ips)
+
+
+def proxy_config(node_name: str, settings: ProxySettings, snapshot: Snapshot,
+                 addresses: tuple[IPAddress, ...]) -> ProxyConfig:
+    """The renderer's configuration from the flags, this node's Node object and its local `addresses`. Pure."""
+    node = snapshot.node
+    internal = [ip for ip in (node.internal_ips if node is not None else ()) if ip.version == 4]
+    nodeport_ips = None
+    if settings.nodeport_addresses:
+        nodeport_ips = tuple(ip for ip in addresses if ip.version == 4
+                             and any(ip in cidr for cidr in settings.nodeport_addresses if cidr.version == 4))
+    return ProxyConfig(node_name=node_name, node_ip=internal[0] if internal else None,
+                       cluster_cidrs=settings.cluster_cidrs, masquerade_all=settings.masquerade_all,
+                       masquerade_bit=settings.masquerade_bit, nodeport_ips=nodeport_ips,
+                       random_fully=settings.random_fully,
+                       node_labels=dict(node.labels) if node is not None else {})

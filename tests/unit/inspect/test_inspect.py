@@ -16,18 +16,18 @@ import yaml
 from click.testing import CliRunner
 
 from nodeagent.cli import main
-from nodeagent.daemon.agent import AgentOptions, proxy_config
 from nodeagent.inspect.build import compute_drift, policy_lines, tunnel_part
 from nodeagent.inspect.model import Capture, Drift, PodReport, RuleLine, ServicePath, Tunnel, as_document
 from nodeagent.inspect.output import MARK, render, to_human
 from nodeagent.inspect.paths import captured_by_tunnel, ebpf_paths, iptables_paths, with_live
+from nodeagent.service.config import ProxySettings, proxy_config
 from nodeagent.state.tracker import Snapshot
 from tests.support import objects as k8s
 from tests.support.inspect_objects import OBJECTS, snapshot
 
 
 def iptables(state: Snapshot) -> list[ServicePath]:
-    config = proxy_config(AgentOptions("node1"), state, ())
+    config = proxy_config("node1", ProxySettings(), state, ())
     return iptables_paths(state.service_ports, state.endpoints, config, (ip_address("172.18.0.2"),))
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from nodeagent.daemon.agent import AgentOptions, proxy_config
 from nodeagent.inspect.paths import ebpf_paths, iptables_paths
 from nodeagent.inspect.trace import CONNECTED, DENIED, REFUSED, TraceError, TraceInput, predict, to_text
 from nodeagent.mesh.iptables.render import CaptureOptions
+from nodeagent.service.config import ProxySettings, proxy_config
 from nodeagent.state.tracker import Snapshot
 from tests.support import objects as k8s
 from tests.support.inspect_objects import OBJECTS, snapshot
@@ -25,7 +25,7 @@ DENY_SHOP = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy"
 def given(state: Snapshot, ip: str, port: int, proto: str = "tcp", mode: str = "iptables",
           **options: Any) -> TraceInput:
     if mode == "iptables":
-        paths = iptables_paths(state.service_ports, state.endpoints, proxy_config(AgentOptions("node1"), state, ()),
+        paths = iptables_paths(state.service_ports, state.endpoints, proxy_config("node1", ProxySettings(), state, ()),
                                (ip_address("172.18.0.2"),))
     else:
         paths = ebpf_paths(state.service_ports, state.endpoints, (ip_address("172.18.0.2"),))
