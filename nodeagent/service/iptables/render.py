@@ -21,7 +21,13 @@ from functools import lru_cache
 from itertools import chain as concat
 
 from nodeagent.cluster.model import IPAddress, ObjectRef
-from nodeagent.service.config import ProxyConfig
+from nodeagent.service.config import (
+    CT_STATE_INVALID_DROPPED,
+    LOCALHOST_NODEPORTS_ACCEPTED,
+    LOOPBACK_V4,
+    LOOPBACK_V6,
+    ProxyConfig,
+)
 from nodeagent.service.iptables import names as n
 from nodeagent.service.topology import (
     ZONE_LABEL,
@@ -356,10 +362,10 @@ def _render_port(config: ProxyConfig, filt: Table, nat: Table, svc_nat: Table, a
     if info.node_port:
         node_port = str(info.node_port)
         if has_endpoints:
-            if config.localhost_nodeports_enabled and config.nfacct:
+            if config.localhost_nodeports_enabled and LOCALHOST_NODEPORTS_ACCEPTED in config.nfacct_counters:
                 nat.add("-A", n.KUBE_NODEPORTS, "-m", "comment", "--comment", port_name, *match,
                         "-d", "127.0.0.0/8", "--dport", node_port, "-m", "nfacct", "--nfacct-name",
-                        "localhost_nps_accepted_pkts", "-j", ext_chain)
+                        LOCALHOST_NODEPORTS_ACCEPTED, "-j", ext_chain)
             nat.add("-A", n.KUBE_NODEPORTS, "-m", "comment", "--comment", port_name, *match,
                     "--dport", node_port, "-j", ext_chain)
         if not has_external:
@@ -404,9 +410,11 @@ def _render_port(config: ProxyConfig, filt: Table, nat: Table, svc_nat: Table, a
         active.add(fw_chain)
         head = ["-A", fw_chain, "-m", "comment", "--comment", quoted(f"{port_name} loadbalancer IP")]
         allow_from_node = False
+        # kube-proxy's node IP is loopback when it knows none (detectNodeIPs)
+        node_ip = config.node_ip or (LOOPBACK_V4 if config.family == 4 else LOOPBACK_V6)
         for cidr in source_ranges:
             svc_nat.add(*head, "-s", str(cidr), "-j", ext_chain)
-            if config.node_ip is not None and config.node_ip.version == cidr.version and config.node_ip in cidr:
+            if node_ip.version == cidr.version and node_ip in cidr:
                 allow_from_node = True
         if allow_from_node:
             for ip in lb_ips:
@@ -476,7 +484,8 @@ def _render_tail(config: ProxyConfig, filt: Table, nat: Table) -> None:
             nat.add("-A", n.KUBE_SERVICES, "-m", "comment", "--comment", comment, "-d", str(ip),
                     "-j", n.KUBE_NODEPORTS)
     if not config.conntrack_tcp_liberal:
-        nfacct = ["-m", "nfacct", "--nfacct-name", "ct_state_invalid_dropped_pkts"] if config.nfacct else []
+        nfacct = (["-m", "nfacct", "--nfacct-name", CT_STATE_INVALID_DROPPED]
+                  if CT_STATE_INVALID_DROPPED in config.nfacct_counters else [])
         filt.add("-A", n.KUBE_FORWARD, "-m", "conntrack", "--ctstate", "INVALID", *nfacct, "-j", "DROP")
     filt.add("-A", n.KUBE_FORWARD, "-m", "comment", "--comment", quoted("kubernetes forwarding rules"),
              "-m", "mark", "--mark", f"{config.mark}/{config.mark}", "-j", "ACCEPT")

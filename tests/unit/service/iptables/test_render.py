@@ -8,6 +8,7 @@ They were not produced by this code; they are compared after kube-proxy's own te
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from pathlib import Path
 from textwrap import dedent
@@ -16,16 +17,25 @@ from typing import Any
 import pytest
 
 from nodeagent.cluster.model import Kind, ObjectRef
-from nodeagent.service.config import ProxyConfig
+from nodeagent.service.config import (
+    CT_STATE_INVALID_DROPPED,
+    LOCALHOST_NODEPORTS_ACCEPTED,
+    NFACCT_COUNTERS,
+    ProxyConfig,
+    ProxySettings,
+    node_ips,
+    proxy_config,
+)
 from nodeagent.service.iptables import names
 from nodeagent.service.iptables.render import probability, render
 from nodeagent.state.tracker import Snapshot
+from tests.support import objects as k8s
 from tests.support.iptables_dump import sort_rules
 from tests.support.services import OVERALL_OBJECTS, ep, service, slice_, snapshot_of
 
 FAKE_PROXIER = ProxyConfig(node_name="test-node", node_ip=ipaddress.ip_address("192.168.0.2"),
                            cluster_cidrs=(ipaddress.ip_network("10.0.0.0/8"),), masquerade_mark="0x4000",
-                           nfacct=True)
+                           nfacct_counters=frozenset(NFACCT_COUNTERS))
 
 
 
@@ -196,3 +206,162 @@ def test_udp_flows_to_removed_endpoints_and_of_rejected_services_are_flushed() -
     revived = stale_udp_flows(empty.service_ports, empty.endpoints, after.service_ports, after.endpoints, None)
     assert revived == [["-D", "-p", "udp", "--orig-dst", "172.30.0.10", "--orig-port-dst", "53"]]
     assert stale_udp_flows(before.service_ports, before.endpoints, after.service_ports, after.endpoints, set()) == []
+
+
+# kube-proxy's TestNodePorts fake network: lo and eth0 of the node.
+NODE_INTERFACES = tuple(ipaddress.ip_address(ip) for ip in (
+    "127.0.0.1", "::1", "192.168.0.2", "192.168.1.2", "192.168.99.11", "2001:db8::1", "2001:db8:1::2"))
+TAIL = '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in ' \
+       'this chain"'
+KUBELET_FIREWALL_RULE = ('-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" '
+                         '-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP')
+
+
+def chain_rules(text: str, table: str, chain: str) -> list[str]:
+    """The rules of one chain in order (kube-proxy's assertIPTablesChainEqual)."""
+    current, found = "", []
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = line[1:]
+        elif current == table and line.startswith(f"-A {chain} "):
+            found.append(line)
+    return found
+
+
+def settings_config(settings: ProxySettings, *objects: dict[str, Any],
+                    addresses: tuple[Any, ...] = NODE_INTERFACES) -> ProxyConfig:
+    state = snapshot_of(*objects)
+    config = proxy_config("test-node", settings, state, addresses)
+    return dataclasses.replace(config, masquerade_mark="0x4000")
+
+
+NODEPORT_SVC1 = (service("ns1", "svc1", "172.30.0.41", type_="NodePort", node_port=3001),
+                 slice_("ns1", "svc1", ep("10.180.0.1"), ep("10.180.2.1", node="test-node")))
+
+
+@pytest.mark.parametrize(("localhost", "addresses", "tail", "firewall"), [
+    # TestNodePorts, the IPv4 cases
+    (True, "", [f"{TAIL} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"], True),
+    (False, "", [f"{TAIL} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS"], False),
+    (False, "192.168.0.0/24,127.0.0.1/32", [f"{TAIL} -d 192.168.0.2 -j KUBE-NODEPORTS"], False),
+    (False, "192.168.0.0/24,192.168.1.0/24,2001:db8::/64",
+     [f"{TAIL} -d 192.168.0.2 -j KUBE-NODEPORTS", f"{TAIL} -d 192.168.1.2 -j KUBE-NODEPORTS"], False),
+    # the same with localhost NodePorts left on: 127.0.0.1/32 keeps them (and its own tail rule)
+    (True, "192.168.0.0/24,127.0.0.1/32",
+     [f"{TAIL} -d 127.0.0.1 -j KUBE-NODEPORTS", f"{TAIL} -d 192.168.0.2 -j KUBE-NODEPORTS"], True),
+    (True, "192.168.0.0/24", [f"{TAIL} -d 192.168.0.2 -j KUBE-NODEPORTS"], False),
+    # only IPv6 CIDRs, or a zero CIDR: every address (NewNodePortAddresses' fallback)
+    (True, "2001:db8::/64", [f"{TAIL} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"], True),
+    (False, "192.168.0.0/24,0.0.0.0/0",
+     [f"{TAIL} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS"], False),
+])
+def test_node_ports_as_kube_proxys_test_node_ports(localhost: bool, addresses: str, tail: list[str],
+                                                    firewall: bool) -> None:
+    cidrs = tuple(ipaddress.ip_network(c) for c in addresses.split(",") if c)
+    config = settings_config(ProxySettings(localhost_nodeports=localhost, nodeport_addresses=cidrs), *NODEPORT_SVC1)
+    text = rules(snapshot_of(*NODEPORT_SVC1), config)
+    assert [r for r in nat_rules(text) if r.startswith(TAIL)] == tail
+    assert chain_rules(text, "filter", "KUBE-FIREWALL") == ([KUBELET_FIREWALL_RULE] if firewall else [])
+
+
+def test_nodeport_addresses_resolve_against_the_nodes_addresses_offline() -> None:
+    node = k8s.node("test-node", "192.168.0.2", "10.180.2.0/24")
+    settings = ProxySettings(nodeport_addresses=(ipaddress.ip_network("192.168.0.0/16"),
+                                                 ipaddress.ip_network("127.0.0.0/8")))
+    config = settings_config(settings, node, *NODEPORT_SVC1, addresses=())
+    assert config.nodeport_ips == (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("192.168.0.2"))
+    assert config.localhost_nodeports_enabled
+
+
+def test_primary_nodeport_addresses_are_the_node_ips_or_every_address_without_a_node() -> None:
+    node = k8s.node("test-node", "192.168.0.2", "10.180.2.0/24")
+    with_node = settings_config(ProxySettings(nodeport_primary=True), node, *NODEPORT_SVC1)
+    text = rules(snapshot_of(node, *NODEPORT_SVC1), with_node)
+    assert [r for r in nat_rules(text) if r.startswith(TAIL)] == [f"{TAIL} -d 192.168.0.2 -j KUBE-NODEPORTS"]
+    assert chain_rules(text, "filter", "KUBE-FIREWALL") == []
+    # no Node and no bind address: both node IPs are loopback, so `primary` is empty: every address
+    without = settings_config(ProxySettings(nodeport_primary=True), *NODEPORT_SVC1)
+    assert without.nodeport_ips is None and without.localhost_nodeports_enabled
+    # a bind address is the node IP of its family
+    bound = settings_config(ProxySettings(nodeport_primary=True, bind_address=ipaddress.ip_address("192.168.1.2")),
+                            *NODEPORT_SVC1)
+    assert bound.nodeport_ips == (ipaddress.ip_address("192.168.1.2"),)
+
+
+def test_node_ips_follow_kube_proxys_detect_node_ips() -> None:
+    state = snapshot_of({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "test-node"},
+                         "status": {"addresses": [{"type": "ExternalIP", "address": "203.0.113.9"},
+                                                  {"type": "InternalIP", "address": "fd00::2"},
+                                                  {"type": "InternalIP", "address": "192.168.0.2"}]}})
+    assert node_ips(state.node, None) == {6: ipaddress.ip_address("fd00::2"), 4: ipaddress.ip_address("192.168.0.2")}
+    assert node_ips(None, None) == {4: ipaddress.ip_address("127.0.0.1"), 6: ipaddress.ip_address("::1")}
+    assert node_ips(None, ipaddress.ip_address("0.0.0.0"))[4] == ipaddress.ip_address("127.0.0.1")
+    assert node_ips(state.node, ipaddress.ip_address("10.1.1.1"))[4] == ipaddress.ip_address("10.1.1.1")
+
+
+FORWARD_ACCEPTS = [
+    '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT',
+    '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate '
+    'RELATED,ESTABLISHED -j ACCEPT',
+]
+
+
+@pytest.mark.parametrize(("liberal", "counters", "drop"), [
+    # TestDropInvalidRule
+    (False, frozenset(), ["-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"]),
+    (False, frozenset({CT_STATE_INVALID_DROPPED}),
+     ["-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP"]),
+    (True, frozenset(), []),
+    (True, frozenset(NFACCT_COUNTERS), []),
+])
+def test_drop_invalid_rule(liberal: bool, counters: frozenset[str], drop: list[str]) -> None:
+    config = settings_config(ProxySettings(conntrack_tcp_liberal=liberal, nfacct_counters=counters))
+    text = rules(snapshot_of(service("ns1", "svc1", "172.30.0.41")), config)
+    assert chain_rules(text, "filter", "KUBE-FORWARD") == [*drop, *FORWARD_ACCEPTS]
+
+
+@pytest.mark.parametrize("counters", [frozenset(), frozenset({CT_STATE_INVALID_DROPPED}),
+                                      frozenset({LOCALHOST_NODEPORTS_ACCEPTED}), frozenset(NFACCT_COUNTERS)])
+def test_each_nfacct_counter_is_rendered_only_when_it_exists(counters: frozenset[str]) -> None:
+    config = settings_config(ProxySettings(nfacct_counters=counters), *NODEPORT_SVC1)
+    text = rules(snapshot_of(*NODEPORT_SVC1), config)
+    localhost = [r for r in nat_rules(text) if "localhost_nps_accepted_pkts" in r]
+    ext = names.external_chain("ns1/svc1:p80", "tcp")
+    assert localhost == ([f"-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp -d 127.0.0.0/8 "
+                          f"--dport 3001 -m nfacct --nfacct-name localhost_nps_accepted_pkts -j {ext}"]
+                         if LOCALHOST_NODEPORTS_ACCEPTED in counters else [])
+    assert ("ct_state_invalid_dropped_pkts" in text) == (CT_STATE_INVALID_DROPPED in counters)
+    # localhost NodePorts off: no localhost rule, counter or not
+    off = settings_config(ProxySettings(nfacct_counters=counters, localhost_nodeports=False), *NODEPORT_SVC1)
+    assert "localhost_nps_accepted_pkts" not in rules(snapshot_of(*NODEPORT_SVC1), off)
+
+
+@pytest.mark.parametrize("random_fully", [False, True])
+def test_masquerade_rule(random_fully: bool) -> None:
+    """TestMasqueradeRule."""
+    config = settings_config(ProxySettings(random_fully=random_fully))
+    text = rules(snapshot_of(service("ns1", "svc1", "172.30.0.41")), config)
+    assert chain_rules(text, "nat", "KUBE-POSTROUTING") == [
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE'
+        + (" --random-fully" if random_fully else "")]
+
+
+def test_masquerade_bit_sets_kube_proxys_mark() -> None:
+    config = proxy_config("test-node", ProxySettings(masquerade_bit=10), snapshot_of(), ())
+    assert config.mark == "0x00000400"
+    text = rules(snapshot_of(service("ns1", "svc1", "172.30.0.41")), config)
+    assert "-A KUBE-MARK-MASQ -j MARK --or-mark 0x00000400" in nat_rules(text)
+
+
+def test_the_node_ip_without_a_node_is_the_bind_address_for_load_balancer_source_ranges() -> None:
+    lb = service("ns5", "svc5", "172.30.0.45", type_="LoadBalancer", node_port=3002)
+    lb["spec"]["loadBalancerSourceRanges"] = ["192.168.0.0/24"]
+    lb["status"] = {"loadBalancer": {"ingress": [{"ip": "5.6.7.8"}]}}
+    objects = (lb, slice_("ns5", "svc5", ep("10.180.0.3")))
+    fw = names.firewall_chain("ns5/svc5:p80", "tcp")
+    for bind, allowed in ((None, False), ("192.168.0.2", True), ("10.0.0.1", False)):
+        settings = ProxySettings(bind_address=ipaddress.ip_address(bind) if bind else None)
+        text = rules(snapshot_of(*objects), settings_config(settings, *objects))
+        assert any(r.startswith(f"-A {fw} ") and "-s 5.6.7.8 " in r for r in nat_rules(text)) == allowed
