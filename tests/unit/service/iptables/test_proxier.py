@@ -11,9 +11,10 @@ from nodeagent.daemon.agent import Agent, AgentOptions
 from nodeagent.kernel.netfilter import IptablesError
 from nodeagent.observability.health import HealthState
 from nodeagent.service.config import ProxyConfig
+from nodeagent.service.conntrack import ConntrackReconciler, Filter
 from nodeagent.service.datapath import Datapath, DatapathMode, Gauges
 from nodeagent.service.iptables.proxier import IptablesProxier
-from tests.support.services import OVERALL_OBJECTS, ep, slice_, snapshot_of
+from tests.support.services import OVERALL_OBJECTS, ep, service, slice_, snapshot_of
 
 CONFIG = ProxyConfig(node_name="test-node")
 
@@ -51,6 +52,26 @@ class RecordingIptables:
         return True
 
 
+class EmptyConntrack:
+    """A conntrack table without flows, recording what the proxier asks it."""
+
+    def __init__(self) -> None:
+        self.listed = 0
+        self.deleted: list[Filter] = []
+
+    def flows(self, family: int, protocol: str = "udp") -> list[Any]:
+        self.listed += 1
+        return []
+
+    def delete(self, family: int, match: Filter) -> int:
+        self.deleted.append(match)
+        return 0
+
+
+def no_conntrack() -> ConntrackReconciler:
+    return ConntrackReconciler(EmptyConntrack())
+
+
 def sync(proxier: IptablesProxier, snapshot: Any, changed: set[ObjectRef]) -> Any:
     return proxier.sync(snapshot, CONFIG, changed)
 
@@ -59,7 +80,7 @@ def test_a_failed_restore_raises_and_the_next_sync_is_full() -> None:
     ipt = RecordingIptables()
     clock = iter(range(1000)).__next__
     proxier = IptablesProxier(ipt, sync_period=1e6, clock=lambda: float(clock()),  # type: ignore[arg-type]
-                              run=lambda argv: 0)
+                              conntrack=no_conntrack())
     first = snapshot_of(*OVERALL_OBJECTS)
     assert sync(proxier, first, set()).full
     svc1 = {ObjectRef(Kind.SERVICE, "ns1", "svc1")}
@@ -74,7 +95,7 @@ def test_a_failed_restore_raises_and_the_next_sync_is_full() -> None:
 
 def test_a_partial_sync_leaves_unchanged_top_level_chains_out() -> None:
     ipt = RecordingIptables()
-    proxier = IptablesProxier(ipt, sync_period=1e6, run=lambda argv: 0)  # type: ignore[arg-type]
+    proxier = IptablesProxier(ipt, sync_period=1e6, conntrack=no_conntrack())  # type: ignore[arg-type]
     sync(proxier, snapshot_of(*OVERALL_OBJECTS), set())
     moved = snapshot_of(*[o for o in OVERALL_OBJECTS if not (o["kind"] == "EndpointSlice"
                                                              and o["metadata"]["namespace"] == "ns1")],
@@ -104,7 +125,7 @@ def test_health_turns_unhealthy_only_after_changes_wait_longer_than_the_grace() 
 
 
 def test_a_full_sync_reports_rules_per_table_and_a_partial_one_nothing() -> None:
-    proxier = IptablesProxier(RecordingIptables(), sync_period=1e6, run=lambda argv: 0)  # type: ignore[arg-type]
+    proxier = IptablesProxier(RecordingIptables(), sync_period=1e6, conntrack=no_conntrack())  # type: ignore[arg-type]
     full = sync(proxier, snapshot_of(*OVERALL_OBJECTS), set())
     assert full.gauges() == Gauges(rules={"filter": sum(r.startswith("-A ") for r in full.rendered.filter.rules),
                                           "nat": sum(r.startswith("-A ") for r in full.rendered.nat.rules)})
@@ -114,7 +135,7 @@ def test_a_full_sync_reports_rules_per_table_and_a_partial_one_nothing() -> None
 
 
 def test_the_agent_names_its_sync_thread_after_the_datapath() -> None:
-    proxier = IptablesProxier(RecordingIptables(), run=lambda argv: 0)  # type: ignore[arg-type]
+    proxier = IptablesProxier(RecordingIptables(), conntrack=no_conntrack())  # type: ignore[arg-type]
     datapath: Datapath = proxier  # the protocol the agent drives
     agent = Agent(AgentOptions("node1", healthz_port=None), lambda sink: _NoSource(), datapath)
     assert datapath.mode is DatapathMode.IPTABLES
@@ -127,3 +148,22 @@ class _NoSource:
 
     def stop(self) -> None:
         pass
+
+
+def test_udp_conntrack_is_reconciled_after_the_first_sync_and_after_udp_endpoint_changes() -> None:
+    table = EmptyConntrack()
+    proxier = IptablesProxier(RecordingIptables(), sync_period=1e6,  # type: ignore[arg-type]
+                              conntrack=ConntrackReconciler(table))
+    dns = service("ns1", "dns", "172.30.0.10", protocol="UDP", port=53)
+    one = snapshot_of(dns, slice_("ns1", "dns", ep("10.180.0.1"), port=53, protocol="UDP"))
+    first = sync(proxier, one, set())
+    assert first.conntrack is not None and table.listed == 1, "after a restart, flows of removed endpoints may remain"
+    assert sync(proxier, one, {ObjectRef(Kind.SERVICE, "ns1", "other")}).conntrack is None
+    two = snapshot_of(dns, slice_("ns1", "dns", ep("10.180.0.2"), port=53, protocol="UDP"))
+    assert sync(proxier, two, {ObjectRef(Kind.SERVICE, "ns1", "dns")}).conntrack is not None and table.listed == 2
+    ipt = RecordingIptables()
+    ipt.fail_next = 1
+    failing = IptablesProxier(ipt, conntrack=ConntrackReconciler(table))  # type: ignore[arg-type]
+    with pytest.raises(IptablesError):
+        sync(failing, one, set())
+    assert table.listed == 2, "a failed restore changed nothing: nothing to reconcile"
