@@ -22,7 +22,9 @@ import structlog
 
 from nodeagent.cluster.model import ObjectRef
 from nodeagent.kernel.bpf import loader, tc
+from nodeagent.kernel.conntrack import Conntrack
 from nodeagent.service.config import ProxyConfig
+from nodeagent.service.conntrack import ConntrackReconciler
 from nodeagent.service.datapath import DatapathMode, Gauges
 from nodeagent.service.ebpf.desired import desired_entries
 from nodeagent.service.ebpf.maps import MapSync, SyncStats
@@ -67,6 +69,8 @@ class EbpfProxier:
     _last_full: float = float("-inf")
     _config: ProxyConfig | None = None
     tc_interfaces: list[str] = field(default_factory=list)
+    # stale UDP flows NATed by the kernel (iptables before the switch to eBPF) in this namespace
+    conntrack: ConntrackReconciler = field(default_factory=lambda: ConntrackReconciler(Conntrack()))
     mode_detail: str = field(default="ebpf: cgroup connect4/sendmsg4/recvmsg4/getpeername4; external: " +
                              EXTERNAL_PATHS)
 
@@ -131,7 +135,9 @@ class EbpfProxier:
                                       only=ports)
             stats = self._maps.apply(desired, only=labels)
         if self.external is not None:
-            self.external.sync(snapshot, replace(config, external_only=True), changed)
+            self.external.sync(snapshot, replace(config, external_only=True), changed)  # (reconciles conntrack)
+        else:
+            self.conntrack.after_sync(service_ports, endpoints, changed)
         self._need_full = False
         self._config = config
         if full:
