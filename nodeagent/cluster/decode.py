@@ -8,9 +8,14 @@ reported, and the rest of the object is kept: one bad port must not take its Ser
 AuthorizationPolicy parts the tunnel cannot enforce are the exception: they are kept on their rule (as
 `Unenforceable`) and reported, so that the policy fails closed (see "mesh policies" below).
 
-IP addresses are parsed strictly: IPv4 with leading zeros ("010.0.0.1") is rejected (the API server
-rejects it too since StrictIPCIDRValidation; kube-proxy's ParseIPSloppy would read it as decimal,
-which is how such an address came to mean different things to different components).
+IP addresses are parsed strictly (no leading zeros, no zone, no surrounding space), except in the fields
+kube-proxy reads with `netutils.ParseIPSloppy`/`ParseCIDRSloppy`: a Service's clusterIP(s), externalIPs,
+load balancer ingress IPs and loadBalancerSourceRanges, and EndpointSlice addresses. There a legacy value
+the API server refuses today but still serves from objects written before its validation tightened is
+accepted as kube-proxy accepts it (`172.30.0.041` is 172.30.0.41: decimal, not octal; `203.0.113.5/025`
+is 203.0.113.0/25), and the canonical form is what the datapath programs. Each such value is returned as
+a `Canonicalized` and logged as a warning naming object, field and the value as written. Anything
+ParseIPSloppy refuses (`172.17.0.300`) stays rejected with the field named.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import structlog
+
 from nodeagent.cluster.model import (
     MESH_GROUP,
     AddressType,
     AuthorizationPolicy,
+    Canonicalized,
     ContainerPort,
     Endpoint,
     EndpointConditions,
@@ -73,13 +81,17 @@ _API_GROUPS = {
 
 T = TypeVar("T")
 
+log = structlog.get_logger("nodeagent.cluster.decode")
+
 
 @dataclass(frozen=True)
 class Decoded:
-    """The result of decoding one object: the object (None if unusable) and why anything was dropped."""
+    """The result of decoding one object: the object (None if unusable), why anything was dropped, and
+    the legacy values that were accepted in their canonical form (see the module doc)."""
 
     obj: Object | None
     rejections: tuple[Rejection, ...] = ()
+    canonicalized: tuple[Canonicalized, ...] = ()
 
 
 class _Unusable(Exception):
@@ -92,6 +104,11 @@ class _Ctx:
     def __init__(self, ref: ObjectRef) -> None:
         self.ref = ref
         self.rejections: list[Rejection] = []
+        self.canonicalized: list[Canonicalized] = []
+
+    def note(self, field: str, written: str, canonical: IPAddress | IPNetwork) -> None:
+        """A legacy value accepted in its canonical form (logged once decoding is done)."""
+        self.canonicalized.append(Canonicalized(self.ref, field, written, str(canonical)))
 
     def drop(self, field: str, reason: str) -> None:
         self.rejections.append(Rejection(self.ref, field, reason))
@@ -133,7 +150,10 @@ def decode(raw: Any) -> Decoded:
     except Exception as exc:  # a decoder bug must not take the watch down; report it on the object
         ctx.fail("-", f"internal decoding error {type(exc).__name__}: {exc}")
         return Decoded(None, tuple(ctx.rejections))
-    return Decoded(obj, tuple(ctx.rejections))
+    for value in ctx.canonicalized:
+        log.warning("legacy value read as kube-proxy reads it", object=str(value.ref), field=value.field,
+                    written=value.written, canonical=value.canonical)
+    return Decoded(obj, tuple(ctx.rejections), tuple(ctx.canonicalized))
 
 
 def _unnamed_rejection(raw: Any) -> Rejection:
@@ -252,6 +272,197 @@ def _ips(ctx: _Ctx, values: Any, field: str, family: int | None = None) -> Itera
             yield ip
 
 
+# --- kube-proxy's sloppy parsers -------------------------------------------------------------------
+#
+# k8s.io/utils/net ParseIPSloppy and ParseCIDRSloppy are Go 1.16's net.ParseIP and net.ParseCIDR, kept
+# from before Go refused leading zeros: an IPv4 part is any run of ASCII decimal digits up to 255 (`010`
+# is 10, never octal), the whole string must be used (no space, no zone), and an IPv4-mapped IPv6
+# address is an IPv4 address. These are ports of that code, used only where kube-proxy uses them; a
+# strict parse is tried first, so valid input (nearly all of it) costs no more than before.
+
+_GO_BIG = 0xFFFFFF  # Go's `big`: dtoi and xtoi give up at this value
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+_HEX = {c: int(c, 16) for c in "0123456789abcdefABCDEF"}
+
+
+def _go_dtoi(s: str, start: int) -> tuple[int, int] | None:
+    """Go's dtoi from `start`: (value, end) of the ASCII decimal digits there, None if none or too many."""
+    n, i = 0, start
+    while i < len(s) and "0" <= s[i] <= "9":
+        n = n * 10 + ord(s[i]) - 48
+        if n >= _GO_BIG:
+            return None
+        i += 1
+    return (n, i) if i > start else None
+
+
+def _go_ipv4(s: str) -> bytes | None:
+    """Go 1.16's parseIPv4: four decimal parts 0-255 separated by dots, leading zeros allowed."""
+    out = bytearray()
+    i = 0
+    for part in range(4):
+        if i >= len(s):
+            return None
+        if part > 0:
+            if s[i] != ".":
+                return None
+            i += 1
+        parsed = _go_dtoi(s, i)
+        if parsed is None or parsed[0] > 0xFF:
+            return None
+        out.append(parsed[0])
+        i = parsed[1]
+    return bytes(out) if i == len(s) else None
+
+
+def _go_xtoi(s: str) -> tuple[int, int] | None:
+    """Go's xtoi: (value, length) of the hex digits at the start of `s`, None if none or too many."""
+    n, i = 0, 0
+    while i < len(s) and s[i] in _HEX:
+        n = n * 16 + _HEX[s[i]]
+        if n >= _GO_BIG:
+            return None
+        i += 1
+    return (n, i) if i else None
+
+
+def _go_ipv6(s: str) -> bytes | None:
+    """Go 1.16's parseIPv6 (no zone): hex groups, one `::`, an optional trailing dotted IPv4 part."""
+    ip = bytearray(16)
+    ellipsis = -1
+    if s.startswith("::"):
+        ellipsis, s = 0, s[2:]
+        if not s:
+            return bytes(ip)
+    i = 0
+    while i < 16:
+        parsed = _go_xtoi(s)
+        if parsed is None or parsed[0] > 0xFFFF:
+            return None
+        n, c = parsed
+        if c < len(s) and s[c] == ".":  # the trailing IPv4 part, read from the start of this group
+            if (ellipsis < 0 and i != 12) or i + 4 > 16:
+                return None
+            v4 = _go_ipv4(s)
+            if v4 is None:
+                return None
+            ip[i:i + 4] = v4
+            s, i = "", i + 4
+            break
+        ip[i], ip[i + 1] = n >> 8, n & 0xFF
+        i += 2
+        s = s[c:]
+        if not s:
+            break
+        if s[0] != ":" or len(s) == 1:
+            return None
+        s = s[1:]
+        if s[0] == ":":
+            if ellipsis >= 0:
+                return None
+            ellipsis, s = i, s[1:]
+            if not s:
+                break
+    if s:
+        return None
+    if i < 16:
+        if ellipsis < 0:
+            return None
+        ip[ellipsis:] = bytes(16 - i) + ip[ellipsis:i]
+    elif ellipsis >= 0:  # `::` must stand for at least one group
+        return None
+    return bytes(ip)
+
+
+def _go_address(raw: bytes) -> IPAddress:
+    """An address as Go sees it: 16 bytes of IPv4-mapped IPv6 are the IPv4 address (`To4() != nil`)."""
+    if len(raw) == 16 and raw[:12] == _V4_MAPPED_PREFIX:
+        return ipaddress.IPv4Address(raw[12:])
+    return ipaddress.IPv4Address(raw) if len(raw) == 4 else ipaddress.IPv6Address(raw)
+
+
+def parse_ip_sloppy(value: Any) -> IPAddress | None:
+    """The address kube-proxy's `netutils.ParseIPSloppy` reads in `value`, canonical, or None.
+
+    `172.30.0.041` is 172.30.0.41 and `::ffff:10.0.0.1` is 10.0.0.1; `172.17.0.300`, `0x0a.0.0.1`,
+    ` 10.0.0.1` and `fe80::1%eth0` are None.
+    """
+    if not isinstance(value, str):
+        return None
+    for ch in value:  # Go's ParseIP: the first '.' or ':' decides the family
+        if ch == ".":
+            v4 = _go_ipv4(value)
+            return None if v4 is None else ipaddress.IPv4Address(v4)
+        if ch == ":":
+            v6 = _go_ipv6(value)
+            return None if v6 is None else _go_address(v6)
+    return None
+
+
+def parse_cidr_sloppy(value: Any) -> IPNetwork | None:
+    """The network kube-proxy's `netutils.ParseCIDRSloppy` reads in `value` (host bits masked), or None.
+
+    `203.0.113.000/025` and `203.0.113.5/25` are 203.0.113.0/25; a netmask (`/255.255.255.0`), a space or
+    a prefix beyond the family's length are None. (No trimming: the caller trims where kube-proxy does.)
+    """
+    if not isinstance(value, str) or "/" not in value:
+        return None
+    address, _, mask = value.partition("/")
+    raw, bits = _go_ipv4(address), 32
+    if raw is None:
+        raw, bits = _go_ipv6(address), 128
+    prefix = _go_dtoi(mask, 0)
+    if raw is None or prefix is None or prefix[1] != len(mask) or prefix[0] > bits:
+        return None
+    length = prefix[0]
+    if bits == 32:
+        return ipaddress.IPv4Network((ipaddress.IPv4Address(raw), length), strict=False)
+    network = ipaddress.IPv6Network((ipaddress.IPv6Address(raw), length), strict=False)
+    packed = network.network_address.packed
+    if packed[:12] == _V4_MAPPED_PREFIX:  # Go prints a masked IPv4-mapped network as IPv4 (prefix - 96)
+        return ipaddress.IPv4Network((ipaddress.IPv4Address(packed[12:]), length - 96), strict=False)
+    return network
+
+
+def _strict_cidr(value: str) -> bool:
+    """Whether the API server's strict validation would take `value` as written (canonical CIDR)."""
+    address, slash, mask = value.partition("/")
+    return (bool(slash) and parse_ip(address) is not None and mask.isascii() and mask.isdigit()
+            and (mask == "0" or not mask.startswith("0")) and parse_cidr(value) is not None)
+
+
+def _read_sloppy(value: Any) -> tuple[IPAddress | None, bool]:
+    """`value` read as kube-proxy reads it, and whether that differs from a strict reading (a legacy value)."""
+    ip = parse_ip(value)
+    if ip is None:
+        ip = parse_ip_sloppy(value)
+        return ip, ip is not None
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # Go's To4(): an IPv4 address to kube-proxy
+        return ip.ipv4_mapped, True
+    return ip, False
+
+
+def _sloppy_ip(ctx: _Ctx, value: Any, field: str, family: int | None = None) -> IPAddress | None:
+    """`value` read as kube-proxy reads it (noted when it is a legacy value), None if it is not an address
+    (reported) or not of `family` (reported)."""
+    ip, legacy = _read_sloppy(value)
+    if ip is None:
+        ctx.drop(field, f"{value!r} is not a valid IP address")
+        return None
+    if family is not None and ip.version != family:
+        ctx.drop(field, f"{ip} is IPv{ip.version} but the Service is IPv{family}")
+        return None
+    if legacy:
+        ctx.note(field, value, ip)
+    return ip
+
+
+def _sloppy_ips(ctx: _Ctx, values: Any, field: str, family: int | None = None) -> Iterator[IPAddress]:
+    for i, value in enumerate(_list(ctx, values, field)):
+        if (ip := _sloppy_ip(ctx, value, f"{field}[{i}]", family)) is not None:
+            yield ip
+
+
 # --- kinds -----------------------------------------------------------------------------------------
 
 
@@ -298,13 +509,18 @@ def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
                                       .get("ingress"), "status.loadBalancer.ingress")):
         ingress = _map(ctx, ingress, f"status.loadBalancer.ingress[{i}]")
         if "ip" in ingress:  # hostname-only ingress (some cloud LBs) is not proxied, as in kube-proxy
-            lb_ips.extend(_ips(ctx, [ingress["ip"]], f"status.loadBalancer.ingress[{i}].ip", family))
+            ip = _sloppy_ip(ctx, ingress["ip"], f"status.loadBalancer.ingress[{i}].ip", family)
+            if ip is not None:
+                lb_ips.append(ip)
     source_ranges = []
     for i, value in enumerate(_list(ctx, spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
-        cidr = parse_cidr(value.strip() if isinstance(value, str) else value)
+        # kube-proxy's MapCIDRsByIPFamily: trimmed, then ParseCIDRSloppy, whose network masks host bits
+        cidr = parse_cidr_sloppy(value.strip() if isinstance(value, str) else value)
         if cidr is None:
             ctx.drop(f"spec.loadBalancerSourceRanges[{i}]", f"{value!r} is not a CIDR")
         else:
+            if not _strict_cidr(value):
+                ctx.note(f"spec.loadBalancerSourceRanges[{i}]", value, cidr)
             source_ranges.append(cidr)
     distribution = spec.get("trafficDistribution")
     if distribution is not None and not isinstance(distribution, str):
@@ -312,7 +528,7 @@ def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
     return Service(
         ref=ctx.ref, type=svc_type, cluster_ips=cluster_ips, headless=headless, ports=ports,
         selector=None if selector is None else _string_map(ctx, selector, "spec.selector"),
-        external_ips=tuple(_ips(ctx, spec.get("externalIPs"), "spec.externalIPs", family)),
+        external_ips=tuple(_sloppy_ips(ctx, spec.get("externalIPs"), "spec.externalIPs", family)),
         load_balancer_ips=tuple(lb_ips), load_balancer_source_ranges=tuple(source_ranges),
         session_affinity=affinity, affinity_timeout_seconds=timeout, external_traffic_policy=etp,
         internal_traffic_policy=itp, health_check_node_port=hc_port, labels=labels, annotations=annotations,
@@ -351,13 +567,17 @@ def _cluster_ips(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[tuple[IPAddress, .
         raise ctx.fail(field, "missing: the API server allocates it, so this object is incomplete")
     if raw_ips[0] == "None":
         return (), True
-    primary = parse_ip(raw_ips[0])
+    primary_field = f"{field}[0]" if field.endswith("s") else field
+    primary, legacy = _read_sloppy(raw_ips[0])
     if primary is None:
-        raise ctx.fail(f"{field}[0]" if field.endswith("s") else field,
-                       f"{raw_ips[0]!r} is not a valid IP address")
+        raise ctx.fail(primary_field, f"{raw_ips[0]!r} is not a valid IP address")
+    if legacy:
+        ctx.note(primary_field, raw_ips[0], primary)
     ips = [primary]
     for i, value in enumerate(raw_ips[1:], start=1):
-        ip = parse_ip(value)
+        ip, legacy = _read_sloppy(value)
+        if legacy and ip is not None and ip.version != primary.version:
+            ctx.note(f"spec.clusterIPs[{i}]", value, ip)
         if ip is None or ip.version == primary.version:
             ctx.drop(f"spec.clusterIPs[{i}]", f"{value!r} is not a valid secondary IP of the other family")
         else:
@@ -453,9 +673,16 @@ def _endpoint(ctx: _Ctx, raw: Any, i: int, address_type: AddressType) -> Endpoin
     if address_type is AddressType.FQDN:
         return None  # FQDN slices carry names no proxy can dial; they are kept only to be counted
     parse = _parse_v4 if address_type is AddressType.IPV4 else _parse_v6
+    family = 4 if address_type is AddressType.IPV4 else 6
     addresses = []
     for j, value in enumerate(_list(ctx, raw.get("addresses"), f"endpoints[{i}].addresses")):
         ip = parse(value)
+        if ip is None:  # not strictly valid (or IPv4-mapped): read it as kube-proxy does, off the hot path
+            ip, _ = _read_sloppy(value)
+            if ip is not None and ip.version == family:
+                ctx.note(f"endpoints[{i}].addresses[{j}]", value, ip)
+            else:
+                ip = None
         if ip is None:
             ctx.drop(f"endpoints[{i}].addresses[{j}]", f"{value!r} is not a valid {address_type} address")
         else:
@@ -498,7 +725,8 @@ def _parse_v4(value: Any) -> IPAddress | None:
 
 def _parse_v6(value: Any) -> IPAddress | None:
     ip = parse_ip(value)
-    return ip if ip is not None and ip.version == 6 else None
+    # an IPv4-mapped address is IPv4 to kube-proxy: left to the sloppy path (which refuses it here)
+    return ip if ip is not None and ip.version == 6 and ip.ipv4_mapped is None else None
 
 
 def _pod(ctx: _Ctx, raw: Mapping[str, Any]) -> Pod:

@@ -421,3 +421,19 @@ class Rejection:
     def __str__(self) -> str:
         scope = "rejected" if self.whole_object else "ignored"
         return f"{self.ref}: {self.field}: {self.reason} ({scope})"
+
+
+@dataclass(frozen=True, slots=True)
+class Canonicalized:
+    """A value the API server refuses today but kube-proxy accepts, read as kube-proxy reads it: an IPv4
+    address with leading zeros (`172.30.0.041`, decimal: 172.30.0.41), a CIDR with host bits or surrounding
+    space. Objects written before the API server's validation tightened still hold such values; the
+    datapath programs `canonical`, and each one is logged as a warning (see `nodeagent.cluster.decode`)."""
+
+    ref: ObjectRef
+    field: str
+    written: str
+    canonical: str
+
+    def __str__(self) -> str:
+        return f"{self.ref}: {self.field}: {self.written!r} read as {self.canonical}"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodeagent.cluster.decode import decode
+from nodeagent.cluster.decode import decode, parse_cidr_sloppy, parse_ip_sloppy
 from nodeagent.cluster.model import (
     AuthorizationPolicy,
     EndpointSlice,
@@ -94,8 +94,9 @@ def test_a_traffic_distribution_that_is_not_a_string_is_dropped_alone() -> None:
 
 
 @pytest.mark.parametrize(("spec", "field", "reason"), [
-    ({"clusterIP": "010.96.0.10"}, "spec.clusterIP", "not a valid IP"),
     ({"clusterIP": "10.96.0.300"}, "spec.clusterIP", "not a valid IP"),
+    ({"clusterIP": "10.96.0x0.1"}, "spec.clusterIP", "not a valid IP"),
+    ({"clusterIP": " 10.96.0.10"}, "spec.clusterIP", "not a valid IP"),
     ({"clusterIP": None}, "spec.clusterIP", "missing"),
     ({"type": "Magic"}, "spec.type", "not one of"),
     ({"selector": {"app": 3}}, "spec.selector", "strings"),
@@ -128,7 +129,8 @@ def test_bad_ports_are_dropped_alone_and_the_service_keeps_its_good_ports() -> N
 
 
 def test_wrong_family_and_invalid_external_ips_are_dropped() -> None:
-    decoded = decode(service(externalIPs=["192.0.2.1", "2001:db8::1", "192.0.2.01", " 192.0.2.2"],
+    # kube-proxy's MapIPsByIPFamily does not trim: " 192.0.2.2" is not an address to it either
+    decoded = decode(service(externalIPs=["192.0.2.1", "2001:db8::1", "192.0.2.300", " 192.0.2.2"],
                              clusterIPs=["10.96.0.10", "10.96.0.11"]))
     assert isinstance(decoded.obj, Service)
     assert decoded.obj.external_ips == (ip_address("192.0.2.1"),)
@@ -136,6 +138,60 @@ def test_wrong_family_and_invalid_external_ips_are_dropped() -> None:
     assert fields(decoded) == ["spec.clusterIPs[1]", "spec.externalIPs[1]", "spec.externalIPs[2]",
                                "spec.externalIPs[3]"]
     assert "IPv6 but the Service is IPv4" in decoded.rejections[1].reason
+    assert "'192.0.2.300' is not a valid IP address" in decoded.rejections[2].reason
+
+
+def test_legacy_addresses_are_read_as_kube_proxy_reads_them_and_reported() -> None:
+    """ParseIPSloppy: leading zeros are decimal (010 is 10, not 8), an IPv4-mapped address is IPv4."""
+    decoded = decode(service(clusterIPs=["010.096.000.010", "fd00::0010"],
+                             externalIPs=["192.0.2.01", "::ffff:192.0.2.2", "192.0.2.3"]))
+    assert isinstance(decoded.obj, Service) and decoded.rejections == ()
+    assert decoded.obj.cluster_ips == (ip_address("10.96.0.10"), ip_address("fd00::10"))
+    assert decoded.obj.external_ips == (ip_address("192.0.2.1"), ip_address("192.0.2.2"), ip_address("192.0.2.3"))
+    assert [str(c) for c in decoded.canonicalized] == [
+        "Service shop/web: spec.clusterIPs[0]: '010.096.000.010' read as 10.96.0.10",
+        "Service shop/web: spec.externalIPs[0]: '192.0.2.01' read as 192.0.2.1",
+        "Service shop/web: spec.externalIPs[1]: '::ffff:192.0.2.2' read as 192.0.2.2",
+    ]
+
+
+def test_legacy_source_ranges_are_trimmed_and_masked_as_kube_proxy_does() -> None:
+    """MapCIDRsByIPFamily: TrimSpace, then ParseCIDRSloppy's network (host bits masked); a netmask or a
+    prefix beyond the family is not a CIDR to it."""
+    decoded = decode(service(type="LoadBalancer", loadBalancerSourceRanges=[
+        "203.0.113.000/025", " 198.51.100.7/24 ", "192.0.2.0/24", "10.0.0.0/255.0.0.0", "10.0.0.0/33", ""]))
+    assert isinstance(decoded.obj, Service)
+    assert decoded.obj.load_balancer_source_ranges == (
+        ip_network("203.0.113.0/25"), ip_network("198.51.100.0/24"), ip_network("192.0.2.0/24"))
+    assert [(c.field, c.written) for c in decoded.canonicalized] == [
+        ("spec.loadBalancerSourceRanges[0]", "203.0.113.000/025"),
+        ("spec.loadBalancerSourceRanges[1]", " 198.51.100.7/24 ")]
+    assert fields(decoded) == ["spec.loadBalancerSourceRanges[3]", "spec.loadBalancerSourceRanges[4]",
+                               "spec.loadBalancerSourceRanges[5]"]
+
+
+@pytest.mark.parametrize(("written", "expected"), [
+    ("172.30.0.041", "172.30.0.41"), ("0001.02.003.0004", "1.2.3.4"), ("099.0.0.1", "99.0.0.1"),
+    ("::ffff:1.2.3.004", "1.2.3.4"), ("::ffff:0102:0304", "1.2.3.4"), ("00001::1", "1::1"),
+    ("2001:db8::10.0.0.01", "2001:db8::a00:1"), ("::", "::"),
+    ("172.17.0.300", None), ("0x0a.0.0.1", None), (" 10.0.0.1", None), ("10.0.0.1 ", None), ("10.0.0", None),
+    ("10.0.0.1.2", None), ("10..0.1", None), ("fe80::1%eth0", None), ("1::2::3", None), ("1:2:3:4:5:6:7:8::", None),
+    ("\uff11.2.3.4", None), ("", None),
+])
+def test_parse_ip_sloppy_is_go_1_16s_parse_ip(written: str, expected: str | None) -> None:
+    parsed = parse_ip_sloppy(written.encode().decode("unicode_escape"))
+    assert (None if parsed is None else str(parsed)) == expected
+
+
+@pytest.mark.parametrize(("written", "expected"), [
+    ("203.0.113.000/025", "203.0.113.0/25"), ("203.0.113.77/25", "203.0.113.0/25"), ("0.0.0.0/0", "0.0.0.0/0"),
+    ("2001:db8::1/032", "2001:db8::/32"), ("::ffff:1.2.3.4/120", "1.2.3.0/24"),
+    ("10.0.0.0/255.0.0.0", None), ("10.0.0.0/33", None), ("10.0.0.0/", None), ("10.0.0.0/+8", None),
+    (" 10.0.0.0/8", None), ("10.0.0.300/8", None), ("10.0.0.0", None), ("fd00::/129", None),
+])
+def test_parse_cidr_sloppy_is_go_1_16s_parse_cidr(written: str, expected: str | None) -> None:
+    parsed = parse_cidr_sloppy(written)
+    assert (None if parsed is None else str(parsed)) == expected
 
 
 def test_headless_and_external_name_are_recognized_and_skipped_with_a_reason() -> None:
@@ -169,12 +225,15 @@ def test_bad_endpoints_are_dropped_alone() -> None:
     decoded = decode(endpoint_slice([
         {"addresses": ["10.244.1.2"]},
         {"addresses": ["fd00::1"]},
-        {"addresses": ["10.244.01.3"]},
+        {"addresses": ["10.244.1.300"]},
         "garbage",
+        {"addresses": ["10.244.01.3"]},  # a legacy address: kube-proxy reads it as 10.244.1.3
     ], ports=[{"name": "http", "port": 8080}, {"name": "bad", "port": 0}, {"name": "p", "protocol": "XTP"}]))
     slice_ = decoded.obj
     assert isinstance(slice_, EndpointSlice)
-    assert [str(e.addresses[0]) for e in slice_.endpoints] == ["10.244.1.2"]
+    assert [str(e.addresses[0]) for e in slice_.endpoints] == ["10.244.1.2", "10.244.1.3"]
+    assert [(c.field, c.written, c.canonical) for c in decoded.canonicalized] == [
+        ("endpoints[4].addresses[0]", "10.244.01.3", "10.244.1.3")]
     assert [p.port for p in slice_.ports] == [8080]
     assert fields(decoded) == ["endpoints[1].addresses[0]", "endpoints[1]", "endpoints[2].addresses[0]",
                                "endpoints[2]", "endpoints[3]", "ports[1].port", "ports[2].protocol"]
@@ -369,3 +428,13 @@ def test_a_valid_service_survives_a_malformed_extra_port(junk: Any) -> None:
     decoded = decode(raw)
     assert isinstance(decoded.obj, Service)
     assert decoded.obj.ports[0].port == 80 and decoded.obj.ports[0].name == "http"
+
+
+def test_an_ipv4_mapped_endpoint_address_is_ipv4_as_kube_proxy_reads_it() -> None:
+    v4 = decode(endpoint_slice([{"addresses": ["::ffff:10.244.1.2"]}]))
+    assert isinstance(v4.obj, EndpointSlice) and v4.obj.endpoints[0].addresses == (ip_address("10.244.1.2"),)
+    assert [c.canonical for c in v4.canonicalized] == ["10.244.1.2"]
+    v6 = decode(endpoint_slice([{"addresses": ["::ffff:10.244.1.2"]}, {"addresses": ["fd00::1"]}],
+                               address_type="IPv6"))
+    assert isinstance(v6.obj, EndpointSlice) and [e.addresses for e in v6.obj.endpoints] == [(ip_address("fd00::1"),)]
+    assert fields(v6) == ["endpoints[0].addresses[0]", "endpoints[0]"] and v6.canonicalized == ()

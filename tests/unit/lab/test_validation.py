@@ -98,7 +98,7 @@ spec:
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
-    ("  externalIPs: ['192.0.2.010']\n",
+    ("  externalIPs: ['192.0.2.300']\n",
      "lab.yaml#2: Service default/web: spec.externalIPs[0]: "),
     ("  sessionAffinity: Sticky\n", "lab.yaml#2: Service default/web: spec.sessionAffinity: "),
     ("  loadBalancerSourceRanges: ['10.0.0.0/33']\n",

@@ -200,7 +200,7 @@ def test_rejections_are_kept_per_object_counted_and_cleared_when_fixed() -> None
 def test_an_object_that_becomes_unusable_is_withdrawn_and_says_why() -> None:
     tracker = seeded()
     snap(tracker)
-    broken = k8s.service("web", cluster_ip="10.96.0.010")
+    broken = k8s.service("web", cluster_ip="10.96.0.300")
     tracker.apply(up(broken))
     snapshot = snap(tracker)
     assert spn("web") not in snapshot.service_ports and spn("web") in snapshot.changed_ports
