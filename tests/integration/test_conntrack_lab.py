@@ -4,23 +4,37 @@ UDP flows are NATed by the proxier's rules to a Service's two endpoints; then a 
 restart: it knows nothing of the previous endpoints) syncs the Service with one endpoint removed. The flows of
 the removed endpoint are gone, those of the remaining one stay (kube-proxy's conntrack reconciler). The kernel
 side (listing, deleting by filter, counting) is checked against the `conntrack` binary on its own as well.
+
+In the lab, node1's agent is killed, an endpoint of the UDP Service is removed while it is down, and the agent
+is started again (in iptables mode, or in eBPF mode: flows NATed by iptables before the switch): the flows to the
+removed endpoint are deleted by the restarted agent, those of the other one stay.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import pytest
+import yaml
 
 from nodeagent.kernel.conntrack import Conntrack
 from nodeagent.kernel.netfilter import Iptables
+from nodeagent.lab import lab as labs
+from nodeagent.lab.agents import AGENT_OWNER, agent_argv, spawn_owned
+from nodeagent.lab.state import locked
 from nodeagent.service.config import ProxyConfig
 from nodeagent.service.conntrack import ConntrackReconciler, Filter
 from nodeagent.service.iptables.proxier import IptablesProxier
 from nodeagent.state.tracker import Snapshot
-from tests.integration.conftest import unique_lab_name
+from tests.integration.conftest import unique_lab_name, wait_for
+from tests.support.agent_labs import lab_with_agents, owner_process
 from tests.support.services import ep, service, slice_, snapshot_of
 
 pytestmark = pytest.mark.root
@@ -108,3 +122,57 @@ def test_the_kernel_side_lists_deletes_by_filter_and_counts(netns: str) -> None:
     assert result.filters == (Filter(None, NODE_PORT, ipaddress.ip_address(REMOVED), PORT),)
     assert sorted(str(f.reply_src) for f in table.flows(4) if f.orig_dst_port == NODE_PORT) == [KEPT] * 5
     assert table.delete(4, Filter(None, NODE_PORT, ipaddress.ip_address(REMOVED), PORT)) == 0, "nothing left"
+
+
+# --- the lab: a real agent killed, an endpoint removed while it is down, the agent started again ---------------
+
+
+@pytest.fixture(params=["iptables", pytest.param("ebpf", marks=pytest.mark.bcc)])
+def restarted_mode(request: pytest.FixtureRequest) -> str:
+    """The mode the agent comes back in (eBPF: flows NATed by the iptables datapath before the switch)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[labs.Lab]:
+    with lab_with_agents(tmp_path, "", "iptables", ["--min-sync-period", "0.1"]) as built:
+        yield built
+
+
+def lab_udp_flows(lab: labs.Lab, node: str, vip: str) -> dict[str, int]:
+    """UDP flows to vip:53 in `node`'s conntrack table, by the endpoint that answers them."""
+    found: dict[str, int] = {}
+    for flow in Conntrack(lab.plan.node(node).netns).flows(4):
+        if str(flow.orig_dst) == vip and flow.orig_dst_port == 53:
+            found[str(flow.reply_src)] = found.get(str(flow.reply_src), 0) + 1
+    return found
+
+
+def test_stale_flows_are_deleted_when_the_agent_comes_back(lab: labs.Lab, restarted_mode: str) -> None:
+    vip = str(lab.cluster_ip("echo"))
+    send_udp(lab.plan.pod("demo/client").netns, vip, 53, range(42000, 42040))
+    flows = lab_udp_flows(lab, "node1", vip)
+    assert len(flows) == 2 and sum(flows.values()) == 40, flows
+    removed, kept = sorted(flows)
+    agent = owner_process(lab, AGENT_OWNER + "node1")
+    os.kill(agent.pid, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(agent.pid) or agent.status() == psutil.STATUS_ZOMBIE, "agent gone")
+    documents = list(yaml.safe_load_all(lab.record.manifests_path.read_text()))
+    for doc in documents:
+        if doc["kind"] == "EndpointSlice" and doc["metadata"]["labels"]["kubernetes.io/service-name"] == "echo":
+            doc["endpoints"] = [e for e in doc["endpoints"] if e["addresses"] != [removed]]
+    lab.record.manifests_path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    assert lab_udp_flows(lab, "node1", vip) == flows, "nobody deleted them while the agent was down"
+    log = lab.record.directory / "logs" / f"{AGENT_OWNER.rstrip('/')}.node1.log"
+    before = len(log.read_text().splitlines()) if log.exists() else 0
+    with locked(lab.record.name):
+        _, written = spawn_owned(labs.load(lab.record.name), "node1", AGENT_OWNER, "nodeagent",
+                                 agent_argv(lab, "node1", restarted_mode, ["--min-sync-period", "0.1"]), None)
+    assert written == log
+    wait_for(lambda: removed not in lab_udp_flows(lab, "node1", vip), "the removed endpoint's flows deleted",
+             timeout=30)
+    assert lab_udp_flows(lab, "node1", vip) == {kept: flows[kept]}, "the remaining endpoint's flows stay"
+    # (the log file is the killed agent's too; in eBPF mode with tc attached, the eBPF proxier's reconciler ran)
+    deleted = [json.loads(line) for line in log.read_text().splitlines()[before:]
+               if "stale UDP conntrack flows deleted" in line]
+    assert deleted and deleted[0]["deleted"] == flows[removed], "the restarted agent deleted them (not a timeout)"
