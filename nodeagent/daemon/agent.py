@@ -20,14 +20,16 @@ import structlog
 from nodeagent import heap
 from nodeagent.cluster.events import Sink
 from nodeagent.cluster.model import IPAddress, Kind, ObjectRef
-from nodeagent.observability.health import HealthState, health_routes
+from nodeagent.observability.health import HEALTH_HEADERS, HealthState, health_routes, node_eligible
 from nodeagent.observability.http import RouteServer
 from nodeagent.observability.metrics import AgentMetrics, metrics_routes
+from nodeagent.observability.service_health import ServiceHealthServers
 from nodeagent.service.addresses import local_addresses
-from nodeagent.service.config import ProxySettings, proxy_config
+from nodeagent.service.config import ProxyConfig, ProxySettings, proxy_config
 from nodeagent.service.datapath import Datapath
+from nodeagent.service.healthcheck import health_check_ports, local_ready_endpoints
 from nodeagent.state.sync import SyncRunner, SyncSchedule
-from nodeagent.state.tracker import ChangeTracker
+from nodeagent.state.tracker import ChangeTracker, Snapshot
 
 log = structlog.get_logger("nodeagent.daemon.agent")
 PROGRAMMED_KINDS = (Kind.SERVICE, Kind.ENDPOINT_SLICE)
@@ -61,8 +63,8 @@ class AgentOptions:
 
 
 class Agent:
-    """Ties a source, the tracker, the runner, the datapath (iptables or eBPF) and the health and metrics
-    endpoints together."""
+    """Ties a source, the tracker, the runner, the datapath (iptables or eBPF), the health and metrics
+    endpoints and the Services' health check node ports together."""
 
     def __init__(self, options: AgentOptions, make_source: Callable[[Sink], Source], proxier: Datapath,
                  addresses: Callable[[], tuple[IPAddress, ...]] = local_addresses) -> None:
@@ -74,6 +76,8 @@ class Agent:
         self.health = HealthState(grace=options.healthz_grace)
         self.metrics = AgentMetrics()
         self.metrics.observe_health(self.health)
+        # kube-proxy's service health server: answers from the proxy's health without node eligibility
+        self.service_health = ServiceHealthServers(lambda: self.health.health().healthy)
         self.synced = threading.Event()  # set after the first successful sync
         self.syncs = 0
         self._pending: set[ObjectRef] = set()
@@ -98,7 +102,7 @@ class Agent:
         self.metrics.set_mode(self.health.mode, self.health.mode_reason)
         if self.options.healthz_port is not None:
             self._server = RouteServer(health_routes(self.health), self.options.healthz_host,
-                                       self.options.healthz_port, "healthz").start()
+                                       self.options.healthz_port, "healthz", headers=HEALTH_HEADERS).start()
         if self.options.metrics_port is not None:
             self._metrics_server = RouteServer(metrics_routes(self.metrics, lambda: self.health.mode),
                                                self.options.metrics_host, self.options.metrics_port,
@@ -121,6 +125,7 @@ class Agent:
             self._server.stop()
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        self.service_health.close()
 
     def _sync(self) -> None:
         if not self._tracker.synced(PROGRAMMED_KINDS):
@@ -156,8 +161,23 @@ class Agent:
             self.metrics.rejections.labels(kind=kind_name, scope=scope).set(count)
         self._pending = set()
         self.syncs += 1
+        self.health.set_node_eligible(self._node_eligible(snapshot))
         self.health.updated()
+        self._sync_health_checks(snapshot, config)
         self.synced.set()
         if not self._settled:
             heap.settle()
             self._settled = True
+
+    @staticmethod
+    def _node_eligible(snapshot: Snapshot) -> bool:
+        # (the Node model carries neither deletionTimestamp nor taints yet: only a missing Node counts for now)
+        return node_eligible(listed=snapshot.synced((Kind.NODE,)), exists=snapshot.node is not None,
+                             being_deleted=False, taint_keys=frozenset())
+
+    def _sync_health_checks(self, snapshot: Snapshot, config: ProxyConfig) -> None:
+        """After a successful sync, as kube-proxy: a listener per health-checked Service on the node's NodePort
+        addresses, answering with its local ready endpoints."""
+        wanted = health_check_ports(snapshot.service_ports.values(), config.nodeport_ips)
+        self.service_health.sync_services(wanted)
+        self.service_health.sync_endpoints(local_ready_endpoints(snapshot.endpoints, only=wanted.keys()))

@@ -378,7 +378,7 @@ def spawn_owned(lab: labs.Lab, node: str, owner: str, container: str, argv: list
 def _wait_first_sync(netns: str, address: ipaddress.IPv4Address, pid: int, logfile: Path, timeout: float) -> None:
     """Poll the agent's /healthz (from inside the node) until it reports a completed sync."""
     _wait_ready(netns, f"http://{address}:10256/healthz", pid, logfile, timeout,
-                lambda answer: bool(json.loads(answer).get("lastUpdated")), "complete a sync")
+                lambda answer: bool(json.loads(answer).get("status")), "complete a sync")  # a synced family
 
 
 def _wait_ready(netns: str, url: str, pid: int, logfile: Path, timeout: float, ok: Callable[[str], bool],

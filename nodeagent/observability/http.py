@@ -12,9 +12,13 @@ Route = Callable[[], tuple[int, str, bytes]]
 
 
 class RouteServer:
-    """Serves `routes` (path -> Route) on (host, port) from a daemon thread; 404 for anything else."""
+    """Serves `routes` (path -> Route) on (host, port) from a daemon thread; 404 for anything else. `headers`
+    are added to every answer of a route (kube-proxy's health server sends `X-Content-Type-Options: nosniff`)."""
 
-    def __init__(self, routes: Mapping[str, Route], host: str, port: int, name: str) -> None:
+    def __init__(self, routes: Mapping[str, Route], host: str, port: int, name: str,
+                 headers: Mapping[str, str] | None = None) -> None:
+        extra = dict(headers or {})
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 route = routes.get(self.path.split("?")[0])
@@ -24,6 +28,8 @@ class RouteServer:
                 status, kind, data = route()
                 self.send_response(status)
                 self.send_header("Content-Type", kind)
+                for header, value in extra.items():
+                    self.send_header(header, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

@@ -1,0 +1,177 @@
+"""kube-proxy's service health server: one HTTP listener per Service with `externalTrafficPolicy: Local` on its
+`healthCheckNodePort`, which cloud load balancers probe to send traffic only to nodes with a local endpoint.
+
+Every path answers (kube-proxy registers no mux): `Content-Type: application/json`, `X-Content-Type-Options:
+nosniff`, `X-Load-Balancing-Endpoint-Weight: <local endpoints>`, 200 when the node has local ready endpoints and
+the proxy is healthy, else 503, and kube-proxy's body byte for byte (tab-indented, no trailing newline).
+
+Which Services, ports and counts is decided elsewhere (`nodeagent.service.healthcheck`, pure); this module only
+opens and closes the listeners and answers. A port that cannot be bound is logged with its Service and port and
+tried again at the next sync, as kube-proxy does; the other Services' listeners are not affected.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("nodeagent.observability.service_health")
+
+
+@dataclass(frozen=True, order=True)
+class ServiceName:
+    """A Service's namespace and name (kube-proxy's NamespacedName)."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where one Service's health check answers: its healthCheckNodePort on each of `hosts`."""
+
+    port: int
+    hosts: tuple[str, ...] = ("0.0.0.0",)
+
+
+def service_health_answer(service: ServiceName, local_endpoints: int,
+                          proxy_healthy: bool) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) as kube-proxy's service health handler writes them. Pure."""
+    headers = {"Content-Type": "application/json", "X-Content-Type-Options": "nosniff",
+               "X-Load-Balancing-Endpoint-Weight": str(local_endpoints)}
+    status = 200 if local_endpoints != 0 and proxy_healthy else 503
+    body = ("{\n"
+            "\t\"service\": {\n"
+            f"\t\t\"namespace\": {json.dumps(service.namespace)},\n"
+            f"\t\t\"name\": {json.dumps(service.name)}\n"
+            "\t},\n"
+            f"\t\"localEndpoints\": {local_endpoints},\n"
+            f"\t\"serviceProxyHealthy\": {'true' if proxy_healthy else 'false'}\n"
+            "}")
+    return status, headers, body.encode()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Listener:
+    """One Service's listeners (one per host), each serving from its own daemon thread."""
+
+    def __init__(self, service: ServiceName, listen: Listen,
+                 answer: Callable[[], tuple[int, dict[str, str], bytes]]) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, headers, data = answer()
+                self.send_response(status)
+                for header, value in headers.items():
+                    self.send_header(header, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.listen = listen
+        self.servers: list[ThreadingHTTPServer] = []
+        try:
+            for host in listen.hosts:
+                kind = _Server6 if ":" in host else _Server
+                self.servers.append(kind((host, listen.port), Handler))
+        except OSError:
+            for server in self.servers:  # bound but never served: nothing to shut down
+                server.server_close()
+            raise
+        for server in self.servers:
+            threading.Thread(target=server.serve_forever, name=f"healthcheck-{service}", daemon=True).start()
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple((str(s.server_address[0]), int(s.server_address[1])) for s in self.servers)
+
+    def close(self) -> None:
+        """Stop serving and release the ports."""
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+        self.servers = []
+
+
+class ServiceHealthServers:
+    """The health check listeners of the node's Services; `sync_services` and `sync_endpoints` as kube-proxy's
+    ServiceHealthServer. `proxy_healthy` is the proxy's health without node eligibility (kube-proxy's
+    Health().Healthy). Thread-safe: the handlers read the counts while the sync thread changes them."""
+
+    def __init__(self, proxy_healthy: Callable[[], bool]) -> None:
+        self._proxy_healthy = proxy_healthy
+        self._lock = threading.Lock()
+        self._listeners: dict[ServiceName, _Listener] = {}
+        self._endpoints: dict[ServiceName, int] = {}
+
+    def sync_services(self, wanted: Mapping[ServiceName, Listen]) -> None:
+        """Open a listener for every Service in `wanted` that has none (or listens elsewhere: closed and
+        reopened, its count reset to 0), close those of Services no longer wanted."""
+        with self._lock:
+            current = dict(self._listeners)
+        for service, listener in current.items():
+            if wanted.get(service) != listener.listen:
+                listener.close()
+                with self._lock:
+                    del self._listeners[service]
+                    self._endpoints.pop(service, None)
+                log.info("service health check closed", service=str(service), port=listener.listen.port)
+        for service, listen in sorted(wanted.items()):
+            if service in self._listeners:
+                continue
+            try:
+                opened = _Listener(service, listen, partial(self.answer, service))
+            except OSError as exc:
+                log.warning("service health check cannot listen; trying again at the next sync",
+                            service=str(service), port=listen.port, hosts=list(listen.hosts), error=str(exc))
+                continue
+            with self._lock:
+                self._listeners[service] = opened
+                self._endpoints.setdefault(service, 0)
+            log.info("service health check listening", service=str(service), port=listen.port,
+                     hosts=list(listen.hosts))
+
+    def sync_endpoints(self, local_endpoints: Mapping[ServiceName, int]) -> None:
+        """Set every listened Service's count of local ready endpoints (absent: 0)."""
+        with self._lock:
+            for service in self._listeners:
+                self._endpoints[service] = local_endpoints.get(service, 0)
+
+    def answer(self, service: ServiceName) -> tuple[int, dict[str, str], bytes]:
+        """What `service`'s health check answers now."""
+        with self._lock:
+            count = self._endpoints.get(service, 0)
+        return service_health_answer(service, count, self._proxy_healthy())
+
+    def addresses(self) -> dict[ServiceName, tuple[tuple[str, int], ...]]:
+        """The bound (host, port) of each Service's listeners."""
+        with self._lock:
+            return {service: listener.addresses for service, listener in self._listeners.items()}
+
+    def close(self) -> None:
+        """Close every listener."""
+        with self._lock:
+            listeners, self._listeners = list(self._listeners.values()), {}
+            self._endpoints.clear()
+        for listener in listeners:
+            listener.close()

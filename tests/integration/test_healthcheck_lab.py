@@ -1,0 +1,105 @@
+"""The health check node port in the lab, as a cloud load balancer probes it: a LoadBalancer Service with
+`externalTrafficPolicy: Local` answers on its healthCheckNodePort 200 from the node that has a local ready
+endpoint and 503 from the node that has none (kube-proxy's body and headers), and the answers flip when the
+endpoint moves to the other node, when it is no longer ready, and when the Service goes (the port closes).
+
+The Service and its EndpointSlice are written through the lab's API server with kubectl (a Service without a
+selector, so the slice is the test's own and the lab's endpoint-slice controller leaves it alone).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.lab import lab as labs
+from tests.integration.conftest import wait_for
+from tests.support.agent_labs import lab_with_agents
+
+pytestmark = pytest.mark.root
+
+HEALTH_PORT = 32123
+
+
+def service() -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "lb-local", "namespace": "demo"},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_PORT,
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
+
+
+def endpoint_slice(ip: str, node: str, ready: bool = True) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "lb-local-1", "namespace": "demo",
+                         "labels": {"kubernetes.io/service-name": "lb-local"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "nodeName": node,
+                           "conditions": {"ready": ready, "serving": ready, "terminating": False}}]}
+
+
+def apply(lab: labs.Lab, *objects: dict[str, Any]) -> None:
+    """`kubectl apply` of `objects` through the lab's API server (from a file: the lab's kubectl takes no stdin;
+    without client-side validation: the lab serves no OpenAPI to validate against)."""
+    path = Path(lab.record.directory) / "healthcheck-objects.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}))
+    result = labs.kubectl(lab.record.name, ["apply", "--validate=false", "-f", str(path)], capture=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def probe(lab: labs.Lab, node: str) -> tuple[int, dict[str, list[str]], dict[str, Any]]:
+    """GET the health check node port on `node`'s address, from inside the node (as the load balancer would reach
+    it): (status, the three headers, body); status 0 when nothing listens."""
+    address = lab.plan.node(node).node.address
+    script = ("import json,sys,urllib.request,urllib.error\n"
+              "names=('Content-Type','X-Content-Type-Options','X-Load-Balancing-Endpoint-Weight')\n"
+              "def show(status,headers,body): print(json.dumps([status,{n:headers.get_all(n) or [] for n in names},"
+              "body.decode()]))\n"
+              "try:\n"
+              " r=urllib.request.urlopen(sys.argv[1],timeout=2);show(r.status,r.headers,r.read())\n"
+              "except urllib.error.HTTPError as e: show(e.code,e.headers,e.read())\n"
+              "except OSError: print(json.dumps([0,{},'{}']))")
+    out = subprocess.run(["ip", "netns", "exec", lab.plan.node(node).netns, sys.executable, "-c", script,
+                          f"http://{address}:{HEALTH_PORT}/"], check=True, capture_output=True, text=True,
+                         timeout=20).stdout
+    status, headers, body = json.loads(out)
+    return int(status), headers, json.loads(body)
+
+
+def answers(lab: labs.Lab) -> dict[str, tuple[int, int]]:
+    """node -> (status, localEndpoints) of its health check node port."""
+    found = {}
+    for node in ("node1", "node2"):
+        status, _, body = probe(lab, node)
+        found[node] = (status, body.get("localEndpoints", -1))
+    return found
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
+    with lab_with_agents(tmp_path_factory.mktemp("healthcheck"), "", "iptables") as lab:
+        yield lab
+
+
+def test_the_health_check_node_port_follows_the_local_endpoint(lab: labs.Lab) -> None:
+    echo0 = str(lab.plan.pod("demo/echo-0").pod.ip)
+    apply(lab, service(), endpoint_slice(echo0, "node1"))
+    wait_for(lambda: answers(lab) == {"node1": (200, 1), "node2": (503, 0)}, "200 on node1, 503 on node2")
+    status, headers, body = probe(lab, "node1")
+    assert status == 200
+    assert headers == {"Content-Type": ["application/json"], "X-Content-Type-Options": ["nosniff"],
+                       "X-Load-Balancing-Endpoint-Weight": ["1"]}
+    assert body == {"service": {"namespace": "demo", "name": "lb-local"}, "localEndpoints": 1,
+                    "serviceProxyHealthy": True}
+    echo1 = str(lab.plan.pod("demo/echo-1").pod.ip)
+    apply(lab, endpoint_slice(echo1, "node2"))  # the endpoint moves to node2
+    wait_for(lambda: answers(lab) == {"node1": (503, 0), "node2": (200, 1)}, "the answers follow it to node2")
+    apply(lab, endpoint_slice(echo1, "node2", ready=False))  # not ready: it no longer counts
+    wait_for(lambda: answers(lab) == {"node1": (503, 0), "node2": (503, 0)}, "503 everywhere")
+    delete = labs.kubectl(lab.record.name, ["delete", "service", "lb-local", "-n", "demo"], capture=True, timeout=20)
+    assert delete.returncode == 0, delete.stderr
+    wait_for(lambda: all(probe(lab, node)[0] == 0 for node in ("node1", "node2")), "the port closes with the Service")
