@@ -44,6 +44,8 @@ from nodeagent.cluster.model import (
     IPAddress,
     IPNetwork,
     Kind,
+    LoadBalancerIngress,
+    LoadBalancerIPMode,
     Namespace,
     Node,
     Object,
@@ -503,15 +505,8 @@ def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
         hc_port = _int(spec.get("healthCheckNodePort"), 1, 65535)
         if hc_port is None:
             ctx.drop("spec.healthCheckNodePort", f"must be 1-65535, got {spec.get('healthCheckNodePort')!r}")
-    lb_ips: list[IPAddress] = []
     status = _map(ctx, raw.get("status"), "status")
-    for i, ingress in enumerate(_list(ctx, _map(ctx, status.get("loadBalancer"), "status.loadBalancer")
-                                      .get("ingress"), "status.loadBalancer.ingress")):
-        ingress = _map(ctx, ingress, f"status.loadBalancer.ingress[{i}]")
-        if "ip" in ingress:  # hostname-only ingress (some cloud LBs) is not proxied, as in kube-proxy
-            ip = _sloppy_ip(ctx, ingress["ip"], f"status.loadBalancer.ingress[{i}].ip", family)
-            if ip is not None:
-                lb_ips.append(ip)
+    lb_ingress = _load_balancer_ingress(ctx, status, family)
     source_ranges = []
     for i, value in enumerate(_list(ctx, spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
         # kube-proxy's MapCIDRsByIPFamily: trimmed, then ParseCIDRSloppy, whose network masks host bits
@@ -529,12 +524,40 @@ def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
         ref=ctx.ref, type=svc_type, cluster_ips=cluster_ips, headless=headless, ports=ports,
         selector=None if selector is None else _string_map(ctx, selector, "spec.selector"),
         external_ips=tuple(_sloppy_ips(ctx, spec.get("externalIPs"), "spec.externalIPs", family)),
-        load_balancer_ips=tuple(lb_ips), load_balancer_source_ranges=tuple(source_ranges),
+        load_balancer_ingress=lb_ingress, load_balancer_source_ranges=tuple(source_ranges),
         session_affinity=affinity, affinity_timeout_seconds=timeout, external_traffic_policy=etp,
         internal_traffic_policy=itp, health_check_node_port=hc_port, labels=labels, annotations=annotations,
         resource_version=rv, endpoint_weights=_endpoint_weights(ctx, annotations),
         traffic_distribution=distribution if isinstance(distribution, str) else "",
     )
+
+
+def _load_balancer_ingress(ctx: _Ctx, status: Mapping[str, Any],
+                           family: int | None) -> tuple[LoadBalancerIngress, ...]:
+    """status.loadBalancer.ingress as kube-proxy's newBaseServiceInfo reads it: an entry without an IP
+    (hostname-only, or "") is skipped silently; a Proxy-mode IP is kept whatever its family (kube-proxy
+    skips it before the family check, and programs nothing for it); a VIP-mode one must be of the
+    Service's family. An ipMode other than VIP or Proxy is not VIP to kube-proxy either (no rule): the
+    entry is dropped, reported."""
+    entries = []
+    for i, raw in enumerate(_list(ctx, _map(ctx, status.get("loadBalancer"), "status.loadBalancer")
+                                  .get("ingress"), "status.loadBalancer.ingress")):
+        field = f"status.loadBalancer.ingress[{i}]"
+        ingress = _map(ctx, raw, field)
+        if ingress.get("ip") in (None, ""):
+            continue
+        raw_mode = ingress.get("ipMode")
+        try:
+            mode = None if raw_mode is None else LoadBalancerIPMode(raw_mode)
+        except ValueError:
+            ctx.drop(f"{field}.ipMode", f"{raw_mode!r} is not VIP or Proxy; like kube-proxy (which programs only "
+                                        "VIP-mode ingress IPs), no rule for this IP")
+            continue
+        vip = mode is not LoadBalancerIPMode.PROXY
+        ip = _sloppy_ip(ctx, ingress["ip"], f"{field}.ip", family if vip else None)
+        if ip is not None:
+            entries.append(LoadBalancerIngress(ip, mode))
+    return tuple(entries)
 
 
 WEIGHTS_ANNOTATION = "nodeagent.io/endpoint-weights"

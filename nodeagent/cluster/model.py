@@ -51,6 +51,15 @@ class SessionAffinity(StrEnum):
     CLIENT_IP = "ClientIP"
 
 
+class LoadBalancerIPMode(StrEnum):
+    """status.loadBalancer.ingress[].ipMode. VIP (also what an unset mode means): traffic arrives addressed to
+    the ingress IP, so the proxy programs it. Proxy: the load balancer delivers the traffic to the node or
+    the pod itself, and kube-proxy programs nothing for the IP (`proxyutil.IsVIPMode`)."""
+
+    VIP = "VIP"
+    PROXY = "Proxy"
+
+
 class AddressType(StrEnum):
     """EndpointSlice addressType (FQDN slices are not used by any proxy)."""
 
@@ -134,6 +143,19 @@ class ServicePort:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadBalancerIngress:
+    """One `status.loadBalancer.ingress[]` entry with an IP (hostname-only entries are not proxied)."""
+
+    ip: IPAddress
+    ip_mode: LoadBalancerIPMode | None = None  # None: not written
+
+    @property
+    def is_vip(self) -> bool:
+        """kube-proxy's `IsVIPMode`: an unset mode is VIP; only VIP-mode IPs get rules."""
+        return self.ip_mode is None or self.ip_mode is LoadBalancerIPMode.VIP
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     """What the datapath needs of a Service."""
 
@@ -145,7 +167,9 @@ class Service:
     headless: bool = False
     external_name: str = ""
     external_ips: tuple[IPAddress, ...] = ()
-    load_balancer_ips: tuple[IPAddress, ...] = ()
+    # every ingress IP with its ipMode; the datapaths program only the VIP-mode ones
+    # (state.translation.ServicePortInfo.load_balancer_ips, as kube-proxy's LoadBalancerVIPs)
+    load_balancer_ingress: tuple[LoadBalancerIngress, ...] = ()
     load_balancer_source_ranges: tuple[IPNetwork, ...] = ()
     session_affinity: SessionAffinity = SessionAffinity.NONE
     affinity_timeout_seconds: int = 10800

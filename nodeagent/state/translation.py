@@ -114,7 +114,9 @@ def service_port_infos(service: Service) -> tuple[ServicePortInfo, ...]:
             target_port=port.target_port,
             node_port=port.node_port,
             external_ips=service.external_ips,
-            load_balancer_ips=service.load_balancer_ips if service.type is ServiceType.LOAD_BALANCER else (),
+            # kube-proxy's LoadBalancerVIPs: a Proxy-mode ingress IP gets no rule in any datapath
+            load_balancer_ips=(tuple(i.ip for i in service.load_balancer_ingress if i.is_vip)
+                               if service.type is ServiceType.LOAD_BALANCER else ()),
             load_balancer_source_ranges=(service.load_balancer_source_ranges
                                          if service.type is ServiceType.LOAD_BALANCER else ()),
             affinity_timeout_seconds=affinity,

@@ -18,6 +18,8 @@ from nodeagent.cluster.model import (
     AuthorizationPolicy,
     EndpointSlice,
     Kind,
+    LoadBalancerIngress,
+    LoadBalancerIPMode,
     PeerAuthentication,
     PeerAuthenticationMode,
     PolicyAction,
@@ -77,7 +79,7 @@ def test_a_full_service_decodes_to_every_field() -> None:
     assert [(p.name, p.protocol, p.port, p.target_port, p.node_port) for p in svc.ports] == [
         ("http", Protocol.TCP, 80, "http", 30080), ("dns", Protocol.UDP, 53, 5353, 30053)]
     assert svc.external_ips == (ip_address("192.0.2.7"),)
-    assert svc.load_balancer_ips == (ip_address("198.51.100.1"),)
+    assert svc.load_balancer_ingress == (LoadBalancerIngress(ip_address("198.51.100.1")),)
     assert svc.load_balancer_source_ranges == (ip_network("203.0.113.0/24"),)
     assert (svc.session_affinity, svc.affinity_timeout_seconds) == (SessionAffinity.CLIENT_IP, 60)
     assert svc.external_traffic_policy is TrafficPolicy.LOCAL and svc.internal_traffic_policy is TrafficPolicy.LOCAL
@@ -438,3 +440,20 @@ def test_an_ipv4_mapped_endpoint_address_is_ipv4_as_kube_proxy_reads_it() -> Non
                                address_type="IPv6"))
     assert isinstance(v6.obj, EndpointSlice) and [e.addresses for e in v6.obj.endpoints] == [(ip_address("fd00::1"),)]
     assert fields(v6) == ["endpoints[0].addresses[0]", "endpoints[0]"] and v6.canonicalized == ()
+
+
+def test_load_balancer_ingress_keeps_its_ip_mode_as_kube_proxy_reads_it() -> None:
+    """newBaseServiceInfo: no IP (hostname-only or "") skipped silently; Proxy mode exempt from the family
+    check; an ipMode other than VIP/Proxy is not VIP (no rule), dropped with the field named."""
+    raw = service(type="LoadBalancer")
+    raw["status"] = {"loadBalancer": {"ingress": [
+        {"ip": "198.51.100.1", "ipMode": "VIP"}, {"ip": "198.51.100.2", "ipMode": "Proxy"}, {"ip": "198.51.100.3"},
+        {"hostname": "lb.example"}, {"ip": ""}, {"ip": "2001:db8::1", "ipMode": "Proxy"},
+        {"ip": "198.51.100.4", "ipMode": "Tunnel"}, {"ip": "2001:db8::2"}]}}
+    decoded = decode(raw)
+    assert isinstance(decoded.obj, Service)
+    assert [(str(i.ip), i.ip_mode, i.is_vip) for i in decoded.obj.load_balancer_ingress] == [
+        ("198.51.100.1", LoadBalancerIPMode.VIP, True), ("198.51.100.2", LoadBalancerIPMode.PROXY, False),
+        ("198.51.100.3", None, True), ("2001:db8::1", LoadBalancerIPMode.PROXY, False)]
+    assert fields(decoded) == ["status.loadBalancer.ingress[6].ipMode", "status.loadBalancer.ingress[7].ip"]
+    assert "'Tunnel' is not VIP or Proxy" in decoded.rejections[0].reason

@@ -11,6 +11,9 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from textwrap import dedent
+from typing import Any
+
+import pytest
 
 from nodeagent.cluster.decode import decode
 from nodeagent.service.config import NFACCT_COUNTERS, ProxyConfig
@@ -71,3 +74,42 @@ def test_a_source_range_with_host_bits_or_space_is_the_network_kube_proxy_progra
                       loadBalancerSourceRanges=[written], status={"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}})
         assert expected in rules(snapshot_of(svc, slice_("ns1", "svc1", ep("10.180.0.1")))).splitlines()
         assert [c.written for c in decode(svc).canonicalized] == ([] if written == "203.0.113.0/25" else [written])
+
+
+# --- status.loadBalancer.ingress[].ipMode ------------------------------------------------------------
+
+def ingress_service(lb_ip: str, cluster_ip: str, ip_mode: str | None, **spec: Any) -> dict[str, Any]:
+    ingress = {"ip": lb_ip} if ip_mode is None else {"ip": lb_ip, "ipMode": ip_mode}
+    return service("ns1", "svc1", cluster_ip, type_="LoadBalancer", node_port=3001,
+                   status={"loadBalancer": {"ingress": [ingress]}}, **spec)
+
+
+@pytest.mark.parametrize(("cluster_ip", "lb_ip", "ip_mode", "expected_rule"), [
+    # TestLoadBalancerIngressRouteTypeProxy, the rows with LoadBalancerIPMode enabled (GA since 1.32)
+    ("10.20.30.41", "1.2.3.4", "Proxy", False),
+    ("10.20.30.42", "1.2.3.5", "VIP", True),
+    ("10.20.30.43", "1.2.3.6", None, True),
+])
+def test_a_proxy_mode_ingress_ip_gets_no_rule(cluster_ip: str, lb_ip: str, ip_mode: str | None,
+                                              expected_rule: bool) -> None:
+    """TestLoadBalancerIngressRouteTypeProxy: no nat KUBE-SERVICES rule with the LB IP as destination."""
+    snapshot = snapshot_of(ingress_service(lb_ip, cluster_ip, ip_mode), slice_("ns1", "svc1", ep("10.180.0.1")))
+    services = [line for line in rules(snapshot).split("*nat", 1)[1].splitlines()
+                if line.startswith("-A KUBE-SERVICES ")]
+    assert any(f" -d {lb_ip} " in line for line in services) is expected_rule
+    if expected_rule:
+        assert (f'-A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 loadbalancer IP" -m tcp -p tcp -d {lb_ip} '
+                "--dport 80 -j KUBE-EXT-XPGD46QRK7WJZT7O") in services
+    # what every datapath reads (iptables, eBPF maps, the tunnel's frontends): kube-proxy's LoadBalancerVIPs
+    (info,) = snapshot.service_ports.values()
+    assert [str(ip) for ip in info.load_balancer_ips] == ([lb_ip] if expected_rule else [])
+
+
+def test_only_proxy_mode_ingress_ips_means_no_firewall_chain() -> None:
+    """No LoadBalancerVIPs: kube-proxy's usesFWChain is false even with source ranges, and nothing of the IP
+    reaches KUBE-PROXY-FIREWALL or KUBE-EXTERNAL-SERVICES; cluster IP and NodePort stay."""
+    text = rules(snapshot_of(ingress_service("1.2.3.4", "172.30.0.41", "Proxy",
+                                             loadBalancerSourceRanges=["203.0.113.0/25"]),
+                             slice_("ns1", "svc1", ep("10.180.0.1"))))
+    assert "1.2.3.4" not in text and "KUBE-FW-" not in text
+    assert "-d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O" in text and "--dport 3001" in text
