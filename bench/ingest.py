@@ -305,12 +305,12 @@ METRICS_SCRIPT = ("import sys,urllib.request;sys.stdout.write(urllib.request.url
 
 
 def agent_metrics(netns: str) -> dict[str, float]:
-    """The agent's own metrics (nodeagent_*, summed over their labels), read inside its namespace."""
+    """The agent's metrics (kubeproxy_* and nodeagent_*, summed over their labels), read inside its namespace."""
     result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", METRICS_SCRIPT],
                             capture_output=True, text=True, timeout=30, check=False)
     values: dict[str, float] = {}
     for line in result.stdout.splitlines():
-        if line.startswith("nodeagent_"):
+        if line.startswith(("nodeagent_", "kubeproxy_")):
             name = line.split("{", 1)[0].split(" ", 1)[0]
             values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return values
@@ -362,8 +362,8 @@ def run_agent(services: int, endpoints: int, steady_s: float, rate: float, sync_
             metrics: dict[str, float] = {}
             deadline = time.monotonic() + 900
             while not (metrics.get("nodeagent_service_ports", 0) >= services
-                       and metrics.get("nodeagent_sync_proxy_rules_last_timestamp_seconds", 0) > 0
-                       and metrics.get("nodeagent_sync_proxy_rules_iptables_total", 0) > services):
+                       and metrics.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0) > 0
+                       and metrics.get("kubeproxy_sync_proxy_rules_iptables_total", 0) > services):
                 if agent.poll() is not None:
                     raise RuntimeError(f"the agent exited with {agent.returncode}: {log.read_text()[-2000:]}")
                 if time.monotonic() > deadline:
@@ -415,7 +415,7 @@ def run_agent(services: int, endpoints: int, steady_s: float, rate: float, sync_
                 "first_full_sync_s": round(first_sync_s, 3),
                 "agent_cpu_s": {"to_first_sync": round(cpu_first_sync, 2),
                                 "steady_window": round(cpu.user + cpu.system - cpu_first_sync, 2)},
-                "iptables_rules": int(metrics.get("nodeagent_sync_proxy_rules_iptables_total", 0)),
+                "iptables_rules": int(metrics.get("kubeproxy_sync_proxy_rules_iptables_total", 0)),
                 "sync_failures": int(metrics.get("nodeagent_sync_proxy_rules_failures_total", 0)),
                 "rss_mb": {"first_sync": round(rss_first_sync / mb, 1),
                            "peak_sampled": round(max(everything) / mb, 1),

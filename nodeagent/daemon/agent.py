@@ -18,8 +18,9 @@ from typing import Protocol
 import structlog
 
 from nodeagent import heap
-from nodeagent.cluster.events import Sink
+from nodeagent.cluster.events import Deleted, Event, Listed, Sink, Upserted
 from nodeagent.cluster.model import IPAddress, Kind, ObjectRef
+from nodeagent.kernel.netfilter import IptablesError
 from nodeagent.observability.health import HEALTH_HEADERS, HealthState, health_routes, node_eligible
 from nodeagent.observability.http import RouteServer
 from nodeagent.observability.metrics import AgentMetrics, metrics_routes
@@ -27,7 +28,7 @@ from nodeagent.observability.service_health import ServiceHealthServers
 from nodeagent.service.addresses import local_addresses
 from nodeagent.service.config import ProxyConfig, ProxySettings, proxy_config
 from nodeagent.service.datapath import Datapath
-from nodeagent.service.healthcheck import health_check_ports, local_ready_endpoints
+from nodeagent.service.healthcheck import health_check_ports, local_ready_endpoints, no_local_endpoints
 from nodeagent.state.sync import SyncRunner, SyncSchedule
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 
@@ -91,7 +92,20 @@ class Agent:
 
     def _changed(self) -> None:
         self.health.queued()
+        self.metrics.queued()
         self._runner.request()
+
+    def _received(self, event: Event) -> None:
+        """Count the Service and EndpointSlice changes (kube-proxy's change counters), then track the event."""
+        if isinstance(event, Listed):
+            kind, count = event.kind, len(event.items)
+        elif isinstance(event, (Upserted, Deleted)):
+            kind, count = (event.kind if isinstance(event, Upserted) else event.ref.kind), 1
+        else:
+            kind, count = None, 0
+        if kind is Kind.SERVICE or kind is Kind.ENDPOINT_SLICE:
+            self.metrics.changed(count if kind is Kind.SERVICE else 0, count if kind is Kind.ENDPOINT_SLICE else 0)
+        self._tracker.apply(event)
 
     @property
     def tracker(self) -> ChangeTracker:
@@ -110,7 +124,8 @@ class Agent:
         # Everything the source is about to deliver waits for the first sync: it counts for /healthz and for
         # the network programming duration from now (the tracker reports only later changes itself).
         self.health.queued()
-        self._source = self.make_source(self._tracker.apply)
+        self.metrics.queued()
+        self._source = self.make_source(self._received)
         self._source.start()
         self._runner.start()
         log.info("agent started", node=self.options.node_name)
@@ -142,20 +157,17 @@ class Agent:
                             mode=str(self.proxier.mode))
                 self.proxier.force_full_sync()
         config = proxy_config(self.options.node_name, self.options.proxy, snapshot, self.addresses())
-        kind = "partial" if self._pending and self.syncs else "full"
         started = time.monotonic()
         try:
             report = self.proxier.sync(snapshot, config, self._pending)
-        except Exception:
-            self.metrics.sync_failures.labels(mode=self.health.mode).inc()
+        except Exception as exc:
+            self.metrics.failed(self.health.mode, time.monotonic() - started, iptables=isinstance(exc, IptablesError))
             raise
         gauges = report.gauges()
-        for table, rules in gauges.rules.items():
-            self.metrics.rules.labels(table).set(rules)
         for map_name, entries in gauges.map_entries.items():
             self.metrics.map_entries.labels(map_name).set(entries)
-        self.metrics.sync_duration.labels(mode=self.health.mode, kind=kind).observe(time.monotonic() - started)
-        self.metrics.last_sync.set_to_current_time()
+        self.metrics.synced(time.monotonic() - started, report.full, dict(gauges.rules),
+                            no_local_endpoints(snapshot.service_ports, snapshot.endpoints))
         self.metrics.service_ports.set(len(snapshot.service_ports))
         for (kind_name, scope), count in snapshot.rejection_counts.items():
             self.metrics.rejections.labels(kind=kind_name, scope=scope).set(count)

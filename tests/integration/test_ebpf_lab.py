@@ -278,7 +278,7 @@ def test_auto_mode_falls_back_to_iptables_when_bcc_cannot_compile(tmp_path: Path
         assert "eBPF unavailable, fell back to iptables" in json.loads(health)["proxyModeReason"]
         info = [line for line in metrics.splitlines() if line.startswith("nodeagent_proxy_mode_info{")]
         assert len(info) == 1 and 'mode="iptables"' in info[0] and "fell back" in info[0], info
-        assert "nodeagent_sync_proxy_rules_duration_seconds_count" in metrics
+        assert 'kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}' in metrics
         assert request_from(lab, "demo/client", f"{lab.cluster_ip('echo')}:80")["pod"].startswith("demo/echo-")
     finally:
         labs.down(name)

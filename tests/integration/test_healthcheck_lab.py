@@ -1,7 +1,8 @@
 """The health check node port in the lab, as a cloud load balancer probes it: a LoadBalancer Service with
 `externalTrafficPolicy: Local` answers on its healthCheckNodePort 200 from the node that has a local ready
 endpoint and 503 from the node that has none (kube-proxy's body and headers), and the answers flip when the
-endpoint moves to the other node, when it is no longer ready, and when the Service goes (the port closes).
+endpoint moves to the other node, when it is no longer ready, and when the Service goes (the port closes); the
+node without the endpoint counts the Service in kube-proxy's no_local_endpoints metric.
 
 The Service and its EndpointSlice are written through the lab's API server with kubectl (a Service without a
 selector, so the slice is the test's own and the lab's endpoint-slice controller leaves it alone).
@@ -70,6 +71,20 @@ def probe(lab: labs.Lab, node: str) -> tuple[int, dict[str, list[str]], dict[str
     return int(status), headers, json.loads(body)
 
 
+def no_local_endpoints(lab: labs.Lab, node: str) -> float:
+    """kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"} of `node`'s agent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    address = lab.plan.node(node).node.address
+    script = "import sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],timeout=5).read().decode())"
+    text = subprocess.run(["ip", "netns", "exec", lab.plan.node(node).netns, sys.executable, "-c", script,
+                           f"http://{address}:10249/metrics"], check=True, capture_output=True, text=True,
+                          timeout=20).stdout
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "kubeproxy_sync_proxy_rules_no_local_endpoints_total"
+                and s.labels == {"traffic_policy": "external", "ip_family": "IPv4"})
+
+
 def answers(lab: labs.Lab) -> dict[str, tuple[int, int]]:
     """node -> (status, localEndpoints) of its health check node port."""
     found = {}
@@ -98,6 +113,8 @@ def test_the_health_check_node_port_follows_the_local_endpoint(lab: labs.Lab) ->
     echo1 = str(lab.plan.pod("demo/echo-1").pod.ip)
     apply(lab, endpoint_slice(echo1, "node2"))  # the endpoint moves to node2
     wait_for(lambda: answers(lab) == {"node1": (503, 0), "node2": (200, 1)}, "the answers follow it to node2")
+    # kube-proxy's metric for it: node1 drops the Service's external traffic (a local policy, no local endpoint)
+    assert (no_local_endpoints(lab, "node1"), no_local_endpoints(lab, "node2")) == (1, 0)
     apply(lab, endpoint_slice(echo1, "node2", ready=False))  # not ready: it no longer counts
     wait_for(lambda: answers(lab) == {"node1": (503, 0), "node2": (503, 0)}, "503 everywhere")
     delete = labs.kubectl(lab.record.name, ["delete", "service", "lb-local", "-n", "demo"], capture=True, timeout=20)

@@ -243,15 +243,15 @@ def test_the_agents_health_and_metrics_endpoints_parse(lab: labs.Lab, mode: str)
     status, text = get(":10249/metrics")
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert status == 200
-    assert {"nodeagent_sync_proxy_rules_duration_seconds", "nodeagent_sync_proxy_rules_last_timestamp_seconds",
+    assert {"kubeproxy_sync_proxy_rules_duration_seconds", "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "nodeagent_sync_proxy_rules_failures", "nodeagent_proxy_mode_info"} <= set(families)
-    assert any(s.value >= 1 for s in families["nodeagent_sync_proxy_rules_duration_seconds"].samples
-               if s.name.endswith("_count"))
-    assert any(s.value >= 1 for s in families["nodeagent_network_programming_duration_seconds"].samples
+    assert any(s.value >= 1 for s in families["kubeproxy_sync_proxy_rules_duration_seconds"].samples
+               if s.name.endswith("_count") and s.labels == {"ip_family": "IPv4"})
+    assert any(s.value >= 1 for s in families["kubeproxy_network_programming_duration_seconds"].samples
                if s.name.endswith("_count")), "the first sync's programming duration is recorded"
     if mode == "iptables":  # the datapath's size after its last full sync
-        nat = [s.value for s in families["nodeagent_sync_proxy_rules_iptables_total"].samples
-               if s.labels.get("table") == "nat"]
+        nat = [s.value for s in families["kubeproxy_sync_proxy_rules_iptables_total"].samples
+               if s.labels == {"table": "nat", "ip_family": "IPv4"}]
         assert nat and nat[0] > 10, nat
     else:
         services = [s.value for s in families["nodeagent_sync_proxy_map_entries"].samples

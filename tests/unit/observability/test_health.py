@@ -1,5 +1,5 @@
 """The agent's /healthz and /livez (kube-proxy's ProxyHealthServer: its rule, JSON, headers and codes, as its
-healthcheck_test.go checks them) and its metrics, parsed with Prometheus' own parser."""
+healthcheck_test.go checks them)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import urllib.request
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.observability.health import (
     HEALTH_HEADERS,
@@ -22,7 +21,6 @@ from nodeagent.observability.health import (
     node_eligible,
 )
 from nodeagent.observability.http import RouteServer
-from nodeagent.observability.metrics import AgentMetrics, metrics_routes
 
 
 class Clock:
@@ -149,43 +147,6 @@ def test_health_answers_carry_kube_proxys_headers() -> None:
         assert missing.value.code == 404
     finally:
         server.stop()
-
-
-def test_network_programming_duration_is_the_wait_of_the_oldest_change() -> None:
-    clock, metrics = Clock(), AgentMetrics()
-    state = HealthState(clock=clock)
-    metrics.observe_health(state)
-    state.queued()
-    clock.now += 0.3
-    state.updated()
-    state.updated()  # nothing queued: nothing to measure
-    assert metrics.registry.get_sample_value("nodeagent_network_programming_duration_seconds_count") == 1
-    assert metrics.registry.get_sample_value("nodeagent_network_programming_duration_seconds_sum") == \
-        pytest.approx(0.3)
-
-
-def test_metrics_parse_with_the_prometheus_parser_under_kube_proxys_names() -> None:
-    metrics = AgentMetrics()
-    metrics.set_mode("iptables", "asked for")
-    metrics.sync_duration.labels(mode="iptables", kind="full").observe(0.02)
-    metrics.sync_failures.labels(mode="iptables").inc()
-    metrics.last_sync.set(1234.5)
-    metrics.rules.labels(table="nat").set(42)
-    metrics.map_entries.labels(map="services").set(7)
-    metrics.rejections.labels(kind="Service", scope="object").set(2)
-    status, content_type, body = metrics_routes(metrics, lambda: "iptables")["/metrics"]()
-    assert status == 200 and content_type.startswith("text/plain")
-    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-    for name in ("nodeagent_sync_proxy_rules_duration_seconds", "nodeagent_network_programming_duration_seconds",
-                 "nodeagent_sync_proxy_rules_last_timestamp_seconds", "nodeagent_sync_proxy_rules_failures",
-                 "nodeagent_sync_proxy_rules_iptables_total", "nodeagent_sync_proxy_map_entries",
-                 "nodeagent_rejected_objects", "nodeagent_proxy_mode_info"):
-        assert name in families, sorted(families)
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
-    assert samples[("nodeagent_sync_proxy_rules_iptables_total", (("table", "nat"),))] == 42
-    assert samples[("nodeagent_sync_proxy_rules_failures_total", (("mode", "iptables"),))] == 1
-    assert families["nodeagent_sync_proxy_rules_duration_seconds"].type == "histogram"
-    assert metrics_routes(metrics, lambda: "iptables")["/proxyMode"]() == (200, "text/plain", b"iptables")
 
 
 def test_the_inspect_summary_keeps_the_real_last_sync() -> None:
