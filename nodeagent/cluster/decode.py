@@ -722,10 +722,11 @@ def _endpoint(ctx: _Ctx, raw: Any, i: int, address_type: AddressType) -> Endpoin
         ready=cond.get("ready") is not False, serving=cond.get("serving") is not False,
         terminating=cond.get("terminating") is True))
     zones: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
     if (hints := raw.get("hints")) is not None:
-        zones = tuple(z["name"] for z in _list(ctx, _map(ctx, hints, f"endpoints[{i}].hints").get("forZones"),
-                                                f"endpoints[{i}].hints.forZones")
-                      if isinstance(z, dict) and isinstance(z.get("name"), str))
+        hints = _map(ctx, hints, f"endpoints[{i}].hints")
+        zones = _hint_names(ctx, hints, "forZones", i)
+        nodes = _hint_names(ctx, hints, "forNodes", i)
     target_ref = None
     target = raw.get("targetRef")
     if isinstance(target, dict) and target.get("kind") == "Pod" and isinstance(target.get("name"), str):
@@ -735,7 +736,14 @@ def _endpoint(ctx: _Ctx, raw: Any, i: int, address_type: AddressType) -> Endpoin
     node_name, zone = raw.get("nodeName"), raw.get("zone")
     return Endpoint(addresses=tuple(addresses), conditions=conditions,
                     node_name=node_name if isinstance(node_name, str) else None,
-                    zone=zone if isinstance(zone, str) else None, hint_zones=zones, target=target_ref)
+                    zone=zone if isinstance(zone, str) else None, hint_zones=zones, target=target_ref,
+                    hint_nodes=nodes)
+
+
+def _hint_names(ctx: _Ctx, hints: Mapping[str, Any], key: str, i: int) -> tuple[str, ...]:
+    """The names of `hints.forZones` or `hints.forNodes` (entries without a string name are skipped)."""
+    return tuple(h["name"] for h in _list(ctx, hints.get(key), f"endpoints[{i}].hints.{key}")
+                 if isinstance(h, dict) and isinstance(h.get("name"), str))
 
 
 _READY = EndpointConditions()

@@ -217,6 +217,8 @@ class Endpoint:
     zone: str | None = None
     hint_zones: tuple[str, ...] = ()
     target: ObjectRef | None = None
+    # hints.forNodes (the EndpointSlice controller writes them for trafficDistribution: PreferSameNode)
+    hint_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,8 +30,8 @@ from nodeagent.cluster.model import (
     TrafficPolicy,
 )
 
-# shared by every endpoint without zone hints (almost all): an empty frozenset each was 216 bytes per
-# endpoint, 20 MB at 100,000 endpoints
+# shared by every endpoint without zone (or node) hints (almost all): an empty frozenset each was 216 bytes
+# per endpoint, 20 MB at 100,000 endpoints
 NO_HINTS: frozenset[str] = frozenset()
 TOPOLOGY_MODE_ANNOTATIONS = ("service.kubernetes.io/topology-mode", "service.kubernetes.io/topology-aware-hints")
 
@@ -89,6 +89,10 @@ class EndpointInfo:
     is_local: bool
     zone_hints: frozenset[str]
     pod: ObjectRef | None
+    # hints.forNodes, and whether they name this node (kube-proxy's `NodeHints().Has(nodeName)`, with the
+    # node name `is_local` is computed from, so topology needs no node name of its own)
+    node_hints: frozenset[str] = NO_HINTS
+    hinted_for_node: bool = False
 
     def __str__(self) -> str:
         return f"[{self.ip}]:{self.port}" if isinstance(self.ip, IPv6Address) else f"{self.ip}:{self.port}"
@@ -148,6 +152,8 @@ def merge_endpoints(service: ObjectRef, slices: Iterable[EndpointSlice],
                     node_name=endpoint.node_name, is_local=is_local,
                     zone_hints=frozenset(endpoint.hint_zones) if endpoint.hint_zones else NO_HINTS,
                     pod=endpoint.target,
+                    node_hints=frozenset(endpoint.hint_nodes) if endpoint.hint_nodes else NO_HINTS,
+                    hinted_for_node=node_name in endpoint.hint_nodes,
                 )
                 key = str(info)
                 if key not in by_string or is_local:

@@ -457,3 +457,14 @@ def test_load_balancer_ingress_keeps_its_ip_mode_as_kube_proxy_reads_it() -> Non
         ("198.51.100.3", None, True), ("2001:db8::1", LoadBalancerIPMode.PROXY, False)]
     assert fields(decoded) == ["status.loadBalancer.ingress[6].ipMode", "status.loadBalancer.ingress[7].ip"]
     assert "'Tunnel' is not VIP or Proxy" in decoded.rejections[0].reason
+
+
+def test_node_hints_are_read_beside_zone_hints() -> None:
+    decoded = decode(endpoint_slice([
+        {"addresses": ["10.244.1.2"], "hints": {"forZones": [{"name": "a"}], "forNodes": [{"name": "n1"}, {"x": 1}]}},
+        {"addresses": ["10.244.1.3"], "hints": {"forNodes": "n1"}},
+    ]))
+    assert isinstance(decoded.obj, EndpointSlice)
+    hinted, malformed = decoded.obj.endpoints
+    assert (hinted.hint_zones, hinted.hint_nodes) == (("a",), ("n1",))
+    assert malformed.hint_nodes == () and fields(decoded) == ["endpoints[1].hints.forNodes"]

@@ -113,3 +113,20 @@ def test_only_proxy_mode_ingress_ips_means_no_firewall_chain() -> None:
                              slice_("ns1", "svc1", ep("10.180.0.1"))))
     assert "1.2.3.4" not in text and "KUBE-FW-" not in text
     assert "-d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O" in text and "--dport 3001" in text
+
+
+# --- EndpointSlice hints.forNodes (trafficDistribution: PreferSameNode) -------------------------------
+
+def test_node_hints_keep_cluster_traffic_on_this_node() -> None:
+    """Every ready endpoint has a node hint and one names this node: the cluster chain lists only it, and the
+    other endpoint's chain is not written (kube-proxy's allReachableEndpoints)."""
+    svc = service("ns1", "svc1", "172.30.0.41")
+    hinted = slice_("ns1", "svc1", {**ep("10.180.0.1"), "hints": {"forNodes": [{"name": "test-node"}]}},
+                    {**ep("10.180.0.2"), "hints": {"forNodes": [{"name": "node-2"}]}})
+    text = rules(snapshot_of(svc, hinted))
+    assert ('-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" '
+            "-j KUBE-SEP-SXIVWICOYRO3J4NJ") in text.splitlines()
+    assert "10.180.0.2" not in text
+    unhinted = slice_("ns1", "svc1", {**ep("10.180.0.1"), "hints": {"forNodes": [{"name": "test-node"}]}},
+                      ep("10.180.0.2"))
+    assert "10.180.0.2:80" in rules(snapshot_of(svc, unhinted))
