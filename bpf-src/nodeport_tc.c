@@ -10,6 +10,8 @@
 //     stack); its reply comes back to that address and is translated back to the client
 //     (direction NA_CT_REPLY_SNAT).
 // Flows are remembered in na_ct (LRU), so every packet of a connection goes to the same backend.
+// A frontend flagged NA_SVC_EXTERNAL_STACK is left to the stack: the agent keeps kube-proxy's iptables
+// rules for the Services whose external traffic needs what this program does not implement.
 // The maps and their layouts are described in lib/maps.h, the backend pick in lib/pick.h.
 
 #include <uapi/linux/bpf.h>
@@ -148,8 +150,8 @@ int na_tc_ingress(struct __sk_buff *skb) {
     } else {
         struct svc_key sk = {.ip = f.daddr, .port = f.dport, .proto = f.proto};
         struct svc_val *svc = na_services.lookup(&sk);
-        if (!svc)
-            return TC_ACT_OK;
+        if (!svc || (svc->flags & NA_SVC_EXTERNAL_STACK))
+            return TC_ACT_OK;  // not ours, or served by the iptables rules kept for it
         if (!na_has_backends(svc))
             return TC_ACT_SHOT;  // a frontend without endpoints
         u32 id = 0;

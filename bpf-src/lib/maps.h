@@ -12,7 +12,7 @@
 // outlive the agent: changing a layout here bumps LAYOUT_VERSION in nodeagent/kernel/bpf/loader.py.
 //
 // Maps (keys and values in network byte order where they hold addresses and ports):
-//   na_services:   (vip, port, proto) -> (version id, backend count, total weight, affinity seconds)
+//   na_services:   (vip, port, proto) -> (version id, backend count, total weight, affinity seconds, flags)
 //   na_slots:      (version id, slot)  -> (backend id, cumulative weight): one version per backend set,
 //                  written completely before na_services points at it, so a lookup never sees a
 //                  half-written set
@@ -34,7 +34,15 @@
 
 // na_services, na_slots, na_backends: written by the agent (nodeagent/service/ebpf/maps.py).
 struct svc_key { u32 ip; u16 port; u8 proto; u8 pad; };
-struct svc_val { u32 id; u32 count; u32 weight_total; u32 affinity_s; };  // affinity_s 0: no affinity
+struct svc_val { u32 id; u32 count; u32 weight_total; u32 affinity_s; u32 flags; };  // affinity_s 0: no affinity
+// svc_val.flags
+enum na_svc_flags {
+    // An external frontend (externalIP, load-balancer IP, node IP:NodePort) of a Service port that needs what
+    // tc does not implement (externalTrafficPolicy Local, loadBalancerSourceRanges, ClientIP affinity, reject
+    // without endpoints...): nodeport_tc.c leaves new flows to it to the stack, where the agent keeps
+    // kube-proxy's own iptables rules for exactly those Services. The socket programs ignore it.
+    NA_SVC_EXTERNAL_STACK = 1,
+};
 struct slot_key { u32 id; u32 slot; };
 struct slot_val { u32 backend; u32 cum_weight; };
 struct backend_val { u32 ip; u16 port; u16 pad; };  // keyed by a u32 backend id

@@ -1,6 +1,7 @@
 """Translation paths of Service frontends, computed from the render functions the datapath itself uses:
 `nodeagent.service.iptables.render.render` (the chains a new connection walks: KUBE-SERVICES → KUBE-SVC/EXT → KUBE-SEP
-→ DNAT) and `nodeagent.service.ebpf.desired.desired_entries` (the map entry a connect() is rewritten from). Pure.
+→ DNAT) and `nodeagent.service.ebpf.desired.plan` (the map entry a connect() is rewritten from, and whether tc or
+iptables serves it from outside). Pure.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from nodeagent.cluster.model import IPAddress
 from nodeagent.inspect.model import Endpoint, ServicePath
 from nodeagent.service.config import ProxyConfig
-from nodeagent.service.ebpf.desired import Frontend, desired_entries
+from nodeagent.service.ebpf.desired import Frontend, plan
 from nodeagent.service.iptables.render import render
 from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName
 
@@ -110,8 +111,11 @@ def iptables_paths(service_ports: Mapping[ServicePortName, ServicePortInfo],
 def ebpf_paths(service_ports: Mapping[ServicePortName, ServicePortInfo],
                endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], node_ips: Sequence[IPAddress],
                node_labels: Mapping[str, str] | None = None) -> list[ServicePath]:
-    """Each frontend's map entry (`desired_entries`): backends chosen by weight."""
-    entries = desired_entries(service_ports, endpoints, node_ips=node_ips, node_labels=node_labels)
+    """Each frontend's map entry (`desired.plan`): backends chosen by weight; an external frontend whose
+    traffic from outside tc leaves to kube-proxy's iptables rules says so, and why."""
+    planned = plan(service_ports, endpoints, node_ips=node_ips, node_labels=node_labels)
+    entries = planned.entries
+    gaps = {str(name): ", ".join(found) for name, found in planned.external_stack.items()}
     kinds = {}
     for info in service_ports.values():
         for kind, ip, port in _frontends(info, node_ips):
@@ -122,7 +126,10 @@ def ebpf_paths(service_ports: Mapping[ServicePortName, ServicePortInfo],
         eps = tuple(Endpoint(f"{b.ip}:{b.port}", round(b.weight / total, 6), "backend map", b.weight)
                     for b in entry.backends)
         kind = kinds.get((frontend.ip, frontend.port)) or kinds.get((None, frontend.port), "NodePort")
-        paths.append(ServicePath(entry.port_name, str(frontend), kind, f"service map [{frontend}]", eps,
+        via = f"service map [{frontend}]"
+        if entry.external_stack:
+            via += f"; from outside: iptables (tc lacks: {gaps.get(entry.port_name, '?')})"
+        paths.append(ServicePath(entry.port_name, str(frontend), kind, via, eps,
                                  "translated" if eps else "reject (no endpoints: connect() gets ECONNREFUSED)"))
     return paths
 

@@ -32,6 +32,9 @@ class Gauges:
 
     rules: Mapping[str, int] = field(default_factory=dict)  # iptables table -> rules of ours
     map_entries: Mapping[str, int] = field(default_factory=dict)  # BPF map -> entries of ours
+    # eBPF mode with tc: Service ports whose traffic from outside kube-proxy's iptables rules serve, by what tc
+    # lacks for them (a port lacking two things counts under both)
+    external_on_iptables: Mapping[str, int] = field(default_factory=dict)
 
 
 class SyncReport(Protocol):

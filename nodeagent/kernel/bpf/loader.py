@@ -30,7 +30,7 @@ from nodeagent.kernel.bpf.syscall import MapHandle, obj_pin
 
 log = structlog.get_logger("nodeagent.kernel.bpf.loader")
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 # enum bpf_prog_type values (bcc's BPF.<NAME> constants, without importing bcc to name them)
 PROG_TYPE_SCHED_CLS = 3
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
@@ -49,7 +49,7 @@ _JSON_NAMES = {"connect4": "cgroup_inet4_connect", "sendmsg4": "cgroup_udp4_send
                "recvmsg4": "cgroup_udp4_recvmsg", "getpeername4": "cgroup_inet4_getpeername"}
 # map name -> (key size, value size), matching the structs in sock_lb.c
 MAPS = {
-    "na_services": (8, 16),
+    "na_services": (8, 20),
     "na_slots": (8, 8),
     "na_backends": (4, 8),
     "na_reverse": (16, 8),

@@ -7,6 +7,13 @@ semantics for traffic that starts on this node (the only traffic a cgroup progra
   endpoints even with externalTrafficPolicy Local, as kube-proxy short-circuits pod and host traffic
   to external destinations ("pod traffic for ... external destinations");
 - ready endpoints, else serving-terminating ones, and zone hints, exactly as the iptables renderer.
+
+The same entries serve the tc programs (bpf-src/nodeport_tc.c) for traffic from outside the node. tc
+implements a plain Cluster-policy Service only, so a Service port that needs more for its external
+frontends (`tc_gaps`: externalTrafficPolicy Local, loadBalancerSourceRanges, ClientIP affinity, SCTP,
+a reject without endpoints, masquerade-all) has them flagged `external_stack`: tc leaves that traffic
+to the stack, where the eBPF proxier keeps kube-proxy's own iptables rules for exactly those ports.
+Nothing kube-proxy would do is lost silently; `external_split` names the ports and why.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from nodeagent.cluster.model import IPAddress, Protocol
-from nodeagent.service.topology import ZONE_LABEL, categorize, uses_cluster_endpoints
+from nodeagent.service.topology import ZONE_LABEL, categorize, externally_accessible, uses_cluster_endpoints
 from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName
 
 PROTOCOL_NUMBERS = {Protocol.TCP: 6, Protocol.UDP: 17, Protocol.SCTP: 132}  # IPPROTO_* (linux/in.h): svc_key.proto
@@ -59,21 +67,76 @@ class Backend:
 
 @dataclass(frozen=True)
 class ServiceEntry:
-    """What one frontend resolves to."""
+    """What one frontend resolves to. `external_stack`: tc leaves traffic from outside the node to this
+    frontend to the stack (kube-proxy's iptables rules serve it; see `tc_gaps`)."""
 
     port_name: str
     backends: tuple[Backend, ...]
     affinity_seconds: int = 0
+    external_stack: bool = False
+
+
+class TcGap(StrEnum):
+    """Something a Service port's external frontends need that the tc programs do not implement; any one
+    keeps the port's traffic from outside the node on kube-proxy's iptables rules."""
+
+    EXTERNAL_POLICY_LOCAL = "externalTrafficPolicy=Local"  # local endpoints only, client IP kept, else DROP
+    SOURCE_RANGES = "loadBalancerSourceRanges"  # kube-proxy's firewall drops clients outside the ranges
+    SESSION_AFFINITY = "sessionAffinity=ClientIP"  # tc picks per flow, not per client address
+    SCTP = "SCTP"  # tc parses TCP and UDP only
+    NO_ENDPOINTS = "no endpoints (reject)"  # kube-proxy answers ICMP port unreachable; tc would drop
+    MASQUERADE_ALL = "masquerade-all"  # kube-proxy SNATs every Service packet; tc keeps the client IP locally
+
+
+def tc_gaps(info: ServicePortInfo, backends: Sequence[Backend], *, masquerade_all: bool = False) -> tuple[TcGap, ...]:
+    """What `info`'s external frontends need that tc lacks (empty: tc serves them as kube-proxy would).
+    `backends` are those its external frontends would use. A port with no external frontend needs nothing."""
+    if not externally_accessible(info):
+        return ()
+    gaps = []
+    if info.external_policy_local:
+        gaps.append(TcGap.EXTERNAL_POLICY_LOCAL)
+    if info.load_balancer_source_ranges and info.load_balancer_ips:  # the ranges filter LB IPs only
+        gaps.append(TcGap.SOURCE_RANGES)
+    if info.affinity_timeout_seconds:
+        gaps.append(TcGap.SESSION_AFFINITY)
+    if info.protocol is Protocol.SCTP:
+        gaps.append(TcGap.SCTP)
+    if not backends and not info.external_policy_local:  # (Local without local endpoints: DROP, as above)
+        gaps.append(TcGap.NO_ENDPOINTS)
+    if masquerade_all:
+        gaps.append(TcGap.MASQUERADE_ALL)
+    return tuple(gaps)
 
 
 def desired_entries(service_ports: Mapping[ServicePortName, ServicePortInfo],
                     endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], *, node_ips: Iterable[IPAddress],
                     node_labels: Mapping[str, str] | None = None,
-                    only: set[ServicePortName] | None = None) -> dict[Frontend, ServiceEntry]:
+                    only: set[ServicePortName] | None = None,
+                    masquerade_all: bool = False) -> dict[Frontend, ServiceEntry]:
     """Every frontend and its entry (for the ports in `only`, when given)."""
+    return plan(service_ports, endpoints, node_ips=node_ips, node_labels=node_labels, only=only,
+                masquerade_all=masquerade_all).entries
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The map entries, and the Service ports whose external frontends stay on iptables, with why."""
+
+    entries: dict[Frontend, ServiceEntry]
+    external_stack: dict[ServicePortName, tuple[TcGap, ...]]
+
+
+def plan(service_ports: Mapping[ServicePortName, ServicePortInfo],
+         endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], *, node_ips: Iterable[IPAddress],
+         node_labels: Mapping[str, str] | None = None,
+         only: set[ServicePortName] | None = None, masquerade_all: bool = False) -> Plan:
+    """Every frontend and its entry, and the split of external traffic between tc and iptables (for the
+    ports in `only`, when given)."""
     zone = (node_labels or {}).get(ZONE_LABEL, "")
     node_v4 = [str(ip) for ip in node_ips if ip.version == 4]
     out: dict[Frontend, ServiceEntry] = {}
+    stack: dict[ServicePortName, tuple[TcGap, ...]] = {}
     for name, info in service_ports.items():
         if only is not None and name not in only:
             continue
@@ -87,18 +150,24 @@ def desired_entries(service_ports: Mapping[ServicePortName, ServicePortInfo],
 
         weights = dict(info.endpoint_weights)
 
-        def entry(chosen: Sequence[EndpointInfo], label: str = label, affinity: int = affinity,
-                  weights: dict[str, int] = weights) -> ServiceEntry:
+        def backends_of(chosen: Sequence[EndpointInfo], weights: dict[str, int] = weights) -> tuple[Backend, ...]:
             members = ((e, weights.get(e.pod.name, 1) if e.pod is not None else 1) for e in chosen)
-            return ServiceEntry(label, tuple(Backend(str(e.ip), e.port, w) for e, w in members if w > 0), affinity)
+            return tuple(Backend(str(e.ip), e.port, w) for e, w in members if w > 0)
+
+        external_backends = backends_of(external)
+        gaps = tc_gaps(info, external_backends, masquerade_all=masquerade_all)
+        if gaps:
+            stack[name] = gaps
+        internal_entry = ServiceEntry(label, backends_of(internal), affinity)
+        external_entry = ServiceEntry(label, external_backends, affinity, external_stack=bool(gaps))
 
         for address in info.cluster_ips:
             if address.version == 4:
-                out[Frontend(str(address), info.port, proto)] = entry(internal)
+                out[Frontend(str(address), info.port, proto)] = internal_entry
         for address in (*info.external_ips, *info.load_balancer_ips):
             if address.version == 4:
-                out[Frontend(str(address), info.port, proto)] = entry(external)
+                out[Frontend(str(address), info.port, proto)] = external_entry
         if info.node_port:
             for node_ip in node_v4:
-                out[Frontend(node_ip, info.node_port, proto)] = entry(external)
-    return out
+                out[Frontend(node_ip, info.node_port, proto)] = external_entry
+    return Plan(out, stack)

@@ -31,8 +31,10 @@ log = structlog.get_logger("nodeagent.service.ebpf.maps")
 # except addresses and ports, which the programs compare with the socket's or packet's (network order).
 # The na_services key is `Frontend.key` (desired.py, `struct svc_key`).
 
-# must match `struct svc_val` in bpf-src/lib/maps.h: version id, backend count, total weight, affinity seconds
-SERVICE_VALUE = struct.Struct("=IIII")
+# must match `struct svc_val` in bpf-src/lib/maps.h: version id, backend count, total weight, affinity seconds,
+# flags (NA_SVC_EXTERNAL_STACK: tc leaves outside traffic to this frontend to the iptables rules)
+SERVICE_VALUE = struct.Struct("=IIIII")
+NA_SVC_EXTERNAL_STACK = 1
 # must match `struct slot_key` in bpf-src/lib/maps.h: version id, slot
 SLOT_KEY = struct.Struct("=II")
 # must match `struct slot_val` in bpf-src/lib/maps.h: backend id, cumulative weight
@@ -96,7 +98,7 @@ class MapSync:
         self.refs.clear()
         for key, value in services.items():
             frontend = Frontend.from_key(key)
-            version, count, _total, affinity = SERVICE_VALUE.unpack(value)
+            version, count, _total, affinity, flags = SERVICE_VALUE.unpack(value)
             ids, members, previous = [], [], 0
             for slot in range(count):
                 backend_id, cumulative = by_version.get(version, {}).get(slot, (0, 0))
@@ -105,7 +107,8 @@ class MapSync:
                 members.append(Backend(ip, port, cumulative - previous))
                 previous = cumulative
             label = desired[frontend].port_name if frontend in desired else f"<stale {frontend}>"
-            self.installed[frontend] = Installed(version, tuple(ids), ServiceEntry(label, tuple(members), affinity))
+            entry = ServiceEntry(label, tuple(members), affinity, external_stack=bool(flags & NA_SVC_EXTERNAL_STACK))
+            self.installed[frontend] = Installed(version, tuple(ids), entry)
             for backend_id, member in zip(ids, members, strict=True):
                 self.backend_ids[(label, member.ip, member.port)] = backend_id
                 self.refs[backend_id] += 1
@@ -159,7 +162,8 @@ class MapSync:
                 self.maps["na_slots"].update(SLOT_KEY.pack(version, slot), SLOT_VALUE.pack(backend_id, total))
                 stats.map_updates += 1
         # The switch: one update makes the complete new set visible.
-        value = SERVICE_VALUE.pack(version, len(ids), total, entry.affinity_seconds)
+        flags = NA_SVC_EXTERNAL_STACK if entry.external_stack else 0
+        value = SERVICE_VALUE.pack(version, len(ids), total, entry.affinity_seconds, flags)
         self.maps["na_services"].update(frontend.key, value)
         stats.map_updates += 1
         stats.written += 1
@@ -193,4 +197,5 @@ class MapSync:
         """What the maps hold, read back from the kernel (for tests and inspect)."""
         probe = MapSync(self.maps)
         probe.adopt({}, clean=False)
-        return {f: ServiceEntry("", i.entry.backends, i.entry.affinity_seconds) for f, i in probe.installed.items()}
+        return {f: ServiceEntry("", i.entry.backends, i.entry.affinity_seconds, i.entry.external_stack)
+                for f, i in probe.installed.items()}

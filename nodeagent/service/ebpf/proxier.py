@@ -7,6 +7,11 @@
 - Traffic that enters the node from outside (NodePort, externalIPs, load-balancer IPs from other
   hosts) never passes a cgroup program; until the tc programs exist it is served by the iptables
   renderer's rules for exactly those paths (`external_only`), and `/proxyMode` says so.
+- With tc, tc serves the external frontends only of the Service ports it fully implements; the others
+  (`desired.tc_gaps`: externalTrafficPolicy Local, loadBalancerSourceRanges, ClientIP affinity, SCTP,
+  no endpoints, masquerade-all) are flagged in the map so tc leaves them to the stack, and the same
+  iptables renderer (`external_only`) is fed exactly those ports: their effect is kube-proxy's. The
+  split is logged when it changes, published as a gauge and shown in `/proxyMode`.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from nodeagent.kernel.conntrack import Conntrack
 from nodeagent.service.config import ProxyConfig
 from nodeagent.service.conntrack import ConntrackReconciler
 from nodeagent.service.datapath import DatapathMode, Gauges
-from nodeagent.service.ebpf.desired import desired_entries
+from nodeagent.service.ebpf.desired import TcGap, plan
 from nodeagent.service.ebpf.maps import MapSync, SyncStats
 from nodeagent.service.iptables import cleanup as iptables_cleanup
 from nodeagent.service.iptables.proxier import IptablesProxier
 from nodeagent.state.tracker import Snapshot
+from nodeagent.state.translation import ServicePortName
 
 log = structlog.get_logger("nodeagent.service.ebpf.proxier")
 EXTERNAL_PATHS = "iptables (NodePort, externalIPs and load-balancer IPs from outside the node)"
@@ -45,10 +51,19 @@ class EbpfSyncReport:
     seconds: float
     services: int = 0  # frontends in the service map after the sync
     backends: int = 0  # backends in the backend map
+    # Service ports whose traffic from outside the node iptables serves (tc lacks what they need), and why
+    external_on_iptables: dict[ServicePortName, tuple[TcGap, ...]] = field(default_factory=dict)
+    tc: bool = False  # tc serves traffic from outside (else iptables serves all of it, and no split is measured)
 
     def gauges(self) -> Gauges:
         """Entries of ours per map after the sync."""
-        return Gauges(map_entries={"na_services": self.services, "na_backends": self.backends})
+        by_gap = {str(gap): count for gap, count in self.external_on_iptables_by_gap().items()} if self.tc else {}
+        return Gauges(map_entries={"na_services": self.services, "na_backends": self.backends},
+                      external_on_iptables=by_gap)
+
+    def external_on_iptables_by_gap(self) -> dict[TcGap, int]:
+        """Service ports kept on iptables for their external traffic, per gap (every gap, zeros included)."""
+        return {gap: sum(gap in gaps for gaps in self.external_on_iptables.values()) for gap in TcGap}
 
 
 @dataclass
@@ -69,6 +84,10 @@ class EbpfProxier:
     _last_full: float = float("-inf")
     _config: ProxyConfig | None = None
     tc_interfaces: list[str] = field(default_factory=list)
+    tc_active: bool = False  # the tc programs serve traffic from outside (else `external` serves all of it)
+    _external_ports: frozenset[ServicePortName] | None = None  # the ports `external` was last fed (None: unknown)
+    _external_installed: bool = True  # whether `external` may hold rules (a previous run's, at start)
+    split: dict[ServicePortName, tuple[TcGap, ...]] = field(default_factory=dict)
     # stale UDP flows NATed by the kernel (iptables before the switch to eBPF) in this namespace
     conntrack: ConntrackReconciler = field(default_factory=lambda: ConntrackReconciler(Conntrack()))
     mode_detail: str = field(default="ebpf: cgroup connect4/sendmsg4/recvmsg4/getpeername4; external: " +
@@ -95,13 +114,18 @@ class EbpfProxier:
                 log.warning("tc programs unavailable; external traffic stays on iptables", reason=str(exc))
                 self.mode_detail += f" (tc unavailable: {exc})"
                 return self
-            if self.external is not None:
-                removed = iptables_cleanup.cleanup(self.external.ipt)
-                log.info("external traffic moved from iptables to tc", removed=len(removed))
-            self.external = None
-            self.mode_detail = ("ebpf: cgroup connect4/sendmsg4/recvmsg4/getpeername4; external: tc on "
-                                + ", ".join(self.tc_interfaces))
+            # The iptables rules stay until the first sync has decided which Service ports still need them.
+            self.tc_active = True
+            self.mode_detail = self._tc_detail()
         return self
+
+    def _tc_detail(self) -> str:
+        detail = ("ebpf: cgroup connect4/sendmsg4/recvmsg4/getpeername4; external: tc on "
+                  + ", ".join(self.tc_interfaces))
+        if self.split:
+            detail += "; external on iptables (tc lacks what they need): " + "; ".join(
+                f"{name} ({', '.join(gaps)})" for name, gaps in sorted(self.split.items(), key=lambda i: str(i[0])))
+        return detail
 
     def force_full_sync(self) -> None:
         self._need_full = True
@@ -109,7 +133,9 @@ class EbpfProxier:
             self.external.force_full_sync()
 
     def canaries_intact(self) -> bool:
-        return self.external.canaries_intact() if self.external is not None else True
+        if self.external is None or (self.tc_active and not self._external_installed):
+            return True
+        return self.external.canaries_intact()
 
     def sync(self, snapshot: Snapshot, config: ProxyConfig, changed: AbstractSet[ObjectRef]) -> EbpfSyncReport:
         """Write the maps to match `snapshot` (a partial sync rewrites the Services in `changed`); raises on
@@ -121,33 +147,87 @@ class EbpfProxier:
         self._need_full = True
         node_ips = config.nodeport_ips if config.nodeport_ips is not None else (
             (config.node_ip,) if config.node_ip is not None else ())
+        masquerade_all = config.masquerade_all
         if full:
             loader.attach(self.datapath, self.cgroup)  # repairs a detach by someone else
-            desired = desired_entries(service_ports, endpoints, node_ips=node_ips, node_labels=config.node_labels)
-            self._maps.adopt(desired)
-            stats = self._maps.apply(desired)
+            planned = plan(service_ports, endpoints, node_ips=node_ips, node_labels=config.node_labels,
+                           masquerade_all=masquerade_all)
+            split = dict(planned.external_stack)
+            labels: set[str] | None = None
         else:
             keys = {f"{ref.namespace}/{ref.name}" for ref in changed}
             ports = {name for name in service_ports if f"{name.namespace}/{name.name}" in keys}
             labels = {str(name) for name in ports} | {
                 i.entry.port_name for i in self._maps.installed.values() if i.entry.port_name.split(":")[0] in keys}
-            desired = desired_entries(service_ports, endpoints, node_ips=node_ips, node_labels=config.node_labels,
-                                      only=ports)
-            stats = self._maps.apply(desired, only=labels)
-        if self.external is not None:
-            self.external.sync(snapshot, replace(config, external_only=True), changed)  # (reconciles conntrack)
+            planned = plan(service_ports, endpoints, node_ips=node_ips, node_labels=config.node_labels, only=ports,
+                           masquerade_all=masquerade_all)
+            split = {name: gaps for name, gaps in self.split.items()
+                     if f"{name.namespace}/{name.name}" not in keys and name in service_ports}
+            split.update(planned.external_stack)
+        # A port moving to iptables gets its rules before tc is told to leave it to the stack; one moving to tc
+        # keeps them until tc serves it (tc comes first on the wire): no new flow ever meets neither.
+        previous = frozenset(self.split) if self._external_ports is not None else frozenset()
+        self._sync_external(snapshot, config, changed, frozenset(split) | previous)
+        if full:
+            self._maps.adopt(planned.entries)
+            stats = self._maps.apply(planned.entries)
         else:
-            self.conntrack.after_sync(service_ports, endpoints, changed)
+            stats = self._maps.apply(planned.entries, only=labels)
+        self._record_split(split)
+        if self.tc_active and frozenset(split) != self._external_ports:
+            self._sync_external(snapshot, config, changed, frozenset(split))
         self._need_full = False
         self._config = config
         if full:
             self._last_full = started
         report = EbpfSyncReport(full, stats, self.clock() - started, len(self._maps.installed),
-                                len(self._maps.backend_ids))
+                                len(self._maps.backend_ids), dict(self.split) if self.tc_active else {},
+                                self.tc_active)
         log.info("ebpf maps synced", full=full, frontends_written=stats.written, frontends_removed=stats.removed,
                  map_updates=stats.map_updates, seconds=round(report.seconds, 4))
         return report
 
+    def _record_split(self, split: dict[ServicePortName, tuple[TcGap, ...]]) -> None:
+        """Remember (and log, when it changed) which ports' external traffic iptables serves, and why."""
+        if not self.tc_active:
+            return
+        if split != self.split:
+            log.info("external traffic split between tc and iptables",
+                     on_iptables={str(name): [str(g) for g in gaps] for name, gaps in sorted(
+                         split.items(), key=lambda i: str(i[0]))},
+                     moved_to_iptables=sorted(str(n) for n in split.keys() - self.split.keys()),
+                     moved_to_tc=sorted(str(n) for n in self.split.keys() - split.keys()))
+        self.split = split
+        self.mode_detail = self._tc_detail()
+
+    def _sync_external(self, snapshot: Snapshot, config: ProxyConfig, changed: AbstractSet[ObjectRef],
+                       ports: frozenset[ServicePortName]) -> None:
+        """Program the iptables side: every external path without tc; with tc, exactly `ports` (the rules are
+        removed altogether when no port needs them)."""
+        if self.external is not None and not self.tc_active:
+            self.external.sync(snapshot, replace(config, external_only=True), changed)  # (reconciles conntrack)
+            return
+        # tc serves (some) external traffic: the whole snapshot's stale UDP flows are reconciled here, as the
+        # iptables side below sees only its own ports
+        self.conntrack.after_sync(snapshot.service_ports, snapshot.endpoints, changed)
+        if self.external is None:
+            return
+        if not ports:
+            if self._external_installed:
+                removed = iptables_cleanup.cleanup(self.external.ipt)
+                log.info("external traffic served by tc only; iptables rules removed", removed=len(removed))
+                self._external_installed = False
+                self.external.force_full_sync()
+            self._external_ports = ports
+            return
+        if ports != self._external_ports:
+            self.external.force_full_sync()  # which ports are fed changed: rewrite (and drop the others')
+        fed = replace(snapshot, service_ports={n: i for n, i in snapshot.service_ports.items() if n in ports},
+                      endpoints={n: e for n, e in snapshot.endpoints.items() if n in ports})
+        self._external_ports = None  # until the sync succeeds
+        self._external_installed = True
+        self.external.sync(fed, replace(config, external_only=True), changed)
+        self._external_ports = ports
 
 def external_interfaces() -> list[str]:
     """Interfaces of this network namespace that traffic from other hosts arrives on: those with a

@@ -71,7 +71,7 @@ def test_the_entries_bytes_are_the_c_structs() -> None:
     """The bytes of bpf-src/lib/maps.h's structs (tests/integration/test_bpf_layouts.py compares the layouts with
     bcc's): addresses and ports in network order, counters in host order, pads zero."""
     sizes = (SERVICE_KEY.size, SERVICE_VALUE.size, SLOT_KEY.size, SLOT_VALUE.size, BACKEND_VALUE.size)
-    assert sizes == (8, 16, 8, 8, 8)
+    assert sizes == (8, 20, 8, 8, 8)
     frontend = Frontend("10.96.0.1", 443, 17)
     assert frontend.key == socket.inet_aton("10.96.0.1") + bytes([0x01, 0xBB, 17, 0])
     assert Frontend.from_key(frontend.key) == frontend
@@ -80,7 +80,7 @@ def test_the_entries_bytes_are_the_c_structs() -> None:
     sync.apply({frontend: ServiceEntry("ns/svc:dns", (Backend("10.1.0.7", 53, 3),), 30)})
     backend_key = (1).to_bytes(4, sys.byteorder)  # a u32 id in host order
     assert maps["na_backends"].data == {backend_key: socket.inet_aton("10.1.0.7") + bytes([0, 53, 0, 0])}
-    assert maps["na_services"].data == {frontend.key: SERVICE_VALUE.pack(1, 1, 3, 30)}
+    assert maps["na_services"].data == {frontend.key: SERVICE_VALUE.pack(1, 1, 3, 30, 0)}
     assert maps["na_slots"].data == {SLOT_KEY.pack(1, 0): SLOT_VALUE.pack(1, 3)}
 
 
@@ -109,4 +109,6 @@ def test_adopting_the_maps_writes_only_the_difference() -> None:
     restarted = MapSync(maps)
     restarted.adopt(desired)
     assert restarted.apply(desired).map_updates == 0 and journal == []
-    assert restarted.contents() == {f: type(e)("", e.backends, e.affinity_seconds) for f, e in desired.items()}
+    assert restarted.contents() == {f: type(e)("", e.backends, e.affinity_seconds, e.external_stack)
+                                    for f, e in desired.items()}
+    assert any(e.external_stack for e in desired.values()), "the flag is written and read back too"
