@@ -60,7 +60,7 @@ class AgentOptions:
     healthz_port: int | None = 10256
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = None  # 10249 in `run`: /metrics and /proxyMode
-    healthz_grace: float = 60.0
+    healthz_grace: float | None = None  # None: kube-proxy's healthTimeout, twice the sync period
 
 
 class Agent:
@@ -74,7 +74,8 @@ class Agent:
         self.make_source = make_source
         self.proxier = proxier
         self.addresses = addresses
-        self.health = HealthState(grace=options.healthz_grace)
+        grace = options.healthz_grace if options.healthz_grace is not None else 2 * options.sync_period
+        self.health = HealthState(grace=grace)
         self.metrics = AgentMetrics()
         self.metrics.observe_health(self.health)
         # kube-proxy's service health server: answers from the proxy's health without node eligibility
