@@ -1,8 +1,13 @@
 """The agent's configuration file (`nodeagent run --config FILE`): parsed, validated, never half-applied.
 
-One YAML document, `kind: NodeAgentConfiguration`, with kube-proxy's field names where the concept is the
-same (KubeProxyConfiguration: `mode`, `hostnameOverride`, `clientConnection.kubeconfig`, `clusterCIDR`,
-`masqueradeAll`, `nodePortAddresses`, `syncPeriod`, `minSyncPeriod`, `healthzBindAddress`,
+Two kinds, told apart by apiVersion and kind. A cluster's kube-proxy configuration (`apiVersion:
+kubeproxy.config.k8s.io/v1alpha1`, `kind: KubeProxyConfiguration`, e.g. the kube-proxy ConfigMap's
+config.conf) is taken as it is: every field nodeagent implements sets its option, every other field present
+is named in one warning (`AgentConfig.warnings`), a bad value of either is an error naming the field.
+
+Or nodeagent's own, one YAML document `kind: NodeAgentConfiguration`, with kube-proxy's field names where
+the concept is the same (KubeProxyConfiguration: `mode`, `hostnameOverride`, `clientConnection.kubeconfig`,
+`clusterCIDR`, `masqueradeAll`, `nodePortAddresses`, `syncPeriod`, `minSyncPeriod`, `healthzBindAddress`,
 `metricsBindAddress`) and durations written as kube-proxy writes them ("30s", "1m30s", "500ms"), so a
 kube-proxy configuration's values carry over. Decoding is strict as kube-proxy's: an unknown field is an
 error (a typo must not silently fall back to a default). Every problem is reported, each naming the field
@@ -42,7 +47,7 @@ _KUBE_PROXY_ONLY = {
     "iptables.masqueradeAll": "use the top-level masqueradeAll",
     "ipvs": "there is no IPVS mode; mode is auto, ebpf or iptables",
     "nftables": "there is no nftables mode; mode is auto, ebpf or iptables (iptables.backend: nft)",
-    "bindAddress": "not used: the datapath serves every node address",
+    "bindAddress": "use the --bind-address flag, or a KubeProxyConfiguration file",
 }
 
 
@@ -85,7 +90,21 @@ class AgentConfig:
     iptables_backend: str = "auto"
     bpf_cgroup_path: str = ""
     bpf_scope: str = "host"
+    masquerade_bit: int = 14
+    localhost_nodeports: bool = True
+    bind_address: str = "0.0.0.0"
+    tcp_be_liberal: bool = False
     given: frozenset[str] = field(default=frozenset(), compare=False)  # the fields the file set
+    # a KubeProxyConfiguration's fields nodeagent does not implement (present in the file, not applied)
+    not_implemented: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the file says that the agent will not do: one warning naming every such field (or none)."""
+        if not self.not_implemented:
+            return ()
+        return (f"KubeProxyConfiguration fields nodeagent does not implement (ignored): "
+                f"{', '.join(self.not_implemented)}",)
 
     def run_defaults(self) -> dict[str, Any]:
         """`nodeagent run`'s parameters (by their Python names) for every field the file set."""
@@ -96,8 +115,11 @@ class AgentConfig:
             "min_sync_period": self.min_sync_period, "healthz_bind_address": self.healthz_bind_address,
             "metrics_bind_address": self.metrics_bind_address, "iptables_backend": self.iptables_backend,
             "cgroup_path": self.bpf_cgroup_path, "bpf_scope": self.bpf_scope,
+            "masquerade_bit": self.masquerade_bit, "localhost_nodeports": self.localhost_nodeports,
+            "bind_address": self.bind_address, "tcp_be_liberal": self.tcp_be_liberal,
         }
-        return {RUN_PARAMETER[name]: values[RUN_PARAMETER[name]] for name in sorted(self.given)}
+        parameter = RUN_PARAMETER | KUBE_PROXY_PARAMETER
+        return {parameter[name]: values[parameter[name]] for name in sorted(self.given)}
 
 
 # file field path -> `nodeagent run` parameter name
@@ -107,6 +129,37 @@ RUN_PARAMETER = {
     "syncPeriod": "sync_period", "minSyncPeriod": "min_sync_period", "healthzBindAddress": "healthz_bind_address",
     "metricsBindAddress": "metrics_bind_address", "iptables.backend": "iptables_backend",
     "bpf.cgroupPath": "cgroup_path", "bpf.scope": "bpf_scope",
+}
+
+# KubeProxyConfiguration field path -> `nodeagent run` parameter name (what nodeagent implements)
+KUBE_PROXY_API_GROUP = "kubeproxy.config.k8s.io/"
+KUBE_PROXY_API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
+KUBE_PROXY_KIND = "KubeProxyConfiguration"
+KUBE_PROXY_PARAMETER = {
+    "mode": "mode", "hostnameOverride": "node_name", "clientConnection.kubeconfig": "kubeconfig",
+    "clusterCIDR": "cluster_cidr", "iptables.masqueradeAll": "masquerade_all",
+    "iptables.masqueradeBit": "masquerade_bit", "iptables.localhostNodePorts": "localhost_nodeports",
+    "iptables.syncPeriod": "sync_period", "iptables.minSyncPeriod": "min_sync_period",
+    "nodePortAddresses": "nodeport_addresses", "bindAddress": "bind_address",
+    "healthzBindAddress": "healthz_bind_address", "metricsBindAddress": "metrics_bind_address",
+    "conntrack.tcpBeLiberal": "tcp_be_liberal",
+}
+# Every v1alpha1 field (kube-proxy's defaults document), by section; "*": a free-form section
+_KUBE_PROXY_FIELDS: dict[str, set[str]] = {
+    "": {"apiVersion", "kind", "bindAddress", "bindAddressHardFail", "clientConnection", "clusterCIDR",
+         "configSyncPeriod", "conntrack", "detectLocal", "detectLocalMode", "enableProfiling", "featureGates",
+         "healthzBindAddress", "hostnameOverride", "iptables", "ipvs", "logging", "metricsBindAddress", "mode",
+         "nftables", "nodePortAddresses", "oomScoreAdj", "portRange", "showHiddenMetricsForVersion", "winkernel"},
+    "clientConnection": {"acceptContentTypes", "burst", "contentType", "kubeconfig", "qps"},
+    "conntrack": {"maxPerCore", "min", "tcpBeLiberal", "tcpCloseWaitTimeout", "tcpEstablishedTimeout",
+                  "udpStreamTimeout", "udpTimeout"},
+    "detectLocal": {"bridgeInterface", "interfaceNamePrefix"},
+    "iptables": {"localhostNodePorts", "masqueradeAll", "masqueradeBit", "minSyncPeriod", "syncPeriod"},
+    "ipvs": {"excludeCIDRs", "minSyncPeriod", "scheduler", "strictARP", "syncPeriod", "tcpFinTimeout",
+             "tcpTimeout", "udpTimeout"},
+    "nftables": {"masqueradeAll", "masqueradeBit", "minSyncPeriod", "syncPeriod"},
+    "winkernel": {"enableDSR", "forwardHealthCheckVip", "networkName", "rootHnsEndpointName", "sourceVip"},
+    "logging": {"*"}, "featureGates": {"*"},
 }
 
 
@@ -235,6 +288,38 @@ class _Reader:
         self.given.add(path)
         return value
 
+    def integer(self, values: Mapping[str, Any], path: str, default: int, low: int, high: int) -> int:
+        if path not in values:
+            return default
+        value = values[path]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.fail(path, value, f"must be an integer in the range {low}-{high}")
+            return default
+        self.given.add(path)
+        return value
+
+    def ip(self, values: Mapping[str, Any], path: str, default: str) -> str:
+        if path not in values:
+            return default
+        value = values[path]
+        try:
+            ipaddress.ip_address(value if isinstance(value, str) else "-")
+        except ValueError:
+            self.fail(path, value, "must be an IP address, e.g. 0.0.0.0")
+            return default
+        self.given.add(path)
+        return str(value)
+
+    def nodeport_addresses(self, values: Mapping[str, Any], path: str) -> tuple[str, ...]:
+        value = values.get(path)
+        if isinstance(value, list) and "primary" in value:
+            if len(value) > 1:
+                self.fail(path, value, "can't use both 'primary' and CIDRs")
+                return ()
+            self.given.add(path)
+            return ("primary",)
+        return self.cidrs(values, path, as_list=True)
+
     def text(self, values: Mapping[str, Any], path: str, pattern: re.Pattern[str] | None, what: str) -> str:
         if path not in values:
             return ""
@@ -255,6 +340,8 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
     if not isinstance(doc, Mapping):
         raise ConfigError(source, [FieldError("-", doc, "must be a mapping (one YAML document)")])
     r = _Reader()
+    if str(doc.get("apiVersion", "")).startswith(KUBE_PROXY_API_GROUP):
+        return _kube_proxy_config(doc, r, source)
     if doc.get("apiVersion") != API_VERSION:
         r.fail("apiVersion", doc.get("apiVersion"), f"must be {API_VERSION}")
     if doc.get("kind") != KIND:
@@ -291,6 +378,75 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         bpf_cgroup_path=cgroup,
         bpf_scope=r.text(values, "bpf.scope", _SCOPE, "a name of letters, digits, '.', '_' or '-'") or "host",
         given=frozenset(r.given),
+    )
+    if r.errors:
+        raise ConfigError(source, r.errors)
+    return config
+
+
+def _kube_proxy_config(doc: Mapping[str, Any], r: _Reader, source: str) -> AgentConfig:
+    """A KubeProxyConfiguration: what nodeagent implements mapped to its options, the rest named."""
+    if doc.get("apiVersion") != KUBE_PROXY_API_VERSION:
+        r.fail("apiVersion", doc.get("apiVersion"), f"must be {KUBE_PROXY_API_VERSION} (or {API_VERSION})")
+    if doc.get("kind") != KUBE_PROXY_KIND:
+        r.fail("kind", doc.get("kind"), f"must be {KUBE_PROXY_KIND}")
+    values: dict[str, Any] = {}
+    ignored: list[str] = []
+    for key, value in doc.items():
+        if key not in _KUBE_PROXY_FIELDS[""]:
+            r.fail(key, value, "unknown field of KubeProxyConfiguration v1alpha1")
+        elif key in _KUBE_PROXY_FIELDS and value is not None:
+            if not isinstance(value, Mapping):
+                r.fail(key, value, "must be a mapping")
+                continue
+            known = _KUBE_PROXY_FIELDS[key]
+            for inner, item in value.items():
+                if "*" not in known and inner not in known:
+                    r.fail(f"{key}.{inner}", item, f"unknown field; known fields here: {', '.join(sorted(known))}")
+                else:
+                    values[f"{key}.{inner}"] = item
+        elif key not in ("apiVersion", "kind"):
+            values[key] = value
+    # kube-proxy writes empty values for "the default": they set nothing here either
+    values = {k: v for k, v in values.items() if v not in ("", None)}
+    mode = values.pop("mode", None)
+    if mode is not None:
+        if mode == "iptables":
+            values["mode"] = "iptables"
+        elif mode in ("ipvs", "nftables", "kernelspace"):
+            ignored.append(f"mode={mode} (nodeagent programs iptables or eBPF)")
+        else:
+            r.fail("mode", mode, "must be one of iptables, ipvs, nftables, kernelspace or empty")
+    if values.get("detectLocalMode", "ClusterCIDR") != "ClusterCIDR":
+        ignored.append(f"detectLocalMode={values['detectLocalMode']} (ClusterCIDR is used)")
+    values.pop("detectLocalMode", None)
+    if "hostnameOverride" in values and isinstance(values["hostnameOverride"], str):
+        values["hostnameOverride"] = values["hostnameOverride"].strip().lower()  # as kube-proxy
+    ignored += sorted(path for path in values if path not in KUBE_PROXY_PARAMETER)
+
+    sync = r.duration(values, "iptables.syncPeriod", 30.0, positive=True)
+    min_sync = r.duration(values, "iptables.minSyncPeriod", 1.0, positive=False)
+    if {"iptables.syncPeriod", "iptables.minSyncPeriod"} & r.given and min_sync > sync:
+        r.fail("iptables.minSyncPeriod", values.get("iptables.minSyncPeriod", "1s"),
+               f"must not be longer than iptables.syncPeriod ({values.get('iptables.syncPeriod', '30s')})")
+    if "mode" in values:
+        r.given.add("mode")
+    config = AgentConfig(
+        mode=values.get("mode", "auto"),
+        hostname_override=r.text(values, "hostnameOverride", _DNS_SUBDOMAIN, "a node name (a DNS subdomain)"),
+        kubeconfig=r.text(values, "clientConnection.kubeconfig", None, "a path to a kubeconfig file"),
+        cluster_cidrs=r.cidrs(values, "clusterCIDR", as_list=False),
+        masquerade_all=r.boolean(values, "iptables.masqueradeAll"),
+        masquerade_bit=r.integer(values, "iptables.masqueradeBit", 14, 0, 31),
+        localhost_nodeports=(r.boolean(values, "iptables.localhostNodePorts")
+                             if "iptables.localhostNodePorts" in values else True),
+        nodeport_addresses=r.nodeport_addresses(values, "nodePortAddresses"),
+        sync_period=sync, min_sync_period=min_sync,
+        bind_address=r.ip(values, "bindAddress", "0.0.0.0"),
+        healthz_bind_address=r.bind_address(values, "healthzBindAddress", "0.0.0.0:10256"),
+        metrics_bind_address=r.bind_address(values, "metricsBindAddress", "127.0.0.1:10249"),
+        tcp_be_liberal=r.boolean(values, "conntrack.tcpBeLiberal"),
+        given=frozenset(r.given), not_implemented=tuple(ignored),
     )
     if r.errors:
         raise ConfigError(source, r.errors)

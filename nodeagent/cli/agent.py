@@ -8,31 +8,18 @@ from pathlib import Path
 import click
 
 from nodeagent.cli.options import (
+    config_option,
     daemon_logging,
-    parse_cidrs,
     parse_host_port,
+    proxy_options,
+    proxy_settings,
     reported,
     source_options,
 )
-from nodeagent.errors import NodeAgentError
-
-
-def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
-    """`run --config FILE`: the file's settings become the defaults, so flags (and $NODE_NAME) still win."""
-    if value is None:
-        return
-    from nodeagent.config import read_config
-
-    try:
-        ctx.default_map = {**(ctx.default_map or {}), **read_config(value).run_defaults()}
-    except (NodeAgentError, OSError) as exc:
-        raise click.BadParameter(str(exc), ctx, param) from exc
 
 
 @click.command()
-@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False,
-              callback=_config_defaults, help="a NodeAgentConfiguration YAML file (kube-proxy's field names); "
-                                              "flags given here override it")
+@config_option
 @click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto", show_default=True,
               help="service datapath; auto: eBPF, or iptables (with the reason logged) where eBPF cannot load")
 @click.option("--cgroup", "cgroup_path", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -46,8 +33,11 @@ def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | N
 @click.option("--sync-period", type=float, default=30.0, show_default=True,
               help="seconds between syncs at least this often; also the full-resync period")
 @click.option("--cluster-cidr", default="", help="pod CIDR(s): traffic from outside it is masqueraded")
-@click.option("--masquerade-all", is_flag=True, help="masquerade all traffic to Service cluster IPs")
-@click.option("--nodeport-addresses", default="", help="CIDRs of the node addresses NodePorts answer on")
+@proxy_options
+@click.option("--random-fully/--no-random-fully", default=None,
+              help="MASQUERADE --random-fully [default: when this node's iptables has it, as kube-proxy]")
+@click.option("--conntrack-tcp-be-liberal", "tcp_be_liberal", type=click.BOOL, default=False, show_default=True,
+              help="set net.netfilter.nf_conntrack_tcp_be_liberal=1 (then no INVALID drop rule, as kube-proxy)")
 @click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy"]), default="auto",
               show_default=True)
 @click.option("--healthz-bind-address", default="0.0.0.0:10256", show_default=True,
@@ -70,8 +60,9 @@ def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | N
                    "(default: this process's cgroup, as in the lab)")
 def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | None, context: str | None,
         manifests: Path | None, source_lab: str | None, node_name: str | None, min_sync_period: float,
-        sync_period: float, cluster_cidr: str, masquerade_all: bool, nodeport_addresses: str,
-        iptables_backend: str, healthz_bind_address: str, metrics_bind_address: str, mesh: bool,
+        sync_period: float, cluster_cidr: str, masquerade_all: bool, masquerade_bit: int,
+        localhost_nodeports: bool, nodeport_addresses: str, bind_address: str, random_fully: bool | None,
+        tcp_be_liberal: bool, iptables_backend: str, healthz_bind_address: str, metrics_bind_address: str, mesh: bool,
         control_socket: str, netns_dir: Path,
         netns_prefix: str, pod_cgroup_parent: Path | None, tunnel_cgroup: Path | None) -> None:
     """Run the node agent: watch the source, keep this node's datapath in sync, until SIGTERM."""
@@ -92,8 +83,10 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
         node_name=node_name, source=SourceOptions(manifests, kubeconfig, context),
         mode=agent_daemon.ModeRequest(mode), cgroup=cgroup_path, bpf_scope=bpf_scope,
         iptables_backend=iptables_backend, min_sync_period=min_sync_period, sync_period=sync_period,
-        cluster_cidrs=parse_cidrs(cluster_cidr), masquerade_all=masquerade_all,
-        nodeport_addresses=parse_cidrs(nodeport_addresses), healthz=parse_host_port(healthz_bind_address),
+        proxy=proxy_settings(cluster_cidr, masquerade_all, masquerade_bit, localhost_nodeports, nodeport_addresses,
+                             bind_address),
+        random_fully=random_fully, conntrack_tcp_be_liberal=tcp_be_liberal,
+        healthz=parse_host_port(healthz_bind_address),
         metrics=parse_host_port(metrics_bind_address),
         mesh=MeshOptions(control_socket, netns_dir, netns_prefix, pod_cgroup_parent, tunnel_cgroup) if mesh else None)
     daemon_logging()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
-from nodeagent.cli.options import parse_cidrs, read_snapshot, reported, source_options
+from nodeagent.cli.options import config_option, proxy_options, proxy_settings, read_snapshot, reported, source_options
 from nodeagent.errors import NodeAgentError
+from nodeagent.service.config import NFACCT_COUNTERS
 
 
 @click.command()
@@ -24,23 +26,60 @@ def snapshot(kubeconfig: str | None, context: str | None, manifests: Path | None
     click.echo(json.dumps(snapshot_document(state), indent=2) if as_json else format_snapshot(state))
 
 
+@dataclass(frozen=True)
+class NodeFacts:
+    """What `run` finds in a node's kernel at start and renders by (nothing, for an offline view)."""
+
+    random_fully: bool = False
+    nfacct_counters: frozenset[str] = frozenset()
+    tcp_liberal: bool = False
+
+
+def node_facts(netns: str | None) -> NodeFacts:
+    """The kernel facts of the node in `netns` (this namespace when None), as `run` there found them."""
+    from nodeagent.kernel import nfacct, sysctl
+    from nodeagent.kernel.netfilter import supports_random_fully
+    from nodeagent.kernel.netns import in_netns
+
+    def read() -> NodeFacts:
+        return NodeFacts(supports_random_fully(), nfacct.existing_counters(NFACCT_COUNTERS),
+                         sysctl.enabled(sysctl.TCP_BE_LIBERAL))
+
+    return read() if netns is None else in_netns(netns, read)
+
+
 @click.command()
+@config_option
 @source_options
 @click.option("--format", "output", type=click.Choice(["save", "list", "restore"]), default="save", show_default=True,
               help="save: as iptables-save prints it; list: as iptables -L -n; restore: our iptables-restore input")
 @click.option("--table", type=click.Choice(["nat", "filter"]), default=None, help="one table only")
 @click.option("--cluster-cidr", default=None, help="as for run (a lab's pod range by default)")
-@click.option("--masquerade-all", is_flag=True)
+@proxy_options
+@click.option("--random-fully/--no-random-fully", default=None,
+              help="MASQUERADE --random-fully [default: off; with --diff or --lab, as the node's iptables]")
+@click.option("--nfacct-counter", "nfacct_counters", multiple=True, type=click.Choice(NFACCT_COUNTERS),
+              help="an nfacct counter the node has (repeatable) [default: none; with --diff or --lab, the "
+                   "node's]")
+@click.option("--conntrack-tcp-be-liberal", "tcp_be_liberal", type=click.BOOL, default=None,
+              help="the node has nf_conntrack_tcp_be_liberal set: no INVALID drop rule [default: false; with "
+                   "--diff or --lab, as the node]")
 @click.option("--diff", is_flag=True, help="compare with the live tables of the node (root); exit 1 on drift")
 @click.option("--netns", default=None, help="the node's network namespace for --diff (a lab node's by default)")
 def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
            node_name: str | None, output: str, table: str | None, cluster_cidr: str | None, masquerade_all: bool,
-           diff: bool, netns: str | None) -> None:
-    """Print the iptables rules the agent would program on a node (no root needed), or diff them with the kernel."""
+           masquerade_bit: int, localhost_nodeports: bool, nodeport_addresses: str, bind_address: str,
+           random_fully: bool | None, nfacct_counters: tuple[str, ...], tcp_be_liberal: bool | None, diff: bool,
+           netns: str | None) -> None:
+    """Print the iptables rules the agent would program on a node (no root needed), or diff them with the kernel.
+
+    The output depends only on the cluster's state and the options, never on this machine, except for a node
+    of this machine (--diff, --lab): the kernel facts not given (random-fully, nfacct counters, TCP liberal)
+    are then the node's, as `run` there found them."""
     import difflib
 
-    from nodeagent.kernel.netfilter import Iptables, detect_backend, supports_random_fully
-    from nodeagent.service.config import ProxySettings, proxy_config
+    from nodeagent.kernel.netfilter import Iptables, detect_backend
+    from nodeagent.service.config import proxy_config
     from nodeagent.service.iptables.formats import format_list, format_save, node_tables, ours_only
     from nodeagent.service.iptables.render import render
 
@@ -53,8 +92,21 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
         cluster_cidr = cluster_cidr if cluster_cidr is not None else view.cluster_cidr
         netns = netns or view.netns
     state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
-    settings = ProxySettings(cluster_cidrs=parse_cidrs(cluster_cidr or ""), masquerade_all=masquerade_all,
-                             random_fully=supports_random_fully())
+    settings = proxy_settings(cluster_cidr or "", masquerade_all, masquerade_bit, localhost_nodeports,
+                              nodeport_addresses, bind_address)
+    facts = NodeFacts()
+    if diff:
+        with reported(f"reading the node{f' {netns}' if netns else ''}: "):
+            facts = node_facts(netns)
+    elif source_lab is not None:
+        try:
+            facts = node_facts(netns)
+        except (NodeAgentError, OSError) as exc:  # e.g. not root: the lab's view without its kernel's facts
+            click.echo(f"note: {node_name}'s kernel cannot be read ({exc}): rendered without random-fully, "
+                       "nfacct counters and TCP liberal", err=True)
+    settings = replace(settings, random_fully=facts.random_fully if random_fully is None else random_fully,
+                       nfacct_counters=frozenset(nfacct_counters) if nfacct_counters else facts.nfacct_counters,
+                       conntrack_tcp_liberal=facts.tcp_liberal if tcp_be_liberal is None else tcp_be_liberal)
     rendered = render(state.service_ports, state.endpoints, proxy_config(state.node_name, settings, state, ()))
     views = [v for v in node_tables(rendered) if v.name in ((table,) if table else ("filter", "nat"))]
     if output == "restore":

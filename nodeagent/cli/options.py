@@ -12,9 +12,10 @@ from typing import ParamSpec, TypeVar
 
 import click
 
-from nodeagent.cluster.model import IPNetwork
+from nodeagent.cluster.model import IPAddress, IPNetwork
 from nodeagent.errors import NodeAgentError
 from nodeagent.observability.logs import configure_logging
+from nodeagent.service.config import ProxySettings
 from nodeagent.state.tracker import Snapshot
 
 P = ParamSpec("P")
@@ -98,6 +99,81 @@ def parse_cidrs(value: str) -> tuple[IPNetwork, ...]:
         return tuple(ipaddress.ip_network(part.strip()) for part in value.split(",") if part.strip())
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+
+
+def _config_defaults(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """--config FILE: the file's settings become the defaults of this command's options, so flags (and
+    $NODE_NAME) still win; a KubeProxyConfiguration's fields that nodeagent does not implement are named in
+    one warning."""
+    if value is None:
+        return
+    from nodeagent.config import read_config
+
+    try:
+        config = read_config(value)
+    except (NodeAgentError, OSError) as exc:
+        raise click.BadParameter(str(exc), ctx, param) from exc
+    for warning in config.warnings:
+        click.echo(f"warning: {value}: {warning}", err=True)
+    names = {p.name for p in ctx.command.params}
+    defaults = {k: v for k, v in config.run_defaults().items() if k in names}
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+config_option = click.option(
+    "--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False,
+    callback=_config_defaults, help="a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) or "
+                                    "NodeAgentConfiguration YAML file; flags given here override it")
+
+
+def proxy_options(func: F) -> F:
+    """kube-proxy's flags that change the rules, shared by `run` and `chains` (kube-proxy's names)."""
+    func = click.option("--bind-address", "--node-ip", "bind_address", default="0.0.0.0", show_default=True,
+                        help="this node's IP when not 0.0.0.0 (as kube-proxy's: overrides the Node object's "
+                             "address of its family)")(func)
+    func = click.option("--nodeport-addresses", default="",
+                        help="CIDRs of the node addresses NodePorts answer on, or 'primary' (the node's IPs); "
+                             "empty: every address")(func)
+    func = click.option("--iptables-localhost-nodeports", "localhost_nodeports", type=click.BOOL, default=True,
+                        show_default=True, help="NodePorts answer on 127.0.0.0/8 too (sets route_localnet)")(func)
+    func = click.option("--iptables-masquerade-bit", "masquerade_bit", type=click.IntRange(0, 31), default=14,
+                        show_default=True, help="the fwmark bit of packets to masquerade")(func)
+    func = click.option("--masquerade-all", type=click.BOOL, default=False, is_flag=False, flag_value=True,
+                        help="masquerade all traffic to Service cluster IPs")(func)
+    return func
+
+
+def parse_nodeport_addresses(value: str) -> tuple[tuple[IPNetwork, ...], bool]:
+    """--nodeport-addresses: the CIDRs, and whether it is `primary` (only alone, as kube-proxy's)."""
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if "primary" in parts:
+        if len(parts) > 1:
+            raise click.BadParameter("can't use both 'primary' and CIDRs", param_hint="--nodeport-addresses")
+        return (), True
+    try:
+        return tuple(ipaddress.ip_network(part) for part in parts), False
+    except ValueError as exc:
+        raise click.BadParameter(f"must be a valid CIDR: {exc}", param_hint="--nodeport-addresses") from exc
+
+
+def parse_bind_address(value: str) -> IPAddress | None:
+    """--bind-address: an IP (empty: none)."""
+    if not value:
+        return None
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not an IP address", param_hint="--bind-address") from exc
+
+
+def proxy_settings(cluster_cidr: str, masquerade_all: bool, masquerade_bit: int, localhost_nodeports: bool,
+                   nodeport_addresses: str, bind_address: str) -> ProxySettings:
+    """The proxy settings from `proxy_options` and --cluster-cidr (the kernel's facts are left out)."""
+    cidrs, primary = parse_nodeport_addresses(nodeport_addresses)
+    return ProxySettings(cluster_cidrs=parse_cidrs(cluster_cidr), masquerade_all=masquerade_all,
+                         masquerade_bit=masquerade_bit, localhost_nodeports=localhost_nodeports,
+                         nodeport_addresses=cidrs, nodeport_primary=primary,
+                         bind_address=parse_bind_address(bind_address))
 
 
 def parse_host_port(value: str) -> tuple[str, int | None]:

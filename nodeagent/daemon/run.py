@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
 import structlog
 
-from nodeagent.cluster.model import IPNetwork
 from nodeagent.daemon.agent import Agent, AgentOptions
 from nodeagent.daemon.errors import StartError
 from nodeagent.daemon.mesh import MeshLoop, MeshOptions, mesh_capture, start_mesh
 from nodeagent.daemon.sources import SourceOptions, source_factory
 from nodeagent.errors import NodeAgentError
+from nodeagent.kernel import nfacct, sysctl
 from nodeagent.kernel.bpf import loader
 from nodeagent.kernel.netfilter import Iptables, detect_backend, supports_random_fully
-from nodeagent.service.config import ProxySettings
+from nodeagent.service.config import NFACCT_COUNTERS, ProxySettings
 from nodeagent.service.ebpf.proxier import EbpfProxier, external_interfaces
 from nodeagent.service.iptables.proxier import IptablesProxier
 
@@ -47,9 +48,11 @@ class RunOptions:
     iptables_backend: str = "auto"  # auto, nft or legacy
     min_sync_period: float = 1.0
     sync_period: float = 30.0
-    cluster_cidrs: tuple[IPNetwork, ...] = ()
-    masquerade_all: bool = False
-    nodeport_addresses: tuple[IPNetwork, ...] = ()
+    # the proxy flags; `prepare_kernel` adds what it finds in the kernel at start
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    random_fully: bool | None = None  # None: kube-proxy's detection (iptables 1.6.2 or newer)
+    # kube-proxy's conntrack.tcpBeLiberal: set net.netfilter.nf_conntrack_tcp_be_liberal=1 at start
+    conntrack_tcp_be_liberal: bool = False
     healthz: tuple[str, int | None] = ("0.0.0.0", 10256)  # port None: off
     metrics: tuple[str, int | None] = ("127.0.0.1", 10249)
     mesh: MeshOptions | None = None  # None: no mesh
@@ -111,23 +114,54 @@ class RunningAgent:
         self.agent.stop()
 
 
-def agent_options(options: RunOptions) -> AgentOptions:
-    """The agent's options from the flags (and whether this kernel's iptables has --random-fully)."""
+@dataclass(frozen=True)
+class KernelAccess:
+    """Where `prepare_kernel` reads and changes the kernel (tests give a directory and fakes)."""
+
+    sysctl_root: Path = sysctl.ROOT
+    random_fully: Callable[[], bool] = supports_random_fully
+    ensure_nfacct: Callable[[Iterable[str]], frozenset[str]] = nfacct.ensure_counters
+
+
+def prepare_kernel(options: RunOptions, kernel: KernelAccess | None = None) -> ProxySettings:
+    """What kube-proxy does to the node before its first sync, in this process's network namespace, and the
+    proxy settings with what it found: nf_conntrack_tcp_be_liberal set when asked, then read (set: no INVALID
+    drop rule); route_localnet=1 when localhost NodePorts may be on; the nfacct counters created (those that
+    exist are counted in); --random-fully detected unless given. StartError when a sysctl cannot be set."""
+    kernel = kernel or KernelAccess()
+    proxy = options.proxy
+    try:
+        if options.conntrack_tcp_be_liberal:
+            sysctl.ensure(sysctl.TCP_BE_LIBERAL, 1, kernel.sysctl_root)
+        if proxy.may_use_localhost_nodeports:
+            log.info("Setting route_localnet=1 to allow node-ports on localhost; to change this either disable "
+                     "iptables.localhostNodePorts (--iptables-localhost-nodeports) or set nodePortAddresses "
+                     "(--nodeport-addresses) to filter loopback addresses")
+            sysctl.ensure(sysctl.ROUTE_LOCALNET, 1, kernel.sysctl_root)
+    except sysctl.SysctlError as exc:
+        raise StartError(f"cannot set required sysctl for proxy: {exc}") from exc
+    liberal = sysctl.enabled(sysctl.TCP_BE_LIBERAL, kernel.sysctl_root)
+    if liberal:
+        log.info("nf_conntrack_tcp_be_liberal set, not installing DROP rules for INVALID packets")
+    random_fully = options.random_fully if options.random_fully is not None else kernel.random_fully()
+    return replace(proxy, conntrack_tcp_liberal=liberal, random_fully=random_fully,
+                   nfacct_counters=kernel.ensure_nfacct(NFACCT_COUNTERS))
+
+
+def agent_options(options: RunOptions, proxy: ProxySettings) -> AgentOptions:
+    """The agent's options from the flags and the proxy settings `prepare_kernel` completed."""
     return AgentOptions(node_name=options.node_name, min_sync_period=options.min_sync_period,
-                        sync_period=options.sync_period,
-                        proxy=ProxySettings(cluster_cidrs=options.cluster_cidrs, masquerade_all=options.masquerade_all,
-                                            nodeport_addresses=options.nodeport_addresses,
-                                            random_fully=supports_random_fully()),
-                        healthz_host=options.healthz[0],
+                        sync_period=options.sync_period, proxy=proxy, healthz_host=options.healthz[0],
                         healthz_port=options.healthz[1], metrics_host=options.metrics[0],
                         metrics_port=options.metrics[1])
 
 
-def start(options: RunOptions, datapath: ChosenDatapath) -> RunningAgent:
-    """Start the agent on `datapath`, then the mesh (a mesh that cannot start stops the agent again)."""
+def start(options: RunOptions, datapath: ChosenDatapath, proxy: ProxySettings) -> RunningAgent:
+    """Start the agent on `datapath` with `proxy` (from `prepare_kernel`), then the mesh (a mesh that cannot
+    start stops the agent again)."""
     if datapath.mode == "iptables":
         clear_ebpf(options.bpf_scope, options.cgroup)
-    agent = Agent(agent_options(options), source_factory(options.source, options.node_name), datapath.proxier)
+    agent = Agent(agent_options(options, proxy), source_factory(options.source, options.node_name), datapath.proxier)
     agent.health.mode, agent.health.mode_reason = datapath.mode, datapath.reason
     agent.start()
     if options.mesh is None:
@@ -142,11 +176,12 @@ def start(options: RunOptions, datapath: ChosenDatapath) -> RunningAgent:
 
 def run(options: RunOptions) -> int:
     """Run the agent until SIGTERM or SIGINT; the exit status. Raises StartError when it cannot start."""
+    proxy = prepare_kernel(options)
     datapath = choose_datapath(options)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    running = start(options, datapath)
+    running = start(options, datapath, proxy)
     try:
         stop.wait()
     finally:

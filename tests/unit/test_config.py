@@ -168,3 +168,162 @@ def test_run_with_a_bad_file_names_every_field_and_starts_nothing(tmp_path: Path
     assert f"{path}: mode: must be one of auto, ebpf, iptables (got 'ipvs')" in result.output
     assert f"{path}: syncPeriod: must be a duration such as 30s, 1m30s or 500ms (got 'soon')" in result.output
     assert "Traceback" not in result.output
+
+
+# kube-proxy's own defaults document (pkg/proxy/apis/config/scheme/testdata/KubeProxyConfiguration/after/
+# v1alpha1.yaml): what a cluster's kube-proxy ConfigMap holds when nothing was changed.
+KUBE_PROXY_DEFAULTS = """\
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 10
+  contentType: application/vnd.kubernetes.protobuf
+  kubeconfig: ""
+  qps: 5
+clusterCIDR: ""
+configSyncPeriod: 15m0s
+conntrack:
+  maxPerCore: 32768
+  min: 131072
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: 1h0m0s
+  tcpEstablishedTimeout: 24h0m0s
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ""
+enableProfiling: false
+healthzBindAddress: 0.0.0.0:10256
+hostnameOverride: ""
+iptables:
+  localhostNodePorts: true
+  masqueradeAll: false
+  masqueradeBit: 14
+  minSyncPeriod: 1s
+  syncPeriod: 30s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: ""
+  strictARP: false
+  syncPeriod: 30s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+kind: KubeProxyConfiguration
+logging:
+  flushFrequency: 5s
+  format: text
+  options:
+    json:
+      infoBufferSize: "0"
+    text:
+      infoBufferSize: "0"
+  verbosity: 0
+metricsBindAddress: 127.0.0.1:10249
+mode: ""
+nftables:
+  masqueradeAll: false
+  masqueradeBit: 14
+  minSyncPeriod: 1s
+  syncPeriod: 30s
+nodePortAddresses: null
+oomScoreAdj: -999
+portRange: ""
+showHiddenMetricsForVersion: ""
+winkernel:
+  enableDSR: false
+  forwardHealthCheckVip: false
+  networkName: ""
+  rootHnsEndpointName: ""
+  sourceVip: ""
+"""
+KUBE_PROXY_HEAD = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+
+
+def test_kube_proxys_defaults_document_is_taken_as_it_is() -> None:
+    config = parse_config(KUBE_PROXY_DEFAULTS)
+    assert config.run_defaults() == {
+        "bind_address": "0.0.0.0", "tcp_be_liberal": False, "healthz_bind_address": "0.0.0.0:10256",
+        "localhost_nodeports": True, "masquerade_all": False, "masquerade_bit": 14, "min_sync_period": 1.0,
+        "sync_period": 30.0, "metrics_bind_address": "127.0.0.1:10249"}
+    [warning] = config.warnings
+    assert warning.startswith("KubeProxyConfiguration fields nodeagent does not implement (ignored): ")
+    named = warning.split(": ", 1)[1].split(", ")
+    assert named == sorted(named) and {"bindAddressHardFail", "configSyncPeriod", "conntrack.maxPerCore",
+                                       "conntrack.min", "conntrack.tcpCloseWaitTimeout",
+                                       "conntrack.tcpEstablishedTimeout", "conntrack.udpStreamTimeout",
+                                       "conntrack.udpTimeout", "clientConnection.burst", "clientConnection.qps",
+                                       "clientConnection.contentType", "enableProfiling", "ipvs.syncPeriod",
+                                       "ipvs.strictARP", "logging.format", "nftables.masqueradeBit",
+                                       "oomScoreAdj", "winkernel.enableDSR"} <= set(named)
+    assert not {"iptables.masqueradeBit", "bindAddress", "healthzBindAddress", "mode"} & set(named)
+
+
+def test_kube_proxys_fields_map_to_the_options() -> None:
+    config = parse_config(KUBE_PROXY_HEAD + """\
+mode: iptables
+hostnameOverride: Worker-1
+clientConnection: {kubeconfig: /var/lib/kube-proxy/kubeconfig.conf}
+clusterCIDR: 10.244.0.0/16
+bindAddress: 192.168.0.2
+nodePortAddresses: [primary]
+iptables: {masqueradeAll: true, masqueradeBit: 10, localhostNodePorts: false, syncPeriod: 1m, minSyncPeriod: 0s}
+conntrack: {tcpBeLiberal: true}
+""")
+    assert config.run_defaults() == {
+        "mode": "iptables", "node_name": "worker-1", "kubeconfig": "/var/lib/kube-proxy/kubeconfig.conf",
+        "cluster_cidr": "10.244.0.0/16", "bind_address": "192.168.0.2", "nodeport_addresses": "primary",
+        "masquerade_all": True, "masquerade_bit": 10, "localhost_nodeports": False, "sync_period": 60.0,
+        "min_sync_period": 0.0, "tcp_be_liberal": True}
+    assert config.warnings == ()
+    assert parse_config(KUBE_PROXY_HEAD + "mode: ipvs\n").warnings[0].endswith(
+        "mode=ipvs (nodeagent programs iptables or eBPF)")
+
+
+KUBE_PROXY_BAD = [
+    ("iptables: {masqueradeBit: 32}\n", "iptables.masqueradeBit", 32, "must be an integer in the range 0-31"),
+    ("nodePortAddresses: [primary, 10.0.0.0/8]\n", "nodePortAddresses", ["primary", "10.0.0.0/8"],
+     "can't use both 'primary' and CIDRs"),
+    ("nodePortAddresses: [10.0.0.0/33]\n", "nodePortAddresses[0]", "10.0.0.0/33", "not a CIDR"),
+    ("bindAddress: node1\n", "bindAddress", "node1", "must be an IP address"),
+    ("iptables: {syncPeriod: 0s}\n", "iptables.syncPeriod", "0s", "must be greater than zero"),
+    ("conntrack: {tcpBeLiberal: yes please}\n", "conntrack.tcpBeLiberal", "yes please", "must be true or false"),
+    ("iptables: {masqueradeBits: 14}\n", "iptables.masqueradeBits", 14, "unknown field"),
+    ("clusterCidr: 10.0.0.0/8\n", "clusterCidr", "10.0.0.0/8", "unknown field of KubeProxyConfiguration"),
+    ("mode: userspace\n", "mode", "userspace", "must be one of iptables, ipvs, nftables"),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "value", "reason"), KUBE_PROXY_BAD, ids=[b[1] for b in KUBE_PROXY_BAD])
+def test_a_bad_kube_proxy_value_is_named_with_its_field(text: str, path: str, value: Any, reason: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(KUBE_PROXY_HEAD + text, "kube-proxy.yaml")
+    [error] = caught.value.errors
+    assert (error.path, error.value) == (path, value)
+    assert reason in error.reason
+
+
+def test_only_kube_proxys_v1alpha1_is_read() -> None:
+    with pytest.raises(ConfigError, match=r"apiVersion: must be kubeproxy\.config\.k8s\.io/v1alpha1"):
+        parse_config("apiVersion: kubeproxy.config.k8s.io/v1alpha2\nkind: KubeProxyConfiguration\n")
+
+
+def test_run_and_chains_take_a_kube_proxy_file_flags_win_and_unimplemented_fields_are_warned(tmp_path: Path) -> None:
+    path = tmp_path / "config.conf"
+    path.write_text(KUBE_PROXY_DEFAULTS.replace("masqueradeBit: 14\n  minSyncPeriod: 1s",
+                                                "masqueradeBit: 12\n  minSyncPeriod: 2s"))
+    params = _run_params(["--config", str(path)])
+    assert (params["masquerade_bit"], params["min_sync_period"], params["localhost_nodeports"]) == (12, 2.0, True)
+    assert _run_params(["--config", str(path), "--iptables-masquerade-bit", "3"])["masquerade_bit"] == 3
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    result = CliRunner().invoke(main, ["chains", "--config", str(path), "--manifests", str(manifests),
+                                       "--node", "n1", "--format", "restore"])
+    assert result.exit_code == 0, result.output
+    assert "--or-mark 0x00001000" in result.stdout
+    assert result.stderr.count("warning: ") == 1 and "conntrack.maxPerCore" in result.stderr

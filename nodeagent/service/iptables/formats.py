@@ -181,6 +181,8 @@ def _save_match(match: Match) -> list[str]:
         mode = (match.get("--mode") or (["random"], False))[0][0]
         prob = (match.get("--probability") or (["1"], False))[0][0]
         return [f"--mode {mode}", f"--probability {_probability_as_stored(prob):.11f}"]
+    if m == "nfacct":  # libxt_nfacct prints "--nfacct-name " and then the name with its own leading space
+        return [f"--nfacct-name  {(match.get('--nfacct-name') or ([''], False))[0][0]}"]
     if m == "recent":
         name = (match.get("--name") or (["DEFAULT"], False))[0][0]
         out = []
@@ -243,6 +245,8 @@ def _list_match(match: Match) -> str:
         return f" mark match {'! ' if neg else ''}{value}"
     if m == "conntrack":
         return "".join(f" {'! ' if neg else ''}ctstate {','.join(v)}" for o, v, neg in match.options)
+    if m == "nfacct":
+        return f" nfacct-name  {(match.get('--nfacct-name') or ([''], False))[0][0]}"
     if m == "statistic":
         prob = (match.get("--probability") or (["1"], False))[0][0]
         return f" statistic mode random probability {_probability_as_stored(prob):.11f}"

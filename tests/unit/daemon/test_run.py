@@ -3,6 +3,7 @@ from, how the mesh captures, and the errors that stop a daemon before it starts.
 
 from __future__ import annotations
 
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from nodeagent.daemon.tunnel import CaCredentials
 from nodeagent.errors import NodeAgentError
 from nodeagent.kernel.bpf.loader import BpfError
 from nodeagent.mesh.iptables.capture import IptablesCapture
+from nodeagent.service.config import CT_STATE_INVALID_DROPPED, ProxySettings
 
 
 def ignore(event: Event) -> None:
@@ -78,3 +80,58 @@ def test_a_ca_without_its_keys_does_not_start(tmp_path: Path) -> None:
     with pytest.raises(StartError, match=r"^mesh CA: "):
         ca_main(CaRunOptions(ca_dir=tmp_path, tunnel_account=("nodeagent", "nodeagent-ztunnel"),
                              source=SourceOptions(manifests=tmp_path), token_file_dir=tmp_path))
+
+
+def sysctl_dir(tmp_path: Path, **values: int) -> Path:
+    from nodeagent.kernel import sysctl
+
+    for name, value in {sysctl.ROUTE_LOCALNET: 0, sysctl.TCP_BE_LIBERAL: 0, **values}.items():
+        path = sysctl.path_of(name, tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{value}\n")
+    return tmp_path
+
+
+def kernel_at(root: Path, counters: frozenset[str] = frozenset(),
+              random_fully: bool = True) -> agent_daemon.KernelAccess:
+    return agent_daemon.KernelAccess(root, lambda: random_fully, lambda names: counters & frozenset(names))
+
+
+def test_prepare_kernel_sets_route_localnet_for_localhost_nodeports_and_reads_what_the_kernel_has(
+        tmp_path: Path) -> None:
+    from nodeagent.kernel import sysctl
+
+    root = sysctl_dir(tmp_path)
+    proxy = agent_daemon.prepare_kernel(agent_daemon.RunOptions("n1"),
+                                        kernel_at(root, frozenset({CT_STATE_INVALID_DROPPED})))
+    assert sysctl.read(sysctl.ROUTE_LOCALNET, root) == 1
+    assert proxy.random_fully and proxy.nfacct_counters == {CT_STATE_INVALID_DROPPED}
+    assert not proxy.conntrack_tcp_liberal and sysctl.read(sysctl.TCP_BE_LIBERAL, root) == 0
+
+
+@pytest.mark.parametrize("proxy", [ProxySettings(localhost_nodeports=False),
+                                   ProxySettings(nodeport_addresses=(ip_network("192.168.0.0/24"),)),
+                                   ProxySettings(nodeport_primary=True)])
+def test_route_localnet_is_left_alone_without_localhost_nodeports(tmp_path: Path, proxy: ProxySettings) -> None:
+    from nodeagent.kernel import sysctl
+
+    root = sysctl_dir(tmp_path)
+    agent_daemon.prepare_kernel(agent_daemon.RunOptions("n1", proxy=proxy), kernel_at(root))
+    assert sysctl.read(sysctl.ROUTE_LOCALNET, root) == 0
+
+
+def test_tcp_be_liberal_is_set_when_asked_and_read_in_any_case(tmp_path: Path) -> None:
+    from nodeagent.kernel import sysctl
+
+    root = sysctl_dir(tmp_path)
+    options = agent_daemon.RunOptions("n1", random_fully=False, conntrack_tcp_be_liberal=True)
+    proxy = agent_daemon.prepare_kernel(options, kernel_at(root))
+    assert proxy.conntrack_tcp_liberal and not proxy.random_fully
+    assert sysctl.read(sysctl.TCP_BE_LIBERAL, root) == 1
+    already = sysctl_dir(tmp_path / "other", **{sysctl.TCP_BE_LIBERAL: 1})
+    assert agent_daemon.prepare_kernel(agent_daemon.RunOptions("n1"), kernel_at(already)).conntrack_tcp_liberal
+
+
+def test_a_sysctl_that_cannot_be_set_stops_the_start(tmp_path: Path) -> None:
+    with pytest.raises(StartError, match=r"cannot set required sysctl for proxy: cannot read net\.ipv4\.conf\.all"):
+        agent_daemon.prepare_kernel(agent_daemon.RunOptions("n1"), kernel_at(tmp_path))

@@ -365,3 +365,16 @@ def test_the_node_ip_without_a_node_is_the_bind_address_for_load_balancer_source
         settings = ProxySettings(bind_address=ipaddress.ip_address(bind) if bind else None)
         text = rules(snapshot_of(*objects), settings_config(settings, *objects))
         assert any(r.startswith(f"-A {fw} ") and "-s 5.6.7.8 " in r for r in nat_rules(text)) == allowed
+
+
+def test_nfacct_matches_read_back_as_iptables_prints_them() -> None:
+    """As iptables 1.8.9 prints them (libxt_nfacct writes the name after two spaces), so `chains --diff`
+    and `--format list` compare equal with a node whose agent created the counters."""
+    from nodeagent.service.iptables.formats import list_line, parse_rule, save_line
+
+    rule = parse_rule("-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name "
+                      "ct_state_invalid_dropped_pkts -j DROP")
+    assert save_line(rule) == ("-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name  "
+                               "ct_state_invalid_dropped_pkts -j DROP")
+    assert list_line(rule) == ("DROP       0    --  0.0.0.0/0            0.0.0.0/0            ctstate INVALID "
+                               "nfacct-name  ct_state_invalid_dropped_pkts")
