@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -191,3 +192,13 @@ def test_no_local_endpoints_as_kube_proxys_test_no_endpoints_metric() -> None:
     assert case(True, True, endpoint("10.0.1.3", local=False, ready=False)) == (0, 0)  # not serving: none usable
     assert case(True, True, remote, endpoint("10.0.1.4", ready=False, terminating=True)) == (0, 0)
     assert case(False, False, remote) == (0, 0)
+
+
+def test_closing_many_listeners_does_not_wait_for_each_in_turn(servers: ServiceHealthServers) -> None:
+    """Each listener takes up to its poll interval (0.5 s) to stop: twenty in turn would take seconds."""
+    names = [ServiceName("ns", f"s{i}") for i in range(20)]
+    servers.sync_services({name: Listen(0, LOOPBACK) for name in names})
+    assert len(servers.addresses()) == 20
+    started = time.monotonic()
+    servers.close()
+    assert time.monotonic() - started < 3.0 and servers.addresses() == {}
