@@ -809,8 +809,15 @@ def _node(ctx: _Ctx, raw: Mapping[str, Any]) -> Node:
             ctx.drop(f"spec.podCIDRs[{i}]", f"{value!r} is not a CIDR")
         else:
             pod_cidrs.append(cidr)
+    taint_keys = set()
+    for i, taint in enumerate(_list(ctx, spec.get("taints"), "spec.taints")):
+        taint = _map(ctx, taint, f"spec.taints[{i}]")
+        if isinstance(taint.get("key"), str):
+            taint_keys.add(taint["key"])
+    metadata = raw.get("metadata")
+    being_deleted = isinstance(metadata, Mapping) and bool(metadata.get("deletionTimestamp"))
     return Node(ref=ctx.ref, addresses={k: tuple(v) for k, v in addresses.items()}, pod_cidrs=tuple(pod_cidrs),
-                labels=labels, resource_version=rv)
+                labels=labels, resource_version=rv, being_deleted=being_deleted, taint_keys=frozenset(taint_keys))
 
 
 def _namespace(ctx: _Ctx, raw: Mapping[str, Any]) -> Namespace:

@@ -281,6 +281,9 @@ class Node:
     pod_cidrs: tuple[IPNetwork, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     resource_version: str = ""
+    # kube-proxy's /healthz reports the node ineligible while it is being deleted or drained by the autoscaler
+    being_deleted: bool = False
+    taint_keys: frozenset[str] = frozenset()
 
     @property
     def internal_ips(self) -> tuple[IPAddress, ...]:

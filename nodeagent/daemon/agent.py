@@ -184,9 +184,10 @@ class Agent:
 
     @staticmethod
     def _node_eligible(snapshot: Snapshot) -> bool:
-        # (the Node model carries neither deletionTimestamp nor taints yet: only a missing Node counts for now)
-        return node_eligible(listed=snapshot.synced((Kind.NODE,)), exists=snapshot.node is not None,
-                             being_deleted=False, taint_keys=frozenset())
+        node = snapshot.node
+        return node_eligible(listed=snapshot.synced((Kind.NODE,)), exists=node is not None,
+                             being_deleted=node is not None and node.being_deleted,
+                             taint_keys=node.taint_keys if node is not None else frozenset())
 
     def _sync_health_checks(self, snapshot: Snapshot, config: ProxyConfig) -> None:
         """After a successful sync, as kube-proxy: a listener per health-checked Service on the node's NodePort

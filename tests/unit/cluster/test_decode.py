@@ -20,6 +20,7 @@ from nodeagent.cluster.model import (
     Kind,
     LoadBalancerIngress,
     LoadBalancerIPMode,
+    Node,
     PeerAuthentication,
     PeerAuthenticationMode,
     PolicyAction,
@@ -468,3 +469,20 @@ def test_node_hints_are_read_beside_zone_hints() -> None:
     hinted, malformed = decoded.obj.endpoints
     assert (hinted.hint_zones, hinted.hint_nodes) == (("a",), ("n1",))
     assert malformed.hint_nodes == () and fields(decoded) == ["endpoints[1].hints.forNodes"]
+
+
+@pytest.mark.parametrize(("metadata", "spec", "deleting", "taints"), [
+    ({}, {}, False, frozenset()),
+    ({"deletionTimestamp": "2026-12-07T01:00:00Z"}, {}, True, frozenset()),
+    ({}, {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1733", "effect": "NoSchedule"},
+                     {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]},
+     False, frozenset({"ToBeDeletedByClusterAutoscaler", "node.kubernetes.io/unschedulable"})),
+])
+def test_a_node_says_whether_it_is_going_away(metadata: dict[str, Any], spec: dict[str, Any], deleting: bool,
+                                              taints: frozenset[str]) -> None:
+    """kube-proxy's /healthz reads the Node's deletionTimestamp and taints (nodeEligible)."""
+    decoded = decode({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1", **metadata}, "spec": spec,
+                      "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}})
+    node = decoded.obj
+    assert isinstance(node, Node) and not decoded.rejections
+    assert node.being_deleted is deleting and node.taint_keys == taints
