@@ -166,8 +166,7 @@ class EbpfProxier:
             split.update(planned.external_stack)
         # A port moving to iptables gets its rules before tc is told to leave it to the stack; one moving to tc
         # keeps them until tc serves it (tc comes first on the wire): no new flow ever meets neither.
-        previous = frozenset(self.split) if self._external_ports is not None else frozenset()
-        self._sync_external(snapshot, config, changed, frozenset(split) | previous)
+        self._sync_external(snapshot, config, changed, frozenset(split) | frozenset(self.split))
         if full:
             self._maps.adopt(planned.entries)
             stats = self._maps.apply(planned.entries)
