@@ -167,6 +167,8 @@ class Agent:
         gauges = report.gauges()
         for map_name, entries in gauges.map_entries.items():
             self.metrics.map_entries.labels(map_name).set(entries)
+        for lacks, ports in gauges.external_on_iptables.items():
+            self.metrics.external_on_iptables.labels(lacks).set(ports)
         self.metrics.synced(time.monotonic() - started, report.full, dict(gauges.rules),
                             no_local_endpoints(snapshot.service_ports, snapshot.endpoints))
         self.metrics.service_ports.set(len(snapshot.service_ports))

@@ -106,6 +106,9 @@ class AgentMetrics:
         self.service_ports = Gauge("nodeagent_service_ports", "Service ports in the current snapshot", registry=r)
         self.map_entries = Gauge("nodeagent_sync_proxy_map_entries", "eBPF map entries of ours after the last "
                                  "sync, by map", ["map"], registry=r)
+        self.external_on_iptables = Gauge(
+            "nodeagent_ebpf_external_on_iptables_service_ports", "eBPF mode with tc: Service ports whose traffic "
+            "from outside kube-proxy's iptables rules serve, by what tc lacks for them", ["lacks"], registry=r)
 
     def observe_health(self, health: MeasuresHealth) -> None:
         """Record every sync's network programming duration, which `health` measures, and count its answers."""

@@ -132,3 +132,13 @@ def test_a_port_gets_its_iptables_rules_before_tc_leaves_it_to_the_stack(cleaned
     node.sync(snapshot_of(*objects(local=True)), CONFIG, {ObjectRef(Kind.SERVICE, "ns", "local")})
     assert flagged_when_fed == [False], "the rules exist before the flag is written"
     assert MapSync(maps).contents()[Frontend("192.168.0.2", 30002, 6)].external_stack
+
+
+def test_the_split_is_a_gauge_per_missing_feature() -> None:
+    from nodeagent.observability.metrics import AgentMetrics
+
+    metrics = AgentMetrics()
+    metrics.external_on_iptables.labels(str(TcGap.SOURCE_RANGES)).set(2)
+    value = metrics.registry.get_sample_value("nodeagent_ebpf_external_on_iptables_service_ports",
+                                              {"lacks": "loadBalancerSourceRanges"})
+    assert value == 2
