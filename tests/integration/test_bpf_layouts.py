@@ -24,7 +24,7 @@ from nodeagent.kernel.bpf.compile_check import unpinned
 from nodeagent.mesh.ebpf import programs as mesh_programs
 from nodeagent.mesh.ebpf import state as mesh_state
 from nodeagent.mesh.iptables import render
-from nodeagent.service.ebpf import desired, maps
+from nodeagent.service.ebpf import desired, flows, maps
 
 SOURCES = ("sock_lb.c", "nodeport_tc.c", "mesh_capture.c")
 # the maps the Service datapath's two programs share: both must declare them alike
@@ -46,6 +46,7 @@ MIRRORS = (
     *(Mirror(program, "na_services", desired.SERVICE_KEY, maps.SERVICE_VALUE) for program in SOURCES[:2]),
     *(Mirror(program, "na_slots", maps.SLOT_KEY, maps.SLOT_VALUE) for program in SOURCES[:2]),
     *(Mirror(program, "na_backends", maps.BACKEND_KEY, maps.BACKEND_VALUE) for program in SOURCES[:2]),
+    Mirror("nodeport_tc.c", "na_ct", flows.CT_KEY, flows.CT_VALUE),
     Mirror("mesh_capture.c", "nm_config", None, mesh_state.CONFIG),
     Mirror("mesh_capture.c", "nm_stats", None, mesh_state.STATS),
 )

@@ -27,11 +27,13 @@ import structlog
 
 from nodeagent.cluster.model import ObjectRef
 from nodeagent.kernel.bpf import loader, tc
+from nodeagent.kernel.bpf.syscall import MapHandle
 from nodeagent.kernel.conntrack import Conntrack
 from nodeagent.service.config import ProxyConfig
 from nodeagent.service.conntrack import ConntrackReconciler
 from nodeagent.service.datapath import DatapathMode, Gauges
 from nodeagent.service.ebpf.desired import TcGap, plan
+from nodeagent.service.ebpf.flows import CT_KEY, CT_VALUE, TcFlowTable
 from nodeagent.service.ebpf.maps import MapSync, SyncStats
 from nodeagent.service.iptables import cleanup as iptables_cleanup
 from nodeagent.service.iptables.proxier import IptablesProxier
@@ -90,6 +92,8 @@ class EbpfProxier:
     split: dict[ServicePortName, tuple[TcGap, ...]] = field(default_factory=dict)
     # stale UDP flows NATed by the kernel (iptables before the switch to eBPF) in this namespace
     conntrack: ConntrackReconciler = field(default_factory=lambda: ConntrackReconciler(Conntrack()))
+    # stale UDP flows tc itself keeps (na_ct): the same decision, on tc's flow map, once tc serves
+    tc_flows: ConntrackReconciler | None = None
     mode_detail: str = field(default="ebpf: cgroup connect4/sendmsg4/recvmsg4/getpeername4; external: " +
                              EXTERNAL_PATHS)
 
@@ -116,6 +120,11 @@ class EbpfProxier:
                 return self
             # The iptables rules stay until the first sync has decided which Service ports still need them.
             self.tc_active = True
+            try:
+                self.tc_flows = ConntrackReconciler(TcFlowTable(MapHandle.pinned(
+                    str(self.datapath.directory / "na_ct"), CT_KEY.size, CT_VALUE.size)))
+            except OSError as exc:  # tc serves all the same; only its stale UDP flows wait for eviction
+                log.warning("tc's flow map unreadable; its stale UDP flows are not reconciled", reason=str(exc))
             self.mode_detail = self._tc_detail()
         return self
 
@@ -209,6 +218,8 @@ class EbpfProxier:
         # tc serves (some) external traffic: the whole snapshot's stale UDP flows are reconciled here, as the
         # iptables side below sees only its own ports
         self.conntrack.after_sync(snapshot.service_ports, snapshot.endpoints, changed)
+        if self.tc_flows is not None:
+            self.tc_flows.after_sync(snapshot.service_ports, snapshot.endpoints, changed)
         if self.external is None:
             return
         if not ports:

@@ -1,0 +1,88 @@
+"""tc's own flow table (`na_ct`) read as a conntrack table, so the conntrack reconciler's decision also clears
+the UDP flows that tc keeps pointing at removed endpoints.
+
+`bpf-src/nodeport_tc.c` remembers every flow from outside in `na_ct` (an LRU map, no timeout): a UDP client keeps
+being sent to the backend it was first given, also after that endpoint is gone, until the entry is evicted. The
+kernel's conntrack never sees these flows (tc translates before netfilter), so kube-proxy's reconciler, which
+reads the kernel's table, cannot find them. This adapter presents tc's forward entries as flows (original
+destination: the frontend; reply source: the backend), so the same decision (`service.conntrack.stale_filters`)
+selects them; a deletion removes the forward entry and its reply entry, and the client's next packet is given a
+live backend.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Protocol
+
+from nodeagent.cluster.model import IPAddress
+from nodeagent.service.conntrack import UDP, Filter
+
+# must match `struct ct_key` in bpf-src/lib/maps.h: addresses and ports as on the wire (network order)
+CT_KEY = struct.Struct("!4s4sHHBB2x")
+# must match `struct ct_val` in bpf-src/lib/maps.h
+CT_VALUE = struct.Struct("!4sH2x4sH2x")
+# must match `enum na_ct_dir` in bpf-src/lib/maps.h
+NA_CT_FORWARD, NA_CT_REPLY_LOCAL, NA_CT_REPLY_SNAT = 0, 1, 2
+_PROTOCOLS = {6: "tcp", 17: UDP, 132: "sctp"}
+_NO_ADDRESS = bytes(4)
+
+
+class FlowMap(Protocol):
+    """What is used of the pinned `na_ct` map (`kernel.bpf.syscall.MapHandle`)."""
+
+    def items(self) -> dict[bytes, bytes]: ...
+    def delete(self, key: bytes) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TcFlow:
+    """One flow tc translates: a forward entry of `na_ct` and the key of its reply entry."""
+
+    protocol: str
+    orig_dst: IPAddress
+    orig_dst_port: int
+    reply_src: IPAddress
+    reply_src_port: int
+    key: bytes
+    reply_key: bytes
+
+
+def tc_flows(entries: dict[bytes, bytes]) -> Iterator[TcFlow]:
+    """The forward flows among `na_ct`'s entries, each with the key of the reply entry tc wrote beside it."""
+    for key, value in entries.items():
+        client, frontend, client_port, frontend_port, proto, direction = CT_KEY.unpack(key)
+        if direction != NA_CT_FORWARD:
+            continue
+        backend, backend_port, snat, snat_port = CT_VALUE.unpack(value)
+        if snat != _NO_ADDRESS:  # a backend elsewhere: its replies come back to the address we masqueraded as
+            reply = CT_KEY.pack(backend, snat, backend_port, snat_port, proto, NA_CT_REPLY_SNAT)
+        else:  # a backend on this node: its replies leave towards the client
+            reply = CT_KEY.pack(backend, client, backend_port, client_port, proto, NA_CT_REPLY_LOCAL)
+        yield TcFlow(_PROTOCOLS.get(proto, str(proto)), IPv4Address(frontend), frontend_port,
+                     IPv4Address(backend), backend_port, key, reply)
+
+
+@dataclass
+class TcFlowTable:
+    """`na_ct` as a `service.conntrack.ConntrackTable` (IPv4: the tc programs translate IPv4 only)."""
+
+    flow_map: FlowMap
+
+    def flows(self, family: int, protocol: str = UDP) -> list[TcFlow]:
+        """tc's forward flows of `protocol`."""
+        if family != 4:
+            return []
+        return [flow for flow in tc_flows(self.flow_map.items()) if flow.protocol == protocol]
+
+    def delete(self, family: int, match: Filter) -> int:
+        """Delete the flows `match` selects, each with its reply entry; how many flows went."""
+        deleted = 0
+        for flow in self.flows(family, match.protocol):
+            if match.matches(flow):
+                deleted += self.flow_map.delete(flow.key)
+                self.flow_map.delete(flow.reply_key)
+        return deleted
