@@ -11,6 +11,16 @@ from typing import Any
 Route = Callable[[], tuple[int, str, bytes]]
 
 
+def respond(handler: BaseHTTPRequestHandler, status: int, headers: Mapping[str, str], data: bytes) -> None:
+    """Write one whole answer: the status, `headers` in order, Content-Length and the body."""
+    handler.send_response(status)
+    for header, value in headers.items():
+        handler.send_header(header, value)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class RouteServer:
     """Serves `routes` (path -> Route) on (host, port) from a daemon thread; 404 for anything else. `headers`
     are added to every answer of a route (kube-proxy's health server sends `X-Content-Type-Options: nosniff`)."""
@@ -26,13 +36,7 @@ class RouteServer:
                     self.send_error(404)
                     return
                 status, kind, data = route()
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                for header, value in extra.items():
-                    self.send_header(header, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                respond(self, status, {"Content-Type": kind, **extra}, data)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -23,6 +23,8 @@ from typing import Any
 
 import structlog
 
+from nodeagent.observability.http import respond
+
 log = structlog.get_logger("nodeagent.observability.service_health")
 
 
@@ -78,12 +80,7 @@ class _Listener:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 status, headers, data = answer()
-                self.send_response(status)
-                for header, value in headers.items():
-                    self.send_header(header, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                respond(self, status, headers, data)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
