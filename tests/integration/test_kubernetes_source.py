@@ -200,14 +200,14 @@ def test_malformed_events_are_reported_and_the_stream_goes_on(server: FakeApiSer
     server.inject("services", b"{this is not json")
     server.inject("services", b'{"type": "ADDED", "object": {"metadata": {}}}')
     server.inject("services", b'["not", "an", "event"]')
-    bad = k8s.service("bad", cluster_ip="10.96.0.010")
+    bad = k8s.service("bad", cluster_ip="10.96.0.300")
     server.create(bad)
     server.create(k8s.service("good", cluster_ip="10.96.0.40"))
     snapshot = harness.wait_until(lambda s: ObjectRef(Kind.SERVICE, "shop", "good") in s.services,
                                   what="the good Service after the bad ones")
     assert ObjectRef(Kind.SERVICE, "shop", "bad") not in snapshot.services
     [rejection] = snapshot.rejections_of(ObjectRef(Kind.SERVICE, "shop", "bad"))
-    assert rejection.field == "spec.clusterIPs[0]" and "10.96.0.010" in rejection.reason
+    assert rejection.field == "spec.clusterIPs[0]" and "10.96.0.300" in rejection.reason
     reasons = [u.reason for u in snapshot.unreadable]
     assert any(r.startswith("not JSON") for r in reasons)
     assert any("JSON object" in r for r in reasons)
