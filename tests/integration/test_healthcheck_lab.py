@@ -22,6 +22,7 @@ import pytest
 from nodeagent.lab import lab as labs
 from tests.integration.conftest import wait_for
 from tests.support.agent_labs import lab_with_agents
+from tests.support.netns import netns_run
 
 pytestmark = pytest.mark.root
 
@@ -64,9 +65,7 @@ def probe(lab: labs.Lab, node: str) -> tuple[int, dict[str, list[str]], dict[str
               " r=urllib.request.urlopen(sys.argv[1],timeout=2);show(r.status,r.headers,r.read())\n"
               "except urllib.error.HTTPError as e: show(e.code,e.headers,e.read())\n"
               "except OSError: print(json.dumps([0,{},'{}']))")
-    out = subprocess.run(["ip", "netns", "exec", lab.plan.node(node).netns, sys.executable, "-c", script,
-                          f"http://{address}:{HEALTH_PORT}/"], check=True, capture_output=True, text=True,
-                         timeout=20).stdout
+    out = netns_run(lab.plan.node(node).netns, sys.executable, "-c", script, f"http://{address}:{HEALTH_PORT}/")
     status, headers, body = json.loads(out)
     return int(status), headers, json.loads(body)
 

@@ -18,6 +18,7 @@ from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import start_agents
 from nodeagent.lab.manifests import load_default
 from tests.integration.conftest import unique_lab_name
+from tests.support.netns import netns_run
 
 # A namespace outside the mesh with one idle pod on node1: the lab tests' plaintext peer.
 OUTSIDER = """
@@ -97,9 +98,7 @@ def agent_healthz(lab: labs.Lab, node: str) -> tuple[int, dict[str, Any]]:
               " r=urllib.request.urlopen(sys.argv[1],timeout=2);print(r.status,r.read().decode())\n"
               "except urllib.error.HTTPError as e: print(e.code,e.read().decode())\n"
               "except OSError: print(0,'{}')")
-    out = subprocess.run(["ip", "netns", "exec", lab.plan.node(node).netns, sys.executable, "-c", script,
-                          f"http://{address}:10256/healthz"], check=True, capture_output=True, text=True,
-                         timeout=20).stdout
+    out = netns_run(lab.plan.node(node).netns, sys.executable, "-c", script, f"http://{address}:10256/healthz")
     status, _, body = out.strip().partition(" ")
     answer: dict[str, Any] = json.loads(body)
     return int(status), answer
