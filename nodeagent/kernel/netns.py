@@ -1,9 +1,13 @@
-"""The one way into another network namespace: in a thread (`in_netns`, `setns`) or for a command (`command_in`).
+"""The one way into another network namespace: for a socket (`Namespaces`, `in_netns`, `setns`) or for a
+command (`command_in`).
 
-A socket belongs to the namespace it was created in, whatever thread later uses it. So a short-lived
-helper thread enters the pod's namespace (setns affects only the calling thread), creates the socket,
-and exits; the tunnel's event loop then serves it like any other (as ztunnel does with its in-pod
-listeners).
+A socket belongs to the namespace it was created in, whatever thread later uses it, and setns(2) moves only
+the calling thread. So the tunnel's event loop thread makes a pod's socket by entering the pod's namespace,
+creating the socket and going back (`Namespaces.run`: two setns calls on namespace files it keeps open), and
+then serves it like any other. This is ztunnel's way (`src/inpod/netns.rs`, `InpodNetns::run`: setns there,
+the closure, setns back, and a panic if going back fails). `in_netns` does the same in a short-lived thread,
+for callers that are not on a thread of their own to switch (the CLI, one-off lookups): a thread per socket
+costs a clone, a start and a join, which a connection path must not pay.
 
 A binary that must run in a namespace (iptables, conntrack, ip) gets the prefix of `command_in`:
 `nsenter --net=PATH`, since runtimes hand us namespace paths while the lab names its namespaces
@@ -110,21 +114,90 @@ def in_netns(path: str, make: Callable[[], T]) -> T:
     return result[0]
 
 
-def listening_socket(netns_path: str, port: int, *, backlog: int = 512) -> socket.socket:
-    """A TCP socket listening on 0.0.0.0:`port` inside the namespace, non-blocking."""
-    def make() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", port))
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+class NamespaceSwitchError(OSError):
+    """The calling thread could not go back to its own network namespace after a switch."""
 
-    return in_netns(netns_path, make)
+
+@dataclass(frozen=True, slots=True)
+class OpenNetns:
+    """A network namespace held open (its file descriptor), to switch into without resolving its path again.
+    It stays valid while open, even after the namespace's bind mount is removed."""
+
+    path: str
+    fd: int
+
+    def close(self) -> None:
+        """Release the descriptor (a switch into it afterwards fails with EBADF)."""
+        os.close(self.fd)
+
+
+class Namespaces:
+    """One thread's way into other network namespaces and back, without a thread per socket.
+
+    Made on the thread that will switch (the event loop's): that thread's own namespace is held open as
+    home. `run` from any other thread falls back to `in_netns`, so a caller on the wrong thread is slower,
+    never wrong.
+    """
+
+    def __init__(self) -> None:
+        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self._thread = threading.get_ident()
+
+    def open(self, path: str) -> OpenNetns:
+        """Hold the namespace bound at `path` (or named so) open."""
+        resolved = netns_path(path)
+        return OpenNetns(resolved, os.open(resolved, os.O_RDONLY | os.O_CLOEXEC))
+
+    def run(self, netns: OpenNetns, make: Callable[[], T]) -> T:
+        """`make()` run inside `netns` on the calling thread, which is back in its own namespace afterwards.
+
+        `make` must not block or yield: nothing else runs on this thread while it is away."""
+        if threading.get_ident() != self._thread:
+            return in_netns(netns.path, make)
+        setns(netns.fd)
+        try:
+            return make()
+        finally:
+            try:
+                setns(self._home)
+            except OSError as exc:
+                # Every later socket of this thread would be made in the pod's namespace. ztunnel panics here;
+                # the caller must treat this as fatal (the tunnel exits, and is restarted clean).
+                raise NamespaceSwitchError(exc.errno, f"could not return to the tunnel's network namespace "
+                                                      f"from {netns.path}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        """Release the home namespace's descriptor."""
+        os.close(self._home)
+
+
+def _listener(port: int, backlog: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # Several tunnel processes (workers, or an old and a new tunnel during a rollout) each hold a
+            # listener on the same port and the kernel spreads new connections among them.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listening_socket(netns: str | OpenNetns, port: int, *, backlog: int = 512, reuse_port: bool = False,
+                     namespaces: Namespaces | None = None) -> socket.socket:
+    """A TCP socket listening on 0.0.0.0:`port` inside the namespace, non-blocking (with `reuse_port`: shared
+    with other sockets that set it too). With `namespaces` and an open `netns`, made on the calling thread."""
+    def make() -> socket.socket:
+        return _listener(port, backlog, reuse_port)
+
+    if namespaces is not None and isinstance(netns, OpenNetns):
+        return namespaces.run(netns, make)
+    return in_netns(netns.path if isinstance(netns, OpenNetns) else netns, make)
 
 
 SO_NETNS_COOKIE = 71
@@ -173,14 +246,24 @@ def configure(sock: socket.socket, mark: int, source: str | None = None) -> sock
     return sock
 
 
-def client_socket(netns_path: str, mark: int, source: str | None = None) -> socket.socket:
-    """An unconnected TCP socket in the namespace, carrying `mark` (so capture rules skip it).
+def _tcp_socket() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+
+def client_socket(netns: str | OpenNetns, mark: int, source: str | None = None, *,
+                  namespaces: Namespaces | None = None) -> socket.socket:
+    """An unconnected TCP socket in the namespace, carrying `mark` (so capture rules skip it). With
+    `namespaces` and an open `netns`, made on the calling thread (no thread per socket).
 
     With `source`, the socket is transparent and bound to that address (any port), so the server sees
     the original client: as ztunnel's inbound connect, this needs CAP_NET_ADMIN and the pod's capture
     routing replies to marked connections back to the local stack.
     """
-    return configure(in_netns(netns_path, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)), mark, source)
+    if namespaces is not None and isinstance(netns, OpenNetns):
+        sock = namespaces.run(netns, _tcp_socket)
+    else:
+        sock = in_netns(netns.path if isinstance(netns, OpenNetns) else netns, _tcp_socket)
+    return configure(sock, mark, source)
 
 
 SO_ORIGINAL_DST = 80

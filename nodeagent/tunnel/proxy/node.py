@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,14 @@ from typing import TypeVar, cast
 import structlog
 
 from nodeagent.ca.identity import SpiffeId
-from nodeagent.kernel.netns import client_socket, listening_socket, original_destination
+from nodeagent.kernel.netns import (
+    Namespaces,
+    NamespaceSwitchError,
+    OpenNetns,
+    client_socket,
+    listening_socket,
+    original_destination,
+)
 from nodeagent.tunnel.hbone.client import HbonePool, HboneStream
 from nodeagent.tunnel.hbone.limits import SOCKET_MARK
 from nodeagent.tunnel.hbone.server import TlsListener, serve_connection, serve_tls
@@ -58,6 +66,7 @@ class _Pod:
     workload: Workload
     certificate: WorkloadCertificate
     pool: HbonePool
+    netns: OpenNetns  # held open while served: each socket of the pod is made in it without resolving a path
     servers: list[asyncio.Server | TlsListener] = field(default_factory=list)
 
 
@@ -79,9 +88,10 @@ class NodeTunnel:
                  services: Callable[[], ServiceTable | None] = lambda: None,
                  authorizer: Callable[[], Authorizer | None] = lambda: None,
                  metrics: TunnelMetrics | None = None,
-                 identity_known: Callable[[SpiffeId], bool] = lambda _: True) -> None:
+                 identity_known: Callable[[SpiffeId], bool] = lambda _: True, reuse_port: bool = False) -> None:
         self.node, self.trust_domain, self.fetch, self.lookup = node, trust_domain, fetch, lookup
         self.identity_known = identity_known  # does some pod still hold this identity (see WorkloadTable.holds)
+        self.reuse_port = reuse_port  # listeners shared with other tunnel processes on the node (SO_REUSEPORT)
         self.authorizer = authorizer
         self.metrics = metrics or TunnelMetrics()
         self.outbound = Outbound(node, lookup, services, self.metrics)
@@ -89,6 +99,23 @@ class NodeTunnel:
         self.live: set[_Live] = set()  # inbound connections open now, re-checked when policy changes
         # Pods sharing a service account share its certificate (one CSR per identity, as ztunnel's cache).
         self.certificates: dict[SpiffeId, WorkloadCertificate] = {}
+        self._namespaces: Namespaces | None = None  # made on the event loop's thread, the one that switches
+
+    def _switch(self) -> Namespaces:
+        if self._namespaces is None:
+            self._namespaces = Namespaces()
+        return self._namespaces
+
+    def _socket_in(self, pod_netns: OpenNetns, source: str | None = None) -> socket.socket:
+        """An unconnected socket of the tunnel's made in the pod's namespace on this thread (two setns calls,
+        no thread). Not getting back to the tunnel's namespace is fatal: every later socket would be made in
+        the pod's (ztunnel panics there too)."""
+        try:
+            return client_socket(pod_netns, SOCKET_MARK, source, namespaces=self._switch())
+        except NamespaceSwitchError as exc:
+            log.critical("tunnel thread stranded in a pod's network namespace; exiting", netns=pod_netns.path,
+                         reason=str(exc), node=self.node)
+            os._exit(70)
 
     def _certificate(self, identity: SpiffeId) -> WorkloadCertificate:
         if identity not in self.certificates:
@@ -115,21 +142,31 @@ class NodeTunnel:
         await asyncio.to_thread(certificate.refresh)
         if workload.ip in self.pods:
             return  # added concurrently while the certificate was fetched
+        namespaces = self._switch()
+        netns = namespaces.open(workload.netns)
         # Connections to other tunnels start in the pod's own namespace, as the pod's traffic would.
-        pool = HbonePool(lambda: certificate.contexts()[1],
-                         make_socket=lambda: client_socket(workload.netns, SOCKET_MARK))
-        pod = _Pod(workload, certificate, pool)
-        inbound = listening_socket(workload.netns, HBONE_PORT)
-        outbound = listening_socket(workload.netns, OUTBOUND_PORT)
-        plaintext = listening_socket(workload.netns, INBOUND_PLAIN_PORT)
-        # The handshake is served by hbone.server.serve_tls, not start_server(ssl=...), so a refused or stalled one
-        # is counted (asyncio reports those only in debug mode).
-        pod.servers.append(await serve_tls(inbound, rotating_server_context(certificate),
-                                           lambda r, w: self._inbound(pod, r, w), handshake_timeout=HANDSHAKE_TIMEOUT,
-                                           violation=self._violation))
-        pod.servers.append(await asyncio.start_server(lambda r, w: self._outbound(pod, r, w), sock=outbound))
-        pod.servers.append(await asyncio.start_server(lambda r, w: self._inbound_plaintext(pod, r, w),
-                                                      sock=plaintext))
+        pool = HbonePool(lambda: certificate.contexts()[1], make_socket=lambda: self._socket_in(netns))
+        pod = _Pod(workload, certificate, pool, netns)
+        sockets: list[socket.socket] = []
+        try:
+            for port in (HBONE_PORT, OUTBOUND_PORT, INBOUND_PLAIN_PORT):
+                sockets.append(listening_socket(netns, port, namespaces=namespaces, reuse_port=self.reuse_port))
+            inbound, outbound, plaintext = sockets
+            # The handshake is served by hbone.server.serve_tls, not start_server(ssl=...), so a refused or
+            # stalled one is counted (asyncio reports those only in debug mode).
+            pod.servers.append(await serve_tls(inbound, rotating_server_context(certificate),
+                                               lambda r, w: self._inbound(pod, r, w),
+                                               handshake_timeout=HANDSHAKE_TIMEOUT, violation=self._violation))
+            pod.servers.append(await asyncio.start_server(lambda r, w: self._outbound(pod, r, w), sock=outbound))
+            pod.servers.append(await asyncio.start_server(lambda r, w: self._inbound_plaintext(pod, r, w),
+                                                          sock=plaintext))
+        except BaseException:  # a half-served pod holds nothing: the next reconcile retries it whole
+            for server in pod.servers:
+                server.close()
+            for sock in sockets:
+                sock.close()
+            netns.close()
+            raise
         self.pods[workload.ip] = pod
         log.info("pod served", pod=workload.name, pod_ip=workload.ip, identity=str(workload.identity), node=self.node)
 
@@ -141,6 +178,7 @@ class NodeTunnel:
         for server in pod.servers:
             server.close()
         await pod.pool.close()
+        pod.netns.close()
         if not any(p.workload.identity == pod.workload.identity for p in self.pods.values()):
             self.certificates.pop(pod.workload.identity, None)
         log.info("pod released", pod=pod.workload.name, pod_ip=ip, node=self.node)
@@ -152,7 +190,7 @@ class NodeTunnel:
     async def _connect_socket(self, pod: _Pod, host: str, port: int, source: str | None = None) -> socket.socket:
         """A connected socket from inside the pod's namespace; from `source` (transparently) when the
         pod's capture routes replies back, so the app sees its real client."""
-        sock = client_socket(pod.workload.netns, SOCKET_MARK, source if pod.workload.transparent else None)
+        sock = self._socket_in(pod.netns, source if pod.workload.transparent else None)
         try:
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
         except BaseException:  # also a connect cancelled by the peer's reset: never leak the socket

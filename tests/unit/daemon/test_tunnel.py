@@ -84,7 +84,7 @@ def test_open_connections_are_judged_again_when_a_policy_arrives_and_when_an_ide
     tunnel._follow(snap(tracker))
     assert tunnel.table is not None
     web = tunnel.table.by_ip["10.244.1.2"]
-    pod = _Pod(web, cast(Any, None), cast(Any, None))
+    pod = _Pod(web, cast(Any, None), cast(Any, None), cast(Any, None))
     tunnel.tunnel.pods[web.ip] = pod
     closed: list[str] = []
     client = SpiffeId("cluster.local", "shop", "client")

@@ -44,7 +44,7 @@ class Harness:
         self.tunnel = NodeTunnel("node2", "cluster.local", cast(Any, None), self.table.get,
                                  authorizer=lambda: self.authorizer, metrics=TunnelMetrics(),
                                  identity_known=self.identities.__contains__)
-        self.pod = _Pod(ECHO, cast(Any, None), cast(Any, None))
+        self.pod = _Pod(ECHO, cast(Any, None), cast(Any, None), cast(Any, None))
         self.tunnel.pods[ECHO.ip] = self.pod
 
     def admit(self, host: str, port: int, source: SpiffeId | None = CLIENT) -> Verdict | NotAdmitted:
