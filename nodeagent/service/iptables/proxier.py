@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import structlog
 
-from nodeagent.cluster.model import ObjectRef, Protocol
+from nodeagent.cluster.model import ObjectRef
 from nodeagent.heap import collector_paused
 from nodeagent.kernel.conntrack import Conntrack
 from nodeagent.kernel.netfilter import Iptables
@@ -36,7 +36,6 @@ from nodeagent.service.iptables import names as n
 from nodeagent.service.iptables.jumps import CANARY_TABLES, JUMPS, KUBELET_JUMPS
 from nodeagent.service.iptables.render import RenderCache, Rendered, render
 from nodeagent.state.tracker import Snapshot
-from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName
 
 log = structlog.get_logger("nodeagent.service.iptables.proxier")
 
@@ -173,35 +172,3 @@ class _Background:
             raise self._error
         return self._value
 
-
-def stale_udp_flows(old_ports: Mapping[ServicePortName, ServicePortInfo],
-                    old_endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
-                    new_ports: Mapping[ServicePortName, ServicePortInfo],
-                    new_endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
-                    changed: AbstractSet[ObjectRef] | None) -> list[list[str]]:
-    """`conntrack -D` arguments for UDP flows that a sync made stale, by comparing two snapshots. Pure.
-
-    No longer called by the proxier: kube-proxy replaced this diff with the reconciler that compares the kernel's
-    table (`service.conntrack`), which also finds flows of endpoints removed while the agent was down. (Kept
-    while a test in test_render.py still imports it.)
-
-    A flow to a Service address that was NATed to an endpoint that is gone would keep carrying a UDP
-    client's datagrams to nowhere (UDP has no close); flows recorded while a Service had no
-    endpoints (rejected) would keep the client rejected. kube-proxy deletes both, and so do we.
-    """
-    flushes: list[list[str]] = []
-    for name, info in new_ports.items():
-        if info.protocol is not Protocol.UDP or (changed is not None and name.service not in changed):
-            continue
-        before = {(str(e.ip), e.port) for e in old_endpoints.get(name, ()) if e.ready or e.serving}
-        after = {(str(e.ip), e.port) for e in new_endpoints.get(name, ()) if e.ready or e.serving}
-        addresses = [str(ip) for ip in (*info.cluster_ips, *info.external_ips, *info.load_balancer_ips)]
-        if name in old_ports and not before and after:
-            flushes.extend(["-D", "-p", "udp", "--orig-dst", ip, "--orig-port-dst", str(info.port)] for ip in addresses)
-            continue
-        for ip, _port in sorted(before - after):
-            flushes.extend(["-D", "-p", "udp", "--orig-dst", vip, "--orig-port-dst", str(info.port), "--dst-nat", ip]
-                           for vip in addresses)
-            if info.node_port:
-                flushes.append(["-D", "-p", "udp", "--orig-port-dst", str(info.node_port), "--dst-nat", ip])
-    return flushes

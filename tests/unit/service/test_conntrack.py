@@ -162,6 +162,38 @@ def test_cleanup_required_when_a_changed_service_has_udp_endpoints_before_or_aft
     assert not cleanup_required({}, tcp.endpoints, {ObjectRef(Kind.SERVICE, "test", "web")}), "TCP"
 
 
+def test_flows_to_a_removed_endpoint_and_of_a_revived_service_go_after_the_change() -> None:
+    """What the proxier's snapshot diff did before the reconciler replaced it: when an endpoint of a UDP NodePort
+    Service goes, its flows on the cluster IP and on the NodePort are deleted, the remaining endpoint's stay;
+    when a Service that rejected gets an endpoint, the flows recorded while it rejected (never NATed) go; a sync
+    that did not change the Service deletes nothing."""
+    dns = ObjectRef(Kind.SERVICE, "test", "dns")
+
+    def nodeport_dns(*ips: str) -> Any:
+        return snapshot_of(service("test", "dns", CLUSTER_IP, protocol="UDP", port=53, type_="NodePort",
+                                   node_port=30053),
+                           slice_("test", "dns", *(ep(ip) for ip in ips), port=53, protocol="UDP"))
+
+    two, one = nodeport_dns(SERVING, DELETED), nodeport_dns(SERVING)
+    live = [flow("udp", CLUSTER_IP, 53, SERVING, 53), flow("udp", NODE_IP, 30053, SERVING, 53)]
+    table = FakeTable([*live])
+    reconciler = ConntrackReconciler(table)
+    assert reconciler.after_sync(two.service_ports, two.endpoints, set()) is not None  # (the first pass)
+    table.entries += [flow("udp", CLUSTER_IP, 53, DELETED, 53), flow("udp", NODE_IP, 30053, DELETED, 53)]
+    assert reconciler.after_sync(one.service_ports, one.endpoints, set()) is None, "the Service did not change"
+    result = reconciler.after_sync(one.service_ports, one.endpoints, {dns})
+    assert result is not None and result.deleted == 2 and table.entries == live
+    assert set(result.filters) == {Filter(ip_address(CLUSTER_IP), 53, ip_address(DELETED), 53),
+                                   Filter(None, 30053, ip_address(DELETED), 53)}
+    rejected = flow("udp", CLUSTER_IP, 53, CLUSTER_IP, 53)
+    table.entries = [rejected]
+    empty = nodeport_dns()
+    assert reconciler.after_sync(empty.service_ports, empty.endpoints, {dns}) is not None
+    assert table.entries == [rejected], "while the Service rejects, its flows are not stale"
+    result = reconciler.after_sync(one.service_ports, one.endpoints, {dns})
+    assert result is not None and result.deleted == 1 and table.entries == []
+
+
 def test_the_reconciler_runs_first_then_on_udp_changes_and_again_after_a_failure() -> None:
     """After a restart every flow may be stale (the first sync reconciles whatever changed); afterwards only a
     UDP endpoint change does, and a failed pass is repeated at the next sync."""

@@ -189,25 +189,6 @@ def test_partial_render_writes_only_changed_services_but_keeps_every_chain_activ
     assert partial.delete_stale([*full.active_nat_chains, "KUBE-SVC-GONE", "OTHER-CHAIN"]) == ["KUBE-SVC-GONE"]
 
 
-def test_udp_flows_to_removed_endpoints_and_of_rejected_services_are_flushed() -> None:
-    from nodeagent.service.iptables.proxier import stale_udp_flows
-
-    before = snapshot_of(service("ns1", "dns", "172.30.0.10", protocol="UDP", port=53, type_="NodePort",
-                                 node_port=30053),
-                         slice_("ns1", "dns", ep("10.180.0.1"), ep("10.180.0.2"), port=53, protocol="UDP"))
-    after = snapshot_of(service("ns1", "dns", "172.30.0.10", protocol="UDP", port=53, type_="NodePort",
-                                node_port=30053),
-                        slice_("ns1", "dns", ep("10.180.0.2"), port=53, protocol="UDP"))
-    flows = stale_udp_flows(before.service_ports, before.endpoints, after.service_ports, after.endpoints, None)
-    assert flows == [["-D", "-p", "udp", "--orig-dst", "172.30.0.10", "--orig-port-dst", "53",
-                      "--dst-nat", "10.180.0.1"],
-                     ["-D", "-p", "udp", "--orig-port-dst", "30053", "--dst-nat", "10.180.0.1"]]
-    empty = snapshot_of(service("ns1", "dns", "172.30.0.10", protocol="UDP", port=53))
-    revived = stale_udp_flows(empty.service_ports, empty.endpoints, after.service_ports, after.endpoints, None)
-    assert revived == [["-D", "-p", "udp", "--orig-dst", "172.30.0.10", "--orig-port-dst", "53"]]
-    assert stale_udp_flows(before.service_ports, before.endpoints, after.service_ports, after.endpoints, set()) == []
-
-
 # kube-proxy's TestNodePorts fake network: lo and eth0 of the node.
 NODE_INTERFACES = tuple(ipaddress.ip_address(ip) for ip in (
     "127.0.0.1", "::1", "192.168.0.2", "192.168.1.2", "192.168.99.11", "2001:db8::1", "2001:db8:1::2"))
