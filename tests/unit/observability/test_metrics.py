@@ -3,12 +3,23 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from nodeagent.kernel.nfacct import NfacctUnsupported
 from nodeagent.observability.health import HealthState, health_routes
-from nodeagent.observability.metrics import PROGRAMMING_BUCKETS, SYNC_BUCKETS, AgentMetrics, metrics_routes
+from nodeagent.observability.metrics import (
+    CT_STATE_INVALID_DROPPED_PACKETS,
+    LOCALHOST_NODEPORTS_ACCEPTED_PACKETS,
+    PROGRAMMING_BUCKETS,
+    SYNC_BUCKETS,
+    AgentMetrics,
+    metrics_routes,
+)
 
 # name (as the parser names the family) -> (type, labels, help): kube-proxy's
 KUBE_PROXY = {
@@ -31,6 +42,18 @@ KUBE_PROXY = {
                                                              "Cumulative proxy iptables restore failures"),
     "kubeproxy_sync_proxy_rules_iptables_total": ("gauge", {"table", "ip_family"},
                                                   "Total number of iptables rules owned by kube-proxy"),
+    "kubeproxy_sync_proxy_rules_iptables_last": ("gauge", {"table", "ip_family"},
+                                                 "Number of iptables rules written by kube-proxy in last sync"),
+    "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures": (
+        "counter", {"ip_family"}, "Cumulative proxy iptables partial restore failures"),
+    "kubeproxy_conntrack_reconciler_sync_duration_seconds": ("histogram", {"ip_family"},
+                                                             "ReconcileConntrackFlowsLatency latency in seconds"),
+    "kubeproxy_conntrack_reconciler_deleted_entries": ("counter", {"ip_family"},
+                                                       "Cumulative conntrack flows deleted by conntrack reconciler"),
+    "kubeproxy_iptables_ct_state_invalid_dropped_packets": (
+        "counter", set(), "packets dropped by iptables to work around conntrack problems"),
+    "kubeproxy_iptables_localhost_nodeports_accepted_packets": (
+        "counter", set(), "Number of packets accepted on nodeports of loopback interface"),
     "kubeproxy_sync_proxy_rules_no_local_endpoints_total": (
         "gauge", {"traffic_policy", "ip_family"}, "Number of services with a Local traffic policy and no endpoints"),
     "kubeproxy_proxy_healthz": ("counter", {"code"}, "Cumulative proxy healthz HTTP status"),
@@ -60,10 +83,12 @@ def test_buckets_are_kube_proxys() -> None:
 
 def test_kube_proxys_families_under_its_names_types_labels_and_help() -> None:
     metrics = AgentMetrics()
+    metrics.read_nfacct(NFACCT, FakeNfacct({"ct_state_invalid_dropped_pkts": 5, "localhost_nps_accepted_pkts": 6}))
     metrics.changed(service_changes=2, endpoint_changes=3)
     metrics.queued()
-    metrics.synced(0.02, full=True, rules={"nat": 42, "filter": 7}, no_local=(1, 2))
-    metrics.failed("iptables", 0.5, iptables=True)
+    metrics.synced(0.02, full=True, rules={"nat": 42, "filter": 7}, no_local=(1, 2), written={"nat": 40, "filter": 7})
+    metrics.failed("iptables", 0.5, iptables=True, partial=True)
+    metrics.reconciled("IPv4", 0.003, 2)
     health = HealthState(clock=Clock())
     metrics.observe_health(health)
     health.queued()
@@ -95,6 +120,145 @@ def test_kube_proxys_families_under_its_names_types_labels_and_help() -> None:
     assert samples[("kubeproxy_sync_proxy_rules_last_timestamp_seconds", (("ip_family", "IPv4"),))] > 0
     assert samples[("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", (("ip_family", "IPv4"),))] > 0
     assert samples[("nodeagent_sync_proxy_rules_failures_total", (("mode", "iptables"),))] == 1
+    assert samples[("kubeproxy_sync_proxy_rules_iptables_last", (("ip_family", "IPv4"), ("table", "nat")))] == 40
+    assert samples[("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
+                    (("ip_family", "IPv4"),))] == 1
+    assert samples[("kubeproxy_conntrack_reconciler_sync_duration_seconds_count", (("ip_family", "IPv4"),))] == 1
+    assert samples[("kubeproxy_conntrack_reconciler_deleted_entries_total", (("ip_family", "IPv4"),))] == 2
+    assert samples[("kubeproxy_iptables_ct_state_invalid_dropped_packets_total", ())] == 5
+    assert samples[("kubeproxy_iptables_localhost_nodeports_accepted_packets_total", ())] == 6
+
+
+def test_exposed_names_are_kube_proxys_exactly() -> None:
+    """prometheus_client appends `_total` to a counter's name: the names on the wire (HELP, TYPE and samples)
+    must be kube-proxy's, never `..._total_total`, and every counter carries `_total` once."""
+    metrics = AgentMetrics()
+    metrics.read_nfacct(NFACCT, FakeNfacct({"ct_state_invalid_dropped_pkts": 1, "localhost_nps_accepted_pkts": 2}))
+    metrics.failed("iptables", 0.5, iptables=True, partial=True)
+    metrics.reconciled("IPv4", 0.003, 1)
+    text = metrics_routes(metrics, lambda: "iptables")["/metrics"]()[2].decode()
+    assert "_total_total" not in text
+    typed = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")}
+    for name in ("kubeproxy_conntrack_reconciler_deleted_entries_total",
+                 "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
+                 "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+                 "kubeproxy_iptables_ct_state_invalid_dropped_packets_total",
+                 "kubeproxy_iptables_localhost_nodeports_accepted_packets_total"):
+        assert typed.get(name) == "counter", name
+    assert typed["kubeproxy_conntrack_reconciler_sync_duration_seconds"] == "histogram"
+    assert 'kubeproxy_conntrack_reconciler_sync_duration_seconds_bucket{ip_family="IPv4",le="0.004"} 1.0' in text
+
+
+def test_the_conntrack_reconciler_histogram_has_kube_proxys_buckets() -> None:
+    metrics = AgentMetrics()
+    metrics.reconciled("IPv6", 0.02, 0)
+    buckets = [s.labels["le"] for s in scrape(metrics)["kubeproxy_conntrack_reconciler_sync_duration_seconds"]
+               if s.name.endswith("_bucket")]
+    assert [float(b) for b in buckets[:-1]] == pytest.approx(list(SYNC_BUCKETS)) and buckets[-1] == "+Inf"
+    value = metrics.registry.get_sample_value
+    assert value("kubeproxy_conntrack_reconciler_deleted_entries_total", {"ip_family": "IPv6"}) == 0, \
+        "a pass that deleted nothing still publishes its family (kube-proxy adds 0)"
+    assert value("kubeproxy_conntrack_reconciler_deleted_entries_total", {"ip_family": "IPv4"}) is None
+
+
+def test_partial_restore_failures_are_counted_apart_and_in_the_restore_failures() -> None:
+    """kube-proxy: a failed partial sync counts in both counters; a failed full one only in the restore
+    failures; a failure outside iptables-restore in neither."""
+    metrics = AgentMetrics()
+    metrics.failed("iptables", 0.1, iptables=True, partial=True)
+    metrics.failed("iptables", 0.1, iptables=True)
+    metrics.failed("ebpf", 0.1, iptables=False)
+    value = metrics.registry.get_sample_value
+    v4 = {"ip_family": "IPv4"}
+    assert value("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", v4) == 1
+    assert value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", v4) == 2
+    assert value("kubeproxy_sync_proxy_rules_duration_seconds_count", v4) == 3
+
+
+def test_rules_written_are_set_by_every_sync_and_totals_only_when_counted() -> None:
+    metrics = AgentMetrics()
+    metrics.synced(0.01, full=True, rules={"nat": 100, "filter": 9}, no_local=(0, 0), written={"nat": 100, "filter": 9})
+    metrics.synced(0.01, full=False, rules={}, no_local=(0, 0), written={"nat": 4, "filter": 0})
+    value = metrics.registry.get_sample_value
+    assert value("kubeproxy_sync_proxy_rules_iptables_last", {"table": "nat", "ip_family": "IPv4"}) == 4
+    assert value("kubeproxy_sync_proxy_rules_iptables_last", {"table": "filter", "ip_family": "IPv4"}) == 0
+    assert value("kubeproxy_sync_proxy_rules_iptables_total", {"table": "nat", "ip_family": "IPv4"}) == 100
+    metrics.synced(0.01, full=True, rules={}, no_local=(0, 0))  # eBPF mode: nothing written to iptables measured
+    assert value("kubeproxy_sync_proxy_rules_iptables_last", {"table": "nat", "ip_family": "IPv4"}) == 4
+
+
+NFACCT = {CT_STATE_INVALID_DROPPED_PACKETS: "ct_state_invalid_dropped_pkts",
+          LOCALHOST_NODEPORTS_ACCEPTED_PACKETS: "localhost_nps_accepted_pkts"}
+
+
+class FakeNfacct:
+    """The kernel's nfacct objects: packets by name; `failing` names raise as a broken socket would."""
+
+    def __init__(self, counters: dict[str, int], failing: dict[str, Exception] | None = None) -> None:
+        self.counters = counters
+        self.failing = failing or {}
+        self.reads: list[str] = []
+
+    def __call__(self, name: str) -> int | None:
+        self.reads.append(name)
+        if name in self.failing:
+            raise self.failing[name]
+        return self.counters.get(name)
+
+
+def nfacct_samples(metrics: AgentMetrics) -> dict[str, float]:
+    families = scrape(metrics)
+    return {s.name: s.value for name in ("kubeproxy_iptables_ct_state_invalid_dropped_packets",
+                                         "kubeproxy_iptables_localhost_nodeports_accepted_packets")
+            for s in families.get(name, ()) if not s.name.endswith("_created")}
+
+
+def test_nfacct_counters_are_read_at_each_scrape() -> None:
+    kernel = FakeNfacct({"ct_state_invalid_dropped_pkts": 3, "localhost_nps_accepted_pkts": 0})
+    metrics = AgentMetrics()
+    metrics.read_nfacct(NFACCT, kernel)
+    assert not kernel.reads, "nothing is read before a scrape"
+    assert nfacct_samples(metrics) == {"kubeproxy_iptables_ct_state_invalid_dropped_packets_total": 3,
+                                       "kubeproxy_iptables_localhost_nodeports_accepted_packets_total": 0}
+    kernel.counters["ct_state_invalid_dropped_pkts"] = 11
+    assert nfacct_samples(metrics)["kubeproxy_iptables_ct_state_invalid_dropped_packets_total"] == 11
+    assert kernel.reads.count("ct_state_invalid_dropped_pkts") == 2
+
+
+def test_nfacct_families_are_published_only_while_their_counters_exist() -> None:
+    """kube-proxy's collector sends nothing when its counter is missing (not created: no nfacct in the kernel,
+    or the node's rules do not count there)."""
+    kernel = FakeNfacct({"localhost_nps_accepted_pkts": 8})
+    metrics = AgentMetrics()
+    metrics.read_nfacct(NFACCT, kernel)
+    assert nfacct_samples(metrics) == {"kubeproxy_iptables_localhost_nodeports_accepted_packets_total": 8}
+    kernel.counters.clear()
+    text = metrics_routes(metrics, lambda: "iptables")["/metrics"]()[2].decode()
+    assert "nfacct" not in text and "_packets" not in text
+    assert "kubeproxy_sync_proxy_rules_duration_seconds" in text
+    assert "kubeproxy_iptables" not in metrics_routes(AgentMetrics(), lambda: "iptables")["/metrics"]()[2].decode()
+
+
+def test_an_unreadable_nfacct_counter_leaves_out_its_family_only_and_is_logged_once() -> None:
+    kernel = FakeNfacct({"localhost_nps_accepted_pkts": 2},
+                        failing={"ct_state_invalid_dropped_pkts": OSError(errno.ENOBUFS, "No buffer space available")})
+    metrics = AgentMetrics()
+    metrics.read_nfacct(NFACCT, kernel)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            status, _, body = metrics_routes(metrics, lambda: "iptables")["/metrics"]()
+            assert status == 200 and b"kubeproxy_sync_proxy_rules_duration_seconds" in body
+            assert nfacct_samples(metrics) == {"kubeproxy_iptables_localhost_nodeports_accepted_packets_total": 2}
+    warned = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert len(warned) == 1 and warned[0]["counter"] == "ct_state_invalid_dropped_pkts"
+    assert "No buffer space" in warned[0]["reason"]
+    del kernel.failing["ct_state_invalid_dropped_pkts"]
+    kernel.counters["ct_state_invalid_dropped_pkts"] = 4
+    assert nfacct_samples(metrics)["kubeproxy_iptables_ct_state_invalid_dropped_packets_total"] == 4
+    kernel.failing["ct_state_invalid_dropped_pkts"] = NfacctUnsupported("nfacct sub-system not available")
+    with structlog.testing.capture_logs() as logs:
+        assert "kubeproxy_iptables_ct_state_invalid_dropped_packets_total" not in nfacct_samples(metrics)
+    assert len(logs) == 1, "logged again after it had recovered"
 
 
 def test_changes_wait_as_pending_until_a_sync() -> None:
