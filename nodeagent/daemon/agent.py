@@ -20,20 +20,37 @@ import structlog
 from nodeagent import heap
 from nodeagent.cluster.events import Deleted, Event, Listed, Sink, Upserted
 from nodeagent.cluster.model import IPAddress, Kind, ObjectRef
+from nodeagent.kernel import nfacct
 from nodeagent.kernel.netfilter import IptablesError
 from nodeagent.observability.health import HEALTH_HEADERS, HealthState, health_routes, node_eligible
 from nodeagent.observability.http import RouteServer
-from nodeagent.observability.metrics import AgentMetrics, metrics_routes
+from nodeagent.observability.metrics import (
+    CT_STATE_INVALID_DROPPED_PACKETS,
+    LOCALHOST_NODEPORTS_ACCEPTED_PACKETS,
+    AgentMetrics,
+    ReadsNfacct,
+    metrics_routes,
+)
 from nodeagent.observability.service_health import ServiceHealthServers
 from nodeagent.service.addresses import local_addresses
-from nodeagent.service.config import ProxyConfig, ProxySettings, proxy_config
-from nodeagent.service.datapath import Datapath
+from nodeagent.service.config import (
+    CT_STATE_INVALID_DROPPED,
+    LOCALHOST_NODEPORTS_ACCEPTED,
+    ProxyConfig,
+    ProxySettings,
+    proxy_config,
+)
+from nodeagent.service.conntrack import Reconciled
+from nodeagent.service.datapath import Datapath, ObservesConntrack, PartialRestoreError
 from nodeagent.service.healthcheck import health_check_ports, local_ready_endpoints, no_local_endpoints
 from nodeagent.state.sync import SyncRunner, SyncSchedule
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 
 log = structlog.get_logger("nodeagent.daemon.agent")
 PROGRAMMED_KINDS = (Kind.SERVICE, Kind.ENDPOINT_SLICE)
+# kube-proxy's nfacct families and the counters they read (service.config's names, as the rules count in them)
+NFACCT_FAMILIES = {CT_STATE_INVALID_DROPPED_PACKETS: CT_STATE_INVALID_DROPPED,
+                   LOCALHOST_NODEPORTS_ACCEPTED_PACKETS: LOCALHOST_NODEPORTS_ACCEPTED}
 
 
 class Source(Protocol):
@@ -65,10 +82,13 @@ class AgentOptions:
 
 class Agent:
     """Ties a source, the tracker, the runner, the datapath (iptables or eBPF), the health and metrics
-    endpoints and the Services' health check node ports together."""
+    endpoints and the Services' health check node ports together.
+
+    `read_nfacct` reads the kernel's nfacct counters at each scrape of `/metrics` (None: not published)."""
 
     def __init__(self, options: AgentOptions, make_source: Callable[[Sink], Source], proxier: Datapath,
-                 addresses: Callable[[], tuple[IPAddress, ...]] = local_addresses) -> None:
+                 addresses: Callable[[], tuple[IPAddress, ...]] = local_addresses,
+                 read_nfacct: ReadsNfacct | None = nfacct.packets) -> None:
         heap.limit_malloc_retention()
         self.options = options
         self.make_source = make_source
@@ -78,6 +98,10 @@ class Agent:
         self.health = HealthState(grace=grace)
         self.metrics = AgentMetrics()
         self.metrics.observe_health(self.health)
+        if isinstance(proxier, ObservesConntrack):
+            proxier.observe_conntrack(self._reconciled)
+        if read_nfacct is not None:
+            self.metrics.read_nfacct(NFACCT_FAMILIES, read_nfacct)
         # kube-proxy's service health server: answers from the proxy's health without node eligibility
         self.service_health = ServiceHealthServers(lambda: self.health.health().healthy)
         self.synced = threading.Event()  # set after the first successful sync
@@ -90,6 +114,10 @@ class Agent:
         self._source: Source | None = None
         self._server: RouteServer | None = None
         self._metrics_server: RouteServer | None = None
+
+    def _reconciled(self, result: Reconciled) -> None:
+        """A pass of the datapath's conntrack reconciler (on its sync thread)."""
+        self.metrics.reconciled(result.ip_family, result.seconds, result.deleted)
 
     def _changed(self) -> None:
         self.health.queued()
@@ -162,15 +190,16 @@ class Agent:
         try:
             report = self.proxier.sync(snapshot, config, self._pending)
         except Exception as exc:
-            self.metrics.failed(self.health.mode, time.monotonic() - started, iptables=isinstance(exc, IptablesError))
+            self.metrics.failed(self.health.mode, time.monotonic() - started, iptables=isinstance(exc, IptablesError),
+                                partial=isinstance(exc, PartialRestoreError))
             raise
         gauges = report.gauges()
         for map_name, entries in gauges.map_entries.items():
             self.metrics.map_entries.labels(map_name).set(entries)
         for lacks, ports in gauges.external_on_iptables.items():
             self.metrics.external_on_iptables.labels(lacks).set(ports)
-        self.metrics.synced(time.monotonic() - started, report.full, dict(gauges.rules),
-                            no_local_endpoints(snapshot.service_ports, snapshot.endpoints))
+        self.metrics.synced(time.monotonic() - started, report.full, gauges.rules,
+                            no_local_endpoints(snapshot.service_ports, snapshot.endpoints), written=gauges.written)
         self.metrics.service_ports.set(len(snapshot.service_ports))
         for (kind_name, scope), count in snapshot.rejection_counts.items():
             self.metrics.rejections.labels(kind=kind_name, scope=scope).set(count)

@@ -195,3 +195,13 @@ def existing_counters(names: Iterable[str]) -> frozenset[str]:
         return frozenset()
     with client:
         return frozenset(name for name in names if client.get(name) is not None)
+
+
+def packets(name: str) -> int | None:
+    """The packets counted by the nfacct object `name` in this thread's namespace, None when it does not exist
+    (what kube-proxy's metrics collector reads at each scrape). A socket of its own per call: scrapes may run
+    on several threads at once, and one shared socket would mix their replies. Raises NfacctError (also
+    NfacctUnsupported without nfacct in the kernel) or OSError."""
+    with Nfacct() as client:
+        counter = client.get(name)
+    return None if counter is None else counter.packets

@@ -3,18 +3,22 @@ configuration, the Services changed since the last successful sync) and what it 
 
 Both mechanisms (`service.iptables.proxier.IptablesProxier`, `service.ebpf.proxier.EbpfProxier`) satisfy
 `Datapath`, and their reports satisfy `SyncReport`, so `daemon.agent` drives either without knowing which.
+What `/metrics` needs besides: a failed partial iptables restore raises `PartialRestoreError`, and both let the
+loop watch their conntrack reconcilers' passes (`ObservesConntrack`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from nodeagent.cluster.model import ObjectRef
+from nodeagent.kernel.netfilter import IptablesError
 from nodeagent.service.config import ProxyConfig
+from nodeagent.service.conntrack import Reconciled
 from nodeagent.state.tracker import Snapshot
 
 
@@ -31,10 +35,18 @@ class Gauges:
     by this sync (a partial iptables sync writes only what changed, so it cannot count the tables)."""
 
     rules: Mapping[str, int] = field(default_factory=dict)  # iptables table -> rules of ours
+    # iptables table -> rules this sync wrote (kube-proxy's sync_proxy_rules_iptables_last; full or partial)
+    written: Mapping[str, int] = field(default_factory=dict)
     map_entries: Mapping[str, int] = field(default_factory=dict)  # BPF map -> entries of ours
     # eBPF mode with tc: Service ports whose traffic from outside kube-proxy's iptables rules serve, by what tc
     # lacks for them (a port lacking two things counts under both)
     external_on_iptables: Mapping[str, int] = field(default_factory=dict)
+
+
+class PartialRestoreError(IptablesError):
+    """iptables-restore failed in a partial sync. kube-proxy counts these apart
+    (`sync_proxy_rules_iptables_partial_restore_failures_total`, besides the restore failures): the next sync
+    falls back to a full one."""
 
 
 class SyncReport(Protocol):
@@ -74,4 +86,14 @@ class Datapath(Protocol):
 
     def canaries_intact(self) -> bool:
         """Whether nobody flushed what this datapath wrote (else the loop forces a full sync)."""
+        ...
+
+
+@runtime_checkable
+class ObservesConntrack(Protocol):
+    """A datapath whose conntrack reconciler passes can be watched (both proxiers; optional, so a datapath
+    without stale flows to reconcile need not say so)."""
+
+    def observe_conntrack(self, observer: Callable[[Reconciled], None]) -> None:
+        """Call `observer` with every pass of the datapath's conntrack reconcilers, from now on."""
         ...

@@ -30,7 +30,7 @@ from nodeagent.kernel.bpf import loader, tc
 from nodeagent.kernel.bpf.syscall import MapHandle
 from nodeagent.kernel.conntrack import Conntrack
 from nodeagent.service.config import ProxyConfig
-from nodeagent.service.conntrack import ConntrackReconciler
+from nodeagent.service.conntrack import ConntrackReconciler, Reconciled
 from nodeagent.service.datapath import DatapathMode, Gauges
 from nodeagent.service.ebpf.desired import TcGap, plan
 from nodeagent.service.ebpf.flows import CT_KEY, CT_VALUE, TcFlowTable
@@ -96,6 +96,8 @@ class EbpfProxier:
     tc_flows: ConntrackReconciler | None = None
     mode_detail: str = field(default="ebpf: cgroup connect4/sendmsg4/recvmsg4/getpeername4; external: " +
                              EXTERNAL_PATHS)
+    # who watches every reconciler's passes (`observe_conntrack`), kept for tc's, which `start` makes
+    _conntrack_observers: list[Callable[[Reconciled], None]] = field(default_factory=list)
 
     def start(self) -> EbpfProxier:
         """Load (or adopt) and attach; raises loader.BpfError when this kernel or bcc cannot.
@@ -122,7 +124,8 @@ class EbpfProxier:
             self.tc_active = True
             try:
                 self.tc_flows = ConntrackReconciler(TcFlowTable(MapHandle.pinned(
-                    str(self.datapath.directory / "na_ct"), CT_KEY.size, CT_VALUE.size)))
+                    str(self.datapath.directory / "na_ct"), CT_KEY.size, CT_VALUE.size)),
+                    observers=list(self._conntrack_observers))
             except OSError as exc:  # tc serves all the same; only its stale UDP flows wait for eviction
                 log.warning("tc's flow map unreadable; its stale UDP flows are not reconciled", reason=str(exc))
             self.mode_detail = self._tc_detail()
@@ -135,6 +138,22 @@ class EbpfProxier:
             detail += "; external on iptables (tc lacks what they need): " + "; ".join(
                 f"{name} ({', '.join(gaps)})" for name, gaps in sorted(self.split.items(), key=lambda i: str(i[0])))
         return detail
+
+    def observe_conntrack(self, observer: Callable[[Reconciled], None]) -> None:
+        """Call `observer` with every pass of each conntrack reconciler (a `service.datapath.ObservesConntrack`):
+        the kernel's table here and on the iptables side, and tc's flow map.
+
+        tc's flows are reported under the same `ip_family` as the kernel's: na_ct holds the NAT state that the
+        kernel's conntrack holds for the same packets in iptables mode (traffic from outside to NodePorts and
+        external addresses), and deleting a stale entry there is the very act kube-proxy's reconciler counts;
+        a dashboard of `kubeproxy_conntrack_reconciler_deleted_entries_total` then reads the same in either
+        mode, and no label kube-proxy lacks is added. Each table is a pass of its own (one duration each)."""
+        self._conntrack_observers.append(observer)
+        self.conntrack.observers.append(observer)
+        if self.tc_flows is not None:
+            self.tc_flows.observers.append(observer)
+        if self.external is not None:
+            self.external.observe_conntrack(observer)
 
     def force_full_sync(self) -> None:
         self._need_full = True

@@ -28,10 +28,10 @@ import structlog
 from nodeagent.cluster.model import ObjectRef
 from nodeagent.heap import collector_paused
 from nodeagent.kernel.conntrack import Conntrack
-from nodeagent.kernel.netfilter import Iptables
+from nodeagent.kernel.netfilter import Iptables, IptablesError
 from nodeagent.service.config import ProxyConfig
 from nodeagent.service.conntrack import ConntrackReconciler, Reconciled
-from nodeagent.service.datapath import DatapathMode, Gauges
+from nodeagent.service.datapath import DatapathMode, Gauges, PartialRestoreError
 from nodeagent.service.iptables import names as n
 from nodeagent.service.iptables.jumps import CANARY_TABLES, JUMPS, KUBELET_JUMPS
 from nodeagent.service.iptables.render import RenderCache, Rendered, render
@@ -52,13 +52,15 @@ class IptablesSyncReport:
     seconds: float = 0.0
 
     def gauges(self) -> Gauges:
-        """Rules of ours per table after a full sync (kube-proxy's sync_proxy_rules_iptables_total); a
-        partial sync writes only what changed, so it reports nothing."""
-        if not self.full:
-            return Gauges()
-        # counted in place: joining the nat table's text again only to count its lines took ~25 MB
-        return Gauges(rules={"filter": sum(1 for r in self.rendered.filter.rules if r.startswith("-A ")),
-                             "nat": sum(1 for r in self.rendered.nat.rules if r.startswith("-A "))})
+        """The rules this sync wrote per table (kube-proxy's sync_proxy_rules_iptables_last), and after a full
+        sync the rules of ours per table (sync_proxy_rules_iptables_total): a partial sync writes only what
+        changed, so it cannot count the tables."""
+        # counted in place: joining the nat table's text again only to count its lines took ~25 MB. `rendered`
+        # holds what was restored (a partial sync's unchanged chains were dropped from it), and kube-proxy
+        # counts the same: its rule lines without the `-X` of stale chains.
+        written = {"filter": sum(1 for r in self.rendered.filter.rules if r.startswith("-A ")),
+                   "nat": sum(1 for r in self.rendered.nat.rules if r.startswith("-A "))}
+        return Gauges(rules=written if self.full else {}, written=written)
 
 
 @dataclass
@@ -88,6 +90,11 @@ class IptablesProxier:
     def force_full_sync(self) -> None:
         """Make the next sync a full one."""
         self._need_full = True
+
+    def observe_conntrack(self, observer: Callable[[Reconciled], None]) -> None:
+        """Call `observer` with every pass of the conntrack reconciler (a `service.datapath.ObservesConntrack`)."""
+        assert self.conntrack is not None  # (__post_init__)
+        self.conntrack.observers.append(observer)
 
     def canaries_intact(self) -> bool:
         """Whether our canary chains still exist (a flush by someone else removes them)."""
@@ -121,7 +128,13 @@ class IptablesProxier:
                 self.ipt.restore(batch)
         else:
             text = rendered.text()
-        self.ipt.restore(text)
+        try:
+            self.ipt.restore(text)
+        except IptablesError as exc:
+            if full:
+                raise
+            # kube-proxy counts a failed partial sync apart (its partial restore failures) before the full one
+            raise PartialRestoreError(str(exc)) from exc
         self._need_full = False
         self._active = set(rendered.active_nat_chains)
         self._top_level = top_level

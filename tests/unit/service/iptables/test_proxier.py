@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
 
+from nodeagent.cluster.decode import decode, object_ref
+from nodeagent.cluster.events import Upserted
 from nodeagent.cluster.model import Kind, ObjectRef
 from nodeagent.daemon.agent import Agent, AgentOptions
+from nodeagent.kernel.conntrack import Flow
 from nodeagent.kernel.netfilter import IptablesError
 from nodeagent.observability.health import HealthState
 from nodeagent.service.config import ProxyConfig
-from nodeagent.service.conntrack import ConntrackReconciler, Filter
-from nodeagent.service.datapath import Datapath, DatapathMode, Gauges
+from nodeagent.service.conntrack import ConntrackReconciler, Filter, Reconciled
+from nodeagent.service.datapath import Datapath, DatapathMode, Gauges, ObservesConntrack, PartialRestoreError
 from nodeagent.service.iptables.proxier import IptablesProxier
+from tests.support.events import listed
 from tests.support.services import OVERALL_OBJECTS, ep, service, slice_, snapshot_of
 
 CONFIG = ProxyConfig(node_name="test-node")
@@ -88,9 +93,14 @@ def test_a_failed_restore_raises_and_the_next_sync_is_full() -> None:
                            or o["kind"] == "Service"], slice_("ns1", "svc1", ep("10.180.0.7")))
     assert not sync(proxier, second, svc1).full, "an endpoint change is a partial sync"
     ipt.fail_next = 1
-    with pytest.raises(IptablesError, match="line 3 failed"):
+    with pytest.raises(PartialRestoreError, match="line 3 failed"):  # an IptablesError, told apart
         sync(proxier, first, svc1)
     assert sync(proxier, first, svc1).full, "after a failure the state of the kernel is unknown: full sync"
+    ipt.fail_next = 1
+    proxier.force_full_sync()
+    with pytest.raises(IptablesError) as failed:
+        sync(proxier, first, svc1)
+    assert not isinstance(failed.value, PartialRestoreError), "a full sync's failure is not a partial one's"
 
 
 def test_a_partial_sync_leaves_unchanged_top_level_chains_out() -> None:
@@ -124,14 +134,36 @@ def test_health_turns_unhealthy_only_after_changes_wait_longer_than_the_grace() 
     assert health.report()[0] and health.report()[1]["lastUpdated"].startswith("1970")
 
 
-def test_a_full_sync_reports_rules_per_table_and_a_partial_one_nothing() -> None:
-    proxier = IptablesProxier(RecordingIptables(), sync_period=1e6, conntrack=no_conntrack())  # type: ignore[arg-type]
+def restored_rules(text: str) -> dict[str, int]:
+    """The `-A` lines per table of one iptables-restore input."""
+    counts: dict[str, int] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+            counts[table] = 0
+        elif line.startswith("-A "):
+            counts[table] += 1
+    return counts
+
+
+def test_a_full_sync_reports_rules_per_table_and_every_sync_the_rules_it_wrote() -> None:
+    """kube-proxy's sync_proxy_rules_iptables_total after a full sync (a partial one cannot count the tables) and
+    sync_proxy_rules_iptables_last (the rules the restore wrote, without the `-X` of stale chains) after each."""
+    ipt = RecordingIptables()
+    proxier = IptablesProxier(ipt, sync_period=1e6, conntrack=no_conntrack())  # type: ignore[arg-type]
     full = sync(proxier, snapshot_of(*OVERALL_OBJECTS), set())
-    assert full.gauges() == Gauges(rules={"filter": sum(r.startswith("-A ") for r in full.rendered.filter.rules),
-                                          "nat": sum(r.startswith("-A ") for r in full.rendered.nat.rules)})
+    totals = {"filter": sum(r.startswith("-A ") for r in full.rendered.filter.rules),
+              "nat": sum(r.startswith("-A ") for r in full.rendered.nat.rules)}
+    assert full.gauges() == Gauges(rules=totals, written=totals)
+    assert restored_rules(ipt.restores[-1]) == totals
     assert full.gauges().rules["nat"] > 0 and not full.gauges().map_entries
-    partial = sync(proxier, snapshot_of(*OVERALL_OBJECTS), {ObjectRef(Kind.SERVICE, "ns1", "svc1")})
-    assert not partial.full and partial.gauges() == Gauges()
+    gone = snapshot_of(*[o for o in OVERALL_OBJECTS if o["metadata"].get("namespace") != "ns1"])
+    partial = sync(proxier, gone, {ObjectRef(Kind.SERVICE, "ns1", "svc1")})
+    assert not partial.full and not partial.gauges().rules
+    assert "-X KUBE-SVC-XPGD46QRK7WJZT7O" in partial.restore_input
+    written = partial.gauges().written
+    assert written == restored_rules(ipt.restores[-1]) and 0 < written["nat"] < totals["nat"]
 
 
 def test_the_agent_names_its_sync_thread_after_the_datapath() -> None:
@@ -167,3 +199,71 @@ def test_udp_conntrack_is_reconciled_after_the_first_sync_and_after_udp_endpoint
     with pytest.raises(IptablesError):
         sync(failing, one, set())
     assert table.listed == 2, "a failed restore changed nothing: nothing to reconcile"
+
+
+class StaleFlows:
+    """A conntrack table holding `entries`; deleting applies the filter, as the kernel side does."""
+
+    def __init__(self, *entries: Flow) -> None:
+        self.entries = list(entries)
+
+    def flows(self, family: int, protocol: str = "udp") -> list[Flow]:
+        return list(self.entries)
+
+    def delete(self, family: int, match: Filter) -> int:
+        kept = [f for f in self.entries if not match.matches(f)]
+        deleted, self.entries = len(self.entries) - len(kept), kept
+        return deleted
+
+
+def test_the_proxier_reports_each_conntrack_pass_to_its_observers() -> None:
+    table = StaleFlows(Flow("udp", ip_address("172.30.0.10"), 53, ip_address("10.180.0.9"), 53))
+    proxier = IptablesProxier(RecordingIptables(), conntrack=ConntrackReconciler(table))  # type: ignore[arg-type]
+    assert isinstance(proxier, ObservesConntrack)
+    seen: list[Reconciled] = []
+    proxier.observe_conntrack(seen.append)
+    dns = snapshot_of(service("ns1", "dns", "172.30.0.10", protocol="UDP", port=53),
+                      slice_("ns1", "dns", ep("10.180.0.1"), port=53, protocol="UDP"))
+    sync(proxier, dns, set())
+    assert [(r.ip_family, r.deleted) for r in seen] == [("IPv4", 1)]
+
+
+def dns_objects(*ips: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    return (service("ns1", "dns", "172.30.0.10", protocol="UDP", port=53, type_="NodePort", node_port=30053),
+            slice_("ns1", "dns", *(ep(ip) for ip in ips), port=53, protocol="UDP"))
+
+
+def test_the_agent_publishes_what_the_iptables_proxier_did() -> None:
+    """Through the agent's seams (its sync, the reports, the reconciler's observers): the rules each sync wrote,
+    the conntrack reconciler's passes and deletions, and a failed partial restore counted in both counters."""
+    table = StaleFlows(Flow("udp", ip_address("172.30.0.10"), 53, ip_address("10.180.0.9"), 53),
+                       Flow("udp", ip_address("192.168.0.2"), 30053, ip_address("10.180.0.9"), 53),
+                       Flow("udp", ip_address("172.30.0.10"), 53, ip_address("10.180.0.1"), 53))
+    ipt = RecordingIptables()
+    proxier = IptablesProxier(ipt, sync_period=1e6, conntrack=ConntrackReconciler(table))  # type: ignore[arg-type]
+    agent = Agent(AgentOptions("node1", healthz_port=None), lambda sink: _NoSource(), proxier,
+                  addresses=lambda: (), read_nfacct=None)
+    svc, eps = dns_objects("10.180.0.1")
+    agent._received(listed(Kind.SERVICE, [svc], "1"))
+    agent._received(listed(Kind.ENDPOINT_SLICE, [eps], "1"))
+    agent._sync()
+    value = agent.metrics.registry.get_sample_value
+    v4 = {"ip_family": "IPv4"}
+    assert value("kubeproxy_conntrack_reconciler_sync_duration_seconds_count", v4) == 1
+    assert value("kubeproxy_conntrack_reconciler_deleted_entries_total", v4) == 2, "cluster IP and NodePort"
+    written = restored_rules(ipt.restores[-1])
+    assert value("kubeproxy_sync_proxy_rules_iptables_last", {"table": "nat", **v4}) == written["nat"] > 0
+    assert value("kubeproxy_sync_proxy_rules_iptables_last", {"table": "filter", **v4}) == written["filter"]
+    _, moved = dns_objects("10.180.0.2")
+    agent._received(Upserted(Kind.ENDPOINT_SLICE, object_ref(moved), decode(moved), "2"))
+    ipt.fail_next = 1
+    with pytest.raises(PartialRestoreError):
+        agent._sync()
+    assert value("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", v4) == 1
+    assert value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", v4) == 1
+    agent._sync()  # the retry is a full sync: its rules are counted again
+    assert value("kubeproxy_sync_proxy_rules_iptables_last", {"table": "nat", **v4}) == (
+        restored_rules(ipt.restores[-1])["nat"])
+    assert value("kubeproxy_conntrack_reconciler_sync_duration_seconds_count", v4) == 2
+    assert value("kubeproxy_conntrack_reconciler_deleted_entries_total", v4) == 3, "the flow to 10.180.0.1"
+    assert value("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", v4) == 1
