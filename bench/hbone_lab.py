@@ -163,15 +163,7 @@ def start_tunnels(rig: Rig, envoy: str | None, relay: bool, compare: str | None)
     rig.variants["bare"] = Variant("bare", (server_ip, LOAD_PORT))
     write_pki(rig.scratch)
     if envoy is not None:
-        entry, hbone = PORTS["envoy"]
-        client_cfg, server_cfg = envoy_configs(rig.scratch, entry, hbone, LOAD_PORT, listen="0.0.0.0",
-                                               peer=peer_ip, upstream=server_ip)
-        variant = rig.variants["envoy"] = Variant("envoy", (gateway, entry))
-        for side, cfg, node, port in (("server", server_cfg, node2, hbone), ("client", client_cfg, node1, entry)):
-            path = rig.scratch / f"envoy-{side}.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            variant.pids[side] = rig.start(node, f"envoy-{side}", [envoy, "-c", str(path), "--disable-hot-restart",
-                                                                   "--concurrency", "1", "-l", "error"], port)
+        rig.variants["envoy"] = start_envoy(rig, envoy, server_ip)
     for name, script in (("nodeagent", PEER), *((("compare", compare),) if compare else ())):
         entry, hbone = PORTS[name]
         variant = rig.variants[name] = Variant(name, (gateway, entry))
@@ -191,10 +183,27 @@ def start_tunnels(rig: Rig, envoy: str | None, relay: bool, compare: str | None)
             "--pki", str(rig.scratch)], entry)
 
 
-def transfer(rig: Rig, target: tuple[str, int], seconds: float) -> tuple[float, int]:
-    """(Gbit/s, bytes) of one stream pushed from the client pod for `seconds`, until the sink in the server
-    pod has confirmed every byte (it acknowledges each MiB: no half-close needed, which a TLS relay lacks)."""
-    sock = in_netns(f"/run/netns/{rig.client.netns}", socket.socket)  # a socket of the client pod's namespace
+def start_envoy(rig: Rig, envoy: str, server_ip: str) -> Variant:
+    """The Envoy HBONE pair (--concurrency 1, PKI already in rig.scratch): node1 takes TCP on its pod gateway
+    address, node2 terminates the CONNECT and connects to `server_ip`:LOAD_PORT."""
+    node1, node2 = rig.node("node1"), rig.node("node2")
+    entry, hbone = PORTS["envoy"]
+    client_cfg, server_cfg = envoy_configs(rig.scratch, entry, hbone, LOAD_PORT, listen="0.0.0.0",
+                                           peer=str(node2.node.address), upstream=server_ip)
+    variant = Variant("envoy", (str(node1.node.gateway), entry))
+    for side, cfg, node, port in (("server", server_cfg, node2, hbone), ("client", client_cfg, node1, entry)):
+        path = rig.scratch / f"envoy-{side}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        variant.pids[side] = rig.start(node, f"envoy-{side}", [envoy, "-c", str(path), "--disable-hot-restart",
+                                                               "--concurrency", "1", "-l", "error"], port)
+    return variant
+
+
+def transfer(rig: Rig, target: tuple[str, int], seconds: float, netns: str | None = None) -> tuple[float, int]:
+    """(Gbit/s, bytes) of one stream pushed from the client pod (or the pod namespace `netns`) for `seconds`,
+    until the sink in the server pod has confirmed every byte (it acknowledges each MiB: no half-close
+    needed, which a TLS relay lacks)."""
+    sock = in_netns(f"/run/netns/{netns or rig.client.netns}", socket.socket)  # a socket of the pod's namespace
     block = memoryview(bytearray(1 << 20))
     confirmed, answers = 0, bytearray()
     with sock:

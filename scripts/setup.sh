@@ -13,9 +13,10 @@
 #  - bcc compiles C at load time against kernel headers. Kernels without their own headers package (this
 #    VM's kernel has none) get Debian's cloud headers, linked as /lib/modules/$(uname -r)/build AND .../source:
 #    measured here, bcc compiles only with both links; BCC_KERNEL_SOURCE alone, or either link alone, fails.
-#  - .venv: the project and its test tools. bcc is not on PyPI in a usable form, so Debian's binding (pure
-#    Python over libbcc) is linked into the venv as the single package `bcc`, instead of opening the venv to
-#    all of the system's site-packages.
+#  - .venv: the project and its test tools (the dev extra, py-spy included: the benchmarks' --profile samples
+#    the tunnel with it). bcc is not on PyPI in a usable form, so Debian's binding (pure Python over libbcc)
+#    is linked into the venv as the single package `bcc`, instead of opening the venv to all of the
+#    system's site-packages.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
