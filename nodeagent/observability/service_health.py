@@ -18,12 +18,17 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import structlog
 
-from nodeagent.observability.http import respond
+from nodeagent.observability.http import (
+    DEFAULT_LIMITS,
+    BoundedHTTPServer,
+    BoundedRequestHandler,
+    ConnectionLimits,
+    Refusals,
+    respond,
+)
 
 log = structlog.get_logger("nodeagent.observability.service_health")
 
@@ -64,11 +69,7 @@ def service_health_answer(service: ServiceName, local_endpoints: int,
     return status, headers, body.encode()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-
-class _Server6(_Server):
+class _Server6(BoundedHTTPServer):
     address_family = socket.AF_INET6
 
 
@@ -76,21 +77,19 @@ class _Listener:
     """One Service's listeners (one per host), each serving from its own daemon thread."""
 
     def __init__(self, service: ServiceName, listen: Listen,
-                 answer: Callable[[], tuple[int, dict[str, str], bytes]]) -> None:
-        class Handler(BaseHTTPRequestHandler):
+                 answer: Callable[[], tuple[int, dict[str, str], bytes]], limits: ConnectionLimits,
+                 refusals: Refusals) -> None:
+        class Handler(BoundedRequestHandler):
             def do_GET(self) -> None:
                 status, headers, data = answer()
                 respond(self, status, headers, data)
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
         self.listen = listen
-        self.servers: list[ThreadingHTTPServer] = []
+        self.servers: list[BoundedHTTPServer] = []
         try:
             for host in listen.hosts:
-                kind = _Server6 if ":" in host else _Server
-                self.servers.append(kind((host, listen.port), Handler))
+                kind = _Server6 if ":" in host else BoundedHTTPServer
+                self.servers.append(kind((host, listen.port), Handler, limits, refusals))
         except OSError:
             for server in self.servers:  # bound but never served: nothing to shut down
                 server.server_close()
@@ -113,10 +112,16 @@ class _Listener:
 class ServiceHealthServers:
     """The health check listeners of the node's Services; `sync_services` and `sync_endpoints` as kube-proxy's
     ServiceHealthServer. `proxy_healthy` is the proxy's health without node eligibility (kube-proxy's
-    Health().Healthy). Thread-safe: the handlers read the counts while the sync thread changes them."""
+    Health().Healthy). Thread-safe: the handlers read the counts while the sync thread changes them.
 
-    def __init__(self, proxy_healthy: Callable[[], bool]) -> None:
+    Each listener's clients are bounded by `limits` (`observability.http.BoundedHTTPServer`: a head deadline, a
+    head size, a connection cap per listener); what they turned away is counted over all listeners, also closed
+    ones (`refusals`)."""
+
+    def __init__(self, proxy_healthy: Callable[[], bool], limits: ConnectionLimits = DEFAULT_LIMITS) -> None:
         self._proxy_healthy = proxy_healthy
+        self._limits = limits
+        self._refusals = Refusals()
         self._lock = threading.Lock()
         self._listeners: dict[ServiceName, _Listener] = {}
         self._endpoints: dict[ServiceName, int] = {}
@@ -137,7 +142,7 @@ class ServiceHealthServers:
             if service in self._listeners:
                 continue
             try:
-                opened = _Listener(service, listen, partial(self.answer, service))
+                opened = _Listener(service, listen, partial(self.answer, service), self._limits, self._refusals)
             except OSError as exc:
                 log.warning("service health check cannot listen; trying again at the next sync",
                             service=str(service), port=listen.port, hosts=list(listen.hosts), error=str(exc))
@@ -159,6 +164,11 @@ class ServiceHealthServers:
         with self._lock:
             count = self._endpoints.get(service, 0)
         return service_health_answer(service, count, self._proxy_healthy())
+
+    def refusals(self) -> dict[str, int]:
+        """Connections the health check listeners turned away, by reason (`observability.http.REFUSAL_REASONS`:
+        head not in by the deadline, head too large, evicted by a newer connection over the cap, refused)."""
+        return self._refusals.counts()
 
     def addresses(self) -> dict[ServiceName, tuple[tuple[str, int], ...]]:
         """The bound (host, port) of each Service's listeners."""
