@@ -133,9 +133,15 @@ def proxy_config(node_name: str, settings: ProxySettings, snapshot: Snapshot,
     ips = node_ips(node, settings.bind_address)
     family = 4
     cidrs = nodeport_cidrs(settings, ips, family)
-    localhost = settings.localhost_nodeports and contains_ipv4_loopback(cidrs)
-    nodeport_ips = None
-    if cidrs:
+    # `primary` before any node IP is known (no Node object yet, no bind address): kube-proxy waits for the Node
+    # before it programs anything (cmd/kube-proxy/app/server.go), so NodePorts answer on no address until then,
+    # not on every address (what an empty `primary` would otherwise fall back to), localhost included
+    unresolved_primary = settings.nodeport_primary and all(ip.is_loopback for ip in ips.values())
+    localhost = settings.localhost_nodeports and not unresolved_primary and contains_ipv4_loopback(cidrs)
+    nodeport_ips: tuple[IPAddress, ...] | None = None
+    if unresolved_primary:
+        nodeport_ips = ()
+    elif cidrs:
         if not addresses:
             known = [ip for values in (node.addresses.values() if node is not None else ()) for ip in values]
             addresses = tuple(sorted({*known, LOOPBACK_V4, LOOPBACK_V6}, key=lambda ip: (ip.version, int(ip))))

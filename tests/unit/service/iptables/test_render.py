@@ -254,15 +254,17 @@ def test_nodeport_addresses_resolve_against_the_nodes_addresses_offline() -> Non
     assert config.localhost_nodeports_enabled
 
 
-def test_primary_nodeport_addresses_are_the_node_ips_or_every_address_without_a_node() -> None:
+def test_primary_nodeport_addresses_are_the_node_ips_or_no_address_without_a_node() -> None:
     node = k8s.node("test-node", "192.168.0.2", "10.180.2.0/24")
     with_node = settings_config(ProxySettings(nodeport_primary=True), node, *NODEPORT_SVC1)
     text = rules(snapshot_of(node, *NODEPORT_SVC1), with_node)
     assert [r for r in nat_rules(text) if r.startswith(TAIL)] == [f"{TAIL} -d 192.168.0.2 -j KUBE-NODEPORTS"]
     assert chain_rules(text, "filter", "KUBE-FIREWALL") == []
-    # no Node and no bind address: both node IPs are loopback, so `primary` is empty: every address
+    # no Node and no bind address: no node IP is known yet, so `primary` is no address (not every address) until
+    # the Node arrives (tests/unit/service/test_config.py follows it through the change tracker)
     without = settings_config(ProxySettings(nodeport_primary=True), *NODEPORT_SVC1)
-    assert without.nodeport_ips is None and without.localhost_nodeports_enabled
+    assert without.nodeport_ips == () and not without.localhost_nodeports_enabled
+    assert [r for r in nat_rules(rules(snapshot_of(*NODEPORT_SVC1), without)) if r.startswith(TAIL)] == []
     # a bind address is the node IP of its family
     bound = settings_config(ProxySettings(nodeport_primary=True, bind_address=ipaddress.ip_address("192.168.1.2")),
                             *NODEPORT_SVC1)
