@@ -32,6 +32,7 @@ envoy for the targets, load averages before/after, CPU count and git commit.
     sudo .venv/bin/python bench/tunnel_lab.py                  (5 rounds; ~7 min with the lab's setup)
     sudo .venv/bin/python bench/tunnel_lab.py --quick          (1 short round; ~1.5 min, a smoke run)
     sudo .venv/bin/python bench/tunnel_lab.py --profile --tunnel-args "--workers 2"
+    sudo .venv/bin/python bench/tunnel_lab.py --source HEAD    (the product as committed, not the working tree)
 """
 
 from __future__ import annotations
@@ -507,6 +508,15 @@ def _loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+def export_source(ref: str, scratch: Path) -> Path:
+    """`git archive` of the nodeagent package at `ref` into `scratch`: what the lab runs with --source."""
+    archive = subprocess.run(["git", "archive", ref, "nodeagent"], cwd=ROOT, capture_output=True, check=True).stdout
+    destination = scratch / "source"
+    destination.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True, timeout=60)
+    return destination
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the lab, measure every variant round by round, remove the lab; the report (module doc)."""
     envoy = shutil.which("envoy", path=str(Path(sys.executable).parent))
@@ -526,8 +536,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     phases = ("single_stream", "persistent", "new_connections")
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {p: {v: [] for v in VARIANTS} for p in phases}
-    with tempfile.TemporaryDirectory(prefix="tunnel-lab-") as scratch, \
-            bench_up(Path(scratch), envoy, tunnel_args) as bench:
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="tunnel-lab-"))
+        if args.source:
+            # Every process of the lab (console scripts: the venv's bin dir first) imports the package from
+            # here, ahead of the editable install's working tree, which others may be editing meanwhile.
+            report["source"] = {"ref": args.source, "commit": _git("rev-parse", args.source)}
+            os.environ["PYTHONPATH"] = str(export_source(args.source, Path(scratch)))
+        else:
+            report["source"] = {"ref": "working tree", "commit": report["commit"]}
+        bench = stack.enter_context(bench_up(Path(scratch), envoy, tunnel_args))
         nodeagent = bench.variants["nodeagent"]
         report["setup"] = {
             "capture": f"iptables ({capture_backend(nodeagent.netns)}): the agents' nat REDIRECT in {MESH}/client",
@@ -535,6 +553,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "targets": {v.name: f"{v.target[0]}:{v.target[1]}" for v in bench.variants.values()},
             "tunnel_processes": {v.name: {s: len(_tree(p)) for s, p in v.pids.items()}
                                  for v in bench.variants.values() if v.pids},
+            # where the tunnel imports the package from (--source: the export; unset: the working tree)
+            "tunnel_pythonpath": psutil.Process(nodeagent.pids["client"]).environ().get("PYTHONPATH"),
         }
         all_pids = [p for v in bench.variants.values() for p in v.pids.values()]
         wait_quiet(all_pids)
@@ -633,6 +653,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="load scheduled before the measured window")
     parser.add_argument("--tunnel-args", default="", help="appended to both `nodeagent ztunnel` command lines "
                                                           "(shell words, e.g. \"--workers 2\")")
+    parser.add_argument("--source", metavar="GIT_REF",
+                        help="run the lab's nodeagent (agents, tunnels, CA) from this commit, exported, instead of "
+                             "the working tree (which others may be editing)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy on node1's tunnel during an extra new-connection run; top frames in the report")
     parser.add_argument("--quick", action="store_true", help="one short round of everything (smoke run)")
