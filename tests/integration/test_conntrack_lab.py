@@ -17,13 +17,18 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import yaml
 
+from nodeagent.kernel.bpf import loader
+from nodeagent.kernel.bpf.syscall import MapHandle
 from nodeagent.kernel.conntrack import Conntrack
 from nodeagent.kernel.netfilter import Iptables
 from nodeagent.lab import lab as labs
@@ -31,10 +36,12 @@ from nodeagent.lab.agents import AGENT_OWNER, agent_argv, spawn_owned
 from nodeagent.lab.state import locked
 from nodeagent.service.config import ProxyConfig
 from nodeagent.service.conntrack import ConntrackReconciler, Filter
+from nodeagent.service.ebpf.flows import CT_KEY, CT_VALUE, TcFlow, TcFlowTable
 from nodeagent.service.iptables.proxier import IptablesProxier
 from nodeagent.state.tracker import Snapshot
 from tests.integration.conftest import unique_lab_name, wait_for
 from tests.support.agent_labs import lab_with_agents, owner_process
+from tests.support.fabric import fabric_client, spawn_in
 from tests.support.services import ep, service, slice_, snapshot_of
 
 pytestmark = pytest.mark.root
@@ -176,3 +183,152 @@ def test_stale_flows_are_deleted_when_the_agent_comes_back(lab: labs.Lab, restar
     deleted = [json.loads(line) for line in log.read_text().splitlines()[before:]
                if "stale UDP conntrack flows deleted" in line]
     assert deleted and deleted[0]["deleted"] == flows[removed], "the restarted agent deleted them (not a timeout)"
+
+
+# --- eBPF mode: tc's own flow map (na_ct), which the kernel's conntrack never sees --------------------------------
+
+TC_NODE_PORT = 30057
+# One datagram at a time to node:port from ONE fixed source port (the same 5-tuple throughout), a line per answer
+# with the pod that answered (null when none did within the timeout); the timeout paces it.
+STICKY_SENDER = ("import json,socket,sys,time\n"
+                 "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',int(sys.argv[3])))\n"
+                 "s.settimeout(0.3)\n"
+                 "while True:\n"
+                 " s.sendto(b'x',(sys.argv[1],int(sys.argv[2])))\n"
+                 " try: pod=json.loads(s.recvfrom(4096)[0])['pod']\n"
+                 " except OSError: pod=None\n"
+                 " print(json.dumps(pod),flush=True)\n"
+                 " time.sleep(0.05)\n")  # pacing a traffic generator (about 20 datagrams a second), not a wait
+
+
+def udp_node_port_objects(lab: labs.Lab, pods: list[str]) -> list[dict[str, Any]]:
+    """A UDP NodePort Service without a selector and its EndpointSlice holding `pods` (the test's own: the lab's
+    endpoint-slice controller leaves it alone)."""
+    svc: dict[str, Any] = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "tc-dns", "namespace": "demo"},
+           "spec": {"type": "NodePort", "ports": [{"name": "dns", "port": 53, "targetPort": 8081,
+                                                    "nodePort": TC_NODE_PORT, "protocol": "UDP"}]}}
+    endpoints = [{"addresses": [str(lab.plan.pod(pod).pod.ip)], "nodeName": lab.plan.pod(pod).pod.node,
+                  "conditions": {"ready": True, "serving": True, "terminating": False}} for pod in pods]
+    slice_doc: dict[str, Any] = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                 "metadata": {"name": "tc-dns-1", "namespace": "demo",
+                              "labels": {"kubernetes.io/service-name": "tc-dns"}},
+                 "addressType": "IPv4", "ports": [{"name": "dns", "port": 8081, "protocol": "UDP"}],
+                 "endpoints": endpoints}
+    return [svc, slice_doc]
+
+
+def kubectl_apply(lab: labs.Lab, objects: list[dict[str, Any]]) -> None:
+    """`kubectl apply` through the lab's API server (from a file: the lab's kubectl takes no stdin)."""
+    path = Path(lab.record.directory) / "tc-flow-objects.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+    result = labs.kubectl(lab.record.name, ["apply", "--validate=false", "-f", str(path)], capture=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+class StickySender:
+    """The outside client's continuous UDP flow from one source port, read from its output file."""
+
+    def __init__(self, netns: str, output: Path, host: str, source_port: int) -> None:
+        self.output = output
+        self.process = spawn_in(netns, [sys.executable, "-c", STICKY_SENDER, host, str(TC_NODE_PORT),
+                                        str(source_port)], str(output))
+
+    def answers(self) -> list[str | None]:
+        lines = self.output.read_text().splitlines()
+        return [json.loads(line) for line in lines[:-1]]  # the last line may be half written
+
+    def recent(self, count: int) -> list[str | None]:
+        """The pods that answered the last `count` datagrams ([] until that many were answered or not)."""
+        seen = self.answers()
+        return seen[-count:] if len(seen) >= count else []
+
+    def settled_on(self, count: int = 5) -> str | None:
+        """The pod that answered each of the last `count` datagrams, if one did."""
+        recent = self.recent(count)
+        return recent[0] if recent and recent[0] is not None and len(set(recent)) == 1 else None
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ebpf_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[labs.Lab, str]]:
+    """A lab in eBPF mode (tc serves traffic from outside) with a client on the fabric: (lab, client netns)."""
+    with (lab_with_agents(tmp_path_factory.mktemp("tc-flows"), "", "ebpf", ["--min-sync-period", "0.1"]) as built,
+          fabric_client(built) as (netns, _address)):
+        yield built, netns
+
+
+@pytest.fixture
+def sender(ebpf_lab: tuple[labs.Lab, str], tmp_path: Path,
+           request: pytest.FixtureRequest) -> Iterator[tuple[labs.Lab, StickySender]]:
+    """Both echo pods behind the UDP NodePort, and the outside client's flow to node1's NodePort settled on one."""
+    lab, netns = ebpf_lab
+    kubectl_apply(lab, udp_node_port_objects(lab, ["demo/echo-0", "demo/echo-1"]))
+    source_port = 46000 + zlib.crc32(request.node.name.encode()) % 1000  # each test its own 5-tuple
+    flow = StickySender(netns, tmp_path / "answers", str(lab.plan.node("node1").node.address), source_port)
+    try:
+        wait_for(lambda: flow.settled_on(10) is not None, "the outside flow answered by one pod", timeout=30)
+        yield lab, flow
+    finally:
+        flow.stop()
+
+
+def tc_forward_flows(lab: labs.Lab, node: str) -> list[TcFlow]:
+    """The forward UDP flows of `node`'s tc flow map to the test's NodePort."""
+    pins = loader.pin_dir(f"{lab.record.name}-{node}")
+    table = TcFlowTable(MapHandle.pinned(str(pins / "na_ct"), CT_KEY.size, CT_VALUE.size))
+    return [f for f in table.flows(4) if f.orig_dst_port == TC_NODE_PORT]
+
+
+@pytest.mark.bcc
+def test_tc_flow_to_a_removed_endpoint_moves_to_a_remaining_one(sender: tuple[labs.Lab, StickySender]) -> None:
+    lab, flow = sender
+    stuck = flow.settled_on(10)
+    assert stuck is not None
+    other = "demo/echo-1" if stuck == "demo/echo-0" else "demo/echo-0"
+    assert len(tc_forward_flows(lab, "node1")) == 1, "tc (not the kernel) keeps the flow"
+    kubectl_apply(lab, udp_node_port_objects(lab, [other]))  # the stuck endpoint leaves the slice (its pod lives)
+    # the pod still answers what reaches it: only deleting tc's entry moves the flow (a new one goes to `other`)
+    took = wait_for(lambda: flow.settled_on(5) == other, f"the same 5-tuple answered by {other}", timeout=15)
+    assert took < 15
+    assert [str(f.reply_src) for f in tc_forward_flows(lab, "node1")] == [str(lab.plan.pod(other).pod.ip)]
+
+
+@pytest.mark.bcc
+def test_a_restarted_agent_deletes_the_tc_flow_of_an_endpoint_removed_while_it_was_down(
+        sender: tuple[labs.Lab, StickySender]) -> None:
+    lab, flow = sender
+    stuck = flow.settled_on(10)
+    assert stuck is not None
+    other = "demo/echo-1" if stuck == "demo/echo-0" else "demo/echo-0"
+    agent = owner_process(lab, AGENT_OWNER + "node1")
+    os.kill(agent.pid, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(agent.pid) or agent.status() == psutil.STATUS_ZOMBIE, "agent gone")
+    kubectl_apply(lab, udp_node_port_objects(lab, [other]))
+    # nobody deletes it while the agent is down: the flow keeps reaching the removed endpoint (tc still serves)
+    answered = len(flow.answers())
+    wait_for(lambda: len(flow.answers()) >= answered + 10, "ten more datagrams while the agent is down")
+    assert set(flow.answers()[answered:]) == {stuck}, "the stale flow stays while nobody reconciles"
+    removed_ip = str(lab.plan.pod(stuck).pod.ip)
+    # (an earlier test's flow to the same NodePort may point at the removed endpoint too: it goes as well)
+    stale = sum(str(f.reply_src) == removed_ip for f in tc_forward_flows(lab, "node1"))
+    assert stale >= 1
+    log = lab.record.directory / "logs" / f"{AGENT_OWNER.rstrip('/')}.node1.log"
+    before = len(log.read_text().splitlines()) if log.exists() else 0
+    with locked(lab.record.name):
+        spawn_owned(labs.load(lab.record.name), "node1", AGENT_OWNER, "nodeagent",
+                    agent_argv(lab, "node1", "ebpf", ["--min-sync-period", "0.1"]), None)
+    try:
+        wait_for(lambda: flow.settled_on(5) == other, f"the same 5-tuple answered by {other} after the restart",
+                 timeout=60)
+    except AssertionError as exc:
+        lines = log.read_text().splitlines()[before:]
+        raise AssertionError(f"{exc}; answers {flow.answers()[-5:]}; tc flows "
+                             f"{[str(f.reply_src) for f in tc_forward_flows(lab, 'node1')]}; the restarted agent "
+                             f"logged:\n" + "\n".join(lines[-40:])) from exc
+    deleted = [json.loads(line) for line in log.read_text().splitlines()[before:]
+               if "stale UDP conntrack flows deleted" in line]
+    assert deleted and deleted[0]["deleted"] == stale, "the restarted agent deleted tc's entries (not an eviction)"
+    assert removed_ip not in {str(f.reply_src) for f in tc_forward_flows(lab, "node1")}
