@@ -10,6 +10,25 @@ import click
 from nodeagent.cli.options import daemon_logging, parse_host_port, reported
 
 
+class WorkerCount(click.ParamType):  # type: ignore[type-arg]
+    """A positive number of workers, or `auto` (None: every CPU available)."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or (isinstance(value, int) and value > 0):
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return None
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        self.fail(f"{value!r} is not a positive number of workers or `auto`", param, ctx)
+
+
+WORKERS = WorkerCount()
+
+
 @click.command()
 @click.option("--node", "node_name", envvar="NODE_NAME", required=True, help="this node's name [$NODE_NAME]")
 @click.option("--manifests", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -39,13 +58,19 @@ from nodeagent.cli.options import daemon_logging, parse_host_port, reported
 @click.option("--no-policy-crds", is_flag=True,
               help="the cluster has no AuthorizationPolicy/PeerAuthentication CRDs: serve with no policies "
                    "(without it, inbound is refused and readiness fails until both kinds are listed)")
+@click.option("--workers", envvar="NODEAGENT_ZTUNNEL_WORKERS", type=WORKERS, default="auto", show_default=True,
+              help="processes carrying connections, one core each (SO_REUSEPORT listeners in every pod, a "
+                   "coordinator for the agent, the API and the CA); `auto`: every CPU this process may use "
+                   "(affinity, capped by its cgroup's CPU quota); a number is capped the same way; 1: one "
+                   "process, no coordinator [$NODEAGENT_ZTUNNEL_WORKERS]")
 def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, context: str | None, trust_domain: str,
             ca_address: str, ca_token_file: Path, ca_root_file: Path, netns_dir: Path, netns_prefix: str,
             admin_address: str, readiness_address: str, metrics_address: str, control_socket: str | None,
-            no_policy_crds: bool) -> None:
+            no_policy_crds: bool, workers: int | None) -> None:
     """Run the node tunnel: HBONE (mTLS) for every enrolled pod of this node, until SIGTERM."""
     from nodeagent.daemon import tunnel
     from nodeagent.daemon.sources import SourceOptions
+    from nodeagent.daemon.workers import available_cpus, worker_count
 
     admin, readiness = parse_host_port(admin_address), parse_host_port(readiness_address)
     metrics = parse_host_port(metrics_address)
@@ -55,7 +80,10 @@ def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, cont
                                    netns_prefix=netns_prefix, admin=(admin[0], admin[1]),
                                    readiness=(readiness[0], readiness[1]),
                                    metrics=None if metrics[1] is None else (metrics[0], metrics[1]),
-                                   control_socket=control_socket, no_policy_crds=no_policy_crds)
+                                   control_socket=control_socket, no_policy_crds=no_policy_crds,
+                                   workers=worker_count(workers, available_cpus()),
+                                   log_level=click.get_current_context().find_root().params.get("log_level")
+                                   or "info")
     credentials = tunnel.CaCredentials(ca_address, ca_token_file, ca_root_file)
     daemon_logging()
     with reported():

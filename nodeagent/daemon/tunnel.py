@@ -13,13 +13,18 @@ itself there). `--no-policy-crds` is the operator saying the cluster has none: b
 and empty, and that is logged at start. A new snapshot whose policies or pod labels differ re-checks
 every open inbound connection (`NodeTunnel.reevaluate`), as does an identity whose last pod left (a
 certificate of an identity no pod holds is refused: a deleted pod's leftover).
+
+With `--workers N` (N > 1) this process is the coordinator: everything above stays here (source, tracker,
+control stream, reconcile, admin, certificates from the CA), and where a single process calls its
+NodeTunnel it calls a WorkerSet (`daemon.workers`) of N worker processes that carry the connections, one
+core each. One worker is today's single process: no coordinator split, no extra process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +40,8 @@ from nodeagent.control.assignments import Assignment
 from nodeagent.control.client import ControlClient
 from nodeagent.daemon.errors import StartError
 from nodeagent.daemon.sources import SourceOptions, source_factory
+from nodeagent.daemon.tunnel_wire import State
+from nodeagent.daemon.workers import WorkerSet, process_spawner
 from nodeagent.kernel import podnetns
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.tunnel.admin import serve_http, start_admin
@@ -65,6 +72,27 @@ class TunnelOptions:
     control_socket: str | None = None  # the agent's control stream; None: decide from the snapshot alone
     reconcile_period: float = RECONCILE_PERIOD
     no_policy_crds: bool = False  # the cluster has no policy CRDs: serve with no policies (said at start)
+    workers: int = 1  # processes carrying connections; 1: this process alone (no coordinator split)
+    log_level: str = "info"  # the workers' (they log as this process does)
+
+
+class ServedPod(Protocol):
+    """A pod the tunnel serves, as the reconcile reads it."""
+
+    @property
+    def workload(self) -> Workload: ...
+
+
+class TunnelBackend(Protocol):
+    """What the reconcile drives: a NodeTunnel (one process) or a WorkerSet (its workers)."""
+
+    @property
+    def pods(self) -> Mapping[str, ServedPod]: ...
+    async def add_pod(self, workload: Workload) -> None: ...
+    async def remove_pod(self, ip: str) -> None: ...
+    async def rotate(self) -> int: ...
+    def reevaluate(self) -> int: ...
+    async def close(self) -> None: ...
 
 
 class Source(Protocol):
@@ -99,12 +127,19 @@ class TunnelProcess:
     on_reconciled: Callable[[], None] | None = None
     policies_synced: bool = False
     source: Source | None = None
-    tunnel: NodeTunnel = field(init=False)
+    tunnel: NodeTunnel | WorkerSet = field(init=False)
 
     def __post_init__(self) -> None:
-        self.tunnel = NodeTunnel(self.options.node, self.options.trust_domain, self.fetch, self.lookup,
-                                 services=lambda: self.services, authorizer=lambda: self.authorizer,
-                                 identity_known=lambda identity: self.table is not None and self.table.holds(identity))
+        if self.options.workers > 1:
+            self.tunnel = WorkerSet(self.options.node, self.options.trust_domain, self.options.workers,
+                                    process_spawner(self.options.node, self.options.trust_domain,
+                                                    self.options.log_level),
+                                    lambda: State(self.table, self.services, self.authorizer), self.fetch)
+        else:
+            self.tunnel = NodeTunnel(self.options.node, self.options.trust_domain, self.fetch, self.lookup,
+                                     services=lambda: self.services, authorizer=lambda: self.authorizer,
+                                     identity_known=lambda identity: self.table is not None
+                                     and self.table.holds(identity))
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._synced_kinds: frozenset[Kind] = frozenset()
@@ -156,7 +191,7 @@ class TunnelProcess:
 
     def pod_statuses(self) -> list[tuple[str, bool, str]]:
         """(uid, served, reason) of every assigned pod, for the acknowledgement to the agent."""
-        return [(a.uid, a.ip in self.tunnel.pods and not self.states.get(a.ip), self.states.get(a.ip, ""))
+        return [(a.uid, a.ip in self.backend.pods and not self.states.get(a.ip), self.states.get(a.ip, ""))
                 for a in (self.assignments or {}).values()]
 
     async def apply(self, version: int, agent_run: str, full_state: bool, add: list[Assignment],
@@ -170,15 +205,21 @@ class TunnelProcess:
         self.assignments, self.version, self.agent_run = current, version, agent_run
         await self.reconcile(None)
 
+    @property
+    def backend(self) -> TunnelBackend:
+        """The tunnel as the reconcile drives it, whichever it is."""
+        return self.tunnel
+
     async def reconcile(self, snapshot: Snapshot | None) -> None:
         """Serve exactly the desired pods that can be served now (one pass at a time)."""
         async with self._lock:
             if snapshot is not None and (self.services is None or self.services.generation != snapshot.generation):
                 self._follow(snapshot)
             desired = self.desired()
-            for ip in [ip for ip, pod in self.tunnel.pods.items() if ip not in desired
+            backend = self.backend
+            for ip in [ip for ip, pod in backend.pods.items() if ip not in desired
                        or _must_readd(pod.workload, desired[ip])]:
-                await self.tunnel.remove_pod(ip)
+                await backend.remove_pod(ip)
             for ip in [ip for ip in self.states if ip not in desired]:
                 del self.states[ip]
                 self.netns_of.pop(ip, None)
@@ -189,7 +230,7 @@ class TunnelProcess:
                                                 self.options.netns_prefix)
                 self.netns_of.update(found)
             for ip, workload in desired.items():
-                if ip in self.tunnel.pods:
+                if ip in backend.pods:
                     self._set_state(workload, "")
                     continue
                 netns = workload.netns or self.netns_of.get(ip)
@@ -201,7 +242,7 @@ class TunnelProcess:
                     self._set_state(workload, f"netns-missing: {netns} does not exist")
                     continue
                 try:
-                    await self.tunnel.add_pod(replace(workload, netns=netns))
+                    await backend.add_pod(replace(workload, netns=netns))
                     self._set_state(workload, "")
                 except Exception as exc:  # one pod's failure (CA, vanished netns) must not stop the others
                     self.netns_of.pop(ip, None)
@@ -218,7 +259,7 @@ class TunnelProcess:
             # Rebuilt only when its inputs change; then every open inbound connection is judged again.
             inputs = (snapshot.authorization_policies, snapshot.peer_authentications, self.table.identities,
                       tuple(sorted((ip, w.name, tuple(sorted(w.labels.items())))
-                                   for ip in self.tunnel.pods if (w := self.table.by_ip.get(ip)) is not None)))
+                                   for ip in self.backend.pods if (w := self.table.by_ip.get(ip)) is not None)))
             if inputs != self._authz_inputs:
                 self.authorizer = Authorizer.from_snapshot(snapshot)
                 if not self.policies_synced:
@@ -226,11 +267,14 @@ class TunnelProcess:
                              authorization_policies=len(snapshot.authorization_policies),
                              peer_authentications=len(snapshot.peer_authentications))
                 self.policies_synced = True
-                closed = self.tunnel.reevaluate() if self._authz_inputs is not None else 0
+                closed = self.backend.reevaluate() if self._authz_inputs is not None else 0
                 self._authz_inputs = inputs
                 if closed:
                     log.info("connections closed after a policy change", node=self.options.node, closed=closed)
-        self.tunnel.outbound.resilience.retain(self.services)
+        if isinstance(self.tunnel, NodeTunnel):
+            self.tunnel.outbound.resilience.retain(self.services)
+        else:
+            self.tunnel.retain()  # each worker retains for itself, from the tables pushed now
         rejections = {str(r) for r in self.services.all_rejections()}
         for rejection in sorted(rejections - self.rejections):
             log.warning("service annotation ignored", rejection=rejection)
@@ -261,12 +305,16 @@ class TunnelProcess:
         tracker = ChangeTracker(self.options.node, on_change=changed)
         self.prime(tracker)
         source = self.source = self.make_source(tracker.apply)
+        if isinstance(self.tunnel, WorkerSet):
+            await self.tunnel.start()
         admin, readiness = await start_admin(self.tunnel, self.assigned, admin=self.options.admin,
                                              readiness=self.options.readiness, status=self.status,
                                              blockers=self.blockers)
         servers = [admin, readiness]
         if self.options.metrics is not None:
-            servers.append(await serve_http(*self.options.metrics, metrics_routes(self.tunnel.metrics)))
+            routes = metrics_routes(self.tunnel.metrics) if isinstance(self.tunnel, NodeTunnel) else {
+                "/metrics": self.tunnel.metrics_route}
+            servers.append(await serve_http(*self.options.metrics, routes))
         source.start()
         control = None
         if self.options.control_socket is not None:
@@ -275,7 +323,7 @@ class TunnelProcess:
             self.on_reconciled = control.notify
             control_task = asyncio.create_task(control.run(stop))
         log.info("tunnel started", node=self.options.node, admin=f"{self.options.admin[0]}:{self.options.admin[1]}",
-                 control=self.options.control_socket)
+                 control=self.options.control_socket, workers=self.options.workers)
         retry = 0.1
         try:
             while not stop.is_set():
@@ -285,7 +333,7 @@ class TunnelProcess:
                     await self.reconcile(snapshot)
                 elif self.assignments:
                     await self.reconcile(None)
-                await self.tunnel.rotate()
+                await self.backend.rotate()
                 # Pods not served yet (the CA starting beside us, a namespace being made) are retried
                 # soon, then less often; a served node only reconciles on change or the period.
                 retry = min(retry * 2, self.options.reconcile_period) if any(self.states.values()) else 0.1
@@ -301,7 +349,7 @@ class TunnelProcess:
             source.stop()
             for server in servers:
                 server.close()
-            await self.tunnel.close()
+            await self.backend.close()
             log.info("tunnel stopped", node=self.options.node)
 
 
@@ -369,6 +417,8 @@ def main(options: TunnelOptions, credentials: CaCredentials, source: SourceOptio
     from nodeagent.cluster.discovery.kubernetes import CORE_KINDS, MESH_KINDS
 
     fetch = credentials.fetcher()
+    if options.workers > 1:
+        log.info("tunnel workers", node=options.node, workers=options.workers)
     # Every node's pods: the tunnel checks the identity of destinations on other nodes.
     make_source = source_factory(source, options.node, all_pods=True,
                                  kinds=CORE_KINDS if options.no_policy_crds else CORE_KINDS + MESH_KINDS)

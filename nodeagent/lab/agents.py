@@ -230,10 +230,13 @@ def mesh_agent_args(lab: labs.Lab, node: str, capture: bool = True) -> list[str]
             "--tunnel-cgroup", node_cgroup]
 
 
-def tunnel_argv(lab: labs.Lab, node: str, capture: bool = True) -> list[str]:
-    """The command line of the tunnel on `node`: its pods' namespaces are the lab's `<lab>-pod-…`."""
+def tunnel_argv(lab: labs.Lab, node: str, capture: bool = True, workers: int = 1) -> list[str]:
+    """The command line of the tunnel on `node`: its pods' namespaces are the lab's `<lab>-pod-…`. A lab's
+    tunnel runs `workers` processes (`--workers`), one unless asked: the product's default (one per CPU)
+    would make every lab on a shared machine a different program from one machine to the next."""
     address = lab.plan.node(node).node.address
-    return ["nodeagent", "--log-json", "--log-level", "info", "ztunnel", "--node", node, *source_args(lab),
+    return ["nodeagent", "--log-json", "--log-level", "info", "ztunnel", "--node", node, "--workers", str(workers),
+            *source_args(lab),
             "--ca-address", f"{ca_address(lab)}:{CA_PORT}", "--ca-token-file", str(token_file(lab, node)),
             "--ca-root-file", str(ca_dir(lab) / "root-cert.pem"),
             "--netns-dir", "/run/netns", "--netns-prefix", f"{lab.record.name}-pod-",
@@ -242,12 +245,13 @@ def tunnel_argv(lab: labs.Lab, node: str, capture: bool = True) -> list[str]:
 
 
 def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 timeout: float = 60.0, mesh: bool = False, capture: bool = True) -> labs.Lab:
+                 timeout: float = 60.0, mesh: bool = False, capture: bool = True, tunnel_workers: int = 1
+                 ) -> labs.Lab:
     """Start one agent per node of lab `name` and wait until each has programmed its node once; with
     `mesh`, also one tunnel per node (as the tunnel DaemonSet runs beside the agent's) and wait until it is
     ready and, with `capture`, until the agents have captured every enrolled pod. Without `capture` the
     tunnels serve the enrolled pods on their own and nothing is captured (for tests of the capture
-    itself)."""
+    itself). Each tunnel runs `tunnel_workers` worker processes (1: a single process, no coordinator)."""
     lab = labs.load(name)
     with locked(name):
         if any(p.owner.startswith(AGENT_OWNER) for p in lab.record.processes):
@@ -261,7 +265,7 @@ def start_agents(name: str, mode: str = "iptables", *, extra: Sequence[str] = ()
                                                                  if mesh else [])])
             started.append((node, *spawn_owned(lab, node_name, AGENT_OWNER, "nodeagent", argv, env)))
         tunnels = [(node, *spawn_owned(lab, node.node.name, TUNNEL_OWNER, "ztunnel",
-                                  tunnel_argv(lab, node.node.name, capture), env))
+                                  tunnel_argv(lab, node.node.name, capture, tunnel_workers), env))
                    for node in lab.plan.nodes] if mesh else []
     for node, pid, logfile in started:
         _wait_first_sync(node.netns, node.node.address, pid, logfile, timeout)

@@ -4,19 +4,52 @@ As ztunnel's: the dump lists the pods served with their identities and certifica
 serial, expiry) and the HBONE pools; ready means every assigned pod has its listeners and certificate,
 and nothing blocks serving (policies not synced yet: the answer names the kind and why).
 A minimal HTTP/1.1 responder on asyncio (two GET paths do not justify a web framework).
+
+The tunnel is one NodeTunnel, or a `TunnelView` of several (`nodeagent ztunnel --workers N`: the
+coordinator's WorkerSet, whose dump asks its workers, so routes may be coroutines). /status shows the
+reconcile's view and, with workers, each worker's pid, pods served and restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 from nodeagent.observability.http import Route
 from nodeagent.tunnel.proxy.node import NodeTunnel
 
 ADMIN_PORT, READINESS_PORT = 15000, 15021
+Answer = tuple[int, str, bytes]  # status, content type, body
+AdminRoute = Route | Callable[[], Awaitable[Answer]]
+
+
+class TunnelView(Protocol):
+    """A tunnel of several processes as the admin endpoints see it."""
+
+    @property
+    def node(self) -> str:
+        """The node the tunnel serves."""
+        ...
+
+    @property
+    def trust_domain(self) -> str:
+        """The mesh's trust domain."""
+        ...
+
+    async def dump(self) -> dict[str, Any]:
+        """The config dump (pods, listeners, certificates, pools; and the workers)."""
+        ...
+
+    def ready(self, assigned: set[str]) -> tuple[bool, list[str]]:
+        """(ready, what is missing) for the pod IPs the tunnel is assigned."""
+        ...
+
+    def workers_status(self) -> list[dict[str, Any]]:
+        """Each worker's pid, pods served and restarts."""
+        ...
 
 
 def config_dump(tunnel: NodeTunnel) -> dict[str, Any]:
@@ -52,16 +85,18 @@ def json_route(body: Callable[[], tuple[int, Any]]) -> Route:
     return route
 
 
-async def serve_http(host: str, port: int, routes: Mapping[str, Route]) -> asyncio.Server:
-    """Answer GET <path> with the route's (status, content type, body); 404 otherwise. On the tunnel's
-    event loop, so a route reads the tunnel's state between two steps of its connections, never mid-way."""
+async def serve_http(host: str, port: int, routes: Mapping[str, AdminRoute]) -> asyncio.Server:
+    """Answer GET <path> with the route's (status, content type, body) (a route may be a coroutine function);
+    404 otherwise. On the tunnel's event loop, so a route reads the tunnel's state between two steps of its
+    connections, never mid-way."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split()
             route = routes.get(path.split("?")[0]) if method == "GET" else None
-            status, content_type, data = route() if route is not None else (
+            answer = route() if route is not None else (
                 404, "application/json", json.dumps({"error": f"no route {path}"}).encode())
+            status, content_type, data = await answer if inspect.isawaitable(answer) else answer
             writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {content_type}"
                          f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
             await writer.drain()
@@ -73,21 +108,27 @@ async def serve_http(host: str, port: int, routes: Mapping[str, Route]) -> async
     return await asyncio.start_server(handle, host, port)
 
 
-async def start_admin(tunnel: NodeTunnel, assigned: Callable[[], set[str]], *, admin: tuple[str, int] =
+async def start_admin(tunnel: NodeTunnel | TunnelView, assigned: Callable[[], set[str]], *, admin: tuple[str, int] =
                       ("127.0.0.1", ADMIN_PORT), readiness: tuple[str, int] = ("0.0.0.0", READINESS_PORT),
                       status: Callable[[], dict[str, Any]] | None = None,
                       blockers: Callable[[], list[str]] = list) -> tuple[asyncio.Server, asyncio.Server]:
     """Both endpoints; the admin one on localhost only. `status` adds the reconcile's view (why pods are
     or are not served) to the config dump; `blockers` are reasons not to be ready beyond the pods."""
     def readiness_route() -> tuple[int, Any]:
-        ok, missing = ready(tunnel, assigned())
+        ok, missing = ready(tunnel, assigned()) if isinstance(tunnel, NodeTunnel) else tunnel.ready(assigned())
         blocked = blockers()
         ok = ok and not blocked
         return (200 if ok else 503), {"ready": ok, "missing": missing, "blockers": blocked}
 
-    def dump() -> tuple[int, Any]:
-        return 200, {**config_dump(tunnel), **(status() if status is not None else {})}
+    def state() -> dict[str, Any]:
+        return {**(status() if status is not None else {}),
+                "workers": [] if isinstance(tunnel, NodeTunnel) else tunnel.workers_status()}
 
-    admin_server = await serve_http(*admin, {"/config_dump": json_route(dump)})
+    async def dump() -> Answer:
+        served = config_dump(tunnel) if isinstance(tunnel, NodeTunnel) else await tunnel.dump()
+        body = {"node": tunnel.node, "trust_domain": tunnel.trust_domain, **state(), **served}
+        return 200, "application/json", json.dumps(body, indent=1).encode()
+
+    admin_server = await serve_http(*admin, {"/config_dump": dump, "/status": json_route(lambda: (200, state()))})
     ready_server = await serve_http(*readiness, {"/healthz/ready": json_route(readiness_route)})
     return admin_server, ready_server

@@ -13,11 +13,11 @@ Each tunnel owns its registry: no process-global collector state.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from nodeagent.observability.http import Route
@@ -152,3 +152,46 @@ def access_log(connection: Connection) -> None:
 def metrics_routes(metrics: TunnelMetrics) -> Mapping[str, Route]:
     """`/metrics` on 15020, Prometheus text format."""
     return {"/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))}
+
+
+def merge_families(parts: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """The metric families of several tunnels (the workers of one `nodeagent ztunnel --workers N`) as one
+    tunnel's: every sample summed over the parts by (name, labels), so counters, gauges and histograms
+    (bucket by bucket, `_sum` and `_count`) read as if one process had counted them all; a `_created`
+    timestamp is the earliest. The first part to name a family gives its help and type."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for families in parts:
+        for family in families:
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                values[family.name] = {}
+            samples = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in samples:
+                    samples[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    samples[key] = min(samples[key], sample.value)
+                else:
+                    samples[key] += sample.value
+    for name, family in merged.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(merged.values())
+
+
+class Families:
+    """Collected metric families as a collector (what `generate_latest` reads)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        """The families held."""
+        return self.families
+
+
+def exposition(*collectors: Families | CollectorRegistry) -> bytes:
+    """Prometheus text of every family of `collectors`, in order."""
+    return b"".join(generate_latest(collector) for collector in collectors)

@@ -38,15 +38,15 @@ spec:
 
 @contextmanager
 def lab_with_agents(directory: Path, extra_yaml: str, mode: str, agent_args: Sequence[str] = (), *,
-                    mesh: bool = False, capture: bool = True) -> Iterator[labs.Lab]:
-    """Bring the lab up with agents in `mode` (and tunnels with `mesh`, the agents capturing enrolled
-    pods unless not `capture`); always take it down."""
+                    mesh: bool = False, capture: bool = True, tunnel_workers: int = 1) -> Iterator[labs.Lab]:
+    """Bring the lab up with agents in `mode` (and tunnels with `mesh`, each of `tunnel_workers` processes,
+    the agents capturing enrolled pods unless not `capture`); always take it down."""
     documents = [dict(d.body) for d in load_default()] + list(yaml.safe_load_all(extra_yaml))
     (directory / "cluster.yaml").write_text(yaml.safe_dump_all(documents))
     name = unique_lab_name()
     labs.up(name, directory)
     try:
-        yield start_agents(name, mode, extra=agent_args, mesh=mesh, capture=capture)
+        yield start_agents(name, mode, extra=agent_args, mesh=mesh, capture=capture, tunnel_workers=tunnel_workers)
     finally:
         labs.down(name)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import structlog
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.ca.identity import SpiffeId, new_key, rotation_due
@@ -31,29 +32,62 @@ class WorkloadCertificate:
     """The current certificate of `identity` and the TLS contexts built from it."""
 
     identity: SpiffeId
-    fetch: Fetch
+    fetch: Fetch | None  # None: installed by a coordinator (`install`), never fetched here
     clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     chain: list[str] = field(default_factory=list)
     leaf: x509.Certificate | None = None
     server: ssl.SSLContext | None = None
     client: ssl.SSLContext | None = None
+    key: ec.EllipticCurvePrivateKey | None = None
     renewals: int = 0
+
+    @classmethod
+    def installed(cls, identity: SpiffeId, key_pem: bytes, chain: list[str]) -> WorkloadCertificate:
+        """A certificate that holds what it is given and never fetches (a tunnel worker's)."""
+        certificate = cls(identity, None)
+        certificate.install(key_pem, chain)
+        return certificate
 
     def refresh(self, *, force: bool = False) -> bool:
         """Renew when there is no certificate yet, it is past half life, or `force`; returns whether it did."""
+        if self.fetch is None:
+            # Installed: renewal is the coordinator's, which installs the next one (see `install`).
+            if self.leaf is None:
+                raise LookupError(f"no certificate installed for {self.identity}")
+            return False
         with self._lock:
             if not force and self.leaf is not None and not rotation_due(self.leaf, self.clock()):
                 return False
             key = new_key()
-            chain = self.fetch(self.identity, key)
-            root = chain[-1]
-            self.server, self.client = server_context(chain, key, root), client_context(chain, key, root)
-            self.chain, self.leaf = chain, x509.load_pem_x509_certificate(chain[0].encode())
-            self.renewals += 1
-        log.info("workload certificate", identity=str(self.identity), serial=f"{self.leaf.serial_number:x}",
-                 expires=self.leaf.not_valid_after_utc.isoformat())
+            leaf = self._use(key, self.fetch(self.identity, key))
+        log.info("workload certificate", identity=str(self.identity), serial=f"{leaf.serial_number:x}",
+                 expires=leaf.not_valid_after_utc.isoformat())
         return True
+
+    def install(self, key_pem: bytes, chain: list[str]) -> None:
+        """Use `key_pem` (PKCS#8, unencrypted) and `chain` (leaf first, root last) from now on: new handshakes
+        and new pool connections take them, open connections keep theirs (as after a renewal)."""
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{self.identity}: a workload key is an EC key, not {type(key).__name__}")
+        with self._lock:
+            self._use(key, chain)
+
+    def key_pem(self) -> bytes:
+        """The current key as unencrypted PKCS#8 PEM, for a tunnel worker over its private socket only."""
+        if self.key is None:
+            raise LookupError(f"no certificate yet for {self.identity}")
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+
+    def _use(self, key: ec.EllipticCurvePrivateKey, chain: list[str]) -> x509.Certificate:
+        root = chain[-1]
+        self.server, self.client = server_context(chain, key, root), client_context(chain, key, root)
+        leaf = x509.load_pem_x509_certificate(chain[0].encode())
+        self.key, self.chain, self.leaf = key, chain, leaf
+        self.renewals += 1
+        return leaf
 
     def contexts(self) -> tuple[ssl.SSLContext, ssl.SSLContext]:
         """(server, client) contexts of the current certificate, renewing first if due."""

@@ -12,7 +12,7 @@ from nodeagent.cluster.events import Listed, Upserted
 from nodeagent.cluster.model import Kind
 from nodeagent.daemon.tunnel import TunnelOptions, TunnelProcess
 from nodeagent.state.tracker import ChangeTracker, Snapshot
-from nodeagent.tunnel.proxy.node import _Live, _Pod
+from nodeagent.tunnel.proxy.node import NodeTunnel, _Live, _Pod
 from tests.support import objects as k8s
 
 MISSING_CRD = ("404: the server could not find the requested resource (does this API server serve "
@@ -85,10 +85,12 @@ def test_open_connections_are_judged_again_when_a_policy_arrives_and_when_an_ide
     assert tunnel.table is not None
     web = tunnel.table.by_ip["10.244.1.2"]
     pod = _Pod(web, cast(Any, None), cast(Any, None), cast(Any, None))
-    tunnel.tunnel.pods[web.ip] = pod
+    node = tunnel.tunnel
+    assert isinstance(node, NodeTunnel), "one worker: the single-process tunnel"
+    node.pods[web.ip] = pod
     closed: list[str] = []
     client = SpiffeId("cluster.local", "shop", "client")
-    tunnel.tunnel.live.add(_Live(pod, 8080, client, "10.244.1.5", lambda: closed.append("client")))
+    node.live.add(_Live(pod, 8080, client, "10.244.1.5", lambda: closed.append("client")))
     # A change elsewhere (a Service) re-checks nothing and closes nothing.
     tracker.apply(Upserted(Kind.SERVICE, object_ref(k8s.service("web")), decode(k8s.service("web")), "2"))
     tunnel._follow(snap(tracker))
@@ -96,7 +98,7 @@ def test_open_connections_are_judged_again_when_a_policy_arrives_and_when_an_ide
     # A DENY for the client arrives: its open connection is closed.
     tracker.apply(listed(Kind.AUTHORIZATION_POLICY, [deny_client()]))
     tunnel._follow(snap(tracker))
-    assert closed == ["client"] and not tunnel.tunnel.live
+    assert closed == ["client"] and not node.live
 
 
 def test_no_policy_crds_counts_both_kinds_listed_and_empty() -> None:

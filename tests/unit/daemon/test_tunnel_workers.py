@@ -1,0 +1,342 @@
+"""`nodeagent ztunnel --workers N`, the coordinator's side without processes or root: the frames on a
+worker's socket, and the WorkerSet's bookkeeping against fake workers (in this event loop, on real
+socketpairs): tables before pods, certificates pushed (never fetched by a worker), a refused add undone
+everywhere, a dead worker restarted and given the pods back, scrapes summed (a silent worker skipped and
+counted), and every worker told to stop on close."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client.parser import text_string_to_metric_families
+
+from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr
+from nodeagent.cluster.model import Kind
+from nodeagent.daemon.tunnel_wire import (
+    AddPod,
+    Certificate,
+    Reevaluate,
+    RemovePod,
+    Reply,
+    Request,
+    Scrape,
+    State,
+    Status,
+    dumps,
+    frame,
+    load_reply,
+    load_request,
+    read_frame,
+)
+from nodeagent.daemon.workers import Channel, WorkerSet, cgroup_cpu_limit, cpu_quota, worker_count
+from nodeagent.tunnel.identity.certs import WorkloadCertificate
+from nodeagent.tunnel.state.authz import Authorizer
+from nodeagent.tunnel.state.services import service_table
+from nodeagent.tunnel.state.workloads import Workload, workload_table
+from nodeagent.tunnel.telemetry import TunnelMetrics
+from tests.unit.daemon.test_tunnel import listed, snap, tracker_with_pods
+
+WEB = Workload("10.244.1.2", SpiffeId("cluster.local", "shop", "web"), "node1", "/run/netns/web", name="shop/web")
+API = Workload("10.244.1.3", SpiffeId("cluster.local", "shop", "api"), "node1", "/run/netns/api", name="shop/api")
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.generate()
+
+
+@dataclass
+class Fetches:
+    ca: CertificateAuthority
+    calls: list[SpiffeId] = field(default_factory=list)
+
+    def __call__(self, identity: SpiffeId, key: ec.EllipticCurvePrivateKey) -> list[str]:
+        self.calls.append(identity)
+        return self.ca.issue(make_csr(identity, key))[1]
+
+
+# -- frames --
+
+async def frames_of(data: bytes) -> list[tuple[int, bytes] | None]:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    out: list[tuple[int, bytes] | None] = []
+    while (received := await read_frame(reader)) is not None:
+        out.append(received)
+    return out
+
+
+async def test_frames_carry_the_request_id_and_whole_tables_snapshots_included() -> None:
+    tracker = tracker_with_pods()
+    tracker.apply(listed(Kind.PEER_AUTHENTICATION, []))
+    tracker.apply(listed(Kind.AUTHORIZATION_POLICY, []))
+    snapshot = snap(tracker)
+    state = State(workload_table(snapshot, "node1"), service_table(snapshot), Authorizer.from_snapshot(snapshot))
+    data = frame(7, dumps(state)) + frame(8, dumps(RemovePod("10.244.1.2"))) + frame(9, dumps(Reply(3)))
+    [(first, tables), (second, remove), (third, reply)] = await frames_of(data)  # type: ignore[misc]
+    assert (first, second, third) == (7, 8, 9)
+    received = load_request(tables)
+    # A ServiceTable holds its snapshot, whose read-only views pickle only through the wire's own table.
+    assert isinstance(received, State) and received.services is not None and received.table is not None
+    assert received.services.generation == snapshot.generation
+    assert received.table.by_ip.keys() == state.table.by_ip.keys()  # type: ignore[union-attr]
+    assert load_request(remove) == RemovePod("10.244.1.2")
+    assert load_reply(reply) == Reply(3)
+    with pytest.raises(ValueError, match="not a tunnel worker request"):
+        load_request(dumps(Reply(1)))
+
+
+async def test_a_frame_cut_short_is_an_error_and_an_end_between_frames_is_not() -> None:
+    whole = frame(1, dumps(Scrape()))
+    assert await frames_of(whole) == [(1, dumps(Scrape()))]
+    assert await frames_of(b"") == []
+    with pytest.raises(asyncio.IncompleteReadError):
+        await frames_of(whole[:-1])
+    with pytest.raises(ValueError, match="broken"):
+        await frames_of(b"\xff\xff\xff\xff" + bytes(8))
+
+
+# -- how many workers --
+
+def test_worker_count_follows_cpus_and_quota(tmp_path: Any) -> None:
+    assert cpu_quota("max 100000") is None
+    assert cpu_quota("150000 100000") == 2  # 1.5 CPUs: a second worker still has half a core
+    assert cpu_quota("50000 100000") == 1
+    container = tmp_path / "kubepods" / "pod1" / "ctr"
+    container.mkdir(parents=True)
+    (container / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "kubepods" / "pod1" / "cpu.max").write_text("300000 100000\n")
+    (tmp_path / "kubepods" / "cpu.max").write_text("800000 100000\n")
+    assert cgroup_cpu_limit("0::/kubepods/pod1/ctr\n", tmp_path) == 3
+    assert cgroup_cpu_limit("0::/elsewhere\n", tmp_path) is None
+    assert worker_count(None, 4) == 4 and worker_count(2, 4) == 2 and worker_count(8, 3) == 3
+
+
+# -- certificates a worker holds --
+
+def test_an_installed_certificate_never_fetches_and_a_new_install_reaches_new_handshakes(
+        ca: CertificateAuthority) -> None:
+    fetch = Fetches(ca)
+    source = WorkloadCertificate(WEB.identity, fetch)
+    source.refresh()
+    installed = WorkloadCertificate.installed(WEB.identity, source.key_pem(), source.chain)
+    server, _ = installed.contexts()
+    assert installed.leaf is not None and installed.leaf.serial_number == source.leaf.serial_number  # type: ignore[union-attr]
+    assert installed.refresh(force=True) is False and fetch.calls == [WEB.identity]
+    source.refresh(force=True)
+    installed.install(source.key_pem(), source.chain)
+    assert installed.leaf.serial_number == source.leaf.serial_number  # type: ignore[union-attr]
+    assert installed.contexts()[0] is not server
+    with pytest.raises(LookupError):
+        WorkloadCertificate(WEB.identity, None).refresh()
+
+
+# -- the WorkerSet against fake workers --
+
+@dataclass
+class FakeWorker:
+    """The far end of a worker's socket: records requests, answers as a worker would."""
+
+    index: int
+    sock: socket.socket
+    requests: list[Request] = field(default_factory=list)
+    refuse: set[str] = field(default_factory=set)  # pod IPs whose AddPod fails
+    silent: bool = False  # never answers a Scrape
+    pods: set[str] = field(default_factory=set)
+    metrics: TunnelMetrics = field(default_factory=TunnelMetrics)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        reader, writer = await asyncio.open_unix_connection(sock=self.sock)
+        try:
+            while (received := await read_frame(reader)) is not None:
+                request_id, payload = received
+                request = load_request(payload)
+                self.requests.append(request)
+                if isinstance(request, Scrape) and self.silent:
+                    continue
+                writer.write(frame(request_id, dumps(self.answer(request))))
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            self.exited.set()
+
+    def answer(self, request: Request) -> Reply:
+        if isinstance(request, AddPod):
+            if request.workload.ip in self.refuse:
+                return Reply(error="FileNotFoundError: no such namespace")
+            self.pods.add(request.workload.ip)
+        elif isinstance(request, RemovePod):
+            self.pods.discard(request.ip)
+        elif isinstance(request, Scrape):
+            return Reply(list(self.metrics.registry.collect()))
+        elif isinstance(request, Status):
+            return Reply({"pods": [{"ip": ip, "listeners": [15001, 15006, 15008], "pools": []}
+                                   for ip in sorted(self.pods)]})
+        return Reply(len(self.pods))
+
+    def kinds(self) -> list[str]:
+        return [type(r).__name__ for r in self.requests]
+
+
+@dataclass
+class Fleet:
+    """Every fake worker ever spawned, by index (the latest last)."""
+
+    spawned: dict[int, list[FakeWorker]] = field(default_factory=dict)
+    pids: Iterator[int] = field(default_factory=lambda: iter(range(1000, 2000)))
+
+    def latest(self, index: int) -> FakeWorker:
+        return self.spawned[index][-1]
+
+    async def spawn(self, index: int) -> Channel:
+        ours, theirs = socket.socketpair()
+        worker = FakeWorker(index, theirs)
+        worker.task = asyncio.ensure_future(worker.run())
+        self.spawned.setdefault(index, []).append(worker)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+
+        async def wait() -> int:
+            await worker.exited.wait()
+            return 0
+
+        def kill() -> None:
+            if worker.task is not None:
+                worker.task.cancel()
+
+        return Channel(next(self.pids), reader, writer, wait, kill)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def workers(ca: CertificateAuthority) -> Any:
+    fleet = Fleet()
+    state = {"now": State(None, None, None)}
+    fetch = Fetches(ca)
+    worker_set = WorkerSet("node1", "cluster.local", 2, fleet.spawn, lambda: state["now"], fetch,
+                           request_timeout=2.0, scrape_timeout=0.2, backoff=(0.01, 0.05))
+    await worker_set.start()
+    yield worker_set, fleet, state, fetch
+    await worker_set.close()
+
+
+async def test_every_worker_gets_the_tables_then_the_pod_with_its_certificate(workers: Any) -> None:
+    worker_set, fleet, state, fetch = workers
+    tracker = tracker_with_pods()
+    state["now"] = State(workload_table(snap(tracker), "node1"), None, None)
+    await worker_set.add_pod(WEB)
+    assert WEB.ip in worker_set.pods and fetch.calls == [WEB.identity]
+    for index in (0, 1):
+        worker = fleet.latest(index)
+        assert worker.kinds() == ["State", "State", "AddPod"], "the new tables reach a worker before the pod"
+        assert worker.requests[1] == state["now"] or worker.requests[1].table is not None
+        add = worker.requests[2]
+        assert isinstance(add, AddPod) and add.workload == WEB
+        assert add.certificate.chain == worker_set.certificates[WEB.identity].chain
+        assert b"PRIVATE KEY" in add.certificate.key_pem
+        assert worker.pods == {WEB.ip}
+    assert [w["pods"] for w in worker_set.workers_status()] == [1, 1]
+    ok, missing = worker_set.ready({WEB.ip, API.ip})
+    assert not ok and missing == [API.ip]
+    await worker_set.add_pod(WEB)  # served already: nothing sent
+    assert fleet.latest(0).kinds() == ["State", "State", "AddPod"]
+
+
+async def test_a_pod_one_worker_refuses_is_undone_in_all_and_not_served(workers: Any) -> None:
+    worker_set, fleet, _, _ = workers
+    fleet.latest(1).refuse.add(WEB.ip)
+    with pytest.raises(RuntimeError, match="worker 1: FileNotFoundError"):
+        await worker_set.add_pod(WEB)
+    assert WEB.ip not in worker_set.pods
+    assert fleet.latest(0).kinds()[-2:] == ["AddPod", "RemovePod"] and fleet.latest(0).pods == set()
+    fleet.latest(1).refuse.clear()
+    await worker_set.add_pod(WEB)  # the next reconcile's retry
+    assert WEB.ip in worker_set.pods
+
+
+async def test_a_dead_worker_is_restarted_counted_and_given_the_tables_and_pods(workers: Any) -> None:
+    worker_set, fleet, _, _ = workers
+    await worker_set.add_pod(WEB)
+    await worker_set.add_pod(API)
+    await worker_set.remove_pod(API.ip)
+    first = fleet.latest(1)
+    assert first.task is not None
+    first.task.cancel()  # the worker's process ends: its socket reaches its end
+    await until(lambda: len(fleet.spawned[1]) == 2 and fleet.latest(1).pods == {WEB.ip}, "the worker is replaced")
+    replacement = fleet.latest(1)
+    assert replacement.kinds() == ["State", "AddPod"], "tables first, then only the pods still served"
+    assert worker_set.restarts == {0: 0, 1: 1}
+    await until(lambda: worker_set.workers[1].pods == {WEB.ip}, "the replacement's ack is recorded")
+    assert WEB.ip in worker_set.pods, "the pod stayed served (the other worker kept it)"
+    text = await worker_set.scrape()
+    assert 'nodeagent_tunnel_worker_restarts_total{worker="1"} 1.0' in text.decode()
+
+
+async def test_a_renewed_certificate_is_installed_in_every_worker(workers: Any) -> None:
+    worker_set, fleet, _, fetch = workers
+    await worker_set.add_pod(WEB)
+    certificate = worker_set.certificates[WEB.identity]
+    assert await worker_set.rotate() == 0
+    certificate.refresh(force=True)  # stands for half life passing: the next rotate renews (forced here)
+    certificate.leaf = None  # due now
+    assert await worker_set.rotate() == 1
+    for index in (0, 1):
+        pushed = fleet.latest(index).requests[-1]
+        assert isinstance(pushed, Certificate) and pushed.chain == certificate.chain
+    assert fetch.calls == [WEB.identity] * 3  # the coordinator's fetches only
+
+
+async def test_reevaluate_reaches_every_worker_after_the_current_tables(workers: Any) -> None:
+    worker_set, fleet, state, _ = workers
+    state["now"] = State(None, None, Authorizer([], []))
+    assert worker_set.reevaluate() == 0
+    await until(lambda: all(fleet.latest(i).kinds()[-2:] == ["State", "Reevaluate"] for i in (0, 1)),
+                "both workers judge again under the new tables")
+    assert isinstance(fleet.latest(0).requests[-1], Reevaluate)
+
+
+async def test_a_scrape_sums_the_workers_and_skips_a_silent_one(workers: Any) -> None:
+    worker_set, fleet, _, _ = workers
+    fleet.latest(0).metrics.retries.labels(destination_service="shop/web").inc(2)
+    fleet.latest(1).metrics.retries.labels(destination_service="shop/web").inc(3)
+    fleet.latest(1).metrics.active.labels(reporter="source").inc()
+    values = parsed(await worker_set.scrape())
+    assert values[("nodeagent_tunnel_connect_retries_total", (("destination_service", "shop/web"),))] == 5
+    assert values[("nodeagent_tunnel_active_connections", (("reporter", "source"),))] == 1
+    assert ("nodeagent_tunnel_worker_resident_memory_bytes", (("worker", "0"),)) in values
+    fleet.latest(1).silent = True
+    values = parsed(await worker_set.scrape())
+    assert values[("nodeagent_tunnel_connect_retries_total", (("destination_service", "shop/web"),))] == 2
+    assert values[("nodeagent_tunnel_worker_scrapes_skipped_total", (("worker", "1"),))] == 1
+    assert worker_set.workers[1].alive, "a slow scrape does not kill a worker"
+
+
+async def test_close_ends_every_workers_socket_and_restarts_none(ca: CertificateAuthority) -> None:
+    fleet = Fleet()
+    worker_set = WorkerSet("node1", "cluster.local", 3, fleet.spawn, lambda: State(None, None, None), Fetches(ca))
+    await worker_set.start()
+    await worker_set.close()
+    assert all(fleet.latest(i).exited.is_set() for i in range(3))
+    assert {i: len(fleet.spawned[i]) for i in range(3)} == {0: 1, 1: 1, 2: 1}
+
+
+def parsed(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode()) for s in family.samples}
