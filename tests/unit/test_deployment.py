@@ -17,6 +17,7 @@ scripts/setup.sh. A missing one fails the test in CI (CI=true) and skips it else
 from __future__ import annotations
 
 import ast
+import math
 import os
 import re
 import shutil
@@ -435,6 +436,23 @@ def test_the_tunnel_runs_apart_with_fewer_privileges() -> None:
     [root] = [v["configMap"] for v in volumes.values() if "configMap" in v]
     assert root == {"name": "nodeagent-ca-root-cert", "items": [{"key": "root-cert.pem", "path": "root-cert.pem"}]}
     assert not any(v.get("hostPath", {}).get("path") in ("/sys/fs/bpf", "/sys/fs/cgroup") for v in volumes.values())
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_the_tunnel_runs_one_worker_per_cpu_of_its_limit(name: str) -> None:
+    docs = rendered(name)
+    if not find(docs, "DaemonSet", "nodeagent-ztunnel"):
+        return
+    tunnel = container(docs, "nodeagent-ztunnel", "ztunnel")
+    [workers] = [e for e in tunnel["env"] if e["name"] == "NODEAGENT_ZTUNNEL_WORKERS"]
+    [option] = [p for p in main.commands["ztunnel"].params if "--workers" in p.opts]
+    assert option.envvar == workers["name"], "the env is the one --workers reads"
+    # The kubelet writes the limit in whole CPUs, rounded up (divisor 1): what --workers takes.
+    assert workers["valueFrom"] == {"resourceFieldRef": {"containerName": "ztunnel", "resource": "limits.cpu",
+                                                         "divisor": "1"}}
+    limit = str(tunnel["resources"]["limits"]["cpu"])
+    cores = math.ceil(int(limit[:-1]) / 1000) if limit.endswith("m") else math.ceil(float(limit))
+    assert option.type.convert(str(cores), option, None) == cores
 
 
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
