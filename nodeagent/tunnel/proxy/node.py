@@ -21,9 +21,11 @@ label change that now denies it closes it (`reevaluate`, as ztunnel's connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -45,6 +47,7 @@ from nodeagent.tunnel.hbone.server import TlsListener, serve_connection, serve_t
 from nodeagent.tunnel.identity.certs import Fetch, WorkloadCertificate, rotating_server_context
 from nodeagent.tunnel.proxy.admission import NotAdmitted, Refusal, check_target
 from nodeagent.tunnel.proxy.outbound import Outbound, Refused
+from nodeagent.tunnel.proxy.overload import Overload, OverloadLimits
 from nodeagent.tunnel.state.authz import Authorizer, AuthzRequest, Verdict
 from nodeagent.tunnel.state.services import ServiceTable
 from nodeagent.tunnel.state.workloads import Workload
@@ -88,7 +91,8 @@ class NodeTunnel:
                  services: Callable[[], ServiceTable | None] = lambda: None,
                  authorizer: Callable[[], Authorizer | None] = lambda: None,
                  metrics: TunnelMetrics | None = None,
-                 identity_known: Callable[[SpiffeId], bool] = lambda _: True, reuse_port: bool = False) -> None:
+                 identity_known: Callable[[SpiffeId], bool] = lambda _: True, reuse_port: bool = False,
+                 overload: OverloadLimits | None = None) -> None:
         self.node, self.trust_domain, self.fetch, self.lookup = node, trust_domain, fetch, lookup
         self.identity_known = identity_known  # does some pod still hold this identity (see WorkloadTable.holds)
         self.reuse_port = reuse_port  # listeners shared with other tunnel processes on the node (SO_REUSEPORT)
@@ -100,6 +104,7 @@ class NodeTunnel:
         # Pods sharing a service account share its certificate (one CSR per identity, as ztunnel's cache).
         self.certificates: dict[SpiffeId, WorkloadCertificate] = {}
         self._namespaces: Namespaces | None = None  # made on the event loop's thread, the one that switches
+        self.overload = Overload(self.metrics.registry, node, overload)
 
     def _switch(self) -> Namespaces:
         if self._namespaces is None:
@@ -142,6 +147,7 @@ class NodeTunnel:
         await asyncio.to_thread(certificate.refresh)
         if workload.ip in self.pods:
             return  # added concurrently while the certificate was fetched
+        self.overload.start()
         namespaces = self._switch()
         netns = namespaces.open(workload.netns)
         # Connections to other tunnels start in the pod's own namespace, as the pod's traffic would.
@@ -184,8 +190,19 @@ class NodeTunnel:
         log.info("pod released", pod=pod.workload.name, pod_ip=ip, node=self.node)
 
     async def close(self) -> None:
+        """Release every pod, and stop watching the loop's lag."""
         for ip in list(self.pods):
             await self.remove_pod(ip)
+        self.overload.close()
+
+    async def _connect_pending(self, connect: Awaitable[T]) -> T:
+        """`connect`, counted as pending (the overload guard's limit) until it is done either way."""
+        guard = self.overload.guard
+        guard.started()
+        try:
+            return await connect
+        finally:
+            guard.connected()
 
     async def _connect_socket(self, pod: _Pod, host: str, port: int, source: str | None = None) -> socket.socket:
         """A connected socket from inside the pod's namespace; from `source` (transparently) when the
@@ -276,6 +293,8 @@ class NodeTunnel:
         source = peer[0] if peer else None
 
         def policy(identity: SpiffeId, target: str) -> bool | int:
+            if self.overload.refuse("hbone"):
+                return 503  # the peer tunnel counts a failed attempt and retries another endpoint
             host, _, port = target.rpartition(":")
             outcome = self.admit(pod, host.strip("[]"), int(port), identity, source, peer)
             if isinstance(outcome, NotAdmitted):
@@ -299,11 +318,15 @@ class NodeTunnel:
         # Whatever the authority's host, only the served pod's own address is ever dialled (policy has
         # already refused any other with 400; this keeps it so even if that check were bypassed).
         await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
-                               connect=lambda _host, port: self._connect_socket(pod, pod.workload.ip, port, source),
+                               connect=lambda _host, port: self._connect_pending(
+                                   self._connect_socket(pod, pod.workload.ip, port, source)),
                                observe=observe, violation=self._violation)
 
     async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                                  ) -> None:
+        if self.overload.refuse("inbound-plaintext"):
+            _reset(writer)
+            return
         sock = writer.get_extra_info("socket")
         peer = writer.get_extra_info("peername")
         try:
@@ -327,7 +350,8 @@ class NodeTunnel:
             if not outcome.allowed:
                 connection.flags, connection.reason = POLICY_DENIED, outcome.reason
                 return
-            up_reader, up_writer = await self._connect_from(pod, pod.workload.ip, port, source_ip)
+            up_reader, up_writer = await self._connect_pending(self._connect_from(pod, pod.workload.ip, port,
+                                                                                  source_ip))
             self.metrics.opened(connection)
             opened = True
 
@@ -352,6 +376,9 @@ class NodeTunnel:
             self.metrics.closed(connection, was_open=opened)
 
     async def _outbound(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.overload.refuse("outbound"):
+            _reset(writer)
+            return
         sock = writer.get_extra_info("socket")
         peer = writer.get_extra_info("peername")
         if not peer or not _from_pod_itself(peer[0], pod.workload.ip):
@@ -380,7 +407,7 @@ class NodeTunnel:
 
         opened, slot = False, None
         try:
-            upstream, slot = await self.outbound.connect(connection, host, port, dial)
+            upstream, slot = await self._connect_pending(self.outbound.connect(connection, host, port, dial))
             self.metrics.opened(connection)
             opened = True
             if isinstance(upstream, HboneStream):
@@ -414,6 +441,16 @@ class NodeTunnel:
             if slot is not None:
                 slot.closed()
             self.metrics.closed(connection, was_open=opened)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Refuse an accepted connection at once with a reset (SO_LINGER 0), so the client learns now rather than
+    after a timeout, and nothing of it lingers in TIME_WAIT."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 def _from_pod_itself(address: str, pod_ip: str) -> bool:
