@@ -58,8 +58,10 @@ from typing import Any
 import psutil
 import yaml
 
+import nodeagent  # first, before ROOT is on sys.path: with --source, from the export on PYTHONPATH (below)
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # for `bench`; nodeagent's submodules follow the package already imported
 
 from bench import hbone_lab  # noqa: E402
 from bench.hbone_throughput import CLIENT_ID, write_pki  # noqa: E402
@@ -80,6 +82,7 @@ from nodeagent.lab.agents import (  # noqa: E402
 from nodeagent.lab.state import locked  # noqa: E402
 
 GENERATOR = str(ROOT / "bench" / "openloop.py")
+SOURCE_ENV = "TUNNEL_LAB_SOURCE"  # "<ref> <commit>": this process is the --source child
 LOAD = hbone_lab.LOAD
 LOAD_PORT = hbone_lab.LOAD_PORT
 PLAIN, MESH = "bench", "mesh"  # the namespaces: outside the mesh (bare, envoy) and enrolled (nodeagent)
@@ -294,6 +297,7 @@ def bench_up(scratch: Path, envoy: str, tunnel_args: Sequence[str]) -> Iterator[
     name = "tl" + secrets.token_hex(4)
     lab = labs.up(name, scratch / "manifests")
     envoy_rig = hbone_lab.Rig(lab, scratch)  # its client/server are bench/client and bench/server
+    ready = False
     try:
         tunnels, logs = start_mesh(lab, tunnel_args)
         bench = Bench(lab, envoy_rig, logs=logs)
@@ -316,8 +320,14 @@ def bench_up(scratch: Path, envoy: str, tunnel_args: Sequence[str]) -> Iterator[
         for variant in bench.variants.values():
             # the datapath and the tunnels' policy are programmed asynchronously: wait for the first answer
             _poll(f"{variant.name}: an echo from the server pod", functools.partial(echo_once, variant), 60)
+        ready = True
         yield bench
     finally:
+        if not ready:  # the lab's logs go with it: show why the product did not come up
+            for log in sorted((lab.record.directory / "logs").glob("*.log")):
+                if log.name.startswith(("ztunnel", "agent", "ca")):
+                    lines = log.read_text(errors="replace").splitlines()[-15:]
+                    print(f"--- {log.name} (last lines)\n" + "\n".join(lines), file=sys.stderr)
         envoy_rig.close()
         labs.down(name)
 
@@ -508,13 +518,21 @@ def _loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
-def export_source(ref: str, scratch: Path) -> Path:
-    """`git archive` of the nodeagent package at `ref` into `scratch`: what the lab runs with --source."""
-    archive = subprocess.run(["git", "archive", ref, "nodeagent"], cwd=ROOT, capture_output=True, check=True).stdout
-    destination = scratch / "source"
-    destination.mkdir()
-    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True, timeout=60)
-    return destination
+def run_from_source(ref: str, output: Path) -> int:
+    """Run this benchmark again, as a child, with the nodeagent package exported from commit `ref` first on
+    PYTHONPATH and as its working directory: the child's lab helpers (command lines of agents and tunnels)
+    and every process of its lab (console scripts, `python -m` shims) then come from `ref`, not from the
+    shared working tree, which others may be editing meanwhile. The export is removed afterwards."""
+    commit = _git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    if not commit:
+        raise SystemExit(f"--source {ref}: not a commit of {ROOT}")
+    with tempfile.TemporaryDirectory(prefix="tunnel-lab-source-") as directory:
+        archive = subprocess.run(["git", "archive", commit, "nodeagent"], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", directory], input=archive, check=True, timeout=60)
+        env = {**os.environ, "PYTHONPATH": directory, SOURCE_ENV: f"{ref} {commit}"}
+        argv = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--output", str(output)]
+        return subprocess.run(argv, cwd=directory, env=env, check=False).returncode
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -536,25 +554,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     phases = ("single_stream", "persistent", "new_connections")
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {p: {v: [] for v in VARIANTS} for p in phases}
-    with contextlib.ExitStack() as stack:
-        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="tunnel-lab-"))
-        if args.source:
-            # Every process of the lab (console scripts: the venv's bin dir first) imports the package from
-            # here, ahead of the editable install's working tree, which others may be editing meanwhile.
-            report["source"] = {"ref": args.source, "commit": _git("rev-parse", args.source)}
-            os.environ["PYTHONPATH"] = str(export_source(args.source, Path(scratch)))
-        else:
-            report["source"] = {"ref": "working tree", "commit": report["commit"]}
-        bench = stack.enter_context(bench_up(Path(scratch), envoy, tunnel_args))
-        nodeagent = bench.variants["nodeagent"]
+    ref, _, commit = os.environ.get(SOURCE_ENV, "").partition(" ")
+    report["source"] = {"ref": ref or "working tree", "commit": commit or report["commit"],
+                        "package": str(Path(nodeagent.__file__).parent)}
+    with tempfile.TemporaryDirectory(prefix="tunnel-lab-") as scratch, \
+            bench_up(Path(scratch), envoy, tunnel_args) as bench:
+        ours = bench.variants["nodeagent"]
         report["setup"] = {
-            "capture": f"iptables ({capture_backend(nodeagent.netns)}): the agents' nat REDIRECT in {MESH}/client",
+            "capture": f"iptables ({capture_backend(ours.netns)}): the agents' nat REDIRECT in {MESH}/client",
             "tunnel_command": [*tunnel_argv(bench.lab, "node1"), *tunnel_args],
             "targets": {v.name: f"{v.target[0]}:{v.target[1]}" for v in bench.variants.values()},
             "tunnel_processes": {v.name: {s: len(_tree(p)) for s, p in v.pids.items()}
                                  for v in bench.variants.values() if v.pids},
             # where the tunnel imports the package from (--source: the export; unset: the working tree)
-            "tunnel_pythonpath": psutil.Process(nodeagent.pids["client"]).environ().get("PYTHONPATH"),
+            "tunnel_pythonpath": psutil.Process(ours.pids["client"]).environ().get("PYTHONPATH"),
         }
         all_pids = [p for v in bench.variants.values() for p in v.pids.values()]
         wait_quiet(all_pids)
@@ -669,7 +682,9 @@ def main() -> None:
     if os.geteuid() != 0:
         parser.error("the benchmark builds a lab (network namespaces, cgroups): run it as root")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = args.output or ROOT / "bench" / "results" / f"tunnel-lab-{stamp}.json"
+    path = (args.output or ROOT / "bench" / "results" / f"tunnel-lab-{stamp}.json").resolve()
+    if args.source and SOURCE_ENV not in os.environ:
+        sys.exit(run_from_source(args.source, path))  # the child runs in the export: its --output is absolute
     report = run(args)
     path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     if args.json:
