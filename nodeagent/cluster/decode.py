@@ -42,6 +42,7 @@ from nodeagent.cluster.model import (
     EndpointPort,
     EndpointSlice,
     IPAddress,
+    IPFamilyPolicy,
     IPNetwork,
     Kind,
     LoadBalancerIngress,
@@ -444,24 +445,26 @@ def _read_sloppy(value: Any) -> tuple[IPAddress | None, bool]:
     return ip, False
 
 
-def _sloppy_ip(ctx: _Ctx, value: Any, field: str, family: int | None = None) -> IPAddress | None:
+def _sloppy_ip(ctx: _Ctx, value: Any, field: str, families: tuple[int, ...] | None = None) -> IPAddress | None:
     """`value` read as kube-proxy reads it (noted when it is a legacy value), None if it is not an address
-    (reported) or not of `family` (reported)."""
+    (reported) or not of one of the Service's `families` (reported)."""
     ip, legacy = _read_sloppy(value)
     if ip is None:
         ctx.drop(field, f"{value!r} is not a valid IP address")
         return None
-    if family is not None and ip.version != family:
-        ctx.drop(field, f"{ip} is IPv{ip.version} but the Service is IPv{family}")
+    if families is not None and ip.version not in families:
+        # kube-proxy's proxier of that family skips a Service without a clusterIP of its family
+        # (GetClusterIPByFamily), and the other family's filters the address out (MapIPsByIPFamily)
+        ctx.drop(field, f"{ip} is IPv{ip.version} but the Service is {'/'.join(f'IPv{f}' for f in families)}")
         return None
     if legacy:
         ctx.note(field, value, ip)
     return ip
 
 
-def _sloppy_ips(ctx: _Ctx, values: Any, field: str, family: int | None = None) -> Iterator[IPAddress]:
+def _sloppy_ips(ctx: _Ctx, values: Any, field: str, families: tuple[int, ...] | None = None) -> Iterator[IPAddress]:
     for i, value in enumerate(_list(ctx, values, field)):
-        if (ip := _sloppy_ip(ctx, value, f"{field}[{i}]", family)) is not None:
+        if (ip := _sloppy_ip(ctx, value, f"{field}[{i}]", families)) is not None:
             yield ip
 
 
@@ -480,7 +483,10 @@ def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
                        annotations=annotations, resource_version=rv)
 
     cluster_ips, headless = _cluster_ips(ctx, spec)
-    family = cluster_ips[0].version if cluster_ips else None
+    # each family's proxier reads its own clusterIP, externalIPs and ingress IPs (kube-proxy's newBaseServiceInfo
+    # filters them by family); an address of a family the Service has no clusterIP of is served by neither
+    policy, cluster_ips = _ip_families(ctx, spec, cluster_ips, headless)
+    families = tuple(ip.version for ip in cluster_ips) if cluster_ips else None
     ports = _service_ports(ctx, spec, svc_type)
     selector = spec.get("selector")
     affinity = _enum(ctx, SessionAffinity, spec.get("sessionAffinity"), SessionAffinity.NONE, "spec.sessionAffinity")
@@ -506,7 +512,7 @@ def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
         if hc_port is None:
             ctx.drop("spec.healthCheckNodePort", f"must be 1-65535, got {spec.get('healthCheckNodePort')!r}")
     status = _map(ctx, raw.get("status"), "status")
-    lb_ingress = _load_balancer_ingress(ctx, status, family)
+    lb_ingress = _load_balancer_ingress(ctx, status, families)
     source_ranges = []
     for i, value in enumerate(_list(ctx, spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")):
         # kube-proxy's MapCIDRsByIPFamily: trimmed, then ParseCIDRSloppy, whose network masks host bits
@@ -523,21 +529,23 @@ def _service(ctx: _Ctx, raw: Mapping[str, Any]) -> Service:
     return Service(
         ref=ctx.ref, type=svc_type, cluster_ips=cluster_ips, headless=headless, ports=ports,
         selector=None if selector is None else _string_map(ctx, selector, "spec.selector"),
-        external_ips=tuple(_sloppy_ips(ctx, spec.get("externalIPs"), "spec.externalIPs", family)),
+        external_ips=tuple(_sloppy_ips(ctx, spec.get("externalIPs"), "spec.externalIPs", families)),
         load_balancer_ingress=lb_ingress, load_balancer_source_ranges=tuple(source_ranges),
         session_affinity=affinity, affinity_timeout_seconds=timeout, external_traffic_policy=etp,
         internal_traffic_policy=itp, health_check_node_port=hc_port, labels=labels, annotations=annotations,
         resource_version=rv, endpoint_weights=_endpoint_weights(ctx, annotations),
         traffic_distribution=distribution if isinstance(distribution, str) else "",
+        ip_families=families or (), ip_family_policy=policy,
     )
 
 
 def _load_balancer_ingress(ctx: _Ctx, status: Mapping[str, Any],
-                           family: int | None) -> tuple[LoadBalancerIngress, ...]:
+                           families: tuple[int, ...] | None) -> tuple[LoadBalancerIngress, ...]:
     """status.loadBalancer.ingress as kube-proxy's newBaseServiceInfo reads it: an entry without an IP
     (hostname-only, or "") is skipped silently; a Proxy-mode IP is kept whatever its family (kube-proxy
-    skips it before the family check, and programs nothing for it); a VIP-mode one must be of the
-    Service's family. An ipMode other than VIP or Proxy is not VIP to kube-proxy either (no rule): the
+    skips it before the family check, and programs nothing for it); a VIP-mode one must be of one of the
+    Service's families (each family's proxier keeps the ingress IPs of its family).
+    An ipMode other than VIP or Proxy is not VIP to kube-proxy either (no rule): the
     entry is dropped, reported."""
     entries = []
     for i, raw in enumerate(_list(ctx, _map(ctx, status.get("loadBalancer"), "status.loadBalancer")
@@ -554,7 +562,7 @@ def _load_balancer_ingress(ctx: _Ctx, status: Mapping[str, Any],
                                         "VIP-mode ingress IPs), no rule for this IP")
             continue
         vip = mode is not LoadBalancerIPMode.PROXY
-        ip = _sloppy_ip(ctx, ingress["ip"], f"{field}.ip", family if vip else None)
+        ip = _sloppy_ip(ctx, ingress["ip"], f"{field}.ip", families if vip else None)
         if ip is not None:
             entries.append(LoadBalancerIngress(ip, mode))
     return tuple(entries)
@@ -583,6 +591,63 @@ def _endpoint_weights(ctx: _Ctx, annotations: Mapping[str, str]) -> tuple[tuple[
     return tuple(sorted(parsed.items()))
 
 
+_FAMILIES = {"IPv4": 4, "IPv6": 6}
+
+
+def _ip_families(ctx: _Ctx, spec: Mapping[str, Any], cluster_ips: tuple[IPAddress, ...],
+                 headless: bool) -> tuple[IPFamilyPolicy | None, tuple[IPAddress, ...]]:
+    """spec.ipFamilyPolicy, and the cluster IPs served: kube-proxy's `GetClusterIPByFamily` gives each family's
+    proxier `clusterIPs[i]` where `ipFamilies[i]` is its family, so spec.ipFamilies decides which of the cluster
+    IPs are served. An entry that disagrees with the address at its index (which would hand the IPv6 proxier an
+    IPv4 address) is reported and the address is served in its own family; a family listed without an address,
+    or an address whose family is not listed, is reported and not served. Without spec.ipFamilies (a manifest
+    written by hand: the API server always writes it) the cluster IPs are read as they are (kube-proxy's skew
+    path would read only spec.clusterIP). Nothing here makes the Service unusable: the API server's validation
+    makes these disagreements impossible for the Services it wrote."""
+    raw_policy = spec.get("ipFamilyPolicy")
+    policy = None
+    if raw_policy not in (None, ""):
+        try:
+            policy = IPFamilyPolicy(raw_policy)
+        except ValueError:
+            allowed = ", ".join(p.value for p in IPFamilyPolicy)
+            ctx.drop("spec.ipFamilyPolicy", f"{raw_policy!r} is not one of {allowed}; read as unset (SingleStack)")
+    if headless:
+        return policy, cluster_ips
+    written = _list(ctx, spec.get("ipFamilies"), "spec.ipFamilies")
+    listed: set[int] = set()
+    for i, name in enumerate(written):
+        field = f"spec.ipFamilies[{i}]"
+        family = _FAMILIES.get(name) if isinstance(name, str) else None
+        if family is None:
+            ctx.drop(field, f"{name!r} is not IPv4 or IPv6")
+        elif family in listed:
+            ctx.drop(field, f"{name} is listed twice")
+        elif i >= len(cluster_ips):
+            ctx.drop(field, f"{name} has no address in spec.clusterIPs (the API server allocates one per family): "
+                            f"no {name} rules for this Service")
+        elif cluster_ips[i].version != family:
+            ctx.drop(field, f"{name} but spec.clusterIPs[{i}] {cluster_ips[i]} is IPv{cluster_ips[i].version}: "
+                            "each clusterIP is served in its own family")
+            listed.add(cluster_ips[i].version)
+        else:
+            listed.add(family)
+    served = list(cluster_ips)
+    if listed:
+        served = [cluster_ips[0], *(ip for ip in cluster_ips[1:] if ip.version in listed)]
+        for i, ip in enumerate(cluster_ips[1:], start=1):
+            if ip.version not in listed:
+                ctx.drop(f"spec.clusterIPs[{i}]", f"{ip} is IPv{ip.version}, which spec.ipFamilies does not list: "
+                                                  f"no IPv{ip.version} rules for this Service")
+    if policy is IPFamilyPolicy.REQUIRE_DUAL_STACK and len(served) < 2:
+        ctx.drop("spec.ipFamilyPolicy", f"RequireDualStack but the Service has only an IPv{served[0].version} "
+                                        "clusterIP: served single-stack")
+    elif policy is IPFamilyPolicy.SINGLE_STACK and len(served) > 1:
+        ctx.drop("spec.ipFamilyPolicy", "SingleStack but the Service has an IPv4 and an IPv6 clusterIP: both are "
+                                        "served, as kube-proxy serves each family's clusterIP")
+    return policy, tuple(served)
+
+
 def _cluster_ips(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[tuple[IPAddress, ...], bool]:
     raw_ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") is not None else [])
     field = "spec.clusterIPs" if spec.get("clusterIPs") else "spec.clusterIP"
@@ -597,13 +662,19 @@ def _cluster_ips(ctx: _Ctx, spec: Mapping[str, Any]) -> tuple[tuple[IPAddress, .
     if legacy:
         ctx.note(primary_field, raw_ips[0], primary)
     ips = [primary]
+    other = 6 if primary.version == 4 else 4
     for i, value in enumerate(raw_ips[1:], start=1):
         ip, legacy = _read_sloppy(value)
-        if legacy and ip is not None and ip.version != primary.version:
-            ctx.note(f"spec.clusterIPs[{i}]", value, ip)
-        if ip is None or ip.version == primary.version:
-            ctx.drop(f"spec.clusterIPs[{i}]", f"{value!r} is not a valid secondary IP of the other family")
+        if ip is None:
+            ctx.drop(f"spec.clusterIPs[{i}]", f"{value!r} is not a valid IP address: no IPv{other} rules for this "
+                                              "Service")
+        elif i > 1 or ip.version == primary.version:
+            # the API server allows one address per family, the primary's first
+            ctx.drop(f"spec.clusterIPs[{i}]", f"{value!r} is not a secondary IP of the other family "
+                                              f"(the primary is IPv{primary.version})")
         else:
+            if legacy:
+                ctx.note(f"spec.clusterIPs[{i}]", value, ip)
             ips.append(ip)
     return tuple(ips), False
 

@@ -60,6 +60,21 @@ class LoadBalancerIPMode(StrEnum):
     PROXY = "Proxy"
 
 
+class IPFamilyPolicy(StrEnum):
+    """spec.ipFamilyPolicy. Unset is SingleStack (the API server's default). kube-proxy does not read it: each
+    family's proxier serves the Service when `spec.ipFamilies` names that family and `spec.clusterIPs` has its
+    address (`proxyutil.GetClusterIPByFamily`); nodeagent reads it only to report what a node cannot serve."""
+
+    SINGLE_STACK = "SingleStack"
+    PREFER_DUAL_STACK = "PreferDualStack"
+    REQUIRE_DUAL_STACK = "RequireDualStack"
+
+
+def family_name(family: int) -> str:
+    """`IPv4` or `IPv6`: kube-proxy's v1.IPFamily strings (`spec.ipFamilies`, its `ip_family` labels)."""
+    return f"IPv{family}"
+
+
 class AddressType(StrEnum):
     """EndpointSlice addressType (FQDN slices are not used by any proxy)."""
 
@@ -185,6 +200,20 @@ class Service:
     # spec.trafficDistribution as written (PreferClose, PreferSameZone, PreferSameNode; "" when unset):
     # the tunnel's locality preference (nodeagent.tunnel.state.service_config)
     traffic_distribution: str = ""
+    # the family of each entry of `cluster_ips`, in the same order (spec.ipFamilies as the decoder checked it
+    # against spec.clusterIPs): the first is the Service's primary family
+    ip_families: tuple[int, ...] = ()
+    ip_family_policy: IPFamilyPolicy | None = None  # None: not written (SingleStack)
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The families the Service has a cluster IP of, primary first (4, 6)."""
+        return self.ip_families or tuple(ip.version for ip in self.cluster_ips)
+
+    def cluster_ip(self, family: int) -> IPAddress | None:
+        """The cluster IP of `family`, or None: kube-proxy's `GetClusterIPByFamily`, which the proxier of each
+        family asks first and, on None, skips the Service (pkg/proxy/servicechangetracker.go)."""
+        return next((ip for ip in self.cluster_ips if ip.version == family), None)
 
     @property
     def skip_reason(self) -> str | None:
@@ -289,6 +318,12 @@ class Node:
     def internal_ips(self) -> tuple[IPAddress, ...]:
         """The node's InternalIP addresses."""
         return self.addresses.get("InternalIP", ())
+
+    @property
+    def families(self) -> frozenset[int]:
+        """The IP families the Node object says the node has: those of its addresses and its pod CIDRs."""
+        return frozenset({ip.version for ips in self.addresses.values() for ip in ips}
+                         | {cidr.version for cidr in self.pod_cidrs})
 
 
 @dataclass(frozen=True, slots=True)

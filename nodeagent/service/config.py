@@ -123,21 +123,38 @@ class ProxyConfig:
         return self.family == 4 and self.localhost_nodeports
 
 
+def base_families(settings: ProxySettings) -> frozenset[int]:
+    """The IP families served whatever the Node object says: IPv4 (the agent always runs its IPv4 proxier) and
+    the families of --cluster-cidr."""
+    return frozenset({4} | {cidr.version for cidr in settings.cluster_cidrs})
+
+
+def served_families(node: Node | None, settings: ProxySettings) -> frozenset[int]:
+    """The families a proxier runs for: `base_families` and those of the Node's addresses and pod CIDRs.
+
+    kube-proxy runs its IPv6 proxier wherever ip6tables works (server_linux.go platformCheckSupported); nodeagent
+    runs it only where the node has IPv6 to serve, so an IPv4-only node never touches ip6tables, and reports the
+    IPv6 Services it does not serve (`state.tracker.ChangeTracker`)."""
+    return base_families(settings) | (node.families if node is not None else frozenset())
+
+
 def proxy_config(node_name: str, settings: ProxySettings, snapshot: Snapshot,
-                 addresses: tuple[IPAddress, ...]) -> ProxyConfig:
-    """The renderer's configuration from the flags and this node's Node object. Pure.
+                 addresses: tuple[IPAddress, ...], family: int = 4) -> ProxyConfig:
+    """The renderer's configuration of the proxier of `family` from the flags and this node's Node object. Pure.
 
     --nodeport-addresses are resolved against `addresses` (the agent's interfaces, as kube-proxy's), or
-    without them (an offline view of any node) against the Node's status.addresses and loopback."""
+    without them (an offline view of any node) against the Node's status.addresses and loopback. Each family
+    has its own node IP, NodePort addresses and local-traffic CIDR (kube-proxy's proxier per family); there
+    are no localhost NodePorts on IPv6 (`ProxyConfig.localhost_nodeports_enabled`)."""
     node = snapshot.node
     ips = node_ips(node, settings.bind_address)
-    family = 4
     cidrs = nodeport_cidrs(settings, ips, family)
     # `primary` before any node IP is known (no Node object yet, no bind address): kube-proxy waits for the Node
     # before it programs anything (cmd/kube-proxy/app/server.go), so NodePorts answer on no address until then,
     # not on every address (what an empty `primary` would otherwise fall back to), localhost included
     unresolved_primary = settings.nodeport_primary and all(ip.is_loopback for ip in ips.values())
-    localhost = settings.localhost_nodeports and not unresolved_primary and contains_ipv4_loopback(cidrs)
+    localhost = (family == 4 and settings.localhost_nodeports and not unresolved_primary
+                 and contains_ipv4_loopback(cidrs))
     nodeport_ips: tuple[IPAddress, ...] | None = None
     if unresolved_primary:
         nodeport_ips = ()
@@ -152,5 +169,5 @@ def proxy_config(node_name: str, settings: ProxySettings, snapshot: Snapshot,
                        masquerade_bit=settings.masquerade_bit, localhost_nodeports=localhost,
                        nodeport_ips=nodeport_ips, random_fully=settings.random_fully,
                        nfacct_counters=settings.nfacct_counters,
-                       conntrack_tcp_liberal=settings.conntrack_tcp_liberal,
+                       conntrack_tcp_liberal=settings.conntrack_tcp_liberal, family=family,
                        node_labels=dict(node.labels) if node is not None else {})

@@ -50,6 +50,7 @@ from nodeagent.state.translation import (
     changed_ports,
     merge_endpoints,
     service_port_infos,
+    unserved_families,
 )
 
 log = structlog.get_logger("nodeagent.state.tracker")
@@ -87,6 +88,8 @@ class Snapshot:
     changed_services: frozenset[ObjectRef]
     changed_kinds: frozenset[Kind]
     built_at: float = field(default_factory=time.monotonic)
+    # the IP families this node serves (a proxier of each runs); None: not checked (a tracker made without them)
+    served_families: frozenset[int] | None = None
 
     def synced(self, kinds: Iterable[Kind]) -> bool:
         """Whether every kind in `kinds` has been listed completely at least once."""
@@ -119,12 +122,21 @@ _FIELD_OF_KIND = {
 
 
 class ChangeTracker:
-    """Folds source events into pending changes; `snapshot()` turns them into the next `Snapshot`."""
+    """Folds source events into pending changes; `snapshot()` turns them into the next `Snapshot`.
 
-    def __init__(self, node_name: str, on_change: Callable[[], None] | None = None) -> None:
+    `families`: the IP families served whatever the Node says (the agent's: IPv4, and those of its cluster CIDRs).
+    With them, the node's own Node object adds the families of its addresses and pod CIDRs, and every Service
+    with a cluster IP of a family not served is reported (a rejection on `spec.ipFamilies[i]`, counted as
+    ("Service", "family")), never dropped silently. None: no such check (the tunnel, the CA: no proxier)."""
+
+    def __init__(self, node_name: str, on_change: Callable[[], None] | None = None,
+                 families: frozenset[int] | None = None) -> None:
         self._lock = threading.Lock()
         self._node_name = node_name
         self._on_change = on_change
+        self._base_families = families
+        self._served: frozenset[int] | None = None  # as of the last snapshot
+        self._family_rejections: dict[ObjectRef, tuple[Rejection, ...]] = {}
         # Persistent maps (HAMTs): a snapshot holds the map as it is, and the next change makes a new
         # map sharing all untouched entries, so a snapshot costs O(changes), not O(cluster).
         self._objects: dict[Kind, immutables.Map[ObjectRef, Object]] = {kind: immutables.Map() for kind in Kind}
@@ -295,6 +307,7 @@ class ChangeTracker:
         for service_ref in self._dirty_services:
             if self._retranslate(service_ref, changed):
                 changed_services.add(service_ref)
+        self._check_families()
         if last is None:
             changed = set(self._service_ports)
             changed_services = {name.service for name in changed}
@@ -322,18 +335,60 @@ class ChangeTracker:
             skipped_services=(last.skipped_services if last is not None and Kind.SERVICE not in self._dirty_kinds
                               else MappingProxyType(dict(self._skipped))),
             rejections=(last.rejections if last is not None and not self._dirty_meta
-                        else MappingProxyType(dict(self._rejections))),
+                        else MappingProxyType(self._all_rejections())),
             rejection_counts=MappingProxyType(dict(self._rejection_counts)),
             unreadable=tuple(self._unreadable),
             changed_ports=frozenset(changed),
             changed_services=frozenset(changed_services),
             changed_kinds=frozenset(self._dirty_kinds) if last is not None else frozenset(Kind),
+            served_families=self._served,
         )
         self._dirty_services.clear()
         self._dirty_kinds.clear()
         self._dirty_meta = False
         self._last = snapshot
         return snapshot
+
+    def _served_families(self) -> frozenset[int] | None:
+        if self._base_families is None:
+            return None
+        node = self._objects[Kind.NODE].get(ObjectRef(Kind.NODE, "", self._node_name))
+        return self._base_families | (node.families if isinstance(node, Node) else frozenset())
+
+    def _check_families(self) -> None:
+        """Report the Services with a family this node does not serve: the dirty ones, or all of them when the
+        served families changed (the Node object arrived or changed its addresses)."""
+        served = self._served_families()
+        if served is None:
+            return
+        refs: Iterable[ObjectRef] = ({*self._objects[Kind.SERVICE].keys(), *self._family_rejections}
+                                     if served != self._served else self._dirty_services)
+        if served != self._served:
+            log.info("IP families served", node=self._node_name, families=[f"IPv{f}" for f in sorted(served)])
+            self._served = served
+            self._dirty_meta = True
+        for ref in list(refs):
+            service = self._objects[Kind.SERVICE].get(ref)
+            found = unserved_families(service, served) if isinstance(service, Service) else ()
+            before = self._family_rejections.get(ref, ())
+            if found == before:
+                continue
+            self._dirty_meta = True
+            if found:
+                self._family_rejections[ref] = found
+            else:
+                del self._family_rejections[ref]
+            for rejection in found:
+                if rejection not in before:
+                    self._rejection_counts[(str(Kind.SERVICE), "family")] += 1
+                    log.warning("IP family not served", object=str(ref), field=rejection.field,
+                                reason=rejection.reason)
+
+    def _all_rejections(self) -> dict[ObjectRef, tuple[Rejection, ...]]:
+        merged = dict(self._rejections)
+        for ref, found in self._family_rejections.items():
+            merged[ref] = (*merged.get(ref, ()), *found)
+        return merged
 
     def _retranslate(self, service_ref: ObjectRef, changed: set[ServicePortName]) -> bool:
         """Recompute one Service's ports and endpoints in place; record the ports that changed."""

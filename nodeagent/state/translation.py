@@ -12,7 +12,8 @@ orders them before rendering (which is what makes its iptables output, and ours,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 
@@ -20,10 +21,12 @@ from nodeagent.cluster.model import (
     AddressType,
     EndpointSlice,
     IPAddress,
+    IPFamilyPolicy,
     IPNetwork,
     Kind,
     ObjectRef,
     Protocol,
+    Rejection,
     Service,
     ServiceType,
     SessionAffinity,
@@ -75,6 +78,31 @@ class ServicePortInfo:
     topology_mode: str
     endpoint_weights: tuple[tuple[str, int], ...] = ()  # pod name -> weight (see model.Service)
 
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The families this port has a cluster IP of (primary first): the proxiers that program it."""
+        return tuple(ip.version for ip in self.cluster_ips)
+
+    def for_family(self, family: int) -> ServicePortInfo | None:
+        """The port as the proxier of `family` sees it, or None when the Service has no cluster IP of `family`.
+
+        kube-proxy's ServiceChangeTracker builds one ServicePort per family: `newBaseServiceInfo` takes the
+        family's clusterIP (GetClusterIPByFamily; none: the Service is skipped) and keeps the externalIPs,
+        loadBalancerSourceRanges and load balancer VIPs of that family only (MapIPsByIPFamily,
+        MapCIDRsByIPFamily) (pkg/proxy/serviceport.go, servicechangetracker.go)."""
+        cluster_ip = next((ip for ip in self.cluster_ips if ip.version == family), None)
+        if cluster_ip is None:
+            return None
+        if len(self.cluster_ips) == 1 and all(ip.version == family for ip in (*self.external_ips,
+                                                                                *self.load_balancer_ips)) \
+                and all(cidr.version == family for cidr in self.load_balancer_source_ranges):
+            return self  # single-stack, nothing of the other family: the same object (render caches by identity)
+        return dataclasses.replace(
+            self, cluster_ips=(cluster_ip,),
+            external_ips=tuple(ip for ip in self.external_ips if ip.version == family),
+            load_balancer_ips=tuple(ip for ip in self.load_balancer_ips if ip.version == family),
+            load_balancer_source_ranges=tuple(c for c in self.load_balancer_source_ranges if c.version == family))
+
 
 @dataclass(frozen=True, slots=True)
 class EndpointInfo:
@@ -96,6 +124,36 @@ class EndpointInfo:
 
     def __str__(self) -> str:
         return f"[{self.ip}]:{self.port}" if isinstance(self.ip, IPv6Address) else f"{self.ip}:{self.port}"
+
+
+def endpoints_of_family(endpoints: Sequence[EndpointInfo], family: int) -> list[EndpointInfo]:
+    """The endpoints the proxier of `family` reads. kube-proxy's metaproxier hands each family's proxier only the
+    EndpointSlices of its addressType; a slice holds addresses of its type only (the decoder drops the others),
+    so filtering merged endpoints by address family is the same selection."""
+    return [e for e in endpoints if e.ip.version == family]
+
+
+def unserved_families(service: Service, served: frozenset[int]) -> tuple[Rejection, ...]:
+    """A report for each family of `service` this node does not serve (no proxier of that family runs), naming
+    the field; it rejects the whole Service when no family of it is served. Empty for a skipped Service."""
+    if service.skip_reason is not None:
+        return ()
+    found = []
+    families = service.families
+    for i, (family, ip) in enumerate(zip(families, service.cluster_ips, strict=False)):
+        if family in served:
+            continue
+        others = [f"{kind} {', '.join(str(a) for a in addresses)}" for kind, addresses in (
+            ("externalIPs", [a for a in service.external_ips if a.version == family]),
+            ("load balancer IPs", [g.ip for g in service.load_balancer_ingress if g.ip.version == family]))
+            if addresses]
+        reason = (f"IPv{family} is not served on this node (no IPv{family} node address, podCIDR or cluster CIDR): "
+                  f"clusterIP {ip}{''.join(f', {o}' for o in others)} get no rules")
+        if service.ip_family_policy is IPFamilyPolicy.REQUIRE_DUAL_STACK:
+            reason += "; the Service requires dual-stack (RequireDualStack)"
+        found.append(Rejection(service.ref, f"spec.ipFamilies[{i}]", reason,
+                               whole_object=not any(f in served for f in families)))
+    return tuple(found)
 
 
 def service_port_infos(service: Service) -> tuple[ServicePortInfo, ...]:

@@ -36,7 +36,7 @@ from nodeagent.service.topology import (
     uses_cluster_endpoints,
     uses_local_endpoints,
 )
-from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName
+from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName, endpoints_of_family
 
 
 @dataclass(slots=True)
@@ -219,7 +219,7 @@ def render(service_ports: Mapping[ServicePortName, ServicePortInfo],
         hit = cache.get(name) if cache is not None else None
         if hit is None or hit.info is not info or hit.endpoints is not port_endpoints:
             hit = None
-            total += len(_of_family_endpoints(port_endpoints, family))
+            total += len(endpoints_of_family(port_endpoints, family))
         else:
             total += hit.count
         entries.append((name, info, port_endpoints, hit))
@@ -235,10 +235,12 @@ def render(service_ports: Mapping[ServicePortName, ServicePortInfo],
             rules = hit.rules
         else:
             rules = PortRules()
-            family_endpoints = _of_family_endpoints(port_endpoints, family)
-            if _of_family(info.cluster_ips, family) and (not config.external_only or externally_accessible(info)):
+            family_endpoints = endpoints_of_family(port_endpoints, family)
+            # the port as this family's proxier sees it (None: no cluster IP of the family, kube-proxy skips it)
+            view = info.for_family(family)
+            if view is not None and (not config.external_only or externally_accessible(view)):
                 _render_port(config, rules.filter, rules.top, rules.own, set(), str(name),
-                             info.protocol.lower(), info, family_endpoints, zone, large, local_if, not_local_if)
+                             view.protocol.lower(), view, family_endpoints, zone, large, local_if, not_local_if)
             if cache is not None:
                 cache[name] = _Entry(info, port_endpoints, large, rules, len(family_endpoints))
                 fresh.append(rules)
@@ -276,10 +278,6 @@ class _Entry:
 @lru_cache(maxsize=1 << 17)
 def _order(name: ServicePortName) -> tuple[str, str]:
     return str(name), name.protocol
-
-
-def _of_family_endpoints(endpoints: Sequence[EndpointInfo], family: int) -> list[EndpointInfo]:
-    return [e for e in endpoints if e.ip.version == family]
 
 
 def _local_detector(config: ProxyConfig) -> tuple[list[str], list[str]]:
