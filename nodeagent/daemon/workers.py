@@ -233,7 +233,8 @@ class WorkerSet:
             for ip, future in replay:
                 reply = await self._settle(worker, future, self.request_timeout)
                 if isinstance(reply, Reply) and not reply.error:
-                    worker.pods.add(ip)
+                    if ip in self._wanted:  # not removed meanwhile (its RemovePod followed on the same socket)
+                        worker.pods.add(ip)
                 else:
                     log.warning("restarted tunnel worker did not take a pod", worker=dead.index, pod_ip=ip,
                                 reason=str(reply.error if isinstance(reply, Reply) else reply))

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr
 from nodeagent.cluster.model import Kind
+from nodeagent.control.assignments import Assignment
+from nodeagent.daemon.tunnel import TunnelOptions, TunnelProcess
 from nodeagent.daemon.tunnel_wire import (
     AddPod,
     Certificate,
@@ -41,7 +43,7 @@ from nodeagent.tunnel.state.authz import Authorizer
 from nodeagent.tunnel.state.services import service_table
 from nodeagent.tunnel.state.workloads import Workload, workload_table
 from nodeagent.tunnel.telemetry import TunnelMetrics
-from tests.unit.daemon.test_tunnel import listed, snap, tracker_with_pods
+from tests.unit.daemon.test_tunnel import FailingSource, listed, snap, tracker_with_pods
 
 WEB = Workload("10.244.1.2", SpiffeId("cluster.local", "shop", "web"), "node1", "/run/netns/web", name="shop/web")
 API = Workload("10.244.1.3", SpiffeId("cluster.local", "shop", "api"), "node1", "/run/netns/api", name="shop/api")
@@ -246,7 +248,8 @@ async def test_every_worker_gets_the_tables_then_the_pod_with_its_certificate(wo
     for index in (0, 1):
         worker = fleet.latest(index)
         assert worker.kinds() == ["State", "State", "AddPod"], "the new tables reach a worker before the pod"
-        assert worker.requests[1] == state["now"] or worker.requests[1].table is not None
+        tables = worker.requests[1]
+        assert isinstance(tables, State) and tables.table == state["now"].table
         add = worker.requests[2]
         assert isinstance(add, AddPod) and add.workload == WEB
         assert add.certificate.chain == worker_set.certificates[WEB.identity].chain
@@ -340,3 +343,38 @@ async def test_close_ends_every_workers_socket_and_restarts_none(ca: Certificate
 def parsed(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+
+
+async def test_the_tunnel_process_drives_its_workers_and_acks_a_pod_only_once_they_serve_it(
+        ca: CertificateAuthority, tmp_path: Any) -> None:
+    """TunnelProcess with --workers 2: the reconcile adds the agent's pods through the WorkerSet, a new
+    snapshot's tables reach every worker, and the agent hears "served" only after the workers' acks."""
+    fleet = Fleet()
+    tunnel = TunnelProcess(TunnelOptions("node1", workers=2), Fetches(ca), lambda sink: FailingSource())
+    assert isinstance(tunnel.tunnel, WorkerSet)
+    worker_set = WorkerSet("node1", "cluster.local", 2, fleet.spawn,
+                           lambda: State(tunnel.table, tunnel.services, tunnel.authorizer), tunnel.fetch)
+    tunnel.tunnel = worker_set
+    await worker_set.start()
+    try:
+        netns = tmp_path / "web"
+        netns.touch()
+        fleet.latest(1).refuse.add("10.244.1.2")
+        await tunnel.apply(1, "run", True, [Assignment("shop/web", "10.244.1.2", "shop", "default", str(netns))], [])
+        assert tunnel.pod_statuses()[0][:2] == ("shop/web", False), "one worker refused: not served"
+        fleet.latest(1).refuse.clear()
+        await tunnel.reconcile(None)
+        assert tunnel.pod_statuses() == [("shop/web", True, "")]
+        assert all(fleet.latest(i).pods == {"10.244.1.2"} for i in (0, 1))
+        tracker = tracker_with_pods()
+        tracker.apply(listed(Kind.PEER_AUTHENTICATION, []))
+        tracker.apply(listed(Kind.AUTHORIZATION_POLICY, []))
+        await tunnel.reconcile(snap(tracker))
+        assert tunnel.table is not None and tunnel.authorizer is not None
+        def pushed(index: int) -> State:
+            return [r for r in fleet.latest(index).requests if isinstance(r, State)][-1]
+
+        await until(lambda: all(pushed(i).table == tunnel.table for i in (0, 1)), "the new tables reach both")
+        assert all(pushed(i).authorizer is not None for i in (0, 1))
+    finally:
+        await worker_set.close()
