@@ -26,6 +26,7 @@ import asyncio
 import itertools
 import math
 import os
+import pickle
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -168,8 +169,8 @@ class WorkerSet:
         log.info("tunnel workers started", workers=[w.channel.pid for w in self.workers.values()])
 
     def _attach(self, index: int, channel: Channel) -> _Worker:
-        """Register a started worker and queue its tables and every wanted pod (no await between: whatever
-        is sent after reaches it after these)."""
+        """Register a started worker and queue the current tables for it (no await until then: whatever is
+        sent to it afterwards, a restart's pods first, reaches it after them)."""
         worker = _Worker(index, channel)
         self.workers[index] = worker
         worker.reading = asyncio.ensure_future(self._read(worker))
@@ -188,7 +189,7 @@ class WorkerSet:
                 future = worker.pending.pop(request_id, None)
                 if future is not None and not future.done():
                     future.set_result(load_reply(payload))
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError, EOFError) as exc:
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, EOFError, pickle.UnpicklingError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         finally:
             worker.alive = False
