@@ -127,7 +127,8 @@ class TunnelWorker:
                 writer.write(frame(request_id, dumps(reply)))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            log.warning("coordinator connection lost", worker=self.index, reason=str(exc))
+            # Also a coordinator closing while a reply is on its way: either way this worker stops.
+            log.info("coordinator connection lost", worker=self.index, reason=str(exc))
         finally:
             writer.close()
 
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
     configure_logging(json=True, level=args.log_level)
+    # Every line of this process (the tunnel's own, the access log) names the worker: its connections'
+    # tasks inherit the context from the event loop's main task.
+    structlog.contextvars.bind_contextvars(tunnel_worker=args.index)
     raise_open_files_limit()
     sock = socket.socket(fileno=args.fd)
     worker = TunnelWorker(args.node, args.trust_domain, args.index)

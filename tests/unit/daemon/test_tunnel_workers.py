@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,7 +38,14 @@ from nodeagent.daemon.tunnel_wire import (
     load_request,
     read_frame,
 )
-from nodeagent.daemon.workers import Channel, WorkerSet, cgroup_cpu_limit, cpu_quota, worker_count
+from nodeagent.daemon.workers import (
+    Channel,
+    WorkerSet,
+    cgroup_cpu_limit,
+    cpu_quota,
+    process_spawner,
+    worker_count,
+)
 from nodeagent.tunnel.identity.certs import WorkloadCertificate
 from nodeagent.tunnel.state.authz import Authorizer
 from nodeagent.tunnel.state.services import service_table
@@ -378,3 +386,29 @@ async def test_the_tunnel_process_drives_its_workers_and_acks_a_pod_only_once_th
         assert all(pushed(i).authorizer is not None for i in (0, 1))
     finally:
         await worker_set.close()
+
+
+async def test_a_real_worker_process_answers_and_exits_at_the_end_of_its_socket(ca: CertificateAuthority) -> None:
+    """`python -m nodeagent.daemon.tunnel_worker` as the coordinator starts it (no pods: no root needed)."""
+    worker_set = WorkerSet("node1", "cluster.local", 2, process_spawner("node1", "cluster.local"),
+                           lambda: State(None, None, Authorizer([], [])), Fetches(ca))
+    await worker_set.start()
+    try:
+        deadline = time.monotonic() + 60
+        # A worker answers once it has imported the tunnel (a second or more on a loaded machine); until then
+        # a dump (1 s per worker) goes without it.
+        dump = await worker_set.dump()
+        while None in [w["connections_opened"] for w in dump["workers"]]:
+            assert time.monotonic() < deadline, dump
+            dump = await worker_set.dump()
+        assert [w["pid"] for w in dump["workers"]] == [w.channel.pid for w in worker_set.workers.values()]
+        assert [w["connections_opened"] for w in dump["workers"]] == [0, 0], "both answered their status"
+        values = parsed(await worker_set.scrape())
+        assert ("nodeagent_tunnel_active_connections", (("reporter", "source"),)) not in values
+        assert values[("nodeagent_tunnel_worker_resident_memory_bytes", (("worker", "1"),))] > 10 << 20
+        assert worker_set.reevaluate() == 0
+    finally:
+        pids = [w.channel.pid for w in worker_set.workers.values()]
+        await worker_set.close()
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    assert worker_set.restarts == {0: 0, 1: 0}
