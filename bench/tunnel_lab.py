@@ -174,6 +174,12 @@ def tree_rss_mb(pid: int) -> float:
     return round(total / 2**20, 1)
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs; idle and iowait excluded), from /proc/stat."""
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+
 def wait_quiet(pids: Sequence[int], timeout: float = 60.0) -> float:
     """Poll until every process tree in `pids` is near idle (< 0.05 vCPU over 0.3 s): a backlog (access-log
     lines, closing connections) would otherwise be charged to the next measurement. Seconds waited."""
@@ -346,10 +352,12 @@ def access_log_lines(path: Path) -> int:
 def single_stream(bench: Bench, variant: Variant, seconds: float) -> dict[str, Any]:
     """One single-stream transfer through `variant`: Gbit/s and its tunnels' CPU per GiB."""
     before = {side: tree_cpu(pid) for side, pid in variant.pids.items()}
+    busy, began = machine_busy_s(), time.monotonic()
     gbit, sent = hbone_lab.transfer(bench.envoy_rig, variant.target, seconds, netns=variant.netns)
     cpu = {side: cpu_delta(before[side], tree_cpu(pid)) for side, pid in variant.pids.items()}
     gib = sent / 2**30
-    result: dict[str, Any] = {"gbit_per_s": round(gbit, 3), "gib": round(gib, 3)}
+    result: dict[str, Any] = {"gbit_per_s": round(gbit, 3), "gib": round(gib, 3),
+                              "machine_busy_vcpu": round((machine_busy_s() - busy) / (time.monotonic() - began), 2)}
     if cpu:
         result["cpu_s_per_gib"] = round(sum(cpu.values()) / gib, 4)
         result["cpu_s_per_gib_by_side"] = {side: round(value / gib, 4) for side, value in cpu.items()}
@@ -371,15 +379,19 @@ def load(bench: Bench, variant: Variant, mode: str, args: argparse.Namespace) ->
     try:
         assert child.stdout is not None
         cpu0: dict[str, dict[int, float]] = {}
-        began = 0.0
+        began = busy = 0.0
         for line in hbone_lab._lines(child.stdout, time.monotonic() + args.warmup + args.load_seconds + 60):
             if line == "start":
                 began, cpu0 = time.monotonic(), {side: tree_cpu(pid) for side, pid in variant.pids.items()}
+                busy = machine_busy_s()
             elif line.startswith("{"):
                 window = time.monotonic() - began
+                # everything the machine ran meanwhile (this run, the lab, other users): how contended it was
+                machine = (machine_busy_s() - busy) / window
                 report = json.loads(line)
                 cpu = {side: cpu_delta(cpu0[side], tree_cpu(pid)) for side, pid in variant.pids.items()}
                 report["window_s"] = round(window, 3)
+                report["machine_busy_vcpu"] = round(machine, 2)
                 report["vcpu"] = {side: round(value / window, 4) for side, value in cpu.items()}
                 report["rss_mb"] = {side: tree_rss_mb(pid) for side, pid in variant.pids.items()}
                 if mode == "new" and report["completed"]:
@@ -466,6 +478,7 @@ def summarize(rounds: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, A
                 "lateness_us_p99": med([r["lateness_us"].get("p99", 0.0) for r in rs], 1),
                 "achieved_rate": med([r["rate"] for r in rs], 1), "errors": sum(r["errors"] for r in rs),
                 "generator_vcpu": med([r["generator_vcpu"] for r in rs]),
+                "machine_busy_vcpu": med([r["machine_busy_vcpu"] for r in rs], 2),
             }
             if v != "bare":
                 entry["added_us"] = {q: added(rounds[phase], v, q) for q in ("p50", "p99")}
@@ -497,12 +510,18 @@ def ratios(summary: dict[str, Any]) -> dict[str, Any]:
             "added_p50_persistent": pers.get("added_us", {}).get("p50"),
             "added_p99_persistent": pers.get("added_us", {}).get("p99"),
         })
+    failed = {who: {phase: summary[phase].get(who, {}).get("errors", 0) for phase in ("persistent", "new_connections")}
+              for who in ("nodeagent", "envoy")}
     result: dict[str, Any] = {}
     for key, (op, bound) in TARGETS.items():
         a, b = ours.get(key), theirs.get(key)
         ratio = round(a / b, 3) if a is not None and b is not None and b > 0 else None
         met = None if ratio is None else ratio <= bound if op == "<=" else ratio >= bound
+        phase = "persistent" if key.endswith("_persistent") else "new_connections" if key.startswith("added") else ""
+        if phase and failed["nodeagent"][phase]:
+            met = False  # the failed requests' latency is in no percentile: a low tail would flatter
         result[key] = {"nodeagent": a, "envoy": b, "ratio": ratio, "target": f"{op} {bound}x envoy", "met": met}
+    result["failed_requests"] = failed
     return result
 
 
@@ -649,6 +668,9 @@ def print_table(report: dict[str, Any], path: Path) -> None:
                     f"{rss['client']:6.1f}/{rss['server']:<6.1f}")
         print(row)
     for key, r in report["ratios_nodeagent_vs_envoy"].items():
+        if key == "failed_requests":
+            print(f"  failed requests (not in any percentile): {r}")
+            continue
         verdict = {True: "met", False: "NOT met", None: "n/a"}[r["met"]]
         print(f"  {key:36} nodeagent {r['nodeagent']} / envoy {r['envoy']} = {r['ratio']} ({r['target']}): {verdict}")
     print(f"report: {path}")

@@ -46,3 +46,13 @@ def test_no_ratio_when_envoy_adds_nothing_over_bare() -> None:
     summary = {phase: {"nodeagent": ours[phase], "envoy": theirs[phase]} for phase in ours}
     result = ratios(summary)
     assert result["added_p50_persistent"]["ratio"] is None and result["added_p50_persistent"]["met"] is None
+
+
+def test_a_latency_target_with_failed_requests_is_not_met() -> None:
+    ours, theirs = _summary(3.0, 4.0, 500, 500, 1000, (0.5, 0.6)), _summary(3.0, 4.0, 1000, 1000, 2000, (0.5, 0.6))
+    ours["new_connections"]["errors"] = 3
+    summary = {phase: {"nodeagent": ours[phase], "envoy": theirs[phase]} for phase in ours}
+    result = ratios(summary)
+    assert result["added_p99_new_connections"]["ratio"] == 0.5 and result["added_p99_new_connections"]["met"] is False
+    assert result["added_p99_persistent"]["met"] is True
+    assert result["failed_requests"]["nodeagent"] == {"persistent": 0, "new_connections": 3}
