@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ from typing import Any
 import pytest
 
 from nodeagent.lab import lab as labs
+from nodeagent.lab.agents import AGENT_OWNER
+from nodeagent.observability.http import DEFAULT_LIMITS
 from tests.integration.conftest import wait_for
-from tests.support.agent_labs import lab_with_agents
+from tests.support.agent_labs import agent_healthz, lab_with_agents, owner_process
+from tests.support.fabric import spawn_in
 from tests.support.netns import netns_run
 
 pytestmark = pytest.mark.root
@@ -119,3 +123,42 @@ def test_the_health_check_node_port_follows_the_local_endpoint(lab: labs.Lab) ->
     delete = labs.kubectl(lab.record.name, ["delete", "service", "lb-local", "-n", "demo"], capture=True, timeout=20)
     assert delete.returncode == 0, delete.stderr
     wait_for(lambda: all(probe(lab, node)[0] == 0 for node in ("node1", "node2")), "the port closes with the Service")
+
+
+# Holds `count` connections to host:port, each with half a request line sent, then says so and waits to be killed.
+SLOWLORIS = ("import socket,sys,threading\n"
+             "held=[]\n"
+             "for _ in range(int(sys.argv[3])):\n"
+             " c=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\n"
+             " c.sendall(b'GET / HT');held.append(c)\n"
+             "print('holding',len(held),flush=True)\n"
+             "threading.Event().wait()\n")
+
+
+def test_a_slowloris_neither_starves_the_prober_nor_the_agents_healthz(lab: labs.Lab, tmp_path: Path) -> None:
+    """Hundreds of idle half-sent requests to node1's health check node port, from node2: the load balancer's
+    probe and the agent's /healthz keep answering at once, and the agent's threads stay bounded (each
+    listener serves at most DEFAULT_LIMITS.max_connections connections, evicting the oldest idle one)."""
+    echo0 = str(lab.plan.pod("demo/echo-0").pod.ip)
+    apply(lab, service(), endpoint_slice(echo0, "node1"))
+    wait_for(lambda: probe(lab, "node1")[0] == 200, "node1's health check answers 200")
+    agent = owner_process(lab, AGENT_OWNER + "node1")
+    threads_before = agent.num_threads()
+    output = tmp_path / "slowloris"
+    holder = spawn_in(lab.plan.node("node2").netns, [sys.executable, "-c", SLOWLORIS,
+                                                      str(lab.plan.node("node1").node.address), str(HEALTH_PORT),
+                                                      "300"], str(output))
+    try:
+        wait_for(lambda: output.read_text().startswith("holding 300"), "300 idle connections held", timeout=30)
+        for _ in range(5):
+            started = time.monotonic()
+            assert probe(lab, "node1")[0] == 200
+            assert agent_healthz(lab, "node1")[0] == 200
+            assert time.monotonic() - started < 4, "both answered promptly"
+        assert agent.num_threads() <= threads_before + DEFAULT_LIMITS.max_connections + 4, \
+            (threads_before, agent.num_threads())
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    delete = labs.kubectl(lab.record.name, ["delete", "service", "lb-local", "-n", "demo"], capture=True, timeout=20)
+    assert delete.returncode == 0, delete.stderr

@@ -23,7 +23,7 @@ from nodeagent.observability.http import DEFAULT_LIMITS, RouteServer
 from nodeagent.observability.service_health import Listen, ServiceHealthServers, ServiceName
 
 SERVICE = ServiceName("demo", "lb")
-PROMPT = 1.0  # seconds a well-behaved probe may take while the attack goes on (LB probers time out at 2-5 s)
+PROMPT = 2.0  # seconds a well-behaved probe may take while the attack goes on (LB probers time out after 5 s or so)
 
 
 @dataclass
