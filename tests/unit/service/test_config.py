@@ -19,6 +19,7 @@ from nodeagent.cluster.events import Upserted
 from nodeagent.cluster.model import Kind
 from nodeagent.observability.service_health import Listen, ServiceName
 from nodeagent.service.config import ProxyConfig, ProxySettings, proxy_config
+from nodeagent.service.ebpf.desired import plan
 from nodeagent.service.healthcheck import health_check_ports, listen_hosts
 from nodeagent.service.iptables.render import render
 from nodeagent.state.tracker import ChangeTracker, Snapshot
@@ -69,12 +70,21 @@ def nodeport_jumps(snapshot: Snapshot, config: ProxyConfig) -> list[str]:
             if line.startswith("-A KUBE-SERVICES") and "KUBE-NODEPORTS" in line]
 
 
+def ebpf_nodeport_frontends(snapshot: Snapshot, config: ProxyConfig) -> set[str]:
+    """The addresses the eBPF datapath serves the NodePort on (its node IPs as the eBPF proxier derives them)."""
+    node_ips = config.nodeport_ips if config.nodeport_ips is not None else (
+        (config.node_ip,) if config.node_ip is not None else ())
+    entries = plan(snapshot.service_ports, snapshot.endpoints, node_ips=node_ips).entries
+    return {frontend.ip for frontend in entries if frontend.port == 3001}
+
+
 def test_before_the_node_is_known_nodeports_answer_on_no_address(tracker: ChangeTracker) -> None:
     snapshot, config = sync(tracker)
     assert snapshot.node is None and snapshot.service_ports, "the Service is known, the Node is not"
     assert config.nodeport_ips == (), "`primary` is the node IP: unknown yet, so no address (not every address)"
     assert not config.localhost_nodeports_enabled, "127.0.0.1 is never the node's primary IP"
     assert nodeport_jumps(snapshot, config) == []
+    assert ebpf_nodeport_frontends(snapshot, config) == set()
     assert listen_hosts(config.nodeport_ips) == ()
     # the health check listener follows the same addresses: none yet
     assert health_check_ports(snapshot.service_ports.values(), config.nodeport_ips) == {
@@ -87,10 +97,12 @@ def test_the_rules_follow_the_nodes_internal_ip_when_it_appears_and_when_it_chan
     snapshot, config = sync(tracker)
     assert config.nodeport_ips == (ipaddress.ip_address("192.168.0.2"),)
     assert nodeport_jumps(snapshot, config) == ["-A KUBE-SERVICES -d 192.168.0.2 -j KUBE-NODEPORTS"]
+    assert ebpf_nodeport_frontends(snapshot, config) == {"192.168.0.2"}
     assert listen_hosts(config.nodeport_ips) == ("192.168.0.2",)
     tracker.apply(upserted(k8s.node(NODE, "192.168.0.9", "10.244.1.0/24")))  # renumbered
     snapshot, config = sync(tracker)
     assert nodeport_jumps(snapshot, config) == ["-A KUBE-SERVICES -d 192.168.0.9 -j KUBE-NODEPORTS"]
+    assert ebpf_nodeport_frontends(snapshot, config) == {"192.168.0.9"}
     assert listen_hosts(config.nodeport_ips) == ("192.168.0.9",)
 
 
