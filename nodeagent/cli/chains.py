@@ -64,13 +64,17 @@ def node_facts(netns: str | None) -> NodeFacts:
 @click.option("--conntrack-tcp-be-liberal", "tcp_be_liberal", type=click.BOOL, default=None,
               help="the node has nf_conntrack_tcp_be_liberal set: no INVALID drop rule [default: false; with "
                    "--diff or --lab, as the node]")
-@click.option("--diff", is_flag=True, help="compare with the live tables of the node (root); exit 1 on drift")
+@click.option("--family", type=click.Choice(["ipv4", "ipv6"]), default=None,
+              help="one IP family's rules: IPv4 (iptables) or IPv6 (ip6tables) [default: both, each under its own "
+                   "header; IPv4 alone, without header, when no Service has an IPv6 cluster IP]")
+@click.option("--diff", is_flag=True, help="compare with the live tables of the node (root; ip6tables-save for IPv6); "
+                                           "exit 1 on drift")
 @click.option("--netns", default=None, help="the node's network namespace for --diff (a lab node's by default)")
 def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
            node_name: str | None, output: str, table: str | None, cluster_cidr: str | None, masquerade_all: bool,
            masquerade_bit: int, localhost_nodeports: bool, nodeport_addresses: str, bind_address: str,
-           random_fully: bool | None, nfacct_counters: tuple[str, ...], tcp_be_liberal: bool | None, diff: bool,
-           netns: str | None) -> None:
+           random_fully: bool | None, nfacct_counters: tuple[str, ...], tcp_be_liberal: bool | None,
+           family: str | None, diff: bool, netns: str | None) -> None:
     """Print the iptables rules the agent would program on a node (no root needed), or diff them with the kernel.
 
     The output depends only on the cluster's state and the options, never on this machine, except for a node
@@ -107,28 +111,57 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
     settings = replace(settings, random_fully=facts.random_fully if random_fully is None else random_fully,
                        nfacct_counters=frozenset(nfacct_counters) if nfacct_counters else facts.nfacct_counters,
                        conntrack_tcp_liberal=facts.tcp_liberal if tcp_be_liberal is None else tcp_be_liberal)
-    rendered = render(state.service_ports, state.endpoints, proxy_config(state.node_name, settings, state, ()))
-    views = [v for v in node_tables(rendered) if v.name in ((table,) if table else ("filter", "nat"))]
-    if output == "restore":
-        text = "".join(t.text() for t in (rendered.filter, rendered.nat) if table in (None, t.name))
-    elif output == "list":
-        text = "\n".join(format_list(v) for v in views)
-    else:
-        text = format_save(views)
+    # One proxier per family, as kube-proxy runs them. The family headers appear only when asked for a family or
+    # when some Service has an IPv6 cluster IP: IPv4-only clusters keep the exact output they always had (scripts
+    # and the golden comparisons diff it), and an IPv6 section of nothing but base chains would say nothing.
+    has_ipv6 = any(6 in info.families for info in state.service_ports.values())
+    families = [int(family[-1])] if family is not None else ([4, 6] if has_ipv6 else [4])
+    headed = family is not None or has_ipv6
+    texts: dict[int, str] = {}
+    expected: dict[int, str] = {}
+    for each in families:
+        rendered = render(state.service_ports, state.endpoints,
+                          proxy_config(state.node_name, settings, state, (), family=each))
+        views = [v for v in node_tables(rendered) if v.name in ((table,) if table else ("filter", "nat"))]
+        if output == "restore":
+            text = "".join(t.text() for t in (rendered.filter, rendered.nat) if table in (None, t.name))
+        elif output == "list":
+            text = "\n".join(format_list(v) for v in views)
+        else:
+            text = format_save(views)
+        texts[each] = (_header(each) if headed else "") + text
+        expected[each] = format_save(views)
     if not diff:
-        click.echo(text, nl=False)
+        click.echo("".join(texts[each] for each in families), nl=False)
         return
-    try:
-        ipt = Iptables(detect_backend(netns), netns)
-        live = "".join(ipt.save(v.name) for v in views)
-    except (NodeAgentError, OSError) as exc:
-        raise click.ClickException(f"reading the live tables{f' of {netns}' if netns else ''}: {exc}") from exc
-    drift = list(difflib.unified_diff(ours_only(live), ours_only(format_save(views)), "kernel", "expected",
-                                      lineterm=""))
-    if drift:
-        click.echo("\n".join(drift))
+    where = f" of {netns}" if netns else ""
+    drifted = False
+    for each in families:
+        try:
+            ipt = Iptables(detect_backend(netns), netns, ipv6=each == 6)
+            live = "".join(ipt.save(name) for name in ((table,) if table else ("filter", "nat")))
+        except (NodeAgentError, OSError) as exc:
+            raise click.ClickException(f"reading the live {'ip6tables ' if each == 6 else ''}tables{where}: {exc}") \
+                from exc
+        drift = list(difflib.unified_diff(ours_only(live), ours_only(expected[each]), "kernel", "expected",
+                                          lineterm=""))
+        if drift:
+            drifted = True
+            click.echo((_header(each) if headed else "") + "\n".join(drift))
+        elif headed:
+            click.echo(f"no drift (IPv{each}): the kernel{where} holds exactly the expected {_TOOL[each]} rules")
+        else:
+            click.echo(f"no drift: the kernel{where} holds exactly the expected rules")
+    if drifted:
         sys.exit(1)
-    click.echo(f"no drift: the kernel{f' of {netns}' if netns else ''} holds exactly the expected rules")
+
+
+_TOOL = {4: "iptables", 6: "ip6tables"}
+
+
+def _header(family: int) -> str:
+    """The line that opens one family's section (a comment to iptables-restore and iptables-save readers)."""
+    return f"# IPv{family} ({_TOOL[family]})\n"
 
 
 @click.command()

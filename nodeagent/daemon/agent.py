@@ -22,7 +22,7 @@ from nodeagent.cluster.events import Deleted, Event, Listed, Sink, Upserted
 from nodeagent.cluster.model import IPAddress, Kind, ObjectRef
 from nodeagent.kernel import nfacct
 from nodeagent.kernel.netfilter import IptablesError
-from nodeagent.observability.health import HEALTH_HEADERS, HealthState, health_routes, node_eligible
+from nodeagent.observability.health import HEALTH_HEADERS, IPV6, HealthState, health_routes, node_eligible
 from nodeagent.observability.http import RouteServer
 from nodeagent.observability.metrics import (
     CT_STATE_INVALID_DROPPED_PACKETS,
@@ -38,6 +38,7 @@ from nodeagent.service.config import (
     LOCALHOST_NODEPORTS_ACCEPTED,
     ProxyConfig,
     ProxySettings,
+    base_families,
     proxy_config,
 )
 from nodeagent.service.conntrack import Reconciled
@@ -45,6 +46,7 @@ from nodeagent.service.datapath import Datapath, ObservesConntrack, PartialResto
 from nodeagent.service.healthcheck import health_check_ports, local_ready_endpoints, no_local_endpoints
 from nodeagent.state.sync import SyncRunner, SyncSchedule
 from nodeagent.state.tracker import ChangeTracker, Snapshot
+from nodeagent.state.translation import endpoints_of_family
 
 log = structlog.get_logger("nodeagent.daemon.agent")
 PROGRAMMED_KINDS = (Kind.SERVICE, Kind.ENDPOINT_SLICE)
@@ -84,22 +86,31 @@ class Agent:
     """Ties a source, the tracker, the runner, the datapath (iptables or eBPF), the health and metrics
     endpoints and the Services' health check node ports together.
 
-    `read_nfacct` reads the kernel's nfacct counters at each scrape of `/metrics` (None: not published)."""
+    `read_nfacct` reads the kernel's nfacct counters at each scrape of `/metrics` (None: not published).
+    `ipv6_proxier`: the IPv6 datapath, run beside `proxier` (IPv4) as kube-proxy's metaproxier runs one proxier
+    per family: it syncs once the node has IPv6 to serve (an IPv6 node address or pod CIDR, or an IPv6
+    --cluster-cidr) and from then on, each sync after the IPv4 one, with its own configuration, pending
+    changes, health (`/healthz` per family) and `ip_family="IPv6"` metrics. None: IPv6 is never served, and the
+    change tracker reports every IPv6 Service as not served."""
 
     def __init__(self, options: AgentOptions, make_source: Callable[[Sink], Source], proxier: Datapath,
                  addresses: Callable[[], tuple[IPAddress, ...]] = local_addresses,
-                 read_nfacct: ReadsNfacct | None = nfacct.packets) -> None:
+                 read_nfacct: ReadsNfacct | None = nfacct.packets, ipv6_proxier: Datapath | None = None) -> None:
         heap.limit_malloc_retention()
         self.options = options
         self.make_source = make_source
         self.proxier = proxier
+        self.ipv6_proxier = ipv6_proxier
+        self._ipv6_active = False  # the IPv6 proxier has started syncing (it then never stops)
+        self._pending6: set[ObjectRef] = set()
         self.addresses = addresses
         grace = options.healthz_grace if options.healthz_grace is not None else 2 * options.sync_period
         self.health = HealthState(grace=grace)
         self.metrics = AgentMetrics()
         self.metrics.observe_health(self.health)
-        if isinstance(proxier, ObservesConntrack):
-            proxier.observe_conntrack(self._reconciled)
+        for each in (proxier, ipv6_proxier):
+            if isinstance(each, ObservesConntrack):
+                each.observe_conntrack(self._reconciled)
         if read_nfacct is not None:
             self.metrics.read_nfacct(NFACCT_FAMILIES, read_nfacct)
         # kube-proxy's service health server: answers from the proxy's health without node eligibility
@@ -108,7 +119,11 @@ class Agent:
         self.syncs = 0
         self._pending: set[ObjectRef] = set()
         self._settled = False
-        self._tracker = ChangeTracker(self.options.node_name, on_change=self._changed)
+        # the families served whatever the Node says (IPv4, and those of --cluster-cidr), limited to the proxiers
+        # there are; the Node's own addresses and pod CIDRs add theirs (see ChangeTracker)
+        servable = frozenset({4, 6}) if ipv6_proxier is not None else frozenset({4})
+        self._tracker = ChangeTracker(self.options.node_name, on_change=self._changed,
+                                      families=base_families(options.proxy) & servable, servable=servable)
         self._runner = SyncRunner(self._sync, SyncSchedule(self.options.min_sync_period, self.options.sync_period),
                                   name=f"{proxier.mode}-sync")
         self._source: Source | None = None
@@ -122,6 +137,9 @@ class Agent:
     def _changed(self) -> None:
         self.health.queued()
         self.metrics.queued()
+        if self._ipv6_active:
+            self.health.queued(IPV6)
+            self.metrics.queued(IPV6)
         self._runner.request()
 
     def _received(self, event: Event) -> None:
@@ -178,13 +196,56 @@ class Agent:
         snapshot = self._tracker.snapshot()
         if snapshot is not None:
             self._pending |= snapshot.changed_services
+            self._pending6 |= snapshot.changed_services
         else:
             snapshot = self._tracker.last()
             assert snapshot is not None
-            if not self.proxier.canaries_intact():
-                log.warning("iptables canary chains are gone (tables flushed?); full resync",
-                            mode=str(self.proxier.mode))
-                self.proxier.force_full_sync()
+            for proxier in (self.proxier, self.ipv6_proxier if self._ipv6_active else None):
+                if proxier is not None and not proxier.canaries_intact():
+                    log.warning("iptables canary chains are gone (tables flushed?); full resync",
+                                mode=str(proxier.mode))
+                    proxier.force_full_sync()
+        if (self.ipv6_proxier is not None and not self._ipv6_active
+                and 6 in (snapshot.served_families or frozenset())):
+            log.info("the node has IPv6 to serve: the IPv6 proxier starts", node=self.options.node_name)
+            self._ipv6_active = True
+            self.health.queued(IPV6)
+        # kube-proxy's metaproxier syncs each family's proxier on its own: a failing IPv6 sync does not hold the
+        # IPv4 rules back, nor the reverse; the first failure is raised once both were tried (a retry with backoff)
+        failure: Exception | None = None
+        try:
+            self._sync_ipv4(snapshot)
+        except Exception as exc:
+            failure = exc
+        if self._ipv6_active:
+            try:
+                self._sync_ipv6(snapshot)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _sync_ipv6(self, snapshot: Snapshot) -> None:
+        assert self.ipv6_proxier is not None
+        config = proxy_config(self.options.node_name, self.options.proxy, snapshot, self.addresses(), family=6)
+        started = time.monotonic()
+        try:
+            report = self.ipv6_proxier.sync(snapshot, config, self._pending6)
+        except Exception as exc:
+            self.metrics.failed(self.health.mode, time.monotonic() - started, iptables=isinstance(exc, IptablesError),
+                                partial=isinstance(exc, PartialRestoreError), ip_family=IPV6)
+            raise
+        gauges = report.gauges()
+        # what the IPv6 proxier serves: the ports with an IPv6 cluster IP, with their IPv6 endpoints
+        ports = {name: info for name, info in snapshot.service_ports.items() if 6 in info.families}
+        endpoints = {name: tuple(endpoints_of_family(eps, 6)) for name, eps in snapshot.endpoints.items()
+                     if name in ports}
+        self.metrics.synced(time.monotonic() - started, report.full, gauges.rules,
+                            no_local_endpoints(ports, endpoints), written=gauges.written, ip_family=IPV6)
+        self._pending6 = set()
+        self.health.updated(IPV6)
+
+    def _sync_ipv4(self, snapshot: Snapshot) -> None:
         config = proxy_config(self.options.node_name, self.options.proxy, snapshot, self.addresses())
         started = time.monotonic()
         try:

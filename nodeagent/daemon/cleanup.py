@@ -55,7 +55,24 @@ def cleanup(options: CleanupOptions) -> Iterator[str]:
             raise CleanupError(f"cleanup ({backend}): {exc}") from exc
         for line in removed:
             yield f"removed ({backend}) {line}"
+        yield from _cleanup_ipv6(backend, netns)
     yield from _cleanup_mesh(backends, options)
+
+
+def _cleanup_ipv6(backend: str, netns: str | None) -> Iterator[str]:
+    """The IPv6 proxier's ip6tables state, where there is any (kube-proxy --cleanup cleans both families); a node
+    whose IPv6 proxier never ran is not touched (legacy ip6tables: not even read, which would load its tables)."""
+    ipt = Iptables(backend, netns, ipv6=True)
+    try:
+        if backend == "legacy" and not legacy_tables_exist(netns, ipv6=True):
+            return
+        if not iptables_cleanup.has_our_chains(ipt):
+            return
+        removed = iptables_cleanup.cleanup(ipt)
+    except (NodeAgentError, OSError) as exc:
+        raise CleanupError(f"cleanup ({backend}, IPv6): {exc}") from exc
+    for line in removed:
+        yield f"removed ({backend}, IPv6) {line}"
 
 
 def _cleanup_mesh(backends: list[str], options: CleanupOptions) -> Iterator[str]:

@@ -66,6 +66,13 @@ class ChosenDatapath:
     mode: str  # "ebpf" or "iptables"
     reason: str
     backend: str  # the iptables backend (eBPF mode keeps iptables for what it does not translate)
+    # the IPv6 proxier (ip6tables, same backend), run beside `proxier` once the node has IPv6 to serve, as
+    # kube-proxy's metaproxier runs one proxier per family; in eBPF mode too (its programs translate IPv4 only)
+    ipv6: IptablesProxier | None = None
+
+
+# eBPF mode serves IPv6 Services with ip6tables: said in the mode reason (/proxyMode's metric, /healthz, inspect)
+EBPF_IPV6_REASON = "; IPv6 Services: iptables (ip6tables), the eBPF programs translate IPv4 only"
 
 
 def choose_datapath(options: RunOptions) -> ChosenDatapath:
@@ -73,8 +80,9 @@ def choose_datapath(options: RunOptions) -> ChosenDatapath:
     and cannot load; with `auto` the failure is logged and becomes the reason."""
     backend = detect_backend() if options.iptables_backend == "auto" else options.iptables_backend
     iptables = IptablesProxier(Iptables(backend), sync_period=options.sync_period)
+    ipv6 = IptablesProxier(Iptables(backend, ipv6=True), sync_period=options.sync_period)
     if options.mode is ModeRequest.IPTABLES:
-        return ChosenDatapath(iptables, "iptables", "asked for (--mode iptables)", backend)
+        return ChosenDatapath(iptables, "iptables", "asked for (--mode iptables)", backend, ipv6)
     try:
         cgroup = options.cgroup or loader.own_cgroup()
         ebpf = EbpfProxier(options.bpf_scope, cgroup, external=iptables, sync_period=options.sync_period,
@@ -84,8 +92,8 @@ def choose_datapath(options: RunOptions) -> ChosenDatapath:
             raise StartError(f"eBPF datapath unavailable: {exc}. `nodeagent doctor` says what this machine "
                              "lacks; `--mode auto` falls back to iptables") from exc
         log.warning("falling back to iptables", reason=str(exc))
-        return ChosenDatapath(iptables, "iptables", f"eBPF unavailable, fell back to iptables: {exc}", backend)
-    return ChosenDatapath(ebpf, "ebpf", ebpf.mode_detail, backend)
+        return ChosenDatapath(iptables, "iptables", f"eBPF unavailable, fell back to iptables: {exc}", backend, ipv6)
+    return ChosenDatapath(ebpf, "ebpf", ebpf.mode_detail + EBPF_IPV6_REASON, backend, ipv6)
 
 
 def clear_ebpf(scope: str, cgroup: Path | None) -> None:
@@ -161,7 +169,8 @@ def start(options: RunOptions, datapath: ChosenDatapath, proxy: ProxySettings) -
     start stops the agent again)."""
     if datapath.mode == "iptables":
         clear_ebpf(options.bpf_scope, options.cgroup)
-    agent = Agent(agent_options(options, proxy), source_factory(options.source, options.node_name), datapath.proxier)
+    agent = Agent(agent_options(options, proxy), source_factory(options.source, options.node_name), datapath.proxier,
+                  ipv6_proxier=datapath.ipv6)
     agent.health.mode, agent.health.mode_reason = datapath.mode, datapath.reason
     agent.start()
     if options.mesh is None:

@@ -34,13 +34,21 @@ class IptablesError(NodeAgentError):
 
 @dataclass(frozen=True)
 class Iptables:
-    """One backend of iptables (`nft` or `legacy`), optionally inside the network namespace `netns`."""
+    """One backend of iptables (`nft` or `legacy`), optionally inside the network namespace `netns`; `ipv6`: its
+    ip6tables binaries (kube-proxy's IPv6 proxier runs ip6tables of the same backend, with the same commands)."""
 
     backend: str
     netns: str | None = None
+    ipv6: bool = False
+
+    @property
+    def family(self) -> int:
+        """The IP family these tables filter (4 or 6)."""
+        return 6 if self.ipv6 else 4
 
     def _argv(self, tool: str, *args: str) -> list[str]:
-        binary = f"{tool}-{self.backend}" if tool == "iptables" else f"iptables-{self.backend}-{tool}"
+        name = "ip6tables" if self.ipv6 else "iptables"
+        binary = f"{name}-{self.backend}" if tool == "iptables" else f"{name}-{self.backend}-{tool}"
         return command_in(self.netns, [binary, *args])
 
     def _run(self, argv: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -57,7 +65,7 @@ class Iptables:
         detail = stderr.strip()
         if (found := _FAILED_LINE.search(detail)) is not None:
             detail += "\n" + offending_lines(text, int(found.group(1) or found.group(2)))
-        raise IptablesError(f"iptables-{self.backend}-restore failed: {detail}")
+        raise IptablesError(f"{'ip6tables' if self.ipv6 else 'iptables'}-{self.backend}-restore failed: {detail}")
 
     def save(self, table: str) -> str:
         """`iptables-save -t table`."""
@@ -151,9 +159,11 @@ def rule_count(save_output: str) -> int:
     return sum(1 for line in save_output.splitlines() if line.startswith("-A "))
 
 
-def legacy_tables_exist(netns: str | None = None) -> bool:
-    """Whether any legacy (x_tables) table is instantiated in the namespace; reading does not create one."""
-    argv = command_in(netns, ["cat", "/proc/net/ip_tables_names"])  # /proc/net: the reader's namespace
+def legacy_tables_exist(netns: str | None = None, *, ipv6: bool = False) -> bool:
+    """Whether any legacy (x_tables) table of the family is instantiated in the namespace; reading does not
+    create one."""
+    names = "/proc/net/ip6_tables_names" if ipv6 else "/proc/net/ip_tables_names"
+    argv = command_in(netns, ["cat", names])  # /proc/net: the reader's namespace
     result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     return result.returncode == 0 and bool(result.stdout.strip())
 

@@ -201,16 +201,17 @@ class AgentMetrics:
             self.endpoint_changes.inc(endpoint_changes)
             self.endpoint_changes_pending.inc(endpoint_changes)
 
-    def queued(self) -> None:
-        """A sync was queued."""
-        self.last_queued.labels(self.ip_family).set_to_current_time()
+    def queued(self, ip_family: str | None = None) -> None:
+        """A sync was queued (for `ip_family`'s proxier; None: this object's family)."""
+        self.last_queued.labels(ip_family or self.ip_family).set_to_current_time()
 
     def synced(self, seconds: float, full: bool, rules: Mapping[str, int], no_local: tuple[int, int],
-               written: Mapping[str, int] = NOT_MEASURED) -> None:
+               written: Mapping[str, int] = NOT_MEASURED, ip_family: str | None = None) -> None:
         """A sync succeeded after `seconds`: every pending change is programmed. `rules` (table -> rules, empty
         when not counted), `written` (table -> rules this sync wrote; empty outside iptables) and `no_local`
-        ((internal, external) Services with a Local policy and no local endpoint) as measured by it."""
-        family = self.ip_family
+        ((internal, external) Services with a Local policy and no local endpoint) as measured by it. `ip_family`:
+        the proxier's family when the node runs one per family (kube-proxy's metaproxier; None: this object's)."""
+        family = ip_family or self.ip_family
         self.sync_duration.labels(family).observe(seconds)
         (self.sync_full_duration if full else self.sync_partial_duration).labels(family).observe(seconds)
         self.last_sync.labels(family).set_to_current_time()
@@ -223,15 +224,17 @@ class AgentMetrics:
         self.no_local_endpoints.labels("internal", family).set(no_local[0])
         self.no_local_endpoints.labels("external", family).set(no_local[1])
 
-    def failed(self, mode: str, seconds: float, iptables: bool, partial: bool = False) -> None:
+    def failed(self, mode: str, seconds: float, iptables: bool, partial: bool = False,
+               ip_family: str | None = None) -> None:
         """A sync failed after `seconds` (kube-proxy observes its latency all the same); `iptables`: in
         iptables-restore; `partial`: that of a partial sync (kube-proxy counts it in both counters)."""
-        self.sync_duration.labels(self.ip_family).observe(seconds)
+        family = ip_family or self.ip_family
+        self.sync_duration.labels(family).observe(seconds)
         self.sync_failures.labels(mode=mode).inc()
         if iptables:
-            self.restore_failures.labels(self.ip_family).inc()
+            self.restore_failures.labels(family).inc()
         if partial:
-            self.partial_restore_failures.labels(self.ip_family).inc()
+            self.partial_restore_failures.labels(family).inc()
 
     def reconciled(self, ip_family: str, seconds: float, deleted: int) -> None:
         """One pass of the conntrack reconciler over one table took `seconds` and deleted `deleted` flows

@@ -127,14 +127,16 @@ class ChangeTracker:
     `families`: the IP families served whatever the Node says (the agent's: IPv4, and those of its cluster CIDRs).
     With them, the node's own Node object adds the families of its addresses and pod CIDRs, and every Service
     with a cluster IP of a family not served is reported (a rejection on `spec.ipFamilies[i]`, counted as
-    ("Service", "family")), never dropped silently. None: no such check (the tunnel, the CA: no proxier)."""
+    ("Service", "family")), never dropped silently. None: no such check (the tunnel, the CA: no proxier).
+    `servable`: the families a proxier exists for at all (the Node's families outside it are not served)."""
 
     def __init__(self, node_name: str, on_change: Callable[[], None] | None = None,
-                 families: frozenset[int] | None = None) -> None:
+                 families: frozenset[int] | None = None, servable: frozenset[int] = frozenset({4, 6})) -> None:
         self._lock = threading.Lock()
         self._node_name = node_name
         self._on_change = on_change
         self._base_families = families
+        self._servable = servable  # the families a proxier exists for: the Node cannot add another
         self._served: frozenset[int] | None = None  # as of the last snapshot
         self._family_rejections: dict[ObjectRef, tuple[Rejection, ...]] = {}
         # Persistent maps (HAMTs): a snapshot holds the map as it is, and the next change makes a new
@@ -353,7 +355,7 @@ class ChangeTracker:
         if self._base_families is None:
             return None
         node = self._objects[Kind.NODE].get(ObjectRef(Kind.NODE, "", self._node_name))
-        return self._base_families | (node.families if isinstance(node, Node) else frozenset())
+        return self._base_families | ((node.families if isinstance(node, Node) else frozenset()) & self._servable)
 
     def _check_families(self) -> None:
         """Report the Services with a family this node does not serve: the dirty ones, or all of them when the

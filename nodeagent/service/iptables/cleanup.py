@@ -1,10 +1,10 @@
 """`nodeagent cleanup`: remove every chain and jump rule the iptables mode creates, and nothing else.
 
-As `kube-proxy --cleanup` (CleanupLeftovers): jump rules are deleted one by one from the built-in
-chains, then our chains are flushed and deleted in one restore per table. Unlike kube-proxy, the
-chains it leaves behind (KUBE-MARK-MASQ, KUBE-PROXY-FIREWALL, the canaries) go too, so the tables end
-as they were before the agent ran. kubelet's KUBE-FIREWALL (which kube-proxy duplicates) is removed
-only when it holds nothing but the rule we write into it.
+As `kube-proxy --cleanup` (CleanupLeftovers, which it runs for iptables and ip6tables): jump rules are deleted
+one by one from the built-in chains, then our chains are flushed and deleted in one restore per table.
+Unlike kube-proxy, the chains it leaves behind (KUBE-MARK-MASQ, KUBE-PROXY-FIREWALL, the canaries) go
+too, so the tables end as they were before the agent ran. kubelet's KUBE-FIREWALL (which kube-proxy
+duplicates) is removed only when it holds nothing but the rule we write into it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ def _kubelet_firewall_is_ours(ipt: Iptables) -> bool:
     return all(_OUR_FIREWALL_RULE in line for line in rules)
 
 
+def has_our_chains(ipt: Iptables) -> bool:
+    """Whether any table holds a chain of ours (read with iptables-save, which creates nothing: on a node the
+    IPv6 proxier never ran, cleanup leaves ip6tables untouched)."""
+    return any(c in OWNED[table] or n.is_service_chain(c) for table in OWNED for c in chains_in(ipt.save(table)))
+
+
 def cleanup(ipt: Iptables) -> list[str]:
     """Remove what the iptables mode created; returns a line per removed jump rule or chain."""
     removed: list[str] = []
@@ -50,5 +56,5 @@ def cleanup(ipt: Iptables) -> list[str]:
         lines = [f"*{table}", *(f":{c} - [0:0]" for c in doomed), *(f"-X {c}" for c in doomed), "COMMIT"]
         ipt.restore("\n".join(lines) + "\n")
         removed.extend(f"{table}: chain {c}" for c in doomed)
-    log.info("iptables cleanup", backend=ipt.backend, removed=len(removed))
+    log.info("iptables cleanup", backend=ipt.backend, family=f"IPv{ipt.family}", removed=len(removed))
     return removed

@@ -5,6 +5,8 @@ listings, so the printers follow iptables 1.8's output byte for byte for every m
 kube-proxy uses (checked against the real binaries in tests/integration/test_iptables_formats.py):
 addresses gain /32 in save and lose it in -L, `-p` moves to the front, the MARK target prints as
 `--set-xmark`, `recent` gains its defaults, a statistic probability is shown as the kernel stores it.
+ip6tables prints the same rules with its family's defaults: `::/0`, a 128-bit `recent` mask, and REJECT's
+`icmp6-port-unreachable` (kube-proxy writes a bare `-j REJECT` for both families).
 """
 
 from __future__ import annotations
@@ -140,8 +142,13 @@ def _without_host_mask(address: str) -> str:
     return address.removesuffix("/32").removesuffix("/128")
 
 
-def save_line(rule: Rule) -> str:
-    """The rule as `iptables-save` prints it."""
+_ANY = {4: "0.0.0.0/0", 6: "::/0"}
+_HOST_MASK = {4: "255.255.255.255", 6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
+_REJECT_WITH = {4: "icmp-port-unreachable", 6: "icmp6-port-unreachable"}
+
+
+def save_line(rule: Rule, family: int = 4) -> str:
+    """The rule as `iptables-save` (`ip6tables-save` for family 6) prints it."""
     out = [f"-A {rule.chain}"]
     if rule.source is not None:
         out.append(f"{'! ' if rule.source_negated else ''}-s {_with_mask(rule.source)}")
@@ -150,9 +157,9 @@ def save_line(rule: Rule) -> str:
     if rule.protocol is not None:
         out.append(f"-p {rule.protocol}")
     for match in rule.matches:
-        out.append(f"-m {match.module}" + "".join(f" {o}" for o in _save_match(match)))
+        out.append(f"-m {match.module}" + "".join(f" {o}" for o in _save_match(match, family)))
     if rule.target is not None:
-        out.append(f"-j {rule.target}" + "".join(f" {o}" for o in _save_target(rule)))
+        out.append(f"-j {rule.target}" + "".join(f" {o}" for o in _save_target(rule, family)))
     return " ".join(out)
 
 
@@ -160,7 +167,7 @@ def _neg(negated: bool) -> str:
     return "! " if negated else ""
 
 
-def _save_match(match: Match) -> list[str]:
+def _save_match(match: Match, family: int) -> list[str]:
     m = match.module
     if m == "comment":
         values, _ = match.get("--comment") or ([""], False)
@@ -193,11 +200,11 @@ def _save_match(match: Match) -> list[str]:
             out.append(f"--seconds {seconds[0][0]}")
         if match.get("--reap") is not None:
             out.append("--reap")
-        return [*out, f"--name {name}", "--mask 255.255.255.255", "--rsource"]
+        return [*out, f"--name {name}", f"--mask {_HOST_MASK[family]}", "--rsource"]
     return [f"{_neg(neg)}{o}" + "".join(f" {v}" for v in values) for o, values, neg in match.options]
 
 
-def _save_target(rule: Rule) -> list[str]:
+def _save_target(rule: Rule, family: int) -> list[str]:
     opts = dict((o, v) for o, v in rule.target_options)
     if rule.target == "MARK":
         if "--or-mark" in opts:
@@ -206,25 +213,25 @@ def _save_target(rule: Rule) -> list[str]:
         if "--xor-mark" in opts:
             return [f"--set-xmark {_hex(opts['--xor-mark'][0])}/0x0"]
     if rule.target == "REJECT" and "--reject-with" not in opts:
-        return ["--reject-with icmp-port-unreachable"]
+        return [f"--reject-with {_REJECT_WITH[family]}"]
     return [o + "".join(f" {v}" for v in values) for o, values in rule.target_options]
 
 
-def list_line(rule: Rule) -> str:
-    """The rule as `iptables -L -n` (iptables 1.8.9, numeric protocols) prints it."""
+def list_line(rule: Rule, family: int = 4) -> str:
+    """The rule as `iptables -L -n` (iptables 1.8.9, numeric protocols; `ip6tables` for family 6) prints it."""
     target = rule.target or ""
     proto = str(PROTOCOL_NUMBERS.get(rule.protocol or "", 0))
-    source = _without_host_mask(rule.source) if rule.source else "0.0.0.0/0"
-    destination = _without_host_mask(rule.destination) if rule.destination else "0.0.0.0/0"
+    source = _without_host_mask(rule.source) if rule.source else _ANY[family]
+    destination = _without_host_mask(rule.destination) if rule.destination else _ANY[family]
     line = (f"{target:<9} {' '}{proto:<5}-- {'!' if rule.source_negated else ' '}{source:<19} "
             f"{'!' if rule.destination_negated else ' '}{destination:<19} ")
     for match in rule.matches:
-        line += _list_match(match)
-    line += _list_target(rule)
+        line += _list_match(match, family)
+    line += _list_target(rule, family)
     return line
 
 
-def _list_match(match: Match) -> str:
+def _list_match(match: Match, family: int) -> str:
     m = match.module
     if m == "comment":
         return f" /* {(match.get('--comment') or ([''], False))[0][0]} */"
@@ -260,11 +267,11 @@ def _list_match(match: Match) -> str:
             out += f" seconds: {seconds[0][0]}"
         if match.get("--reap") is not None:
             out += " reap"
-        return out + f" name: {name} side: source mask: 255.255.255.255"
+        return out + f" name: {name} side: source mask: {_HOST_MASK[family]}"
     return f" {m}"
 
 
-def _list_target(rule: Rule) -> str:
+def _list_target(rule: Rule, family: int) -> str:
     opts = dict((o, v) for o, v in rule.target_options)
     if rule.target == "MARK":
         if "--or-mark" in opts:
@@ -274,7 +281,7 @@ def _list_target(rule: Rule) -> str:
     if rule.target == "DNAT":
         return f" to:{opts['--to-destination'][0]}"
     if rule.target == "REJECT":
-        return f" reject-with {opts.get('--reject-with', ['icmp-port-unreachable'])[0]}"
+        return f" reject-with {opts.get('--reject-with', [_REJECT_WITH[family]])[0]}"
     if rule.target == "MASQUERADE":
         return " random-fully" if "--random-fully" in opts else ""
     return ""
@@ -287,6 +294,7 @@ class TableView:
     name: str
     chains: list[str]
     rules: list[Rule]
+    family: int = 4  # 6: as ip6tables prints it
 
 
 def node_tables(rendered: Rendered, *, localhost_nodeports: bool = True) -> list[TableView]:
@@ -310,7 +318,7 @@ def node_tables(rendered: Rendered, *, localhost_nodeports: bool = True) -> list
         if source is not None:
             ours -= {line.split()[1] for line in source.rules if line.startswith("-X ")}
             rules.extend(parse_rule(line) for line in source.rules if line.startswith("-A "))
-        views.append(TableView(table, [*BUILTIN[table], *sorted(ours)], rules))
+        views.append(TableView(table, [*BUILTIN[table], *sorted(ours)], rules, rendered.family))
     return views
 
 
@@ -328,7 +336,7 @@ def format_save(views: Iterable[TableView]) -> str:
         grouped = _by_chain(view)
         out.append(f"*{view.name}")
         out.extend(f":{c} ACCEPT [0:0]" if c in BUILTIN[view.name] else f":{c} - [0:0]" for c in view.chains)
-        out.extend(save_line(r) for c in view.chains for r in grouped[c])
+        out.extend(save_line(r, view.family) for c in view.chains for r in grouped[c])
         out.append("COMMIT")
     return "\n".join(out) + "\n"
 
@@ -342,7 +350,7 @@ def format_list(view: TableView) -> str:
         head = (f"Chain {chain} (policy ACCEPT)" if chain in BUILTIN[view.name]
                 else f"Chain {chain} ({references[chain]} references)")
         lines = [head, "target     prot opt source               destination         "]
-        lines.extend(list_line(r) for r in grouped[chain])
+        lines.extend(list_line(r, view.family) for r in grouped[chain])
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 

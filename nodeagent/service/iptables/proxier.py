@@ -12,6 +12,8 @@
   in the kernel's table, so a UDP client's next datagram goes to a live backend (kube-proxy's
   `CleanStaleEntries`, `service.conntrack`).
 - One `iptables-restore --noflush` per sync: the tables change atomically, or not at all.
+- One proxier per IP family, as kube-proxy runs them: the IPv6 one writes with ip6tables-restore
+  (`Iptables(ipv6=True)`), from a configuration of its family, and reconciles IPv6 conntrack entries.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class IptablesProxier:
     def sync(self, snapshot: Snapshot, config: ProxyConfig, changed: AbstractSet[ObjectRef]) -> IptablesSyncReport:
         """Program the node to match `snapshot` (a partial sync rewrites the Services in `changed`); raises on
         failure (and the next sync is then a full one)."""
+        if config.family != self.ipt.family:  # a wiring error: IPv6 rules fed to iptables-restore, or the reverse
+            raise ValueError(f"the IPv{self.ipt.family} proxier was given an IPv{config.family} configuration")
         service_ports, endpoints = snapshot.service_ports, snapshot.endpoints
         started = self.clock()
         full = (self._need_full or config != self._config or started - self._last_full >= self.sync_period)
@@ -145,7 +149,7 @@ class IptablesProxier:
         self.conntrack.family = config.family
         reconciled = self.conntrack.after_sync(service_ports, endpoints, changed)
         report = IptablesSyncReport(full, rendered, text, deleted, reconciled, self.clock() - started)
-        log.info("iptables synced", full=full, services_changed=len(changed),
+        log.info("iptables synced", family=f"IPv{config.family}", full=full, services_changed=len(changed),
                  nat_rules=len(rendered.nat.rules),
                  filter_rules=len(rendered.filter.rules), stale_chains_deleted=len(deleted),
                  seconds=round(report.seconds, 4))

@@ -68,6 +68,7 @@ class Rendered:
     large_cluster: bool
     port_chains: list[list[str]] = field(default_factory=list)  # per Service port written, its own nat chains
     nat_top_rules: list[str] = field(default_factory=list)  # the nat rules of top-level chains only
+    family: int = 4  # the proxier's IP family: 6 for ip6tables-restore
 
     def text(self) -> str:
         """The whole iptables-restore input."""
@@ -263,7 +264,7 @@ def render(service_ports: Mapping[ServicePortName, ServicePortInfo],
     for rules in fresh:  # the lines stay in `nat.rules` for this sync; the cache keeps them packed
         rules.pack()
     return Rendered(filter=filt, nat=nat, active_nat_chains=active, large_cluster=large,
-                    port_chains=[p.own.chains for p in written], nat_top_rules=nat_top)
+                    port_chains=[p.own.chains for p in written], nat_top_rules=nat_top, family=family)
 
 
 @dataclass(slots=True)

@@ -29,6 +29,7 @@ class RecordingIptables:
 
     backend = "legacy"
     netns = None
+    family = 4
 
     def __init__(self) -> None:
         self.restores: list[str] = []
