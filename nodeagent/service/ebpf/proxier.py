@@ -203,6 +203,14 @@ class EbpfProxier:
         self._record_split(split)
         if self.tc_active and frozenset(split) != self._external_ports:
             self._sync_external(snapshot, config, changed, frozenset(split))
+        if self.tc_active or self.external is None:
+            # tc serves (some) external traffic: the whole snapshot's stale UDP flows are reconciled here (the
+            # iptables side sees only its own ports), and only now that the maps hold no removed backend: a
+            # datagram between a deletion and the maps' update would make a new flow to the removed backend that
+            # nothing deletes (kube-proxy, too, cleans conntrack after iptables-restore, not before)
+            self.conntrack.after_sync(snapshot.service_ports, snapshot.endpoints, changed)
+            if self.tc_flows is not None:
+                self.tc_flows.after_sync(snapshot.service_ports, snapshot.endpoints, changed)
         self._need_full = False
         self._config = config
         if full:
@@ -234,11 +242,6 @@ class EbpfProxier:
         if self.external is not None and not self.tc_active:
             self.external.sync(snapshot, replace(config, external_only=True), changed)  # (reconciles conntrack)
             return
-        # tc serves (some) external traffic: the whole snapshot's stale UDP flows are reconciled here, as the
-        # iptables side below sees only its own ports
-        self.conntrack.after_sync(snapshot.service_ports, snapshot.endpoints, changed)
-        if self.tc_flows is not None:
-            self.tc_flows.after_sync(snapshot.service_ports, snapshot.endpoints, changed)
         if self.external is None:
             return
         if not ports:

@@ -89,3 +89,28 @@ def test_tcs_reconciler_made_at_start_reports_to_those_already_observing(monkeyp
     assert node.tc_flows is not None and node.tc_flows.observers == [seen.append]
     node.tc_flows.after_sync(dns().service_ports, dns().endpoints, set())
     assert [r.deleted for r in seen] == [1]
+
+
+def test_with_tc_stale_flows_go_only_after_the_maps_stop_choosing_the_removed_backend(
+        no_kernel: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A datagram between the deletion and the maps' update would make a new flow to the removed backend that no
+    later pass deletes (an agent restarted with adopted maps still holding it): the maps first, then the flows,
+    as kube-proxy cleans conntrack after iptables-restore."""
+    order: list[str] = []
+
+    class Recording(FakeTable):
+        def delete(self, family: int, match: Any) -> int:
+            order.append("flows deleted")
+            return super().delete(family, match)
+
+    apply = MapSync.apply
+
+    def recording_apply(self: MapSync, *args: Any, **kwargs: Any) -> Any:
+        order.append("maps applied")
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(MapSync, "apply", recording_apply)
+    node = ebpf(None, tc_active=True, conntrack=ConntrackReconciler(stale_table()),
+                tc_flows=ConntrackReconciler(Recording(stale_table().entries)))
+    node.sync(dns(), CONFIG, set())
+    assert order == ["maps applied", "flows deleted"]
