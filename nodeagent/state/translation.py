@@ -90,13 +90,16 @@ class ServicePortInfo:
         family's clusterIP (GetClusterIPByFamily; none: the Service is skipped) and keeps the externalIPs,
         loadBalancerSourceRanges and load balancer VIPs of that family only (MapIPsByIPFamily,
         MapCIDRsByIPFamily) (pkg/proxy/serviceport.go, servicechangetracker.go)."""
+        if len(self.cluster_ips) == 1:  # single-stack (nearly every Service): the cheap way
+            if self.cluster_ips[0].version != family:
+                return None
+            # the decoder keeps no external or VIP address of a family without a cluster IP; source ranges may mix
+            if not self.load_balancer_source_ranges or all(c.version == family
+                                                           for c in self.load_balancer_source_ranges):
+                return self  # the same object: nothing to filter
         cluster_ip = next((ip for ip in self.cluster_ips if ip.version == family), None)
         if cluster_ip is None:
             return None
-        if len(self.cluster_ips) == 1 and all(ip.version == family for ip in (*self.external_ips,
-                                                                                *self.load_balancer_ips)) \
-                and all(cidr.version == family for cidr in self.load_balancer_source_ranges):
-            return self  # single-stack, nothing of the other family: the same object (render caches by identity)
         return dataclasses.replace(
             self, cluster_ips=(cluster_ip,),
             external_ips=tuple(ip for ip in self.external_ips if ip.version == family),

@@ -220,7 +220,8 @@ def render(service_ports: Mapping[ServicePortName, ServicePortInfo],
         hit = cache.get(name) if cache is not None else None
         if hit is None or hit.info is not info or hit.endpoints is not port_endpoints:
             hit = None
-            total += len(endpoints_of_family(port_endpoints, family))
+            # (a port without a cluster IP of this family has no endpoint of it worth counting or reading)
+            total += len(endpoints_of_family(port_endpoints, family)) if family in info.families else 0
         else:
             total += hit.count
         entries.append((name, info, port_endpoints, hit))
@@ -236,9 +237,9 @@ def render(service_ports: Mapping[ServicePortName, ServicePortInfo],
             rules = hit.rules
         else:
             rules = PortRules()
-            family_endpoints = endpoints_of_family(port_endpoints, family)
             # the port as this family's proxier sees it (None: no cluster IP of the family, kube-proxy skips it)
             view = info.for_family(family)
+            family_endpoints = endpoints_of_family(port_endpoints, family) if view is not None else []
             if view is not None and (not config.external_only or externally_accessible(view)):
                 _render_port(config, rules.filter, rules.top, rules.own, set(), str(name),
                              view.protocol.lower(), view, family_endpoints, zone, large, local_if, not_local_if)
