@@ -18,7 +18,7 @@ from nodeagent.cluster.decode import decode, object_ref
 from nodeagent.cluster.events import Upserted
 from nodeagent.cluster.model import Kind
 from nodeagent.observability.service_health import Listen, ServiceName
-from nodeagent.service.config import ProxyConfig, ProxySettings, proxy_config
+from nodeagent.service.config import ProxyConfig, ProxySettings, base_families, proxy_config, served_families
 from nodeagent.service.ebpf.desired import plan
 from nodeagent.service.healthcheck import health_check_ports, listen_hosts
 from nodeagent.service.iptables.render import render
@@ -133,3 +133,45 @@ def test_cidrs_matching_no_address_are_not_every_address() -> None:
     assert none_match.nodeport_ips == ()
     every = proxy_config(NODE, ProxySettings(), snapshot, INTERFACES)
     assert every.nodeport_ips is None
+
+
+# --- one configuration per IP family (kube-proxy's proxier per family) -----------------------------------
+
+def dual_stack_node(*, primary_v6: bool = False) -> dict[str, Any]:
+    addresses = ["192.168.0.2", "2001:db8::2"]
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+            "spec": {"podCIDRs": ["10.244.1.0/24", "fd00:10:1::/64"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": a}
+                                     for a in (reversed(addresses) if primary_v6 else addresses)]}}
+
+
+def test_each_family_has_its_node_ip_nodeport_addresses_and_no_ipv6_localhost_nodeports() -> None:
+    made = ChangeTracker(NODE)
+    made.apply_all([listed(Kind.NODE, [dual_stack_node()])])
+    snapshot = made.snapshot()
+    assert snapshot is not None
+    interfaces = (*INTERFACES, ipaddress.ip_address("2001:db8::2"), ipaddress.ip_address("fe80::1"))
+    settings = ProxySettings(nodeport_addresses=(ipaddress.ip_network("192.168.0.0/16"),
+                                                 ipaddress.ip_network("2001:db8::/32"),
+                                                 ipaddress.ip_network("127.0.0.0/8")))
+    v4 = proxy_config(NODE, settings, snapshot, interfaces)
+    v6 = proxy_config(NODE, settings, snapshot, interfaces, family=6)
+    assert (v4.family, v4.node_ip, v4.localhost_nodeports_enabled) == (4, ipaddress.ip_address("192.168.0.2"), True)
+    assert (v6.family, v6.node_ip, v6.localhost_nodeports_enabled) == (6, ipaddress.ip_address("2001:db8::2"), False)
+    assert v4.nodeport_ips is not None and {ip.version for ip in v4.nodeport_ips} == {4}
+    assert v6.nodeport_ips == (ipaddress.ip_address("2001:db8::2"),)
+    # `primary`: each family's node IP
+    primary = ProxySettings(nodeport_primary=True)
+    assert proxy_config(NODE, primary, snapshot, interfaces, family=6).nodeport_ips == (
+        ipaddress.ip_address("2001:db8::2"),)
+
+
+def test_the_families_served_are_ipv4_the_cluster_cidrs_and_the_nodes() -> None:
+    made = ChangeTracker(NODE)
+    made.apply_all([listed(Kind.NODE, [dual_stack_node(primary_v6=True)])])
+    snapshot = made.snapshot()
+    assert snapshot is not None
+    assert base_families(ProxySettings()) == {4}
+    assert base_families(ProxySettings(cluster_cidrs=(ipaddress.ip_network("fd00:10::/48"),))) == {4, 6}
+    assert served_families(None, ProxySettings()) == {4}
+    assert served_families(snapshot.node, ProxySettings()) == {4, 6}
