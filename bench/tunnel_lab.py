@@ -29,7 +29,7 @@ variant while py-spy samples node1's tunnel: its top frames go in the report. Wr
 bench/results/tunnel-lab-<UTC date-time>.json: every round's summaries, the medians, the ratios nodeagent /
 envoy for the targets, load averages before/after, CPU count and git commit.
 
-    sudo .venv/bin/python bench/tunnel_lab.py                  (5 rounds; ~7 min with the lab's setup)
+    sudo .venv/bin/python bench/tunnel_lab.py                  (5 rounds; ~7.5 min with the lab's setup)
     sudo .venv/bin/python bench/tunnel_lab.py --quick          (1 short round; ~1.5 min, a smoke run)
     sudo .venv/bin/python bench/tunnel_lab.py --profile --tunnel-args "--workers 2"
     sudo .venv/bin/python bench/tunnel_lab.py --source HEAD    (the product as committed, not the working tree)
