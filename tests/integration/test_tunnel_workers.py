@@ -111,10 +111,12 @@ def test_both_workers_listen_in_every_served_pod_and_both_carry_connections(lab:
     before = {w["worker"]: w["connections_opened"] for w in workers_of(lab, "node1")}
     results = run_loop(lab, 4.0)
     assert len(results) >= 50 and all(ok for _, ok in results), [r for r in results if not r[1]][:5]
+    # Each of the client pod's connections reaches node1's 15001 on its own, so the kernel spreads them over
+    # both workers. (On node2 they arrive as streams of the few pooled HBONE connections node1's workers
+    # opened, which may all have landed on one worker: not asserted.)
+    carried = {w["worker"]: w["connections_opened"] - before.get(w["worker"], 0) for w in workers_of(lab, "node1")}
+    assert len(carried) == 2 and all(count > 0 for count in carried.values()), carried
     for node in ("node1", "node2"):
-        carried = {w["worker"]: w["connections_opened"] - before.get(w["worker"], 0) if node == "node1"
-                   else w["connections_opened"] for w in workers_of(lab, node)}
-        assert all(count > 0 for count in carried.values()), (node, carried)
         # The coordinator's /metrics is the workers' sum (each worker counts only what it carried).
         opened = sample(metrics(lab, node), "istio_tcp_connections_opened_total",
                         reporter="source" if node == "node1" else "destination")
