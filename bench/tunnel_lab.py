@@ -165,13 +165,18 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(value - before.get(p, 0.0) for p, value in after.items())
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and its descendants (MiB; pages shared between them counted in each)."""
-    total = 0
+def rss_by_process(pid: int) -> dict[str, float]:
+    """Resident memory (MiB) of `pid` and of each of its descendants (a tunnel's workers), by pid."""
+    rss = {}
     for p in _tree(pid):
         with contextlib.suppress(OSError):
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE
-    return round(total / 2**20, 1)
+            rss[str(p)] = round(int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE / 2**20, 1)
+    return rss
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and its descendants (MiB; pages shared between them counted in each)."""
+    return round(sum(rss_by_process(pid).values()), 1)
 
 
 def machine_busy_s() -> float:
@@ -394,6 +399,7 @@ def load(bench: Bench, variant: Variant, mode: str, args: argparse.Namespace) ->
                 report["machine_busy_vcpu"] = round(machine, 2)
                 report["vcpu"] = {side: round(value / window, 4) for side, value in cpu.items()}
                 report["rss_mb"] = {side: tree_rss_mb(pid) for side, pid in variant.pids.items()}
+                report["rss_mb_by_process"] = {side: rss_by_process(pid) for side, pid in variant.pids.items()}
                 if mode == "new" and report["completed"]:
                     report["cpu_ms_per_connection"] = {side: round(value * 1000 / report["completed"], 4)
                                                        for side, value in cpu.items()}
@@ -594,7 +600,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(2.0)  # the idle window measured
         idle_s = time.monotonic() - t0
         report["idle"] = {v.name: {s: {"vcpu": round(cpu_delta(idle0[p], tree_cpu(p)) / idle_s, 4),
-                                       "rss_mb": tree_rss_mb(p)} for s, p in v.pids.items()}
+                                       "rss_mb": tree_rss_mb(p), "rss_mb_by_process": rss_by_process(p)}
+                                   for s, p in v.pids.items()}
                           for v in bench.variants.values() if v.pids}
         metrics_before = tunnel_metrics(bench.lab, "node2")
         for r in range(args.rounds):
