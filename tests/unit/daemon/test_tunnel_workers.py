@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr
@@ -50,7 +51,7 @@ from nodeagent.tunnel.identity.certs import WorkloadCertificate
 from nodeagent.tunnel.state.authz import Authorizer
 from nodeagent.tunnel.state.services import service_table
 from nodeagent.tunnel.state.workloads import Workload, workload_table
-from nodeagent.tunnel.telemetry import TunnelMetrics
+from nodeagent.tunnel.telemetry import Families, TunnelMetrics, exposition, merge_families
 from tests.unit.daemon.test_tunnel import FailingSource, listed, snap, tracker_with_pods
 
 WEB = Workload("10.244.1.2", SpiffeId("cluster.local", "shop", "web"), "node1", "/run/netns/web", name="shop/web")
@@ -412,3 +413,22 @@ async def test_a_real_worker_process_answers_and_exits_at_the_end_of_its_socket(
         await worker_set.close()
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
     assert worker_set.restarts == {0: 0, 1: 0}
+
+
+def test_histograms_sum_bucket_by_bucket_and_created_is_the_earliest() -> None:
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    histograms = [Histogram("nodeagent_tunnel_connect_seconds", "connect time", ["reporter"], buckets=(0.1, 1.0),
+                            registry=r) for r in registries]
+    for value in (0.05, 0.5):
+        histograms[0].labels(reporter="source").observe(value)
+    histograms[1].labels(reporter="source").observe(5.0)
+    merged = merge_families([list(r.collect()) for r in registries])
+    samples = {(s.name, s.labels.get("le")): s.value for family in merged for s in family.samples}
+    assert samples[("nodeagent_tunnel_connect_seconds_bucket", "0.1")] == 1
+    assert samples[("nodeagent_tunnel_connect_seconds_bucket", "1.0")] == 2
+    assert samples[("nodeagent_tunnel_connect_seconds_bucket", "+Inf")] == 3
+    assert samples[("nodeagent_tunnel_connect_seconds_count", None)] == 3
+    assert samples[("nodeagent_tunnel_connect_seconds_sum", None)] == pytest.approx(5.55)
+    created = [s.value for r in registries for f in r.collect() for s in f.samples if s.name.endswith("_created")]
+    assert samples[("nodeagent_tunnel_connect_seconds_created", None)] == min(created)
+    assert b"nodeagent_tunnel_connect_seconds_bucket" in exposition(Families(merged))
