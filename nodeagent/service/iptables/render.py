@@ -443,7 +443,9 @@ def _render_port(config: ProxyConfig, filt: Table, nat: Table, svc_nat: Table, a
         svc_nat.chain(chain)
         active.add(chain)
         head = ["-A", chain, *([] if large else ["-m", "comment", "--comment", port_name])]
-        svc_nat.add(*head, "-s", str(endpoint.ip), "-j", n.KUBE_MARK_MASQ)
+        # the address as written in "ip:port" / "[ip]:port": str() of an IPv6 address costs ~10 us in Python,
+        # half an IPv6 render's time when made twice per endpoint
+        svc_nat.add(*head, "-s", text.rpartition(":")[0].strip("[]"), "-j", n.KUBE_MARK_MASQ)
         recent = ["-m", "recent", "--name", chain, "--set"] if affinity is not None else []
         svc_nat.add(*head, *recent, *match, "-j", "DNAT", "--to-destination", text)
 
