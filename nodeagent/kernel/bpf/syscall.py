@@ -6,6 +6,7 @@ sock_addr program and attach/detach it. `doctor` uses it to tell "the kernel can
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import platform
@@ -78,12 +79,20 @@ def attach_detach_connect4(prog_fd: int, cgroup_dir: str) -> None:
 
 BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
 BPF_OBJ_PIN, BPF_OBJ_GET = 6, 7
+BPF_MAP_LOOKUP_BATCH = 24
+ENOTSUPP = 524  # the kernel's own "operation not supported" (a map type without batch operations)
 BPF_ANY = 0
 
 
 class _ElemAttr(ctypes.Structure):
     _fields_ = [("map_fd", ctypes.c_uint32), ("_pad0", ctypes.c_uint32), ("key", ctypes.c_uint64),
                 ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64), ("_pad", ctypes.c_uint8 * 96)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64), ("keys", ctypes.c_uint64),
+                ("values", ctypes.c_uint64), ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64), ("_pad", ctypes.c_uint8 * 80)]
 
 
 class _ObjAttr(ctypes.Structure):
@@ -154,10 +163,46 @@ class MapHandle:
             found.append(current)
 
     def items(self) -> dict[bytes, bytes]:
-        """Every entry."""
+        """Every entry: in batches of thousands per syscall where the kernel can (BPF_MAP_LOOKUP_BATCH, 5.6+, hash
+        maps), else key by key. A full na_ct (200,000 entries) took 1.7 s key by key."""
+        try:
+            return self._items_batched()
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+                raise
         out = {}
         for key in self.keys():
             value = self.lookup(key)
             if value is not None:
                 out[key] = value
         return out
+
+    def _items_batched(self, batch: int = 4096) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        token_size = max(self.key_size, 8)  # the position between calls: a bucket index for hash maps
+        tokens = (ctypes.create_string_buffer(token_size), ctypes.create_string_buffer(token_size))
+        first = True
+        while True:
+            keys = ctypes.create_string_buffer(self.key_size * batch)
+            values = ctypes.create_string_buffer(self.value_size * batch)
+            attr = _BatchAttr(in_batch=0 if first else ctypes.addressof(tokens[0]),
+                              out_batch=ctypes.addressof(tokens[1]), keys=ctypes.addressof(keys),
+                              values=ctypes.addressof(values), count=batch, map_fd=self.fd)
+            done = False
+            try:
+                _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+            except FileNotFoundError:
+                done = True  # the last entries came with the end of the map
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC and attr.count == 0:  # one bucket holds more than a batch
+                    batch *= 2
+                    continue
+                raise
+            raw_keys, raw_values = keys.raw, values.raw
+            for i in range(attr.count):
+                out[raw_keys[i * self.key_size:(i + 1) * self.key_size]] = \
+                    raw_values[i * self.value_size:(i + 1) * self.value_size]
+            if done:
+                return out
+            ctypes.memmove(tokens[0], tokens[1], token_size)
+            first = False
