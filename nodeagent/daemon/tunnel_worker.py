@@ -33,10 +33,12 @@ from nodeagent.daemon.tunnel_wire import (
     Scrape,
     State,
     Status,
+    Tables,
     dumps,
     frame,
     load_request,
     read_frame,
+    services_view,
 )
 from nodeagent.observability.logs import configure_logging
 from nodeagent.tunnel.admin import config_dump
@@ -84,11 +86,14 @@ class TunnelWorker:
 
     async def handle(self, request: Request) -> Any:
         """Carry out one request; its reply's value."""
-        if isinstance(request, State):
-            services_changed = request.services is not self.state.services
-            self.state = request
-            if services_changed and request.services is not None:
-                self.tunnel.outbound.resilience.retain(request.services)
+        if isinstance(request, Tables):
+            held = self.state
+            services = held.services if isinstance(request.services, str) else (
+                None if request.services is None else services_view(held.services, request.services))
+            self.state = State(held.table if isinstance(request.table, str) else request.table, services,
+                               held.authorizer if isinstance(request.authorizer, str) else request.authorizer)
+            if services is not None and services is not held.services:
+                self.tunnel.outbound.resilience.retain(services)
             return None
         if isinstance(request, Certificate):
             # Only identities this worker holds: a certificate for a pod not added yet comes with its AddPod.

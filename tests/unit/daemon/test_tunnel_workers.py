@@ -20,10 +20,13 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.ca.identity import CertificateAuthority, SpiffeId, make_csr
+from nodeagent.cluster.decode import decode, object_ref
+from nodeagent.cluster.events import Upserted
 from nodeagent.cluster.model import Kind
 from nodeagent.control.assignments import Assignment
 from nodeagent.daemon.tunnel import TunnelOptions, TunnelProcess
 from nodeagent.daemon.tunnel_wire import (
+    KEEP,
     AddPod,
     Certificate,
     Reevaluate,
@@ -31,13 +34,17 @@ from nodeagent.daemon.tunnel_wire import (
     Reply,
     Request,
     Scrape,
+    ServicesDelta,
     State,
     Status,
+    Tables,
     dumps,
     frame,
     load_reply,
     load_request,
     read_frame,
+    services_delta,
+    services_view,
 )
 from nodeagent.daemon.workers import (
     Channel,
@@ -45,13 +52,16 @@ from nodeagent.daemon.workers import (
     cgroup_cpu_limit,
     cpu_quota,
     process_spawner,
+    tables_since,
     worker_count,
 )
+from nodeagent.state.tracker import ChangeTracker
 from nodeagent.tunnel.identity.certs import WorkloadCertificate
 from nodeagent.tunnel.state.authz import Authorizer
 from nodeagent.tunnel.state.services import service_table
 from nodeagent.tunnel.state.workloads import Workload, workload_table
 from nodeagent.tunnel.telemetry import Families, TunnelMetrics, exposition, merge_families
+from tests.support import objects as k8s
 from tests.unit.daemon.test_tunnel import FailingSource, listed, snap, tracker_with_pods
 
 WEB = Workload("10.244.1.2", SpiffeId("cluster.local", "shop", "web"), "node1", "/run/netns/web", name="shop/web")
@@ -85,24 +95,54 @@ async def frames_of(data: bytes) -> list[tuple[int, bytes] | None]:
     return out
 
 
-async def test_frames_carry_the_request_id_and_whole_tables_snapshots_included() -> None:
+async def test_frames_carry_the_request_id_and_whole_tables() -> None:
     tracker = tracker_with_pods()
     tracker.apply(listed(Kind.PEER_AUTHENTICATION, []))
     tracker.apply(listed(Kind.AUTHORIZATION_POLICY, []))
+    tracker.apply(listed(Kind.SERVICE, [k8s.service("web")]))
     snapshot = snap(tracker)
     state = State(workload_table(snapshot, "node1"), service_table(snapshot), Authorizer.from_snapshot(snapshot))
-    data = frame(7, dumps(state)) + frame(8, dumps(RemovePod("10.244.1.2"))) + frame(9, dumps(Reply(3)))
+    data = (frame(7, dumps(tables_since(None, state))) + frame(8, dumps(RemovePod("10.244.1.2")))
+            + frame(9, dumps(Reply(3))))
     [(first, tables), (second, remove), (third, reply)] = await frames_of(data)  # type: ignore[misc]
     assert (first, second, third) == (7, 8, 9)
     received = load_request(tables)
-    # A ServiceTable holds its snapshot, whose read-only views pickle only through the wire's own table.
-    assert isinstance(received, State) and received.services is not None and received.table is not None
-    assert received.services.generation == snapshot.generation
-    assert received.table.by_ip.keys() == state.table.by_ip.keys()  # type: ignore[union-attr]
+    assert isinstance(received, Tables) and isinstance(received.services, ServicesDelta) and received.services.full
+    assert received.table == state.table
+    view = services_view(None, received.services)
+    assert state.services is not None
+    assert view.generation == snapshot.generation and dict(view.frontends()) == dict(state.services.frontends())
     assert load_request(remove) == RemovePod("10.244.1.2")
     assert load_reply(reply) == Reply(3)
     with pytest.raises(ValueError, match="not a tunnel worker request"):
         load_request(dumps(Reply(1)))
+
+
+def test_a_worker_gets_the_services_that_changed_and_answers_as_the_coordinators_table() -> None:
+    tracker = ChangeTracker("node1")
+    services, slices = k8s.scale_cluster(200, 3)
+    tracker.apply(listed(Kind.SERVICE, services))
+    tracker.apply(listed(Kind.ENDPOINT_SLICE, slices))
+    first = service_table(snap(tracker))
+    held = services_view(None, services_delta(None, first))
+    changed = k8s.scale_slice(7, 5)  # one Service's endpoints change
+    tracker.apply(Upserted(Kind.ENDPOINT_SLICE, object_ref(changed), decode(changed), "9"))
+    second = first.updated(snap(tracker))
+    delta = services_delta(first, second)
+    assert not delta.full and len(delta.frontends) == 1 and not delta.removed_frontends
+    assert len(dumps(Tables(KEEP, delta, KEEP))) * 20 < len(dumps(Tables(KEEP, services_delta(None, second), KEEP))), \
+        "a change costs its own size, not the table's"
+    worker = services_view(held, delta)
+    assert dict(worker.frontends()) == dict(second.frontends()) and worker.generation == second.generation
+    [(frontend, target)] = delta.frontends.items()
+    assert worker.lookup(*frontend) == second.lookup(*frontend) == target and len(target.endpoints) == 5
+    assert worker.config(target.service) == second.config(target.service)
+    assert (worker.node, worker.zone) == (second.node, second.zone)
+    tracker.apply(listed(Kind.SERVICE, services[1:]))  # a Service goes
+    third = second.updated(snap(tracker))
+    gone = services_delta(second, third)
+    assert gone.removed_frontends and gone.removed_configs == (object_ref(services[0]),)
+    assert dict(services_view(worker, gone).frontends()) == dict(third.frontends())
 
 
 async def test_a_frame_cut_short_is_an_error_and_an_end_between_frames_is_not() -> None:
@@ -256,9 +296,10 @@ async def test_every_worker_gets_the_tables_then_the_pod_with_its_certificate(wo
     assert WEB.ip in worker_set.pods and fetch.calls == [WEB.identity]
     for index in (0, 1):
         worker = fleet.latest(index)
-        assert worker.kinds() == ["State", "State", "AddPod"], "the new tables reach a worker before the pod"
+        assert worker.kinds() == ["Tables", "Tables", "AddPod"], "the new tables reach a worker before the pod"
         tables = worker.requests[1]
-        assert isinstance(tables, State) and tables.table == state["now"].table
+        assert isinstance(tables, Tables) and tables.table == state["now"].table
+        assert tables.services == KEEP and tables.authorizer == KEEP, "only what changed"
         add = worker.requests[2]
         assert isinstance(add, AddPod) and add.workload == WEB
         assert add.certificate.chain == worker_set.certificates[WEB.identity].chain
@@ -268,7 +309,7 @@ async def test_every_worker_gets_the_tables_then_the_pod_with_its_certificate(wo
     ok, missing = worker_set.ready({WEB.ip, API.ip})
     assert not ok and missing == [API.ip]
     await worker_set.add_pod(WEB)  # served already: nothing sent
-    assert fleet.latest(0).kinds() == ["State", "State", "AddPod"]
+    assert fleet.latest(0).kinds() == ["Tables", "Tables", "AddPod"]
 
 
 async def test_a_pod_one_worker_refuses_is_undone_in_all_and_not_served(workers: Any) -> None:
@@ -293,7 +334,7 @@ async def test_a_dead_worker_is_restarted_counted_and_given_the_tables_and_pods(
     first.task.cancel()  # the worker's process ends: its socket reaches its end
     await until(lambda: len(fleet.spawned[1]) == 2 and fleet.latest(1).pods == {WEB.ip}, "the worker is replaced")
     replacement = fleet.latest(1)
-    assert replacement.kinds() == ["State", "AddPod"], "tables first, then only the pods still served"
+    assert replacement.kinds() == ["Tables", "AddPod"], "tables first, then only the pods still served"
     assert worker_set.restarts == {0: 0, 1: 1}
     await until(lambda: worker_set.workers[1].pods == {WEB.ip}, "the replacement's ack is recorded")
     assert WEB.ip in worker_set.pods, "the pod stayed served (the other worker kept it)"
@@ -319,7 +360,7 @@ async def test_reevaluate_reaches_every_worker_after_the_current_tables(workers:
     worker_set, fleet, state, _ = workers
     state["now"] = State(None, None, Authorizer([], []))
     assert worker_set.reevaluate() == 0
-    await until(lambda: all(fleet.latest(i).kinds()[-2:] == ["State", "Reevaluate"] for i in (0, 1)),
+    await until(lambda: all(fleet.latest(i).kinds()[-2:] == ["Tables", "Reevaluate"] for i in (0, 1)),
                 "both workers judge again under the new tables")
     assert isinstance(fleet.latest(0).requests[-1], Reevaluate)
 
@@ -380,11 +421,11 @@ async def test_the_tunnel_process_drives_its_workers_and_acks_a_pod_only_once_th
         tracker.apply(listed(Kind.AUTHORIZATION_POLICY, []))
         await tunnel.reconcile(snap(tracker))
         assert tunnel.table is not None and tunnel.authorizer is not None
-        def pushed(index: int) -> State:
-            return [r for r in fleet.latest(index).requests if isinstance(r, State)][-1]
+        def pushed(index: int) -> Tables:
+            return [r for r in fleet.latest(index).requests if isinstance(r, Tables)][-1]
 
         await until(lambda: all(pushed(i).table == tunnel.table for i in (0, 1)), "the new tables reach both")
-        assert all(pushed(i).authorizer is not None for i in (0, 1))
+        assert all(isinstance(pushed(i).authorizer, Authorizer) for i in (0, 1))
     finally:
         await worker_set.close()
 
