@@ -401,7 +401,8 @@ class WorkerSet:
         workers = list(self.workers.values())
         for worker in workers:
             worker.channel.writer.close()
-        for worker in workers:
+
+        async def stopped(worker: _Worker) -> None:
             try:
                 await asyncio.wait_for(worker.channel.wait(), STOP_TIMEOUT)
             except TimeoutError:
@@ -410,6 +411,9 @@ class WorkerSet:
                 await worker.channel.wait()
             if worker.reading is not None:
                 await asyncio.gather(worker.reading, return_exceptions=True)
+
+        # Side by side: N workers stop within one STOP_TIMEOUT, inside the pod's termination grace period.
+        await asyncio.gather(*(stopped(worker) for worker in workers))
         self.pods.clear()
         self._wanted.clear()
 
