@@ -97,7 +97,10 @@ async def stream(end):
             writer.write(chunk)
             await writer.drain()
         writer.write_eof()
-        sent += int(await asyncio.wait_for(reader.read(), 30))
+        # the total first, then the sum: `sent += int(await ...)` reads `sent` before the await, so streams ending
+        # together overwrite each other and only the last one's total was counted
+        total = int(await asyncio.wait_for(reader.read(), 30))
+        sent += total
         writer.close()
     except (OSError, ValueError, TimeoutError):
         errors += 1
