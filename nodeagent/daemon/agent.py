@@ -115,6 +115,7 @@ class Agent:
             self.metrics.read_nfacct(NFACCT_FAMILIES, read_nfacct)
         # kube-proxy's service health server: answers from the proxy's health without node eligibility
         self.service_health = ServiceHealthServers(lambda: self.health.health().healthy)
+        self.metrics.read_refusals(self._refusals)
         self.synced = threading.Event()  # set after the first successful sync
         self.syncs = 0
         self._pending: set[ObjectRef] = set()
@@ -157,6 +158,13 @@ class Agent:
     @property
     def tracker(self) -> ChangeTracker:
         return self._tracker
+
+    def _refusals(self) -> dict[str, dict[str, int]]:
+        """What each HTTP server of the agent turned away so far, by reason."""
+        servers = {"healthz": self._server, "metrics": self._metrics_server}
+        out = {name: server.refusals() for name, server in servers.items() if server is not None}
+        out["health-check"] = self.service_health.refusals()
+        return out
 
     def start(self) -> Agent:
         """Serve health, start the source and the sync runner."""

@@ -105,6 +105,29 @@ class NfacctCollector:
                 yield CounterMetricFamily(family, NFACCT_HELP[family], value=packets)
 
 
+REFUSALS_FAMILY = "nodeagent_http_refused_connections"
+
+
+class RefusalsCollector:
+    """Connections the agent's HTTP servers turned away (`observability.http.BoundedHTTPServer`: a request head
+    not in by its deadline, one too large, a connection evicted over the cap), read at each scrape from the
+    servers themselves, which keep the counts."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        """`read()`: server (`healthz`, `metrics`, `health-check`) -> reason -> connections refused so far."""
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """One counter family, a sample per server and reason (prometheus_client's collector protocol)."""
+        family = CounterMetricFamily(REFUSALS_FAMILY, "Connections the agent's HTTP servers (health, metrics, "
+                                     "health check node ports) refused or closed unanswered, by server and reason",
+                                     labels=["server", "reason"])
+        for server, counts in sorted(self.read().items()):
+            for reason, count in sorted(counts.items()):
+                family.add_metric([server, reason], count)
+        yield family
+
+
 class MeasuresHealth(Protocol):
     """What measures the network programming duration and answers the health probes
     (`nodeagent.observability.health.HealthState`; not imported: the two modules are siblings)."""
@@ -241,6 +264,11 @@ class AgentMetrics:
         (kube-proxy's `CleanStaleEntries` observes its duration even when listing failed)."""
         self.conntrack_duration.labels(ip_family).observe(seconds)
         self.conntrack_deleted.labels(ip_family).inc(deleted)
+
+    def read_refusals(self, read: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        """Publish the HTTP servers' refused connections (`read()`: server -> reason -> count), read at each
+        scrape."""
+        self.registry.register(RefusalsCollector(read))
 
     def read_nfacct(self, counters: Mapping[str, str], read: ReadsNfacct) -> None:
         """Publish kube-proxy's nfacct families (`counters`: family -> nfacct object), read at each scrape."""

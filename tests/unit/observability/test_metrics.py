@@ -317,3 +317,17 @@ def test_nodeagents_own_metrics_beside_them() -> None:
                  "nodeagent_rejected_objects", "nodeagent_proxy_mode_info", "nodeagent_service_ports"):
         assert name in families, sorted(families)
     assert metrics_routes(metrics, lambda: "iptables")["/proxyMode"]() == (200, "text/plain", b"iptables")
+
+
+def test_http_refusals_are_read_from_the_servers_at_each_scrape() -> None:
+    counts = {"health-check": {"deadline": 3}, "healthz": {}}
+    metrics = AgentMetrics()
+    metrics.read_refusals(lambda: counts)
+    samples = scrape(metrics)["nodeagent_http_refused_connections"]
+    assert [(s.name, s.labels, s.value) for s in samples if s.name.endswith("_total")] == [
+        ("nodeagent_http_refused_connections_total", {"server": "health-check", "reason": "deadline"}, 3.0)]
+    counts["health-check"]["deadline"] = 5
+    counts["healthz"]["too-large"] = 1
+    samples = scrape(metrics)["nodeagent_http_refused_connections"]
+    assert {(s.labels["server"], s.labels["reason"]): s.value for s in samples if s.name.endswith("_total")} == {
+        ("health-check", "deadline"): 5.0, ("healthz", "too-large"): 1.0}
