@@ -9,7 +9,7 @@ cross this socket (`Certificate.key_pem`), which is why it stays private.
 
 The worker answers each request with a `Reply` framed with the request's id, in order: a worker handles one
 request at a time, so `Tables` sent before an `AddPod` are in force when the pod's listeners open. Tables
-go as what changed since the worker's last (a Service table as a delta, see `ServicesDelta`).
+go as what changed since the worker's last (a Service table as a delta, `ServiceTable.delta_since`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,11 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, cast
-
-import immutables
+from typing import Any
 
 from nodeagent.ca.identity import SpiffeId
-from nodeagent.cluster.model import ObjectRef
-from nodeagent.state.tracker import Snapshot
 from nodeagent.tunnel.state.authz import Authorizer
-from nodeagent.tunnel.state.services import Frontend, ServiceTable, ServiceTarget
+from nodeagent.tunnel.state.services import ServicesDelta, ServiceTable
 from nodeagent.tunnel.state.workloads import Workload, WorkloadTable
 
 HEADER = struct.Struct(">IQ")  # payload length, request id
@@ -44,24 +40,6 @@ class State:
     table: WorkloadTable | None
     services: ServiceTable | None
     authorizer: Authorizer | None
-
-
-@dataclass(frozen=True)
-class ServicesDelta:
-    """A Service table as a worker gets it: what changed since the table it has (`full`: everything).
-
-    A whole table is the whole cluster's Services and endpoints (25 MB and seconds to pickle at 10,000
-    Services, and as long to unpickle, during which a worker carries nothing), while a snapshot changes a
-    few: the coordinator's tables share every unchanged target (`ServiceTable.updated`), so what changed
-    is found by identity and only that is sent."""
-
-    generation: int
-    placement: Any  # services._Placement: the node, the zones, the node's addresses
-    full: bool
-    frontends: dict[Frontend, ServiceTarget]  # added or changed
-    removed_frontends: tuple[Frontend, ...]
-    configs: dict[ObjectRef, Any]  # Service -> (ServiceConfig, rejections), added or changed
-    removed_configs: tuple[ObjectRef, ...]
 
 
 KEEP = "keep"  # a field of `Tables` the worker keeps as it has it
@@ -116,49 +94,6 @@ class Status:
 
 
 Request = Tables | Certificate | AddPod | RemovePod | Reevaluate | Scrape | Status
-
-
-def services_delta(sent: ServiceTable | None, current: ServiceTable) -> ServicesDelta:
-    """What a worker holding `sent` needs to hold `current`. ServiceTable keeps no public view of its
-    configurations or placement: read here, the one place outside tunnel.state that does, because a
-    worker's copy is built from exactly these parts (see `services_view`)."""
-    frontends, configs = current._frontends, current._configs
-    if sent is None or sent._placement != current._placement:
-        return ServicesDelta(current.generation, current._placement, True, dict(frontends), (),
-                             dict(configs), ())
-    old_frontends, old_configs = sent._frontends, sent._configs
-    return ServicesDelta(
-        current.generation, current._placement, False,
-        {key: target for key, target in frontends.items() if old_frontends.get(key) is not target},
-        tuple(key for key in old_frontends if key not in frontends),
-        {ref: entry for ref, entry in configs.items() if old_configs.get(ref) is not entry},
-        tuple(ref for ref in old_configs if ref not in configs))
-
-
-@dataclass(frozen=True)
-class _Generation:
-    """The one thing a worker's Service table reads of its snapshot (it never calls `updated`)."""
-
-    generation: int
-
-
-def services_view(held: ServiceTable | None, delta: ServicesDelta) -> ServiceTable:
-    """A worker's Service table: `held` with `delta` applied. It answers lookups, configurations, zone,
-    node and rejections as the coordinator's does; it has no snapshot, so it cannot be `updated`."""
-    if delta.full or held is None:
-        frontends: immutables.Map[Any, Any] = immutables.Map(delta.frontends)
-        configs: immutables.Map[Any, Any] = immutables.Map(delta.configs)
-    else:
-        frontend_changes, config_changes = held._frontends.mutate(), held._configs.mutate()
-        for key in delta.removed_frontends:
-            frontend_changes.pop(key, None)
-        frontend_changes.update(delta.frontends)
-        for ref in delta.removed_configs:
-            config_changes.pop(ref, None)
-        config_changes.update(delta.configs)
-        frontends, configs = frontend_changes.finish(), config_changes.finish()
-    return ServiceTable(cast(Snapshot, _Generation(delta.generation)), delta.placement, frontends,
-                        immutables.Map(), configs)
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,12 @@ from nodeagent.daemon.tunnel_wire import (
     frame,
     load_request,
     read_frame,
-    services_view,
 )
 from nodeagent.observability.logs import configure_logging
 from nodeagent.tunnel.admin import config_dump
 from nodeagent.tunnel.identity.certs import WorkloadCertificate
 from nodeagent.tunnel.proxy.node import NodeTunnel
+from nodeagent.tunnel.state.services import ServiceTable
 from nodeagent.tunnel.state.workloads import Workload
 
 log = structlog.get_logger("nodeagent.daemon.tunnel_worker")
@@ -89,7 +89,7 @@ class TunnelWorker:
         if isinstance(request, Tables):
             held = self.state
             services = held.services if isinstance(request.services, str) else (
-                None if request.services is None else services_view(held.services, request.services))
+                None if request.services is None else ServiceTable.from_delta(held.services, request.services))
             self.state = State(held.table if isinstance(request.table, str) else request.table, services,
                                held.authorizer if isinstance(request.authorizer, str) else request.authorizer)
             if services is not None and services is not held.services:

@@ -56,7 +56,6 @@ from nodeagent.daemon.tunnel_wire import (
     frame,
     load_reply,
     read_frame,
-    services_delta,
 )
 from nodeagent.tunnel.identity.certs import Fetch, WorkloadCertificate
 from nodeagent.tunnel.state.workloads import Workload
@@ -480,7 +479,7 @@ def tables_since(held: State | None, state: State) -> Tables:
     return Tables(
         KEEP if held is not None and (held.table is state.table or held.table == state.table) else state.table,
         KEEP if held is not None and held.services is state.services else
-        None if state.services is None else services_delta(held.services if held is not None else None, state.services),
+        None if state.services is None else state.services.delta_since(held.services if held is not None else None),
         KEEP if held is not None and held.authorizer is state.authorizer else state.authorizer)
 
 

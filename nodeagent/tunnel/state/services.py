@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import immutables
 
@@ -178,6 +178,63 @@ class ServiceTable:
             if service is not None:
                 _add(service, snapshot, placement, frontends, owned, configs)
         return ServiceTable(snapshot, placement, frontends.finish(), owned.finish(), configs.finish())
+
+
+    def delta_since(self, sent: ServiceTable | None) -> ServicesDelta:
+        """What a holder of `sent` (None: nothing) needs to hold this table (a tunnel worker's copy).
+
+        A whole table is the whole cluster's Services and endpoints (25 MB and seconds to pickle at 10,000
+        Services), while a snapshot changes a few: tables made by `updated` share every unchanged target, so
+        what changed is found by identity and only that goes."""
+        if sent is None or sent._placement != self._placement:
+            return ServicesDelta(self.generation, self._placement, True, dict(self._frontends), (),
+                                 dict(self._configs), ())
+        return ServicesDelta(
+            self.generation, self._placement, False,
+            {key: target for key, target in self._frontends.items() if sent._frontends.get(key) is not target},
+            tuple(key for key in sent._frontends if key not in self._frontends),
+            {ref: entry for ref, entry in self._configs.items() if sent._configs.get(ref) is not entry},
+            tuple(ref for ref in sent._configs if ref not in self._configs))
+
+    @classmethod
+    def from_delta(cls, held: ServiceTable | None, delta: ServicesDelta) -> ServiceTable:
+        """`held` with `delta` applied: it answers lookups, configurations, zone, node and rejections as the
+        table the delta came from; it has no snapshot, so it cannot be `updated` (only given more deltas)."""
+        if delta.full or held is None:
+            frontends: immutables.Map[Frontend, ServiceTarget] = immutables.Map(delta.frontends)
+            configs: immutables.Map[ObjectRef, tuple[ServiceConfig, tuple[Rejection, ...]]] = immutables.Map(
+                delta.configs)
+        else:
+            frontend_changes, config_changes = held._frontends.mutate(), held._configs.mutate()
+            for key in delta.removed_frontends:
+                frontend_changes.pop(key, None)
+            frontend_changes.update(delta.frontends)
+            for ref in delta.removed_configs:
+                config_changes.pop(ref, None)
+            config_changes.update(delta.configs)
+            frontends, configs = frontend_changes.finish(), config_changes.finish()
+        return cls(cast(Snapshot, _GenerationOnly(delta.generation)), delta.placement, frontends, immutables.Map(),
+                   configs)
+
+
+@dataclass(frozen=True)
+class ServicesDelta:
+    """A Service table as a copy elsewhere gets it: what changed since the table it has (`full`: everything)."""
+
+    generation: int
+    placement: _Placement  # the node, the zones, the node's addresses
+    full: bool
+    frontends: dict[Frontend, ServiceTarget]  # added or changed
+    removed_frontends: tuple[Frontend, ...]
+    configs: dict[ObjectRef, tuple[ServiceConfig, tuple[Rejection, ...]]]  # added or changed
+    removed_configs: tuple[ObjectRef, ...]
+
+
+@dataclass(frozen=True)
+class _GenerationOnly:
+    """The one thing a table made from a delta reads of its snapshot."""
+
+    generation: int
 
 
 def service_table(snapshot: Snapshot) -> ServiceTable:

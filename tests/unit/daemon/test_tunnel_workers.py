@@ -34,7 +34,6 @@ from nodeagent.daemon.tunnel_wire import (
     Reply,
     Request,
     Scrape,
-    ServicesDelta,
     State,
     Status,
     Tables,
@@ -43,8 +42,6 @@ from nodeagent.daemon.tunnel_wire import (
     load_reply,
     load_request,
     read_frame,
-    services_delta,
-    services_view,
 )
 from nodeagent.daemon.workers import (
     Channel,
@@ -58,7 +55,7 @@ from nodeagent.daemon.workers import (
 from nodeagent.state.tracker import ChangeTracker
 from nodeagent.tunnel.identity.certs import WorkloadCertificate
 from nodeagent.tunnel.state.authz import Authorizer
-from nodeagent.tunnel.state.services import service_table
+from nodeagent.tunnel.state.services import ServicesDelta, ServiceTable, service_table
 from nodeagent.tunnel.state.workloads import Workload, workload_table
 from nodeagent.tunnel.telemetry import Families, TunnelMetrics, exposition, merge_families
 from tests.support import objects as k8s
@@ -109,7 +106,7 @@ async def test_frames_carry_the_request_id_and_whole_tables() -> None:
     received = load_request(tables)
     assert isinstance(received, Tables) and isinstance(received.services, ServicesDelta) and received.services.full
     assert received.table == state.table
-    view = services_view(None, received.services)
+    view = ServiceTable.from_delta(None, received.services)
     assert state.services is not None
     assert view.generation == snapshot.generation and dict(view.frontends()) == dict(state.services.frontends())
     assert load_request(remove) == RemovePod("10.244.1.2")
@@ -124,15 +121,15 @@ def test_a_worker_gets_the_services_that_changed_and_answers_as_the_coordinators
     tracker.apply(listed(Kind.SERVICE, services))
     tracker.apply(listed(Kind.ENDPOINT_SLICE, slices))
     first = service_table(snap(tracker))
-    held = services_view(None, services_delta(None, first))
+    held = ServiceTable.from_delta(None, first.delta_since(None))
     changed = k8s.scale_slice(7, 5)  # one Service's endpoints change
     tracker.apply(Upserted(Kind.ENDPOINT_SLICE, object_ref(changed), decode(changed), "9"))
     second = first.updated(snap(tracker))
-    delta = services_delta(first, second)
+    delta = second.delta_since(first)
     assert not delta.full and len(delta.frontends) == 1 and not delta.removed_frontends
-    assert len(dumps(Tables(KEEP, delta, KEEP))) * 20 < len(dumps(Tables(KEEP, services_delta(None, second), KEEP))), \
+    assert len(dumps(Tables(KEEP, delta, KEEP))) * 20 < len(dumps(Tables(KEEP, second.delta_since(None), KEEP))), \
         "a change costs its own size, not the table's"
-    worker = services_view(held, delta)
+    worker = ServiceTable.from_delta(held, delta)
     assert dict(worker.frontends()) == dict(second.frontends()) and worker.generation == second.generation
     [(frontend, target)] = delta.frontends.items()
     assert worker.lookup(*frontend) == second.lookup(*frontend) == target and len(target.endpoints) == 5
@@ -140,9 +137,9 @@ def test_a_worker_gets_the_services_that_changed_and_answers_as_the_coordinators
     assert (worker.node, worker.zone) == (second.node, second.zone)
     tracker.apply(listed(Kind.SERVICE, services[1:]))  # a Service goes
     third = second.updated(snap(tracker))
-    gone = services_delta(second, third)
+    gone = third.delta_since(second)
     assert gone.removed_frontends and gone.removed_configs == (object_ref(services[0]),)
-    assert dict(services_view(worker, gone).frontends()) == dict(third.frontends())
+    assert dict(ServiceTable.from_delta(worker, gone).frontends()) == dict(third.frontends())
 
 
 async def test_a_frame_cut_short_is_an_error_and_an_end_between_frames_is_not() -> None:
