@@ -12,6 +12,11 @@ from nodeagent.cluster.discovery.manifests import ManifestSource
 from nodeagent.errors import NodeAgentError
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 
+# What `snapshot`, `chains` and `inspect` judge a node by: IPv4 always, and IPv6 where the node's own Node object
+# has an IPv6 address or pod CIDR (as the agent's IPv6 proxier starts), so a Service of a family the node cannot
+# serve is shown as the rejection the agent would report, not listed as if it were programmed.
+ONE_SHOT_FAMILIES = frozenset({4})
+
 
 class SourceTimeout(NodeAgentError):
     """The API server did not deliver a complete list of every kind in time."""
@@ -21,7 +26,7 @@ def snapshot_of_manifests(directory: Path, node_name: str) -> Snapshot:
     """The snapshot a node named `node_name` would build from `directory`."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: not a directory")
-    tracker = ChangeTracker(node_name)
+    tracker = ChangeTracker(node_name, families=ONE_SHOT_FAMILIES)
     ManifestSource(directory, tracker.apply).read()
     snapshot = tracker.snapshot()
     assert snapshot is not None  # a first read always makes the first snapshot
@@ -32,7 +37,7 @@ def snapshot_of_cluster(kubeconfig: str | None, node_name: str, *, context: str 
                         timeout: float = 60.0) -> Snapshot:
     """List every kind from the API server (kubeconfig, or in-cluster config) and fold it into one snapshot."""
     changed = threading.Event()
-    tracker = ChangeTracker(node_name, on_change=changed.set)
+    tracker = ChangeTracker(node_name, on_change=changed.set, families=ONE_SHOT_FAMILIES)
     kinds = CORE_KINDS + MESH_KINDS
     api = ApiConnection.from_config(kubeconfig, context)
     source = KubernetesSource(api, tracker.apply, node_name, kinds=kinds).start()
