@@ -206,6 +206,9 @@ def generate_main(args: argparse.Namespace) -> None:
     print("ready", flush=True)
     start = int(sys.stdin.readline())
     report = run(generate(host, int(port), args.rate, args.seconds, args.worker, args.workers, start, args.timeout))
+    # The event loop leaves the standard output non-blocking (libuv sets O_NONBLOCK on the descriptors it
+    # touches): the report, larger than the pipe, was cut at 64 or 128 KiB and failed to parse.
+    os.set_blocking(sys.stdout.fileno(), True)
     print(json.dumps(report), flush=True)
 
 
