@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
@@ -71,6 +76,19 @@ def test_each_connection_is_counted_open_and_closed_with_the_flags_and_bytes_it_
     assert got[("nodeagent_tunnel_active_connections", (("reporter", "source"),))] == 0
 
 
+@pytest.fixture
+def info_logged() -> Iterator[None]:
+    """Info lines reach `capture_logs` whatever an earlier test configured: it swaps the processors only, and a
+    level filter set before (a CLI run with --log-level warning) would drop the access log first."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
+@pytest.mark.usefixtures("info_logged")
 def test_one_access_log_line_per_closed_connection() -> None:
     metrics = TunnelMetrics()
     done = connection(request_bytes=5, response_bytes=7, reason="")
