@@ -39,7 +39,6 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from nodeagent.ca.identity import SpiffeId
 from nodeagent.daemon.tunnel_wire import (
     KEEP,
     AddPod,
@@ -57,7 +56,7 @@ from nodeagent.daemon.tunnel_wire import (
     load_reply,
     read_frame,
 )
-from nodeagent.tunnel.identity.certs import Fetch, WorkloadCertificate
+from nodeagent.tunnel.identity.certs import Certificates, Fetch, WorkloadCertificate
 from nodeagent.tunnel.state.workloads import Workload
 from nodeagent.tunnel.telemetry import Families, exposition, merge_families
 
@@ -144,7 +143,7 @@ class WorkerSet:
         self.count, self.spawn, self.state, self.fetch = count, spawn, state, fetch
         self.request_timeout, self.scrape_timeout, self.backoff = request_timeout, scrape_timeout, backoff
         self.pods: dict[str, ServedPod] = {}
-        self.certificates: dict[SpiffeId, WorkloadCertificate] = {}
+        self.certificates = Certificates(fetch)
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, int] = dict.fromkeys(range(count), 0)
         self._wanted: dict[str, Workload] = {}  # pods being added or served: what a restarted worker is given
@@ -310,11 +309,6 @@ class WorkerSet:
 
     # -- the NodeTunnel surface --
 
-    def _certificate(self, identity: SpiffeId) -> WorkloadCertificate:
-        if identity not in self.certificates:
-            self.certificates[identity] = WorkloadCertificate(identity, self.fetch)
-        return self.certificates[identity]
-
     def _add_request(self, workload: Workload) -> AddPod:
         certificate = self.certificates[workload.identity]
         return AddPod(workload, Certificate(workload.identity, certificate.key_pem(), certificate.chain))
@@ -326,8 +320,7 @@ class WorkerSet:
             return
         if not workload.netns:
             raise ValueError(f"pod {workload.ip}: a pod served by the tunnel needs its network namespace")
-        certificate = self._certificate(workload.identity)
-        await asyncio.to_thread(certificate.refresh)
+        certificate = await self.certificates.ready(workload.identity)
         if workload.ip in self.pods:
             return
         self._push_state()
@@ -367,21 +360,14 @@ class WorkerSet:
     async def rotate(self) -> int:
         """Renew every certificate past half life here (the CA call in a thread) and install each renewed
         one in every worker; returns how many were renewed."""
-        renewed = 0
-        for certificate in list(self.certificates.values()):
-            try:
-                if not await asyncio.to_thread(certificate.refresh):
-                    continue
-            except Exception as exc:  # the CA may be down: keep serving with the current certificate
-                log.warning("certificate renewal failed", identity=str(certificate.identity), reason=str(exc))
-                continue
-            renewed += 1
+        renewed = await self.certificates.renew()
+        for certificate in renewed:
             message = Certificate(certificate.identity, certificate.key_pem(), certificate.chain)
             for worker, answer in await self._ask_all(message, self.request_timeout):
                 if not isinstance(answer, Reply) or answer.error:
                     log.warning("renewed certificate not installed in a worker", worker=worker.index,
                                 identity=str(certificate.identity), reason=str(answer))
-        return renewed
+        return len(renewed)
 
     def reevaluate(self) -> int:
         """Have every worker judge its open inbound connections again (after the current tables); each

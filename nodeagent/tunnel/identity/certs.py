@@ -7,6 +7,7 @@ key (the CA's gRPC service in the agent, the CA object in tests).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ssl
 import threading
@@ -111,3 +112,37 @@ def rotating_server_context(certificate: WorkloadCertificate) -> ssl.SSLContext:
 
     server.sni_callback = choose
     return server
+
+
+class Certificates(dict[SpiffeId, WorkloadCertificate]):
+    """The certificates a tunnel holds, one per identity: pods sharing a service account share one (one CSR per
+    identity, as ztunnel's cache). The single-process tunnel and the workers' coordinator both keep theirs here."""
+
+    def __init__(self, fetch: Fetch) -> None:
+        super().__init__()
+        self.fetch = fetch
+
+    def of(self, identity: SpiffeId) -> WorkloadCertificate:
+        """The certificate of `identity`, made (not yet fetched) on first use."""
+        certificate = self.get(identity)
+        if certificate is None:
+            certificate = self[identity] = WorkloadCertificate(identity, self.fetch)
+        return certificate
+
+    async def ready(self, identity: SpiffeId) -> WorkloadCertificate:
+        """The certificate of `identity`, fetched or renewed if due (in a thread: the CA call blocks)."""
+        certificate = self.of(identity)
+        await asyncio.to_thread(certificate.refresh)
+        return certificate
+
+    async def renew(self) -> list[WorkloadCertificate]:
+        """Renew every certificate past half life (in a thread); those renewed. One the CA cannot renew now is
+        logged and keeps serving with its current certificate."""
+        renewed = []
+        for certificate in list(self.values()):
+            try:
+                if await asyncio.to_thread(certificate.refresh):
+                    renewed.append(certificate)
+            except Exception as exc:  # the CA may be down: keep serving with the current certificate
+                log.warning("certificate renewal failed", identity=str(certificate.identity), reason=str(exc))
+        return renewed

@@ -44,7 +44,7 @@ from nodeagent.kernel.netns import (
 from nodeagent.tunnel.hbone.client import HbonePool, HboneStream
 from nodeagent.tunnel.hbone.limits import SOCKET_MARK
 from nodeagent.tunnel.hbone.server import TlsListener, serve_connection, serve_tls
-from nodeagent.tunnel.identity.certs import Fetch, WorkloadCertificate, rotating_server_context
+from nodeagent.tunnel.identity.certs import Certificates, Fetch, WorkloadCertificate, rotating_server_context
 from nodeagent.tunnel.proxy.admission import NotAdmitted, Refusal, check_target
 from nodeagent.tunnel.proxy.outbound import Outbound, Refused
 from nodeagent.tunnel.proxy.overload import Overload, OverloadLimits
@@ -101,8 +101,7 @@ class NodeTunnel:
         self.outbound = Outbound(node, lookup, services, self.metrics)
         self.pods: dict[str, _Pod] = {}
         self.live: set[_Live] = set()  # inbound connections open now, re-checked when policy changes
-        # Pods sharing a service account share its certificate (one CSR per identity, as ztunnel's cache).
-        self.certificates: dict[SpiffeId, WorkloadCertificate] = {}
+        self.certificates = Certificates(fetch)
         self._namespaces: Namespaces | None = None  # made on the event loop's thread, the one that switches
         self.overload = Overload(self.metrics.registry, node, overload)
 
@@ -122,20 +121,9 @@ class NodeTunnel:
                          reason=str(exc), node=self.node)
             os._exit(70)
 
-    def _certificate(self, identity: SpiffeId) -> WorkloadCertificate:
-        if identity not in self.certificates:
-            self.certificates[identity] = WorkloadCertificate(identity, self.fetch)
-        return self.certificates[identity]
-
     async def rotate(self) -> int:
         """Renew every certificate past half life (in a thread: the CA call blocks); returns how many."""
-        renewed = 0
-        for certificate in list(self.certificates.values()):
-            try:
-                renewed += await asyncio.to_thread(certificate.refresh)
-            except Exception as exc:  # the CA may be down: keep serving with the current certificate
-                log.warning("certificate renewal failed", identity=str(certificate.identity), reason=str(exc))
-        return renewed
+        return len(await self.certificates.renew())
 
     async def add_pod(self, workload: Workload) -> None:
         """Fetch the pod's certificate and open its listeners (idempotent)."""
@@ -143,8 +131,7 @@ class NodeTunnel:
             return
         if not workload.netns:
             raise ValueError(f"pod {workload.ip}: a pod served by the tunnel needs its network namespace")
-        certificate = self._certificate(workload.identity)
-        await asyncio.to_thread(certificate.refresh)
+        certificate = await self.certificates.ready(workload.identity)
         if workload.ip in self.pods:
             return  # added concurrently while the certificate was fetched
         self.overload.start()
