@@ -39,6 +39,9 @@ class ProxySettings:
     nfacct_counters: frozenset[str] = frozenset()
     # net.netfilter.nf_conntrack_tcp_be_liberal is set: no INVALID drop rule
     conntrack_tcp_liberal: bool = False
+    # --service-cluster-ip-range (kube-proxy's ServiceCIDRs): the nftables mode drops traffic to addresses in
+    # them that no Service holds; empty: not known, no such rule
+    service_cidrs: tuple[IPNetwork, ...] = ()
 
     @property
     def may_use_localhost_nodeports(self) -> bool:
@@ -110,6 +113,8 @@ class ProxyConfig:
     external_only: bool = False
     node_labels: Mapping[str, str] = field(default_factory=dict)
     large_cluster_threshold: int = 1000
+    # the Service CIDRs (nftables mode: traffic to an unallocated address in them is dropped)
+    service_cidrs: tuple[IPNetwork, ...] = ()
 
     @property
     def mark(self) -> str:
@@ -170,4 +175,5 @@ def proxy_config(node_name: str, settings: ProxySettings, snapshot: Snapshot,
                        nodeport_ips=nodeport_ips, random_fully=settings.random_fully,
                        nfacct_counters=settings.nfacct_counters,
                        conntrack_tcp_liberal=settings.conntrack_tcp_liberal, family=family,
-                       node_labels=dict(node.labels) if node is not None else {})
+                       node_labels=dict(node.labels) if node is not None else {},
+                       service_cidrs=settings.service_cidrs)

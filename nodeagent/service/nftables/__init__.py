@@ -1,0 +1,1 @@
+"""The nftables datapath: kube-proxy's nftables proxier (pkg/proxy/nftables) rule for rule."""
