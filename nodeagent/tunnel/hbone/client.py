@@ -185,12 +185,22 @@ class HbonePool:
     async def connect(self, peer: tuple[str, int], authority: str, expected: SpiffeId,
                       timeout: float = 10.0) -> HboneStream:
         key = (peer, expected)
+        retried = False
         while True:
-            live = [c for c in self.connections.get(key, []) if not c.closed.is_set()]
+            # A draining connection (GOAWAY either way) takes no new stream; its open ones finish on it.
+            live = [c for c in self.connections.get(key, []) if not c.closed.is_set() and not c.draining]
             self.connections[key] = live
             chosen = next((c for c in live if c.conn.open_outbound_streams < self.max_streams), None)
             if chosen is not None:
-                return await open_stream(chosen, authority, timeout)
+                try:
+                    return await open_stream(chosen, authority, timeout)
+                except ConnectRefused as exc:
+                    # Crossed the peer's GOAWAY on the wire: never processed (RFC 9113 8.7), so it is safe to
+                    # open again on a new connection (ztunnel's pool does the same); any other refusal stands.
+                    if exc.status or not chosen.draining or retried:
+                        raise
+                    retried = True  # once: a peer whose every connection drains is going away
+                    continue
             opening = self.opening.get(key)
             if opening is None or opening.done():
                 opening = self.opening[key] = asyncio.ensure_future(self._open(key, timeout))

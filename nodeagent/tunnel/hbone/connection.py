@@ -40,7 +40,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
 
-from nodeagent.tunnel.hbone.framing import HboneH2, StreamRefused, h2_config, violation_reason
+from nodeagent.tunnel.hbone.framing import HboneH2, PeerDraining, StreamRefused, h2_config, violation_reason
 from nodeagent.tunnel.hbone.limits import (
     ACK_BATCH,
     CONNECTION_WINDOW,
@@ -253,6 +253,7 @@ class HboneConnection(asyncio.BufferedProtocol):
                 gone = self.streams.pop(event.stream_id, None)
                 if gone is not None:
                     self.abort(gone)
+                    self._close_if_drained()
                 if self.on_reset is not None and event.remote_reset:
                     self.on_reset(event.stream_id, gone)
             elif isinstance(event, PingAckReceived):
@@ -262,9 +263,36 @@ class HboneConnection(asyncio.BufferedProtocol):
                 self.transport.close()  # h2 sends nothing more after a GOAWAY: end the connection's streams
             elif isinstance(event, StreamRefused) and self.on_refused is not None:
                 self.on_refused(event.stream_id)
+            elif isinstance(event, PeerDraining):
+                self._peer_draining(event.last_stream_id)
         if self.on_received is not None:
             self.on_received()
         self.flush()
+
+    @property
+    def draining(self) -> bool:
+        """Either side sent a graceful GOAWAY: no new stream opens here; the open ones finish, then it closes."""
+        return self.conn.drain_last is not None or self.conn.peer_drain_last is not None
+
+    def drain(self) -> None:
+        """Graceful GOAWAY to the peer (`HboneH2.drain`); the connection closes once its last stream ends."""
+        if self.closed.is_set() or self.transport is None or self.transport.is_closing():
+            return
+        self.conn.drain()
+        self.flush()
+        self._close_if_drained()
+
+    def _peer_draining(self, last_stream_id: int) -> None:
+        """Streams we opened above the peer's last one were never processed (RFC 9113 6.8): they end as
+        refused, so the caller may retry them elsewhere; the rest go on."""
+        for stream_id in [i for i in self.streams if i > last_stream_id and i % 2 == 1]:
+            gone = self.streams.pop(stream_id)
+            self.abort(gone)
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        if self.draining and not self.streams and not self.closed.is_set():
+            self.goaway(ErrorCodes.NO_ERROR, "drained")
 
     def goaway(self, code: ErrorCodes, debug: str = "") -> None:
         """GOAWAY (last stream: the highest the peer opened), then close once it is written."""
@@ -420,6 +448,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         if stream is not None:
             self.abort(stream)
         self.flush()
+        self._close_if_drained()
 
     def _maybe_finish(self, stream: StreamState) -> None:
         if stream.end_sent and stream.remote_ended and self.streams.get(stream.id) is stream:
@@ -432,6 +461,7 @@ class HboneConnection(asyncio.BufferedProtocol):
                 stream.local.transport.close()  # both directions are done; buffered bytes are still written
             if stream.done is not None and not stream.done.done():
                 stream.done.set_result(None)
+            self._close_if_drained()
 
     def abort(self, stream: StreamState) -> None:
         """The stream is gone (reset, or its connection ended): close its local side, wake its waiters."""

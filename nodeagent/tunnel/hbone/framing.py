@@ -29,7 +29,7 @@ from h2.exceptions import (
 )
 from h2.frame_buffer import FrameBuffer
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
-from hyperframe.frame import Frame
+from hyperframe.frame import Frame, GoAwayFrame
 
 from nodeagent.tunnel.hbone import patches
 from nodeagent.tunnel.hbone.limits import (
@@ -99,6 +99,14 @@ class StreamRefused(Event):
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
+
+
+class PeerDraining(Event):
+    """The peer sent a graceful GOAWAY (NO_ERROR): its streams up to `last_stream_id` go on, no new one opens
+    on this connection (not h2's: h2 would end the connection's state at once)."""
+
+    def __init__(self, last_stream_id: int) -> None:
+        self.last_stream_id = last_stream_id
 
 
 def h2_config(client_side: bool) -> H2Configuration:
@@ -211,6 +219,29 @@ class HboneH2(H2Connection):
         self.sent_frames = 0  # frames we sent: what the peer's WINDOW_UPDATEs may answer
         self.window_updates = 0
         self.streams_opened = 0  # by the peer (not its highest id: a peer may jump straight to 2^31 - 1)
+        self.drain_last: int | None = None  # we sent a graceful GOAWAY: peer streams above this are refused
+        self.peer_drain_last: int | None = None  # the peer's graceful GOAWAY: its last stream id
+
+    def drain(self) -> None:
+        """Send a graceful GOAWAY (NO_ERROR, last stream: the highest the peer opened) without ending the
+        connection's state: the streams already open finish, a stream the peer opens after it is refused
+        with REFUSED_STREAM (RFC 9113 6.8 and 8.7: safe to retry elsewhere). h2's `close_connection` would
+        refuse to send even the open streams' DATA afterwards."""
+        if self.drain_last is not None:
+            return
+        self.drain_last = self.highest_inbound_stream_id
+        frame = GoAwayFrame(0)
+        frame.last_stream_id, frame.error_code, frame.additional_data = self.drain_last, 0, b"draining"
+        self._frames.append(frame.serialize())
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Frame], list[Event]]:
+        """A graceful GOAWAY (NO_ERROR) is the peer draining: its open streams go on (h2 would clear its
+        send buffer and close the state machine, cutting them); any other code is h2's connection end."""
+        if frame.error_code != 0:
+            return super()._receive_goaway_frame(frame)
+        last = frame.last_stream_id
+        self.peer_drain_last = last if self.peer_drain_last is None else min(last, self.peer_drain_last)
+        return [], [PeerDraining(self.peer_drain_last)]
 
     def _receive_window_update_frame(self, frame: Any) -> tuple[list[Frame], list[Event]]:
         """h2's, after a bound on WINDOW_UPDATEs: each one makes us look at every stream with data to send,
@@ -234,7 +265,8 @@ class HboneH2(H2Connection):
         if self.config.client_side or frame.stream_id in self.streams:
             return super()._receive_headers_frame(frame)
         self.streams_opened += 1
-        if self.open_inbound_streams < self.local_settings.max_concurrent_streams:
+        draining = self.drain_last is not None and frame.stream_id > self.drain_last
+        if not draining and self.open_inbound_streams < self.local_settings.max_concurrent_streams:
             return super()._receive_headers_frame(frame)
         self._admit = True
         try:
@@ -243,7 +275,8 @@ class HboneH2(H2Connection):
             self._admit = False
         self.reset_stream(frame.stream_id, ErrorCodes.REFUSED_STREAM)
         kept = [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
-        return frames, [*kept, StreamRefused(frame.stream_id)]
+        # A stream opened after our GOAWAY crossed it on the wire: refused, not counted against the peer.
+        return frames, kept if draining else [*kept, StreamRefused(frame.stream_id)]
 
     def _prepare_for_sending(self, frames: list[Frame]) -> None:
         self.sent_frames += len(frames)

@@ -104,14 +104,16 @@ async def _connect_local(connect: Connect, host: str, port: int, local: LocalSid
 async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, trust_domain: str,
                            policy: Policy, connect: Connect, observe: Observe | None = None,
                            violation: Violations | None = None, request_timeout: float = REQUEST_TIMEOUT,
-                           idle_timeout: float | None = IDLE_TIMEOUT) -> None:
+                           idle_timeout: float | None = IDLE_TIMEOUT, draining: asyncio.Event | None = None
+                           ) -> None:
     """Serve one accepted TLS connection on 15008 until it ends.
 
     `connect(host, port)` reaches an upstream: a connected socket (the fast path, see
     `upstream_socket`) or a (reader, writer) pair (`open_upstream`). `observe(peer, target, abort)` is told of
     each stream that got its 200 and returns what to call with (request bytes, response bytes) when the
     stream ends (the tunnel's metrics and access log). `violation(reason)` is told of every refusal for
-    a bound of the module doc (reasons: limits.VIOLATIONS); each is also logged with the peer."""
+    a bound of the module doc (reasons: limits.VIOLATIONS); each is also logged with the peer. Once
+    `draining` is set the connection drains: a graceful GOAWAY, its open streams finish, then it closes."""
     tls = writer.get_extra_info("ssl_object")
     peer = str(writer.get_extra_info("peername"))
     loop = asyncio.get_running_loop()
@@ -310,9 +312,15 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
         h2.receive(buffered)
     if eof:
         writer.close()
+    drain: asyncio.Task[bool] | None = None
+    if draining is not None:  # the tunnel is shutting down: peers open their next streams elsewhere
+        drain = asyncio.ensure_future(draining.wait())
+        drain.add_done_callback(lambda waited: None if waited.cancelled() else h2.drain())
     try:
         await h2.closed.wait()
     finally:
+        if drain is not None:
+            drain.cancel()
         disarm()
         for task in tasks:
             task.cancel()
