@@ -50,10 +50,14 @@ def _ranges(text: str) -> tuple[str, ...]:
             continue
         if item == "*":
             raise ValueError("'*' (exclude everything) would disable the capture; remove the pod from the mesh")
-        try:
-            ranges.append(str(ipaddress.IPv4Network(item)))
+        try:  # IPv4 or IPv6, as Istio's excludeOutboundIPRanges: each family's capture takes its own
+            network = ipaddress.ip_network(item)
         except ValueError as exc:
-            raise ValueError(f"{item!r} is not an IPv4 network ({exc})") from exc
+            raise ValueError(f"{item!r} is not an IP network ({exc})") from exc
+        if network.prefixlen == 0:
+            raise ValueError(f"{item!r} (a whole IP family) would disable that family's capture; remove the pod "
+                             "from the mesh")
+        ranges.append(str(network))
     return tuple(sorted(set(ranges)))
 
 

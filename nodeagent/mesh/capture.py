@@ -147,6 +147,27 @@ def _minus(a: tuple[str, ...], b: tuple[str, ...]) -> list[str]:
     return out
 
 
+# When the families disagree, the state that needs the most work names the whole: a namespace captured for
+# IPv4 only is not installed (its IPv6 traffic would pass uncaptured, around policy).
+_SEVERITY = (CaptureStatus.NETNS_MISSING, CaptureStatus.STALE, CaptureStatus.DRIFTED, CaptureStatus.ABSENT,
+             CaptureStatus.INSTALLED)
+
+
+def combine(ipv4: CaptureState, ipv6: CaptureState) -> CaptureState:
+    """One state for a namespace captured in both families: installed or absent only when both are, and
+    the IPv6 lines marked `ip6tables` (the fingerprints reported, desired and live, are the IPv4 set's: the
+    IPv6 set is rendered from the same options, so they change together)."""
+    if ipv4.status is ipv6.status:
+        status = ipv4.status
+    else:
+        status = next(s for s in _SEVERITY if s in (ipv4.status, ipv6.status))
+        if status is CaptureStatus.ABSENT:  # one family installed, the other absent: half a capture
+            status = CaptureStatus.DRIFTED
+    return CaptureState(status, ipv4.netns, ipv4.backend, ipv4.fingerprint, ipv4.live_fingerprints,
+                        (*ipv4.missing, *(f"ip6tables {line}" for line in ipv6.missing)),
+                        (*ipv4.unexpected, *(f"ip6tables {line}" for line in ipv6.unexpected)))
+
+
 def missing_netns(netns: str, backend: str, desired: RuleSet) -> CaptureState:
     """The state of a namespace that no longer exists."""
     return CaptureState(CaptureStatus.NETNS_MISSING, netns, backend, desired.fingerprint)
@@ -161,9 +182,9 @@ def parse_ip_rules(text: str, route: PolicyRoute) -> int:
 
 
 def parse_ip_routes(text: str) -> bool:
-    """Whether `ip -json route show table T` holds the local default route via lo."""
+    """Whether `ip [-6] -json route show table T` holds the local default route via lo."""
     entries = json.loads(text) if text.strip() else []
-    return any(e.get("type") == "local" and e.get("dst") in ("default", "0.0.0.0/0") and e.get("dev") == "lo"
+    return any(e.get("type") == "local" and e.get("dst") in ("default", "0.0.0.0/0", "::/0") and e.get("dev") == "lo"
                for e in entries)
 
 

@@ -87,16 +87,17 @@ def encode_config(pod_ip: str, options: CaptureOptions = DEFAULT_OPTIONS) -> byt
     o = options
     _bounded("exclude_outbound_ports", o.exclude_outbound_ports)
     _bounded("exclude_inbound_ports", o.exclude_inbound_ports)
-    _bounded("exclude_outbound_cidrs", o.exclude_outbound_cidrs)
+    v4_cidrs = o.cidrs(4)  # IPv6 ranges are the IPv6 capture's (struct nm_config holds IPv4 ones)
+    _bounded("exclude_outbound_cidrs", v4_cidrs)
     cidrs = b"".join(net.network_address.packed + net.netmask.packed
-                     for net in (ipaddress.IPv4Network(c) for c in o.exclude_outbound_cidrs))
+                     for net in (ipaddress.IPv4Network(c) for c in v4_cidrs))
 
     def ports(values: tuple[int, ...]) -> bytes:
         return _PORTS.pack(*values, *([0] * (MAX_EXCLUDE - len(values))))
 
     return CONFIG.pack(_ip("pod_ip", pod_ip), _ip("probe_address", o.probe_address), o.mark,
                        _PORT.pack(o.outbound_port), _PORT.pack(o.inbound_plaintext_port), _PORT.pack(o.hbone_port),
-                       len(o.exclude_outbound_ports), len(o.exclude_inbound_ports), len(o.exclude_outbound_cidrs),
+                       len(o.exclude_outbound_ports), len(o.exclude_inbound_ports), len(v4_cidrs),
                        ports(o.exclude_outbound_ports), ports(o.exclude_inbound_ports), cidrs)
 
 

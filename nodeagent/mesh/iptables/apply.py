@@ -11,11 +11,18 @@ Apply never leaves a namespace half-captured: the policy route (harmless alone: 
 connection mark use it) goes first, then one restore with mangle before nat; if anything fails, all
 of ours is removed again and `CaptureError` says what failed. A namespace that is gone (the pod was
 deleted) is a state, `netns-missing`, never an exception.
+
+A pod's capture covers both IP families where the kernel has IPv6 (as Istio's CNI writes the in-pod rules
+with iptables and ip6tables): the IPv4 set is applied first, then the IPv6 one with ip6tables and `ip -6`;
+if the IPv6 half fails, the IPv4 half is removed too, since a pod captured for one family only would
+let the other family's connections past the tunnel and its policy. The state reported is both
+families' (`nodeagent.mesh.capture.combine`).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,6 +36,7 @@ from nodeagent.mesh.capture import (
     CaptureStatus,
     LiveRouting,
     assess,
+    combine,
     missing_netns,
     parse_ip_routes,
     parse_ip_rules,
@@ -63,7 +71,13 @@ class NetnsIptables(Iptables):
     path: str | None = None
 
     def _argv(self, tool: str, *args: str) -> list[str]:
-        return command_in(self.path, Iptables(self.backend)._argv(tool, *args))
+        return command_in(self.path, Iptables(self.backend, ipv6=self.ipv6)._argv(tool, *args))
+
+
+def kernel_has_ipv6() -> bool:
+    """Whether this kernel speaks IPv6 (booted with ipv6.disable=1 it does not, in no namespace): where it
+    does, every pod's capture covers IPv6 too."""
+    return socket.has_ipv6 and os.path.exists("/proc/net/if_inet6")
 
 
 def netns_present(path: str | None) -> bool:
@@ -85,14 +99,19 @@ def _run(path: str | None, argv: list[str], check: bool = True) -> CommandResult
     return result
 
 
-def _legacy_tables_exist(path: str | None) -> bool:
+def _legacy_tables_exist(path: str | None, ipv6: bool = False) -> bool:
     # Asking iptables-legacy about a table instantiates it; /proc/net (read from inside) does not.
-    result = _run(path, ["cat", "/proc/net/ip_tables_names"], check=False)
+    result = _run(path, ["cat", "/proc/net/ip6_tables_names" if ipv6 else "/proc/net/ip_tables_names"],
+                  check=False)
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
+def _ipv6(desired: RuleSet) -> bool:
+    return desired.routing is not None and desired.routing.family == 6
+
+
 def _read(path: str | None, backend: str, desired: RuleSet) -> LiveRules:
-    ipt = NetnsIptables(backend, path=path)
+    ipt = NetnsIptables(backend, path=path, ipv6=_ipv6(desired))
     try:
         return parse_save({table: ipt.save(table) for table in desired.tables()}, desired.owned())
     except IptablesError:
@@ -103,7 +122,7 @@ def _read(path: str | None, backend: str, desired: RuleSet) -> LiveRules:
 
 def _read_other(path: str | None, backend: str, desired: RuleSet) -> tuple[str, LiveRules | None]:
     other = next(b for b in BACKENDS if b != backend)
-    if other == "legacy" and not _legacy_tables_exist(path):
+    if other == "legacy" and not _legacy_tables_exist(path, _ipv6(desired)):
         return other, None
     try:
         return other, _read(path, other, desired)
@@ -112,8 +131,8 @@ def _read_other(path: str | None, backend: str, desired: RuleSet) -> tuple[str, 
 
 
 def _read_routing(path: str | None, route: PolicyRoute) -> LiveRouting:
-    rules = parse_ip_rules(_run(path, ["ip", "-json", "rule", "show"]).stdout, route)
-    shown = _run(path, ["ip", "-json", "route", "show", "table", str(route.table)], check=False)
+    rules = parse_ip_rules(_run(path, [*route.ip(), "-json", "rule", "show"]).stdout, route)
+    shown = _run(path, [*route.ip(), "-json", "route", "show", "table", str(route.table)], check=False)
     # An empty table does not exist for the kernel: "FIB table does not exist", exit status 2.
     return LiveRouting(rules, shown.returncode == 0 and parse_ip_routes(shown.stdout))
 
@@ -149,32 +168,56 @@ def _state(netns: str | None, desired: RuleSet, backend: str) -> CaptureState:
     return _assess(netns, desired, backend, _read_all(netns, desired, backend))
 
 
-def live_state(netns: str, options: CaptureOptions = DEFAULT_OPTIONS, *, backend: str) -> CaptureState:
-    """Read the capture in the pod namespace at `netns` and name its state against `options`."""
-    desired = pod_capture(options)
-    if not netns_present(netns):
-        return missing_netns(netns, backend, desired)
-    try:
-        return _state(netns, desired, backend)
-    except _NetnsGone:
-        return missing_netns(netns, backend, desired)
+def _families(ipv6: bool | None) -> tuple[int, ...]:
+    return (4, 6) if (kernel_has_ipv6() if ipv6 is None else ipv6) else (4,)
+
+
+def live_state(netns: str, options: CaptureOptions = DEFAULT_OPTIONS, *, backend: str,
+               ipv6: bool | None = None) -> CaptureState:
+    """Read the capture in the pod namespace at `netns` and name its state against `options` (both
+    families where the kernel has IPv6, or as `ipv6` says)."""
+    states = []
+    for family in _families(ipv6):
+        desired = pod_capture(options, family)
+        if not netns_present(netns):
+            return missing_netns(netns, backend, desired)
+        try:
+            states.append(_state(netns, desired, backend))
+        except _NetnsGone:
+            return missing_netns(netns, backend, desired)
+    return combine(*states) if len(states) == 2 else states[0]
 
 
 def apply_capture(netns: str, options: CaptureOptions = DEFAULT_OPTIONS, *, backend: str, pod: str = "",
-                  force: bool = False) -> CaptureState:
+                  force: bool = False, ipv6: bool | None = None) -> CaptureState:
     """Make the pod namespace at `netns` hold exactly the capture for `options`; returns the state after.
 
     Installed already: nothing is written (unless `force`). Absent, drifted or stale: one atomic restore
     over what is there, after removing our rules from the other backend. Gone: `netns-missing`.
-    Raises CaptureError when the kernel refuses, after removing every rule and route of ours.
+    Both families where the kernel has IPv6 (or as `ipv6` says), IPv4 first.
+    Raises CaptureError when the kernel refuses, after removing every rule and route of ours (of both).
     """
-    return _ensure(netns, pod_capture(options), backend=backend, who=pod, force=force)
+    first = _ensure(netns, pod_capture(options, 4), backend=backend, who=pod, force=force)
+    if 6 not in _families(ipv6) or first.status is CaptureStatus.NETNS_MISSING:
+        return first
+    try:
+        second = _ensure(netns, pod_capture(options, 6), backend=backend, who=pod, force=force)
+    except CaptureError:
+        _undo(netns, pod_capture(options, 4), backend, pod)
+        raise
+    if second.status is CaptureStatus.NETNS_MISSING:
+        return second
+    return combine(first, second)
 
 
-def remove_capture(netns: str, *, backend: str, pod: str = "") -> CaptureState:
-    """Remove every chain, jump and policy route of ours from the pod namespace (both backends);
-    returns `absent`, or `netns-missing` when the namespace is gone."""
-    return _remove(netns, pod_capture(), backend=backend, who=pod)
+def remove_capture(netns: str, *, backend: str, pod: str = "", ipv6: bool | None = None) -> CaptureState:
+    """Remove every chain, jump and policy route of ours from the pod namespace (both backends, both
+    families); returns `absent`, or `netns-missing` when the namespace is gone."""
+    states = [_remove(netns, pod_capture(DEFAULT_OPTIONS, family), backend=backend, who=pod)
+              for family in _families(ipv6)]
+    if any(s.status is CaptureStatus.NETNS_MISSING for s in states):
+        return next(s for s in states if s.status is CaptureStatus.NETNS_MISSING)
+    return combine(*states) if len(states) == 2 else states[0]
 
 
 def probe_snat_state(netns: str | None, pod_ips: Iterable[str], *, backend: str,
@@ -212,10 +255,10 @@ def _ensure(netns: str | None, desired: RuleSet, *, backend: str, who: str, forc
         if before.status is CaptureStatus.INSTALLED and not force:
             return before
         if live.other is not None:
-            NetnsIptables(live.other_backend, path=netns).restore(cleanup_payload(live.other))
+            NetnsIptables(live.other_backend, path=netns, ipv6=_ipv6(desired)).restore(cleanup_payload(live.other))
         if desired.routing is not None and live.routing != LiveRouting(1, True):
             _ensure_routing(netns, desired.routing, live.routing or LiveRouting())
-        NetnsIptables(backend, path=netns).restore(restore_payload(desired, live.rules))
+        NetnsIptables(backend, path=netns, ipv6=_ipv6(desired)).restore(restore_payload(desired, live.rules))
         after = _state(netns, desired, backend)
     except (_NetnsGone, IptablesError, RedirectError, OSError, CommandError) as exc:
         if not netns_present(netns):
@@ -245,7 +288,7 @@ def _remove(netns: str | None, desired: RuleSet, *, backend: str, who: str) -> C
         return missing_netns(where, backend, desired)
     try:
         for name in (backend, next(b for b in BACKENDS if b != backend)):
-            if name != backend and name == "legacy" and not _legacy_tables_exist(netns):
+            if name != backend and name == "legacy" and not _legacy_tables_exist(netns, _ipv6(desired)):
                 continue
             try:
                 live = _read(netns, name, desired)
@@ -254,7 +297,7 @@ def _remove(netns: str | None, desired: RuleSet, *, backend: str, who: str) -> C
                     raise
                 continue
             if not live.empty:
-                NetnsIptables(name, path=netns).restore(cleanup_payload(live))
+                NetnsIptables(name, path=netns, ipv6=_ipv6(desired)).restore(cleanup_payload(live))
         if desired.routing is not None:
             _remove_routing(netns, desired.routing)
         after = _state(netns, desired, backend)
@@ -270,24 +313,24 @@ def _remove(netns: str | None, desired: RuleSet, *, backend: str, who: str) -> C
 
 def _ensure_routing(netns: str | None, route: PolicyRoute, live: LiveRouting) -> None:
     for _ in range(live.rules - 1):  # duplicates
-        _run(netns, ["ip", "rule", "del", *route.rule_args()])
+        _run(netns, [*route.ip(), "rule", "del", *route.rule_args()])
     if live.rules == 0:
-        _run(netns, ["ip", "rule", "add", *route.rule_args()])
-    _run(netns, ["ip", "route", "replace", *route.route_args()])
+        _run(netns, [*route.ip(), "rule", "add", *route.rule_args()])
+    _run(netns, [*route.ip(), "route", "replace", *route.route_args()])
 
 
 def _remove_routing(netns: str | None, route: PolicyRoute) -> None:
     live = _read_routing(netns, route)
     for _ in range(live.rules):
-        _run(netns, ["ip", "rule", "del", *route.rule_args()])
+        _run(netns, [*route.ip(), "rule", "del", *route.rule_args()])
     if live.route:
-        _run(netns, ["ip", "route", "del", *route.route_args()])
+        _run(netns, [*route.ip(), "route", "del", *route.route_args()])
 
 
-def rule_counters(netns: str | None, *, backend: str, table: str) -> dict[str, int]:
+def rule_counters(netns: str | None, *, backend: str, table: str, ipv6: bool = False) -> dict[str, int]:
     """{`-A chain spec`: packets} for our chains' rules in `table` (what `inspect` shows, and what tests
-    read to prove which rule a connection took)."""
-    text = _run(netns, Iptables(backend)._argv("save", "-c", "-t", table)).stdout
+    read to prove which rule a connection took); ip6tables' with `ipv6`."""
+    text = _run(netns, Iptables(backend, ipv6=ipv6)._argv("save", "-c", "-t", table)).stdout
     counters: dict[str, int] = {}
     for line in text.splitlines():
         if line.startswith("[") and " -A NODEAGENT_" in line:

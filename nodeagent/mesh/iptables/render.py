@@ -10,6 +10,13 @@ Differences: no DNS capture (UDP is left alone for now); optional exclusions, as
 annotations `traffic.sidecar.istio.io/exclude*` did, are RETURN rules placed before the REDIRECTs;
 the probe SNAT matches the pod addresses one rule each instead of an ipset.
 
+IPv6: the same rule set, written with ip6tables into the same namespace (`pod_capture(options, family=6)`),
+as Istio's builder writes every in-pod rule for both families (`AppendVersionedRule("127.0.0.1/32",
+"::1/128", ...)` and the probe address `HostProbeV6SNATAddress`, fd16:9254:7127:1337:ffff:ffff:ffff:ffff);
+its policy route is `ip -6 rule ... lookup 100` with `local ::/0 dev lo table 100` (Istio's
+AddInpodMarkIPRule adds the rule and the route for both families). Excluded ranges go to the rule set of
+their family.
+
 Source addresses survive the tunnel only if the tunnel connects to the application from the original
 source (IP_TRANSPARENT, bound to the client's address, mark 0x539). The application's replies go to
 an address that is not in the pod; the mangle rules and the policy route deliver them back to the
@@ -39,6 +46,8 @@ MARK_MASK = 0xFFF  # only our bits: other marks (kube-proxy's 0x4000, CNI bits) 
 CONNECTION_MARK = 0x111  # connections the tunnel made into the pod (Istio's InpodTProxyMark)
 RESTORE_MASK = 0xFFFFFFFF
 PROBE_ADDRESS = "169.254.7.127"  # kubelet probes appear from here (Istio's HostProbeSNATAddress)
+PROBE_ADDRESS_V6 = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"  # Istio's HostProbeV6SNATAddress
+FAMILIES = (4, 6)
 ROUTE_TABLE = 100  # Istio's RouteTableInbound
 RULE_PRIORITY = 32764  # before `main` (32766)
 
@@ -65,6 +74,7 @@ class CaptureOptions:
     mark: int = TUNNEL_MARK
     connection_mark: int = CONNECTION_MARK
     probe_address: str = PROBE_ADDRESS
+    probe_address_v6: str = PROBE_ADDRESS_V6
     route_table: int = ROUTE_TABLE
     rule_priority: int = RULE_PRIORITY
     exclude_outbound_ports: tuple[int, ...] = ()
@@ -84,6 +94,10 @@ class CaptureOptions:
         if self.mark == self.connection_mark:
             raise CaptureOptionsError("connection_mark", self.connection_mark, "must differ from mark")
         _ipv4("probe_address", self.probe_address)
+        try:
+            ipaddress.IPv6Address(self.probe_address_v6)
+        except ValueError as exc:
+            raise CaptureOptionsError("probe_address_v6", self.probe_address_v6, "not an IPv6 address") from exc
         if not isinstance(self.route_table, int) or not 0 < self.route_table < 253:  # 253-255: default/main/local
             raise CaptureOptionsError("route_table", self.route_table, "must be 1-252")
         if not isinstance(self.rule_priority, int) or not 0 < self.rule_priority < 32766:
@@ -93,9 +107,13 @@ class CaptureOptions:
                 _port(name, port)
         for cidr in self.exclude_outbound_cidrs:
             try:
-                ipaddress.IPv4Network(cidr)
+                ipaddress.ip_network(cidr)
             except ValueError as exc:
-                raise CaptureOptionsError("exclude_outbound_cidrs", cidr, f"not an IPv4 network ({exc})") from exc
+                raise CaptureOptionsError("exclude_outbound_cidrs", cidr, f"not an IP network ({exc})") from exc
+
+    def cidrs(self, family: int) -> tuple[str, ...]:
+        """The excluded outbound ranges of one IP family (each family's rule set holds its own)."""
+        return tuple(str(n) for n in map(ipaddress.ip_network, self.exclude_outbound_cidrs) if n.version == family)
 
 
 def _port(field: str, value: object) -> None:
@@ -117,11 +135,14 @@ def _mark(value: int) -> str:
     return f"{value:#x}/{MARK_MASK:#x}"
 
 
-def pod_capture(options: CaptureOptions = DEFAULT_OPTIONS) -> RuleSet:
-    """The rule set inside one enrolled pod's network namespace."""
+def pod_capture(options: CaptureOptions = DEFAULT_OPTIONS, family: int = 4) -> RuleSet:
+    """The rule set inside one enrolled pod's network namespace, for iptables (`family` 4) or ip6tables (6)."""
+    if family not in FAMILIES:
+        raise ValueError(f"IP family {family!r}: 4 or 6")
     o = options
     mark, conn = _mark(o.mark), _mark(o.connection_mark)
-    probe = f"{o.probe_address}/32"
+    probe = f"{o.probe_address}/32" if family == 4 else f"{o.probe_address_v6}/128"
+    loopback = "127.0.0.1/32" if family == 4 else "::1/128"
     rules = [
         Rule("mangle", PRERT, f"-m mark --mark {mark} -j CONNMARK --set-xmark {conn}",
              "a packet the tunnel sent into the pod (to the app, looped through lo with its socket's mark) "
@@ -134,7 +155,7 @@ def pod_capture(options: CaptureOptions = DEFAULT_OPTIONS) -> RuleSet:
              "kubelet's probes (SNATed to the probe address on the node) reach the app directly"),
         *(Rule("nat", PRERT, f"-p tcp -m tcp --dport {port} -j RETURN", "inbound port excluded from capture")
           for port in o.exclude_inbound_ports),
-        Rule("nat", PRERT, f"! -d 127.0.0.1/32 -p tcp -m tcp ! --dport {o.hbone_port} -m mark ! --mark {mark} "
+        Rule("nat", PRERT, f"! -d {loopback} -p tcp -m tcp ! --dport {o.hbone_port} -m mark ! --mark {mark} "
              f"-j REDIRECT --to-ports {o.inbound_plaintext_port}",
              "inbound TCP that is not HBONE (which reaches the tunnel's own port directly) and not sent by the "
              "tunnel goes to the tunnel's plaintext inbound port"),
@@ -142,27 +163,29 @@ def pod_capture(options: CaptureOptions = DEFAULT_OPTIONS) -> RuleSet:
              "connections toward the probe address (the answers to probes) are never captured"),
         Rule("nat", OUTPUT, f"-p tcp -m mark --mark {conn} -j ACCEPT",
              "traffic of connections the tunnel made into the pod is never captured again"),
-        Rule("nat", OUTPUT, "! -d 127.0.0.1/32 -o lo -j ACCEPT",
+        Rule("nat", OUTPUT, f"! -d {loopback} -o lo -j ACCEPT",
              "the app calling itself (its own pod address goes over lo) is not captured; 127.0.0.1 is "
              "left alone by the REDIRECT below"),
         *(Rule("nat", OUTPUT, f"-p tcp -m tcp --dport {port} -j RETURN", "outbound port excluded from capture")
           for port in o.exclude_outbound_ports),
-        *(Rule("nat", OUTPUT, f"-d {ipaddress.IPv4Network(cidr)} -p tcp -j RETURN",
-               "outbound destination range excluded from capture") for cidr in o.exclude_outbound_cidrs),
-        Rule("nat", OUTPUT, f"! -d 127.0.0.1/32 -p tcp -m mark ! --mark {mark} -j REDIRECT --to-ports "
+        *(Rule("nat", OUTPUT, f"-d {cidr} -p tcp -j RETURN",
+               "outbound destination range excluded from capture") for cidr in o.cidrs(family)),
+        Rule("nat", OUTPUT, f"! -d {loopback} -p tcp -m mark ! --mark {mark} -j REDIRECT --to-ports "
              f"{o.outbound_port}",
              "outbound TCP not sent by the tunnel itself goes to the tunnel's outbound port"),
     ]
     hooks = (Hook("mangle", "PREROUTING", PRERT), Hook("mangle", "OUTPUT", OUTPUT),
              Hook("nat", "PREROUTING", PRERT), Hook("nat", "OUTPUT", OUTPUT))
     return RuleSet("capture", POD_CHAINS, tuple(rules), hooks,
-                   PolicyRoute(o.connection_mark, MARK_MASK, o.route_table, o.rule_priority))
+                   PolicyRoute(o.connection_mark, MARK_MASK, o.route_table, o.rule_priority, family))
 
 
-def render_pod_capture(options: CaptureOptions = DEFAULT_OPTIONS, live: LiveRules | None = None) -> str:
-    """iptables-restore `--noflush` input installing (or repairing) the capture in a pod's namespace that
-    holds `live` of ours (None: nothing). The policy route (`pod_capture(options).routing`) goes beside it."""
-    return restore_payload(pod_capture(options), live)
+def render_pod_capture(options: CaptureOptions = DEFAULT_OPTIONS, live: LiveRules | None = None,
+                       family: int = 4) -> str:
+    """iptables-restore (ip6tables-restore for `family` 6) `--noflush` input installing (or repairing) the
+    capture in a pod's namespace that holds `live` of ours (None: nothing). The policy route
+    (`pod_capture(options, family).routing`) goes beside it."""
+    return restore_payload(pod_capture(options, family), live)
 
 
 def render_pod_cleanup(live: LiveRules) -> str:

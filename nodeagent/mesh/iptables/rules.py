@@ -55,12 +55,18 @@ class Hook:
 @dataclass(frozen=True, slots=True)
 class PolicyRoute:
     """`ip rule add fwmark MARK/MASK lookup TABLE pref PRIORITY` plus `ip route add local 0.0.0.0/0 dev lo
-    table TABLE`: packets carrying the mark are delivered locally, whatever their destination."""
+    table TABLE`: packets carrying the mark are delivered locally, whatever their destination. With `family`
+    6, the same with `ip -6` and `local ::/0` (IPv6 rules and routes are a table of their own)."""
 
     mark: int
     mask: int
     table: int
     priority: int
+    family: int = 4
+
+    def ip(self) -> list[str]:
+        """`ip`, or `ip -6`: the command these rules and routes are read and written with."""
+        return ["ip"] if self.family == 4 else ["ip", "-6"]
 
     def rule_args(self) -> list[str]:
         """The selector of `ip rule add|del`."""
@@ -68,11 +74,12 @@ class PolicyRoute:
 
     def route_args(self) -> list[str]:
         """The route of `ip route replace|del`."""
-        return ["local", "0.0.0.0/0", "dev", "lo", "table", str(self.table)]
+        return ["local", "0.0.0.0/0" if self.family == 4 else "::/0", "dev", "lo", "table", str(self.table)]
 
     def describe(self) -> tuple[str, str]:
         """The rule and the route as one line each (for state reports and `inspect`)."""
-        return "ip rule " + " ".join(self.rule_args()), "ip route " + " ".join(self.route_args())
+        ip = " ".join(self.ip())
+        return f"{ip} rule " + " ".join(self.rule_args()), f"{ip} route " + " ".join(self.route_args())
 
 
 @dataclass(frozen=True, slots=True)
