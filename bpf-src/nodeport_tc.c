@@ -13,6 +13,8 @@
 // A frontend flagged NA_SVC_EXTERNAL_STACK is left to the stack: the agent keeps kube-proxy's iptables
 // rules for the Services whose external traffic needs what this program does not implement.
 // The maps and their layouts are described in lib/maps.h, the backend pick in lib/pick.h.
+// IPv4 only: IPv6 packets pass untouched to the stack, where the agent keeps kube-proxy's ip6tables rules for
+// every IPv6 NodePort, externalIP and load-balancer IP (the eBPF proxier's IPv6 side feeds them).
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -41,7 +43,9 @@ BPF_TABLE_PINNED("hash", u32, struct backend_val, na_backends, NA_BACKENDS_MAX, 
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, na_ct, NA_CT_MAX, "PIN_DIR/na_ct");
 
 // lib/pick.h's one map access, here because bcc rewrites map calls only in the program's own text.
-static __always_inline struct slot_val *na_slot_lookup(u32 id, u32 slot) {
+// tc translates IPv4 only (IPv6 from outside is left to the stack: the agent's ip6tables rules), so `family`
+// is always NA_FAMILY_V4.
+static __always_inline struct slot_val *na_slot_lookup(u32 family, u32 id, u32 slot) {
     struct slot_key k = {.id = id, .slot = slot};
     return na_slots.lookup(&k);
 }
@@ -155,7 +159,7 @@ int na_tc_ingress(struct __sk_buff *skb) {
         if (!na_has_backends(svc))
             return TC_ACT_SHOT;  // a frontend without endpoints
         u32 id = 0;
-        if (na_pick(svc, &id) < 0)
+        if (na_pick(svc, &id, NA_FAMILY_V4) < 0)
             return TC_ACT_OK;
         struct backend_val *b = na_backends.lookup(&id);
         if (!b)

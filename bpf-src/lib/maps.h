@@ -21,6 +21,11 @@
 //   na_affinity:   (netns cookie, vip, port, proto) -> (backend id, last use): ClientIP affinity
 //   na_sk_reverse: per connected socket, (backend, vip): getpeername and connected-UDP replies
 //   na_ct:         (tc) a flow's 4-tuple, protocol and direction -> its translation, LRU
+//
+// IPv6 has maps of its own, the same roles with 16-byte addresses (as Cilium keeps lb4_* and lb6_* maps apart):
+//   na_services6, na_slots6, na_backends6 (written by the agent's IPv6 side), na_reverse6, na_affinity6,
+//   na_sk_reverse6 (sock_lb.c's). A v4-mapped address (::ffff:a.b.c.d) dialed from an IPv6 socket is an IPv4
+//   Service's: it is looked up in the IPv4 maps (see sock_lb.c). The tc programs translate IPv4 only.
 
 #ifndef NA_LIB_MAPS_H
 #define NA_LIB_MAPS_H
@@ -53,6 +58,16 @@ struct rev_val { u32 ip; u16 port; u16 pad; };
 struct aff_key { u64 netns; u32 ip; u16 port; u8 proto; u8 pad; };
 struct aff_val { u32 backend; u32 pad; u64 last; };
 struct sk_rev { u32 backend_ip; u16 backend_port; u16 pad; u32 vip; u16 vip_port; u16 pad2; };
+
+// The IPv6 maps: addresses as four 32-bit words in network order, as bpf_sock_addr's user_ip6 holds them.
+// svc_val, slot_key, slot_val and aff_val are shared with IPv4.
+struct svc_key6 { u32 ip[4]; u16 port; u8 proto; u8 pad; };
+struct backend_val6 { u32 ip[4]; u16 port; u16 pad; };  // keyed by a u32 backend id (na_backends6)
+struct rev_key6 { u64 cookie; u32 ip[4]; u16 port; u16 pad; u32 pad2; };
+struct rev_val6 { u32 ip[4]; u16 port; u16 pad; };
+struct aff_key6 { u64 netns; u32 ip[4]; u16 port; u8 proto; u8 pad; u32 pad2; };
+// per connected IPv6 socket; a v4-mapped connect keeps its v4-mapped backend and VIP here too
+struct sk_rev6 { u32 backend_ip[4]; u16 backend_port; u16 pad; u32 vip[4]; u16 vip_port; u16 pad2; };
 
 // nodeport_tc.c's connection tracking: written by the programs only.
 // Which packets of a flow an na_ct entry translates (ct_key.dir).

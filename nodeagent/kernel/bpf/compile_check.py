@@ -2,7 +2,7 @@
 
 Run as `python -m nodeagent.kernel.bpf.compile_check`; `doctor` runs it in a separate process because bcc
 pulls in LLVM (slow, large) and a failing compile can print a lot. It compiles bpf-src/sock_lb.c with
-its maps unpinned (nothing is left on bpffs) and loads all four programs, so "ok" here means
+its maps unpinned (nothing is left on bpffs) and loads all eight programs (four per family), so "ok" here means
 `--mode auto` will choose eBPF, and a failure prints the reason auto mode would fall back with.
 `check` does the same for any program set: the mesh capture's is `python -m nodeagent.mesh.ebpf.compile_check`
 (the kernel layer does not know the mesh's programs).

@@ -1,8 +1,11 @@
 """The one eBPF loader (`compile_and_pin`, `verify`: every program set of both jobs is compiled here with
 bcc), and loading, pinning, adopting and attaching the socket load-balancing programs (bpf-src/sock_lb.c).
 
+- Both families: connect4/sendmsg4/recvmsg4/getpeername4 and their IPv6 hooks (connect6, ...), each family
+  with its own Service maps (na_services, ... and na_services6, ...).
+
 - Everything lives under `/sys/fs/bpf/nodeagent/<scope>/v<LAYOUT_VERSION>/`: the maps (pinned by bcc
-  as it creates them) and the four programs (pinned here). A changed map layout bumps the version, so
+  as it creates them) and the eight programs (pinned here). A changed map layout bumps the version, so
   an old pinned map is never read with a new layout; the old directory is removed by `cleanup`.
 - A restarted agent **adopts** what is pinned: no compile, no reload, the attached programs never stop
   translating. bcc is needed only the first time (or after a layout change).
@@ -43,10 +46,16 @@ PROGRAMS = {
     "na_sendmsg4": (14, "sendmsg4"),
     "na_recvmsg4": (19, "recvmsg4"),
     "na_getpeername4": (29, "getpeername4"),
+    "na_connect6": (11, "connect6"),
+    "na_sendmsg6": (15, "sendmsg6"),
+    "na_recvmsg6": (20, "recvmsg6"),
+    "na_getpeername6": (30, "getpeername6"),
 }
 # bpftool's argument -> the name its JSON output uses (libbpf's)
 _JSON_NAMES = {"connect4": "cgroup_inet4_connect", "sendmsg4": "cgroup_udp4_sendmsg",
-               "recvmsg4": "cgroup_udp4_recvmsg", "getpeername4": "cgroup_inet4_getpeername"}
+               "recvmsg4": "cgroup_udp4_recvmsg", "getpeername4": "cgroup_inet4_getpeername",
+               "connect6": "cgroup_inet6_connect", "sendmsg6": "cgroup_udp6_sendmsg",
+               "recvmsg6": "cgroup_udp6_recvmsg", "getpeername6": "cgroup_inet6_getpeername"}
 # map name -> (key size, value size), matching the structs in sock_lb.c
 MAPS = {
     "na_services": (8, 20),
@@ -54,9 +63,14 @@ MAPS = {
     "na_backends": (4, 8),
     "na_reverse": (16, 8),
     "na_affinity": (16, 16),
+    "na_services6": (20, 20),
+    "na_slots6": (8, 8),
+    "na_backends6": (4, 20),
+    "na_reverse6": (32, 20),
+    "na_affinity6": (32, 16),
 }
 # maps pinned but never touched from userspace (socket-local storage)
-KERNEL_ONLY_MAPS = ("na_sk_reverse",)
+KERNEL_ONLY_MAPS = ("na_sk_reverse", "na_sk_reverse6")
 
 
 class BpfError(NodeAgentError):

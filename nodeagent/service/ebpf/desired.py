@@ -14,10 +14,18 @@ frontends (`tc_gaps`: externalTrafficPolicy Local, loadBalancerSourceRanges, Cli
 a reject without endpoints, masquerade-all) has them flagged `external_stack`: tc leaves that traffic
 to the stack, where the eBPF proxier keeps kube-proxy's own iptables rules for exactly those ports.
 Nothing kube-proxy would do is lost silently; `external_split` names the ports and why.
+
+Each family is planned on its own (`plan(..., family=6)`), as kube-proxy runs one proxier per family: a port is
+seen through `ServicePortInfo.for_family` (skipped without a cluster IP of the family; its external and
+load-balancer IPs of the family only), with the endpoints of the family, and NodePorts on the node addresses of
+the family. IPv6 frontends go to their own maps (na_services6, `Frontend.key`). tc translates IPv4 only, so
+every IPv6 port with an external frontend has the gap `TcGap.IPV6`: its traffic from outside is served by
+kube-proxy's ip6tables rules, and reported like any other gap.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,13 +34,16 @@ from enum import StrEnum
 
 from nodeagent.cluster.model import IPAddress, Protocol
 from nodeagent.service.topology import ZONE_LABEL, categorize, externally_accessible, uses_cluster_endpoints
-from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName
+from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName, endpoints_of_family
 
 PROTOCOL_NUMBERS = {Protocol.TCP: 6, Protocol.UDP: 17, Protocol.SCTP: 132}  # IPPROTO_* (linux/in.h): svc_key.proto
 
 # must match `struct svc_key` in bpf-src/lib/maps.h (the na_services key): the address and port in network
 # order as the programs read them from the socket or packet, the protocol number, a pad byte (zero).
 SERVICE_KEY = struct.Struct(">4sHBx")
+# must match `struct svc_key6` in bpf-src/lib/maps.h (the na_services6 key): the same with a 16-byte address
+SERVICE_KEY6 = struct.Struct(">16sHBx")
+FAMILIES = (4, 6)
 
 
 @dataclass(frozen=True, order=True)
@@ -44,18 +55,29 @@ class Frontend:
     protocol: int
 
     @property
+    def family(self) -> int:
+        """4 or 6: whose maps hold it."""
+        return 6 if ":" in self.ip else 4
+
+    @property
     def key(self) -> bytes:
-        """Its na_services key (`struct svc_key`)."""
+        """Its na_services key (`struct svc_key`), or na_services6 key (`struct svc_key6`) for IPv6."""
+        if self.family == 6:
+            return SERVICE_KEY6.pack(socket.inet_pton(socket.AF_INET6, self.ip), self.port, self.protocol)
         return SERVICE_KEY.pack(socket.inet_aton(self.ip), self.port, self.protocol)
 
     @classmethod
     def from_key(cls, key: bytes) -> Frontend:
-        """The frontend of an na_services key (`struct svc_key`)."""
+        """The frontend of an na_services or na_services6 key (told apart by size)."""
+        if len(key) == SERVICE_KEY6.size:
+            ip6, port, protocol = SERVICE_KEY6.unpack(key)
+            return cls(str(ipaddress.IPv6Address(ip6)), port, protocol)
         ip, port, protocol = SERVICE_KEY.unpack(key)
         return cls(socket.inet_ntoa(ip), port, protocol)
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}/{ {6: 'TCP', 17: 'UDP', 132: 'SCTP'}.get(self.protocol, self.protocol)}"
+        host = f"[{self.ip}]" if self.family == 6 else self.ip
+        return f"{host}:{self.port}/{ {6: 'TCP', 17: 'UDP', 132: 'SCTP'}.get(self.protocol, self.protocol)}"
 
 
 @dataclass(frozen=True, order=True)
@@ -86,14 +108,17 @@ class TcGap(StrEnum):
     SCTP = "SCTP"  # tc parses TCP and UDP only
     NO_ENDPOINTS = "no endpoints (reject)"  # kube-proxy answers ICMP port unreachable; tc would drop
     MASQUERADE_ALL = "masquerade-all"  # kube-proxy SNATs every Service packet; tc keeps the client IP locally
+    IPV6 = "IPv6"  # tc parses IPv4 only: ip6tables serves every IPv6 port's traffic from outside
 
 
-def tc_gaps(info: ServicePortInfo, backends: Sequence[Backend], *, masquerade_all: bool = False) -> tuple[TcGap, ...]:
+def tc_gaps(info: ServicePortInfo, backends: Sequence[Backend], *, masquerade_all: bool = False,
+            family: int = 4) -> tuple[TcGap, ...]:
     """What `info`'s external frontends need that tc lacks (empty: tc serves them as kube-proxy would).
-    `backends` are those its external frontends would use. A port with no external frontend needs nothing."""
+    `backends` are those its external frontends would use (`info` as the proxier of `family` sees it). A port
+    with no external frontend needs nothing."""
     if not externally_accessible(info):
         return ()
-    gaps = []
+    gaps = [TcGap.IPV6] if family == 6 else []
     if info.external_policy_local:
         gaps.append(TcGap.EXTERNAL_POLICY_LOCAL)
     if info.load_balancer_source_ranges and info.load_balancer_ips:  # the ranges filter LB IPs only
@@ -113,10 +138,10 @@ def desired_entries(service_ports: Mapping[ServicePortName, ServicePortInfo],
                     endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], *, node_ips: Iterable[IPAddress],
                     node_labels: Mapping[str, str] | None = None,
                     only: set[ServicePortName] | None = None,
-                    masquerade_all: bool = False) -> dict[Frontend, ServiceEntry]:
-    """Every frontend and its entry (for the ports in `only`, when given)."""
+                    masquerade_all: bool = False, family: int | None = None) -> dict[Frontend, ServiceEntry]:
+    """Every frontend and its entry (for the ports in `only`, when given; of `family`, when given)."""
     return plan(service_ports, endpoints, node_ips=node_ips, node_labels=node_labels, only=only,
-                masquerade_all=masquerade_all).entries
+                masquerade_all=masquerade_all, family=family).entries
 
 
 @dataclass(frozen=True)
@@ -130,18 +155,33 @@ class Plan:
 def plan(service_ports: Mapping[ServicePortName, ServicePortInfo],
          endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], *, node_ips: Iterable[IPAddress],
          node_labels: Mapping[str, str] | None = None,
-         only: set[ServicePortName] | None = None, masquerade_all: bool = False) -> Plan:
+         only: set[ServicePortName] | None = None, masquerade_all: bool = False,
+         family: int | None = None) -> Plan:
     """Every frontend and its entry, and the split of external traffic between tc and iptables (for the
-    ports in `only`, when given)."""
+    ports in `only`, when given). `family` 4 or 6: that family's only (what its proxier writes); None: both
+    (a port of both families is in `external_stack` with the gaps of both)."""
+    if family is None:
+        out: dict[Frontend, ServiceEntry] = {}
+        stack: dict[ServicePortName, tuple[TcGap, ...]] = {}
+        for each in FAMILIES:
+            part = plan(service_ports, endpoints, node_ips=node_ips, node_labels=node_labels, only=only,
+                        masquerade_all=masquerade_all, family=each)
+            out.update(part.entries)
+            for name, gaps in part.external_stack.items():
+                stack[name] = tuple(dict.fromkeys((*stack.get(name, ()), *gaps)))
+        return Plan(out, stack)
     zone = (node_labels or {}).get(ZONE_LABEL, "")
-    node_v4 = [str(ip) for ip in node_ips if ip.version == 4]
-    out: dict[Frontend, ServiceEntry] = {}
-    stack: dict[ServicePortName, tuple[TcGap, ...]] = {}
-    for name, info in service_ports.items():
+    node_addresses = [str(ip) for ip in node_ips if ip.version == family]
+    out = {}
+    stack = {}
+    for name, whole in service_ports.items():
         if only is not None and name not in only:
             continue
+        info = whole.for_family(family)
+        if info is None:  # no cluster IP of this family: this family's proxier skips it, as kube-proxy's
+            continue
         proto = PROTOCOL_NUMBERS[info.protocol]
-        eps = [e for e in endpoints.get(name, ()) if e.ip.version == 4]
+        eps = endpoints_of_family(endpoints.get(name, ()), family)
         cat = categorize(eps, info, zone)
         internal = cat.local if info.internal_policy_local else cat.cluster
         external = cat.cluster if uses_cluster_endpoints(info) else cat.local
@@ -155,19 +195,19 @@ def plan(service_ports: Mapping[ServicePortName, ServicePortInfo],
             return tuple(Backend(str(e.ip), e.port, w) for e, w in members if w > 0)
 
         external_backends = backends_of(external)
-        gaps = tc_gaps(info, external_backends, masquerade_all=masquerade_all)
+        gaps = tc_gaps(info, external_backends, masquerade_all=masquerade_all, family=family)
         if gaps:
             stack[name] = gaps
         internal_entry = ServiceEntry(label, backends_of(internal), affinity)
         external_entry = ServiceEntry(label, external_backends, affinity, external_stack=bool(gaps))
 
         for address in info.cluster_ips:
-            if address.version == 4:
+            if address.version == family:
                 out[Frontend(str(address), info.port, proto)] = internal_entry
         for address in (*info.external_ips, *info.load_balancer_ips):
-            if address.version == 4:
+            if address.version == family:
                 out[Frontend(str(address), info.port, proto)] = external_entry
         if info.node_port:
-            for node_ip in node_v4:
+            for node_ip in node_addresses:
                 out[Frontend(node_ip, info.node_port, proto)] = external_entry
     return Plan(out, stack)

@@ -8,10 +8,14 @@ its backend leaves the Service (the program checks that the backend id still exi
 
 `adopt()` reads what the maps hold (after an agent restart, or to reconcile drift), so `apply()`
 then writes only the difference.
+
+One `MapSync` per family (`family=6`: na_services6, na_slots6, na_backends6), as the agent runs one proxier per
+family: each numbers its versions and backends on its own and never reads or deletes the other's entries.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from collections import Counter
@@ -43,13 +47,33 @@ SLOT_VALUE = struct.Struct("=II")
 BACKEND_KEY = struct.Struct("=I")
 # must match `struct backend_val` in bpf-src/lib/maps.h: address, port (network order), pad (zero)
 BACKEND_VALUE = struct.Struct(">4sH2x")
+# must match `struct backend_val6` in bpf-src/lib/maps.h (na_backends6): 16-byte address, port, pad (zero)
+BACKEND_VALUE6 = struct.Struct(">16sH2x")
+
+
+@dataclass(frozen=True)
+class FamilyMaps:
+    """The names of one family's maps the agent writes."""
+
+    services: str
+    slots: str
+    backends: str
+
+
+FAMILY_MAPS = {4: FamilyMaps("na_services", "na_slots", "na_backends"),
+               6: FamilyMaps("na_services6", "na_slots6", "na_backends6")}
 
 
 def _backend_value(ip: str, port: int) -> bytes:
+    if ":" in ip:
+        return BACKEND_VALUE6.pack(socket.inet_pton(socket.AF_INET6, ip), port)
     return BACKEND_VALUE.pack(socket.inet_aton(ip), port)
 
 
 def _backend_from_value(value: bytes) -> tuple[str, int]:
+    if len(value) == BACKEND_VALUE6.size:
+        ip6, port = BACKEND_VALUE6.unpack(value)
+        return str(ipaddress.IPv6Address(ip6)), port
     ip, port = BACKEND_VALUE.unpack(value)
     return socket.inet_ntoa(ip), port
 
@@ -72,9 +96,10 @@ class SyncStats:
 
 @dataclass
 class MapSync:
-    """The maps of one datapath and what they are known to hold."""
+    """The maps of one datapath's family (4 or 6) and what they are known to hold."""
 
     maps: Mapping[str, MapHandle]
+    family: int = 4
     installed: dict[Frontend, Installed] = field(default_factory=dict)
     backend_ids: dict[tuple[str, str, int], int] = field(default_factory=dict)
     refs: Counter[int] = field(default_factory=Counter)
@@ -86,8 +111,8 @@ class MapSync:
 
         `clean` also deletes slots and backends nothing points at (left by a crash between two writes).
         """
-        services, slots, backends = (self.maps["na_services"].items(), self.maps["na_slots"].items(),
-                                     self.maps["na_backends"].items())
+        services, slots, backends = (self.maps[self.names.services].items(), self.maps[self.names.slots].items(),
+                                     self.maps[self.names.backends].items())
         by_version: dict[int, dict[int, tuple[int, int]]] = {}
         for key, value in slots.items():
             version, slot = SLOT_KEY.unpack(key)
@@ -103,7 +128,7 @@ class MapSync:
             for slot in range(count):
                 backend_id, cumulative = by_version.get(version, {}).get(slot, (0, 0))
                 ids.append(backend_id)
-                ip, port = backend_at.get(backend_id, ("0.0.0.0", 0))
+                ip, port = backend_at.get(backend_id, ("::" if self.family == 6 else "0.0.0.0", 0))
                 members.append(Backend(ip, port, cumulative - previous))
                 previous = cumulative
             label = desired[frontend].port_name if frontend in desired else f"<stale {frontend}>"
@@ -121,15 +146,25 @@ class MapSync:
         for version, members_of in by_version.items():
             if version not in live_versions:
                 for slot in members_of:
-                    self.maps["na_slots"].delete(SLOT_KEY.pack(version, slot))
+                    self.maps[self.names.slots].delete(SLOT_KEY.pack(version, slot))
         for backend_id in backend_at:
             if self.refs[backend_id] == 0:
-                self.maps["na_backends"].delete(BACKEND_KEY.pack(backend_id))
-        log.info("ebpf maps adopted", frontends=len(self.installed), backends=len(backend_at))
+                self.maps[self.names.backends].delete(BACKEND_KEY.pack(backend_id))
+        log.info("ebpf maps adopted", family=f"IPv{self.family}", frontends=len(self.installed),
+                 backends=len(backend_at))
+
+    @property
+    def names(self) -> FamilyMaps:
+        """The maps of this family."""
+        return FAMILY_MAPS[self.family]
 
     def apply(self, desired: Mapping[Frontend, ServiceEntry], *, only: set[str] | None = None) -> SyncStats:
-        """Make the maps hold `desired` (restricted to entries of the port names in `only`, when given)."""
+        """Make the maps hold `desired` (restricted to entries of the port names in `only`, when given); every
+        frontend must be of this family (the other family's maps are another `MapSync`'s)."""
         stats = SyncStats()
+        foreign = [f for f in desired if f.family != self.family]
+        if foreign:
+            raise ValueError(f"the IPv{self.family} maps were given IPv{foreign[0].family} frontends: {foreign[0]}")
         for frontend, entry in desired.items():
             current = self.installed.get(frontend)
             if current is not None and current.entry == entry:
@@ -146,7 +181,8 @@ class MapSync:
         if backend_id is None:
             backend_id = self.backend_ids[key] = self.next_backend
             self.next_backend += 1
-            self.maps["na_backends"].update(BACKEND_KEY.pack(backend_id), _backend_value(backend.ip, backend.port))
+            self.maps[self.names.backends].update(BACKEND_KEY.pack(backend_id),
+                                                  _backend_value(backend.ip, backend.port))
             stats.map_updates += 1
         return backend_id
 
@@ -159,12 +195,12 @@ class MapSync:
             self.next_version += 1
             for slot, (backend_id, backend) in enumerate(zip(ids, entry.backends, strict=True)):
                 total += max(1, backend.weight)
-                self.maps["na_slots"].update(SLOT_KEY.pack(version, slot), SLOT_VALUE.pack(backend_id, total))
+                self.maps[self.names.slots].update(SLOT_KEY.pack(version, slot), SLOT_VALUE.pack(backend_id, total))
                 stats.map_updates += 1
         # The switch: one update makes the complete new set visible.
         flags = NA_SVC_EXTERNAL_STACK if entry.external_stack else 0
         value = SERVICE_VALUE.pack(version, len(ids), total, entry.affinity_seconds, flags)
-        self.maps["na_services"].update(frontend.key, value)
+        self.maps[self.names.services].update(frontend.key, value)
         stats.map_updates += 1
         stats.written += 1
         for backend_id in ids:
@@ -175,7 +211,7 @@ class MapSync:
 
     def _uninstall(self, frontend: Frontend, stats: SyncStats) -> None:
         current = self.installed.pop(frontend)
-        self.maps["na_services"].delete(frontend.key)
+        self.maps[self.names.services].delete(frontend.key)
         stats.map_updates += 1
         stats.removed += 1
         self._release(current, stats)
@@ -183,19 +219,19 @@ class MapSync:
     def _release(self, old: Installed, stats: SyncStats) -> None:
         for slot in range(len(old.backend_ids)):
             if old.version:
-                self.maps["na_slots"].delete(SLOT_KEY.pack(old.version, slot))
+                self.maps[self.names.slots].delete(SLOT_KEY.pack(old.version, slot))
                 stats.map_updates += 1
         for backend_id, backend in zip(old.backend_ids, old.entry.backends, strict=True):
             self.refs[backend_id] -= 1
             if self.refs[backend_id] <= 0:
                 del self.refs[backend_id]
                 self.backend_ids.pop((old.entry.port_name, backend.ip, backend.port), None)
-                self.maps["na_backends"].delete(BACKEND_KEY.pack(backend_id))
+                self.maps[self.names.backends].delete(BACKEND_KEY.pack(backend_id))
                 stats.map_updates += 1
 
     def contents(self) -> dict[Frontend, ServiceEntry]:
         """What the maps hold, read back from the kernel (for tests and inspect)."""
-        probe = MapSync(self.maps)
+        probe = MapSync(self.maps, self.family)
         probe.adopt({}, clean=False)
         return {f: ServiceEntry("", i.entry.backends, i.entry.affinity_seconds, i.entry.external_stack)
                 for f, i in probe.installed.items()}

@@ -12,6 +12,11 @@
   no endpoints, masquerade-all) are flagged in the map so tc leaves them to the stack, and the same
   iptables renderer (`external_only`) is fed exactly those ports: their effect is kube-proxy's. The
   split is logged when it changes, published as a gauge and shown in `/proxyMode`.
+- IPv6: the agent runs one proxier per family (kube-proxy's metaproxier), and `ipv6_side` is this proxier's
+  IPv6 one: same programs, cgroup and pins, its own maps (na_services6, ...; `family=6`), fed the IPv6
+  configuration. tc translates IPv4 only, so its iptables side (ip6tables, `external_only`) serves every IPv6
+  NodePort, externalIP and load-balancer IP from outside, as the IPv4 side serves what tc lacks: each such port
+  is in `split` with the gap `TcGap.IPV6`, logged when it changes, in its report and `mode_detail`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from nodeagent.service.conntrack import ConntrackReconciler, Reconciled
 from nodeagent.service.datapath import DatapathMode, Gauges
 from nodeagent.service.ebpf.desired import TcGap, plan
 from nodeagent.service.ebpf.flows import CT_KEY, CT_VALUE, TcFlowTable
-from nodeagent.service.ebpf.maps import MapSync, SyncStats
+from nodeagent.service.ebpf.maps import FAMILY_MAPS, MapSync, SyncStats
 from nodeagent.service.iptables import cleanup as iptables_cleanup
 from nodeagent.service.iptables.proxier import IptablesProxier
 from nodeagent.state.tracker import Snapshot
@@ -42,6 +47,8 @@ from nodeagent.state.translation import ServicePortName
 
 log = structlog.get_logger("nodeagent.service.ebpf.proxier")
 EXTERNAL_PATHS = "iptables (NodePort, externalIPs and load-balancer IPs from outside the node)"
+IPV6_DETAIL = ("ebpf (IPv6): cgroup connect6/sendmsg6/recvmsg6/getpeername6 (v4-mapped addresses to IPv4 Services "
+               "too); external: ip6tables (tc translates IPv4 only)")
 
 
 @dataclass(frozen=True)
@@ -56,16 +63,24 @@ class EbpfSyncReport:
     # Service ports whose traffic from outside the node iptables serves (tc lacks what they need), and why
     external_on_iptables: dict[ServicePortName, tuple[TcGap, ...]] = field(default_factory=dict)
     tc: bool = False  # tc serves traffic from outside (else iptables serves all of it, and no split is measured)
+    family: int = 4
 
     def gauges(self) -> Gauges:
-        """Entries of ours per map after the sync."""
-        by_gap = {str(gap): count for gap, count in self.external_on_iptables_by_gap().items()} if self.tc else {}
-        return Gauges(map_entries={"na_services": self.services, "na_backends": self.backends},
+        """Entries of ours per map after the sync (IPv6: the IPv6 maps), and the ports kept on iptables by gap
+        (IPv6: under `TcGap.IPV6` alone, so both families' gauges can be published side by side)."""
+        names = FAMILY_MAPS[self.family]
+        by_gap = ({str(gap): count for gap, count in self.external_on_iptables_by_gap().items()}
+                  if self.tc or self.family == 6 else {})
+        return Gauges(map_entries={names.services: self.services, names.backends: self.backends},
                       external_on_iptables=by_gap)
 
     def external_on_iptables_by_gap(self) -> dict[TcGap, int]:
-        """Service ports kept on iptables for their external traffic, per gap (every gap, zeros included)."""
-        return {gap: sum(gap in gaps for gaps in self.external_on_iptables.values()) for gap in TcGap}
+        """Service ports kept on iptables for their external traffic, per gap (every gap of the family, zeros
+        included; IPv6 has the one gap, IPv6 itself)."""
+        if self.family == 6:
+            return {TcGap.IPV6: len(self.external_on_iptables)}
+        return {gap: sum(gap in gaps for gaps in self.external_on_iptables.values()) for gap in TcGap
+                if gap is not TcGap.IPV6}
 
 
 @dataclass
@@ -98,6 +113,23 @@ class EbpfProxier:
                              EXTERNAL_PATHS)
     # who watches every reconciler's passes (`observe_conntrack`), kept for tc's, which `start` makes
     _conntrack_observers: list[Callable[[Reconciled], None]] = field(default_factory=list)
+    family: int = 4  # whose Services' maps this proxier writes (see `ipv6_side`)
+
+    def ipv6_side(self, external: IptablesProxier | None) -> EbpfProxier:
+        """This started proxier's IPv6 counterpart: the same programs (connect6, sendmsg6, recvmsg6,
+        getpeername6 are loaded and attached with the IPv4 ones), the IPv6 maps, and `external` (an ip6tables
+        proxier) for all IPv6 traffic from outside the node, which tc does not translate."""
+        assert self.datapath is not None, "start() first"
+        side = EbpfProxier(self.scope, self.cgroup, external=external, sync_period=self.sync_period, clock=self.clock,
+                           datapath=self.datapath, _maps=MapSync(self.datapath.maps, family=6), family=6,
+                           conntrack=ConntrackReconciler(Conntrack()))
+        side.mode_detail = IPV6_DETAIL
+        return side
+
+    @property
+    def _reports_split(self) -> bool:
+        """Whether this proxier's external traffic is split between tc and iptables (IPv6: all on ip6tables)."""
+        return self.tc_active or self.family == 6
 
     def start(self) -> EbpfProxier:
         """Load (or adopt) and attach; raises loader.BpfError when this kernel or bcc cannot.
@@ -179,7 +211,7 @@ class EbpfProxier:
         if full:
             loader.attach(self.datapath, self.cgroup)  # repairs a detach by someone else
             planned = plan(service_ports, endpoints, node_ips=node_ips, node_labels=config.node_labels,
-                           masquerade_all=masquerade_all)
+                           masquerade_all=masquerade_all, family=self.family)
             split = dict(planned.external_stack)
             labels: set[str] | None = None
         else:
@@ -188,7 +220,7 @@ class EbpfProxier:
             labels = {str(name) for name in ports} | {
                 i.entry.port_name for i in self._maps.installed.values() if i.entry.port_name.split(":")[0] in keys}
             planned = plan(service_ports, endpoints, node_ips=node_ips, node_labels=config.node_labels, only=ports,
-                           masquerade_all=masquerade_all)
+                           masquerade_all=masquerade_all, family=self.family)
             split = {name: gaps for name, gaps in self.split.items()
                      if f"{name.namespace}/{name.name}" not in keys and name in service_ports}
             split.update(planned.external_stack)
@@ -216,24 +248,30 @@ class EbpfProxier:
         if full:
             self._last_full = started
         report = EbpfSyncReport(full, stats, self.clock() - started, len(self._maps.installed),
-                                len(self._maps.backend_ids), dict(self.split) if self.tc_active else {},
-                                self.tc_active)
-        log.info("ebpf maps synced", full=full, frontends_written=stats.written, frontends_removed=stats.removed,
-                 map_updates=stats.map_updates, seconds=round(report.seconds, 4))
+                                len(self._maps.backend_ids), dict(self.split) if self._reports_split else {},
+                                self.tc_active, self.family)
+        log.info("ebpf maps synced", family=f"IPv{self.family}", full=full, frontends_written=stats.written,
+                 frontends_removed=stats.removed, map_updates=stats.map_updates, seconds=round(report.seconds, 4))
         return report
 
     def _record_split(self, split: dict[ServicePortName, tuple[TcGap, ...]]) -> None:
         """Remember (and log, when it changed) which ports' external traffic iptables serves, and why."""
-        if not self.tc_active:
+        if not self._reports_split:
             return
         if split != self.split:
-            log.info("external traffic split between tc and iptables",
+            log.info("external traffic split between tc and iptables", family=f"IPv{self.family}",
                      on_iptables={str(name): [str(g) for g in gaps] for name, gaps in sorted(
                          split.items(), key=lambda i: str(i[0]))},
                      moved_to_iptables=sorted(str(n) for n in split.keys() - self.split.keys()),
                      moved_to_tc=sorted(str(n) for n in self.split.keys() - split.keys()))
         self.split = split
-        self.mode_detail = self._tc_detail()
+        self.mode_detail = self._tc_detail() if self.family == 4 else self._ipv6_detail()
+
+    def _ipv6_detail(self) -> str:
+        if not self.split:
+            return IPV6_DETAIL
+        return IPV6_DETAIL + "; external on ip6tables: " + "; ".join(
+            f"{name} ({', '.join(gaps)})" for name, gaps in sorted(self.split.items(), key=lambda i: str(i[0])))
 
     def _sync_external(self, snapshot: Snapshot, config: ProxyConfig, changed: AbstractSet[ObjectRef],
                        ports: frozenset[ServicePortName]) -> None:

@@ -1,0 +1,161 @@
+"""The eBPF datapath's IPv6 side, pure: which IPv6 frontends a Service gets and with which backends
+(`desired.plan(..., family=6)`), the bytes of the IPv6 maps (`MapSync(family=6)`), and the proxier's IPv6 side
+leaving every IPv6 path from outside to ip6tables, reported as the split with the gap IPv6."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.kernel.bpf import loader
+from nodeagent.service.config import ProxyConfig
+from nodeagent.service.conntrack import ConntrackReconciler
+from nodeagent.service.ebpf.desired import SERVICE_KEY6, Backend, Frontend, ServiceEntry, TcGap, plan
+from nodeagent.service.ebpf.maps import BACKEND_VALUE6, SERVICE_VALUE, SLOT_KEY, SLOT_VALUE, MapSync
+from nodeagent.service.ebpf.proxier import EbpfProxier
+from nodeagent.state.tracker import Snapshot
+from tests.support.services import ep, service, slice_, snapshot_of
+from tests.unit.service.ebpf.test_maps import MemoryMap
+from tests.unit.service.ebpf.test_proxier import NoFlows, RecordingIptables, cleaned
+
+__all__ = ["cleaned"]  # the fixture: iptables cleanup and cgroup attach recorded, not run
+
+NODE = "test-node"
+NODE_V4, NODE_V6 = ipaddress.ip_address("192.168.0.2"), ipaddress.ip_address("fd00:192::2")
+TCP = 6
+
+
+def v6_slice(name: str, *endpoints: dict[str, Any]) -> dict[str, Any]:
+    made = slice_("ns", name, *endpoints)
+    made["addressType"] = "IPv6"
+    made["metadata"]["name"] = f"{name}-v6"
+    return made
+
+
+def dual(name: str, v4: str, v6: str, **spec: Any) -> dict[str, Any]:
+    made = service("ns", name, v4, ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack", **spec)
+    made["spec"]["clusterIPs"] = [v4, v6]
+    return made
+
+
+def snapshot() -> Snapshot:
+    sticky = service("ns", "sticky", "fd00:172:30::42", ipFamilies=["IPv6"], sessionAffinity="ClientIP")
+    weighted = service("ns", "weighted", "fd00:172:30::44", ipFamilies=["IPv6"])
+    weighted["metadata"]["annotations"] = {"nodeagent.io/endpoint-weights": '{"a": 3, "c": 0}'}
+    return snapshot_of(
+        dual("web", "172.30.0.41", "fd00:172:30::41", type_="NodePort", node_port=30080,
+             externalIPs=["192.168.99.1", "fd00:99::1"]),
+        slice_("ns", "web", ep("10.0.0.1"), ep("10.0.0.2")),
+        v6_slice("web", ep("fd00:10::1"), ep("fd00:10::2", ready=False)),
+        sticky, v6_slice("sticky", ep("fd00:10::3")),
+        weighted, v6_slice("weighted", *(dict(ep(ip), targetRef={"kind": "Pod", "name": name}) for ip, name in
+                                         (("fd00:10::5", "a"), ("fd00:10::6", "b"), ("fd00:10::7", "c")))),
+        service("ns", "only6", "fd00:172:30::46", ipFamilies=["IPv6"], type_="NodePort", node_port=30046),
+        node=NODE)
+
+
+def planned(family: int | None) -> Any:
+    current = snapshot()
+    return plan(current.service_ports, current.endpoints, node_ips=[NODE_V4, NODE_V6], family=family)
+
+
+def test_each_family_gets_its_own_frontends_with_its_own_endpoints() -> None:
+    six, four = planned(6).entries, planned(4).entries
+    assert {f.family for f in six} == {6} and {f.family for f in four} == {4}
+    assert six[Frontend("fd00:172:30::41", 80, TCP)].backends == (Backend("fd00:10::1", 80),), "ready ones only"
+    assert four[Frontend("172.30.0.41", 80, TCP)].backends == (Backend("10.0.0.1", 80), Backend("10.0.0.2", 80))
+    # the NodePort on the node's address of each family; external IPs of each family
+    assert {Frontend("fd00:192::2", 30080, TCP), Frontend("fd00:99::1", 80, TCP)} <= six.keys()
+    assert {Frontend("192.168.0.2", 30080, TCP), Frontend("192.168.99.1", 80, TCP)} <= four.keys()
+    assert planned(None).entries == {**four, **six}, "both families, when none is named"
+
+
+def test_an_ipv6_only_service_has_no_ipv4_frontend_as_kube_proxys_ipv4_proxier_skips_it() -> None:
+    assert Frontend("fd00:192::2", 30046, TCP) in planned(6).entries
+    assert not any(f.port == 30046 for f in planned(4).entries), "no IPv4 NodePort for an IPv6-only Service"
+
+
+def test_affinity_and_weights_as_for_ipv4() -> None:
+    six = planned(6).entries
+    assert six[Frontend("fd00:172:30::42", 80, TCP)].affinity_seconds == 10800
+    assert six[Frontend("fd00:172:30::44", 80, TCP)].backends == (Backend("fd00:10::5", 80, 3),
+                                                                  Backend("fd00:10::6", 80, 1))
+
+
+def test_tc_leaves_every_ipv6_external_frontend_to_ip6tables_and_says_why() -> None:
+    result = planned(6)
+    flagged = {f for f, e in result.entries.items() if e.external_stack}
+    assert flagged == {Frontend("fd00:192::2", 30080, TCP), Frontend("fd00:99::1", 80, TCP),
+                       Frontend("fd00:192::2", 30046, TCP)}
+    gaps = {str(name): found for name, found in result.external_stack.items()}
+    assert gaps == {"ns/web:p80": (TcGap.IPV6,), "ns/only6:p80": (TcGap.IPV6, TcGap.NO_ENDPOINTS)}
+    assert not planned(4).external_stack, "the IPv4 side of the same port stays on tc"
+    assert {str(n): g for n, g in planned(None).external_stack.items()} == gaps
+
+
+def test_an_ipv6_frontend_is_the_c_struct_svc_key6() -> None:
+    frontend = Frontend("fd00:172:30::41", 443, 17)
+    assert frontend.key == socket.inet_pton(socket.AF_INET6, "fd00:172:30::41") + bytes([0x01, 0xBB, 17, 0])
+    assert len(frontend.key) == SERVICE_KEY6.size == 20
+    assert Frontend.from_key(frontend.key) == frontend
+    assert str(frontend) == "[fd00:172:30::41]:443/UDP"
+
+
+def memory_maps6() -> dict[str, MemoryMap]:
+    journal: list[tuple[str, str, bytes]] = []
+    return {n: MemoryMap(n, journal) for n in ("na_services6", "na_slots6", "na_backends6")}
+
+
+def test_the_ipv6_maps_hold_the_c_structs_and_are_adopted_back() -> None:
+    maps = memory_maps6()
+    frontend = Frontend("fd00:172:30::41", 53, 17)
+    desired = {frontend: ServiceEntry("ns/svc:dns", (Backend("fd00:10::7", 53, 3),), 30)}
+    MapSync(maps, family=6).apply(desired)  # type: ignore[arg-type]
+    backend_key = (1).to_bytes(4, sys.byteorder)
+    assert maps["na_backends6"].data == {
+        backend_key: socket.inet_pton(socket.AF_INET6, "fd00:10::7") + bytes([0, 53, 0, 0])}
+    assert BACKEND_VALUE6.size == 20
+    assert maps["na_services6"].data == {frontend.key: SERVICE_VALUE.pack(1, 1, 3, 30, 0)}
+    assert maps["na_slots6"].data == {SLOT_KEY.pack(1, 0): SLOT_VALUE.pack(1, 3)}
+    restarted = MapSync(maps, family=6)  # type: ignore[arg-type]
+    restarted.adopt(desired)
+    assert restarted.apply(desired).map_updates == 0
+    assert restarted.contents() == {frontend: ServiceEntry("", desired[frontend].backends, 30)}
+
+
+def test_a_family_s_maps_refuse_the_other_family_s_frontends() -> None:
+    with pytest.raises(ValueError, match="IPv4 maps were given IPv6 frontends"):
+        MapSync({}).apply({Frontend("fd00::1", 80, TCP): ServiceEntry("ns/a:p", ())})
+
+
+def ipv6_side(external: RecordingIptables) -> tuple[EbpfProxier, dict[str, MemoryMap]]:
+    maps = memory_maps6()
+    four = EbpfProxier("scope", Path("/sys/fs/cgroup/test"), tc_active=True, tc_interfaces=["eth0"],
+                       datapath=loader.ServicePrograms("scope", Path("/nonexistent"), maps, True),  # type: ignore[arg-type]
+                       conntrack=ConntrackReconciler(NoFlows()))
+    side = four.ipv6_side(external)  # type: ignore[arg-type]
+    side.conntrack = ConntrackReconciler(NoFlows())
+    return side, maps
+
+
+def test_the_ipv6_side_leaves_all_external_traffic_to_ip6tables_and_reports_it(cleaned: list[object]) -> None:
+    external = RecordingIptables()
+    side, maps = ipv6_side(external)
+    config = ProxyConfig(node_name=NODE, node_ip=NODE_V6, family=6)
+    report = side.sync(snapshot(), config, set())
+    assert external.fed == [({str(n) for n in snapshot().service_ports}, True)], "ip6tables: external paths only"
+    assert {str(n): g for n, g in report.external_on_iptables.items()} == {
+        "ns/web:p80": (TcGap.IPV6,), "ns/only6:p80": (TcGap.IPV6, TcGap.NO_ENDPOINTS)}
+    gauges = report.gauges()
+    assert gauges.external_on_iptables == {"IPv6": 2}, "one gauge of its own beside IPv4's"
+    assert set(gauges.map_entries) == {"na_services6", "na_backends6"}
+    assert "ns/web:p80 (IPv6)" in side.mode_detail and "connect6" in side.mode_detail
+    written = MapSync(maps, family=6).contents()  # type: ignore[arg-type]
+    assert Frontend("fd00:172:30::41", 80, TCP) in written and all(f.family == 6 for f in written)
+    assert written[Frontend("fd00:192::2", 30080, TCP)].external_stack
+    assert not cleaned, "the ip6tables rules are never removed: tc serves no IPv6"
