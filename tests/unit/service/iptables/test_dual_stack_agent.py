@@ -183,11 +183,14 @@ def test_run_builds_an_ip6tables_proxier_of_the_same_backend_in_either_mode(monk
         def start(self) -> LoadedEbpf:
             return self
 
+        def ipv6_side(self, external: IptablesProxier) -> IptablesProxier:  # its IPv6 side: fed ip6tables
+            return external
+
     monkeypatch.setattr(agent_daemon, "EbpfProxier", LoadedEbpf)
     monkeypatch.setattr(agent_daemon, "external_interfaces", lambda: ())
     ebpf = agent_daemon.choose_datapath(agent_daemon.RunOptions("n1", iptables_backend="nft",
                                                                 cgroup=Path("/sys/fs/cgroup")))
     assert ebpf.mode == "ebpf" and ebpf.ipv6 is not None and ebpf.ipv6.ipt.ipv6
     # never silently: the mode reason says who serves IPv6 Services
-    assert ebpf.reason == "ebpf: cgroup connect4; IPv6 Services: iptables (ip6tables), the eBPF programs translate " \
-                          "IPv4 only"
+    assert ebpf.reason == ("ebpf: cgroup connect4; IPv6 Services: cgroup connect6/sendmsg6/recvmsg6/getpeername6, "
+                           "from outside the node ip6tables (tc translates IPv4 only)")
