@@ -32,7 +32,7 @@ from nodeagent.errors import NodeAgentError
 
 API_VERSION = "config.nodeagent.io/v1alpha1"
 KIND = "NodeAgentConfiguration"
-MODES = ("auto", "ebpf", "iptables")
+MODES = ("auto", "ebpf", "nftables", "iptables")
 IPTABLES_BACKENDS = ("auto", "nft", "legacy")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -45,8 +45,8 @@ _KUBE_PROXY_ONLY = {
     "iptables.syncPeriod": "use the top-level syncPeriod",
     "iptables.minSyncPeriod": "use the top-level minSyncPeriod",
     "iptables.masqueradeAll": "use the top-level masqueradeAll",
-    "ipvs": "there is no IPVS mode; mode is auto, ebpf or iptables",
-    "nftables": "there is no nftables mode; mode is auto, ebpf or iptables (iptables.backend: nft)",
+    "ipvs": "there is no IPVS mode; mode is auto, ebpf, nftables or iptables",
+    "nftables": "mode: nftables takes the top-level syncPeriod, minSyncPeriod, masqueradeAll and masqueradeBit",
     "bindAddress": "use the --bind-address flag, or a KubeProxyConfiguration file",
 }
 
@@ -411,9 +411,9 @@ def _kube_proxy_config(doc: Mapping[str, Any], r: _Reader, source: str) -> Agent
     values = {k: v for k, v in values.items() if v not in ("", None)}
     mode = values.pop("mode", None)
     if mode is not None:
-        if mode == "iptables":
-            values["mode"] = "iptables"
-        elif mode in ("ipvs", "nftables", "kernelspace"):
+        if mode in ("iptables", "nftables"):
+            values["mode"] = mode
+        elif mode in ("ipvs", "kernelspace"):
             ignored.append(f"mode={mode} (nodeagent programs iptables or eBPF)")
         else:
             r.fail("mode", mode, "must be one of iptables, ipvs, nftables, kernelspace or empty")

@@ -76,7 +76,7 @@ BAD = [
     ("apiVersion: v1\nkind: NodeAgentConfiguration\n", "apiVersion", "v1", "must be config.nodeagent.io/v1alpha1"),
     ("apiVersion: config.nodeagent.io/v1alpha1\nkind: KubeProxyConfiguration\n", "kind",
      "KubeProxyConfiguration", "must be NodeAgentConfiguration"),
-    (HEAD + "mode: ipvs\n", "mode", "ipvs", "must be one of auto, ebpf, iptables"),
+    (HEAD + "mode: ipvs\n", "mode", "ipvs", "must be one of auto, ebpf, nftables, iptables"),
     (HEAD + "syncPeriod: 30\n", "syncPeriod", 30, "must be a duration"),
     (HEAD + "syncPeriod: 0s\n", "syncPeriod", "0s", "must be greater than zero"),
     (HEAD + "minSyncPeriod: 1 second\n", "minSyncPeriod", "1 second", "must be a duration"),
@@ -165,7 +165,7 @@ def test_run_with_a_bad_file_names_every_field_and_starts_nothing(tmp_path: Path
     path.write_text(HEAD + "mode: ipvs\nsyncPeriod: soon\n")
     result = CliRunner().invoke(main, ["run", "--config", str(path), "--node", "n1"])
     assert result.exit_code == 2, result.output
-    assert f"{path}: mode: must be one of auto, ebpf, iptables (got 'ipvs')" in result.output
+    assert f"{path}: mode: must be one of auto, ebpf, nftables, iptables (got 'ipvs')" in result.output
     assert f"{path}: syncPeriod: must be a duration such as 30s, 1m30s or 500ms (got 'soon')" in result.output
     assert "Traceback" not in result.output
 
