@@ -159,3 +159,48 @@ def test_the_ipv6_side_leaves_all_external_traffic_to_ip6tables_and_reports_it(c
     assert Frontend("fd00:172:30::41", 80, TCP) in written and all(f.family == 6 for f in written)
     assert written[Frontend("fd00:192::2", 30080, TCP)].external_stack
     assert not cleaned, "the ip6tables rules are never removed: tc serves no IPv6"
+
+
+def test_the_agent_publishes_the_ipv6_side_s_maps_and_split_beside_the_ipv4_ones(cleaned: list[object]) -> None:
+    from nodeagent.cluster.model import Kind
+    from nodeagent.daemon.agent import Agent, AgentOptions
+    from tests.support.events import listed
+    from tests.unit.service.ebpf.test_maps import memory_maps
+
+    class Observed(RecordingIptables):
+        def observe_conntrack(self, observer: object) -> None:
+            pass
+
+    maps4, _ = memory_maps()
+    maps = {**maps4, **memory_maps6()}
+    four = EbpfProxier("scope", Path("/sys/fs/cgroup/test"), external=Observed(),  # type: ignore[arg-type]
+                       datapath=loader.ServicePrograms("scope", Path("/nonexistent"), maps, True),
+                       _maps=MapSync(maps), tc_active=True, tc_interfaces=["eth0"],
+                       conntrack=ConntrackReconciler(NoFlows()))
+    six = four.ipv6_side(Observed())  # type: ignore[arg-type]
+    six.conntrack = ConntrackReconciler(NoFlows())
+
+    class NoSource:
+        def start(self) -> NoSource:
+            return self
+
+        def stop(self) -> None:
+            pass
+
+    agent = Agent(AgentOptions(NODE, healthz_port=None), lambda sink: NoSource(), four, addresses=lambda: (),
+                  read_nfacct=None, ipv6_proxier=six)
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}, "spec": {},
+            "status": {"addresses": [{"type": "InternalIP", "address": a} for a in (str(NODE_V4), str(NODE_V6))]}}
+    web = dual("web", "172.30.0.41", "fd00:172:30::41", type_="NodePort", node_port=30080)
+    agent._received(listed(Kind.NODE, [node], "1"))
+    agent._received(listed(Kind.SERVICE, [web], "1"))
+    agent._received(listed(Kind.ENDPOINT_SLICE, [slice_("ns", "web", ep("10.0.0.1")),
+                                                 v6_slice("web", ep("fd00:10::1"))], "1"))
+    agent._sync()
+
+    def value(name: str, **labels: str) -> float | None:
+        return agent.metrics.registry.get_sample_value(name, labels)
+
+    assert value("nodeagent_sync_proxy_map_entries", map="na_services6") == 2  # cluster IP and NodePort
+    assert value("nodeagent_sync_proxy_map_entries", map="na_services") == 2
+    assert value("nodeagent_ebpf_external_on_iptables_service_ports", lacks="IPv6") == 1
