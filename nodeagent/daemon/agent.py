@@ -248,8 +248,8 @@ class Agent:
         # (lacks="IPv6"), beside the IPv4 ones (the labels never collide)
         for map_name, entries in gauges.map_entries.items():
             self.metrics.map_entries.labels(map_name).set(entries)
-        for lacks, ports in gauges.external_on_iptables.items():
-            self.metrics.external_on_iptables.labels(lacks).set(ports)
+        for lacks, count in gauges.external_on_iptables.items():
+            self.metrics.external_on_iptables.labels(lacks).set(count)
         # what the IPv6 proxier serves: the ports with an IPv6 cluster IP, with their IPv6 endpoints
         ports = {name: info for name, info in snapshot.service_ports.items() if 6 in info.families}
         endpoints = {name: tuple(endpoints_of_family(eps, 6)) for name, eps in snapshot.endpoints.items()
