@@ -9,9 +9,18 @@ from pathlib import Path
 
 import click
 
-from nodeagent.cli.options import config_option, proxy_options, proxy_settings, read_snapshot, reported, source_options
+from nodeagent.cli.options import (
+    config_option,
+    parse_cidrs,
+    proxy_options,
+    proxy_settings,
+    read_snapshot,
+    reported,
+    source_options,
+)
 from nodeagent.errors import NodeAgentError
-from nodeagent.service.config import NFACCT_COUNTERS
+from nodeagent.service.config import NFACCT_COUNTERS, ProxySettings
+from nodeagent.state.tracker import Snapshot
 
 
 @click.command()
@@ -51,8 +60,10 @@ def node_facts(netns: str | None) -> NodeFacts:
 @click.command()
 @config_option
 @source_options
-@click.option("--format", "output", type=click.Choice(["save", "list", "restore"]), default="save", show_default=True,
-              help="save: as iptables-save prints it; list: as iptables -L -n; restore: our iptables-restore input")
+@click.option("--format", "output", type=click.Choice(["save", "list", "restore", "nft"]), default="save",
+              show_default=True, help="save: as iptables-save prints it; list: as iptables -L -n; restore: our "
+                                      "iptables-restore input; nft: the nftables mode's `kube-proxy` table as "
+                                      "kube-proxy's nftables tests write it (also `nft -f` input)")
 @click.option("--table", type=click.Choice(["nat", "filter"]), default=None, help="one table only")
 @click.option("--cluster-cidr", default=None, help="as for run (a lab's pod range by default)")
 @proxy_options
@@ -70,11 +81,13 @@ def node_facts(netns: str | None) -> NodeFacts:
 @click.option("--diff", is_flag=True, help="compare with the live tables of the node (root; ip6tables-save for IPv6); "
                                            "exit 1 on drift")
 @click.option("--netns", default=None, help="the node's network namespace for --diff (a lab node's by default)")
+@click.option("--service-cidr", default="", help="Service CIDRs, comma-separated (nftables: traffic to an unallocated "
+                                                 "address in them is dropped, as kube-proxy with ServiceCIDRs)")
 def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, source_lab: str | None,
            node_name: str | None, output: str, table: str | None, cluster_cidr: str | None, masquerade_all: bool,
            masquerade_bit: int, localhost_nodeports: bool, nodeport_addresses: str, bind_address: str,
            random_fully: bool | None, nfacct_counters: tuple[str, ...], tcp_be_liberal: bool | None,
-           family: str | None, diff: bool, netns: str | None) -> None:
+           family: str | None, diff: bool, netns: str | None, service_cidr: str) -> None:
     """Print the iptables rules the agent would program on a node (no root needed), or diff them with the kernel.
 
     The output depends only on the cluster's state and the options, never on this machine, except for a node
@@ -98,6 +111,10 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
     state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
     settings = proxy_settings(cluster_cidr or "", masquerade_all, masquerade_bit, localhost_nodeports,
                               nodeport_addresses, bind_address)
+    settings = replace(settings, service_cidrs=parse_cidrs(service_cidr))
+    if output == "nft":
+        _nftables_chains(state, settings, family, diff, netns)
+        return
     facts = NodeFacts()
     if diff:
         with reported(f"reading the node{f' {netns}' if netns else ''}: "):
@@ -159,6 +176,47 @@ def chains(kubeconfig: str | None, context: str | None, manifests: Path | None, 
 _TOOL = {4: "iptables", 6: "ip6tables"}
 
 
+def _nftables_chains(state: Snapshot, settings: ProxySettings, family: str | None, diff: bool,
+                     netns: str | None) -> None:
+    """`chains --format nft`: each family's `kube-proxy` table as kube-proxy's tests write it (in their sort
+    order), or with --diff the difference from the table the kernel holds, element by element."""
+    import difflib
+
+    from nodeagent.kernel.nftables import Nft
+    from nodeagent.service.config import proxy_config
+    from nodeagent.service.nftables import names as nft_names
+    from nodeagent.service.nftables.listing import canonical_dump, parse_listing
+    from nodeagent.service.nftables.render import render
+
+    has_ipv6 = any(6 in info.families for info in state.service_ports.values())
+    families = [int(family[-1])] if family is not None else ([4, 6] if has_ipv6 else [4])
+    headed = family is not None or has_ipv6
+    where = f" of {netns}" if netns else ""
+    drifted = False
+    for each in families:
+        rendered = render(state.service_ports, state.endpoints,
+                          proxy_config(state.node_name, settings, state, (), family=each))
+        header = f"# IPv{each} (nftables)\n" if headed else ""
+        if not diff:
+            click.echo(header + rendered.dump(), nl=False)
+            continue
+        nft_family = "ip" if each == 4 else "ip6"
+        try:
+            listing = Nft(netns).list_table(nft_family, nft_names.TABLE)
+        except (NodeAgentError, OSError) as exc:
+            raise click.ClickException(f"reading the live nftables table{where}: {exc}") from exc
+        live = canonical_dump(parse_listing(listing)) if listing is not None else []
+        drift = list(difflib.unified_diff(live, canonical_dump(rendered.table), "kernel", "expected", lineterm=""))
+        if drift:
+            drifted = True
+            click.echo(header + "\n".join(drift))
+        else:
+            click.echo(f"no drift{f' (IPv{each})' if headed else ''}: the kernel{where} holds exactly the expected "
+                       f"table {nft_family} {nft_names.TABLE}")
+    if drifted:
+        sys.exit(1)
+
+
 def _header(family: int) -> str:
     """The line that opens one family's section (a comment to iptables-restore and iptables-save readers)."""
     return f"# IPv{family} ({_TOOL[family]})\n"
@@ -176,9 +234,9 @@ def _header(family: int) -> str:
 @click.option("--pod-netns-prefix", default="", help="only pod namespaces whose names start with this")
 def cleanup(iptables_backend: str, netns: str | None, bpf_scope: str, cgroup_path: Path | None,
             pod_netns_dir: Path, pod_netns_prefix: str) -> None:
-    """Remove what either datapath and the mesh created: iptables chains and jump rules (as kube-proxy
-    --cleanup), eBPF attachments and pins, the mesh capture in pod namespaces and the node's probe SNAT;
-    nothing else."""
+    """Remove what any datapath and the mesh created: the nftables mode's kube-proxy tables, iptables chains and
+    jump rules (as kube-proxy --cleanup), eBPF attachments and pins, the mesh capture in pod namespaces and the
+    node's probe SNAT; nothing else."""
     from nodeagent.daemon.cleanup import CleanupOptions
     from nodeagent.daemon.cleanup import cleanup as clean_node
 

@@ -1,6 +1,6 @@
-"""`nodeagent cleanup` assembled: remove what either datapath and the mesh created on a node (eBPF
-attachments and pins, iptables chains and jumps as kube-proxy --cleanup, the mesh capture of each pod
-namespace and the node's probe SNAT), nothing else."""
+"""`nodeagent cleanup` assembled: remove what any datapath and the mesh created on a node (eBPF
+attachments and pins, the nftables mode's tables, iptables chains and jumps as kube-proxy --cleanup, the mesh
+capture of each pod namespace and the node's probe SNAT), nothing else."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from pathlib import Path
 from nodeagent.errors import NodeAgentError
 from nodeagent.kernel.bpf import loader, tc
 from nodeagent.kernel.netfilter import Iptables, detect_backend, legacy_tables_exist
+from nodeagent.kernel.nftables import Nft
 from nodeagent.kernel.podnetns import candidates
 from nodeagent.mesh.capture import CaptureStatus
 from nodeagent.mesh.iptables.apply import live_state, remove_capture, remove_probe_snat
 from nodeagent.service.iptables import cleanup as iptables_cleanup
+from nodeagent.service.nftables import cleanup as nftables_cleanup
 
 
 class CleanupError(NodeAgentError):
@@ -34,7 +36,8 @@ class CleanupOptions:
 
 
 def cleanup(options: CleanupOptions) -> Iterator[str]:
-    """Remove everything, saying each removal ("removed (ebpf) …", "removed (nft) …") as it is done.
+    """Remove everything, saying each removal ("removed (ebpf) …", "removed (nftables) table ip kube-proxy",
+    "removed (nft) …") as it is done.
     Raises CleanupError at the first part that cannot be removed."""
     netns = options.netns
     try:
@@ -43,6 +46,12 @@ def cleanup(options: CleanupOptions) -> Iterator[str]:
             yield f"removed (ebpf) {line}"
     except (NodeAgentError, OSError) as exc:
         raise CleanupError(f"cleanup (ebpf): {exc}") from exc
+    try:
+        removed_tables = nftables_cleanup.cleanup(Nft(netns))
+    except (NodeAgentError, OSError) as exc:
+        raise CleanupError(f"cleanup (nftables): {exc}") from exc
+    for line in removed_tables:
+        yield f"removed (nftables) {line}"
 
     if options.iptables_backend == "both":
         backends = ["nft"] + (["legacy"] if legacy_tables_exist(netns) else [])

@@ -1,9 +1,12 @@
-"""`nodeagent run` assembled: the datapath chosen (auto: eBPF, else iptables with the reason), the agent with
+"""`nodeagent run` assembled: the datapath chosen (auto: eBPF, else nftables where the kernel has it, else
+iptables, with the reason), the agent with
 its source and its health and metrics servers, and with the mesh, the capture, the control stream to the node
 tunnel and the loop that enrolls this node's pods. Runs until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
+import os
+import platform
 import signal
 import threading
 from collections.abc import Callable, Iterable
@@ -21,9 +24,14 @@ from nodeagent.errors import NodeAgentError
 from nodeagent.kernel import nfacct, sysctl
 from nodeagent.kernel.bpf import loader
 from nodeagent.kernel.netfilter import Iptables, detect_backend, supports_random_fully
+from nodeagent.kernel.nftables import Nft
 from nodeagent.service.config import NFACCT_COUNTERS, ProxySettings
 from nodeagent.service.ebpf.proxier import EbpfProxier, external_interfaces
+from nodeagent.service.iptables import cleanup as iptables_cleanup
 from nodeagent.service.iptables.proxier import IptablesProxier
+from nodeagent.service.nftables import cleanup as nftables_cleanup
+from nodeagent.service.nftables import support as nftables_support
+from nodeagent.service.nftables.proxier import NftablesProxier
 
 log = structlog.get_logger("nodeagent.run")
 
@@ -31,9 +39,10 @@ log = structlog.get_logger("nodeagent.run")
 class ModeRequest(StrEnum):
     """The datapath asked for with `--mode`."""
 
-    AUTO = "auto"  # eBPF, or iptables (with the reason) where eBPF cannot load
+    AUTO = "auto"  # eBPF; where it cannot load, nftables where the kernel has it, else iptables (with the reasons)
     EBPF = "ebpf"
     IPTABLES = "iptables"
+    NFTABLES = "nftables"
 
 
 @dataclass(frozen=True)
@@ -62,29 +71,43 @@ class RunOptions:
 class ChosenDatapath:
     """The datapath the agent runs, and why (for /proxyMode and the logs)."""
 
-    proxier: IptablesProxier | EbpfProxier
-    mode: str  # "ebpf" or "iptables"
+    proxier: IptablesProxier | EbpfProxier | NftablesProxier
+    mode: str  # "ebpf", "nftables" or "iptables"
     reason: str
     backend: str  # the iptables backend (eBPF mode keeps iptables for what it does not translate)
     # the IPv6 proxier (ip6tables, same backend), run beside `proxier` once the node has IPv6 to serve, as
-    # kube-proxy's metaproxier runs one proxier per family; in eBPF mode the eBPF proxier's IPv6 side, whose
-    # ip6tables proxier serves IPv6 traffic from outside (tc translates IPv4 only)
-    ipv6: IptablesProxier | EbpfProxier | None = None
+    # kube-proxy's metaproxier runs one proxier per family; in eBPF mode too (its programs translate IPv4 only)
+    ipv6: IptablesProxier | NftablesProxier | None = None
 
 
-# eBPF mode serves IPv6 traffic from outside with ip6tables: said in the mode reason (/proxyMode's metric, /healthz)
-EBPF_IPV6_REASON = ("; IPv6 Services: cgroup connect6/sendmsg6/recvmsg6/getpeername6, from outside the node "
-                    "ip6tables (tc translates IPv4 only)")
+# eBPF mode serves IPv6 Services with ip6tables: said in the mode reason (/proxyMode's metric, /healthz, inspect)
+EBPF_IPV6_REASON = "; IPv6 Services: iptables (ip6tables), the eBPF programs translate IPv4 only"
+
+
+def nftables_unsupported() -> str | None:
+    """Why this node cannot run the nftables mode (kernel version, nft, the expressions its rules use), or None."""
+    return nftables_support.unsupported(Nft(), platform.release(),
+                                        bool(os.environ.get(nftables_support.SKIP_KERNEL_CHECK)), ("ip", "ip6"))
+
+
+def _nftables(options: RunOptions, reason: str, backend: str) -> ChosenDatapath:
+    return ChosenDatapath(NftablesProxier(Nft(), sync_period=options.sync_period), "nftables", reason, backend,
+                          NftablesProxier(Nft(), family=6, sync_period=options.sync_period))
 
 
 def choose_datapath(options: RunOptions) -> ChosenDatapath:
-    """eBPF when asked for or possible, else iptables. Raises StartError when eBPF was asked for explicitly
-    and cannot load; with `auto` the failure is logged and becomes the reason."""
+    """The mode asked for; with `auto` eBPF, else nftables where the kernel has it, else iptables. Raises
+    StartError when eBPF or nftables was asked for explicitly and cannot run; with `auto` each failure is logged
+    and becomes part of the reason."""
     backend = detect_backend() if options.iptables_backend == "auto" else options.iptables_backend
     iptables = IptablesProxier(Iptables(backend), sync_period=options.sync_period)
     ipv6 = IptablesProxier(Iptables(backend, ipv6=True), sync_period=options.sync_period)
     if options.mode is ModeRequest.IPTABLES:
         return ChosenDatapath(iptables, "iptables", "asked for (--mode iptables)", backend, ipv6)
+    if options.mode is ModeRequest.NFTABLES:
+        if (refused := nftables_unsupported()) is not None:
+            raise StartError(f"nftables datapath unavailable: {refused}. `--mode iptables` runs without it")
+        return _nftables(options, "asked for (--mode nftables)", backend)
     try:
         cgroup = options.cgroup or loader.own_cgroup()
         ebpf = EbpfProxier(options.bpf_scope, cgroup, external=iptables, sync_period=options.sync_period,
@@ -93,9 +116,13 @@ def choose_datapath(options: RunOptions) -> ChosenDatapath:
         if options.mode is ModeRequest.EBPF:
             raise StartError(f"eBPF datapath unavailable: {exc}. `nodeagent doctor` says what this machine "
                              "lacks; `--mode auto` falls back to iptables") from exc
-        log.warning("falling back to iptables", reason=str(exc))
-        return ChosenDatapath(iptables, "iptables", f"eBPF unavailable, fell back to iptables: {exc}", backend, ipv6)
-    return ChosenDatapath(ebpf, "ebpf", ebpf.mode_detail + EBPF_IPV6_REASON, backend, ebpf.ipv6_side(ipv6))
+        if (refused := nftables_unsupported()) is None:
+            log.warning("falling back to nftables", reason=str(exc))
+            return _nftables(options, f"eBPF unavailable, fell back to nftables: {exc}", backend)
+        log.warning("falling back to iptables", reason=str(exc), nftables=refused)
+        return ChosenDatapath(iptables, "iptables", f"eBPF unavailable, fell back to iptables: {exc} "
+                              f"(nftables unavailable: {refused})", backend, ipv6)
+    return ChosenDatapath(ebpf, "ebpf", ebpf.mode_detail + EBPF_IPV6_REASON, backend, ipv6)
 
 
 def clear_ebpf(scope: str, cgroup: Path | None) -> None:
@@ -107,6 +134,32 @@ def clear_ebpf(scope: str, cgroup: Path | None) -> None:
         return
     if removed:
         log.info("eBPF datapath of an earlier run removed", scope=scope, removed=removed)
+
+
+def clear_nftables() -> None:
+    """Switching to iptables or eBPF: the nftables mode's tables of an earlier run must not keep translating."""
+    try:
+        removed = nftables_cleanup.cleanup(Nft())
+    except (NodeAgentError, OSError) as exc:
+        log.warning("could not clear the nftables datapath", reason=str(exc))
+        return
+    if removed:
+        log.info("nftables datapath of an earlier run removed", removed=removed)
+
+
+def clear_iptables(backend: str) -> None:
+    """Switching to nftables: the iptables mode's chains of an earlier run (either family) must go, or they would
+    translate Services beside the nftables table."""
+    try:
+        removed = iptables_cleanup.cleanup(Iptables(backend))
+        ipv6 = Iptables(backend, ipv6=True)
+        if iptables_cleanup.has_our_chains(ipv6):
+            removed += iptables_cleanup.cleanup(ipv6)
+    except (NodeAgentError, OSError) as exc:
+        log.warning("could not clear the iptables datapath", backend=backend, reason=str(exc))
+        return
+    if removed:
+        log.info("iptables datapath of an earlier run removed", backend=backend, removed=len(removed))
 
 
 @dataclass
@@ -169,8 +222,12 @@ def agent_options(options: RunOptions, proxy: ProxySettings) -> AgentOptions:
 def start(options: RunOptions, datapath: ChosenDatapath, proxy: ProxySettings) -> RunningAgent:
     """Start the agent on `datapath` with `proxy` (from `prepare_kernel`), then the mesh (a mesh that cannot
     start stops the agent again)."""
-    if datapath.mode == "iptables":
+    if datapath.mode in ("iptables", "nftables"):
         clear_ebpf(options.bpf_scope, options.cgroup)
+    if datapath.mode == "nftables":
+        clear_iptables(datapath.backend)
+    else:
+        clear_nftables()
     agent = Agent(agent_options(options, proxy), source_factory(options.source, options.node_name), datapath.proxier,
                   ipv6_proxier=datapath.ipv6)
     agent.health.mode, agent.health.mode_reason = datapath.mode, datapath.reason

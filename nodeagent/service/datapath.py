@@ -1,7 +1,8 @@
 """The seam between the reconcile loop and a datapath: what the loop hands a datapath (a snapshot, the proxy
 configuration, the Services changed since the last successful sync) and what it gets back (a sync report).
 
-Both mechanisms (`service.iptables.proxier.IptablesProxier`, `service.ebpf.proxier.EbpfProxier`) satisfy
+The mechanisms (`service.iptables.proxier.IptablesProxier`, `service.ebpf.proxier.EbpfProxier`,
+`service.nftables.proxier.NftablesProxier`) satisfy
 `Datapath`, and their reports satisfy `SyncReport`, so `daemon.agent` drives either without knowing which.
 What `/metrics` needs besides: a failed partial iptables restore raises `PartialRestoreError`, and both let the
 loop watch their conntrack reconcilers' passes (`ObservesConntrack`).
@@ -27,6 +28,7 @@ class DatapathMode(StrEnum):
 
     IPTABLES = "iptables"
     EBPF = "ebpf"
+    NFTABLES = "nftables"
 
 
 @dataclass(frozen=True)

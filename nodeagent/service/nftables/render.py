@@ -182,7 +182,9 @@ def _setup(table: Table, config: ProxyConfig) -> tuple[dict[str, tuple[str, ...]
         rules[name] = []
     for to, from_, match in JUMPS:
         rules[from_].append(f"{match} jump {to}" if match else f"jump {to}")
-    mark = config.mark
+    # kube-proxy writes "%#08x" (0x004000), its tests 0x4000, nft lists 0x00004000: the same mark. The shortest
+    # is written, as kube-proxy's tests spell it, unless the configuration spells it
+    mark = config.masquerade_mark or hex(1 << config.masquerade_bit)
     rules[n.MARK_MASQ].append(f"mark set mark or {mark}")
     rules[n.MASQUERADING] += [f"mark and {mark} == 0 return", f"mark set mark xor {mark}", "masquerade fully-random"]
     for name in CONTAINERS:

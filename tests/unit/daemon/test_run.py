@@ -21,6 +21,7 @@ from nodeagent.errors import NodeAgentError
 from nodeagent.kernel.bpf.loader import BpfError
 from nodeagent.mesh.iptables.capture import IptablesCapture
 from nodeagent.service.config import CT_STATE_INVALID_DROPPED, ProxySettings
+from nodeagent.service.nftables.proxier import NftablesProxier
 
 
 def ignore(event: Event) -> None:
@@ -42,10 +43,38 @@ def test_iptables_asked_for_is_taken_with_that_reason() -> None:
 
 def test_auto_falls_back_to_iptables_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent_daemon, "EbpfProxier", NoEbpf)
+    monkeypatch.setattr(agent_daemon, "nftables_unsupported", lambda: "kernel 5.4 is older than 5.13")
     chosen = agent_daemon.choose_datapath(agent_daemon.RunOptions("n1", iptables_backend="nft",
                                                                   cgroup=Path("/sys/fs/cgroup")))
     assert chosen.mode == "iptables"
-    assert chosen.reason == "eBPF unavailable, fell back to iptables: no BTF in this kernel"
+    assert chosen.reason == ("eBPF unavailable, fell back to iptables: no BTF in this kernel "
+                             "(nftables unavailable: kernel 5.4 is older than 5.13)")
+
+
+def test_auto_falls_back_to_nftables_where_the_kernel_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_daemon, "EbpfProxier", NoEbpf)
+    monkeypatch.setattr(agent_daemon, "nftables_unsupported", lambda: None)
+    chosen = agent_daemon.choose_datapath(agent_daemon.RunOptions("n1", iptables_backend="nft",
+                                                                  cgroup=Path("/sys/fs/cgroup")))
+    assert chosen.mode == "nftables"
+    assert chosen.reason == "eBPF unavailable, fell back to nftables: no BTF in this kernel"
+    assert isinstance(chosen.proxier, NftablesProxier)
+    assert isinstance(chosen.ipv6, NftablesProxier)
+    assert (chosen.proxier.family, chosen.ipv6.family) == (4, 6)
+
+
+def test_nftables_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_daemon, "nftables_unsupported", lambda: None)
+    chosen = agent_daemon.choose_datapath(agent_daemon.RunOptions("n1", mode=agent_daemon.ModeRequest.NFTABLES,
+                                                                  iptables_backend="nft"))
+    assert (chosen.mode, chosen.reason) == ("nftables", "asked for (--mode nftables)")
+
+
+def test_nftables_asked_for_and_unavailable_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_daemon, "nftables_unsupported", lambda: "the kernel refused numgen")
+    with pytest.raises(StartError, match=r"^nftables datapath unavailable: the kernel refused numgen\. "):
+        agent_daemon.choose_datapath(agent_daemon.RunOptions("n1", mode=agent_daemon.ModeRequest.NFTABLES,
+                                                             iptables_backend="nft"))
 
 
 def test_ebpf_asked_for_and_unavailable_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
