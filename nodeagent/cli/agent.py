@@ -20,8 +20,9 @@ from nodeagent.cli.options import (
 
 @click.command()
 @config_option
-@click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto", show_default=True,
-              help="service datapath; auto: eBPF, or iptables (with the reason logged) where eBPF cannot load")
+@click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
+              show_default=True, help="service datapath; auto: eBPF, else nftables where the kernel has it, else "
+                                      "iptables (with the reasons logged)")
 @click.option("--cgroup", "cgroup_path", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="cgroup v2 directory the eBPF programs attach to (default: this process's own cgroup; "
                    "the DaemonSet passes the host's cgroup root)")
