@@ -24,13 +24,15 @@ def lab() -> None:
 @lab.command("up")
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
 @LAB_OPTION
+@click.option("--dual-stack", is_flag=True, default=False,
+              help="the default lab with IPv6 beside IPv4 (nodes, pods, a PreferDualStack Service)")
 @lab_errors
-def lab_up(directory: Path | None, lab_name: str) -> None:
+def lab_up(directory: Path | None, lab_name: str, dual_stack: bool) -> None:
     """Create a lab from the Kubernetes manifests in DIRECTORY (the built-in default lab without one)."""
     from nodeagent.lab import lab as labs
     from nodeagent.lab.demo import describe
 
-    created = labs.up(lab_name, directory)
+    created = labs.up(lab_name, directory, dual_stack=dual_stack)
     click.echo(describe(created))
     click.echo(f"manifests as the agent sees them: {created.record.manifests_path}")
 
@@ -124,17 +126,17 @@ def lab_demo(lab_name: str, keep: bool) -> None:
               help="a YAML file of objects to serve from the start")
 @click.option("--follow/--no-follow", default=True, show_default=True,
               help="apply every later change of --manifests (objects created through the API are kept)")
-@click.option("--service-cidr", default=None, help="give Services created through the API cluster IPs from it")
+@click.option("--service-cidr", default=None,
+              help="give Services created through the API cluster IPs from it (IPv4[,IPv6] for dual-stack)")
 def lab_apiserver(lab_name: str, address: str, port: int, directory: Path, manifests: Path | None, follow: bool,
                   service_cidr: str | None) -> None:
     """Serve the lab's Kubernetes API over HTTPS until SIGTERM (`lab up` runs it inside the lab)."""
-    from ipaddress import IPv4Network
-
     from nodeagent.lab.apiserver.process import serve
+    from nodeagent.lab.families import ServiceCIDRs
 
     daemon_logging()
     serve(address, port, directory, manifests, name=lab_name, follow=follow,
-          service_cidr=IPv4Network(service_cidr) if service_cidr else None)
+          service_cidr=ServiceCIDRs.parse(service_cidr) if service_cidr else None)
 
 
 @lab.command("kubeconfig")
@@ -180,10 +182,10 @@ def workload_serve(port: int, udp_port: int | None) -> None:
 @click.option("--timeout", type=float, default=5.0, show_default=True)
 def workload_request(target: str, udp: bool, message: str, timeout: float) -> None:
     """Send one request to TARGET (ip:port) and print the JSON answer."""
-    from nodeagent.lab.workload import request_tcp, request_udp
+    from nodeagent.lab.workload import request_tcp, request_udp, split_target
 
-    host, _, port = target.rpartition(":")
     try:
+        host, port = split_target(target)
         if udp:
             answer = request_udp(host, int(port), message, timeout)
         else:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 import psutil
@@ -45,10 +46,19 @@ TOKEN_SECONDS = 3600  # the projected token's expirationSeconds (daemonset/base/
 
 
 def cluster_cidr(lab: labs.Lab) -> str:
-    """The smallest IPv4 network holding every node's pod CIDR (the lab's --cluster-cidr)."""
-    cidrs = [node.node.pod_cidr for node in lab.plan.nodes]
+    """The smallest IPv4 network holding every node's pod CIDR (the lab's --cluster-cidr); in a dual-stack lab,
+    a comma and the smallest IPv6 network holding their IPv6 pod CIDRs (kube-proxy's --cluster-cidr takes one
+    per family)."""
+    found = [_covering([node.node.pod_cidr for node in lab.plan.nodes])]
+    cidrs6 = [node.node.pod_cidr6 for node in lab.plan.nodes if node.node.pod_cidr6 is not None]
+    if cidrs6:
+        found.append(_covering(cidrs6))
+    return ",".join(found)
+
+
+def _covering(cidrs: Sequence[IPv4Network] | Sequence[IPv6Network]) -> str:
     net = cidrs[0]
-    while not all(c.subnet_of(net) for c in cidrs):
+    while not all(c.subnet_of(net) for c in cidrs):  # type: ignore[arg-type]  # one family per call
         net = net.supernet()
     return str(net)
 

@@ -60,17 +60,22 @@ def require_root() -> None:
         raise LabEnvironmentError("the lab creates network namespaces and cgroups and needs root: run it with sudo")
 
 
-def read_manifests(directory: Path | None) -> tuple[str, list[Document]]:
-    """The documents of `directory`, or of the built-in default lab when it is None."""
+def read_manifests(directory: Path | None, dual_stack: bool = False) -> tuple[str, list[Document]]:
+    """The documents of `directory`, or of the built-in default lab when it is None (dual-stack with
+    `dual_stack`; a directory says so in its own LabConfig)."""
     if directory is None:
-        return DEFAULT_MANIFESTS, load_default()
+        return (f"{DEFAULT_MANIFESTS} (dual-stack)" if dual_stack else DEFAULT_MANIFESTS), load_default(dual_stack)
+    if dual_stack:
+        raise LabError("--dual-stack is for the built-in default lab; a directory makes its lab dual-stack with a "
+                       "LabConfig (spec.serviceCIDR: <IPv4 CIDR>,<IPv6 CIDR>) or IPv6 Node addresses and podCIDRs")
     return str(directory), load_directory(directory)
 
 
-def up(name: str, directory: Path | None = None) -> Lab:
-    """Create lab `name` from the manifests in `directory` (default lab if None); see the module doc."""
+def up(name: str, directory: Path | None = None, dual_stack: bool = False) -> Lab:
+    """Create lab `name` from the manifests in `directory` (default lab if None, dual-stack with `dual_stack`);
+    see the module doc."""
     check_lab_name(name)
-    source, documents = read_manifests(directory)
+    source, documents = read_manifests(directory, dual_stack)
     topology = build_topology(documents)
     plan = plan_lab(name, topology)
     require_root()
@@ -121,7 +126,7 @@ def _new_cgroup(record: LabRecord, relative: str) -> Path:
 def _build(record: LabRecord, plan: LabPlan, topology: LabTopology) -> None:
     _new_cgroup(record, plan.cgroup_root)
     _new_netns(record, plan.fabric_netns)
-    netns.build_fabric(plan.fabric_netns)
+    netns.build_fabric(plan.fabric_netns, ipv6=topology.dual_stack)
     for node in plan.nodes:
         _new_netns(record, node.netns)
         netns.attach_node(plan.fabric_netns, node)
@@ -181,7 +186,7 @@ def _start_api_server(record: LabRecord, plan: LabPlan,
     logfile = record.directory / "logs" / "apiserver.log"
     argv = ["nodeagent", "--log-json", "--log-level", "info", "lab", "apiserver", "--lab", record.name,
             "--address", str(control.node.address), "--port", str(API_PORT), "--dir", str(directory),
-            "--manifests", str(record.manifests_path), "--service-cidr", str(topology.service_cidr)]
+            "--manifests", str(record.manifests_path), "--service-cidr", str(topology.service_cidrs)]
     pid = processes.spawn(control.netns, cgroup, argv, {"NODEAGENT_LAB": record.name}, logfile)
     (directory / "pid").write_text(f"{pid}\n")
     return "the lab API server", pid, cgroup, (ContainerPort(API_PORT),), logfile

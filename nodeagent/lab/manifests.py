@@ -45,10 +45,36 @@ def load_directory(directory: Path) -> list[Document]:
     return documents
 
 
-def load_default() -> list[Document]:
-    """The default lab: two nodes, a client, a two-replica server, a ClusterIP and a NodePort Service."""
+# Makes a lab dual-stack (IPv4 stays the primary family): an IPv6 service CIDR, hence IPv6 node addresses, pod
+# CIDRs and pod addresses from the lab's IPv6 defaults (`nodeagent.lab.topology`), mirroring the IPv4 ones.
+DUAL_STACK_CONFIG = """apiVersion: lab.nodeagent.io/v1alpha1
+kind: LabConfig
+metadata: {name: dual-stack}
+spec:
+  nodeCIDR: 172.18.0.0/24,fd00:18::/64
+  serviceCIDR: 10.96.0.0/12,fd00:10:96::/112
+"""
+# The dual-stack default lab's demo Service: the echo pods over both families (`lab demo` reaches it over each).
+DUAL_STACK_DEMO_SERVICE = """apiVersion: v1
+kind: Service
+metadata: {name: echo-dual, namespace: demo}
+spec:
+  ipFamilyPolicy: PreferDualStack
+  selector: {app: echo}
+  ports:
+  - {name: http, port: 80, targetPort: http, protocol: TCP}
+"""
+
+
+def load_default(dual_stack: bool = False) -> list[Document]:
+    """The default lab: two nodes, a client, a two-replica server, a ClusterIP and a NodePort Service; with
+    `dual_stack`, the same with IPv6 beside IPv4 (`DUAL_STACK_CONFIG`)."""
     text = resources.files("nodeagent.lab").joinpath("default/cluster.yaml").read_text()
-    return list(parse_text(text, DEFAULT_MANIFESTS))
+    documents = list(parse_text(text, DEFAULT_MANIFESTS))
+    if dual_stack:
+        documents.extend(parse_text(DUAL_STACK_CONFIG + "---\n" + DUAL_STACK_DEMO_SERVICE,
+                                    f"{DEFAULT_MANIFESTS} (dual-stack)"))
+    return documents
 
 
 def parse_text(text: str, source: str) -> Iterator[Document]:

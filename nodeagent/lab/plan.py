@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from nodeagent.lab.errors import LabError
 from nodeagent.lab.topology import LabNode, LabPod, LabTopology
@@ -27,9 +27,9 @@ UPLINK = "eth0"
 class Route:
     """A route inside one namespace: to `dst`, via `gateway` or directly on the link."""
 
-    dst: IPv4Network
+    dst: IPv4Network | IPv6Network
     dev: str
-    gateway: IPv4Address | None = None
+    gateway: IPv4Address | IPv6Address | None = None
 
     def __str__(self) -> str:
         via = f" via {self.gateway}" if self.gateway else " scope link"
@@ -46,6 +46,8 @@ class NodePlan:
     fabric_port: str
     prefixlen: int
     routes: tuple[Route, ...]
+    # the IPv6 node network's prefix length (a dual-stack lab's; `node.address6` is on the uplink with it)
+    prefixlen6: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,9 @@ def plan_lab(name: str, topology: LabTopology) -> LabPlan:
             *(Route(dst=other.pod_cidr, dev=UPLINK, gateway=other.address)
               for other in topology.nodes if other.name != node.name),
             Route(dst=topology.service_cidr, dev=UPLINK),
+            *(Route(dst=other.pod_cidr6, dev=UPLINK, gateway=other.address6)
+              for other in topology.nodes if other.name != node.name and other.pod_cidr6 is not None),
+            *((Route(dst=topology.service_cidr6, dev=UPLINK),) if topology.service_cidr6 is not None else ()),
         )
         nodes.append(NodePlan(
             node=node,
@@ -129,6 +134,7 @@ def plan_lab(name: str, topology: LabTopology) -> LabPlan:
             fabric_port=f"n{_short_hash(node.name, 12)}",
             prefixlen=topology.node_cidr.prefixlen,
             routes=routes,
+            prefixlen6=topology.node_cidr6.prefixlen if topology.node_cidr6 is not None else None,
         ))
     pods = []
     for pod in topology.pods:
@@ -142,6 +148,9 @@ def plan_lab(name: str, topology: LabTopology) -> LabPlan:
             routes=(
                 Route(dst=IPv4Network(f"{node.gateway}/32"), dev=UPLINK),
                 Route(dst=IPv4Network("0.0.0.0/0"), dev=UPLINK, gateway=node.gateway),
+                *((Route(dst=IPv6Network(f"{node.gateway6}/128"), dev=UPLINK),
+                   Route(dst=IPv6Network("::/0"), dev=UPLINK, gateway=node.gateway6))
+                  if node.gateway6 is not None else ()),
             ),
         ))
     return LabPlan(name=name, fabric_netns=f"{name}-fabric", cgroup_root=cgroup_root,

@@ -31,7 +31,32 @@ def identity() -> dict[str, str]:
 
 
 def _addr(sockname: Any) -> str:
-    return f"{sockname[0]}:{sockname[1]}" if sockname else ""
+    if not sockname:
+        return ""
+    host = str(sockname[0])
+    return f"[{host}]:{sockname[1]}" if ":" in host else f"{host}:{sockname[1]}"
+
+
+def split_target(target: str) -> tuple[str, int]:
+    """`ip:port` or `[ipv6]:port` -> (ip, port)."""
+    host, _, port = target.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _udp6_socket(port: int) -> socket.socket | None:
+    """An IPv6-only UDP socket on [::]:port beside the IPv4 one (IPV6_V6ONLY, so IPv4 peers keep their plain
+    addresses); None where the kernel has no IPv6."""
+    if not socket.has_ipv6:
+        return None
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def answer(who: Mapping[str, str], proto: str, peer: Any, local: Any, echo: str) -> dict[str, str]:
@@ -76,26 +101,35 @@ class _UdpEcho(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.transport is None:
             return
-        reply = answer(identity(), "udp", addr, ("0.0.0.0", self.port), data.decode(errors="replace").strip())
+        local = ("::" if ":" in addr[0] else "0.0.0.0", self.port)
+        reply = answer(identity(), "udp", addr, local, data.decode(errors="replace").strip())
         self.transport.sendto(json.dumps(reply).encode(), addr)
 
 
-async def serve(port: int, udp_port: int | None, host: str = "0.0.0.0", stop: asyncio.Event | None = None) -> None:
-    """Serve TCP on `port` (and UDP on `udp_port`) until SIGTERM/SIGINT, or until `stop` is set if given."""
+async def serve(port: int, udp_port: int | None, host: str | None = None, stop: asyncio.Event | None = None) -> None:
+    """Serve TCP on `port` (and UDP on `udp_port`) until SIGTERM/SIGINT, or until `stop` is set if given. Without
+    `host`, on every address of both families (a dual-stack pod answers over each; IPv4 as before)."""
     loop = asyncio.get_running_loop()
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    # host None: asyncio binds 0.0.0.0 and [::] (IPV6_V6ONLY) apart, so IPv4 peers show plain IPv4 addresses
     server = await asyncio.start_server(_serve_tcp_client, host, port, limit=MAX_LINE, reuse_address=True)
-    transport = None
+    transports = []
     if udp_port is not None:
-        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpEcho(udp_port), local_addr=(host, udp_port))
+        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpEcho(udp_port),
+                                                           local_addr=(host or "0.0.0.0", udp_port))
+        transports.append(transport)
+        sock6 = _udp6_socket(udp_port) if host is None else None
+        if sock6 is not None:
+            transport6, _ = await loop.create_datagram_endpoint(lambda: _UdpEcho(udp_port), sock=sock6)
+            transports.append(transport6)
     sys.stdout.write(json.dumps({**identity(), "serving": {"tcp": port, "udp": udp_port}}) + "\n")
     sys.stdout.flush()
     async with server:
         await stop.wait()
-    if transport is not None:
+    for transport in transports:
         transport.close()
 
 
@@ -116,7 +150,7 @@ async def request_tcp(host: str, port: int, message: str, timeout: float) -> dic
 
 def request_udp(host: str, port: int, message: str, timeout: float) -> dict[str, Any]:
     """Send one datagram, return the JSON datagram that answers it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         sock.connect((host, port))
         sock.send(message.encode())

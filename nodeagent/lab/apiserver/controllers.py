@@ -1,8 +1,10 @@
 """What the control plane fills in, for objects written through the lab API server.
 
-- `ServiceDefaults`: a Service created without a cluster IP gets one from the lab's service range (and
-  node ports for NodePort/LoadBalancer), with the defaults kube-apiserver applies (type, protocol,
-  targetPort), so `kubectl create service` or `kubectl apply` of a bare Service gives the agent a
+- `ServiceDefaults`: a Service created without a cluster IP gets one from the lab's service range, one per
+  IP family as kube-apiserver gives them (ipFamilyPolicy, ipFamilies, clusterIPs: `nodeagent.lab.families`;
+  a family the lab has no range for, or RequireDualStack in an IPv4-only lab, is refused with 422 as
+  kube-apiserver refuses it), node ports for NodePort/LoadBalancer, and the defaults kube-apiserver applies
+  (type, protocol, targetPort), so `kubectl create service` or `kubectl apply` of a bare Service gives the agent a
   routable Service, as on a cluster.
 - `EndpointSliceController`: the endpoint-slice controller for changes made through the API: when a
   Pod or Service is written, the namespace's EndpointSlices are derived again from Services and Pods
@@ -14,16 +16,18 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from typing import Any
 
 import structlog
 
 from nodeagent.lab.apiserver.resources import RESOURCES
-from nodeagent.lab.apiserver.store import Change, Store
+from nodeagent.lab.apiserver.store import Change, Store, invalid
 from nodeagent.lab.endpoints import MANAGED_BY, MANAGED_BY_LABEL, derive_endpoint_slices
+from nodeagent.lab.families import ServiceCIDRs, allocate_cluster_ips, init_ip_families, used_cluster_ips
 from nodeagent.lab.topology import NODE_PORT_RANGE, Container, ContainerPort, LabPod
 
 log = structlog.get_logger("nodeagent.lab.apiserver")
@@ -34,9 +38,9 @@ _IGNORED_ORIGINS = frozenset({"manifests", CONTROLLER})
 class ServiceDefaults:
     """Cluster IPs, node ports and defaults for new Services (call `apply` with the store's lock held)."""
 
-    def __init__(self, store: Store, service_cidr: IPv4Network) -> None:
+    def __init__(self, store: Store, service_cidr: IPv4Network | ServiceCIDRs) -> None:
         self._store = store
-        self._cidr = service_cidr
+        self._cidrs = service_cidr if isinstance(service_cidr, ServiceCIDRs) else ServiceCIDRs((service_cidr,))
 
     def apply(self, obj: dict[str, Any]) -> None:
         """Fill in `obj` (a Service about to be created) in place."""
@@ -50,17 +54,15 @@ class ServiceDefaults:
                 port.setdefault("targetPort", port.get("port"))
         if kind == "ExternalName":
             return
-        if not spec.get("clusterIP"):
-            used = {s.get("spec", {}).get("clusterIP") for s in services}
-            first = int(self._cidr.network_address) + 10  # the lab's allocation starts there too
-            free = next((IPv4Address(a) for a in range(first, int(self._cidr.broadcast_address))
-                         if str(IPv4Address(a)) not in used), None)
-            if free is not None:
-                spec["clusterIP"] = str(free)
-        if spec.get("clusterIP") and spec["clusterIP"] != "None":
-            spec.setdefault("clusterIPs", [spec["clusterIP"]])
-            spec.setdefault("ipFamilies", ["IPv4"])
-            spec.setdefault("ipFamilyPolicy", "SingleStack")
+        name = str((obj.get("metadata") or {}).get("name", ""))
+        problems = init_ip_families(spec, self._cidrs) or allocate_cluster_ips(
+            spec, self._cidrs, used_cluster_ips(services))
+        if problems:
+            # kube-apiserver's 422 names the field, the value and why (field.Invalid)
+            field = problems[0].field
+            value = spec.get(field.removeprefix("spec.").split("[")[0])
+            raise invalid(RESOURCES["services"], name, field, "FieldValueInvalid",
+                          f"Invalid value: {json.dumps(value)}: {problems[0].message}")
         if kind in ("NodePort", "LoadBalancer"):
             taken = {p.get("nodePort") for s in services for p in s.get("spec", {}).get("ports") or []}
             for port in spec.get("ports") or []:
@@ -78,13 +80,21 @@ def _pod_view(pod: dict[str, Any]) -> LabPod | None:
         return None
     if not isinstance(ip, IPv4Address) or meta.get("deletionTimestamp"):
         return None
+    ip6 = None
+    for entry in status.get("podIPs") or []:  # a dual-stack pod's second address
+        try:
+            other = ip_address(entry.get("ip") or "") if isinstance(entry, dict) else None
+        except ValueError:
+            continue
+        if isinstance(other, IPv6Address):
+            ip6 = other
     containers = tuple(Container(name=str(c.get("name", "")), argv=(), ports=tuple(
         ContainerPort(int(p["containerPort"]), str(p.get("protocol", "TCP")), p.get("name"))
         for p in c.get("ports") or [] if isinstance(p, dict) and isinstance(p.get("containerPort"), int)))
         for c in spec.get("containers") or [] if isinstance(c, dict))
     return LabPod(namespace=str(meta.get("namespace", "default")), name=str(meta.get("name", "")),
                   node=str(spec.get("nodeName") or ""), ip=ip, labels=dict(meta.get("labels") or {}),
-                  containers=containers)
+                  containers=containers, ip6=ip6)
 
 
 def _service_view(service: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from nodeagent.lab.apiserver.controllers import EndpointSliceController
 from nodeagent.lab.apiserver.server import LabApiServer
 from nodeagent.lab.apiserver.sync import ManifestSync
 from nodeagent.lab.apiserver.tls import load_or_make
+from nodeagent.lab.families import ServiceCIDRs
 
 log = structlog.get_logger("nodeagent.lab.apiserver")
 API_PORT = 6443
@@ -64,7 +65,7 @@ def read_or_make_secret(path: Path) -> str:
     return secret
 
 
-def build(address: str, port: int, directory: Path, service_cidr: IPv4Network | None = None,
+def build(address: str, port: int, directory: Path, service_cidr: IPv4Network | ServiceCIDRs | None = None,
           name: str = "lab") -> LabApiServer:
     """The server of `directory` with its kubeconfig written; not yet listening."""
     files = ServerFiles(directory)
@@ -86,7 +87,7 @@ def load_manifests(server: LabApiServer, manifests: Path) -> list[dict[str, Any]
 
 
 def serve(address: str, port: int, directory: Path, manifests: Path | None, *, name: str = "lab",
-          service_cidr: IPv4Network | None = None, follow: bool = True) -> None:
+          service_cidr: IPv4Network | ServiceCIDRs | None = None, follow: bool = True) -> None:
     """Run the server until SIGTERM or SIGINT: loaded with `manifests` and, with `follow`, applying every later
     change of that file (sync.py); the endpoint-slice controller handles changes made through the API."""
     stop = threading.Event()

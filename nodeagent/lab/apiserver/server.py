@@ -47,6 +47,7 @@ from nodeagent.lab.apiserver.tokens import (
     token_request,
     token_request_answer,
 )
+from nodeagent.lab.families import ServiceCIDRs
 
 log = structlog.get_logger("nodeagent.lab.apiserver")
 ISTIO_GROUP = "security.istio.io"
@@ -88,7 +89,8 @@ class LabApiServer:
     def __init__(self, token: str | None = None, port: int = 0, *, host: str = "127.0.0.1", tls: bool = True,
                  credentials: ServingCredentials | None = None, admin_token: str | None = None,
                  expire_in_stream: bool = True, bookmark_interval: float | None = None,
-                 serve_mesh_kinds: bool = True, service_cidr: IPv4Network | None = None) -> None:
+                 serve_mesh_kinds: bool = True,
+                 service_cidr: IPv4Network | ServiceCIDRs | None = None) -> None:
         self.token = token or secrets.token_urlsafe(24)
         self.admin_token = admin_token or secrets.token_urlsafe(24)
         self.host = host

@@ -91,7 +91,9 @@ def _node(obj: dict[str, Any]) -> list[Any]:
     state = {"True": "Ready", "False": "NotReady"}.get(str(ready), "Unknown")
     roles = ",".join(sorted(k.split("/", 1)[1] for k in (obj.get("metadata") or {}).get("labels") or {}
                             if k.startswith("node-role.kubernetes.io/"))) or "<none>"
-    addresses = {a.get("type"): a.get("address") for a in status.get("addresses") or []}
+    addresses: dict[Any, Any] = {}
+    for entry in status.get("addresses") or []:  # the first of each type, as the Node printer (getNodeInternalIP)
+        addresses.setdefault(entry.get("type"), entry.get("address"))
     info = status.get("nodeInfo") or {}
     return [_name(obj), state, roles, age(obj), info.get("kubeletVersion") or "<unknown>",
             addresses.get("InternalIP", "<none>"), addresses.get("ExternalIP", "<none>"),
