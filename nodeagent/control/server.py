@@ -1,9 +1,13 @@
 """The agent's end of the control stream: a gRPC server on a unix socket that streams the pods the
 tunnel must serve and collects its acknowledgements (which pods are served, at which version).
 
-One tunnel per node: a newer stream replaces an older one. On every (re)connect the tunnel gets the
-full state, then deltas; its acks tell the agent which pods it may capture (`served`). The tunnel
-keeps serving what it has while the agent is away, so an agent restart never drops a pod's traffic.
+One tunnel per node, but two side by side during a rollout (the new one listens in every pod before the
+old one drains): as istio-cni's ztunnel server does, the newest stream gets the full state, then deltas,
+while older streams stay open and get only the removals (a pod deleted during the rollout is released by
+the old tunnel too). When the newest stream ends, the next newest takes over with a full state. A pod may
+be captured (`served`) while any connected tunnel acknowledges serving it, so the hand-over never uncaptures
+a pod. The tunnel keeps serving what it has while the agent is away, so an agent restart never drops a
+pod's traffic.
 
 A full state replaces everything the tunnel serves, so none is sent before the agent has published
 once (its first complete mesh pass, made only once Pods and Namespaces are listed): a tunnel that
@@ -65,11 +69,12 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
         self._changed = threading.Condition()
         self._log = VersionLog()
         self._since: dict[str, int] = {}  # uid -> the version its current assignment appeared in
-        self._stream = 0  # the id of the current stream; older ones end
+        self._stream = 0  # the id given to the last stream that connected
+        self._streams: list[int] = []  # the open streams, oldest first: the last one is the newest tunnel's
+        self._stopped = False
         self.published = False  # the agent published its first complete desired set; no update before it
-        self.statuses: dict[str, PodStatus] = {}
-        self.acked_version = 0
-        self.connected = False
+        self._acks: dict[int, dict[str, PodStatus]] = {}  # stream -> what its tunnel last acknowledged
+        self.acked_version = 0  # the newest tunnel's
         self._server: grpc.Server | None = None
         # The agent's view for `nodeagent inspect` (pod uid or "" -> JSON-able data); set by whoever runs us.
         self.inspect_status: Callable[[str], dict[str, Any]] | None = None
@@ -92,10 +97,21 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
         """Whether the tunnel acknowledged serving exactly this assignment (at or after the version that
         introduced it)."""
         with self._changed:
-            status = self.statuses.get(assignment.uid)
-            return (self.connected and status is not None and status.served
-                    and self._log.current.get(assignment.uid) == assignment
-                    and status.version >= self._since.get(assignment.uid, 0))
+            if self._log.current.get(assignment.uid) != assignment:
+                return False
+            since = self._since.get(assignment.uid, 0)
+            return any((status := acks.get(assignment.uid)) is not None and status.served and status.version >= since
+                       for acks in self._acks.values())
+
+    @property
+    def connected(self) -> bool:
+        """Whether some tunnel holds a stream now."""
+        return bool(self._streams)
+
+    @property
+    def statuses(self) -> dict[str, PodStatus]:
+        """What the newest tunnel last acknowledged (uid -> status)."""
+        return self._acks.get(self._streams[-1], {}) if self._streams else {}
 
     def start(self, socket_path: str) -> ControlServer:
         """Serve on the unix socket `socket_path` (replaced if it exists), mode 0600 from its first moment.
@@ -127,7 +143,7 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
     def stop(self) -> None:
         """Stop serving; the tunnel keeps what it serves and reconnects later."""
         with self._changed:
-            self._stream += 1
+            self._stopped = True
             self._changed.notify_all()
         if self._server is not None:
             self._server.stop(grace=1).wait()
@@ -149,27 +165,45 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
         with self._changed:
             self._stream += 1
             stream = self._stream
-            self.connected = True
-            self.statuses = {}
+            self._streams.append(stream)
+            self._acks[stream] = {}
+            self._changed.notify_all()
         threading.Thread(target=self._read_acks, args=(request_iterator, stream), daemon=True,
                          name="control-acks").start()
         sent: int | None = None
+        update: control_pb2.TunnelUpdate | None
+        newest = True  # this stream was the newest when it last got an update
         try:
             while context.is_active():
                 with self._changed:
-                    while stream == self._stream and context.is_active() and (
-                            not self.published or sent == self._log.version):
+                    while not self._stopped and context.is_active() and (not self.published or (
+                            sent == self._log.version and newest == (self._streams[-1] == stream))):
                         self._changed.wait(1.0)
-                    if stream != self._stream:
+                    if self._stopped:
                         return
-                    update = self._update(sent)
+                    if self._streams[-1] == stream:
+                        # The newest tunnel: everything on its first update and when it takes over from a
+                        # newer one that left (it got only removals meanwhile), else what changed.
+                        update = self._update(sent if newest else None)
+                        newest = True
+                    else:
+                        newest = False
+                        update = self._removals(sent)
                     sent = self._log.version
-                yield update
+                if update is not None:
+                    yield update
         finally:
             with self._changed:
-                if stream == self._stream:
-                    self.connected = False
-                    self._changed.notify_all()
+                self._streams.remove(stream)
+                self._acks.pop(stream, None)
+                self._changed.notify_all()
+
+    def _removals(self, sent: int | None) -> control_pb2.TunnelUpdate | None:
+        """An older tunnel's update: only the pods removed since `sent` (None: nothing to send)."""
+        delta: Delta | None = None if sent is None else self._log.since(sent)
+        if delta is None or not delta.remove:
+            return None
+        return control_pb2.TunnelUpdate(version=self._log.version, agent_run=self.run, remove=list(delta.remove))
 
     def _update(self, sent: int | None) -> control_pb2.TunnelUpdate:
         delta: Delta | None = None if sent is None else self._log.since(sent)
@@ -183,11 +217,12 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
         try:
             for ack in acks:
                 with self._changed:
-                    if stream != self._stream:
+                    if stream not in self._acks:
                         return
                     if ack.agent_run == self.run:
-                        self.acked_version = ack.version
-                        self.statuses = {p.uid: PodStatus(p.served, p.reason, ack.version) for p in ack.pods}
+                        if self._streams and self._streams[-1] == stream:
+                            self.acked_version = ack.version
+                        self._acks[stream] = {p.uid: PodStatus(p.served, p.reason, ack.version) for p in ack.pods}
                     self._changed.notify_all()
                 if self.on_ack is not None:
                     self.on_ack()

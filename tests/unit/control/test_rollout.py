@@ -1,0 +1,148 @@
+"""Two tunnels on one node during a rollout (no root): the newest gets the state, the older keeps its stream
+and gets the removals, a pod stays capturable while either serves it, and the older takes over if the
+newest leaves (istio-cni's ztunnel server behaves so)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from nodeagent.control.api import control_pb2, control_pb2_grpc
+from nodeagent.control.assignments import Assignment
+from nodeagent.control.server import ControlServer
+
+ECHO = Assignment("demo/echo-0", "10.244.1.2", "demo", "echo", "/run/netns/echo-0")
+WEB = Assignment("demo/web-0", "10.244.1.3", "demo", "web", "/run/netns/web-0")
+
+
+class Tunnel:
+    """A tunnel's end of the stream on its own thread: updates received go to `updates`; `ack` sends one."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.updates: queue.Queue[control_pb2.TunnelUpdate] = queue.Queue()
+        self._acks: queue.Queue[control_pb2.TunnelAck | None] = queue.Queue()
+        self._channel = grpc.insecure_channel(f"unix:{socket_path}")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _ack_stream(self) -> Iterator[control_pb2.TunnelAck]:
+        while (ack := self._acks.get()) is not None:
+            yield ack
+
+    def _run(self) -> None:
+        try:
+            for update in control_pb2_grpc.TunnelControlStub(self._channel).Connect(self._ack_stream()):
+                self.updates.put(update)
+        except grpc.RpcError:
+            pass
+
+    def next(self) -> control_pb2.TunnelUpdate:
+        return self.updates.get(timeout=5)
+
+    def quiet(self) -> bool:
+        try:
+            self.updates.get(timeout=0.5)
+        except queue.Empty:
+            return True
+        return False
+
+    def ack(self, update: control_pb2.TunnelUpdate, served: list[str]) -> None:
+        self._acks.put(control_pb2.TunnelAck(
+            version=update.version, agent_run=update.agent_run,
+            pods=[control_pb2.PodStatus(uid=uid, served=True) for uid in served]))
+
+    def close(self) -> None:
+        self._acks.put(None)
+        self._channel.close()
+        self._thread.join(timeout=5)
+
+
+def until(condition: Callable[[], bool], deadline: float = 5.0) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ControlServer]:
+    control = ControlServer("node1").start(str(tmp_path / "control.sock"))
+    try:
+        yield control
+    finally:
+        control.stop()
+
+
+def uids(update: control_pb2.TunnelUpdate) -> list[str]:
+    return sorted(a.uid for a in update.add)
+
+
+def test_the_newest_tunnel_gets_the_state_and_the_older_keeps_its_stream_for_removals(
+        server: ControlServer, tmp_path: Path) -> None:
+    server.publish({ECHO.uid: ECHO})
+    old = Tunnel(str(tmp_path / "control.sock"))
+    try:
+        first = old.next()
+        assert first.full_state and uids(first) == [ECHO.uid]
+        new = Tunnel(str(tmp_path / "control.sock"))
+        try:
+            taken = new.next()
+            assert taken.full_state and uids(taken) == [ECHO.uid]
+            until(lambda: len(server._streams) == 2)  # the old stream was not ended
+            server.publish({ECHO.uid: ECHO, WEB.uid: WEB})
+            assert uids(new.next()) == [WEB.uid]
+            assert old.quiet(), "an added pod goes to the newest tunnel only"
+            server.publish({WEB.uid: WEB})
+            assert list(new.next().remove) == [ECHO.uid]
+            assert list(old.next().remove) == [ECHO.uid], "the older tunnel releases a deleted pod too"
+        finally:
+            new.close()
+    finally:
+        old.close()
+
+
+def test_a_pod_stays_capturable_while_either_tunnel_serves_it(server: ControlServer, tmp_path: Path) -> None:
+    server.publish({ECHO.uid: ECHO})
+    old = Tunnel(str(tmp_path / "control.sock"))
+    new: Tunnel | None = None
+    try:
+        old.ack(old.next(), [ECHO.uid])
+        until(lambda: server.served(ECHO))
+        new = Tunnel(str(tmp_path / "control.sock"))
+        update = new.next()
+        # The new tunnel has not acknowledged yet: the old one still serves the pod, so it stays captured.
+        assert server.served(ECHO)
+        old.close()
+        until(lambda: len(server._streams) == 1)
+        assert not server.served(ECHO), "nobody acknowledges it now"
+        new.ack(update, [ECHO.uid])
+        until(lambda: server.served(ECHO))
+    finally:
+        if new is not None:
+            new.close()
+        old.close()
+
+
+def test_the_older_tunnel_takes_over_with_a_full_state_when_the_newest_leaves(
+        server: ControlServer, tmp_path: Path) -> None:
+    server.publish({ECHO.uid: ECHO})
+    old = Tunnel(str(tmp_path / "control.sock"))
+    try:
+        old.next()
+        new = Tunnel(str(tmp_path / "control.sock"))
+        new.next()
+        until(lambda: len(server._streams) == 2)
+        server.publish({ECHO.uid: ECHO, WEB.uid: WEB})  # the old tunnel does not hear of WEB...
+        assert uids(new.next()) == [WEB.uid]
+        new.close()
+        # ...so when the newest leaves it gets everything again, as a full state.
+        taken = old.next()
+        assert taken.full_state and uids(taken) == [ECHO.uid, WEB.uid]
+    finally:
+        old.close()
