@@ -52,6 +52,9 @@ WORKERS = WorkerCount()
 @click.option("--readiness-address", default="0.0.0.0:15021", show_default=True, help="/healthz/ready (HOST:PORT)")
 @click.option("--metrics-address", default="0.0.0.0:15020", show_default=True,
               help="Prometheus /metrics, Istio's TCP metric names (HOST:PORT; empty: off)")
+@click.option("--readiness-socket", default=None, type=click.Path(dir_okay=False),
+              help="also answer /healthz/ready on this unix socket (for an exec probe in the tunnel's container: "
+                   "during a rollout two tunnels share the node's readiness port)")
 @click.option("--control-socket", default=None,
               help="the agent's control stream (unix socket): serve the pods it assigns; without it, serve "
                    "every enrolled pod of the node, namespaces found under --netns-dir")
@@ -63,10 +66,17 @@ WORKERS = WorkerCount()
                    "coordinator for the agent, the API and the CA); `auto`: every CPU this process may use "
                    "(affinity, capped by its cgroup's CPU quota); a number is capped the same way; 1: one "
                    "process, no coordinator [$NODEAGENT_ZTUNNEL_WORKERS]")
+@click.option("--drain-deadline", envvar="NODEAGENT_ZTUNNEL_DRAIN_DEADLINE", type=click.FloatRange(0, 3600),
+              default=5.0, show_default=True,
+              help="seconds open connections get to finish after SIGTERM: the listeners close at once (a new "
+                   "tunnel listening beside this one takes the new connections), HBONE peers get a GOAWAY, "
+                   "and what is still open at the deadline is closed and counted; keep it under the pod's "
+                   "terminationGracePeriodSeconds [$NODEAGENT_ZTUNNEL_DRAIN_DEADLINE]")
 def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, context: str | None, trust_domain: str,
             ca_address: str, ca_token_file: Path, ca_root_file: Path, netns_dir: Path, netns_prefix: str,
-            admin_address: str, readiness_address: str, metrics_address: str, control_socket: str | None,
-            no_policy_crds: bool, workers: int | None) -> None:
+            admin_address: str, readiness_address: str, metrics_address: str, readiness_socket: str | None,
+            control_socket: str | None,
+            no_policy_crds: bool, workers: int | None, drain_deadline: float) -> None:
     """Run the node tunnel: HBONE (mTLS) for every enrolled pod of this node, until SIGTERM."""
     from nodeagent.daemon import tunnel
     from nodeagent.daemon.sources import SourceOptions
@@ -80,8 +90,9 @@ def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, cont
                                    netns_prefix=netns_prefix, admin=(admin[0], admin[1]),
                                    readiness=(readiness[0], readiness[1]),
                                    metrics=None if metrics[1] is None else (metrics[0], metrics[1]),
-                                   control_socket=control_socket, no_policy_crds=no_policy_crds,
-                                   workers=worker_count(workers, available_cpus()),
+                                   readiness_socket=readiness_socket, control_socket=control_socket,
+                                   no_policy_crds=no_policy_crds,
+                                   workers=worker_count(workers, available_cpus()), drain_deadline=drain_deadline,
                                    log_level=click.get_current_context().find_root().params.get("log_level")
                                    or "info")
     credentials = tunnel.CaCredentials(ca_address, ca_token_file, ca_root_file)

@@ -46,7 +46,7 @@ from nodeagent.kernel import podnetns
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.tunnel.admin import serve_http, start_admin
 from nodeagent.tunnel.identity.certs import Fetch
-from nodeagent.tunnel.proxy.node import NodeTunnel
+from nodeagent.tunnel.proxy.node import DrainResult, NodeTunnel
 from nodeagent.tunnel.state.authz import Authorizer
 from nodeagent.tunnel.state.services import ServiceTable, service_table
 from nodeagent.tunnel.state.workloads import Workload, WorkloadTable, workload_table
@@ -56,6 +56,7 @@ log = structlog.get_logger("nodeagent.daemon.tunnel")
 TABLE_KINDS = (Kind.POD, Kind.NAMESPACE)
 POLICY_KINDS = (Kind.AUTHORIZATION_POLICY, Kind.PEER_AUTHENTICATION)
 RECONCILE_PERIOD = 5.0  # retry of unserved pods and certificate renewal check
+DRAIN_DEADLINE = 5.0
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,15 @@ class TunnelOptions:
     admin: tuple[str, int] = ("127.0.0.1", 15000)
     readiness: tuple[str, int] = ("0.0.0.0", 15021)
     metrics: tuple[str, int] | None = ("0.0.0.0", METRICS_PORT)
+    # /healthz/ready also on this unix socket: the kubelet's exec probe asks this process, never the tunnel that
+    # shares the node's ports with it during a rollout
+    readiness_socket: str | None = None
     control_socket: str | None = None  # the agent's control stream; None: decide from the snapshot alone
     reconcile_period: float = RECONCILE_PERIOD
     no_policy_crds: bool = False  # the cluster has no policy CRDs: serve with no policies (said at start)
     workers: int = 1  # processes carrying connections; 1: this process alone (no coordinator split)
+    # SIGTERM: listeners close at once, open connections get this long to finish (ztunnel's drain, 5 s there too)
+    drain_deadline: float = DRAIN_DEADLINE
     log_level: str = "info"  # the workers' (they log as this process does)
 
 
@@ -92,6 +98,7 @@ class TunnelBackend(Protocol):
     async def remove_pod(self, ip: str) -> None: ...
     async def rotate(self) -> int: ...
     def reevaluate(self) -> int: ...
+    async def drain(self, deadline: float) -> DrainResult: ...
     async def close(self) -> None: ...
 
 
@@ -136,10 +143,12 @@ class TunnelProcess:
                                                     self.options.log_level),
                                     lambda: State(self.table, self.services, self.authorizer), self.fetch)
         else:
+            # reuse_port: a new tunnel of the node listens in the pods beside this one before this one drains
+            # (a rollout), as ztunnel's in-pod listeners do (INPOD_PORT_REUSE, on by default).
             self.tunnel = NodeTunnel(self.options.node, self.options.trust_domain, self.fetch, self.lookup,
                                      services=lambda: self.services, authorizer=lambda: self.authorizer,
                                      identity_known=lambda identity: self.table is not None
-                                     and self.table.holds(identity))
+                                     and self.table.holds(identity), reuse_port=True)
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._synced_kinds: frozenset[Kind] = frozenset()
@@ -296,7 +305,8 @@ class TunnelProcess:
             self.states[workload.ip] = state
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set: then close every listener and pool (GOAWAY to peers)."""
+        """Serve until `stop` is set: then drain (`NodeTunnel.drain`: listeners closed, GOAWAY to peers, open
+        connections given `options.drain_deadline`) and close every pool."""
         loop = asyncio.get_running_loop()
 
         def changed() -> None:
@@ -307,10 +317,9 @@ class TunnelProcess:
         source = self.source = self.make_source(tracker.apply)
         if isinstance(self.tunnel, WorkerSet):
             await self.tunnel.start()
-        admin, readiness = await start_admin(self.tunnel, self.assigned, admin=self.options.admin,
-                                             readiness=self.options.readiness, status=self.status,
-                                             blockers=self.blockers)
-        servers = [admin, readiness]
+        servers = await start_admin(self.tunnel, self.assigned, admin=self.options.admin,
+                                    readiness=self.options.readiness, status=self.status, blockers=self.blockers,
+                                    readiness_socket=self.options.readiness_socket)
         if self.options.metrics is not None:
             routes = metrics_routes(self.tunnel.metrics) if isinstance(self.tunnel, NodeTunnel) else {
                 "/metrics": self.tunnel.metrics_route}
@@ -344,13 +353,17 @@ class TunnelProcess:
                     waiter.cancel()
                 self._changed.clear()
         finally:
+            # Not ready from now on; the ports are the next tunnel's. Then the drain: this tunnel takes no new
+            # connection and its open ones get the deadline.
+            for server in servers:
+                server.close()
+            drained = await self.backend.drain(self.options.drain_deadline)
             if control is not None:
                 await control_task
             source.stop()
-            for server in servers:
-                server.close()
             await self.backend.close()
-            log.info("tunnel stopped", node=self.options.node)
+            log.info("tunnel stopped", node=self.options.node, finished=drained.finished,
+                     closed_at_deadline=drained.closed)
 
 
 def _must_readd(served: Workload, wanted: Workload) -> bool:

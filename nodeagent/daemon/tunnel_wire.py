@@ -84,6 +84,14 @@ class Reevaluate:
 
 
 @dataclass(frozen=True)
+class Drain:
+    """Stop taking connections and let the open ones finish within `deadline` seconds (`NodeTunnel.drain`);
+    the reply is (finished, closed at the deadline)."""
+
+    deadline: float
+
+
+@dataclass(frozen=True)
 class Scrape:
     """The worker's metric families (prometheus_client's `Metric` objects, as its registry collects them)."""
 
@@ -93,7 +101,7 @@ class Status:
     """The worker's config dump (pods, listeners, pools) and pid."""
 
 
-Request = Tables | Certificate | AddPod | RemovePod | Reevaluate | Scrape | Status
+Request = Tables | Certificate | AddPod | RemovePod | Reevaluate | Drain | Scrape | Status
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,7 @@ def frame(request_id: int, payload: bytes) -> bytes:
 def load_request(payload: bytes) -> Request:
     """The request of one frame's payload."""
     message = pickle.loads(payload)
-    if not isinstance(message, Tables | Certificate | AddPod | RemovePod | Reevaluate | Scrape | Status):
+    if not isinstance(message, Tables | Certificate | AddPod | RemovePod | Reevaluate | Drain | Scrape | Status):
         raise ValueError(f"not a tunnel worker request: {type(message).__name__}")
     return message
 

@@ -26,6 +26,7 @@ from nodeagent.ca.identity import SpiffeId
 from nodeagent.daemon.tunnel_wire import (
     AddPod,
     Certificate,
+    Drain,
     Reevaluate,
     RemovePod,
     Reply,
@@ -112,6 +113,9 @@ class TunnelWorker:
             if closed:
                 log.info("connections closed after a policy change", worker=self.index, closed=closed)
             return closed
+        if isinstance(request, Drain):
+            drained = await self.tunnel.drain(request.deadline)
+            return drained.finished, drained.closed
         if isinstance(request, Scrape):
             return list(self.tunnel.metrics.registry.collect())
         if isinstance(request, Status):

@@ -43,6 +43,7 @@ from nodeagent.daemon.tunnel_wire import (
     KEEP,
     AddPod,
     Certificate,
+    Drain,
     Reevaluate,
     RemovePod,
     Reply,
@@ -57,6 +58,7 @@ from nodeagent.daemon.tunnel_wire import (
     read_frame,
 )
 from nodeagent.tunnel.identity.certs import Certificates, Fetch, WorkloadCertificate
+from nodeagent.tunnel.proxy.node import DrainResult
 from nodeagent.tunnel.state.workloads import Workload
 from nodeagent.tunnel.telemetry import Families, exposition, merge_families
 
@@ -376,6 +378,22 @@ class WorkerSet:
         for worker in self.running():
             self._send(worker, Reevaluate()).add_done_callback(_log_failure(worker.index, "re-evaluation"))
         return 0
+
+    async def drain(self, deadline: float) -> DrainResult:
+        """Every worker drains at once (`NodeTunnel.drain`: listeners closed, GOAWAY, the open connections
+        given `deadline` seconds); what they report, summed. A worker that does not answer in time is left to
+        `close`, which kills it."""
+        start = asyncio.get_running_loop().time()
+        answers = await self._ask_all(Drain(deadline), deadline + STOP_TIMEOUT, kill_when_late=False)
+        finished = closed = 0
+        for worker, answer in answers:
+            if isinstance(answer, Exception) or answer.error:
+                log.warning("tunnel worker did not report its drain", worker=worker.index,
+                            reason=str(answer) if isinstance(answer, Exception) else answer.error)
+                continue
+            finished += answer.value[0]
+            closed += answer.value[1]
+        return DrainResult(finished, closed, asyncio.get_running_loop().time() - start)
 
     async def close(self) -> None:
         """Stop every worker: its socket closes, it closes its listeners and pools (GOAWAY) and exits; one

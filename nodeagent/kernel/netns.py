@@ -200,6 +200,28 @@ def listening_socket(netns: str | OpenNetns, port: int, *, backlog: int = 512, r
     return in_netns(netns.path if isinstance(netns, OpenNetns) else netns, make)
 
 
+TCP_MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def migrate_requests_on_close(netns: OpenNetns, namespaces: Namespaces) -> bool:
+    """Set net.ipv4.tcp_migrate_req in the namespace (Linux 5.14+): when one of several SO_REUSEPORT listeners
+    on a port closes, the connections queued on it (handshaken, not yet accepted) move to another listener of
+    the group instead of being reset. A tunnel handing its ports to the next one relies on it. /proc/sys/net
+    resolves against the namespace of the thread that opens the file, hence the switch. False when the
+    kernel lacks it (then a listener closing resets its queue, as before 5.14)."""
+    def write() -> bool:
+        try:
+            with open(TCP_MIGRATE_REQ, "r+") as knob:
+                if knob.read().strip() != "1":
+                    knob.seek(0)
+                    knob.write("1")
+            return True
+        except OSError:
+            return False
+
+    return namespaces.run(netns, write)
+
+
 SO_NETNS_COOKIE = 71
 
 

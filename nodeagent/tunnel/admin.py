@@ -13,8 +13,10 @@ reconcile's view and, with workers, each worker's pid, pods served and restarts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -85,10 +87,8 @@ def json_route(body: Callable[[], tuple[int, Any]]) -> Route:
     return route
 
 
-async def serve_http(host: str, port: int, routes: Mapping[str, AdminRoute]) -> asyncio.Server:
-    """Answer GET <path> with the route's (status, content type, body) (a route may be a coroutine function);
-    404 otherwise. On the tunnel's event loop, so a route reads the tunnel's state between two steps of its
-    connections, never mid-way."""
+def _http_handler(routes: Mapping[str, AdminRoute]
+                  ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -105,15 +105,33 @@ async def serve_http(host: str, port: int, routes: Mapping[str, AdminRoute]) -> 
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    return handle
+
+
+async def serve_http(host: str, port: int, routes: Mapping[str, AdminRoute]) -> asyncio.Server:
+    """Answer GET <path> with the route's (status, content type, body) (a route may be a coroutine function);
+    404 otherwise. On the tunnel's event loop, so a route reads the tunnel's state between two steps of its
+    connections, never mid-way. SO_REUSEPORT: during a rollout the next tunnel of the node binds the same
+    port beside this one (in the node's network namespace) before this one drains and closes it."""
+    return await asyncio.start_server(_http_handler(routes), host, port, reuse_port=True)
+
+
+async def serve_http_unix(path: str, routes: Mapping[str, AdminRoute]) -> asyncio.Server:
+    """`serve_http` on a unix socket at `path` (replaced if it exists): reachable only through the filesystem
+    it is in, so a probe run in this tunnel's container asks this very process, never a tunnel beside it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return await asyncio.start_unix_server(_http_handler(routes), path)
 
 
 async def start_admin(tunnel: NodeTunnel | TunnelView, assigned: Callable[[], set[str]], *, admin: tuple[str, int] =
                       ("127.0.0.1", ADMIN_PORT), readiness: tuple[str, int] = ("0.0.0.0", READINESS_PORT),
                       status: Callable[[], dict[str, Any]] | None = None,
-                      blockers: Callable[[], list[str]] = list) -> tuple[asyncio.Server, asyncio.Server]:
-    """Both endpoints; the admin one on localhost only. `status` adds the reconcile's view (why pods are
-    or are not served) to the config dump; `blockers` are reasons not to be ready beyond the pods."""
+                      blockers: Callable[[], list[str]] = list, readiness_socket: str | None = None
+                      ) -> list[asyncio.Server]:
+    """The admin and readiness endpoints (the admin one on localhost only), and readiness again on the unix
+    socket `readiness_socket` if given. `status` adds the reconcile's view (why pods are or are not served)
+    to the config dump; `blockers` are reasons not to be ready beyond the pods."""
     def readiness_route() -> tuple[int, Any]:
         ok, missing = ready(tunnel, assigned()) if isinstance(tunnel, NodeTunnel) else tunnel.ready(assigned())
         blocked = blockers()
@@ -130,5 +148,8 @@ async def start_admin(tunnel: NodeTunnel | TunnelView, assigned: Callable[[], se
         return 200, "application/json", json.dumps(body, indent=1).encode()
 
     admin_server = await serve_http(*admin, {"/config_dump": dump, "/status": json_route(lambda: (200, state()))})
-    ready_server = await serve_http(*readiness, {"/healthz/ready": json_route(readiness_route)})
-    return admin_server, ready_server
+    ready_routes = {"/healthz/ready": json_route(readiness_route)}
+    servers = [admin_server, await serve_http(*readiness, ready_routes)]
+    if readiness_socket is not None:
+        servers.append(await serve_http_unix(readiness_socket, ready_routes))
+    return servers

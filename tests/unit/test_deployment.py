@@ -427,7 +427,6 @@ def test_the_tunnel_runs_apart_with_fewer_privileges() -> None:
     docs = rendered("replace-kube-proxy")
     tunnel = container(docs, "nodeagent-ztunnel", "ztunnel")
     assert tunnel["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
-    assert tunnel["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
     assert tunnel["livenessProbe"]["tcpSocket"] == {"port": 15021}
     [ds] = find(docs, "DaemonSet", "nodeagent-ztunnel")
     volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
@@ -436,6 +435,70 @@ def test_the_tunnel_runs_apart_with_fewer_privileges() -> None:
     [root] = [v["configMap"] for v in volumes.values() if "configMap" in v]
     assert root == {"name": "nodeagent-ca-root-cert", "items": [{"key": "root-cert.pem", "path": "root-cert.pem"}]}
     assert not any(v.get("hostPath", {}).get("path") in ("/sys/fs/bpf", "/sys/fs/cgroup") for v in volumes.values())
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_the_tunnel_rolls_new_first_and_drains_within_its_grace_period(name: str) -> None:
+    """The new tunnel starts beside the old one (maxSurge, nothing unavailable), nothing keeps it off the node
+    (no host ports), its readiness is asked of itself (over its own socket, not the shared port), and the old
+    one's drain and its workers' stop end before the kubelet's SIGKILL."""
+    docs = rendered(name)
+    if not find(docs, "DaemonSet", "nodeagent-ztunnel"):
+        return
+    [ds] = find(docs, "DaemonSet", "nodeagent-ztunnel")
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
+                                            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    tunnel = container(docs, "nodeagent-ztunnel", "ztunnel")
+    assert not tunnel.get("ports"), "host ports would keep the surge pod off the node"
+    command = main.commands["ztunnel"]
+    socket_path = _flag(tunnel["args"][1:], "--readiness-socket", command)
+    assert tunnel["readinessProbe"]["exec"]["command"][-2:] == ["--unix-socket", socket_path]
+    mounts = {m["mountPath"] for m in tunnel["volumeMounts"]}
+    assert str(Path(socket_path).parent) in mounts, "the socket's directory is writable (read-only root)"
+    # the probe's script is the image's health check, which takes that form
+    assert tunnel["readinessProbe"]["exec"]["command"][1] == "/usr/local/bin/nodeagent-healthcheck"
+    [drain] = [e for e in tunnel["env"] if e["name"] == "NODEAGENT_ZTUNNEL_DRAIN_DEADLINE"]
+    [option] = [p for p in command.params if "--drain-deadline" in p.opts]
+    assert option.envvar == drain["name"]
+    from nodeagent.daemon.workers import STOP_TIMEOUT
+    grace = ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert float(drain["value"]) + STOP_TIMEOUT < grace
+
+
+def test_the_health_check_asks_a_unix_socket(tmp_path: Path) -> None:
+    """The tunnel's exec probe: 0 on 200, 1 on 503 or nothing listening (a real HTTP server on a unix socket)."""
+    import asyncio
+    import importlib.util
+    import threading
+
+    spec = importlib.util.spec_from_file_location("healthcheck", DAEMONSET / "healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    from nodeagent.tunnel.admin import json_route, serve_http_unix
+
+    answer = {"status": 200}
+    path = str(tmp_path / "ready.sock")
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    async def serve() -> None:
+        await serve_http_unix(path, {"/healthz/ready": json_route(lambda: (answer["status"], {}))})
+        started.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(serve()), loop.run_forever()), daemon=True)
+    thread.start()
+    try:
+        assert started.wait(5)
+        assert healthcheck.main(["--unix-socket", path]) == 0
+        answer["status"] = 503
+        assert healthcheck.main(["--unix-socket", path]) == 1
+        assert healthcheck.main(["--unix-socket", str(tmp_path / "nobody.sock")]) == 1
+        assert healthcheck.main(["--bogus"]) == 2
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
 
 
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 import structlog
+from prometheus_client import Counter
 
 from nodeagent.ca.identity import SpiffeId
 from nodeagent.kernel.netns import (
@@ -39,6 +40,7 @@ from nodeagent.kernel.netns import (
     OpenNetns,
     client_socket,
     listening_socket,
+    migrate_requests_on_close,
     original_destination,
 )
 from nodeagent.tunnel.hbone.client import HbonePool, HboneStream
@@ -74,6 +76,23 @@ class _Pod:
 
 
 @dataclass(eq=False)
+class _Carried:
+    """Any connection being carried (inbound or outbound), for the drain: closed at its deadline."""
+
+    connection: Connection
+    abort: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """How a drain ended: connections that finished within the deadline, and those closed at it."""
+
+    finished: int
+    closed: int
+    seconds: float
+
+
+@dataclass(eq=False)
 class _Live:
     """An inbound connection (HBONE stream or captured plaintext) being carried, for re-evaluation."""
 
@@ -104,6 +123,10 @@ class NodeTunnel:
         self.certificates = Certificates(fetch)
         self._namespaces: Namespaces | None = None  # made on the event loop's thread, the one that switches
         self.overload = Overload(self.metrics.registry, node, overload)
+        self.carrying: set[_Carried] = set()  # every connection open now, inbound or outbound (the drain's)
+        self.draining = asyncio.Event()  # set by drain(): HBONE connections send GOAWAY, listeners are closed
+        self.drain_closed = Counter("nodeagent_tunnel_drain_closed_connections", "Connections still open at the "
+                                    "end of the tunnel's drain deadline, closed then", registry=self.metrics.registry)
 
     def _switch(self) -> Namespaces:
         if self._namespaces is None:
@@ -141,6 +164,10 @@ class NodeTunnel:
         pool = HbonePool(lambda: certificate.contexts()[1], make_socket=lambda: self._socket_in(netns))
         pod = _Pod(workload, certificate, pool, netns)
         sockets: list[socket.socket] = []
+        if self.reuse_port:
+            # Another tunnel of the node may share these ports (a rollout, or the workers): when one closes its
+            # listener, connections queued on it move to the others instead of being reset.
+            migrate_requests_on_close(netns, namespaces)
         try:
             for port in (HBONE_PORT, OUTBOUND_PORT, INBOUND_PLAIN_PORT):
                 sockets.append(listening_socket(netns, port, namespaces=namespaces, reuse_port=self.reuse_port))
@@ -175,6 +202,40 @@ class NodeTunnel:
         if not any(p.workload.identity == pod.workload.identity for p in self.pods.values()):
             self.certificates.pop(pod.workload.identity, None)
         log.info("pod released", pod=pod.workload.name, pod_ip=ip, node=self.node)
+
+    def _carry(self, connection: Connection, abort: Callable[[], None]) -> _Carried:
+        carried = _Carried(connection, abort)
+        self.carrying.add(carried)
+        return carried
+
+    async def drain(self, deadline: float) -> DrainResult:
+        """Stop taking new connections and let the open ones finish within `deadline` seconds (ztunnel's
+        drain): every listener closes at once, so new connections go to the other tunnel listening beside
+        this one (SO_REUSEPORT, a rollout); every HBONE connection served sends a graceful GOAWAY, so peers
+        open their next streams elsewhere; the open connections go on. Those still open at the deadline are
+        closed, counted and logged with their reason. Pods stay registered: `close` releases them."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        self.draining.set()
+        for pod in self.pods.values():
+            for server in pod.servers:
+                server.close()
+            pod.servers.clear()
+        before = len(self.carrying)
+        log.info("tunnel draining", node=self.node, open_connections=before, deadline=deadline)
+        # Polled: connections end on their own schedule and there is no event for "the last one ended".
+        while self.carrying and loop.time() - start < deadline:
+            await asyncio.sleep(min(0.05, max(deadline - (loop.time() - start), 0)))
+        left = list(self.carrying)
+        for carried in left:
+            carried.connection.reason = f"closed at the tunnel's drain deadline ({deadline:g}s)"
+            carried.abort()
+            self.drain_closed.inc()
+        self.carrying.clear()
+        result = DrainResult(before - len(left), len(left), loop.time() - start)
+        log.info("tunnel drained", node=self.node, finished=result.finished, closed_at_deadline=result.closed,
+                 seconds=round(result.seconds, 3))
+        return result
 
     async def close(self) -> None:
         """Release every pod, and stop watching the loop's lag."""
@@ -295,9 +356,11 @@ class NodeTunnel:
             self.metrics.opened(connection)
             live = _Live(pod, int(target.rpartition(":")[2]), who, source, abort)
             self.live.add(live)
+            carried = self._carry(connection, abort)
 
             def finished(request_bytes: int, response_bytes: int) -> None:
                 self.live.discard(live)
+                self.carrying.discard(carried)
                 connection.request_bytes, connection.response_bytes = request_bytes, response_bytes
                 self.metrics.closed(connection, was_open=True)
             return finished
@@ -307,7 +370,7 @@ class NodeTunnel:
         await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
                                connect=lambda _host, port: self._connect_pending(
                                    self._connect_socket(pod, pod.workload.ip, port, source)),
-                               observe=observe, violation=self._violation)
+                               observe=observe, violation=self._violation, draining=self.draining)
 
     async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                                  ) -> None:
@@ -327,7 +390,7 @@ class NodeTunnel:
         connection = Connection("destination", self.lookup(peer[0]) if peer else None, pod.workload,
                                 destination_principal=str(pod.workload.identity), address=f"{host}:{port}",
                                 endpoint=f"{host}:{port}", mtls=False, attempts=1)
-        opened, live = False, None
+        opened, live, carried = False, None, None
         source_ip = peer[0] if peer else None
         try:
             outcome = self.admit(pod, host, port, None, source_ip, peer)
@@ -348,6 +411,7 @@ class NodeTunnel:
 
             live = _Live(pod, port, None, source_ip, abort)
             self.live.add(live)
+            carried = self._carry(connection, abort)
             # No Service tells this path its idle timeout: the default (Envoy's tcp_proxy 1 h) bounds a silent
             # client, which otherwise held its app connection for ever.
             await _until_idle(_bridge_tcp(reader, writer, up_reader, up_writer, connection),
@@ -359,6 +423,8 @@ class NodeTunnel:
         finally:
             if live is not None:
                 self.live.discard(live)
+            if carried is not None:
+                self.carrying.discard(carried)
             writer.close()
             self.metrics.closed(connection, was_open=opened)
 
@@ -392,7 +458,7 @@ class NodeTunnel:
             connection.mtls = False
             return await self._connect_from(pod, ip, port)
 
-        opened, slot = False, None
+        opened, slot, carried = False, None, None
         try:
             upstream, slot = await self._connect_pending(self.outbound.connect(connection, host, port, dial))
             self.metrics.opened(connection)
@@ -405,9 +471,10 @@ class NodeTunnel:
                     stream.close()
                     writer.close()
 
-                carried = await _until_idle(stream.splice(reader, writer), lambda: stream.carried(), connection,
-                                            hbone_abort)
-                connection.request_bytes, connection.response_bytes = carried
+                carried = self._carry(connection, hbone_abort)
+                moved = await _until_idle(stream.splice(reader, writer), lambda: stream.carried(), connection,
+                                          hbone_abort)
+                connection.request_bytes, connection.response_bytes = moved
             else:
                 up_reader, up_writer = cast(tuple[asyncio.StreamReader, asyncio.StreamWriter], upstream)
 
@@ -415,6 +482,7 @@ class NodeTunnel:
                     writer.close()
                     up_writer.close()
 
+                carried = self._carry(connection, tcp_abort)
                 await _until_idle(_bridge_tcp(reader, writer, up_reader, up_writer, connection),
                                   lambda: connection.request_bytes + connection.response_bytes, connection, tcp_abort)
         except Refused as exc:
@@ -424,6 +492,8 @@ class NodeTunnel:
         except (OSError, ConnectionError) as exc:
             connection.reason = str(exc)
         finally:
+            if carried is not None:
+                self.carrying.discard(carried)
             writer.close()
             if slot is not None:
                 slot.closed()
