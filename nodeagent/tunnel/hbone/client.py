@@ -101,15 +101,19 @@ class HboneStream:
 
 
 async def open_connection(peer: tuple[str, int], context: ssl.SSLContext, expected: SpiffeId,
-                          timeout: float = 10.0, make_socket: Callable[[], socket.socket] | None = None
-                          ) -> HboneConnection:
+                          timeout: float = 10.0, make_socket: Callable[[], socket.socket] | None = None,
+                          socket_for: Callable[[str], socket.socket] | None = None) -> HboneConnection:
     """A TLS + HTTP/2 connection to the tunnel at `peer`, verified to be `expected`, ready for streams.
 
     `make_socket` decides where the connection starts: a tunnel passes one that creates the socket in
     the source pod's network namespace, so the connection leaves through the pod's own interface.
+    `socket_for` does the same given the peer's address, so the socket is of the peer's family (IPv6 peers).
     """
-    sock = make_socket() if make_socket is not None else marked_socket(
-        socket.AF_INET6 if ":" in peer[0] else socket.AF_INET)
+    if socket_for is not None:
+        sock = socket_for(peer[0])
+    else:
+        sock = make_socket() if make_socket is not None else marked_socket(
+            socket.AF_INET6 if ":" in peer[0] else socket.AF_INET)
     loop = asyncio.get_running_loop()
     try:
         await asyncio.wait_for(loop.sock_connect(sock, peer), timeout)
@@ -178,6 +182,7 @@ class HbonePool:
     context: Callable[[], ssl.SSLContext]
     max_streams: int = MAX_STREAMS
     make_socket: Callable[[], socket.socket] | None = None
+    socket_for: Callable[[str], socket.socket] | None = None  # the socket for a peer's address (its family)
     keepalive: float = 30.0  # seconds between PINGs; a PING unanswered for as long closes the connection
     connections: dict[PoolKey, list[HboneConnection]] = field(default_factory=dict)
     opening: dict[PoolKey, asyncio.Future[HboneConnection]] = field(default_factory=dict)
@@ -208,7 +213,7 @@ class HbonePool:
 
     async def _open(self, key: PoolKey, timeout: float) -> HboneConnection:
         try:
-            h2 = await open_connection(key[0], self.context(), key[1], timeout, self.make_socket)
+            h2 = await open_connection(key[0], self.context(), key[1], timeout, self.make_socket, self.socket_for)
         finally:
             self.opening.pop(key, None)
         h2.keepalive_task = asyncio.create_task(_keepalive(h2, self.keepalive))

@@ -16,6 +16,7 @@ why a connection would be refused.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -50,18 +51,20 @@ class NotAdmitted:
     reason: str
 
 
-def check_target(served_ip: str, host: str, port: int) -> NotAdmitted | None:
-    """None when `host`:`port` is a target a listener serving `served_ip` may connect to.
+def check_target(served_ip: str | Sequence[str], host: str, port: int) -> NotAdmitted | None:
+    """None when `host`:`port` is a target a listener serving `served_ip` (one address, or every address of a
+    dual-stack pod) may connect to.
 
     Addresses are compared as addresses (so `::ffff:10.0.0.1` or a differently written IPv6 address is
     not mistaken either way); a host that is not an address at all is never the pod."""
+    served = (served_ip,) if isinstance(served_ip, str) else tuple(served_ip)
     try:
-        same = ipaddress.ip_address(host) == ipaddress.ip_address(served_ip)
+        same = any(ipaddress.ip_address(host) == ipaddress.ip_address(ip) for ip in served)
     except ValueError:
         same = False
     if not same:
         return NotAdmitted(Refusal.NOT_THIS_POD, f"{host}:{port} is not an address of the pod this listener serves "
-                                             f"({served_ip})")
+                                             f"({', '.join(served)})")
     if port in TUNNEL_PORTS:
         return NotAdmitted(Refusal.TUNNEL_PORT, f"{host}:{port} is one of the tunnel's own ports")
     return None

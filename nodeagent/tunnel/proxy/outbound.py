@@ -26,6 +26,7 @@ import structlog
 from nodeagent.cluster.model import ObjectRef
 from nodeagent.errors import NodeAgentError
 from nodeagent.tunnel.hbone.client import ConnectRefused
+from nodeagent.tunnel.hbone.request import AuthorityError, format_authority
 from nodeagent.tunnel.resilience.balance import Attempts
 from nodeagent.tunnel.resilience.circuit import CircuitBreaker, Slot
 from nodeagent.tunnel.resilience.outlier import OutlierDetector
@@ -79,6 +80,14 @@ class Resilience:
             del self.states[ref]
 
 
+def _address(host: str, port: int) -> str:
+    """`ip:port`, `[v6]:port`, as logs, metrics and HBONE write an address."""
+    try:
+        return format_authority(host, port)
+    except AuthorityError:
+        return f"{host}:{port}"
+
+
 class Refused(NodeAgentError):
     """The connection cannot be carried; `flags` (Envoy's response flag) and the message say why."""
 
@@ -107,16 +116,17 @@ class Outbound:
         target = table.lookup(host, port) if table is not None else None
         if target is None:
             destination = self.lookup(host)
-            connection.destination, connection.endpoint, connection.attempts = destination, f"{host}:{port}", 1
+            address = _address(host, port)
+            connection.destination, connection.endpoint, connection.attempts = destination, address, 1
             if destination is not None:
                 connection.destination_principal = str(destination.identity)
             try:
                 return await asyncio.wait_for(dial(destination, host, port, self.direct_timeout),
                                               self.direct_timeout), None
             except TimeoutError as exc:
-                raise Refused(UPSTREAM_TIMEOUT, f"connect to {host}:{port} timed out") from exc
+                raise Refused(UPSTREAM_TIMEOUT, f"connect to {address} timed out") from exc
             except OSError as exc:
-                raise Refused(UPSTREAM_FAILURE, f"connect to {host}:{port}: {exc}") from exc
+                raise Refused(UPSTREAM_FAILURE, f"connect to {address}: {exc}") from exc
         assert table is not None
         return await self._connect_service(connection, table, target, dial)
 

@@ -24,6 +24,7 @@ nodes' zones or this node's addresses, or a skipped generation, rebuilds everyth
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address
@@ -278,23 +279,40 @@ def _add(service: Service, snapshot: Snapshot, placement: _Placement,
         endpoints = snapshot.endpoints.get(name, ())
         every = tuple(_candidate(e, placement.zones, weights) for e in endpoints)
         local = tuple(c for c, e in zip(every, endpoints, strict=True) if e.is_local)
+        external_local = not _uses_cluster_endpoints(info)
         internal = ServiceTarget(service.ref, name, config, local if info.internal_policy_local else every,
                                  node_local_only=info.internal_policy_local)
-        external_local = not _uses_cluster_endpoints(info)
         external = ServiceTarget(service.ref, name, config, local if external_local else every,
                                  node_local_only=external_local)
+        by_family: dict[tuple[int, bool], ServiceTarget] = {}
         for address in info.cluster_ips:
             mine.append((str(address), info.port))
-            frontends[mine[-1]] = internal
+            frontends[mine[-1]] = _of_family(internal, str(address), False, by_family)
         for address in (*info.external_ips, *info.load_balancer_ips):
             mine.append((str(address), info.port))
-            frontends[mine[-1]] = external
+            frontends[mine[-1]] = _of_family(external, str(address), True, by_family)
         if info.node_port:
             for node_ip in placement.node_ips:
                 mine.append((node_ip, info.node_port))
-                frontends[mine[-1]] = external
+                frontends[mine[-1]] = _of_family(external, node_ip, True, by_family)
     if mine:
         owned[service.ref] = tuple(mine)
+
+
+def _of_family(target: ServiceTarget, address: str, external: bool,
+               made: dict[tuple[int, bool], ServiceTarget]) -> ServiceTarget:
+    """`target` narrowed to the endpoints of `address`'s family when it has endpoints of both (a dual-stack
+    Service's slices hold each pod once per family): as ztunnel prefers the original destination's family
+    (src/state.rs pick_workload_destination_or_resolve), and as kube-proxy's proxier of a family sees that
+    family's endpoints only. A single-family target is returned as it is."""
+    version = 6 if ":" in address else 4
+    if all(c.key[0].version == version for c in target.endpoints):
+        return target
+    key = (version, external)
+    if key not in made:
+        same = tuple(c for c in target.endpoints if c.key[0].version == version)
+        made[key] = dataclasses.replace(target, endpoints=same) if same else target
+    return made[key]
 
 
 def _uses_cluster_endpoints(info: ServicePortInfo) -> bool:

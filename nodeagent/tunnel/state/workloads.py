@@ -2,11 +2,14 @@
 this node's tunnel serves. Pure: built from a snapshot, so the tunnel, `inspect` and tests agree.
 
 As ztunnel's workload store (fed by WDS in Istio; by our snapshot or the agent's stream here), keyed by
-pod IP because a captured connection knows only addresses.
+pod IP because a captured connection knows only addresses. A dual-stack pod is one workload under each of its
+addresses (ztunnel's `workload_ips`); its `ip`, by which the tunnel serves it, is its IPv4 address when it has
+one (what the IPv4-only paths, such as the eBPF capture's per-pod config, key by), else its first.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +31,22 @@ class Workload:
     name: str = ""  # namespace/name, for logs and metrics
     labels: Mapping[str, str] = field(default_factory=dict)
     transparent: bool = False  # connect to the app from the client's address (the capture routes replies back)
+    ips: tuple[str, ...] = ()  # every address of the pod, `ip` among them (empty: `ip` alone)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address of the pod (IPv4 and IPv6 of a dual-stack pod), `ip` first."""
+        return (self.ip, *(a for a in self.ips if a != self.ip))
+
+    def address_for(self, host: str) -> str:
+        """The pod's own address equal to `host` (compared as addresses, so any IPv6 spelling matches), else its
+        `ip`: what a tunnel serving the pod dials, so it connects only ever to the pod itself and in the family
+        the connection was made in."""
+        try:
+            wanted = ipaddress.ip_address(host)
+        except ValueError:
+            return self.ip
+        return next((a for a in self.addresses if ipaddress.ip_address(a) == wanted), self.ip)
 
     @property
     def namespace(self) -> str:
@@ -70,13 +89,13 @@ def workload_table(snapshot: Snapshot, node: str, trust_domain: str = DEFAULT_TR
         if pod.host_network or not pod.ips:
             continue
         identity = SpiffeId(trust_domain, pod.ref.namespace, pod.service_account)
-        for ip in pod.ips:
-            if ip.version != 4:
-                continue  # the tunnel speaks IPv4 for now, as the rest of the datapath
-            workload = Workload(str(ip), identity, pod.node_name, enrolled=decision.enrolled, name=pod.ref.key,
-                                labels=pod.labels)
-            by_ip[workload.ip] = workload
-            if decision.enrolled and pod.node_name == node:
-                local[workload.ip] = workload
-                local_pods[PodKey.of(pod.ref)] = workload
+        ips = tuple(str(ip) for ip in pod.ips)
+        primary = next((str(ip) for ip in pod.ips if ip.version == 4), ips[0])
+        workload = Workload(primary, identity, pod.node_name, enrolled=decision.enrolled, name=pod.ref.key,
+                            labels=pod.labels, ips=ips)
+        for ip in ips:
+            by_ip[ip] = workload
+        if decision.enrolled and pod.node_name == node:
+            local[workload.ip] = workload
+            local_pods[PodKey.of(pod.ref)] = workload
     return WorkloadTable(node, by_ip, local, decisions, frozenset(w.identity for w in by_ip.values()), local_pods)
