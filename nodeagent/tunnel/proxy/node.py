@@ -38,18 +38,17 @@ from nodeagent.kernel.netns import (
     Namespaces,
     NamespaceSwitchError,
     OpenNetns,
-    client_socket,
-    listening_socket,
     migrate_requests_on_close,
-    original_destination,
 )
 from nodeagent.tunnel.hbone.client import HbonePool, HboneStream
 from nodeagent.tunnel.hbone.limits import SOCKET_MARK
+from nodeagent.tunnel.hbone.request import format_authority
 from nodeagent.tunnel.hbone.server import TlsListener, serve_connection, serve_tls
 from nodeagent.tunnel.identity.certs import Certificates, Fetch, WorkloadCertificate, rotating_server_context
 from nodeagent.tunnel.proxy.admission import NotAdmitted, Refusal, check_target
 from nodeagent.tunnel.proxy.outbound import Outbound, Refused
 from nodeagent.tunnel.proxy.overload import Overload, OverloadLimits
+from nodeagent.tunnel.proxy.sockets import client_socket, listening_families, listening_socket, original_destination
 from nodeagent.tunnel.state.authz import Authorizer, AuthzRequest, Verdict
 from nodeagent.tunnel.state.services import ServiceTable
 from nodeagent.tunnel.state.workloads import Workload
@@ -133,12 +132,12 @@ class NodeTunnel:
             self._namespaces = Namespaces()
         return self._namespaces
 
-    def _socket_in(self, pod_netns: OpenNetns, source: str | None = None) -> socket.socket:
+    def _socket_in(self, pod_netns: OpenNetns, source: str | None = None, host: str | None = None) -> socket.socket:
         """An unconnected socket of the tunnel's made in the pod's namespace on this thread (two setns calls,
         no thread). Not getting back to the tunnel's namespace is fatal: every later socket would be made in
         the pod's (ztunnel panics there too)."""
         try:
-            return client_socket(pod_netns, SOCKET_MARK, source, namespaces=self._switch())
+            return client_socket(pod_netns, SOCKET_MARK, source, host=host, namespaces=self._switch())
         except NamespaceSwitchError as exc:
             log.critical("tunnel thread stranded in a pod's network namespace; exiting", netns=pod_netns.path,
                          reason=str(exc), node=self.node)
@@ -161,7 +160,7 @@ class NodeTunnel:
         namespaces = self._switch()
         netns = namespaces.open(workload.netns)
         # Connections to other tunnels start in the pod's own namespace, as the pod's traffic would.
-        pool = HbonePool(lambda: certificate.contexts()[1], make_socket=lambda: self._socket_in(netns))
+        pool = HbonePool(lambda: certificate.contexts()[1], socket_for=lambda host: self._socket_in(netns, host=host))
         pod = _Pod(workload, certificate, pool, netns)
         sockets: list[socket.socket] = []
         if self.reuse_port:
@@ -169,17 +168,20 @@ class NodeTunnel:
             # listener, connections queued on it move to the others instead of being reset.
             migrate_requests_on_close(netns, namespaces)
         try:
-            for port in (HBONE_PORT, OUTBOUND_PORT, INBOUND_PLAIN_PORT):
-                sockets.append(listening_socket(netns, port, namespaces=namespaces, reuse_port=self.reuse_port))
-            inbound, outbound, plaintext = sockets
-            # The handshake is served by hbone.server.serve_tls, not start_server(ssl=...), so a refused or
-            # stalled one is counted (asyncio reports those only in debug mode).
-            pod.servers.append(await serve_tls(inbound, rotating_server_context(certificate),
-                                               lambda r, w: self._inbound(pod, r, w),
-                                               handshake_timeout=HANDSHAKE_TIMEOUT, violation=self._violation))
-            pod.servers.append(await asyncio.start_server(lambda r, w: self._outbound(pod, r, w), sock=outbound))
-            pod.servers.append(await asyncio.start_server(lambda r, w: self._inbound_plaintext(pod, r, w),
-                                                          sock=plaintext))
+            for family in listening_families():
+                opened = [listening_socket(netns, port, family=family, namespaces=namespaces,
+                                           reuse_port=self.reuse_port)
+                          for port in (HBONE_PORT, OUTBOUND_PORT, INBOUND_PLAIN_PORT)]
+                sockets += opened
+                inbound, outbound, plaintext = opened
+                # The handshake is served by hbone.server.serve_tls, not start_server(ssl=...), so a refused or
+                # stalled one is counted (asyncio reports those only in debug mode).
+                pod.servers.append(await serve_tls(inbound, rotating_server_context(certificate),
+                                                   lambda r, w: self._inbound(pod, r, w),
+                                                   handshake_timeout=HANDSHAKE_TIMEOUT, violation=self._violation))
+                pod.servers.append(await asyncio.start_server(lambda r, w: self._outbound(pod, r, w), sock=outbound))
+                pod.servers.append(await asyncio.start_server(lambda r, w: self._inbound_plaintext(pod, r, w),
+                                                              sock=plaintext))
         except BaseException:  # a half-served pod holds nothing: the next reconcile retries it whole
             for server in pod.servers:
                 server.close()
@@ -255,7 +257,7 @@ class NodeTunnel:
     async def _connect_socket(self, pod: _Pod, host: str, port: int, source: str | None = None) -> socket.socket:
         """A connected socket from inside the pod's namespace; from `source` (transparently) when the
         pod's capture routes replies back, so the app sees its real client."""
-        sock = self._socket_in(pod.netns, source if pod.workload.transparent else None)
+        sock = self._socket_in(pod.netns, source if pod.workload.transparent else None, host)
         try:
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
         except BaseException:  # also a connect cancelled by the peer's reset: never leak the socket
@@ -310,7 +312,7 @@ class NodeTunnel:
               peer: object) -> Verdict | NotAdmitted:
         """The whole inbound decision for one connection: the target check, then policy; refusals are
         counted and logged here."""
-        outcome: Verdict | NotAdmitted | None = check_target(pod.workload.ip, host, port)
+        outcome: Verdict | NotAdmitted | None = check_target(pod.workload.addresses, host, port)
         if outcome is None:
             outcome = self._verdict(pod.workload, port, source, source_ip)
         if isinstance(outcome, NotAdmitted) or not outcome.allowed:
@@ -368,8 +370,8 @@ class NodeTunnel:
         # Whatever the authority's host, only the served pod's own address is ever dialled (policy has
         # already refused any other with 400; this keeps it so even if that check were bypassed).
         await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
-                               connect=lambda _host, port: self._connect_pending(
-                                   self._connect_socket(pod, pod.workload.ip, port, source)),
+                               connect=lambda host, port: self._connect_pending(
+                                   self._connect_socket(pod, pod.workload.address_for(host), port, source)),
                                observe=observe, violation=self._violation, draining=self.draining)
 
     async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -388,8 +390,9 @@ class NodeTunnel:
             writer.close()
             return
         connection = Connection("destination", self.lookup(peer[0]) if peer else None, pod.workload,
-                                destination_principal=str(pod.workload.identity), address=f"{host}:{port}",
-                                endpoint=f"{host}:{port}", mtls=False, attempts=1)
+                                destination_principal=str(pod.workload.identity),
+                                address=format_authority(host, port), endpoint=format_authority(host, port),
+                                mtls=False, attempts=1)
         opened, live, carried = False, None, None
         source_ip = peer[0] if peer else None
         try:
@@ -400,8 +403,8 @@ class NodeTunnel:
             if not outcome.allowed:
                 connection.flags, connection.reason = POLICY_DENIED, outcome.reason
                 return
-            up_reader, up_writer = await self._connect_pending(self._connect_from(pod, pod.workload.ip, port,
-                                                                                  source_ip))
+            up_reader, up_writer = await self._connect_pending(self._connect_from(pod, pod.workload.address_for(host),
+                                                                                  port, source_ip))
             self.metrics.opened(connection)
             opened = True
 
@@ -434,7 +437,7 @@ class NodeTunnel:
             return
         sock = writer.get_extra_info("socket")
         peer = writer.get_extra_info("peername")
-        if not peer or not _from_pod_itself(peer[0], pod.workload.ip):
+        if not peer or not any(_from_pod_itself(peer[0], ip) for ip in pod.workload.addresses):
             # 15001 carries the pod's own captured connections out *with the pod's identity*: a connection
             # from anywhere else (another pod dialling the port) must never borrow that identity.
             self.metrics.refusals.labels(reason="outbound-not-from-pod").inc()
@@ -449,12 +452,12 @@ class NodeTunnel:
             writer.close()
             return
         connection = Connection("source", pod.workload, None, source_principal=str(pod.workload.identity),
-                                address=f"{host}:{port}")
+                                address=format_authority(host, port))
 
         async def dial(destination: Workload | None, ip: str, port: int, timeout: float) -> object:
             if destination is not None and destination.enrolled:
-                return await pod.pool.connect((destination.ip, HBONE_PORT), f"{ip}:{port}", destination.identity,
-                                              timeout)
+                return await pod.pool.connect((destination.address_for(ip), HBONE_PORT), format_authority(ip, port),
+                                              destination.identity, timeout)
             connection.mtls = False
             return await self._connect_from(pod, ip, port)
 
@@ -487,7 +490,7 @@ class NodeTunnel:
                                   lambda: connection.request_bytes + connection.response_bytes, connection, tcp_abort)
         except Refused as exc:
             connection.flags, connection.reason = exc.flags, str(exc)
-            log.info("outbound connection refused", pod=pod.workload.name, destination=f"{host}:{port}",
+            log.info("outbound connection refused", pod=pod.workload.name, destination=format_authority(host, port),
                      flags=exc.flags, reason=str(exc))
         except (OSError, ConnectionError) as exc:
             connection.reason = str(exc)
