@@ -108,12 +108,14 @@ def lab_exec(lab_name: str, node: str | None, target: str | None, command: tuple
 @lab.command("demo")
 @LAB_OPTION
 @click.option("--keep", is_flag=True, help="leave the lab up afterwards")
+@click.option("--dual-stack", is_flag=True, default=False,
+              help="the dual-stack default lab, and a dual-stack Service reached over IPv4 and IPv6")
 @lab_errors
-def lab_demo(lab_name: str, keep: bool) -> None:
+def lab_demo(lab_name: str, keep: bool, dual_stack: bool) -> None:
     """Bring up the default lab, show requests between pods on both nodes, tear it down."""
     from nodeagent.lab.demo import run_demo
 
-    run_demo(lab_name, keep, click.echo)
+    run_demo(lab_name, keep, click.echo, dual_stack=dual_stack)
 
 
 @lab.command("apiserver")

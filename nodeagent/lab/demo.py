@@ -21,17 +21,22 @@ def describe(lab: labs.Lab) -> str:
     for node in lab.plan.nodes:
         lines.append(f"  {node.node.name:<10} {node.node.address!s:<14} podCIDR {node.node.pod_cidr}  "
                      f"netns {node.netns}")
+        if node.node.address6 is not None:  # a dual-stack lab's IPv6 side, under the IPv4 line
+            lines.append(f"  {'':<10} {node.node.address6!s:<14} podCIDR {node.node.pod_cidr6}")
     lines.append("pods:")
     for pod in lab.plan.pods:
         lines.append(f"  {pod.pod.key:<18} {pod.pod.ip!s:<14} on {pod.pod.node:<8} netns {pod.netns}")
+        if pod.pod.ip6 is not None:
+            lines.append(f"  {'':<18} {pod.pod.ip6!s}")
     services = [d for d in lab.topology.documents if d.get("kind") == "Service"]
     if services:
         lines.append("services:")
     for svc in services:
         ports = ", ".join(f"{p['port']}/{p['protocol']}" + (f" (nodePort {p['nodePort']})" if "nodePort" in p else "")
                           for p in svc["spec"].get("ports", []))
+        ips = svc["spec"].get("clusterIPs") or [svc["spec"].get("clusterIP", "")]
         lines.append(f"  {svc['metadata']['namespace']}/{svc['metadata']['name']:<14} "
-                     f"{svc['spec'].get('clusterIP', '')!s:<14} {ports}")
+                     f"{ips[0]!s:<14} {ports}" + (f"  (and {', '.join(ips[1:])})" if len(ips) > 1 else ""))
     return "\n".join(lines)
 
 
@@ -48,14 +53,16 @@ def request_from(lab: labs.Lab, pod: str, target: str, *, udp: bool = False, tim
     return answer
 
 
-def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
-    """Bring the default lab up, show it, send requests across and within nodes, then tear it down."""
-    say(f"bringing up the default lab {name!r} (2 nodes, 3 pods, network namespaces + cgroups)...")
-    lab = labs.up(name)
+def run_demo(name: str, keep: bool, say: Callable[[str], None], *, dual_stack: bool = False) -> None:
+    """Bring the default lab up, show it, send requests across and within nodes, then tear it down. With
+    `dual_stack`, the dual-stack default lab, and its dual-stack Service reached over each family."""
+    say(f"bringing up the {'dual-stack ' if dual_stack else ''}default lab {name!r} (2 nodes, "
+        f"{4 if dual_stack else 3} pods, network namespaces + cgroups)...")
+    lab = labs.up(name, dual_stack=dual_stack)
     try:
         say(describe(lab))
         client = lab.plan.pod("demo/client")
-        for server in (p for p in lab.plan.pods if p.pod.labels.get("app") == "echo"):
+        for server in (p for p in lab.plan.pods if p.pod.labels.get("app") == "echo" and p.pod.namespace == "demo"):
             where = "other node" if server.pod.node != client.pod.node else "same node"
             for udp, port in ((False, 8080), (True, 8081)):
                 answer = request_from(lab, "demo/client", f"{server.pod.ip}:{port}", udp=udp)
@@ -81,6 +88,8 @@ def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
         answers = [request_from(lab, "demo/client", f"{far.node.address}:30080")["pod"] for _ in range(8)]
         say(f"{client.pod.key} -> NodePort {far.node.address}:30080 ({far.node.name}) x8: answered by "
             + ", ".join(f"{pod} {answers.count(pod)}x" for pod in sorted(set(answers))))
+        if lab.topology.dual_stack:
+            both_families(lab, client.pod.node, say)
         say(f"the rules on {client.pod.node}: `nodeagent chains --lab {name} --format list --table nat`")
     finally:
         if keep:
@@ -89,6 +98,44 @@ def run_demo(name: str, keep: bool, say: Callable[[str], None]) -> None:
         else:
             labs.down(name)
             say(f"lab {name!r} removed (use --keep to leave it up)")
+
+
+def dual_stack_service(lab: labs.Lab, namespace: str = "plain") -> tuple[str, list[str]]:
+    """The first Service of `namespace` with a cluster IP of each family: its name and spec.clusterIPs."""
+    for doc in lab.topology.documents:
+        meta, spec = doc.get("metadata", {}), doc.get("spec", {})
+        if doc.get("kind") == "Service" and meta.get("namespace") == namespace \
+                and len(spec.get("clusterIPs") or []) == 2:
+            return str(meta["name"]), [str(ip) for ip in spec["clusterIPs"]]
+    raise LabError(f"lab {lab.record.name!r} has no dual-stack Service in namespace {namespace}")
+
+
+def request_from_node(lab: labs.Lab, node: str, target: str, *, timeout: float = 5.0) -> dict[str, str]:
+    """Run the workload client on `node` itself (its host network, outside any pod) and return the answer."""
+    plan = lab.plan.node(node)
+    command = ["nodeagent", "workload", "request", target, "--timeout", str(timeout)]
+    result = subprocess.run(processes.enter_argv(plan.netns, path_of(plan.cgroup), command),
+                            env=processes.child_env({}), capture_output=True, text=True, timeout=timeout + 10,
+                            check=False)
+    if result.returncode != 0:
+        raise LabError(f"request from node {node} to {target} failed: {(result.stderr or result.stdout).strip()}")
+    answer: dict[str, str] = json.loads(result.stdout)
+    return answer
+
+
+def both_families(lab: labs.Lab, node: str, say: Callable[[str], None], count: int = 8) -> None:
+    """The dual-stack default lab's Service (plain/echo-dual, its pod on node2) reached from `node` over each of
+    its cluster IPs (the IPv4 proxier's rules, then the IPv6 one's); each answer says which pod answered and the
+    client address of that family it saw. From the node's host network to a namespace outside the mesh: the
+    answers show the agents' datapath of each family alone."""
+    name, ips = dual_stack_service(lab)
+    for ip in ips:
+        target = f"[{ip}]:80" if ":" in ip else f"{ip}:80"
+        replies = [request_from_node(lab, node, target) for _ in range(count)]
+        pods = [r["pod"] for r in replies]
+        peers = sorted({r["peer"].rsplit(":", 1)[0] for r in replies})
+        say(f"{node} (host network) -> dual-stack Service plain/{name} IPv{6 if ':' in ip else 4} {target} x{count}: "
+            f"answered by {counts(pods)}, which saw peer {', '.join(peers)}")
 
 
 WEIGHTS = '{"echo-0": 100, "echo-1": 0}'

@@ -54,13 +54,28 @@ spec:
   nodeCIDR: 172.18.0.0/24,fd00:18::/64
   serviceCIDR: 10.96.0.0/12,fd00:10:96::/112
 """
-# The dual-stack default lab's demo Service: the echo pods over both families (`lab demo` reaches it over each).
+# The dual-stack default lab's demo Service (`lab demo --dual-stack` reaches it over each family): an echo pod
+# on node2 in a namespace outside the mesh, so the answers show the agents' datapath of each family alone.
 DUAL_STACK_DEMO_SERVICE = """apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: plain, labels: {app: echo-dual}}
+spec:
+  nodeName: node2
+  containers:
+  - name: echo
+    command: [nodeagent, workload, serve, --port, "8080"]
+    ports: [{name: http, containerPort: 8080, protocol: TCP}]
+---
+apiVersion: v1
 kind: Service
-metadata: {name: echo-dual, namespace: demo}
+metadata: {name: echo-dual, namespace: plain}
 spec:
   ipFamilyPolicy: PreferDualStack
-  selector: {app: echo}
+  selector: {app: echo-dual}
   ports:
   - {name: http, port: 80, targetPort: http, protocol: TCP}
 """
@@ -68,7 +83,7 @@ spec:
 
 def load_default(dual_stack: bool = False) -> list[Document]:
     """The default lab: two nodes, a client, a two-replica server, a ClusterIP and a NodePort Service; with
-    `dual_stack`, the same with IPv6 beside IPv4 (`DUAL_STACK_CONFIG`)."""
+    `dual_stack`, the same with IPv6 beside IPv4 (`DUAL_STACK_CONFIG`) and `DUAL_STACK_DEMO_SERVICE`."""
     text = resources.files("nodeagent.lab").joinpath("default/cluster.yaml").read_text()
     documents = list(parse_text(text, DEFAULT_MANIFESTS))
     if dual_stack:
