@@ -10,6 +10,7 @@ import click
 from nodeagent import __version__
 from nodeagent.cli import ca as ca_commands
 from nodeagent.cli import chains as chains_commands
+from nodeagent.cli import cni as cni_commands
 from nodeagent.cli import compare as compare_commands
 from nodeagent.cli import doctor as doctor_commands
 from nodeagent.cli import inspect as inspect_commands
@@ -38,7 +39,7 @@ def version() -> None:
 
 for command in (doctor_commands.doctor, lab_commands.lab, lab_commands.workload, chains_commands.snapshot, run,
                 ztunnel_commands.ztunnel, ca_commands.ca, chains_commands.chains, inspect_commands.inspect,
-                inspect_commands.trace, chains_commands.cleanup, compare_commands.compare_modes):
+                inspect_commands.trace, chains_commands.cleanup, compare_commands.compare_modes, cni_commands.cni):
     main.add_command(command)
 
 

@@ -18,6 +18,7 @@ ISTIO_MODE_LABEL = "istio.io/dataplane-mode"
 _ENABLED = {(MESH_LABEL, "enabled"), (ISTIO_MODE_LABEL, "ambient")}
 _DISABLED = {(MESH_LABEL, "disabled"), (ISTIO_MODE_LABEL, "none")}
 _TERMINAL_PHASES = {"Succeeded", "Failed"}
+NO_IP_YET = "pod has no IP yet"  # not a final answer: the kubelet (or the CNI plugin's announcement) gives one
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +45,7 @@ def enrollment(pod: Pod, namespace: Namespace | None) -> Enrollment:
     if pod.phase in _TERMINAL_PHASES:
         return Enrollment(False, f"pod phase {pod.phase}")
     if not pod.ips:
-        return Enrollment(False, "pod has no IP yet")
+        return Enrollment(False, NO_IP_YET)
     if by_pod := _label(pod.labels, _ENABLED):
         return Enrollment(True, f"pod label {by_pod}")
     if namespace is not None and (by_namespace := _label(namespace.labels, _ENABLED)):

@@ -14,6 +14,7 @@ import structlog
 
 from nodeagent.control.server import ControlServer
 from nodeagent.daemon.agent import Agent
+from nodeagent.daemon.cni import CniServer
 from nodeagent.daemon.errors import StartError
 from nodeagent.errors import NodeAgentError
 from nodeagent.mesh.ebpf.capture import EbpfCapture
@@ -37,6 +38,7 @@ class MeshLoop:
     _wake: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     errors: int = 0
+    cni: CniServer | None = None  # nodeagent-cni's socket, stopped with the loop
 
     def start(self) -> MeshLoop:
         self._thread = threading.Thread(target=self._run, name="mesh", daemon=True)
@@ -48,6 +50,8 @@ class MeshLoop:
         self._wake.set()
 
     def stop(self) -> None:
+        if self.cni is not None:
+            self.cni.stop()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -82,6 +86,7 @@ class MeshOptions:
     # eBPF-mode capture: pods' cgroups are <dir>/<netns name minus the prefix>; None: iptables in every mode.
     pod_cgroup_parent: Path | None = None
     tunnel_cgroup: Path | None = None  # where the original-destination hook goes (None: this process's cgroup)
+    cni_socket: str | None = None  # nodeagent-cni announces sandboxes here (None: pods are found by scanning)
 
 
 def mesh_capture(ebpf_datapath: bool, backend: str, bpf_scope: str, options: MeshOptions
@@ -118,6 +123,12 @@ def start_mesh(agent: Agent, capture: IptablesCapture | EbpfCapture, options: Me
                                 netns_prefix=options.netns_prefix, transparent=isinstance(capture, IptablesCapture))
     loop = MeshLoop(reconciler, agent.tracker.last)
     control.on_ack = loop.request
+    if options.cni_socket is not None:
+        try:
+            loop.cni = CniServer(reconciler, agent.tracker.last, loop.request).start(options.cni_socket)
+        except OSError as exc:
+            control.stop()
+            raise StartError(f"CNI socket {options.cni_socket}: {exc}") from exc
 
     def inspect_status(pod: str) -> dict[str, object]:  # for `nodeagent inspect`, over the control socket
         snapshot = agent.tracker.last()

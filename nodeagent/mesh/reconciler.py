@@ -13,6 +13,9 @@ named state for logs and `inspect` (`MeshPodStatus`): `waiting-for-tunnel`, `cap
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Protocol
 
 import structlog
 
+from nodeagent.cluster.enrollment import Enrollment
 from nodeagent.cluster.model import Kind, PodKey
 from nodeagent.control.assignments import Assignment
 from nodeagent.control.server import ControlServer
@@ -36,6 +40,7 @@ log = structlog.get_logger("nodeagent.mesh.reconciler")
 # A pass needs every Pod and Namespace listed: before that, an enrolled pod missing from the snapshot may
 # exist, and publishing without it would tell the tunnel to drop it (after an agent restart, every pod).
 MESH_INPUT_KINDS = (Kind.POD, Kind.NAMESPACE)
+SANDBOX_TTL = 600.0  # an announced sandbox whose pod the agent never sees is forgotten after this
 
 
 class MeshPodState(StrEnum):
@@ -67,6 +72,17 @@ WAITING = MeshPodStatus(MeshPodState.WAITING_FOR_TUNNEL)
 CAPTURED = MeshPodStatus(MeshPodState.CAPTURED)
 
 
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    """A pod's sandbox as the CNI plugin announced it at creation: the addresses the network plugin gave it
+    and its network namespace (the runtime's path), before the kubelet publishes the pod's IPs."""
+
+    ips: tuple[str, ...]
+    netns: str
+    container_id: str = ""
+    at: float = field(default_factory=time.monotonic)  # when it was announced
+
+
 class Capture(Protocol):
     """How a pod's traffic is captured (iptables in the pod's namespace, or eBPF on its cgroup)."""
 
@@ -91,9 +107,55 @@ class MeshReconciler:
     netns_of: dict[str, str] = field(default_factory=dict)  # pod ip -> namespace path
     captured: dict[PodKey, str] = field(default_factory=dict)  # pod -> namespace path holding our capture
     _started: bool = False
+    # Announced by the CNI plugin (another thread writes it: replaced whole, read as a copy)
+    sandboxes: dict[PodKey, Sandbox] = field(default_factory=dict)
+    decisions: dict[str, Enrollment] = field(default_factory=dict)  # this node's pods, as of the last pass
+    decided_generation: int = -1  # the snapshot generation of the last pass
+    pass_started: float = -1.0  # when the last complete pass began (time.monotonic)
+
+    def announce(self, pod: PodKey, sandbox: Sandbox) -> None:
+        """The CNI plugin created `pod`'s sandbox: use its namespace and addresses from the next pass on."""
+        self.sandboxes = {**self.sandboxes, pod: sandbox}
+
+    def forget(self, pod: PodKey, container_id: str = "") -> None:
+        """The sandbox was deleted (CNI DEL); a newer sandbox of the same pod (another container id) stays."""
+        current = self.sandboxes.get(pod)
+        if current is not None and (not container_id or current.container_id in ("", container_id)):
+            self.sandboxes = {k: v for k, v in self.sandboxes.items() if k != pod}
+
+    def _prune_sandboxes(self, snapshot: Snapshot) -> None:
+        """Drop announcements whose pod the snapshot does not hold SANDBOX_TTL after they came: the runtime's
+        DEL normally forgets them, but a DEL sent while the agent was down never arrives. (A pod missing for
+        less than that is one the agent's watch has not caught up with.)"""
+        known = {PodKey(ref.namespace, ref.name) for ref in snapshot.pods}
+        now = time.monotonic()
+        stale = [pod for pod, sandbox in self.sandboxes.items() if pod not in known and now - sandbox.at > SANDBOX_TTL]
+        if stale:
+            self.sandboxes = {pod: s for pod, s in self.sandboxes.items() if pod not in stale}
+
+    def _with_sandboxes(self, snapshot: Snapshot) -> Snapshot:
+        """The snapshot with announced sandboxes' addresses on pods the kubelet has not given IPs yet, and the
+        announced namespaces known for those addresses (no scan needed)."""
+        sandboxes = self.sandboxes
+        if not sandboxes:
+            return snapshot
+        for sandbox in sandboxes.values():
+            for ip in sandbox.ips:
+                if sandbox.netns:
+                    self.netns_of[ip] = sandbox.netns
+        pods = None
+        for pod, sandbox in sandboxes.items():
+            ref = pod.ref
+            obj = snapshot.pods.get(ref)
+            if obj is not None and not obj.ips and sandbox.ips and obj.node_name == self.node:
+                pods = pods if pods is not None else dict(snapshot.pods)
+                pods[ref] = dataclasses.replace(obj, ips=tuple(ipaddress.ip_address(ip) for ip in sandbox.ips))
+        return snapshot if pods is None else dataclasses.replace(snapshot, pods=pods)
 
     def sync(self, snapshot: Snapshot) -> None:
         """One pass: assignments, capture of served pods, release of departed ones, probe SNAT."""
+        started = time.monotonic()
+        snapshot = self._with_sandboxes(snapshot)
         table = workload_table(snapshot, self.node, self.trust_domain)
         local = table.local_pods
         self._locate([w.ip for w in local.values()])
@@ -112,6 +174,7 @@ class MeshReconciler:
             self._release(pod, self.captured.pop(pod))  # capture off before the tunnel lets the pod go
         for pod in [pod for pod in self.states if pod not in local]:
             del self.states[pod]
+        self._prune_sandboxes(snapshot)
         self.control.publish({a.uid: a for a in desired.values()})
         for pod, assignment in desired.items():
             self._capture_if_served(pod, assignment, local[pod], snapshot)
@@ -119,6 +182,8 @@ class MeshReconciler:
             self.capture.probe_snat(sorted(desired[pod].ip for pod in self.captured if pod in desired))
         except Exception as exc:  # the probe SNAT failing must not undo pods' captures
             log.warning("probe SNAT not applied", node=self.node, reason=str(exc))
+        self.decisions, self.decided_generation = dict(table.decisions), snapshot.generation
+        self.pass_started = started
 
     def waiting(self) -> bool:
         """Whether some pod waits for the tunnel (the caller then passes again soon)."""

@@ -767,3 +767,26 @@ def test_the_tunnel_authenticates_with_a_projected_token_for_the_cas_audience() 
     dns_names = [a.split("=", 1)[1] for a in ca["args"] if a.startswith("--dns-name=")] or list(
         next(p for p in main.commands["ca"].params if "--dns-name" in p.opts).default)
     assert "nodeagent-ca" in dns_names
+
+
+def test_the_cni_plugin_is_installed_where_the_agent_listens_and_removed_by_the_cleanup() -> None:
+    """The plugin talks to the socket the agent serves; the installer writes the directories it mounts; the
+    plugin stays chained fail-closed; the cleanup DaemonSet takes it out."""
+    docs = rendered("replace-kube-proxy")
+    agent = container(docs, "nodeagent", "agent")
+    installer = container(docs, "nodeagent", "cni-install")
+    install = main.commands["cni"].commands["install"]  # type: ignore[attr-defined]  # a click group
+    args = installer["args"][2:]
+    assert installer["args"][:2] == ["cni", "install"] and "--watch" in args
+    assert _flag(agent["args"][1:], "--cni-socket", main.commands["run"]) == _flag(args, "--agent-socket", install)
+    assert _flag(args, "--on-agent-unreachable", install) == "fail"
+    mounts = {m["mountPath"]: m for m in installer["volumeMounts"]}
+    [ds] = find(docs, "DaemonSet", "nodeagent")
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    for flag, host in (("--cni-conf-dir", "/etc/cni/net.d"), ("--cni-bin-dir", "/opt/cni/bin")):
+        mount = mounts[_flag(args, flag, install)]
+        assert volumes[mount["name"]]["hostPath"]["path"] == host and not mount.get("readOnly")
+    assert mounts["/host/usr/bin"]["readOnly"] is True
+    [cleanup] = find(rendered("cleanup"), "DaemonSet", "nodeagent-cleanup")
+    first = cleanup["spec"]["template"]["spec"]["initContainers"][0]
+    assert first["args"] == ["cni", "uninstall"], "the plugin leaves the chain before anything else is removed"

@@ -50,4 +50,4 @@ def test_a_daemon_that_cannot_start_says_why_without_a_traceback(tmp_path: Path)
 
 def test_every_command_group_is_registered_on_the_root() -> None:
     assert set(main.commands) == {"version", "doctor", "lab", "workload", "snapshot", "run", "ztunnel", "ca", "chains",
-                                  "inspect", "trace", "cleanup", "compare-modes"}
+                                  "inspect", "trace", "cleanup", "compare-modes", "cni"}

@@ -4,63 +4,19 @@ newest leaves (istio-cni's ztunnel server behaves so)."""
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
-from nodeagent.control.api import control_pb2, control_pb2_grpc
+from nodeagent.control.api import control_pb2
 from nodeagent.control.assignments import Assignment
 from nodeagent.control.server import ControlServer
+from tests.support.control_tunnel import Tunnel
 
 ECHO = Assignment("demo/echo-0", "10.244.1.2", "demo", "echo", "/run/netns/echo-0")
 WEB = Assignment("demo/web-0", "10.244.1.3", "demo", "web", "/run/netns/web-0")
-
-
-class Tunnel:
-    """A tunnel's end of the stream on its own thread: updates received go to `updates`; `ack` sends one."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.updates: queue.Queue[control_pb2.TunnelUpdate] = queue.Queue()
-        self._acks: queue.Queue[control_pb2.TunnelAck | None] = queue.Queue()
-        self._channel = grpc.insecure_channel(f"unix:{socket_path}")
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _ack_stream(self) -> Iterator[control_pb2.TunnelAck]:
-        while (ack := self._acks.get()) is not None:
-            yield ack
-
-    def _run(self) -> None:
-        try:
-            for update in control_pb2_grpc.TunnelControlStub(self._channel).Connect(self._ack_stream()):
-                self.updates.put(update)
-        except grpc.RpcError:
-            pass
-
-    def next(self) -> control_pb2.TunnelUpdate:
-        return self.updates.get(timeout=5)
-
-    def quiet(self) -> bool:
-        try:
-            self.updates.get(timeout=0.5)
-        except queue.Empty:
-            return True
-        return False
-
-    def ack(self, update: control_pb2.TunnelUpdate, served: list[str]) -> None:
-        self._acks.put(control_pb2.TunnelAck(
-            version=update.version, agent_run=update.agent_run,
-            pods=[control_pb2.PodStatus(uid=uid, served=True) for uid in served]))
-
-    def close(self) -> None:
-        self._acks.put(None)
-        self._channel.close()
-        self._thread.join(timeout=5)
 
 
 def until(condition: Callable[[], bool], deadline: float = 5.0) -> None:
