@@ -33,7 +33,7 @@ from nodeagent.service.datapath import DatapathMode, Gauges
 from nodeagent.service.nftables import names as n
 from nodeagent.service.nftables.render import RenderCache, Rendered, render
 from nodeagent.service.nftables.ruleset import Table
-from nodeagent.service.nftables.transaction import Plan, plan
+from nodeagent.service.nftables.transaction import KernelState, Plan, plan
 from nodeagent.state.tracker import Snapshot
 
 log = structlog.get_logger("nodeagent.service.nftables.proxier")
@@ -96,7 +96,7 @@ class NftablesProxier:
     _base_recreated: bool = False
     _last_full: float = float("-inf")
     _config: ProxyConfig | None = None
-    _known: Table | None = None
+    _known: KernelState | None = None
     _stale: dict[str, float] = field(default_factory=dict)
     _cache: RenderCache = field(default_factory=dict)
 
@@ -122,7 +122,7 @@ class NftablesProxier:
     @property
     def known(self) -> Table | None:
         """The table as the last successful sync left it (None before one)."""
-        return self._known
+        return self._known.table if self._known is not None else None
 
     def sync(self, snapshot: Snapshot, config: ProxyConfig, changed: AbstractSet[ObjectRef]) -> NftablesSyncReport:
         """Program the table to match `snapshot` (a partial sync rewrites the Services in `changed`); raises on
@@ -143,7 +143,7 @@ class NftablesProxier:
         if full:
             chains = self.nft.list_names("chain", family, n.TABLE)
             sets = self.nft.list_names("set", family, n.TABLE)
-        planned = plan(rendered, None if full else self._known, full=full, changed=changed,
+        planned = plan(rendered, self._known, full=full, changed=changed,
                        existing_chains=chains, existing_sets=sets, stale=self._stale, now=started,
                        recreate_base=full and not self._base_recreated)
         try:
@@ -154,7 +154,7 @@ class NftablesProxier:
             self._known = None
             raise
         self._need_full = False
-        self._known = planned.after
+        self._known = planned.commit()
         self._stale = planned.stale
         if full:
             self._last_full = started

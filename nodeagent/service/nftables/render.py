@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from nodeagent.cluster.model import IPAddress, ObjectRef
 from nodeagent.service.config import ProxyConfig
@@ -107,12 +108,36 @@ class PortPiece:
 
 @dataclass
 class Rendered:
-    """The table one sync wants, and which Service owns each per-service chain and affinity set."""
+    """The table one sync wants: the fixed part (`base`) and each Service port's piece. `table` (everything, as
+    the kernel should hold it) and `owner` are put together when first read: a partial sync needs neither."""
 
-    table: Table
-    owner: dict[str, ObjectRef]  # per-service chain or affinity set -> its Service
+    base: Table  # the table setupNFTables makes, without any Service
+    pieces: dict[ServicePortName, PortPiece]
     setup_rules: dict[str, tuple[str, ...]]  # the fixed chains' rules (written by a full sync only)
     nodeport_ips: tuple[str, ...] | None  # the nodeport-ips set's addresses; None: every local address
+
+    @cached_property
+    def table(self) -> Table:
+        """The whole table."""
+        table = self.base.copy()
+        chains, containers = table.chains, table.containers
+        for piece in self.pieces.values():
+            for chain in piece.chains:
+                chains[chain.name] = chain
+            for affinity in piece.affinity_sets:
+                containers[affinity.name] = affinity
+            for container, key, element in piece.elements:
+                containers[container].elements[key] = element
+        return table
+
+    @cached_property
+    def owner(self) -> dict[str, ObjectRef]:
+        """Each per-service chain and affinity set -> its Service."""
+        found: dict[str, ObjectRef] = {}
+        for piece in self.pieces.values():
+            found.update((chain.name, piece.service) for chain in piece.chains)
+            found.update((affinity.name, piece.service) for affinity in piece.affinity_sets)
+        return found
 
     def dump(self) -> str:
         """The table as kube-proxy's tests print it (`Table.dump`)."""
@@ -135,13 +160,12 @@ def render(service_ports: Mapping[ServicePortName, ServicePortInfo],
            endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]],
            config: ProxyConfig, *, cache: RenderCache | None = None) -> Rendered:
     """The `kube-proxy` table of `config.family` for these Service ports on this node."""
-    table = Table("ip" if config.family == 4 else "ip6", n.TABLE, n.TABLE_COMMENT)
-    setup_rules, nodeport_ips = _setup(table, config)
-    owner: dict[str, ObjectRef] = {}
+    base = Table("ip" if config.family == 4 else "ip6", n.TABLE, n.TABLE_COMMENT)
+    setup_rules, nodeport_ips = _setup(base, config)
     zone = config.node_labels.get(ZONE_LABEL, "")
-    pieces: list[PortPiece] = []
-    for name in sorted(service_ports):
-        info, port_endpoints = service_ports[name], endpoints.get(name, ())
+    pieces: dict[ServicePortName, PortPiece] = {}
+    for name, info in service_ports.items():  # (any order: names are sorted where the order shows)
+        port_endpoints = endpoints.get(name, ())
         hit = cache.get(name) if cache is not None else None
         if hit is None or hit.info is not info or hit.endpoints is not port_endpoints:
             piece = PortPiece(name.service)
@@ -152,21 +176,11 @@ def render(service_ports: Mapping[ServicePortName, ServicePortInfo],
                 cache[name] = _Entry(info, port_endpoints, piece)
         else:
             piece = hit.piece
-        pieces.append(piece)
+        pieces[name] = piece
     if cache is not None and len(cache) > len(service_ports):
         for gone in set(cache) - set(service_ports):
             del cache[gone]
-    chains, containers = table.chains, table.containers
-    for piece in pieces:
-        for chain in piece.chains:
-            chains[chain.name] = chain
-            owner[chain.name] = piece.service
-        for affinity in piece.affinity_sets:
-            containers[affinity.name] = affinity
-            owner[affinity.name] = piece.service
-        for container, key, element in piece.elements:
-            containers[container].elements[key] = element
-    return Rendered(table, owner, setup_rules, nodeport_ips)
+    return Rendered(base, pieces, setup_rules, nodeport_ips)
 
 
 def _setup(table: Table, config: ProxyConfig) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...] | None]:

@@ -113,6 +113,13 @@ class Table:
         self.exists = work.exists
         return count
 
+    def copy_shallow(self) -> Table:
+        """A copy whose chain and container maps are its own, sharing the chains and elements maps' values
+        (which are never changed in place outside `apply`, so sharing them is safe) but not the elements maps."""
+        return Table(self.family, self.name, self.comment, dict(self.chains),
+                     {n: Container(c.kind, c.name, c.spec, dict(c.elements)) for n, c in self.containers.items()},
+                     self.exists)
+
     def copy(self) -> Table:
         """A copy whose chains, containers and element maps are its own."""
         return Table(self.family, self.name, self.comment,

@@ -20,7 +20,7 @@ name them, rules and elements that go away are removed before what they pointed 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -31,22 +31,47 @@ from nodeagent.service.nftables.render import (
     JUMPS,
     REJECT_CHAIN_COMMENT,
     SYNCED_CONTAINERS,
+    PortPiece,
     Rendered,
     base_chain_spec,
     container_spec,
 )
 from nodeagent.service.nftables.ruleset import Chain, Container, Element, Table, element_text
+from nodeagent.state.translation import ServicePortName
 
 STALE_GRACE = 1.0  # seconds: kube-proxy deletes chains stale since before "oneSecondAgo"
 
 
 @dataclass
+class KernelState:
+    """What the kernel holds after our last successful transaction: the table, the pieces it was written from,
+    and which ports render each map or set element (a cluster IP is one element for all ports of its Service;
+    a misconfigured cluster may give two Services one external IP and port)."""
+
+    table: Table
+    pieces: dict[ServicePortName, PortPiece]
+    holders: dict[tuple[str, str], set[ServicePortName]]
+
+    @classmethod
+    def of(cls, rendered: Rendered, stale: Iterable[str]) -> KernelState:
+        """The state after a full sync of `rendered` that left `stale` chains flushed."""
+        table = rendered.table.copy_shallow()
+        for name in stale:
+            table.chains[name] = Chain(name)
+        holders: dict[tuple[str, str], set[ServicePortName]] = {}
+        for port, piece in rendered.pieces.items():
+            for container, key, _ in piece.elements:
+                holders.setdefault((container, key), set()).add(port)
+        return cls(table, dict(rendered.pieces), holders)
+
+
+@dataclass
 class Plan:
-    """One transaction, and the kernel's table once it has run."""
+    """One transaction, and how to update the kernel state once it has run (`commit`)."""
 
     lines: list[str]
-    after: Table
     stale: dict[str, float]  # per-service chains flushed but not deleted yet -> when they became stale
+    commit: Callable[[], KernelState]
     deleted_chains: list[str] = field(default_factory=list)
     flushed_chains: list[str] = field(default_factory=list)
     written_chains: int = 0
@@ -56,54 +81,53 @@ class Plan:
         return "".join(line + "\n" for line in self.lines)
 
 
-def plan(rendered: Rendered, known: Table | None, *, full: bool, changed: AbstractSet[ObjectRef],
+def _age(p: str, stale: Mapping[str, float] | None, wanted: Callable[[str], bool], now: float, grace: float
+         ) -> tuple[list[str], list[str], dict[str, float]]:
+    """The deletions of chains stale for `grace` seconds that are not wanted again: (lines, chains, stale left)."""
+    stale_now = dict(stale or {})
+    deleted = sorted(name for name, since in stale_now.items() if since <= now - grace and not wanted(name))
+    for name in deleted:
+        del stale_now[name]
+    return [f"delete chain {p} {name}" for name in deleted], deleted, stale_now
+
+
+def plan(rendered: Rendered, known: KernelState | None, *, full: bool, changed: AbstractSet[ObjectRef],
          existing_chains: Iterable[str] = (), existing_sets: Iterable[str] = (),
          stale: Mapping[str, float] | None = None, now: float = 0.0, recreate_base: bool = False,
          grace: float = STALE_GRACE) -> Plan:
     """The transaction from `known` (what the last successful sync left; None: unknown, which forces a full
     sync) to `rendered`. A full sync also takes the per-service chains and affinity sets the kernel holds
     (`existing_chains`, `existing_sets`, as listed) into account; `stale` and `now` age the flushed chains."""
-    desired = rendered.table
-    full = full or known is None
-    p = desired.prefix
-    stale_now = dict(stale or {})
-    lines: list[str] = []
-    deleted: list[str] = []
-    for name, since in sorted(stale_now.items()):
-        if since <= now - grace and name not in desired.chains:
-            lines.append(f"delete chain {p} {name}")
-            deleted.append(name)
-    for name in deleted:
-        del stale_now[name]
-    if full:
-        _setup(lines, rendered, recreate_base)
-        kernel_chains = {c for c in existing_chains if n.is_service_chain(c)} - set(deleted)
-        kernel_sets = {s for s in existing_sets if n.is_affinity_set(s)}
-        if known is not None:
-            kernel_chains |= {c for c in known.chains if n.is_service_chain(c)} - set(deleted)
-            kernel_sets |= {s for s in known.containers if n.is_affinity_set(s)}
-        known_elements: dict[str, Mapping[str, Element]] = {name: {} for name in SYNCED_CONTAINERS}
-        write = [c for name, c in desired.chains.items() if n.is_service_chain(name)]
-    else:
-        assert known is not None
-        kernel_chains = {c for c in known.chains if n.is_service_chain(c)} - set(deleted)
-        kernel_sets = {s for s in known.containers if n.is_affinity_set(s)}
-        known_elements = {name: known.containers[name].elements for name in SYNCED_CONTAINERS}
-        write = [c for name, c in desired.chains.items() if n.is_service_chain(name)
-                 and (rendered.owner.get(name) in changed or _differs(c, known.chains.get(name)))]
+    if full or known is None:
+        return _full(rendered, known, existing_chains, existing_sets, stale, now, recreate_base, grace)
+    return _partial(rendered, known, changed, stale, now, grace)
 
+
+def _full(rendered: Rendered, known: KernelState | None, existing_chains: Iterable[str],
+          existing_sets: Iterable[str], stale: Mapping[str, float] | None, now: float, recreate_base: bool,
+          grace: float) -> Plan:
+    desired = rendered.table
+    p = desired.prefix
+    lines, deleted, stale_now = _age(p, stale, lambda name: name in desired.chains, now, grace)
+    _setup(lines, rendered, recreate_base)
+    kernel_chains = {c for c in existing_chains if n.is_service_chain(c)}
+    kernel_sets = {s for s in existing_sets if n.is_affinity_set(s)}
+    if known is not None:
+        kernel_chains |= {c for c in known.table.chains if n.is_service_chain(c)}
+        kernel_sets |= {s for s in known.table.containers if n.is_affinity_set(s)}
+    kernel_chains -= set(deleted)
+    write = [c for name, c in desired.chains.items() if n.is_service_chain(name)]
     for chain in write:
         lines.append(f"add chain {p} {chain.name}")
         lines.append(f"flush chain {p} {chain.name}")
-    write_sets = {rendered.owner[c.name] for c in write if c.name in rendered.owner}
     for name, container in desired.containers.items():
-        if n.is_affinity_set(name) and (full or rendered.owner.get(name) in write_sets or name not in kernel_sets):
+        if n.is_affinity_set(name):
             lines.append(f"add set {p} {name} {container.spec}")
     for chain in write:
         lines.extend(f"add rule {p} {chain.name} {rule}" for rule in chain.rules)
-
-    _elements(lines, p, desired, known_elements)
-
+    for name in SYNCED_CONTAINERS:  # (all flushed by the setup)
+        lines.extend(f"add element {p} {name} {{ {element_text(key, element)} }}"
+                     for key, element in desired.containers[name].elements.items())
     flushed = []
     for name in sorted(kernel_chains - set(desired.chains)):
         if name not in stale_now:
@@ -113,13 +137,112 @@ def plan(rendered: Rendered, known: Table | None, *, full: bool, changed: Abstra
     for name in list(stale_now):
         if name in desired.chains:
             del stale_now[name]  # wanted again before it was deleted
-    for name in sorted(kernel_sets - set(desired.containers)):
-        lines.append(f"delete set {p} {name}")
+    lines.extend(f"delete set {p} {name}" for name in sorted(kernel_sets - set(desired.containers)))
+    return Plan(lines, stale_now, lambda: KernelState.of(rendered, stale_now), deleted, flushed, len(write))
 
-    after = Table(desired.family, desired.name, desired.comment, dict(desired.chains), dict(desired.containers))
-    for name in stale_now:
-        after.chains[name] = Chain(name)
-    return Plan(lines, after, stale_now, deleted, flushed, len(write))
+
+def _partial(rendered: Rendered, known: KernelState, changed: AbstractSet[ObjectRef],
+             stale: Mapping[str, float] | None, now: float, grace: float) -> Plan:
+    """Only the ports whose piece changed (or whose Service is in `changed`): O(changes), not O(cluster)."""
+    table = known.table
+    p = table.prefix
+    old, new = known.pieces, rendered.pieces
+    touched = [name for name, piece in new.items() if old.get(name) is not piece or piece.service in changed]
+    touched += [name for name in old if name not in new]
+    wanted_chains = {c.name for name in touched if name in new for c in new[name].chains}
+    lines, deleted, stale_now = _age(
+        p, stale, lambda name: name in wanted_chains or (name in table.chains and bool(table.chains[name].rules)),
+        now, grace)
+    write: list[Chain] = []
+    stale_chains: list[str] = []
+    add_sets: list[Container] = []
+    drop_sets: list[str] = []
+    for name in touched:
+        before, after = old.get(name), new.get(name)
+        keep = {c.name for c in after.chains} if after is not None else set()
+        if after is not None:
+            rewrite_all = after.service in changed
+            write += [c for c in after.chains if rewrite_all or _differs(c, table.chains.get(c.name))]
+            add_sets += [s for s in after.affinity_sets if rewrite_all or s.name not in table.containers]
+        if before is not None:
+            stale_chains += [c.name for c in before.chains if c.name not in keep and c.name not in stale_now
+                             and c.name in table.chains]
+            kept_sets = {s.name for s in after.affinity_sets} if after is not None else set()
+            drop_sets += [s.name for s in before.affinity_sets if s.name not in kept_sets]
+    for chain in write:
+        lines.append(f"add chain {p} {chain.name}")
+        lines.append(f"flush chain {p} {chain.name}")
+    lines.extend(f"add set {p} {s.name} {s.spec}" for s in add_sets)
+    for chain in write:
+        lines.extend(f"add rule {p} {chain.name} {rule}" for rule in chain.rules)
+
+    # elements: the keys the touched ports held or hold, each as the ports holding it after this sync render it
+    gone = set(touched)
+    holders_after: dict[tuple[str, str], set[ServicePortName]] = {}
+    wanted: dict[tuple[str, str], Element] = {}
+    for name in touched:
+        for piece in (old.get(name), new.get(name)):
+            for container, key, _ in (piece.elements if piece is not None else ()):
+                if (container, key) not in holders_after:
+                    holders_after[(container, key)] = known.holders.get((container, key), set()) - gone
+    for name in touched:
+        if (after := new.get(name)) is not None:
+            for container, key, rendered_element in after.elements:
+                holders_after[(container, key)].add(name)
+                wanted[(container, key)] = rendered_element
+    final: dict[tuple[str, str], Element | None] = {}
+    for (container, key), holders in holders_after.items():
+        found = wanted.get((container, key))
+        if found is None and holders:  # still rendered by a port this sync did not touch
+            found = next(e for c, k, e in new[next(iter(holders))].elements if (c, k) == (container, key))
+        final[(container, key)] = found
+    adds: list[str] = []
+    for (container, key), element in final.items():
+        have = table.containers[container].elements.get(key)
+        if element is None:
+            if have is not None:
+                lines.append(f"delete element {p} {container} {{ {key} }}")
+        elif have is None:
+            adds.append(f"add element {p} {container} {{ {element_text(key, element)} }}")
+        elif have.value != element.value or have.comment != element.comment:
+            lines.append(f"delete element {p} {container} {{ {key} }}")
+            adds.append(f"add element {p} {container} {{ {element_text(key, element)} }}")
+    lines.extend(adds)
+    flushed = sorted(set(stale_chains))
+    for chain_name in flushed:
+        lines.append(f"flush chain {p} {chain_name}")
+        stale_now[chain_name] = now
+    for chain_name in wanted_chains & set(stale_now):
+        del stale_now[chain_name]  # wanted again before it was deleted
+    lines.extend(f"delete set {p} {name}" for name in sorted(set(drop_sets)))
+
+    def commit() -> KernelState:
+        for chain_name in deleted:
+            table.chains.pop(chain_name, None)
+        for chain_name in flushed:
+            table.chains[chain_name] = Chain(chain_name)
+        for chain in write:
+            table.chains[chain.name] = chain
+        for container_set in add_sets:
+            table.containers[container_set.name] = container_set
+        for set_name in drop_sets:
+            table.containers.pop(set_name, None)
+        for (container, key), element in final.items():
+            elements = table.containers[container].elements
+            if element is None:
+                elements.pop(key, None)
+                known.holders.pop((container, key), None)
+            else:
+                elements[key] = element
+                known.holders[(container, key)] = holders_after[(container, key)]
+        for port in touched:
+            if port in new:
+                old[port] = new[port]
+            else:
+                old.pop(port, None)
+        return known
+
+    return Plan(lines, stale_now, commit, deleted, flushed, len(write))
 
 
 def _differs(chain: Chain, known: Chain | None) -> bool:
@@ -178,22 +301,3 @@ def _setup(lines: list[str], rendered: Rendered, recreate_base: bool) -> None:
     for name in SYNCED_CONTAINERS:
         kind = "set" if name == n.CLUSTER_IPS else "map"
         lines.append(f"flush {kind} {p} {name}")
-
-
-def _elements(lines: list[str], p: str, desired: Table, known: Mapping[str, Mapping[str, Element]]) -> None:
-    """nftElementStorage's ensureElem / cleanupLeftoverKeys for each synced map and set: removals first."""
-    adds: list[str] = []
-    for name in SYNCED_CONTAINERS:
-        want: Container = desired.containers[name]
-        have = known[name]
-        for key in have:
-            if key not in want.elements:
-                lines.append(f"delete element {p} {name} {{ {key} }}")
-        for key, element in want.elements.items():
-            old = have.get(key)
-            if old is None:
-                adds.append(f"add element {p} {name} {{ {element_text(key, element)} }}")
-            elif old.value != element.value or old.comment != element.comment:
-                lines.append(f"delete element {p} {name} {{ {key} }}")
-                adds.append(f"add element {p} {name} {{ {element_text(key, element)} }}")
-    lines.extend(adds)

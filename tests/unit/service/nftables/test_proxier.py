@@ -336,3 +336,19 @@ def test_config_change_is_a_full_sync() -> None:
     assert p.sync(snapshot_of(SVC1, EPS1), other, set()).full
     assert "add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip daddr 172.30.0.41 jump mark-for-masquerade" \
         in nft.table.dump().splitlines()
+
+
+def test_a_cluster_ip_shared_by_two_ports_stays_while_one_port_remains() -> None:
+    """cluster-ips holds one element per Service: a partial sync that drops one of two ports keeps it."""
+    nft, clock = FakeNft(), Clock()
+    p = proxier(nft, clock)
+    two = service("ns1", "svc1", "172.30.0.41")
+    two["spec"]["ports"].append({"name": "p81", "port": 81, "protocol": "TCP", "targetPort": 81})
+    p.sync(snapshot_of(two, EPS1), FAKE_PROXIER, set())
+    assert "add element ip kube-proxy cluster-ips { 172.30.0.41 }" in nft.table.dump().splitlines()
+    report = p.sync(snapshot_of(SVC1, EPS1), FAKE_PROXIER, {svc("ns1", "svc1")})
+    assert not report.full
+    assert "add element ip kube-proxy cluster-ips { 172.30.0.41 }" in nft.table.dump().splitlines()
+    assert 'no-endpoint-services { 172.30.0.41 . tcp . 81 comment "ns1/svc1:p81" : goto reject-chain }' not in \
+        nft.table.dump()
+    assert sort_transaction(nft.table.dump()) == sort_transaction(p.known.dump() if p.known else "")
