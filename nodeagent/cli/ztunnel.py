@@ -72,20 +72,37 @@ WORKERS = WorkerCount()
                    "tunnel listening beside this one takes the new connections), HBONE peers get a GOAWAY, "
                    "and what is still open at the deadline is closed and counted; keep it under the pod's "
                    "terminationGracePeriodSeconds [$NODEAGENT_ZTUNNEL_DRAIN_DEADLINE]")
+@click.option("--dns/--no-dns", "dns", envvar="NODEAGENT_ZTUNNEL_DNS", default=True, show_default=True,
+              help="the DNS proxy: 127.0.0.1:15053 (UDP and TCP) in every served pod answers A/AAAA for "
+                   "Services from the tunnel's tables and forwards the rest to the pod's resolver; the pod's port "
+                   "53 is captured to it unless annotated nodeagent.io/dns-capture: \"false\" "
+                   "[$NODEAGENT_ZTUNNEL_DNS]")
+@click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="IP[:PORT]",
+              help="where the DNS proxy forwards UDP questions it does not answer (and TCP ones not captured), "
+                   "tried in order; repeat for several (default: the nameservers of this process's "
+                   "/etc/resolv.conf, as ztunnel; UDP under REDIRECT keeps no original destination)")
+@click.option("--cluster-domain", envvar="CLUSTER_DOMAIN", default="cluster.local", show_default=True,
+              help="the cluster's DNS domain (the kubelet's clusterDomain) [$CLUSTER_DOMAIN]")
 def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, context: str | None, trust_domain: str,
             ca_address: str, ca_token_file: Path, ca_root_file: Path, netns_dir: Path, netns_prefix: str,
             admin_address: str, readiness_address: str, metrics_address: str, readiness_socket: str | None,
             control_socket: str | None,
-            no_policy_crds: bool, workers: int | None, drain_deadline: float) -> None:
+            no_policy_crds: bool, workers: int | None, drain_deadline: float, dns: bool,
+            dns_upstreams: tuple[str, ...], cluster_domain: str) -> None:
     """Run the node tunnel: HBONE (mTLS) for every enrolled pod of this node, until SIGTERM."""
     from nodeagent.daemon import tunnel
     from nodeagent.daemon.sources import SourceOptions
     from nodeagent.daemon.workers import available_cpus, worker_count
+    from nodeagent.tunnel.dns.server import parse_upstream
 
     admin, readiness = parse_host_port(admin_address), parse_host_port(readiness_address)
     metrics = parse_host_port(metrics_address)
     if admin[1] is None or readiness[1] is None:
         raise click.BadParameter("the admin and readiness endpoints cannot be turned off")
+    try:
+        upstreams = tuple(parse_upstream(text) for text in dns_upstreams)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dns-upstream") from exc
     options = tunnel.TunnelOptions(node=node_name, trust_domain=trust_domain, netns_dir=netns_dir,
                                    netns_prefix=netns_prefix, admin=(admin[0], admin[1]),
                                    readiness=(readiness[0], readiness[1]),
@@ -93,6 +110,7 @@ def ztunnel(node_name: str, manifests: Path | None, kubeconfig: str | None, cont
                                    readiness_socket=readiness_socket, control_socket=control_socket,
                                    no_policy_crds=no_policy_crds,
                                    workers=worker_count(workers, available_cpus()), drain_deadline=drain_deadline,
+                                   dns=dns, dns_upstreams=upstreams, cluster_domain=cluster_domain.rstrip("."),
                                    log_level=click.get_current_context().find_root().params.get("log_level")
                                    or "info")
     credentials = tunnel.CaCredentials(ca_address, ca_token_file, ca_root_file)

@@ -18,6 +18,11 @@ With `--workers N` (N > 1) this process is the coordinator: everything above sta
 control stream, reconcile, admin, certificates from the CA), and where a single process calls its
 NodeTunnel it calls a WorkerSet (`daemon.workers`) of N worker processes that carry the connections, one
 core each. One worker is today's single process: no coordinator split, no extra process.
+
+The DNS proxy (`nodeagent.tunnel.dns`, on unless `--no-dns`) is served by this process in both modes: a served
+pod gets its DNS listeners once the tunnel serves it, loses them when the tunnel releases it, and all of them
+close when the drain starts. Its table of names is rebuilt from the snapshot when Services, EndpointSlices or
+Namespaces change; its counters are the tunnel's (with workers: added to the coordinator's /metrics).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Protocol
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry, generate_latest
 
 from nodeagent.ca.identity import SpiffeId
 from nodeagent.ca.service import request_certificate
@@ -43,8 +49,11 @@ from nodeagent.daemon.sources import SourceOptions, source_factory
 from nodeagent.daemon.tunnel_wire import State
 from nodeagent.daemon.workers import WorkerSet, process_spawner
 from nodeagent.kernel import podnetns
+from nodeagent.kernel.netns import netns_path
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.tunnel.admin import serve_http, start_admin
+from nodeagent.tunnel.dns.records import CLUSTER_DOMAIN, DNS_KINDS, DnsTable, dns_table
+from nodeagent.tunnel.dns.server import DnsOptions, DnsProxy, Upstream, system_upstreams
 from nodeagent.tunnel.identity.certs import Fetch
 from nodeagent.tunnel.proxy.node import DrainResult, NodeTunnel
 from nodeagent.tunnel.state.authz import Authorizer
@@ -80,6 +89,10 @@ class TunnelOptions:
     # SIGTERM: listeners close at once, open connections get this long to finish (ztunnel's drain, 5 s there too)
     drain_deadline: float = DRAIN_DEADLINE
     log_level: str = "info"  # the workers' (they log as this process does)
+    dns: bool = True  # the DNS proxy on 15053 in every served pod
+    # where forwarded UDP questions go (and TCP ones not captured); empty: this process's /etc/resolv.conf
+    dns_upstreams: tuple[Upstream, ...] = ()
+    cluster_domain: str = CLUSTER_DOMAIN
 
 
 class ServedPod(Protocol):
@@ -134,7 +147,9 @@ class TunnelProcess:
     on_reconciled: Callable[[], None] | None = None
     policies_synced: bool = False
     source: Source | None = None
+    dns_table: DnsTable | None = None
     tunnel: NodeTunnel | WorkerSet = field(init=False)
+    dns: DnsProxy | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.options.workers > 1:
@@ -149,6 +164,16 @@ class TunnelProcess:
                                      services=lambda: self.services, authorizer=lambda: self.authorizer,
                                      identity_known=lambda identity: self.table is not None
                                      and self.table.holds(identity), reuse_port=True)
+        if self.options.dns:
+            # One registry with the tunnel's when this process carries the connections; with workers, the
+            # coordinator's own, added to what it serves on /metrics.
+            registry = self.tunnel.metrics.registry if isinstance(self.tunnel, NodeTunnel) else CollectorRegistry()
+            upstreams = self.options.dns_upstreams or system_upstreams()
+            if not upstreams:
+                log.warning("dns proxy has no upstream resolver: names it does not hold get SERVFAIL",
+                            node=self.options.node)
+            self.dns = DnsProxy(DnsOptions(upstreams=upstreams, domain=self.options.cluster_domain),
+                                lambda: self.dns_table, registry, node=self.options.node, reuse_port=True)
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._synced_kinds: frozenset[Kind] = frozenset()
@@ -256,11 +281,39 @@ class TunnelProcess:
                 except Exception as exc:  # one pod's failure (CA, vanished netns) must not stop the others
                     self.netns_of.pop(ip, None)
                     self._set_state(workload, f"error: {type(exc).__name__}: {exc}")
+            await self._reconcile_dns(backend)
         if self.on_reconciled is not None:
             self.on_reconciled()
 
+    async def _reconcile_dns(self, backend: TunnelBackend) -> None:
+        """DNS listeners in exactly the pods the tunnel serves now (a failure is retried on the next pass)."""
+        if self.dns is None:
+            return
+        for ip in [ip for ip, pod in self.dns.pods.items() if ip not in backend.pods
+                   or netns_path(backend.pods[ip].workload.netns or "") != pod.netns.path]:
+            self.dns.remove_pod(ip)
+        for ip, served in backend.pods.items():
+            workload = served.workload
+            if ip in self.dns.pods or not workload.netns:
+                continue
+            try:
+                await self.dns.add_pod(ip, workload.name, workload.netns)
+            except Exception as exc:  # the pod's other traffic is served: only its DNS waits for the next pass
+                log.warning("dns proxy not serving pod", pod=workload.name, pod_ip=ip,
+                            reason=f"{type(exc).__name__}: {exc}")
+
+    def _follow_dns(self, snapshot: Snapshot) -> None:
+        """The DNS table for a new snapshot: rebuilt when a kind it reads changed (or a generation was missed)."""
+        table = self.dns_table
+        if self.dns is not None and (table is None or snapshot.generation != table.generation + 1
+                                     or snapshot.changed_kinds & set(DNS_KINDS)):
+            self.dns_table = dns_table(snapshot, self.options.cluster_domain)
+        elif table is not None:
+            self.dns_table = replace(table, generation=snapshot.generation)
+
     def _follow(self, snapshot: Snapshot) -> None:
         """New workload, Service and policy views for a new snapshot; report newly rejected annotations."""
+        self._follow_dns(snapshot)
         self.table = workload_table(snapshot, self.options.node, self.options.trust_domain)
         self.services = service_table(snapshot) if self.services is None else self.services.updated(snapshot)
         self._synced_kinds = snapshot.synced_kinds
@@ -288,6 +341,14 @@ class TunnelProcess:
         for rejection in sorted(rejections - self.rejections):
             log.warning("service annotation ignored", rejection=rejection)
         self.rejections = rejections
+
+    async def _coordinator_metrics(self) -> tuple[int, str, bytes]:
+        """/metrics with workers: theirs summed, then the coordinator's DNS proxy's."""
+        assert isinstance(self.tunnel, WorkerSet)
+        status, content_type, body = await self.tunnel.metrics_route()
+        if self.dns is not None:
+            body += generate_latest(self.dns.metrics.registry)
+        return status, content_type, body
 
     def prime(self, tracker: ChangeTracker) -> None:
         """Before the source starts: with --no-policy-crds, both policy kinds count as listed and empty (the
@@ -322,7 +383,7 @@ class TunnelProcess:
                                     readiness_socket=self.options.readiness_socket)
         if self.options.metrics is not None:
             routes = metrics_routes(self.tunnel.metrics) if isinstance(self.tunnel, NodeTunnel) else {
-                "/metrics": self.tunnel.metrics_route}
+                "/metrics": self._coordinator_metrics}
             servers.append(await serve_http(*self.options.metrics, routes))
         source.start()
         control = None
@@ -357,11 +418,15 @@ class TunnelProcess:
             # connection and its open ones get the deadline.
             for server in servers:
                 server.close()
+            if self.dns is not None:
+                self.dns.stop_listening()
             drained = await self.backend.drain(self.options.drain_deadline)
             if control is not None:
                 await control_task
             source.stop()
             await self.backend.close()
+            if self.dns is not None:
+                await self.dns.close()
             log.info("tunnel stopped", node=self.options.node, finished=drained.finished,
                      closed_at_deadline=drained.closed)
 
