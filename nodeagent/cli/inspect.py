@@ -91,7 +91,8 @@ def _inspect_target(pod_ref: str | None, namespace: str | None, kubeconfig: str 
 @click.command()
 @click.option("--from", "source", required=True, help="the source pod: NAMESPACE/NAME (or NAME with -n)")
 @click.option("-n", "--namespace", default=None, help="the source pod's namespace [default]")
-@click.option("--to", "destination", required=True, help="HOST:PORT the pod connects to (a Service or pod address)")
+@click.option("--to", "destination", required=True, help="HOST:PORT the pod connects to (a Service or pod address; "
+              "[IPV6]:PORT)")
 @click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
 @click.option("--probe", is_flag=True, help="also send the real connection (lab only) and confirm the prediction "
                                             "from where it ended and the counters that moved; exit 3 if not")
@@ -115,6 +116,10 @@ def trace(source: str, namespace: str | None, destination: str, proto: str, prob
     host, _, port = destination.rpartition(":")
     if not port.isdigit() or not host:
         raise click.BadParameter(f"{destination!r} is not HOST:PORT", param_hint="--to")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise click.BadParameter(f"{destination!r}: write an IPv6 address in brackets, [IPV6]:PORT",
+                                 param_hint="--to")
+    host = host.removeprefix("[").removesuffix("]")
     if probe and source_lab is None:
         raise click.UsageError("--probe runs the connection in a lab pod: give --lab")
     target, address = _inspect_target(source, namespace, kubeconfig, context, manifests, source_lab, node_name,

@@ -150,11 +150,11 @@ def read_dump(node_netns: str | None, timeout: float = 3.0) -> tuple[dict[str, A
         return None, f"{ADMIN_URL} in {node_netns or 'this namespace'}: {exc}"
 
 
-def _live_nat_chains(node_netns: str | None) -> set[str] | None:
+def _live_nat_chains(node_netns: str | None, ipv6: bool = False) -> set[str] | None:
     from nodeagent.kernel.netfilter import Iptables, IptablesError, detect_backend
 
     try:
-        text = Iptables(detect_backend(node_netns), node_netns).save("nat")
+        text = Iptables(detect_backend(node_netns), node_netns, ipv6=ipv6).save("nat")
     except (IptablesError, OSError):
         return None
     return {line[1:].split()[0] for line in text.splitlines() if line.startswith(":")}
@@ -177,7 +177,7 @@ def service_paths(target: Target, mode: str) -> list[ServicePath]:
 
 def _services(target: Target, mode: str, enrolled: bool, only: str | None) -> list[ServicePath]:
     from nodeagent.service.addresses import local_addresses
-    from nodeagent.service.config import ProxySettings, proxy_config
+    from nodeagent.service.config import ProxySettings, proxy_config, served_families
 
     snapshot = target.snapshot
     node = snapshot.node
@@ -187,9 +187,15 @@ def _services(target: Target, mode: str, enrolled: bool, only: str | None) -> li
                            dict(node.labels) if node is not None else None)
     else:
         settings = ProxySettings(cluster_cidrs=target.cluster_cidrs)
-        config = proxy_config(target.node, settings, snapshot, () if target.node_netns else local_addresses())
-        paths = with_live(iptables_paths(snapshot.service_ports, snapshot.endpoints, config, node_ips),
-                          _live_nat_chains(target.node_netns))
+        addresses = () if target.node_netns else local_addresses()
+        config = proxy_config(target.node, settings, snapshot, addresses)
+        # the IPv6 proxier's paths where the node has IPv6 to serve, as the agent runs that proxier
+        config6 = (proxy_config(target.node, settings, snapshot, addresses, family=6)
+                   if 6 in served_families(node, settings) else None)
+        live = _live_nat_chains(target.node_netns)
+        live6 = _live_nat_chains(target.node_netns, ipv6=True) if config6 is not None else set()
+        paths = with_live(iptables_paths(snapshot.service_ports, snapshot.endpoints, config, node_ips, config6),
+                          None if live is None or live6 is None else live | live6)
     if only is not None:
         paths = [p for p in paths if p.service == only or p.service.startswith(f"{only}:")]
     return captured_by_tunnel(paths) if enrolled else paths

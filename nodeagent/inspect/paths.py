@@ -2,6 +2,10 @@
 `nodeagent.service.iptables.render.render` (the chains a new connection walks: KUBE-SERVICES → KUBE-SVC/EXT → KUBE-SEP
 → DNAT) and `nodeagent.service.ebpf.desired.plan` (the map entry a connect() is rewritten from, and whether tc or
 iptables serves it from outside). Pure.
+
+Both families: the IPv4 proxier's chains and, given the IPv6 proxier's configuration, ip6tables' (kube-proxy runs
+a proxier per family). An IPv6 frontend or endpoint is written `[ip]:port` (a NodePort on any IPv6 node address
+`[<node>]:port`), as ip6tables writes its DNAT destinations.
 """
 
 from __future__ import annotations
@@ -19,6 +23,18 @@ from nodeagent.service.iptables.render import render
 from nodeagent.state.translation import EndpointInfo, ServicePortInfo, ServicePortName
 
 _TRANSLATING = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-")
+ANY_NODE = "<node>"
+
+
+def host_port(host: str, port: int) -> str:
+    """`ip:port`, or `[ip]:port` for an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """`ip:port` or `[ip]:port` -> (ip, port); ValueError if the port is not a number."""
+    host, _, port = text.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def _fields(rule: str) -> dict[str, str]:
@@ -44,7 +60,7 @@ def _match(rules: Sequence[dict[str, str]], ip: str | None, port: int, proto: st
     for fields in rules:
         if fields.get("-p", proto) != proto or fields.get("--dport") != str(port):
             continue
-        if ip is not None and fields.get("-d") not in (f"{ip}/32", ip):
+        if ip is not None and fields.get("-d") not in (f"{ip}/32", f"{ip}/128", ip):
             continue
         return fields.get("-j")
     return None
@@ -71,29 +87,42 @@ def _endpoints(chains: Mapping[str, list[dict[str, str]]], chain: str) -> tuple[
     return chain, tuple(out)
 
 
-def _frontends(info: ServicePortInfo, node_ips: Sequence[IPAddress]) -> list[tuple[str, str | None, int]]:
-    """(kind, ip, port) of each frontend of a Service port (NodePort: any local address, ip None)."""
+def _frontends(info: ServicePortInfo, node_ips: Sequence[IPAddress],
+               family: int = 4) -> list[tuple[str, str | None, int]]:
+    """(kind, ip, port) of each frontend of a Service port in `family` (NodePort: any local address, ip None; in
+    IPv6 only where the port has an IPv6 cluster IP, as kube-proxy's IPv6 proxier serves only those)."""
     out: list[tuple[str, str | None, int]] = [("ClusterIP", str(ip), info.port) for ip in info.cluster_ips
-                                              if ip.version == 4]
+                                              if ip.version == family]
     out += [("ExternalIP", str(ip), info.port) for ip in (*info.external_ips, *info.load_balancer_ips)
-            if ip.version == 4]
-    if info.node_port:
+            if ip.version == family]
+    if info.node_port and (family == 4 or family in info.families):
         out.append(("NodePort", None, info.node_port))
     return out
 
 
 def iptables_paths(service_ports: Mapping[ServicePortName, ServicePortInfo],
                    endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], config: ProxyConfig,
-                   node_ips: Sequence[IPAddress] = ()) -> list[ServicePath]:
-    """Each frontend's path through the chains `render` writes for these Services."""
+                   node_ips: Sequence[IPAddress] = (), config6: ProxyConfig | None = None) -> list[ServicePath]:
+    """Each frontend's path through the chains `render` writes for these Services: the IPv4 proxier's with
+    `config`, then, with `config6` (the IPv6 proxier's configuration), ip6tables' for the IPv6 frontends."""
+    paths = _family_paths(service_ports, endpoints, config, node_ips)
+    if config6 is not None:
+        paths += _family_paths(service_ports, endpoints, config6, node_ips)
+    return paths
+
+
+def _family_paths(service_ports: Mapping[ServicePortName, ServicePortInfo],
+                  endpoints: Mapping[ServicePortName, Sequence[EndpointInfo]], config: ProxyConfig,
+                  node_ips: Sequence[IPAddress]) -> list[ServicePath]:
     rendered = render(service_ports, endpoints, config)
     nat, filt = _rules_by_chain(rendered.nat.rules), _rules_by_chain(rendered.filter.rules)
     paths = []
     for name, info in sorted(service_ports.items()):
         proto = info.protocol.value.lower()
-        for kind, ip, port in _frontends(info, node_ips):
+        for kind, ip, port in _frontends(info, node_ips, config.family):
             top = "KUBE-NODEPORTS" if kind == "NodePort" else "KUBE-SERVICES"
-            frontend = f"{ip or '<node>'}:{port}/{proto.upper()}"
+            where = host_port(ip or ANY_NODE, port) if config.family == 4 else f"[{ip or ANY_NODE}]:{port}"
+            frontend = f"{where}/{proto.upper()}"
             chain = _match(nat.get(top, []), ip, port, proto)
             if chain is None or chain == "KUBE-MARK-MASQ":
                 rejected = _match(filt.get("KUBE-SERVICES", []) + filt.get("KUBE-EXTERNAL-SERVICES", []),
@@ -160,8 +189,8 @@ def with_live(paths: Iterable[ServicePath], live_chains: Collection[str] | None)
 
 def frontend_key(path: ServicePath) -> Frontend | None:
     """The eBPF map key of a path's frontend (None for a NodePort on any address)."""
-    address, _, rest = path.frontend.rpartition(":")
-    port, _, proto = rest.partition("/")
-    if address == "<node>":
+    where, _, proto = path.frontend.partition("/")
+    address, port = split_host_port(where)
+    if address == ANY_NODE:
         return None
-    return Frontend(address, int(port), {"TCP": 6, "UDP": 17, "SCTP": 132}[proto])
+    return Frontend(address, port, {"TCP": 6, "UDP": 17, "SCTP": 132}[proto])

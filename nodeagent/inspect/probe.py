@@ -26,12 +26,16 @@ class ProbeResult:
 
 
 def sep_counters(node_netns: str) -> dict[str, int]:
-    """Packets through each KUBE-SEP chain's DNAT in the node's nat table."""
+    """Packets through each KUBE-SEP chain's DNAT in the node's nat tables, IPv4's and IPv6's (the chain names
+    hash the endpoint address, so the families' never collide; no ip6tables chains: nothing of IPv6)."""
     from nodeagent.kernel.netfilter import detect_backend
     from nodeagent.kernel.netns import command_in
 
-    argv = command_in(node_netns, [f"iptables-{detect_backend(node_netns)}-save", "-c", "-t", "nat"])
-    text = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
+    backend = detect_backend(node_netns)
+    text = ""
+    for tool in ("iptables", "ip6tables"):
+        argv = command_in(node_netns, [f"{tool}-{backend}-save", "-c", "-t", "nat"])
+        text += subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
     out: dict[str, int] = {}
     for line in text.splitlines():
         if line.startswith("[") and " -A KUBE-SEP-" in line and "-j DNAT" in line:

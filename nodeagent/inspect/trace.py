@@ -4,6 +4,9 @@ functions the datapath uses: enrollment and the capture's exclusions (`nodeagent
 `nodeagent.tunnel.resilience.balance`), the
 node's translation (`paths`: the rendered iptables chains or the eBPF map entries) and L4 authorization
 (`nodeagent.tunnel.state.authz`). Pure.
+
+An IPv6 destination is traced through the IPv6 proxier's paths (`paths.iptables_paths` with the IPv6
+configuration); addresses are written `[ip]:port` for IPv6.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from nodeagent.ca.identity import SpiffeId
 from nodeagent.errors import NodeAgentError
 from nodeagent.inspect.model import ServicePath
+from nodeagent.inspect.paths import host_port, split_host_port
 from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, CaptureOptions
 from nodeagent.state.tracker import Snapshot
 from nodeagent.tunnel.resilience import balance
@@ -83,7 +87,7 @@ def _captured(source: Workload | None, ip: str, port: int, proto: str, options: 
     if proto != "tcp":
         return False, "not captured: only TCP is captured (UDP goes through the node's datapath)"
     address = ipaddress.ip_address(ip)
-    if address.is_loopback or ip == source.ip:
+    if address.is_loopback or any(address == ipaddress.ip_address(own) for own in source.addresses):
         return False, "not captured: loopback or the pod's own address"
     if port in options.exclude_outbound_ports:
         return False, f"not captured: port {port} is excluded (exclude_outbound_ports)"
@@ -94,11 +98,15 @@ def _captured(source: Workload | None, ip: str, port: int, proto: str, options: 
 
 def _node_path(paths: Sequence[ServicePath], ip: str, port: int, proto: str, node_ips: Sequence[str]
                ) -> ServicePath | None:
-    """The frontend the kernel translates this destination by, if any."""
+    """The frontend the kernel translates this destination by, if any (a NodePort: the one of the address's
+    family, `[<node>]:port` for IPv6)."""
+    wanted = f"{host_port(ip, port)}/{proto.upper()}"
+    ipv6 = ":" in ip
     for path in paths:
-        if path.frontend == f"{ip}:{port}/{proto.upper()}":
+        if path.frontend == wanted:
             return path
-        if path.kind == "NodePort" and ip in node_ips and path.frontend.endswith(f":{port}/{proto.upper()}"):
+        if (path.kind == "NodePort" and ip in node_ips and path.frontend.startswith("[") == ipv6
+                and path.frontend.endswith(f":{port}/{proto.upper()}")):
             return path
     return None
 
@@ -108,9 +116,9 @@ def predict(snapshot: Snapshot, node: str, given: TraceInput) -> Trace:
     table = workload_table(snapshot, node, given.trust_domain)
     source = next((w for w in table.by_ip.values() if w.name == given.source), None)
     if source is None:
-        raise TraceError(f"pod {given.source}: no such pod with an IPv4 address")
+        raise TraceError(f"pod {given.source}: no such pod with an address")
     authorizer = Authorizer.from_snapshot(snapshot)
-    dest = f"{given.ip}:{given.port}"
+    dest = host_port(given.ip, given.port)
     captured, why = _captured(source, given.ip, given.port, given.proto, given.options)
     steps = [f"source {given.source} ({source.ip}, {source.identity}, "
              f"{'enrolled' if source.enrolled else 'not enrolled'}) on node {node}", why]
@@ -132,8 +140,7 @@ def predict(snapshot: Snapshot, node: str, given: TraceInput) -> Trace:
         if path is not None:
             steps.append(f"node ({given.mode}): {path.frontend} is Service {path.service} via {path.via}: "
                          f"{path.verdict}")
-            candidates = [(e.address.rsplit(":", 1)[0], int(e.address.rsplit(":", 1)[1]), e.probability, e.via)
-                          for e in path.endpoints]
+            candidates = [(*split_host_port(e.address), e.probability, e.via) for e in path.endpoints]
         else:
             candidates = [(given.ip, given.port, 1.0, "")]
             steps.append(f"node ({given.mode}): {dest} is no Service frontend: routed as is")
@@ -169,7 +176,7 @@ def _tunnel_pool(target: ServiceTarget, node: str, snapshot: Snapshot) -> tuple[
 
 def _hop(workload: Workload | None, ip: str, port: int, probability: float, captured: bool, source: Workload,
          given: TraceInput, authorizer: Authorizer) -> Hop:
-    address = f"{ip}:{port}"
+    address = host_port(ip, port)
     if workload is None:
         return Hop(address, probability, "", "", "plain TCP (not a pod)" if captured else "direct", True,
                    "no policy: not a mesh workload")
@@ -184,8 +191,8 @@ def _hop(workload: Workload | None, ip: str, port: int, probability: float, capt
     # the destination sees the source pod's address either way: HBONE is dialled from inside the source pod,
     # plaintext keeps the pod's address
     verdict = authorizer.check(AuthzRequest(workload.namespace, workload.labels, ip, port, identity, source.ip))
-    transport = (f"HBONE to {ip}:15008 (node {workload.node}'s tunnel), mTLS as {source.identity}" if captured
-                 else "plaintext, captured inbound at the destination (15006)")
+    transport = (f"HBONE to {host_port(ip, 15008)} (node {workload.node}'s tunnel), mTLS as {source.identity}"
+                 if captured else "plaintext, captured inbound at the destination (15006)")
     return Hop(address, probability, workload.name, workload.node, transport, verdict.allowed, verdict.reason)
 
 
