@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nodeagent.ca.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from nodeagent.cluster.enrollment import Enrollment, enrollment
@@ -52,6 +52,15 @@ class Workload:
     def namespace(self) -> str:
         """The pod's namespace (from its identity when the name is not known)."""
         return self.name.split("/", 1)[0] if self.name else self.identity.namespace
+
+
+def with_known_addresses(served: Workload, current: Workload | None) -> Workload:
+    """`served` (a pod as the tunnel was told to serve it: the agent's assignment names one address) with every
+    address `current` (the same pod in the current table) holds, so a dual-stack pod is served at its IPv6
+    address too; `served` unchanged when the table does not know the pod under that name."""
+    if current is None or current.name != served.name or set(current.addresses) <= set(served.addresses):
+        return served
+    return replace(served, ips=tuple(dict.fromkeys((*served.addresses, *current.addresses))))
 
 
 @dataclass(frozen=True)

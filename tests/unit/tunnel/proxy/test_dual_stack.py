@@ -19,7 +19,7 @@ from nodeagent.state.tracker import ChangeTracker
 from nodeagent.tunnel.proxy.admission import Refusal, check_target
 from nodeagent.tunnel.proxy.sockets import canonical, family_of, original_destination
 from nodeagent.tunnel.state.services import service_table
-from nodeagent.tunnel.state.workloads import Workload, workload_table
+from nodeagent.tunnel.state.workloads import Workload, with_known_addresses, workload_table
 from tests.support import objects as k8s
 
 V4, V6 = "10.244.1.5", "fd00:10:244:1::5"
@@ -132,3 +132,11 @@ def test_a_dual_stack_services_frontends_lead_to_endpoints_of_their_own_family()
     assert v4 is not None and v6 is not None
     assert [str(c.key[0]) for c in v4.endpoints] == [V4]
     assert [str(c.key[0]) for c in v6.endpoints] == [V6]
+
+
+def test_a_pod_served_by_one_address_gains_the_others_the_table_knows() -> None:
+    assigned = Workload(V4, DUAL.identity, "node1", "/run/netns/web", name="shop/web")
+    assert with_known_addresses(assigned, DUAL).addresses == (V4, V6)
+    assert with_known_addresses(assigned, None) is assigned
+    other = Workload(V4, DUAL.identity, "node1", name="shop/other", ips=(V4, "fd00::99"))
+    assert with_known_addresses(assigned, other) is assigned  # an address reused by another pod: not ours
