@@ -51,7 +51,7 @@ from nodeagent.tunnel.proxy.overload import Overload, OverloadLimits
 from nodeagent.tunnel.proxy.sockets import client_socket, listening_families, listening_socket, original_destination
 from nodeagent.tunnel.state.authz import Authorizer, AuthzRequest, Verdict
 from nodeagent.tunnel.state.services import ServiceTable
-from nodeagent.tunnel.state.workloads import Workload
+from nodeagent.tunnel.state.workloads import Workload, with_known_addresses
 from nodeagent.tunnel.telemetry import POLICY_DENIED, UPSTREAM_FAILURE, Connection, TunnelMetrics
 
 log = structlog.get_logger("nodeagent.tunnel.proxy.node")
@@ -265,6 +265,10 @@ class NodeTunnel:
             raise
         return sock
 
+    def _served(self, pod: _Pod) -> Workload:
+        """The served pod with every address the current table knows for it (IPv6 too, for a dual-stack pod)."""
+        return with_known_addresses(pod.workload, self.lookup(pod.workload.ip))
+
     def _violation(self, reason: str) -> None:
         """Count an HBONE peer refused at TLS or for abusing HTTP/2 (hbone.limits.VIOLATIONS names the reasons)."""
         self.metrics.protocol_violations.labels(reason=reason).inc()
@@ -312,7 +316,7 @@ class NodeTunnel:
               peer: object) -> Verdict | NotAdmitted:
         """The whole inbound decision for one connection: the target check, then policy; refusals are
         counted and logged here."""
-        outcome: Verdict | NotAdmitted | None = check_target(pod.workload.addresses, host, port)
+        outcome: Verdict | NotAdmitted | None = check_target(self._served(pod).addresses, host, port)
         if outcome is None:
             outcome = self._verdict(pod.workload, port, source, source_ip)
         if isinstance(outcome, NotAdmitted) or not outcome.allowed:
@@ -371,7 +375,7 @@ class NodeTunnel:
         # already refused any other with 400; this keeps it so even if that check were bypassed).
         await serve_connection(reader, writer, trust_domain=self.trust_domain, policy=policy,
                                connect=lambda host, port: self._connect_pending(
-                                   self._connect_socket(pod, pod.workload.address_for(host), port, source)),
+                                   self._connect_socket(pod, self._served(pod).address_for(host), port, source)),
                                observe=observe, violation=self._violation, draining=self.draining)
 
     async def _inbound_plaintext(self, pod: _Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -403,8 +407,8 @@ class NodeTunnel:
             if not outcome.allowed:
                 connection.flags, connection.reason = POLICY_DENIED, outcome.reason
                 return
-            up_reader, up_writer = await self._connect_pending(self._connect_from(pod, pod.workload.address_for(host),
-                                                                                  port, source_ip))
+            target = self._served(pod).address_for(host)
+            up_reader, up_writer = await self._connect_pending(self._connect_from(pod, target, port, source_ip))
             self.metrics.opened(connection)
             opened = True
 
@@ -437,7 +441,7 @@ class NodeTunnel:
             return
         sock = writer.get_extra_info("socket")
         peer = writer.get_extra_info("peername")
-        if not peer or not any(_from_pod_itself(peer[0], ip) for ip in pod.workload.addresses):
+        if not peer or not any(_from_pod_itself(peer[0], ip) for ip in self._served(pod).addresses):
             # 15001 carries the pod's own captured connections out *with the pod's identity*: a connection
             # from anywhere else (another pod dialling the port) must never borrow that identity.
             self.metrics.refusals.labels(reason="outbound-not-from-pod").inc()
