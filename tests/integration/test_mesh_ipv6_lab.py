@@ -1,0 +1,96 @@
+"""The mesh over IPv6 in a dual-stack lab: agents on the lab's Kubernetes API enroll the demo pods (iptables capture,
+both families), the tunnels carry a dual-stack Service reached over each of its cluster IPs and a pod reached at
+its IPv6 address, over HBONE, each answer from the client's own address of that family.
+
+One lab (the default one plus `DUAL_STACK_CONFIG` and a PreferDualStack Service) per capture mode, as
+tests/integration/test_mesh_lab.py; the client pod is on node1, the echo pods on node1 and node2.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from nodeagent.lab import lab as labs
+from nodeagent.lab.agents import captured
+from nodeagent.lab.demo import request_from
+from nodeagent.lab.manifests import DUAL_STACK_CONFIG
+from tests.support.agent_labs import OUTSIDER, lab_with_agents
+from tests.support.tunnel import metrics, sample
+
+pytestmark = pytest.mark.root
+
+EXTRA = DUAL_STACK_CONFIG + """---
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: demo}
+spec:
+  ipFamilyPolicy: PreferDualStack
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+""" + OUTSIDER
+
+
+@pytest.fixture(scope="module", params=["iptables"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[labs.Lab]:
+    with lab_with_agents(tmp_path_factory.mktemp("mesh6"), EXTRA, mode, mesh=True) as built:
+        yield built
+
+
+def cluster_ips(lab: labs.Lab, service: str) -> list[str]:
+    for doc in lab.topology.documents:
+        if doc["kind"] == "Service" and doc["metadata"]["name"] == service:
+            return list(doc["spec"]["clusterIPs"])
+    raise AssertionError(f"no Service {service}")
+
+
+def target(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def peer_ip(answer: dict[str, str]) -> str:
+    return answer["peer"].rpartition(":")[0].strip("[]")
+
+
+def mtls_out(lab: labs.Lab) -> float:
+    """Connections node1's tunnel opened for its pods over HBONE (mTLS), so far."""
+    return sample(metrics(lab, "node1"), "istio_tcp_connections_opened_total", reporter="source",
+                  connection_security_policy="mutual_tls")
+
+
+def test_the_pods_are_captured_in_both_families(lab: labs.Lab) -> None:
+    for pod in ("demo/client", "demo/echo-0", "demo/echo-1"):
+        assert captured(lab, pod), pod
+    assert lab.plan.pod("demo/client").pod.ip6 is not None
+
+
+def test_a_dual_stack_service_is_carried_by_the_mesh_over_both_families(lab: labs.Lab) -> None:
+    ipv4, ipv6 = cluster_ips(lab, "dual")
+    assert ":" not in ipv4 and ":" in ipv6
+    client = lab.plan.pod("demo/client").pod
+    for vip, own in ((ipv6, str(client.ip6)), (ipv4, str(client.ip))):
+        before = mtls_out(lab)
+        answers = [request_from(lab, "demo/client", target(vip, 80)) for _ in range(12)]
+        seen = Counter(a["pod"] for a in answers)
+        # echo-1 is on node2: across the fabric, through both tunnels
+        assert set(seen) == {"demo/echo-0", "demo/echo-1"}, (vip, seen)
+        # the tunnel connects to the app transparently, from the client's address of the family it was asked in
+        assert {peer_ip(a) for a in answers} == {own}, vip
+        assert mtls_out(lab) - before >= len(answers), f"{vip}: not every connection went over HBONE"
+
+
+def test_a_pod_reached_at_its_ipv6_address_across_nodes(lab: labs.Lab) -> None:
+    server = lab.plan.pod("demo/echo-1").pod
+    client = lab.plan.pod("demo/client").pod
+    before = mtls_out(lab)
+    answer = request_from(lab, "demo/client", target(str(server.ip6), 8080))
+    assert answer["pod"] == "demo/echo-1" and peer_ip(answer) == str(client.ip6)
+    assert mtls_out(lab) - before >= 1
