@@ -33,6 +33,7 @@ import structlog
 
 from nodeagent.cluster.model import (
     MESH_GROUP,
+    QOS_CLASSES,
     AddressType,
     AuthorizationPolicy,
     Canonicalized,
@@ -855,11 +856,16 @@ def _pod(ctx: _Ctx, raw: Mapping[str, Any]) -> Pod:
             name = p.get("name") or ""
             ports.append(ContainerPort(port=number, protocol=protocol, name=name if isinstance(name, str) else ""))
     node, phase, sa = spec.get("nodeName"), status.get("phase"), spec.get("serviceAccountName")
+    uid = _map(ctx, raw.get("metadata"), "metadata").get("uid")
+    qos = status.get("qosClass")
+    if qos not in (None, "", *QOS_CLASSES):
+        ctx.drop("status.qosClass", f"{qos!r} is not one of {', '.join(QOS_CLASSES)}")
+        qos = ""
     return Pod(ref=ctx.ref, ips=ips, node_name=node if isinstance(node, str) else "",
                phase=phase if isinstance(phase, str) else "Unknown",
                service_account=sa if isinstance(sa, str) and sa else "default", labels=labels,
                annotations=annotations, container_ports=tuple(ports), host_network=spec.get("hostNetwork") is True,
-               resource_version=rv)
+               resource_version=rv, uid=uid if isinstance(uid, str) else "", qos_class=qos or "")
 
 
 def _node(ctx: _Ctx, raw: Mapping[str, Any]) -> Node:

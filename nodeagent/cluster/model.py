@@ -299,6 +299,11 @@ class Pod:
     container_ports: tuple[ContainerPort, ...] = ()
     host_network: bool = False
     resource_version: str = ""
+    uid: str = ""  # metadata.uid: names the pod's cgroup (kubelet's pod<uid>)
+    qos_class: str = ""  # status.qosClass: Guaranteed, Burstable or BestEffort ("" until the API server sets it)
+
+
+QOS_CLASSES = ("Guaranteed", "Burstable", "BestEffort")  # a pod's status.qosClass (its cgroup's parent)
 
 
 @dataclass(frozen=True, slots=True)

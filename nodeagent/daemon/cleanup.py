@@ -14,6 +14,7 @@ from nodeagent.kernel.netfilter import Iptables, detect_backend, legacy_tables_e
 from nodeagent.kernel.nftables import Nft
 from nodeagent.kernel.podnetns import candidates
 from nodeagent.mesh.capture import CaptureStatus
+from nodeagent.mesh.ebpf.kubelet import detach_from_pods
 from nodeagent.mesh.iptables.apply import live_state, remove_capture, remove_probe_snat
 from nodeagent.service.iptables import cleanup as iptables_cleanup
 from nodeagent.service.nftables import cleanup as nftables_cleanup
@@ -42,6 +43,8 @@ def cleanup(options: CleanupOptions) -> Iterator[str]:
     netns = options.netns
     try:
         detached = loader.detach(options.cgroup) if options.cgroup is not None else []
+        # The mesh's eBPF capture on the kubelet's pod cgroups below the same root (a real node's layout).
+        detached += detach_from_pods(options.cgroup) if options.cgroup is not None else []
         for line in detached + tc.detach_tc(netns=netns) + loader.remove_pins(options.bpf_scope):
             yield f"removed (ebpf) {line}"
     except (NodeAgentError, OSError) as exc:

@@ -64,8 +64,9 @@ def sandbox_of(body: object) -> tuple[PodKey, Sandbox]:
         ips = tuple(str(ipaddress.ip_address(ip)) for ip in raw_ips)
     except (TypeError, ValueError) as exc:
         raise BadRequest(f"ips: {exc}") from exc
-    container = body.get("containerId", "")
-    return PodKey(namespace, name), Sandbox(ips, netns, container if isinstance(container, str) else "")
+    container, uid = body.get("containerId", ""), body.get("podUid", "")
+    return PodKey(namespace, name), Sandbox(ips, netns, container if isinstance(container, str) else "",
+                                            uid if isinstance(uid, str) else "")
 
 
 @dataclass(frozen=True)

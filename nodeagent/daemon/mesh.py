@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import structlog
 
@@ -18,6 +19,7 @@ from nodeagent.daemon.cni import CniServer
 from nodeagent.daemon.errors import StartError
 from nodeagent.errors import NodeAgentError
 from nodeagent.mesh.ebpf.capture import EbpfCapture
+from nodeagent.mesh.ebpf.kubelet import KubeletCgroups
 from nodeagent.mesh.iptables.capture import IptablesCapture
 from nodeagent.mesh.reconciler import MESH_INPUT_KINDS, MeshReconciler
 from nodeagent.state.tracker import Snapshot
@@ -87,25 +89,30 @@ class MeshOptions:
     pod_cgroup_parent: Path | None = None
     tunnel_cgroup: Path | None = None  # where the original-destination hook goes (None: this process's cgroup)
     cni_socket: str | None = None  # nodeagent-cni announces sandboxes here (None: pods are found by scanning)
+    # eBPF-mode capture on a real node: the host's cgroup v2 root, where the kubelet makes pods' cgroups
+    kubelet_cgroup_root: Path | None = None
 
 
 def mesh_capture(ebpf_datapath: bool, backend: str, bpf_scope: str, options: MeshOptions
                  ) -> IptablesCapture | EbpfCapture:
     """How pods are captured: eBPF on their cgroups when the datapath is eBPF and their cgroups can be
     found, else iptables in their namespaces (`backend`)."""
-    if not ebpf_datapath or options.pod_cgroup_parent is None:
+    if not ebpf_datapath or (options.pod_cgroup_parent is None and options.kubelet_cgroup_root is None):
         return IptablesCapture(backend)
     from nodeagent.kernel.bpf.loader import own_cgroup
     from nodeagent.mesh.ebpf import programs as bpf_mesh
     from nodeagent.mesh.ebpf.capture import CgroupBesideNetns
 
+    # The lab's layout (a cgroup named like the namespace) or kubelet's (by pod UID; `start_mesh` connects it
+    # to the reconciler, which knows the UIDs).
+    locate = (CgroupBesideNetns(options.pod_cgroup_parent, options.netns_prefix)
+              if options.pod_cgroup_parent is not None else KubeletCgroups(cast(Path, options.kubelet_cgroup_root)))
     try:
         programs = bpf_mesh.load(bpf_scope)
-        return EbpfCapture(programs, CgroupBesideNetns(options.pod_cgroup_parent, options.netns_prefix), backend,
-                           options.tunnel_cgroup or own_cgroup())
+        return EbpfCapture(programs, locate, backend, options.tunnel_cgroup or own_cgroup())
     except (NodeAgentError, OSError) as exc:
-        raise StartError(f"eBPF mesh capture unavailable: {exc}; drop --pod-cgroup-parent to capture "
-                         "with iptables") from exc
+        raise StartError(f"eBPF mesh capture unavailable: {exc}; drop --pod-cgroup-parent/--kubelet-cgroup-root "
+                         "to capture with iptables") from exc
 
 
 def start_mesh(agent: Agent, capture: IptablesCapture | EbpfCapture, options: MeshOptions) -> MeshLoop:
@@ -123,6 +130,8 @@ def start_mesh(agent: Agent, capture: IptablesCapture | EbpfCapture, options: Me
                                 netns_prefix=options.netns_prefix, transparent=isinstance(capture, IptablesCapture))
     loop = MeshLoop(reconciler, agent.tracker.last)
     control.on_ack = loop.request
+    if isinstance(capture, EbpfCapture) and isinstance(capture.locate, KubeletCgroups):
+        capture.locate.pod_key = reconciler.cgroup_key  # pods' UIDs, from snapshots and CNI announcements
     if options.cni_socket is not None:
         try:
             loop.cni = CniServer(reconciler, agent.tracker.last, loop.request).start(options.cni_socket)

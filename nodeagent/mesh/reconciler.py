@@ -80,6 +80,7 @@ class Sandbox:
     ips: tuple[str, ...]
     netns: str
     container_id: str = ""
+    uid: str = ""  # the pod's UID (K8S_POD_UID): names its cgroup before the agent's watch has the pod
     at: float = field(default_factory=time.monotonic)  # when it was announced
 
 
@@ -112,6 +113,14 @@ class MeshReconciler:
     decisions: dict[str, Enrollment] = field(default_factory=dict)  # this node's pods, as of the last pass
     decided_generation: int = -1  # the snapshot generation of the last pass
     pass_started: float = -1.0  # when the last complete pass began (time.monotonic)
+    # pod key and namespace path -> (UID, QoS class) of this node's pods: how a capture on kubelet's cgroups
+    # finds a pod's cgroup (replaced whole each pass; read from the capture's calls)
+    cgroup_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def cgroup_key(self, netns: str, pod: str) -> tuple[str, str] | None:
+        """(UID, QoS class) of the pod named `pod`, else of the one in `netns`; None when not known."""
+        keys = self.cgroup_keys
+        return keys.get(pod) if pod else keys.get(netns)
 
     def announce(self, pod: PodKey, sandbox: Sandbox) -> None:
         """The CNI plugin created `pod`'s sandbox: use its namespace and addresses from the next pass on."""
@@ -122,6 +131,28 @@ class MeshReconciler:
         current = self.sandboxes.get(pod)
         if current is not None and (not container_id or current.container_id in ("", container_id)):
             self.sandboxes = {k: v for k, v in self.sandboxes.items() if k != pod}
+
+    def _record_cgroup_keys(self, snapshot: Snapshot) -> None:
+        """Every local pod's UID and QoS class by its key and by its namespace path (enrolled or not: a pod
+        leaving the mesh is released through the same lookup); an announced sandbox's UID stands in until
+        the agent's watch has the pod."""
+        keys: dict[str, tuple[str, str]] = {}
+        sandboxes = self.sandboxes
+        for pod, sandbox in sandboxes.items():
+            if sandbox.uid:
+                keys[str(pod)] = (sandbox.uid, "")
+                if sandbox.netns:
+                    keys[sandbox.netns] = (sandbox.uid, "")
+        for obj in snapshot.pods.values():
+            if obj.node_name != self.node or not obj.uid:
+                continue
+            key = (obj.uid, obj.qos_class)
+            keys[f"{obj.ref.namespace}/{obj.ref.name}"] = key
+            for ip in obj.ips:
+                netns = self.netns_of.get(str(ip))
+                if netns is not None:
+                    keys[netns] = key
+        self.cgroup_keys = keys
 
     def _prune_sandboxes(self, snapshot: Snapshot) -> None:
         """Drop announcements whose pod the snapshot does not hold SANDBOX_TTL after they came: the runtime's
@@ -170,6 +201,7 @@ class MeshReconciler:
                                                f"no namespace under {self.netns_dir} holds {workload.ip}"))
                 continue
             desired[pod] = Assignment.of(pod, workload.ip, workload.identity.service_account, netns, self.transparent)
+        self._record_cgroup_keys(snapshot)
         for pod in [pod for pod in self.captured if pod not in desired or desired[pod].netns != self.captured[pod]]:
             self._release(pod, self.captured.pop(pod))  # capture off before the tunnel lets the pod go
         for pod in [pod for pod in self.states if pod not in local]:

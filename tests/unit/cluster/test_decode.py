@@ -23,6 +23,7 @@ from nodeagent.cluster.model import (
     Node,
     PeerAuthentication,
     PeerAuthenticationMode,
+    Pod,
     PolicyAction,
     PolicyOperation,
     PolicySource,
@@ -486,3 +487,16 @@ def test_a_node_says_whether_it_is_going_away(metadata: dict[str, Any], spec: di
     node = decoded.obj
     assert isinstance(node, Node) and not decoded.rejections
     assert node.being_deleted is deleting and node.taint_keys == taints
+
+
+def test_a_pods_uid_and_qos_class_name_its_cgroup_and_a_bad_class_is_rejected_by_field() -> None:
+    raw = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-0", "namespace": "shop", "uid": "u-1"},
+           "spec": {"nodeName": "node1"},
+           "status": {"phase": "Running", "podIP": "10.244.1.2", "qosClass": "Burstable"}}
+    decoded = decode(raw)
+    assert isinstance(decoded.obj, Pod) and (decoded.obj.uid, decoded.obj.qos_class) == ("u-1", "Burstable")
+    raw["status"]["qosClass"] = "Platinum"
+    decoded = decode(raw)
+    assert isinstance(decoded.obj, Pod) and decoded.obj.qos_class == ""
+    [rejection] = decoded.rejections
+    assert rejection.field == "status.qosClass" and "Platinum" in rejection.reason

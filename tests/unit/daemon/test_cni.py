@@ -206,3 +206,18 @@ def test_the_socket_is_the_owners_only_and_answers_status(tmp_path: Path) -> Non
         assert status == 400 and answer["reason"].startswith("podNamespace")
     finally:
         agent.close()
+
+
+def test_the_reconciler_knows_each_local_pods_cgroup_key_from_the_api_and_from_the_plugin(tmp_path: Path) -> None:
+    """What a capture on kubelet's cgroups asks: a pod's UID and QoS class, by its key or its namespace."""
+    running = k8s.pod("db-0", "10.244.1.5")
+    running["metadata"]["uid"] = "uid-db"
+    running["status"]["qosClass"] = "Guaranteed"
+    mesh = reconciler(tmp_path)
+    mesh.netns_of["10.244.1.5"] = "/run/netns/db"
+    mesh.announce(PodKey("shop", "web-0"), Sandbox(("10.244.1.9",), NETNS, "abc", "uid-web"))
+    mesh.sync(snapshot_with(running, pending_pod("web-0")))
+    assert mesh.cgroup_key("", "shop/db-0") == ("uid-db", "Guaranteed")
+    assert mesh.cgroup_key("/run/netns/db", "") == ("uid-db", "Guaranteed")
+    assert mesh.cgroup_key(NETNS, "") == ("uid-web", "")
+    assert mesh.cgroup_key("", "shop/nobody") is None
