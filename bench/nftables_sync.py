@@ -70,6 +70,9 @@ class LibRunner:
     def list_names(self, kind: str, family: str, table: str) -> set[str]:
         return self._cli.list_names(kind, family, table)
 
+    def chain_exists(self, family: str, table: str, chain: str) -> bool:
+        return self._cli.chain_exists(family, table, chain)
+
 
 def empty_tables() -> None:
     Nft().delete_table("ip", "kube-proxy")
@@ -140,7 +143,7 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
         empty_tables()
         bare.append(timed(lambda text=transaction: Nft().run(text)))
         empty_tables()
-        lib_proxier = NftablesProxier(LibRunner(), sync_period=1e9)  # type: ignore[arg-type]
+        lib_proxier = NftablesProxier(LibRunner(), sync_period=1e9)
         lib.append(timed(lambda p=lib_proxier: p.sync(snapshot, config, snapshot.changed_services)))
         if not args.skip_legacy:
             empty_tables()
@@ -153,7 +156,7 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
     cli_changes = change_latencies(tracker, proxier, config, args.services, args.endpoints, args.changes, 0)
     rss_mb = round(process.memory_info().rss / 2**20, 1)
     empty_tables()
-    lib_proxier = NftablesProxier(LibRunner(), sync_period=1e9)  # type: ignore[arg-type]
+    lib_proxier = NftablesProxier(LibRunner(), sync_period=1e9)
     snapshot = tracker.snapshot() or tracker.last()
     assert snapshot is not None
     lib_proxier.sync(snapshot, config, snapshot.changed_services)

@@ -62,6 +62,13 @@ class Nft:
                 found.add(body["name"])
         return found
 
+    def chain_exists(self, family: str, table: str, chain: str) -> bool:
+        """Whether the chain exists (`nft list chain`: nft fetches that chain only, cheap at any table size)."""
+        result = self._run(["list", "chain", family, table, chain])
+        if result.returncode != 0 and not _not_found(result.stderr):
+            raise NftError(f"nft list chain {family} {table} {chain}: {result.stderr.strip()}")
+        return result.returncode == 0
+
     def list_table(self, family: str, table: str) -> str | None:
         """`nft list table FAMILY TABLE`; None when there is no such table."""
         result = self._run(["list", "table", family, table])

@@ -117,7 +117,10 @@ def test_restart_finds_and_removes_leftovers(netns: str) -> None:
 
 def test_cleanup_removes_the_tables(netns: str) -> None:
     nft = Nft(netns)
-    NftablesProxier(nft).sync(snapshot_of(*OVERALL_OBJECTS), CONFIG, set())
+    proxier = NftablesProxier(nft)
+    proxier.sync(snapshot_of(*OVERALL_OBJECTS), CONFIG, set())
+    assert proxier.canaries_intact()
     assert cleanup.cleanup(nft) == ["table ip kube-proxy"]
     assert nft.list_table("ip", "kube-proxy") is None
+    assert not proxier.canaries_intact()  # (the agent then forces a full sync)
     assert cleanup.cleanup(nft) == []

@@ -55,6 +55,10 @@ class NftRunner(Protocol):
         """The names of the chains or sets (`kind`) of the table (empty when it does not exist)."""
         ...
 
+    def chain_exists(self, family: str, table: str, chain: str) -> bool:
+        """Whether the chain exists."""
+        ...
+
 
 @dataclass(frozen=True)
 class NftablesSyncReport:
@@ -117,7 +121,7 @@ class NftablesProxier:
         """Whether our table and its dispatch chain still exist (someone's `nft flush ruleset` removes them)."""
         if self._known is None:
             return True
-        return n.SERVICES in self.nft.list_names("chain", family_name(self.family), n.TABLE)
+        return self.nft.chain_exists(family_name(self.family), n.TABLE, n.SERVICES)
 
     @property
     def known(self) -> Table | None:

@@ -42,6 +42,9 @@ class FakeNft:
             raise TransactionError("refused")
         self.last_operations = self.table.apply(transaction)
 
+    def chain_exists(self, family: str, table: str, chain: str) -> bool:
+        return self.table.exists and chain in self.table.chains
+
     def list_names(self, kind: str, family: str, table: str) -> set[str]:
         if not self.table.exists:
             return set()
@@ -315,6 +318,16 @@ def test_affinity_sets_follow_their_endpoints() -> None:
     p.sync(snapshot_of(sticky, slice_("ns1", "svc1", ep("10.0.1.2"))), FAKE_PROXIER, {svc("ns1", "svc1")})
     assert {n for n in nft.table.containers if n.startswith("affinity-")} == {
         "affinity-ZCZBVNAZ-ns1/svc1/tcp/p80__10.0.1.2/80"}
+
+
+def test_a_flushed_ruleset_is_noticed() -> None:
+    nft, clock = FakeNft(), Clock()
+    p = proxier(nft, clock)
+    assert p.canaries_intact()  # nothing synced yet: nothing to miss
+    p.sync(snapshot_of(SVC1, EPS1), FAKE_PROXIER, set())
+    assert p.canaries_intact()
+    nft.table.apply("delete table ip kube-proxy")
+    assert not p.canaries_intact()
 
 
 def test_satisfies_datapath() -> None:
