@@ -244,7 +244,7 @@ def test_cleanup_leaves_no_program_attachment_or_pin(lab: labs.Lab) -> None:
     scope = f"{lab.record.name}-node1"
     cgroup = cgroups.path_of(lab.plan.node("node1").cgroup)
     programs = [record["id"] for record in loader.attached(cgroup)]
-    assert len(programs) == 4 and (loader.ROOT / scope).exists()
+    assert len(programs) == len(loader.PROGRAMS) == 8 and (loader.ROOT / scope).exists()  # 4 per family
     result = CliRunner().invoke(main, ["cleanup", "--bpf-scope", scope, "--cgroup", str(cgroup),
                                        "--netns", lab.plan.node("node1").netns,
                                        "--pod-netns-prefix", f"{lab.record.name}-pod-"])
