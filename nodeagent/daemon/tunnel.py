@@ -174,6 +174,7 @@ class TunnelProcess:
                             node=self.options.node)
             self.dns = DnsProxy(DnsOptions(upstreams=upstreams, domain=self.options.cluster_domain),
                                 lambda: self.dns_table, registry, node=self.options.node, reuse_port=True)
+        self._dns_seen = -1  # the generation of the last snapshot the DNS table followed
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._synced_kinds: frozenset[Kind] = frozenset()
@@ -304,12 +305,13 @@ class TunnelProcess:
 
     def _follow_dns(self, snapshot: Snapshot) -> None:
         """The DNS table for a new snapshot: rebuilt when a kind it reads changed (or a generation was missed)."""
-        table = self.dns_table
-        if self.dns is not None and (table is None or snapshot.generation != table.generation + 1
-                                     or snapshot.changed_kinds & set(DNS_KINDS)):
+        if self.dns is None:
+            return
+        missed = snapshot.generation != self._dns_seen + 1  # changed_kinds says what changed since the one before
+        if self.dns_table is None or missed or snapshot.changed_kinds & set(DNS_KINDS):
+            # A new table only then: the proxy keeps its answers while the table object stays the same.
             self.dns_table = dns_table(snapshot, self.options.cluster_domain)
-        elif table is not None:
-            self.dns_table = replace(table, generation=snapshot.generation)
+        self._dns_seen = snapshot.generation
 
     def _follow(self, snapshot: Snapshot) -> None:
         """New workload, Service and policy views for a new snapshot; report newly rejected annotations."""

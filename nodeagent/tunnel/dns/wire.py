@@ -28,6 +28,8 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
 import dns.rrset
 
 from nodeagent.cluster.model import IPAddress
@@ -157,7 +159,9 @@ def local_answer(query: Query, resolution: Resolution, *, serial: int = 0,
 
 def _addresses(owner: dns.name.Name, rdtype: dns.rdatatype.RdataType, addresses: tuple[IPAddress, ...]
                ) -> dns.rrset.RRset:
-    return dns.rrset.from_text_list(owner, TTL, "IN", rdtype, [str(ip) for ip in addresses])
+    # rdata made directly: from_text would run dnspython's tokenizer over every address
+    kind = dns.rdtypes.IN.A.A if rdtype == dns.rdatatype.A else dns.rdtypes.IN.AAAA.AAAA
+    return dns.rrset.from_rdata_list(owner, TTL, [kind(dns.rdataclass.IN, rdtype, str(ip)) for ip in addresses])
 
 
 def error_answer(query: Query, rcode: int) -> bytes:

@@ -48,6 +48,12 @@ def test_table_follows_services_and_waits_for_its_kinds() -> None:
     tracker.apply(Upserted(Kind.SERVICE, object_ref(raw), decode(raw)))
     tunnel._follow(_snap(tracker))
     assert resolve(tunnel.dns_table, "api.shop.svc.cluster.local", 4).outcome is Outcome.ANSWER
+    # a change DNS does not read keeps the table (and so the proxy's kept answers)
+    held = tunnel.dns_table
+    raw = k8s.pod("web-1", "10.244.1.7")
+    tracker.apply(Upserted(Kind.POD, object_ref(raw), decode(raw)))
+    tunnel._follow(_snap(tracker))
+    assert tunnel.dns_table is held
 
 
 @dataclass

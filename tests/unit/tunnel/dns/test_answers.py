@@ -220,3 +220,32 @@ def test_upstreams_from_resolv_conf_and_flags() -> None:
     for bad in ("dns.example", "10.0.0.1:x", "[fd00::1]x", "10.0.0.1:70000"):
         with pytest.raises(ValueError):
             parse_upstream(bad)
+
+
+def test_repeated_question_answered_again_with_its_own_id(proxy: tuple[DnsProxy, _DnsPod, Recorder]) -> None:
+    first, second = _query("echo.demo.svc.cluster.local."), _query("echo.demo.svc.cluster.local.")
+    second.id = (first.id + 1) % 65536
+    replies = [dns.message.from_wire(_ask(proxy, q.to_wire()) or b"") for q in (first, second)]
+    assert [r.id for r in replies] == [first.id, second.id]
+    assert _addresses(replies[0]) == _addresses(replies[1]) == ["10.96.0.10"]
+    assert len(proxy[0]._cache) == 1
+    assert _sample(proxy[0], "nodeagent_tunnel_dns_requests_total", outcome="local", type="A", protocol="udp") == 2
+    # the name's case as asked is echoed (0x20 randomization): a different question, not the kept answer
+    mixed = dns.message.from_wire(_ask(proxy, _query("eCHo.demo.svc.cluster.local.").to_wire()) or b"")
+    assert mixed.question[0].name.to_text() == "eCHo.demo.svc.cluster.local."
+
+
+def test_kept_answers_end_with_their_table() -> None:
+    tables = [_table()]
+    changed = dns_table(snapshot_of(namespace("demo"), service("echo", "demo", "10.96.0.99")))
+    made = DnsProxy(DnsOptions(), lambda: tables[-1], CollectorRegistry())
+    pod = _DnsPod("10.244.1.2", "demo/client", OpenNetns("/nonexistent", -1))
+    wire = _query("echo.demo.svc.cluster.local.").to_wire()
+    assert _addresses(dns.message.from_wire(asyncio.run(made.answer(pod, wire, "udp")) or b"")) == ["10.96.0.10"]
+    assert changed is not None
+    tables.append(changed)
+    assert _addresses(dns.message.from_wire(asyncio.run(made.answer(pod, wire, "udp")) or b"")) == ["10.96.0.99"]
+
+
+def _addresses(reply: dns.message.Message) -> list[str]:
+    return [rr.to_text() for rrset in reply.answer if rrset.rdtype == dns.rdatatype.A for rr in rrset]
