@@ -1,3 +1,4 @@
+# ruff: noqa: E501
 """The nftables renderer against kube-proxy's own expectations.
 
 The expected tables are kube-proxy's (pkg/proxy/nftables/proxier_test.go: baseRules, TestOverallNFTablesRules
@@ -219,3 +220,42 @@ def test_cache_reuses_unchanged_ports_and_renders_the_same() -> None:
     first = render(snapshot.service_ports, snapshot.endpoints, FAKE_PROXIER, cache=cache).dump()
     again = render(snapshot.service_ports, snapshot.endpoints, FAKE_PROXIER, cache=cache).dump()
     assert first == again == dump(snapshot)
+
+
+def test_load_balancer_ip_mode_proxy_gets_no_element() -> None:
+    """TestLoadBalancerIngressRouteTypeProxy: an ingress IP with ipMode Proxy is not captured (VIP and unset are)."""
+    for mode, expected in (("Proxy", False), ("VIP", True), (None, True)):
+        ingress: dict[str, Any] = {"ip": "1.2.3.4"} if mode is None else {"ip": "1.2.3.4", "ipMode": mode}
+        text = dump(snapshot_of(
+            service("ns1", "svc1", "10.20.30.41", type_="LoadBalancer", node_port=3001,
+                    status={"loadBalancer": {"ingress": [ingress]}}),
+            slice_("ns1", "svc1", ep("10.180.0.1"))))
+        assert ("add element ip kube-proxy service-ips { 1.2.3.4 . tcp . 80 : goto " in text) is expected, mode
+
+
+def test_bad_ips_are_written_canonically() -> None:
+    """TestBadIPs: legacy addresses with leading zeros (and a padded source range) come out canonical."""
+    text = dump(snapshot_of(
+        service("ns1", "svc1", "172.30.0.041", type_="LoadBalancer", node_port=3001,
+                externalIPs=["192.168.099.022"], loadBalancerSourceRanges=["203.0.113.000/025"],
+                status={"loadBalancer": {"ingress": [{"ip": "1.2.3.004"}]}}),
+        slice_("ns1", "svc1", ep("10.180.00.001"))))
+    assert_table(text, BASE_RULES + """
+        add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80
+        add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade
+        add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 numgen random mod 1 vmap { 0 : goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 }
+        add chain ip kube-proxy external-ULMVA6XW-ns1/svc1/tcp/p80
+        add rule ip kube-proxy external-ULMVA6XW-ns1/svc1/tcp/p80 jump mark-for-masquerade
+        add rule ip kube-proxy external-ULMVA6XW-ns1/svc1/tcp/p80 goto service-ULMVA6XW-ns1/svc1/tcp/p80
+        add chain ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80
+        add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 ip saddr 10.180.0.1 jump mark-for-masquerade
+        add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 meta l4proto tcp dnat to 10.180.0.1:80
+        add chain ip kube-proxy firewall-ULMVA6XW-ns1/svc1/tcp/p80
+        add rule ip kube-proxy firewall-ULMVA6XW-ns1/svc1/tcp/p80 ip saddr != { 203.0.113.0/25 } drop
+        add element ip kube-proxy cluster-ips { 172.30.0.41 }
+        add element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 : goto service-ULMVA6XW-ns1/svc1/tcp/p80 }
+        add element ip kube-proxy service-ips { 192.168.99.22 . tcp . 80 : goto external-ULMVA6XW-ns1/svc1/tcp/p80 }
+        add element ip kube-proxy service-ips { 1.2.3.4 . tcp . 80 : goto external-ULMVA6XW-ns1/svc1/tcp/p80 }
+        add element ip kube-proxy service-nodeports { tcp . 3001 : goto external-ULMVA6XW-ns1/svc1/tcp/p80 }
+        add element ip kube-proxy firewall-ips { 1.2.3.4 . tcp . 80 : goto firewall-ULMVA6XW-ns1/svc1/tcp/p80 }
+    """)
