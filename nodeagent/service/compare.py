@@ -74,10 +74,13 @@ def compare_modes(service_ports: Mapping[ServicePortName, ServicePortInfo],
         external = tuple(str(f) for f in sorted(frontends.get(str(name), ()))
                          if not (f.ip in cluster_ips and f.port == info.port))
         gaps = planned.external_stack.get(name, ())
+        # tc serves a port's IPv4 external frontends unless an IPv4 gap keeps them on iptables; its IPv6 ones are
+        # always ip6tables' (the IPv6 gap, said below), so an IPv6-only port is on iptables from outside
+        ipv4_gaps = tuple(g for g in gaps if g is not TcGap.IPV6)
         if not externally_accessible(info):
             path = ExternalPath.NONE
         else:
-            path = ExternalPath.IPTABLES if gaps else ExternalPath.TC
+            path = ExternalPath.IPTABLES if ipv4_gaps or 4 not in info.families else ExternalPath.TC
         out.append(PortComparison(name, external, path, gaps, _differences(info, path, gaps)))
     return out
 
@@ -88,7 +91,9 @@ def _differences(info: ServicePortInfo, path: ExternalPath, gaps: tuple[TcGap, .
         found.append("ClientIP affinity from pods and host: eBPF keys it by network namespace (each pod, and the "
                      "host as one client), iptables by source address")
     if any(ip.version == 6 for ip in (*info.cluster_ips, *info.external_ips, *info.load_balancer_ips)):
-        found.append("IPv6 addresses: the eBPF programs translate IPv4 only")
+        found.append("IPv6 addresses: from pods and host the eBPF programs translate them at connect()/sendmsg() "
+                     "(connect6, sendmsg6), ip6tables DNATs in iptables mode; from outside ip6tables serves them in "
+                     "both modes (tc translates IPv4 only)")
     if path is not ExternalPath.NONE and not info.external_policy_local:
         found.append("source IP from pods and host dialling an external frontend: the endpoint sees the pod's "
                      "address with eBPF (translated at connect()), a node address with iptables (externalTraffic"
