@@ -204,3 +204,16 @@ def test_the_agent_publishes_the_ipv6_side_s_maps_and_split_beside_the_ipv4_ones
     assert value("nodeagent_sync_proxy_map_entries", map="na_services6") == 2  # cluster IP and NodePort
     assert value("nodeagent_sync_proxy_map_entries", map="na_services") == 2
     assert value("nodeagent_ebpf_external_on_iptables_service_ports", lacks="IPv6") == 1
+
+
+def test_compare_modes_keeps_a_dual_stack_port_s_ipv4_on_tc_and_names_ip6tables_for_ipv6() -> None:
+    from nodeagent.service.compare import ExternalPath, compare_modes
+
+    current = snapshot()
+    ports = {str(p.port): p for p in compare_modes(current.service_ports, current.endpoints,
+                                                   node_ips=[NODE_V4, NODE_V6])}
+    web, only6 = ports["ns/web:p80"], ports["ns/only6:p80"]
+    assert web.external_path is ExternalPath.TC and web.gaps == (TcGap.IPV6,)
+    assert "[fd00:192::2]:30080/TCP" in web.external_frontends and "192.168.0.2:30080/TCP" in web.external_frontends
+    assert any("connect6" in d and "tc translates IPv4 only" in d for d in web.differences)
+    assert only6.external_path is ExternalPath.IPTABLES
