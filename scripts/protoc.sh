@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../nodeagent/control/api"
 for proto in *.proto; do
-  ../../.venv/bin/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. "$proto"
+  ../../../.venv/bin/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. "$proto"
   module="${proto%.proto}"
   sed -i "s/^import ${module}_pb2 as/from nodeagent.control.api import ${module}_pb2 as/" "${module}_pb2_grpc.py"
   # protoc 7 leaves the well-known types' imports out; the descriptor pool needs them loaded first

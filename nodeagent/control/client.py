@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -35,8 +36,12 @@ def assignment_of(message: control_pb2.PodAssignment) -> Assignment:
 class ControlClient:
     """Keeps one stream to the agent open and relays updates and acknowledgements."""
 
-    def __init__(self, socket_path: str, node: str, apply: Apply, statuses: Statuses) -> None:
+    def __init__(self, socket_path: str, node: str, apply: Apply, statuses: Statuses, pod_uid: str | None = None
+                 ) -> None:
         self.socket_path, self.node, self._apply, self._statuses = socket_path, node, apply, statuses
+        # The tunnel pod's UID, from the downward API (the DaemonSet sets POD_UID): the agent finds this
+        # tunnel's cgroup by it for the eBPF capture's hook. "" when not in a pod (the lab).
+        self.pod_uid = os.environ.get("POD_UID", "") if pod_uid is None else pod_uid
         self.version, self.agent_run = 0, ""
         self.connected = False
         self._acks: asyncio.Queue[control_pb2.TunnelAck | None] | None = None
@@ -45,7 +50,7 @@ class ControlClient:
         """The acknowledgement of the current state."""
         return control_pb2.TunnelAck(node=self.node, agent_run=self.agent_run, version=self.version,
                                      pods=[control_pb2.PodStatus(uid=uid, served=served, reason=reason)
-                                           for uid, served, reason in self._statuses()])
+                                           for uid, served, reason in self._statuses()], pod_uid=self.pod_uid)
 
     def notify(self) -> None:
         """Send a fresh acknowledgement (a pod's status changed) if the stream is up."""

@@ -74,6 +74,7 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
         self._stopped = False
         self.published = False  # the agent published its first complete desired set; no update before it
         self._acks: dict[int, dict[str, PodStatus]] = {}  # stream -> what its tunnel last acknowledged
+        self._pod_uids: dict[int, str] = {}  # stream -> its tunnel's pod UID (as it says)
         self.acked_version = 0  # the newest tunnel's
         self._server: grpc.Server | None = None
         # The agent's view for `nodeagent inspect` (pod uid or "" -> JSON-able data); set by whoever runs us.
@@ -107,6 +108,11 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
     def connected(self) -> bool:
         """Whether some tunnel holds a stream now."""
         return bool(self._streams)
+
+    def tunnel_pod_uids(self) -> list[str]:
+        """The pod UIDs the connected tunnels gave, newest last (empty ones left out)."""
+        with self._changed:
+            return [uid for stream in self._streams if (uid := self._pod_uids.get(stream, ""))]
 
     @property
     def statuses(self) -> dict[str, PodStatus]:
@@ -196,6 +202,7 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
             with self._changed:
                 self._streams.remove(stream)
                 self._acks.pop(stream, None)
+                self._pod_uids.pop(stream, None)
                 self._changed.notify_all()
 
     def _removals(self, sent: int | None) -> control_pb2.TunnelUpdate | None:
@@ -223,6 +230,7 @@ class ControlServer(control_pb2_grpc.TunnelControlServicer):
                         if self._streams and self._streams[-1] == stream:
                             self.acked_version = ack.version
                         self._acks[stream] = {p.uid: PodStatus(p.served, p.reason, ack.version) for p in ack.pods}
+                        self._pod_uids[stream] = ack.pod_uid
                     self._changed.notify_all()
                 if self.on_ack is not None:
                     self.on_ack()

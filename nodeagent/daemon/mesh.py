@@ -131,7 +131,20 @@ def start_mesh(agent: Agent, capture: IptablesCapture | EbpfCapture, options: Me
     loop = MeshLoop(reconciler, agent.tracker.last)
     control.on_ack = loop.request
     if isinstance(capture, EbpfCapture) and isinstance(capture.locate, KubeletCgroups):
-        capture.locate.pod_key = reconciler.cgroup_key  # pods' UIDs, from snapshots and CNI announcements
+        locate = capture.locate
+        locate.pod_key = reconciler.cgroup_key  # pods' UIDs, from snapshots and CNI announcements
+        if options.tunnel_cgroup is None:
+            # The hook goes on the newest tunnel's pod cgroup, found by the UID it gives; an older tunnel's
+            # hook stays where it was put (a rollout's old tunnel keeps working until it drains).
+            def acked() -> None:
+                uids = control.tunnel_pod_uids()
+                cgroup = locate.cgroup_of_uid(uids[-1]) if uids else None
+                if cgroup is not None and capture.tunnel_cgroup != cgroup:
+                    log.info("tunnel hook cgroup", cgroup=str(cgroup), tunnel_pod_uid=uids[-1])
+                    capture.tunnel_cgroup = cgroup
+                loop.request()
+
+            control.on_ack = acked
     if options.cni_socket is not None:
         try:
             loop.cni = CniServer(reconciler, agent.tracker.last, loop.request).start(options.cni_socket)

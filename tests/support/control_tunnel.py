@@ -44,10 +44,11 @@ class Tunnel:
             return True
         return False
 
-    def ack(self, update: control_pb2.TunnelUpdate, served: list[str]) -> None:
+    def ack(self, update: control_pb2.TunnelAck | control_pb2.TunnelUpdate, served: list[str], pod_uid: str = ""
+            ) -> None:
         self._acks.put(control_pb2.TunnelAck(
             version=update.version, agent_run=update.agent_run,
-            pods=[control_pb2.PodStatus(uid=uid, served=True) for uid in served]))
+            pods=[control_pb2.PodStatus(uid=uid, served=True) for uid in served], pod_uid=pod_uid))
 
     def close(self) -> None:
         self._acks.put(None)

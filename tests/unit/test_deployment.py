@@ -790,3 +790,18 @@ def test_the_cni_plugin_is_installed_where_the_agent_listens_and_removed_by_the_
     [cleanup] = find(rendered("cleanup"), "DaemonSet", "nodeagent-cleanup")
     first = cleanup["spec"]["template"]["spec"]["initContainers"][0]
     assert first["args"] == ["cni", "uninstall"], "the plugin leaves the chain before anything else is removed"
+
+
+def test_the_ebpf_capture_finds_kubelets_pod_cgroups_and_the_tunnels_own() -> None:
+    """The agent looks for pods' cgroups under the host's cgroup v2 root as it mounts it, and the tunnel
+    reports its pod UID (the downward API's), by which the agent finds its cgroup for the hook."""
+    docs = rendered("replace-kube-proxy")
+    agent = container(docs, "nodeagent", "agent")
+    root = _flag(agent["args"][1:], "--kubelet-cgroup-root", main.commands["run"])
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    [ds] = find(docs, "DaemonSet", "nodeagent")
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts[root]["name"]]["hostPath"]["path"] == "/sys/fs/cgroup"
+    tunnel = container(docs, "nodeagent-ztunnel", "ztunnel")
+    [uid] = [e for e in tunnel["env"] if e["name"] == "POD_UID"]
+    assert uid["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}

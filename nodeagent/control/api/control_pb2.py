@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x14nodeagent.control.v1\"x\n\rPodAssignment\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\r\n\x05netns\x18\x05 \x01(\t\x12\x13\n\x0btransparent\x18\x06 \x01(\x08\"\x88\x01\n\x0cTunnelUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tagent_run\x18\x02 \x01(\t\x12\x12\n\nfull_state\x18\x03 \x01(\x08\x12\x30\n\x03\x61\x64\x64\x18\x04 \x03(\x0b\x32#.nodeagent.control.v1.PodAssignment\x12\x0e\n\x06remove\x18\x05 \x03(\t\"8\n\tPodStatus\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0e\n\x06served\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"l\n\tTunnelAck\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tagent_run\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12-\n\x04pods\x18\x04 \x03(\x0b\x32\x1f.nodeagent.control.v1.PodStatus\"\x1d\n\x0eInspectRequest\x12\x0b\n\x03pod\x18\x01 \x01(\t\"\x1c\n\x0cInspectReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xbc\x01\n\rTunnelControl\x12T\n\x07\x43onnect\x12\x1f.nodeagent.control.v1.TunnelAck\x1a\".nodeagent.control.v1.TunnelUpdate\"\x00(\x01\x30\x01\x12U\n\x07Inspect\x12$.nodeagent.control.v1.InspectRequest\x1a\".nodeagent.control.v1.InspectReply\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x14nodeagent.control.v1\"x\n\rPodAssignment\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\r\n\x05netns\x18\x05 \x01(\t\x12\x13\n\x0btransparent\x18\x06 \x01(\x08\"\x88\x01\n\x0cTunnelUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tagent_run\x18\x02 \x01(\t\x12\x12\n\nfull_state\x18\x03 \x01(\x08\x12\x30\n\x03\x61\x64\x64\x18\x04 \x03(\x0b\x32#.nodeagent.control.v1.PodAssignment\x12\x0e\n\x06remove\x18\x05 \x03(\t\"8\n\tPodStatus\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0e\n\x06served\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"}\n\tTunnelAck\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tagent_run\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12-\n\x04pods\x18\x04 \x03(\x0b\x32\x1f.nodeagent.control.v1.PodStatus\x12\x0f\n\x07pod_uid\x18\x05 \x01(\t\"\x1d\n\x0eInspectRequest\x12\x0b\n\x03pod\x18\x01 \x01(\t\"\x1c\n\x0cInspectReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xbc\x01\n\rTunnelControl\x12T\n\x07\x43onnect\x12\x1f.nodeagent.control.v1.TunnelAck\x1a\".nodeagent.control.v1.TunnelUpdate\"\x00(\x01\x30\x01\x12U\n\x07Inspect\x12$.nodeagent.control.v1.InspectRequest\x1a\".nodeagent.control.v1.InspectReply\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PODSTATUS']._serialized_start=300
   _globals['_PODSTATUS']._serialized_end=356
   _globals['_TUNNELACK']._serialized_start=358
-  _globals['_TUNNELACK']._serialized_end=466
-  _globals['_INSPECTREQUEST']._serialized_start=468
-  _globals['_INSPECTREQUEST']._serialized_end=497
-  _globals['_INSPECTREPLY']._serialized_start=499
-  _globals['_INSPECTREPLY']._serialized_end=527
-  _globals['_TUNNELCONTROL']._serialized_start=530
-  _globals['_TUNNELCONTROL']._serialized_end=718
+  _globals['_TUNNELACK']._serialized_end=483
+  _globals['_INSPECTREQUEST']._serialized_start=485
+  _globals['_INSPECTREQUEST']._serialized_end=514
+  _globals['_INSPECTREPLY']._serialized_start=516
+  _globals['_INSPECTREPLY']._serialized_end=544
+  _globals['_TUNNELCONTROL']._serialized_start=547
+  _globals['_TUNNELCONTROL']._serialized_end=735
 # @@protoc_insertion_point(module_scope)

@@ -47,16 +47,18 @@ class PodStatus(_message.Message):
     def __init__(self, uid: _Optional[str] = ..., served: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class TunnelAck(_message.Message):
-    __slots__ = ("node", "agent_run", "version", "pods")
+    __slots__ = ("node", "agent_run", "version", "pods", "pod_uid")
     NODE_FIELD_NUMBER: _ClassVar[int]
     AGENT_RUN_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PODS_FIELD_NUMBER: _ClassVar[int]
+    POD_UID_FIELD_NUMBER: _ClassVar[int]
     node: str
     agent_run: str
     version: int
     pods: _containers.RepeatedCompositeFieldContainer[PodStatus]
-    def __init__(self, node: _Optional[str] = ..., agent_run: _Optional[str] = ..., version: _Optional[int] = ..., pods: _Optional[_Iterable[_Union[PodStatus, _Mapping]]] = ...) -> None: ...
+    pod_uid: str
+    def __init__(self, node: _Optional[str] = ..., agent_run: _Optional[str] = ..., version: _Optional[int] = ..., pods: _Optional[_Iterable[_Union[PodStatus, _Mapping]]] = ..., pod_uid: _Optional[str] = ...) -> None: ...
 
 class InspectRequest(_message.Message):
     __slots__ = ("pod",)

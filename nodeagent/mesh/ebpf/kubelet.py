@@ -79,10 +79,11 @@ class KubeletCgroups:
     def cgroup_of(self, netns: str, pod: str) -> Path | None:
         """The pod's cgroup, if the kubelet made it where expected."""
         found = self.pod_key(netns, pod)
-        if found is None or not found[0]:
-            return None
-        key = PodCgroupKey(*found)
-        return next((path for path in candidates(self.root, key) if path.is_dir()), None)
+        return self.cgroup_of_uid(*found) if found is not None and found[0] else None
+
+    def cgroup_of_uid(self, uid: str, qos_class: str = "") -> Path | None:
+        """The cgroup of the pod with `uid`, if the kubelet made it where expected."""
+        return next((path for path in candidates(self.root, PodCgroupKey(uid, qos_class)) if path.is_dir()), None)
 
     def __call__(self, netns: str, pod: str) -> PodTarget | None:
         """The pod at `netns` (None: not known, or its namespace, address or cgroup is gone)."""

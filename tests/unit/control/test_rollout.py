@@ -102,3 +102,22 @@ def test_the_older_tunnel_takes_over_with_a_full_state_when_the_newest_leaves(
         assert taken.full_state and uids(taken) == [ECHO.uid, WEB.uid]
     finally:
         old.close()
+
+
+def test_each_tunnel_says_its_pod_uid_and_the_newest_comes_last(server: ControlServer, tmp_path: Path) -> None:
+    """Where the eBPF capture's hook goes on a real node: the newest tunnel's pod cgroup, by its UID."""
+    server.publish({ECHO.uid: ECHO})
+    old = Tunnel(str(tmp_path / "control.sock"))
+    new: Tunnel | None = None
+    try:
+        old.ack(old.next(), [ECHO.uid], pod_uid="uid-old")
+        until(lambda: server.tunnel_pod_uids() == ["uid-old"])
+        new = Tunnel(str(tmp_path / "control.sock"))
+        new.ack(new.next(), [ECHO.uid], pod_uid="uid-new")
+        until(lambda: server.tunnel_pod_uids() == ["uid-old", "uid-new"])
+        new.close()
+        until(lambda: server.tunnel_pod_uids() == ["uid-old"])
+    finally:
+        if new is not None:
+            new.close()
+        old.close()
