@@ -8,6 +8,11 @@ the proxy is healthy, else 503, and kube-proxy's body byte for byte (tab-indente
 Which Services, ports and counts is decided elsewhere (`nodeagent.service.healthcheck`, pure); this module only
 opens and closes the listeners and answers. A port that cannot be bound is logged with its Service and port and
 tried again at the next sync, as kube-proxy does; the other Services' listeners are not affected.
+
+Per family, as kube-proxy's ServiceHealthServer in each family's proxier: a listener on an IPv6 address answers
+with the Service's local endpoints of IPv6, one on an IPv4 address with those of IPv4 (`sync_endpoints(...,
+family)`); the IPv6 wildcard [::] is an IPv6-only socket (IPV6_V6ONLY), so it and 0.0.0.0 both bind the port,
+as kube-proxy binds each family's instance to a socket of its own family.
 """
 
 from __future__ import annotations
@@ -72,24 +77,33 @@ def service_health_answer(service: ServiceName, local_endpoints: int,
 class _Server6(BoundedHTTPServer):
     address_family = socket.AF_INET6
 
+    def server_bind(self) -> None:
+        # IPv6 only: [::] must not take the IPv4 side of the port, which the 0.0.0.0 listener binds
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
 
 class _Listener:
     """One Service's listeners (one per host), each serving from its own daemon thread."""
 
     def __init__(self, service: ServiceName, listen: Listen,
-                 answer: Callable[[], tuple[int, dict[str, str], bytes]], limits: ConnectionLimits,
+                 answer: Callable[[int], tuple[int, dict[str, str], bytes]], limits: ConnectionLimits,
                  refusals: Refusals) -> None:
-        class Handler(BoundedRequestHandler):
-            def do_GET(self) -> None:
-                status, headers, data = answer()
-                respond(self, status, headers, data)
+        def handler(family: int) -> type[BoundedRequestHandler]:
+            class Handler(BoundedRequestHandler):
+                def do_GET(self) -> None:
+                    status, headers, data = answer(family)
+                    respond(self, status, headers, data)
+
+            return Handler
 
         self.listen = listen
         self.servers: list[BoundedHTTPServer] = []
         try:
             for host in listen.hosts:
-                kind = _Server6 if ":" in host else BoundedHTTPServer
-                self.servers.append(kind((host, listen.port), Handler, limits, refusals))
+                ipv6 = ":" in host
+                kind = _Server6 if ipv6 else BoundedHTTPServer
+                self.servers.append(kind((host, listen.port), handler(6 if ipv6 else 4), limits, refusals))
         except OSError:
             for server in self.servers:  # bound but never served: nothing to shut down
                 server.server_close()
@@ -124,7 +138,7 @@ class ServiceHealthServers:
         self._refusals = Refusals()
         self._lock = threading.Lock()
         self._listeners: dict[ServiceName, _Listener] = {}
-        self._endpoints: dict[ServiceName, int] = {}
+        self._endpoints: dict[int, dict[ServiceName, int]] = {4: {}, 6: {}}
 
     def sync_services(self, wanted: Mapping[ServiceName, Listen]) -> None:
         """Open a listener for every Service in `wanted` that has none (or listens elsewhere: closed and
@@ -134,7 +148,8 @@ class ServiceHealthServers:
                     if wanted.get(service) != listener.listen}
             for service in gone:
                 del self._listeners[service]
-                self._endpoints.pop(service, None)
+                for counts in self._endpoints.values():
+                    counts.pop(service, None)
         _close_all(gone.values())
         for service, listener in gone.items():
             log.info("service health check closed", service=str(service), port=listener.listen.port)
@@ -149,20 +164,22 @@ class ServiceHealthServers:
                 continue
             with self._lock:
                 self._listeners[service] = opened
-                self._endpoints.setdefault(service, 0)
+                for counts in self._endpoints.values():
+                    counts.setdefault(service, 0)
             log.info("service health check listening", service=str(service), port=listen.port,
                      hosts=list(listen.hosts))
 
-    def sync_endpoints(self, local_endpoints: Mapping[ServiceName, int]) -> None:
-        """Set every listened Service's count of local ready endpoints (absent: 0)."""
+    def sync_endpoints(self, local_endpoints: Mapping[ServiceName, int], family: int = 4) -> None:
+        """Set every listened Service's count of local ready endpoints of `family` (absent: 0), what its listeners
+        of that family answer with."""
         with self._lock:
             for service in self._listeners:
-                self._endpoints[service] = local_endpoints.get(service, 0)
+                self._endpoints[family][service] = local_endpoints.get(service, 0)
 
-    def answer(self, service: ServiceName) -> tuple[int, dict[str, str], bytes]:
-        """What `service`'s health check answers now."""
+    def answer(self, service: ServiceName, family: int = 4) -> tuple[int, dict[str, str], bytes]:
+        """What `service`'s health check answers now on its listeners of `family`."""
         with self._lock:
-            count = self._endpoints.get(service, 0)
+            count = self._endpoints[family].get(service, 0)
         return service_health_answer(service, count, self._proxy_healthy())
 
     def refusals(self) -> dict[str, int]:
@@ -179,7 +196,8 @@ class ServiceHealthServers:
         """Close every listener."""
         with self._lock:
             listeners, self._listeners = list(self._listeners.values()), {}
-            self._endpoints.clear()
+            for counts in self._endpoints.values():
+                counts.clear()
         _close_all(listeners)
 
 
