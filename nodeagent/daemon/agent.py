@@ -297,7 +297,14 @@ class Agent:
 
     def _sync_health_checks(self, snapshot: Snapshot, config: ProxyConfig) -> None:
         """After a successful sync, as kube-proxy: a listener per health-checked Service on the node's NodePort
-        addresses, answering with its local ready endpoints."""
-        wanted = health_check_ports(snapshot.service_ports.values(), config.nodeport_ips)
+        addresses, answering with its local ready endpoints; per family, as each family's proxier has its own (the
+        IPv6 one's on the IPv6 NodePort addresses, once the IPv6 proxier runs)."""
+        ipv6 = self._ipv6_active
+        nodeport_ips6 = proxy_config(self.options.node_name, self.options.proxy, snapshot, self.addresses(),
+                                     family=6).nodeport_ips if ipv6 else None
+        wanted = health_check_ports(snapshot.service_ports.values(), config.nodeport_ips, nodeport_ips6, ipv6=ipv6)
         self.service_health.sync_services(wanted)
-        self.service_health.sync_endpoints(local_ready_endpoints(snapshot.endpoints, only=wanted.keys()))
+        self.service_health.sync_endpoints(local_ready_endpoints(snapshot.endpoints, only=wanted.keys(), family=4))
+        if ipv6:
+            self.service_health.sync_endpoints(local_ready_endpoints(snapshot.endpoints, only=wanted.keys(),
+                                                                     family=6), family=6)
