@@ -122,8 +122,9 @@ def _capture(netns: str) -> None:
     """The pod's port 53 captured into the proxy, the tunnel's own (marked) queries skipped: what the mesh's
     capture must install (see docs/dns.md)."""
     for proto in ("udp", "tcp"):
-        netns_run(netns, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", proto, "--dport", "53", "-m", "mark",
-                  "!", "--mark", "0x539", "-j", "REDIRECT", "--to-ports", str(DNS_PORT))
+        netns_run(netns, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", proto, "-m", proto, "--dport", "53",
+                  "!", "-d", "127.0.0.1/32", "-m", "mark", "!", "--mark", "0x539/0xfff", "-j", "REDIRECT",
+                  "--to-ports", str(DNS_PORT))
 
 
 def _table() -> DnsTable:

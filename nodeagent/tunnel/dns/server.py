@@ -295,12 +295,15 @@ class DnsProxy:
                     transport.sendto(reply, addr)
             except Exception as exc:  # never let one question take the listener down
                 log.warning("dns question failed", pod=pod.name, reason=f"{type(exc).__name__}: {exc}")
-            finally:
-                self.pending -= 1
+
+        def done(task: asyncio.Task[None]) -> None:
+            # here, not in a `finally` of handle(): a task cancelled before it started never runs its body
+            pod.tasks.discard(task)
+            self.pending -= 1
 
         task = asyncio.ensure_future(handle())
         pod.tasks.add(task)
-        task.add_done_callback(pod.tasks.discard)
+        task.add_done_callback(done)
 
     async def _connection(self, pod: _DnsPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A TCP connection from the pod: length-prefixed questions, answered in turn (RFC 7766)."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
-from typing import Any
+from typing import Any, cast
 
 import dns.flags
 import dns.message
@@ -249,3 +250,36 @@ def test_kept_answers_end_with_their_table() -> None:
 
 def _addresses(reply: dns.message.Message) -> list[str]:
     return [rr.to_text() for rrset in reply.answer if rrset.rdtype == dns.rdatatype.A for rr in rrset]
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def sendto(self, data: bytes, addr: object = None) -> None:
+        self.sent.append(data)
+
+
+def test_datagrams_in_progress_are_released_with_their_pod() -> None:
+    table = _table()
+    made = DnsProxy(DnsOptions(max_pending=2), lambda: table, CollectorRegistry())
+    pod = _DnsPod("10.244.1.2", "demo/client", OpenNetns("/dev/null", os.open("/dev/null", os.O_RDONLY)))
+    made.pods[pod.ip] = pod
+    transport = _Transport()
+    wire = _query("echo.demo.svc.cluster.local.").to_wire()
+
+    async def scenario() -> None:
+        for _ in range(3):  # the third is over max_pending: dropped, counted
+            made.datagram(pod, cast(Any, transport), wire, ("127.0.0.1", 5000))
+        assert made.pending == 2
+        made.remove_pod(pod.ip)  # cancels both before they ran
+        for _ in range(5):  # a cancelled task ends on the next loop pass, its callbacks on the one after
+            await asyncio.sleep(0)
+        assert made.pending == 0 and not pod.tasks
+        assert transport.sent == []
+
+    asyncio.run(scenario())
+    assert _sample(made, "nodeagent_tunnel_dns_dropped_total", reason="busy") == 1
