@@ -1,7 +1,8 @@
 """One sync of the nftables datapath: kube-proxy's nftables `syncProxyRules` decisions around the pure parts.
 
-- A **full** sync (the first one, every `sync_period`, after any failure, when the configuration changed, or
-  when our table vanished) lists the per-service chains and affinity sets the kernel holds and runs
+- A **full** sync (the first one, after any failure, when the configuration changed, or when our table
+  vanished; not every sync period: kube-proxy's nftables proxier passes its runner an hour, "arbitrary", and
+  resyncs fully only when it must, since at 10,000 Services a full transaction takes tens of seconds) lists the per-service chains and affinity sets the kernel holds and runs
   `setupNFTables` and every chain and element (`service.nftables.transaction`). The first full sync of a process
   also deletes and re-adds the base chains, so a priority that changed between versions takes (kube-proxy's
   `flushed`).
@@ -93,12 +94,11 @@ class NftablesProxier:
 
     nft: NftRunner
     family: int = 4
-    sync_period: float = 30.0
+    sync_period: float = 30.0  # (kept for the agent's wiring; the nftables proxier never resyncs on a timer)
     clock: Callable[[], float] = time.monotonic
     conntrack: ConntrackReconciler | None = None  # None: the kernel's table in nft.netns
     _need_full: bool = True
     _base_recreated: bool = False
-    _last_full: float = float("-inf")
     _config: ProxyConfig | None = None
     _known: KernelState | None = None
     _stale: dict[str, float] = field(default_factory=dict)
@@ -134,8 +134,7 @@ class NftablesProxier:
         if config.family != self.family:
             raise ValueError(f"the IPv{self.family} proxier was given an IPv{config.family} configuration")
         started = self.clock()
-        full = (self._need_full or self._known is None or config != self._config
-                or started - self._last_full >= self.sync_period)
+        full = self._need_full or self._known is None or config != self._config
         self._need_full = True  # until this sync succeeds
         if config != self._config:
             self._cache.clear()
@@ -151,7 +150,8 @@ class NftablesProxier:
                        existing_chains=chains, existing_sets=sets, stale=self._stale, now=started,
                        recreate_base=full and not self._base_recreated)
         try:
-            self.nft.run(planned.text())
+            if planned.lines:  # (an idle periodic sync has nothing to write)
+                self.nft.run(planned.text())
         except Exception:
             # the stale chains flushed by this transaction were not flushed; the next full sync finds them again
             self._stale.clear()
@@ -161,7 +161,6 @@ class NftablesProxier:
         self._known = planned.commit()
         self._stale = planned.stale
         if full:
-            self._last_full = started
             self._base_recreated = True
         self._config = config
         assert self.conntrack is not None  # (__post_init__)
