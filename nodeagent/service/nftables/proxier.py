@@ -1,11 +1,11 @@
 """One sync of the nftables datapath: kube-proxy's nftables `syncProxyRules` decisions around the pure parts.
 
-- A **full** sync (the first one, after any failure, when the configuration changed, or when our table
-  vanished; not every sync period: kube-proxy's nftables proxier passes its runner an hour, "arbitrary", and
-  resyncs fully only when it must, since at 10,000 Services a full transaction takes tens of seconds) lists
-  the per-service chains and affinity sets the kernel holds and runs `setupNFTables` and every chain and
-  element (`service.nftables.transaction`). The first full sync of a process also deletes and re-adds the base chains, so a priority that changed between versions takes (kube-proxy's
-  `flushed`).
+- A **full** sync (the first one, after any failure, when the configuration changed, or when our table vanished; not
+  every sync period: kube-proxy's nftables proxier passes its runner an hour, "arbitrary", and resyncs fully only
+  when it must, since at 10,000 Services a full transaction takes tens of seconds) lists the per-service chains and
+  affinity sets the kernel holds and runs `setupNFTables` and every chain and element
+  (`service.nftables.transaction`). The first full sync of a process also deletes and re-adds the base chains, so a
+  priority that changed between versions takes (kube-proxy's `flushed`).
 - A **partial** sync writes only the chains of the Services that changed and the map and set elements that
   differ from what the last successful sync left (kept in memory, as kube-proxy's nftElementStorage).
 - Stale per-service chains are flushed, and deleted by a later sync once stale for a second.
