@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,9 @@ from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from nodeagent.lab.demo import request_from
 from nodeagent.lab.manifests import DUAL_STACK_CONFIG
+from tests.integration.conftest import wait_for
 from tests.support.agent_labs import lab_with_agents
+from tests.support.netns import netns_run
 
 pytestmark = pytest.mark.root
 
@@ -50,7 +53,19 @@ spec:
   ipFamilyPolicy: RequireDualStack
   selector: {app: echo}
   ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dual-lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30257
+  ipFamilyPolicy: RequireDualStack
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30091}]
 """
+HEALTH_PORT = 30257
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +162,26 @@ def test_kubectl_shows_both_families(lab: labs.Lab, tmp_path: Path) -> None:
     internal = [a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP"]  # type: ignore[index]
     assert internal == ["172.18.0.2", "fd00:18::2"]
     assert node["spec"]["podCIDRs"] == ["10.244.1.0/24", "fd00:10:244:1::/64"]  # type: ignore[index]
+
+
+def health(lab: labs.Lab, from_node: str, address: str) -> tuple[int, int]:
+    """(status, localEndpoints) of dual-lb's health check node port at `address`, asked from `from_node`."""
+    script = ("import json,sys,urllib.request,urllib.error\n"
+              "try:\n r=urllib.request.urlopen(sys.argv[1],timeout=2);s,b=r.status,r.read()\n"
+              "except urllib.error.HTTPError as e: s,b=e.code,e.read()\n"
+              "except OSError: s,b=0,b'{}'\n"
+              "print(json.dumps([s,json.loads(b).get('localEndpoints',-1)]))")
+    out = netns_run(lab.plan.node(from_node).netns, sys.executable, "-c", script,
+                    f"http://{target(address, HEALTH_PORT)}/")
+    status, count = json.loads(out)
+    return int(status), int(count)
+
+
+def test_the_health_check_node_port_answers_over_both_families(lab: labs.Lab) -> None:
+    """node1 has one local echo endpoint per family: its IPv4 listener and its IPv6 one (an IPv6-only socket
+    beside 0.0.0.0) answer 200 with one endpoint each, asked from node2."""
+    node1 = lab.plan.node("node1").node
+    for address in (str(node1.address), str(node1.address6)):
+        wait_for(lambda address=address: health(lab, "node2", address)[0] == 200,  # type: ignore[misc]
+                 f"the health check on {address}")
+        assert health(lab, "node2", address) == (200, 1)
