@@ -54,7 +54,7 @@ DNS_KINDS = (Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NAMESPACE)
 class Outcome(StrEnum):
     """What the table says about one question."""
 
-    ANSWER = "answer"      # `addresses` (possibly with a `cname` first) is the answer
+    ANSWER = "answer"      # `addresses` is the answer
     CNAME = "cname"        # an ExternalName: `cname` is the answer, its target is resolved further
     NODATA = "nodata"      # the name exists, not with records of this type (NOERROR, empty answer)
     NXDOMAIN = "nxdomain"  # the name does not exist

@@ -213,10 +213,19 @@ class DnsProxy:
                         log.debug("no IPv6 DNS listener", pod=name, reason=str(exc))
                         continue
                     raise
-                transport, _ = await loop.create_datagram_endpoint(lambda: _Listener(self, pod), sock=udp)
+                try:
+                    transport, _ = await loop.create_datagram_endpoint(lambda: _Listener(self, pod), sock=udp)
+                except BaseException:
+                    udp.close()
+                    raise
                 pod.transports.append(transport)
                 tcp = self._listener(pod, family, socket.SOCK_STREAM, address)
-                pod.servers.append(await asyncio.start_server(lambda r, w: self._connection(pod, r, w), sock=tcp))
+                try:
+                    pod.servers.append(await asyncio.start_server(lambda r, w: self._connection(pod, r, w),
+                                                                  sock=tcp))
+                except BaseException:
+                    tcp.close()
+                    raise
         except BaseException:
             self._release(pod)
             raise
