@@ -48,6 +48,7 @@ from nodeagent.tunnel.dns.wire import (
     local_answer,
     lookup_query,
     parse,
+    read_answer,
     type_label,
     with_id,
 )
@@ -152,13 +153,12 @@ class _Listener(asyncio.DatagramProtocol):
 class _Exchange(asyncio.DatagramProtocol):
     """One forwarded UDP question: the first datagram that answers it resolves `future`."""
 
-    def __init__(self, ident: int, query: Query, future: asyncio.Future[tuple[bytes, dns.message.Message]]) -> None:
+    def __init__(self, ident: int, query: Query, future: asyncio.Future[bytes]) -> None:
         self.ident, self.query, self.future = ident, query, future
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        message = answers_query(data, self.ident, self.query)
-        if message is not None and not self.future.done():
-            self.future.set_result((data, message))
+        if answers_query(data, self.ident, self.query) and not self.future.done():
+            self.future.set_result(data)
 
     def error_received(self, exc: Exception) -> None:  # ICMP port unreachable: this resolver is not there
         if not self.future.done():
@@ -404,7 +404,7 @@ class DnsProxy:
             log.debug("dns question not answered upstream", pod=pod.name, name=query.name.to_text(), type=label)
             return error_answer(query, dns.rcode.SERVFAIL)
         self.metrics.count(FORWARDED, label, protocol)
-        return with_id(got[0], query.message.id)
+        return with_id(got, query.message.id)
 
     async def _local(self, pod: _DnsPod, query: Query, resolution: Resolution, table: DnsTable, family: int,
                      protocol: str, original: Upstream | None) -> dns.message.Message:
@@ -419,8 +419,9 @@ class DnsProxy:
             if following.outcome is Outcome.FORWARD:
                 if self.in_flight < self.options.max_forwards:
                     got = await self._ask(pod, lookup_query(current.cname, query.rdtype), protocol, original)
-                    if got is not None and got[1].rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-                        extra, rcode = list(got[1].answer), got[1].rcode()
+                    answer = None if got is None else read_answer(got)
+                    if answer is not None and answer.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                        extra, rcode = list(answer.answer), answer.rcode()
                 break
             chain.append((current.cname, following))
             current = following
@@ -431,7 +432,7 @@ class DnsProxy:
         return response
 
     async def _ask(self, pod: _DnsPod, query: Query, protocol: str, original: Upstream | None
-                   ) -> tuple[bytes, dns.message.Message] | None:
+                   ) -> bytes | None:
         """Forward `query` to the pod's resolver(s) in turn until one answers it; None if none did."""
         targets = [original] if protocol == "tcp" and original is not None else list(self.options.upstreams)
         loop = asyncio.get_running_loop()
@@ -460,7 +461,7 @@ class DnsProxy:
             self.metrics.upstream_seconds.inc(loop.time() - started)
 
     async def _udp_exchange(self, pod: _DnsPod, host: str, port: int, query: Query, ident: int
-                            ) -> tuple[bytes, dns.message.Message]:
+                            ) -> bytes:
         loop = asyncio.get_running_loop()
         sock = self._socket_in(pod, _family(host), socket.SOCK_DGRAM)
         try:
@@ -469,7 +470,7 @@ class DnsProxy:
         except BaseException:
             sock.close()
             raise
-        future: asyncio.Future[tuple[bytes, dns.message.Message]] = loop.create_future()
+        future: asyncio.Future[bytes] = loop.create_future()
         transport, _ = await loop.create_datagram_endpoint(lambda: _Exchange(ident, query, future), sock=sock)
         try:
             transport.sendto(with_id(query.data, ident))
@@ -478,7 +479,7 @@ class DnsProxy:
             transport.close()
 
     async def _tcp_exchange(self, pod: _DnsPod, host: str, port: int, query: Query, ident: int
-                            ) -> tuple[bytes, dns.message.Message] | None:
+                            ) -> bytes | None:
         loop = asyncio.get_running_loop()
         sock = self._socket_in(pod, _family(host), socket.SOCK_STREAM)
         try:
@@ -496,8 +497,7 @@ class DnsProxy:
             data = await reader.readexactly(size)
         finally:
             writer.close()
-        message = answers_query(data, ident, query)
-        return None if message is None else (data, message)
+        return data if answers_query(data, ident, query) else None
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -75,6 +75,12 @@ class Query:
         return {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}.get(dns.rdatatype.RdataType(self.rdtype))
 
     @property
+    def question_wire(self) -> bytes:
+        """The question as it is on the wire (name uncompressed, case kept, type, class)."""
+        question = self.message.question[0]
+        return (question.name.to_wire() or b"") + struct.pack("!HH", question.rdtype, question.rdclass)
+
+    @property
     def udp_limit(self) -> int:
         """The largest UDP answer this client takes."""
         if self.message.edns < 0:
@@ -183,18 +189,25 @@ def with_id(data: bytes, ident: int) -> bytes:
     return struct.pack("!H", ident) + data[2:]
 
 
-def answers_query(reply: bytes, ident: int, query: Query) -> dns.message.Message | None:
-    """The upstream's `reply` when it answers `query` as forwarded with id `ident` (a response, that id, the
-    same question); None for anything else (a late, stray or spoofed datagram, or one dnspython cannot read)."""
-    if len(reply) < _HEADER.size or struct.unpack_from("!H", reply)[0] != ident:
-        return None
+def answers_query(reply: bytes, ident: int, query: Query) -> bool:
+    """Whether the upstream's `reply` answers `query` as forwarded with id `ident`: a response with that id
+    and, byte for byte, the same one question (so also the name's case, which 0x20-randomizing clients
+    check). Compared on the wire, not parsed: a forwarded answer is passed back as it came, and parsing it
+    cost as much as the rest of the forward (a late, stray or spoofed datagram fails the comparison)."""
+    if len(reply) < _HEADER.size:
+        return False
+    got_id, flags, questions = struct.unpack_from("!HHH", reply)
+    question = query.question_wire
+    return (got_id == ident and bool(flags & _QR) and questions == 1
+            and reply[_HEADER.size:_HEADER.size + len(question)] == question)
+
+
+def read_answer(reply: bytes) -> dns.message.Message | None:
+    """An upstream's answer parsed (for the records of a followed CNAME); None if dnspython cannot read it."""
     try:
-        message = dns.message.from_wire(reply)
+        return dns.message.from_wire(reply)
     except (dns.exception.DNSException, ValueError, IndexError, struct.error):
         return None
-    if not message.flags & dns.flags.QR or message.question != query.message.question:
-        return None
-    return message
 
 
 def lookup_query(name: str, rdtype: int) -> Query:

@@ -55,14 +55,14 @@ class Recorder:
         self.answer = answer
 
     async def __call__(self, pod: _DnsPod, query: Query, protocol: str, original: Upstream | None
-                       ) -> tuple[bytes, dns.message.Message] | None:
+                       ) -> bytes | None:
         self.asked.append((query.name.to_text(), query.rdtype, protocol))
         if self.answer is None:
             return None
         reply = dns.message.make_response(query.message)
         if query.rdtype == dns.rdatatype.A:
             reply.answer.append(dns.rrset.from_text(query.name, 60, "IN", "A", self.answer))
-        return reply.to_wire(), reply
+        return reply.to_wire()
 
 
 @pytest.fixture
@@ -283,3 +283,21 @@ def test_datagrams_in_progress_are_released_with_their_pod() -> None:
 
     asyncio.run(scenario())
     assert _sample(made, "nodeagent_tunnel_dns_dropped_total", reason="busy") == 1
+
+
+def test_only_the_answer_to_the_forwarded_question_is_taken() -> None:
+    from nodeagent.tunnel.dns.wire import answers_query, with_id
+    asked = _query("WwW.example.com.")
+    query = parse(asked.to_wire())
+    assert isinstance(query, Query)
+    reply = dns.message.make_response(asked)
+    reply.answer.append(dns.rrset.from_text("www.example.com.", 30, "IN", "A", "203.0.113.7"))
+    wire = with_id(reply.to_wire(), 4242)
+    assert answers_query(wire, 4242, query)
+    assert not answers_query(wire, 4243, query)  # another id: a stray or spoofed datagram
+    assert not answers_query(with_id(asked.to_wire(), 4242), 4242, query)  # not a response
+    lower = dns.message.make_response(_query("www.example.com."))
+    assert not answers_query(with_id(lower.to_wire(), 4242), 4242, query)  # the name's case differs (0x20)
+    aaaa = dns.message.make_response(_query("WwW.example.com.", "AAAA"))
+    assert not answers_query(with_id(aaaa.to_wire(), 4242), 4242, query)
+    assert not answers_query(wire[:14], 4242, query)
