@@ -101,3 +101,13 @@ def test_the_api_server_refuses_require_dual_stack_on_an_ipv4_cluster() -> None:
     assert caught.value.code == 422
     assert 'Service "web" is invalid: spec.ipFamilyPolicy: Invalid value: "RequireDualStack": this cluster is ' \
            "not configured for dual-stack services" in str(caught.value)
+
+
+def test_the_node_table_shows_the_first_internal_ip() -> None:
+    """kubectl's Node printer (getNodeInternalIP) takes the first InternalIP: a dual-stack node shows IPv4."""
+    from nodeagent.lab.apiserver.tables import PRINTERS
+
+    _, row = PRINTERS["Node"]
+    node = {"metadata": {"name": "n1"}, "status": {"addresses": [
+        {"type": "InternalIP", "address": "172.18.0.2"}, {"type": "InternalIP", "address": "fd00:18::2"}]}}
+    assert "172.18.0.2" in row(node) and "fd00:18::2" not in row(node)
