@@ -17,7 +17,10 @@
 //   nm_getpeername4 the application sees the address it dialed, not 127.0.0.1:15001 (iptables' REDIRECT
 //                   is invisible to the socket too).
 //   nm_connect6, nm_getpeername6: the same for IPv4-mapped addresses on dual-stack IPv6 sockets (IPv4 on
-//                   the wire, which iptables would capture too). Real IPv6 is not captured in either mode.
+//                   the wire, which iptables would capture too), and for real IPv6: a connect to anything
+//                   but ::1, ::, the pod's own IPv6 address or the IPv6 probe address goes to [::1]:<outbound
+//                   port> (what ip6tables' REDIRECT does in iptables mode), its destination kept in nm_orig6.
+//   nm_sockops      (IPv6: files it under the IPv6 4-tuple in nm_pending6.)
 // Original destination (program on the TUNNEL's cgroup):
 //   nm_getsockopt   the tunnel keeps calling getsockopt(SOL_IP, SO_ORIGINAL_DST) as in iptables mode. The
 //                   hook runs in the cgroup of the *socket* (kernel/bpf/cgroup.c uses sk->sk_cgrp_data),
@@ -27,7 +30,8 @@
 //                   connection the tc program handed to the inbound listener, is the socket's own local
 //                   address (TPROXY semantics, as ztunnel reads it). It overrides the kernel's answer for
 //                   outbound (conntrack, when loaded in the pod, would say 127.0.0.1:15001). As
-//                   merbridge/merbridge bpf/mb_get_sockopts.c.
+//                   merbridge/merbridge bpf/mb_get_sockopts.c. For IPv6 sockets the tunnel asks
+//                   getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST), answered from nm_pending6 as a sockaddr_in6.
 // Inbound (tc ingress on the pod's interface, inside the pod's namespace):
 //   nm_tc_inbound   a new TCP connection (SYN) to the pod, except to the HBONE port, from the probe address
 //                   or to an excluded port, is assigned to the tunnel's plaintext listener with
@@ -44,6 +48,8 @@
 //               for an accepted one
 //   nm_pending: (netns cookie, client ip/port, listener ip/port) -> original destination, LRU
 //   nm_inbound: (client ip/port, pod ip/port) of connections assigned to the inbound listener, LRU
+//   nm_orig6, nm_pending6: nm_orig and nm_pending for IPv6 connections
+// Inbound IPv6 is not steered by nm_tc_inbound (IPv4 only): HBONE reaches the tunnel's 15008 directly.
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -51,10 +57,12 @@
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/pkt_cls.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 
 #include "lib/cgroup.h"
 
 #define NM_SOL_IP 0
+#define NM_SOL_IPV6 41
 #define NM_SO_ORIGINAL_DST 80
 #define NM_PAGE_SIZE 4096
 #define NM_MAX_EXCLUDE 8    // mirrored by nodeagent/mesh/ebpf/state.py MAX_EXCLUDE
@@ -90,11 +98,15 @@ struct nm_config {
     u16 exclude_out_ports[NM_MAX_EXCLUDE];
     u16 exclude_in_ports[NM_MAX_EXCLUDE];
     struct nm_cidr exclude_out_cidrs[NM_MAX_EXCLUDE];
+    u32 pod_ip6[4];            // the pod's IPv6 address (all zero: none, real IPv6 is then not captured)
+    u32 probe_ip6[4];          // the IPv6 probe address
 };
 struct nm_stats { u64 outbound; u64 outbound_skipped; u64 inbound; u64 inbound_dropped; u64 answered; };
 struct nm_orig { u32 ip; u16 port; u16 via_port; };  // via_port: where connect4 sent it (0: an answer)
 struct nm_pending_key { u64 netns; u32 client_ip; u32 server_ip; u16 client_port; u16 server_port; u32 pad; };
 struct nm_flow { u32 client_ip; u32 pod_ip; u16 client_port; u16 port; };
+struct nm_orig6 { u32 ip[4]; u16 port; u16 via_port; };
+struct nm_pending6_key { u64 netns; u32 client_ip[4]; u32 server_ip[4]; u16 client_port; u16 server_port; u32 pad; };
 
 BPF_TABLE_PINNED("hash", u64, struct nm_config, nm_config, 16384, "PIN_DIR/nm_config");
 BPF_TABLE_PINNED("hash", u32, u64, nm_pod_ips, 16384, "PIN_DIR/nm_pod_ips");
@@ -102,6 +114,8 @@ BPF_TABLE_PINNED("hash", u64, struct nm_stats, nm_stats, 16384, "PIN_DIR/nm_stat
 BPF_TABLE_PINNED("lru_hash", struct nm_pending_key, struct nm_orig, nm_pending, 65536, "PIN_DIR/nm_pending");
 BPF_TABLE_PINNED("lru_hash", struct nm_flow, u32, nm_inbound, 65536, "PIN_DIR/nm_inbound");
 BPF_TABLE_PINNED7("sk_storage", int, struct nm_orig, nm_orig, 0, "PIN_DIR/nm_orig", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct nm_pending6_key, struct nm_orig6, nm_pending6, 65536, "PIN_DIR/nm_pending6");
+BPF_TABLE_PINNED7("sk_storage", int, struct nm_orig6, nm_orig6, 0, "PIN_DIR/nm_orig6", BPF_F_NO_PREALLOC);
 
 // Counters are a side channel: a full map must never change what happens to a connection.
 static __always_inline struct nm_stats *stats_of(u64 netns) {
@@ -205,10 +219,100 @@ static __always_inline int show_dialed(struct bpf_sock_addr *ctx, const enum nm_
     return CGROUP_PROCEED;
 }
 
+static __always_inline int ip6_equal(const u32 *a, const u32 *b) {
+    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+// A real IPv6 destination (not IPv4-mapped) of an IPv6 connect or getpeername: 1 and its address in ip[4].
+static __always_inline int v6_destination(struct bpf_sock_addr *ctx, u32 *ip) {
+    if (ctx->user_family != AF_INET6)
+        return 0;
+    ip[0] = ctx->user_ip6[0];
+    ip[1] = ctx->user_ip6[1];
+    ip[2] = ctx->user_ip6[2];
+    ip[3] = ctx->user_ip6[3];
+    return !(ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0xffff));
+}
+
+// 1 when ip6tables' in-pod rules would not redirect this connect either (nodeagent/mesh/iptables/render.py,
+// family 6): the tunnel's mark, ::1 and ::, the pod itself, the probe address, an excluded port. Excluded
+// IPv6 ranges are not held by nm_config (IPv4 ranges only).
+static __always_inline int outbound_exempt6(struct nm_config *cfg, struct bpf_sock *sk, const u32 *ip, u16 port) {
+    if ((sk->mark & NM_MARK_MASK) == cfg->mark)
+        return 1;
+    if (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 0 || ip[3] == bpf_htonl(1)))
+        return 1;  // :: and ::1
+    if (ip6_equal(ip, cfg->pod_ip6) || ip6_equal(ip, cfg->probe_ip6))
+        return 1;
+    return port_listed(cfg->exclude_out_ports, cfg->n_out_ports, port);
+}
+
+static __always_inline int capture_connect6(struct bpf_sock_addr *ctx) {
+    u32 ip[4] = {};
+    if (ctx->type != NM_SOCK_STREAM || ctx->protocol != IPPROTO_TCP || !v6_destination(ctx, ip))
+        return CGROUP_PROCEED;
+    u64 netns = bpf_get_netns_cookie(ctx);
+    struct nm_config *cfg = nm_config.lookup(&netns);
+    if (!cfg || (cfg->pod_ip6[0] | cfg->pod_ip6[1] | cfg->pod_ip6[2] | cfg->pod_ip6[3]) == 0)
+        return CGROUP_PROCEED;  // not configured, or a pod without IPv6
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return CGROUP_PROCEED;
+    u16 port = (u16)ctx->user_port;
+    struct nm_stats *st = stats_of(netns);
+    if (outbound_exempt6(cfg, sk, ip, port)) {
+        if (st)
+            __sync_fetch_and_add(&st->outbound_skipped, 1);
+        return CGROUP_PROCEED;
+    }
+    struct nm_orig6 *orig = nm_orig6.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!orig)
+        return CGROUP_REFUSE;  // as for IPv4: never let the connection bypass the mesh
+    orig->ip[0] = ip[0];
+    orig->ip[1] = ip[1];
+    orig->ip[2] = ip[2];
+    orig->ip[3] = ip[3];
+    orig->port = port;
+    orig->via_port = cfg->outbound_port;
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = 0;
+    ctx->user_ip6[3] = bpf_htonl(1);
+    ctx->user_port = (u32)cfg->outbound_port;
+    if (st)
+        __sync_fetch_and_add(&st->outbound, 1);
+    return CGROUP_PROCEED;
+}
+
+static __always_inline int show_dialed6(struct bpf_sock_addr *ctx) {
+    u32 ip[4] = {};
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || !v6_destination(ctx, ip))
+        return CGROUP_PROCEED;
+    struct nm_orig6 *orig = nm_orig6.sk_storage_get(sk, 0, 0);
+    if (orig && orig->via_port && ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1) &&
+        (u16)ctx->user_port == orig->via_port) {
+        ctx->user_ip6[0] = orig->ip[0];
+        ctx->user_ip6[1] = orig->ip[1];
+        ctx->user_ip6[2] = orig->ip[2];
+        ctx->user_ip6[3] = orig->ip[3];
+        ctx->user_port = (u32)orig->port;
+    }
+    return CGROUP_PROCEED;
+}
+
 int nm_connect4(struct bpf_sock_addr *ctx) { return capture_connect(ctx, NM_IPV4); }
-int nm_connect6(struct bpf_sock_addr *ctx) { return capture_connect(ctx, NM_IPV4_MAPPED); }
+int nm_connect6(struct bpf_sock_addr *ctx) {
+    if (ctx->user_family == AF_INET6 && ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
+        ctx->user_ip6[2] == bpf_htonl(0xffff))
+        return capture_connect(ctx, NM_IPV4_MAPPED);
+    return capture_connect6(ctx);
+}
 int nm_getpeername4(struct bpf_sock_addr *ctx) { return show_dialed(ctx, NM_IPV4); }
-int nm_getpeername6(struct bpf_sock_addr *ctx) { return show_dialed(ctx, NM_IPV4_MAPPED); }
+int nm_getpeername6(struct bpf_sock_addr *ctx) {
+    show_dialed(ctx, NM_IPV4_MAPPED);
+    return show_dialed6(ctx);
+}
 
 int nm_sockops(struct bpf_sock_ops *skops) {
     if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
@@ -216,6 +320,29 @@ int nm_sockops(struct bpf_sock_ops *skops) {
     struct bpf_sock *sk = skops->sk;
     if (!sk)
         return CGROUP_PROCEED;
+    struct nm_orig6 *orig6 = nm_orig6.sk_storage_get(sk, 0, 0);
+    if (orig6 && orig6->via_port) {
+        struct nm_pending6_key key6 = {};
+        key6.netns = bpf_get_netns_cookie(skops);
+        key6.client_ip[0] = sk->src_ip6[0];
+        key6.client_ip[1] = sk->src_ip6[1];
+        key6.client_ip[2] = sk->src_ip6[2];
+        key6.client_ip[3] = sk->src_ip6[3];
+        key6.server_ip[0] = sk->dst_ip6[0];
+        key6.server_ip[1] = sk->dst_ip6[1];
+        key6.server_ip[2] = sk->dst_ip6[2];
+        key6.server_ip[3] = sk->dst_ip6[3];
+        key6.client_port = bpf_htons((u16)sk->src_port);
+        key6.server_port = (u16)sk->dst_port;
+        struct nm_orig6 answer6 = {};
+        answer6.ip[0] = orig6->ip[0];
+        answer6.ip[1] = orig6->ip[1];
+        answer6.ip[2] = orig6->ip[2];
+        answer6.ip[3] = orig6->ip[3];
+        answer6.port = orig6->port;
+        nm_pending6.update(&key6, &answer6);
+        return CGROUP_PROCEED;
+    }
     struct nm_orig *orig = nm_orig.sk_storage_get(sk, 0, 0);
     if (!orig || !orig->via_port)
         return CGROUP_PROCEED;
@@ -230,10 +357,73 @@ int nm_sockops(struct bpf_sock_ops *skops) {
     return CGROUP_PROCEED;
 }
 
+// getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) on a socket the tunnel accepted from a connection nm_connect6
+// redirected: the original IPv6 destination as a sockaddr_in6, from nm_pending6 (kept in the accepted socket's
+// nm_orig6 so a second call answers the same).
+static __always_inline int original_dst6(struct bpf_sockopt *ctx, struct bpf_sock *sk) {
+    struct nm_orig6 answer = {};
+    int found = 0;
+    if (sk->family != AF_INET6 || sk->protocol != IPPROTO_TCP)
+        goto pass6;
+    struct nm_orig6 *cached = nm_orig6.sk_storage_get(sk, 0, 0);
+    if (cached && !cached->via_port) {
+        answer = *cached;
+        found = 1;
+    }
+    if (!found) {
+        struct nm_pending6_key key = {};
+        key.netns = bpf_get_netns_cookie(ctx);
+        key.client_ip[0] = sk->dst_ip6[0];
+        key.client_ip[1] = sk->dst_ip6[1];
+        key.client_ip[2] = sk->dst_ip6[2];
+        key.client_ip[3] = sk->dst_ip6[3];
+        key.server_ip[0] = sk->src_ip6[0];
+        key.server_ip[1] = sk->src_ip6[1];
+        key.server_ip[2] = sk->src_ip6[2];
+        key.server_ip[3] = sk->src_ip6[3];
+        key.client_port = (u16)sk->dst_port;
+        key.server_port = bpf_htons((u16)sk->src_port);
+        struct nm_orig6 *pending = nm_pending6.lookup(&key);
+        if (pending) {
+            answer = *pending;
+            found = 1;
+            nm_pending6.delete(&key);
+            struct nm_orig6 *keep = nm_orig6.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+            if (keep)
+                *keep = answer;
+        }
+    }
+    if (!found)
+        goto pass6;
+    struct sockaddr_in6 *sa = ctx->optval;
+    if ((void *)(sa + 1) > ctx->optval_end)
+        goto pass6;
+    __builtin_memset(sa, 0, sizeof(*sa));
+    sa->sin6_family = AF_INET6;
+    sa->sin6_port = answer.port;
+    sa->sin6_addr.in6_u.u6_addr32[0] = answer.ip[0];
+    sa->sin6_addr.in6_u.u6_addr32[1] = answer.ip[1];
+    sa->sin6_addr.in6_u.u6_addr32[2] = answer.ip[2];
+    sa->sin6_addr.in6_u.u6_addr32[3] = answer.ip[3];
+    ctx->optlen = sizeof(*sa);
+    asm volatile("" ::: "memory");  // see nm_getsockopt: two adjacent 4-byte stores must stay two
+    ctx->retval = 0;
+    struct nm_stats *st = stats_of(bpf_get_netns_cookie(ctx));
+    if (st)
+        __sync_fetch_and_add(&st->answered, 1);
+    return CGROUP_PROCEED;
+pass6:
+    if (ctx->optlen > NM_PAGE_SIZE)
+        ctx->optlen = 0;
+    return CGROUP_PROCEED;
+}
+
 int nm_getsockopt(struct bpf_sockopt *ctx) {
     struct bpf_sock *sk = ctx->sk;
     struct nm_orig answer = {};
     int found = 0;
+    if (ctx->level == NM_SOL_IPV6 && ctx->optname == NM_SO_ORIGINAL_DST && sk)
+        return original_dst6(ctx, sk);
     if (ctx->level != NM_SOL_IP || ctx->optname != NM_SO_ORIGINAL_DST || !sk)
         goto pass;
     if (sk->family != AF_INET || sk->protocol != IPPROTO_TCP)

@@ -10,12 +10,13 @@ pass; that locator is the agent's to provide.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent.kernel.bpf.loader import BpfError
-from nodeagent.kernel.netns import ipv4_address
+from nodeagent.kernel.netns import ipv4_address, run_in
 from nodeagent.mesh.capture import CaptureState, CaptureStatus
 from nodeagent.mesh.ebpf.programs import (
     MeshPrograms,
@@ -50,7 +51,18 @@ class CgroupBesideNetns:
         address = ipv4_address(netns, self.interface)
         if address is None:
             return None
-        return PodTarget(pod or name, netns, self.parent / name[len(self.netns_prefix):], address, self.interface)
+        return PodTarget(pod or name, netns, self.parent / name[len(self.netns_prefix):], address, self.interface,
+                         ipv6_address(netns, self.interface))
+
+
+def ipv6_address(netns: str, interface: str = "eth0") -> str | None:
+    """The first global IPv6 address on `interface` inside `netns` (None: none, or gone): the address the pod's
+    IPv6 connections leave from, which its capture must not redirect (the pod calling itself)."""
+    shown = run_in(netns, ["ip", "-j", "-6", "addr", "show", "dev", interface, "scope", "global"])
+    if shown.returncode != 0:
+        return None
+    return next((str(a["local"]) for link in json.loads(shown.stdout or "[]") for a in link.get("addr_info", [])),
+                None)
 
 
 @dataclass

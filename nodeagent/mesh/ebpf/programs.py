@@ -3,7 +3,8 @@ and its interface), install the tunnel's original-destination hook, read the liv
 
 Where each program goes, and why:
 - the pod's cgroup (`PodTarget.cgroup`; in a cluster the pod-level `kubepods…/pod<uid>`, whose
-  containers inherit it): connect4/6, sock_ops, getpeername4/6 (6: IPv4-mapped addresses only). Only
+  containers inherit it): connect4/6, sock_ops, getpeername4/6 (6: IPv6 where the pod has an IPv6 address,
+  and IPv4-mapped addresses). Only
   sockets created by the pod's own processes pass them; the tunnel creates its sockets in the pod's
   namespace from its own process, so they belong to the tunnel's cgroup and are never captured (mark
   0x539 is checked too).
@@ -62,9 +63,10 @@ __all__ = [
     "remove_pins", "source", "tunnel_state",
 ]
 
-LAYOUT = 1
-MAPS = {"nm_config": (8, 120), "nm_pod_ips": (4, 8), "nm_stats": (8, 40), "nm_pending": (24, 8), "nm_inbound": (12, 4)}
-KERNEL_ONLY_MAPS = ("nm_orig",)
+LAYOUT = 2  # 2: IPv6 in struct nm_config, nm_pending6 and nm_orig6
+MAPS = {"nm_config": (8, 152), "nm_pod_ips": (4, 8), "nm_stats": (8, 40), "nm_pending": (24, 8), "nm_inbound": (12, 4),
+        "nm_pending6": (48, 20)}
+KERNEL_ONLY_MAPS = ("nm_orig", "nm_orig6")
 
 
 def mesh_dir(scope: str) -> Path:
@@ -79,13 +81,15 @@ def source() -> str:
 
 @dataclass(frozen=True, slots=True)
 class PodTarget:
-    """A pod as the capture sees it: name (for logs), network namespace path, cgroup v2 directory, IPv4."""
+    """A pod as the capture sees it: name (for logs), network namespace path, cgroup v2 directory, IPv4 (and
+    IPv6: its IPv6 connections are captured too)."""
 
     name: str
     netns: str
     cgroup: Path
     ip: str
     interface: str = "eth0"
+    ip6: str | None = None
 
 
 @dataclass
@@ -158,7 +162,7 @@ def live_state(programs: MeshPrograms, pod: PodTarget, options: CaptureOptions =
         return gone(pod.netns, what)
     try:
         cookie = netns_cookie(pod.netns)
-        desired = PodDesired(programs.program_ids, encode_config(pod.ip, options), cookie)
+        desired = PodDesired(programs.program_ids, encode_config(pod.ip, options, pod.ip6), cookie)
         return assess_pod(desired, _read_pod(programs, pod, cookie), netns=pod.netns)
     except (OSError, CommandError, BpfError):
         if (what := _pod_gone(pod)) is not None:
@@ -171,7 +175,7 @@ def apply_capture(programs: MeshPrograms, pod: PodTarget, options: CaptureOption
     """Make `pod` captured exactly as `options` say; returns the state after (installed, or netns-missing
     when the pod is gone). Raises CaptureError, with everything of ours for the pod removed again, when the
     kernel refuses; CaptureOptionsError when the options do not fit the programs."""
-    config = encode_config(pod.ip, options)
+    config = encode_config(pod.ip, options, pod.ip6)
     if (what := _pod_gone(pod)) is not None:
         return gone(pod.netns, what)
     try:

@@ -32,9 +32,10 @@ MAX_EXCLUDE = 8  # must match bpf-src/mesh_capture.c NM_MAX_EXCLUDE
 # must match `struct nm_config` in bpf-src/mesh_capture.c, field by field: pod_ip, probe_ip (network order),
 # mark (host order: compared with the socket's mark), outbound_port, inbound_port, hbone_port (network order,
 # as bytes), n_out_ports, n_in_ports, n_out_cidrs, pad[3], exclude_out_ports, exclude_in_ports (network order),
-# exclude_out_cidrs (net, mask pairs, network order)
-CONFIG = struct.Struct(f"=4s4sI2s2s2sBBB3x{2 * MAX_EXCLUDE}s{2 * MAX_EXCLUDE}s{8 * MAX_EXCLUDE}s")
-CONFIG_SIZE = CONFIG.size  # 120
+# exclude_out_cidrs (net, mask pairs, network order), pod_ip6, probe_ip6 (network order; pod_ip6 all zero: the
+# pod has no IPv6 address and its IPv6 connections are not captured)
+CONFIG = struct.Struct(f"=4s4sI2s2s2sBBB3x{2 * MAX_EXCLUDE}s{2 * MAX_EXCLUDE}s{8 * MAX_EXCLUDE}s16s16s")
+CONFIG_SIZE = CONFIG.size  # 152
 _PORTS = struct.Struct(f">{MAX_EXCLUDE}H")  # exclude_out_ports, exclude_in_ports
 _PORT = struct.Struct(">H")
 STATS_FIELDS = ("outbound", "outbound_skipped", "inbound", "inbound_dropped", "answered")
@@ -57,9 +58,9 @@ class Program:
 PROGRAMS = (
     Program("nm_sockops", 13, 3, "sock_ops", "cgroup_sock_ops", "pod"),
     Program("nm_getpeername4", 18, 29, "getpeername4", "cgroup_inet4_getpeername", "pod"),
-    Program("nm_getpeername6", 18, 30, "getpeername6", "cgroup_inet6_getpeername", "pod"),  # IPv4-mapped
+    Program("nm_getpeername6", 18, 30, "getpeername6", "cgroup_inet6_getpeername", "pod"),  # IPv6, IPv4-mapped
     # the connects last: once they capture, sock_ops is there to file the destination
-    Program("nm_connect6", 18, 11, "connect6", "cgroup_inet6_connect", "pod"),  # IPv4-mapped
+    Program("nm_connect6", 18, 11, "connect6", "cgroup_inet6_connect", "pod"),  # IPv6, IPv4-mapped
     Program("nm_connect4", 18, 10, "connect4", "cgroup_inet4_connect", "pod"),
     Program("nm_getsockopt", 25, 21, "getsockopt", "cgroup_getsockopt", "tunnel"),
     Program("nm_tc_inbound", 3, -1, "tc-ingress", "tc-ingress", "interface"),
@@ -76,14 +77,21 @@ def _ip(field: str, value: str) -> bytes:
         raise CaptureOptionsError(field, value, "not an IPv4 address") from exc
 
 
+def _ip6(field: str, value: str) -> bytes:
+    try:
+        return ipaddress.IPv6Address(value).packed
+    except ValueError as exc:
+        raise CaptureOptionsError(field, value, "not an IPv6 address") from exc
+
+
 def _bounded(field: str, values: tuple[object, ...]) -> None:
     if len(values) > MAX_EXCLUDE:
         raise CaptureOptionsError(field, values, f"the eBPF capture holds at most {MAX_EXCLUDE} (has {len(values)})")
 
 
-def encode_config(pod_ip: str, options: CaptureOptions = DEFAULT_OPTIONS) -> bytes:
-    """`struct nm_config` for a pod at `pod_ip`. The iptables-only options (connection mark, route table,
-    rule priority) have no meaning here and are ignored."""
+def encode_config(pod_ip: str, options: CaptureOptions = DEFAULT_OPTIONS, pod_ip6: str | None = None) -> bytes:
+    """`struct nm_config` for a pod at `pod_ip` (and `pod_ip6`: its IPv6 connections are captured too). The
+    iptables-only options (connection mark, route table, rule priority) have no meaning here and are ignored."""
     o = options
     _bounded("exclude_outbound_ports", o.exclude_outbound_ports)
     _bounded("exclude_inbound_ports", o.exclude_inbound_ports)
@@ -98,15 +106,16 @@ def encode_config(pod_ip: str, options: CaptureOptions = DEFAULT_OPTIONS) -> byt
     return CONFIG.pack(_ip("pod_ip", pod_ip), _ip("probe_address", o.probe_address), o.mark,
                        _PORT.pack(o.outbound_port), _PORT.pack(o.inbound_plaintext_port), _PORT.pack(o.hbone_port),
                        len(o.exclude_outbound_ports), len(o.exclude_inbound_ports), len(v4_cidrs),
-                       ports(o.exclude_outbound_ports), ports(o.exclude_inbound_ports), cidrs)
+                       ports(o.exclude_outbound_ports), ports(o.exclude_inbound_ports), cidrs,
+                       _ip6("pod_ip6", pod_ip6) if pod_ip6 else bytes(16), _ip6("probe_address_v6", o.probe_address_v6))
 
 
 def describe_config(value: bytes) -> str:
     """A readable line for a `struct nm_config` (what the state's missing/unexpected lines show)."""
     if len(value) != CONFIG_SIZE:
         return f"config of {len(value)} bytes (not ours)"
-    pod_ip, probe_ip, mark, out_port, in_port, hbone_port, n_out, n_in, n_cidr, out_list, in_list, cidr_list = (
-        CONFIG.unpack(value))
+    (pod_ip, probe_ip, mark, out_port, in_port, hbone_port, n_out, n_in, n_cidr, out_list, in_list, cidr_list,
+     pod_ip6, _) = CONFIG.unpack(value)
     pod, probe = socket.inet_ntoa(pod_ip), socket.inet_ntoa(probe_ip)
     (out,), (inbound,), (hbone,) = _PORT.unpack(out_port), _PORT.unpack(in_port), _PORT.unpack(hbone_port)
     out_ports = _PORTS.unpack(out_list)[:n_out]
@@ -114,6 +123,8 @@ def describe_config(value: bytes) -> str:
     cidrs = [str(ipaddress.IPv4Network((socket.inet_ntoa(cidr_list[8 * i:8 * i + 4]),
                                         socket.inet_ntoa(cidr_list[8 * i + 4:8 * i + 8])), strict=False))
              for i in range(min(n_cidr, MAX_EXCLUDE))]
+    if any(pod_ip6):
+        pod += f" {ipaddress.IPv6Address(pod_ip6)}"
     return (f"pod {pod}: outbound -> 127.0.0.1:{out}, inbound -> {inbound} except {hbone}, mark {mark:#x}, "
             f"probe {probe}, exclude outbound ports {list(out_ports)}, inbound ports {list(in_ports)}, "
             f"outbound cidrs {cidrs}")

@@ -52,7 +52,7 @@ def test_config_layout_matches_struct_nm_config() -> None:
     options = CaptureOptions(exclude_outbound_ports=(53, 8443), exclude_inbound_ports=(9090,),
                              exclude_outbound_cidrs=("10.96.0.0/12",))
     value = encode_config(POD_IP, options)
-    assert len(value) == CONFIG_SIZE == 120
+    assert len(value) == CONFIG_SIZE == 152
     assert value[0:4] == socket.inet_aton(POD_IP)
     assert value[4:8] == socket.inet_aton("169.254.7.127")
     assert struct.unpack("=I", value[8:12]) == (0x539,)  # compared with sk->mark: host order
@@ -61,7 +61,13 @@ def test_config_layout_matches_struct_nm_config() -> None:
     assert struct.unpack(">8H", value[24:40]) == (53, 8443, 0, 0, 0, 0, 0, 0)
     assert struct.unpack(">8H", value[40:56]) == (9090, 0, 0, 0, 0, 0, 0, 0)
     assert value[56:64] == socket.inet_aton("10.96.0.0") + socket.inet_aton("255.240.0.0")
-    assert value[64:] == bytes(56)
+    assert value[64:120] == bytes(56)
+    # IPv6: no pod address (not captured), the IPv6 probe address
+    assert value[120:136] == bytes(16)
+    assert value[136:152] == socket.inet_pton(socket.AF_INET6, "fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+    with_v6 = encode_config(POD_IP, options, "fd00:10:244:1::5")
+    assert with_v6[:120] == value[:120] and with_v6[120:136] == socket.inet_pton(socket.AF_INET6, "fd00:10:244:1::5")
+    assert "fd00:10:244:1::5" in describe_config(with_v6)
 
 
 def test_the_iptables_only_options_do_not_change_the_config() -> None:
