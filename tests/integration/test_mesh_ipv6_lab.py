@@ -1,6 +1,6 @@
-"""The mesh over IPv6 in a dual-stack lab: agents on the lab's Kubernetes API enroll the demo pods (iptables capture,
-both families), the tunnels carry a dual-stack Service reached over each of its cluster IPs and a pod reached at
-its IPv6 address, over HBONE, each answer from the client's own address of that family.
+"""The mesh over IPv6 in a dual-stack lab: agents on the lab's Kubernetes API enroll the demo pods (iptables capture
+in both families, or eBPF capture with connect6), the tunnels carry a dual-stack Service reached over each of its
+cluster IPs and a pod reached at its IPv6 address, over HBONE, each in the family the client asked in.
 
 One lab (the default one plus `DUAL_STACK_CONFIG` and a PreferDualStack Service) per capture mode, as
 tests/integration/test_mesh_lab.py; the client pod is on node1, the echo pods on node1 and node2.
@@ -34,7 +34,7 @@ spec:
 """ + OUTSIDER
 
 
-@pytest.fixture(scope="module", params=["iptables"])
+@pytest.fixture(scope="module", params=["iptables", pytest.param("ebpf", marks=pytest.mark.bcc)])
 def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -60,6 +60,14 @@ def peer_ip(answer: dict[str, str]) -> str:
     return answer["peer"].rpartition(":")[0].strip("[]")
 
 
+def expected_peer(lab: labs.Lab, mode: str, client: str, server: str, family: int) -> str:
+    """Who the app sees: the client's address of the family (iptables mode: the tunnel connects transparently,
+    the capture's policy routing in both families makes it possible), or in eBPF mode the server pod's own
+    address of the family (no such routing), as tests/integration/test_mesh_lab.py."""
+    pod = lab.plan.pod(client if mode == "iptables" else server).pod
+    return str(pod.ip6 if family == 6 else pod.ip)
+
+
 def mtls_out(lab: labs.Lab) -> float:
     """Connections node1's tunnel opened for its pods over HBONE (mTLS), so far."""
     return sample(metrics(lab, "node1"), "istio_tcp_connections_opened_total", reporter="source",
@@ -72,25 +80,25 @@ def test_the_pods_are_captured_in_both_families(lab: labs.Lab) -> None:
     assert lab.plan.pod("demo/client").pod.ip6 is not None
 
 
-def test_a_dual_stack_service_is_carried_by_the_mesh_over_both_families(lab: labs.Lab) -> None:
+def test_a_dual_stack_service_is_carried_by_the_mesh_over_both_families(lab: labs.Lab, mode: str) -> None:
     ipv4, ipv6 = cluster_ips(lab, "dual")
     assert ":" not in ipv4 and ":" in ipv6
-    client = lab.plan.pod("demo/client").pod
-    for vip, own in ((ipv6, str(client.ip6)), (ipv4, str(client.ip))):
+    for vip, family in ((ipv6, 6), (ipv4, 4)):
         before = mtls_out(lab)
         answers = [request_from(lab, "demo/client", target(vip, 80)) for _ in range(12)]
         seen = Counter(a["pod"] for a in answers)
         # echo-1 is on node2: across the fabric, through both tunnels
         assert set(seen) == {"demo/echo-0", "demo/echo-1"}, (vip, seen)
-        # the tunnel connects to the app transparently, from the client's address of the family it was asked in
-        assert {peer_ip(a) for a in answers} == {own}, vip
+        # the app is reached in the family the client asked in
+        for answer in answers:
+            assert peer_ip(answer) == expected_peer(lab, mode, "demo/client", answer["pod"], family), (vip, answer)
         assert mtls_out(lab) - before >= len(answers), f"{vip}: not every connection went over HBONE"
 
 
-def test_a_pod_reached_at_its_ipv6_address_across_nodes(lab: labs.Lab) -> None:
+def test_a_pod_reached_at_its_ipv6_address_across_nodes(lab: labs.Lab, mode: str) -> None:
     server = lab.plan.pod("demo/echo-1").pod
-    client = lab.plan.pod("demo/client").pod
     before = mtls_out(lab)
     answer = request_from(lab, "demo/client", target(str(server.ip6), 8080))
-    assert answer["pod"] == "demo/echo-1" and peer_ip(answer) == str(client.ip6)
+    assert answer["pod"] == "demo/echo-1"
+    assert peer_ip(answer) == expected_peer(lab, mode, "demo/client", "demo/echo-1", 6)
     assert mtls_out(lab) - before >= 1
