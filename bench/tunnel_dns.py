@@ -1,6 +1,7 @@
 """DNS proxy benchmark: what the tunnel's DNS proxy costs (root: it makes a scratch network namespace).
 
-- the table's build (`dns_table`) from a snapshot of N Services (default 10,000), ms;
+- the table's build (`dns_table`) from a snapshot of N Services (default 10,000), and its update after one
+  Service changed (`dns_table(..., since=...)`), ms;
 - UDP questions from C clients (default 8) on the proxy's own event loop to 127.0.0.1:15053 inside the
   namespace: a Service name (answered from the table) and an external name (forwarded to a resolver the
   benchmark runs in the namespace, which answers with a canned reply): questions per second, p50/p99 µs.
@@ -30,11 +31,14 @@ import dns.message  # noqa: E402
 import dns.rrset  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from nodeagent.cluster.decode import decode, object_ref  # noqa: E402
+from nodeagent.cluster.events import Listed, Upserted  # noqa: E402
+from nodeagent.cluster.model import Kind  # noqa: E402
 from nodeagent.kernel.netns import in_netns, netns_path  # noqa: E402
+from nodeagent.state.tracker import ChangeTracker  # noqa: E402
 from nodeagent.tunnel.dns.records import DnsTable, dns_table  # noqa: E402
 from nodeagent.tunnel.dns.server import DNS_PORT, DnsOptions, DnsProxy  # noqa: E402
 from tests.support.objects import namespace, service  # noqa: E402
-from tests.support.services import snapshot_of  # noqa: E402
 
 RESOLVER = ("127.0.0.53", 5353)
 
@@ -111,13 +115,27 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    tracker = ChangeTracker("node1")
     objects = [namespace("bench"), *(service(f"s{i}", "bench", f"10.96.{i // 250}.{i % 250 + 1}")
                                      for i in range(args.services))]
-    snapshot = snapshot_of(*objects)
+    by_kind: dict[Kind, list[Any]] = {kind: [] for kind in Kind}
+    for raw in objects:
+        by_kind[Kind(raw["kind"])].append((object_ref(raw), decode(raw)))
+    tracker.apply_all(Listed(kind, tuple(items), "1") for kind, items in by_kind.items())
+    snapshot = tracker.snapshot()
+    assert snapshot is not None
     started = time.perf_counter()
     table = dns_table(snapshot)
     build_ms = (time.perf_counter() - started) * 1000
     assert table is not None
+    changed = service("s7", "bench", "10.96.200.7")
+    tracker.apply(Upserted(Kind.SERVICE, object_ref(changed), decode(changed)))
+    following = tracker.snapshot()
+    assert following is not None
+    started = time.perf_counter()
+    updated = dns_table(following, since=(table, snapshot))
+    update_ms = (time.perf_counter() - started) * 1000
+    assert updated is not None and updated is not table
     name = f"na-dnsbench-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
@@ -125,11 +143,13 @@ def main() -> None:
         results = asyncio.run(_measure(name, table, args.queries, args.clients))
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
-    results = {"services": args.services, "table_build_ms": round(build_ms), "clients": args.clients, **results}
+    results = {"services": args.services, "table_build_ms": round(build_ms), "table_update_ms": round(update_ms, 1),
+               "clients": args.clients, **results}
     if args.json:
         print(json.dumps(results))
         return
-    print(f"dns_table, {args.services} Services: {results['table_build_ms']} ms")
+    print(f"dns_table, {args.services} Services: {results['table_build_ms']} ms; after one Service changed: "
+          f"{results['table_update_ms']} ms")
     for label in ("local", "forwarded"):
         r = results[label]
         print(f"{label:>9}: {r['queries']} questions, {args.clients} clients: {r['per_second']}/s, "

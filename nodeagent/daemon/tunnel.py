@@ -52,7 +52,7 @@ from nodeagent.kernel import podnetns
 from nodeagent.kernel.netns import netns_path
 from nodeagent.state.tracker import ChangeTracker, Snapshot
 from nodeagent.tunnel.admin import serve_http, start_admin
-from nodeagent.tunnel.dns.records import CLUSTER_DOMAIN, DNS_KINDS, DnsTable, dns_table
+from nodeagent.tunnel.dns.records import CLUSTER_DOMAIN, DnsTable, dns_table
 from nodeagent.tunnel.dns.server import DnsOptions, DnsProxy, Upstream, system_upstreams
 from nodeagent.tunnel.identity.certs import Fetch
 from nodeagent.tunnel.proxy.node import DrainResult, NodeTunnel
@@ -174,7 +174,7 @@ class TunnelProcess:
                             node=self.options.node)
             self.dns = DnsProxy(DnsOptions(upstreams=upstreams, domain=self.options.cluster_domain),
                                 lambda: self.dns_table, registry, node=self.options.node, reuse_port=True)
-        self._dns_seen = -1  # the generation of the last snapshot the DNS table followed
+        self._dns_snapshot: Snapshot | None = None  # the snapshot the DNS table was last made from
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._synced_kinds: frozenset[Kind] = frozenset()
@@ -304,14 +304,15 @@ class TunnelProcess:
                             reason=f"{type(exc).__name__}: {exc}")
 
     def _follow_dns(self, snapshot: Snapshot) -> None:
-        """The DNS table for a new snapshot: rebuilt when a kind it reads changed (or a generation was missed)."""
+        """The DNS table for a new snapshot."""
         if self.dns is None:
             return
-        missed = snapshot.generation != self._dns_seen + 1  # changed_kinds says what changed since the one before
-        if self.dns_table is None or missed or snapshot.changed_kinds & set(DNS_KINDS):
-            # A new table only then: the proxy keeps its answers while the table object stays the same.
-            self.dns_table = dns_table(snapshot, self.options.cluster_domain)
-        self._dns_seen = snapshot.generation
+        # Only what changed since the last snapshot is redone; the same table when nothing DNS reads did (the
+        # proxy keeps its answers while the table object stays the same).
+        since = None if self.dns_table is None or self._dns_snapshot is None else (self.dns_table,
+                                                                                  self._dns_snapshot)
+        self.dns_table = dns_table(snapshot, self.options.cluster_domain, since)
+        self._dns_snapshot = snapshot if self.dns_table is not None else None
 
     def _follow(self, snapshot: Snapshot) -> None:
         """New workload, Service and policy views for a new snapshot; report newly rejected annotations."""

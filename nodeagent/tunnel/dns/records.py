@@ -37,12 +37,13 @@ lists the kinds it watches), so there is nothing to read them from.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from nodeagent.cluster.model import IPAddress, Kind, Service, ServiceType
+from nodeagent.cluster.model import EndpointSlice, IPAddress, Kind, ObjectRef, Service, ServiceType
+from nodeagent.heap import collector_paused
 from nodeagent.state.tracker import Snapshot
 
 CLUSTER_DOMAIN = "cluster.local"
@@ -93,7 +94,7 @@ class DnsTable:
     domain: str = CLUSTER_DOMAIN
     services: Mapping[tuple[str, str], DnsService] = field(default_factory=dict)  # (namespace, name) -> Service
     namespaces: frozenset[str] = frozenset()
-    generation: int = 0  # the snapshot's: the SOA serial of negative answers
+    generation: int = 0  # of the snapshot that last changed it: the SOA serial of negative answers
 
     def __len__(self) -> int:
         return len(self.services)
@@ -101,32 +102,85 @@ class DnsTable:
 
 def dns_service(service: Service, ready: Iterable[IPAddress] = ()) -> DnsService:
     """A Service as DNS reads it; `ready` are its ready endpoint addresses (used when it is headless)."""
-    ports = frozenset((p.name.lower(), str(p.protocol).lower()) for p in service.ports)
+    ports = frozenset((p.name.lower(), p.protocol.value.lower()) for p in service.ports)
     return DnsService(service.type, service.cluster_ips, service.headless, service.external_name.rstrip(".").lower(),
                       ports, tuple(dict.fromkeys(ready)) if service.headless else ())
 
 
-def dns_table(snapshot: Snapshot, domain: str = CLUSTER_DOMAIN) -> DnsTable | None:
-    """The table of `snapshot`, or None while Services, EndpointSlices or Namespaces are not all listed."""
-    if not snapshot.synced(DNS_KINDS):
-        return None
-    # Ready endpoints per headless Service, as CoreDNS reads EndpointSlices: an endpoint counts when its ready
-    # condition is unset or true (object/endpoint.go); the slice controller already sets ready for Services that
-    # publishNotReadyAddresses.
-    headless = {ref for ref, svc in snapshot.services.items() if svc.headless}
-    ready: dict[tuple[str, str], list[IPAddress]] = {}
-    for endpoint_slice in snapshot.endpoint_slices.values():
+def _key(ref: ObjectRef) -> tuple[str, str]:
+    return ref.namespace.lower(), ref.name.lower()
+
+
+def _ready(slices: Mapping[ObjectRef, EndpointSlice], services: Container[ObjectRef]
+           ) -> dict[ObjectRef, list[IPAddress]]:
+    """Ready endpoint addresses of `services`, as CoreDNS reads EndpointSlices: an endpoint counts when its ready
+    condition is unset or true (object/endpoint.go); the slice controller already sets ready for Services that
+    publishNotReadyAddresses."""
+    ready: dict[ObjectRef, list[IPAddress]] = {}
+    for endpoint_slice in slices.values():
         service_ref = endpoint_slice.service
-        if service_ref not in headless:
+        if service_ref not in services:
             continue
-        addresses = ready.setdefault((service_ref.namespace, service_ref.name), [])
+        addresses = ready.setdefault(service_ref, [])
         for endpoint in endpoint_slice.endpoints:
             if endpoint.conditions.ready:
                 addresses.extend(endpoint.addresses)
-    services = {(ref.namespace.lower(), ref.name.lower()): dns_service(svc, ready.get((ref.namespace, ref.name), ()))
-                for ref, svc in snapshot.services.items()}
-    namespaces = frozenset(ref.name.lower() for ref in snapshot.namespaces)
-    return DnsTable(normalize(domain), services, namespaces, snapshot.generation)
+    return ready
+
+
+def dns_table(snapshot: Snapshot, domain: str = CLUSTER_DOMAIN, since: tuple[DnsTable, Snapshot] | None = None
+              ) -> DnsTable | None:
+    """The table of `snapshot`, or None while Services, EndpointSlices or Namespaces are not all listed.
+
+    With `since` (the table made from an earlier snapshot, and that snapshot), only the Services whose object
+    or EndpointSlices changed are redone, found by comparing the two snapshots object by object (a snapshot
+    shares every object, and a kind's whole map, that did not change; ~1 us an object when the kind changed,
+    as ServiceTable.updated's scan), and that table itself is returned when DNS reads no change (the proxy
+    keeps its answers while the table is the same object). A full build costs ~10-20 us a Service (0.1-0.2 s
+    at 10,000) on the tunnel's event loop."""
+    if not snapshot.synced(DNS_KINDS):
+        return None
+    domain = normalize(domain)
+    if since is None or since[0].domain != domain:
+        with collector_paused():  # a burst of acyclic allocations (see nodeagent.heap)
+            ready = _ready(snapshot.endpoint_slices, {ref for ref, svc in snapshot.services.items() if svc.headless})
+            services = {_key(ref): dns_service(svc, ready.get(ref, ())) for ref, svc in snapshot.services.items()}
+        return DnsTable(domain, services, frozenset(ref.name.lower() for ref in snapshot.namespaces),
+                        snapshot.generation)
+    previous, before = since
+    old_services, old_slices = before.services, before.endpoint_slices
+    new_services, new_slices = snapshot.services, snapshot.endpoint_slices
+    dirty: set[ObjectRef] = set()
+    if new_services is not old_services:
+        dirty.update(ref for ref, svc in new_services.items() if old_services.get(ref) is not svc)
+        dirty.update(ref for ref in old_services if ref not in new_services)
+    if new_slices is not old_slices:
+        for ref, endpoint_slice in new_slices.items():
+            was = old_slices.get(ref)
+            if was is not endpoint_slice:
+                dirty.add(endpoint_slice.service)
+                if was is not None:
+                    dirty.add(was.service)
+        dirty.update(endpoint_slice.service for ref, endpoint_slice in old_slices.items() if ref not in new_slices)
+    namespaces = previous.namespaces if snapshot.namespaces is before.namespaces else frozenset(
+        ref.name.lower() for ref in snapshot.namespaces)
+    headless = {ref for ref in dirty if (svc := new_services.get(ref)) is not None and svc.headless}
+    ready = _ready(new_slices, headless) if headless else {}
+    changed: dict[tuple[str, str], DnsService | None] = {}
+    for ref in dirty:
+        service = new_services.get(ref)
+        entry = None if service is None else dns_service(service, ready.get(ref, ()))
+        if previous.services.get(_key(ref)) != entry:  # not for what DNS does not read (a target port, a label)
+            changed[_key(ref)] = entry
+    if not changed and namespaces == previous.namespaces:
+        return previous
+    services = dict(previous.services)
+    for key, entry in changed.items():
+        if entry is None:
+            services.pop(key, None)
+        else:
+            services[key] = entry
+    return DnsTable(domain, services, namespaces, snapshot.generation)
 
 
 def normalize(name: str) -> str:

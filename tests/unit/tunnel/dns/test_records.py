@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
+from nodeagent.cluster.decode import decode, object_ref
+from nodeagent.cluster.events import Deleted, Listed, Upserted
 from nodeagent.cluster.model import Kind
+from nodeagent.state.tracker import ChangeTracker
 from nodeagent.tunnel.dns import DNS_CAPTURE, dns_capture_enabled
 from nodeagent.tunnel.dns.records import DnsTable, Outcome, dashed, dns_table, resolve, search_names, stub_lookup
 from tests.support.objects import endpoint, endpoint_slice, namespace, service
@@ -175,3 +178,68 @@ def test_other_cluster_domain() -> None:
     ({DNS_CAPTURE: "no"}, True), ({"other": "false"}, True)])
 def test_dns_capture_opt_out(annotations: dict[str, str], enabled: bool) -> None:
     assert dns_capture_enabled(annotations) is enabled
+
+
+def _tracker(*objects: dict[str, Any]) -> ChangeTracker:
+    tracker = ChangeTracker("node1")
+    by_kind: dict[Kind, list[Any]] = {kind: [] for kind in Kind}
+    for raw in objects:
+        by_kind[Kind(raw["kind"])].append((object_ref(raw), decode(raw)))
+    tracker.apply_all(Listed(kind, tuple(items), "1") for kind, items in by_kind.items())
+    return tracker
+
+
+def _upsert(tracker: ChangeTracker, raw: dict[str, Any]) -> None:
+    tracker.apply(Upserted(Kind(raw["kind"]), object_ref(raw), decode(raw)))
+
+
+def _delete(tracker: ChangeTracker, raw: dict[str, Any]) -> None:
+    ref = object_ref(raw)
+    assert ref is not None
+    tracker.apply(Deleted(ref))
+
+
+def test_incremental_tables_equal_full_builds() -> None:
+    tracker = _tracker(*OBJECTS)
+    snapshot = tracker.snapshot()
+    assert snapshot is not None
+    table = dns_table(snapshot)
+    assert table is not None
+    steps: list[tuple[str, Any]] = [
+        ("upsert", service("new", "demo", "10.96.0.50")),
+        ("upsert", service("echo", "demo", "10.96.0.99")),  # a changed cluster IP
+        ("delete", service("echo", "other", "10.96.0.11")),
+        ("upsert", endpoint_slice("db-1", "db", [endpoint("10.244.1.3", ready=False), endpoint("10.244.2.4")],
+                                  "demo")),  # a headless endpoint no longer ready
+        ("delete", endpoint_slice("lonely-1", "lonely", [], "demo")),
+        ("upsert", endpoint_slice("db-2", "db", [endpoint("10.244.9.9")], "demo")),  # a second slice
+        ("upsert", namespace("later")),
+        ("upsert", service("svc", "later", "10.96.0.60")),
+    ]
+    for action, raw in steps:
+        (_upsert if action == "upsert" else _delete)(tracker, raw)
+        following = tracker.snapshot()
+        assert following is not None
+        updated = dns_table(following, since=(table, snapshot))
+        full = dns_table(following)
+        assert updated is not None and full is not None
+        assert (updated.services, updated.namespaces) == (full.services, full.namespaces), (action, raw)
+        table, snapshot = updated, following
+    assert set(resolve(table, "db.demo.svc.cluster.local", 4).addresses) == set(_ips("10.244.2.4", "10.244.9.9"))
+    assert resolve(table, "echo.other.svc.cluster.local", 4).outcome is Outcome.NXDOMAIN
+    assert resolve(table, "svc.later.svc.cluster.local", 4).addresses == _ips("10.96.0.60")
+
+
+def test_a_change_dns_does_not_read_keeps_the_table() -> None:
+    tracker = _tracker(*OBJECTS)
+    before = tracker.snapshot()
+    assert before is not None
+    table = dns_table(before)
+    assert table is not None
+    changed = service("echo", "demo", "10.96.0.10", ports=[{"name": "http", "port": 80, "targetPort": 9090,
+                                                               "protocol": "TCP"}])
+    _upsert(tracker, changed)  # a target port: the Service changed, its DNS did not
+    _upsert(tracker, endpoint_slice("echo-1", "echo", [endpoint("10.244.1.1")], "demo"))  # not headless
+    after = tracker.snapshot()
+    assert after is not None and after.services is not before.services
+    assert dns_table(after, since=(table, before)) is table
