@@ -128,17 +128,21 @@ def _capture(netns: str) -> None:
 
 
 def _table() -> DnsTable:
-    table = dns_table(snapshot_of(namespace("demo"), service("echo", "demo", SERVICE_IP)))
+    table = dns_table(snapshot_of(namespace("demo"), service("echo", "demo", SERVICE_IP),
+                                  service("dual", "demo", "10.96.5.6", clusterIPs=["10.96.5.6", "fd00:96::6"],
+                                          ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="PreferDualStack")))
     assert table is not None
     return table
 
 
-async def _udp_query(netns: str, name: str, server: tuple[str, int], timeout: float = 5.0) -> dns.message.Message:
+async def _udp_query(netns: str, name: str, server: tuple[str, int], timeout: float = 5.0, rdtype: str = "A"
+                     ) -> dns.message.Message:
     loop = asyncio.get_running_loop()
-    sock = in_netns(netns_path(netns), lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    sock = in_netns(netns_path(netns), lambda: socket.socket(family, socket.SOCK_DGRAM))
     sock.setblocking(False)
     try:
-        query = dns.message.make_query(name, "A")
+        query = dns.message.make_query(name, rdtype)
         await loop.sock_connect(sock, server)
         await loop.sock_sendall(sock, query.to_wire())
         async with asyncio.timeout(timeout):
@@ -200,6 +204,9 @@ def test_service_answered_locally_and_external_forwarded(pod_netns: str) -> None
                 assert missing.rcode() == dns.rcode.NXDOMAIN
                 external = await ask(pod_netns, EXTERNAL, direct)
                 assert _addresses(external) == [EXTERNAL_IP]
+            if os.path.exists("/proc/net/if_inet6"):  # the IPv6 loopback listener, and an AAAA answer
+                six = await _udp_query(pod_netns, "dual.demo.svc.cluster.local.", ("::1", DNS_PORT), rdtype="AAAA")
+                assert [rr.to_text() for rrset in six.answer for rr in rrset] == ["fd00:96::6"]
             # the cluster's names never reached the resolver; the external one did, once per transport (TCP dialled
             # straight has no original destination: the configured resolver, over TCP)
             assert resolver.asked == [(EXTERNAL, "udp"), (EXTERNAL, "tcp")]
