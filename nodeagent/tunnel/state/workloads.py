@@ -90,14 +90,21 @@ def workload_table(snapshot: Snapshot, node: str, trust_domain: str = DEFAULT_TR
     local: dict[str, Workload] = {}
     local_pods: dict[PodKey, Workload] = {}
     decisions: dict[str, Enrollment] = {}
+    identities: set[SpiffeId] = set()
     for pod in snapshot.pods.values():
         namespace = snapshot.namespaces.get(ObjectRef(Kind.NAMESPACE, "", pod.ref.namespace))
         decision = enrollment(pod, namespace)
         if pod.node_name == node:
             decisions[pod.ref.key] = decision
-        if pod.host_network or not pod.ips:
+        if pod.host_network:
             continue
         identity = SpiffeId(trust_domain, pod.ref.namespace, pod.service_account)
+        if pod.phase not in ("Succeeded", "Failed"):
+            # Held from the pod's creation, not from when the kubelet publishes its IP: a pod enrolled at
+            # sandbox creation (nodeagent-cni) connects before the API server has its address.
+            identities.add(identity)
+        if not pod.ips:
+            continue
         ips = tuple(str(ip) for ip in pod.ips)
         primary = next((str(ip) for ip in pod.ips if ip.version == 4), ips[0])
         workload = Workload(primary, identity, pod.node_name, enrolled=decision.enrolled, name=pod.ref.key,
@@ -107,4 +114,4 @@ def workload_table(snapshot: Snapshot, node: str, trust_domain: str = DEFAULT_TR
         if decision.enrolled and pod.node_name == node:
             local[workload.ip] = workload
             local_pods[PodKey.of(pod.ref)] = workload
-    return WorkloadTable(node, by_ip, local, decisions, frozenset(w.identity for w in by_ip.values()), local_pods)
+    return WorkloadTable(node, by_ip, local, decisions, frozenset(identities), local_pods)
