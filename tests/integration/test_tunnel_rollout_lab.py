@@ -61,6 +61,17 @@ def readiness(lab: labs.Lab, node: str, port: int) -> bool:
     return done.stdout.strip() == "True"
 
 
+def tunnel_log_tail(lab: labs.Lab, lines: int = 40) -> str:
+    """The last warnings and errors of both node1 tunnels (what a failed rollout is read from)."""
+    out = []
+    for name in ("ztunnel.node1.log", "ztunnel-next.node1.log"):
+        path = lab.record.directory / "logs" / name
+        text = path.read_text().splitlines() if path.exists() else []
+        out += [f"{name}: {line[:300]}" for line in text if '"warning"' in line or '"error"' in line
+                or "drain" in line][-lines:]
+    return "\n".join(out)
+
+
 def test_a_rollout_under_a_connection_loop_fails_no_connection(lab: labs.Lab) -> None:
     old = owner_process(lab, TUNNEL_OWNER + "node1")
     # Connections: to a pod on the same node (node1's tunnel on both ends) and across to node2.
@@ -97,7 +108,8 @@ def test_a_rollout_under_a_connection_loop_fails_no_connection(lab: labs.Lab) ->
         finishes.close()
         lingers.close()
     for _, results in loops:
-        assert results and all(ok for _, ok, _ in results), [r for r in results if not r[1]]
+        assert results and all(ok for _, ok, _ in results), (
+            [r for r in results if not r[1]], termed, tunnel_log_tail(lab))
         assert any(started > termed + 0.5 for started, _, _ in results), "the loop outlasted the SIGTERM"
     assert DRAIN - 0.5 <= exited <= DRAIN + 10, exited
     log = (lab.record.directory / "logs" / "ztunnel.node1.log").read_text()

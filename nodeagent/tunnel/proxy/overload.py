@@ -14,9 +14,12 @@ While either is over its limit, a new connection gets a fast, explicit refusal: 
 connection is reset at accept (the client sees ECONNRESET at once and may retry, instead of waiting seconds),
 and an inbound HBONE stream gets 503, which the peer tunnel counts as a failed attempt and retries elsewhere.
 Every refusal is counted (`nodeagent_tunnel_overload_refusals_total{listener}`); the state change is logged
-once, not each refusal (a flood of log lines would deepen the overload). Lag leaves the overloaded state
-only below a lower threshold (hysteresis), so admission does not flap at the edge; pending connects recover as
-soon as they drain.
+once, not each refusal (a flood of log lines would deepen the overload). Lag counts only when it is sustained:
+`trip_samples` samples in a row over the limit, so one long step (a table rebuilt at start, a garbage
+collection, the process descheduled on a busy node) delays what is queued but refuses nothing, while a loop
+that is late on every turn is overloaded within a second. Lag leaves the overloaded state only below a lower
+threshold (hysteresis), so admission does not flap at the edge; pending connects recover as soon as they
+drain.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class OverloadLimits:
     resume_lag: float = 0.05  # ... and below which they are taken again
     max_pending: int = 1024  # connections accepted and still connecting upstream
     period: float = 0.05  # how often the lag is sampled
+    trip_samples: int = 3  # samples in a row over max_lag before refusing (one late sample is a spike)
 
 
 @dataclass
@@ -61,16 +65,18 @@ class OverloadGuard:
     lag: float = 0.0
     pending: int = 0
     lagging: bool = False
+    late_samples: int = 0  # samples in a row over max_lag
     state: LoadState = LoadState.ADMITTING
     on_change: Callable[[LoadState, str], None] | None = None
 
     def observe_lag(self, lag: float) -> None:
         """A lag sample (seconds the sampling timer fired late)."""
         self.lag = lag
+        self.late_samples = self.late_samples + 1 if lag > self.limits.max_lag else 0
         if self.lagging:
             self.lagging = lag > self.limits.resume_lag
         else:
-            self.lagging = lag > self.limits.max_lag
+            self.lagging = self.late_samples >= self.limits.trip_samples
         self._update()
 
     def started(self) -> None:
