@@ -48,12 +48,12 @@
 //               for an accepted one
 //   nm_pending: (netns cookie, client ip/port, listener ip/port) -> original destination, LRU
 //   nm_inbound: (client ip/port, pod ip/port) of connections assigned to the inbound listener, LRU
-//   nm_orig6, nm_pending6: nm_orig and nm_pending for IPv6 connections
-// Inbound IPv6 is not steered by nm_tc_inbound (IPv4 only): HBONE reaches the tunnel's 15008 directly.
+//   nm_orig6, nm_pending6, nm_pod_ips6, nm_inbound6: nm_orig, nm_pending, nm_pod_ips and nm_inbound for IPv6
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/pkt_cls.h>
 #include <linux/in.h>
@@ -107,6 +107,7 @@ struct nm_pending_key { u64 netns; u32 client_ip; u32 server_ip; u16 client_port
 struct nm_flow { u32 client_ip; u32 pod_ip; u16 client_port; u16 port; };
 struct nm_orig6 { u32 ip[4]; u16 port; u16 via_port; };
 struct nm_pending6_key { u64 netns; u32 client_ip[4]; u32 server_ip[4]; u16 client_port; u16 server_port; u32 pad; };
+struct nm_flow6 { u32 client_ip[4]; u32 pod_ip[4]; u16 client_port; u16 port; };
 
 BPF_TABLE_PINNED("hash", u64, struct nm_config, nm_config, 16384, "PIN_DIR/nm_config");
 BPF_TABLE_PINNED("hash", u32, u64, nm_pod_ips, 16384, "PIN_DIR/nm_pod_ips");
@@ -116,6 +117,8 @@ BPF_TABLE_PINNED("lru_hash", struct nm_flow, u32, nm_inbound, 65536, "PIN_DIR/nm
 BPF_TABLE_PINNED7("sk_storage", int, struct nm_orig, nm_orig, 0, "PIN_DIR/nm_orig", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct nm_pending6_key, struct nm_orig6, nm_pending6, 65536, "PIN_DIR/nm_pending6");
 BPF_TABLE_PINNED7("sk_storage", int, struct nm_orig6, nm_orig6, 0, "PIN_DIR/nm_orig6", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct in6_addr, u64, nm_pod_ips6, 16384, "PIN_DIR/nm_pod_ips6");
+BPF_TABLE_PINNED("lru_hash", struct nm_flow6, u32, nm_inbound6, 65536, "PIN_DIR/nm_inbound6");
 
 // Counters are a side channel: a full map must never change what happens to a connection.
 static __always_inline struct nm_stats *stats_of(u64 netns) {
@@ -393,6 +396,27 @@ static __always_inline int original_dst6(struct bpf_sockopt *ctx, struct bpf_soc
                 *keep = answer;
         }
     }
+    if (!found) {
+        struct nm_flow6 flow = {};
+        flow.client_ip[0] = sk->dst_ip6[0];
+        flow.client_ip[1] = sk->dst_ip6[1];
+        flow.client_ip[2] = sk->dst_ip6[2];
+        flow.client_ip[3] = sk->dst_ip6[3];
+        flow.pod_ip[0] = sk->src_ip6[0];
+        flow.pod_ip[1] = sk->src_ip6[1];
+        flow.pod_ip[2] = sk->src_ip6[2];
+        flow.pod_ip[3] = sk->src_ip6[3];
+        flow.client_port = (u16)sk->dst_port;
+        flow.port = bpf_htons((u16)sk->src_port);
+        if (nm_inbound6.lookup(&flow)) {  // assigned by nm_tc_inbound: the local address is the destination
+            answer.ip[0] = flow.pod_ip[0];
+            answer.ip[1] = flow.pod_ip[1];
+            answer.ip[2] = flow.pod_ip[2];
+            answer.ip[3] = flow.pod_ip[3];
+            answer.port = flow.port;
+            found = 1;
+        }
+    }
     if (!found)
         goto pass6;
     struct sockaddr_in6 *sa = ctx->optval;
@@ -486,9 +510,108 @@ pass:
     return CGROUP_PROCEED;
 }
 
+#define NM_IPV6_EXT_MAX 4  // extension headers walked before TCP; more, and the packet is dropped
+
+// nm_tc_inbound for IPv6: the same decisions on the IPv6 header. Extension headers (hop-by-hop, routing,
+// destination options) are walked up to NM_IPV6_EXT_MAX; a packet behind more of them, or TCP behind a fragment
+// header, is dropped rather than let past the capture to the application.
+static __always_inline int tc_inbound6(struct __sk_buff *skb) {
+    struct ipv6hdr ip6;
+    struct tcphdr th;
+    if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+        return TC_ACT_OK;
+    u64 *netns = nm_pod_ips6.lookup(&ip6.daddr);
+    if (!netns)
+        return TC_ACT_OK;  // not to one of our pods' IPv6 addresses
+    u64 cookie = *netns;
+    u8 next = ip6.nexthdr;
+    u32 offset = ETH_HLEN + sizeof(ip6);
+#pragma unroll
+    for (int i = 0; i < NM_IPV6_EXT_MAX; i++) {
+        if (next != IPPROTO_HOPOPTS && next != IPPROTO_ROUTING && next != IPPROTO_DSTOPTS)
+            break;
+        u8 ext[2];
+        if (bpf_skb_load_bytes(skb, offset, ext, sizeof(ext)) < 0)
+            return TC_ACT_SHOT;
+        next = ext[0];
+        offset += ((u32)ext[1] + 1) * 8;
+    }
+    if (next == IPPROTO_FRAGMENT) {
+        u8 inner;
+        if (bpf_skb_load_bytes(skb, offset, &inner, sizeof(inner)) < 0)
+            goto drop_unparsed;
+        if (inner != IPPROTO_TCP)
+            return TC_ACT_OK;  // fragmented UDP and the rest are not captured, as unfragmented
+        goto drop_unparsed;    // TCP in fragments: never a SYN to let past the capture
+    }
+    if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS)
+        goto drop_unparsed;  // more extension headers than walked: cannot tell, so not let through
+    if (next != IPPROTO_TCP)
+        return TC_ACT_OK;
+    if (bpf_skb_load_bytes(skb, offset, &th, sizeof(th)) < 0)
+        return TC_ACT_OK;
+    if (!th.syn || th.ack)
+        return TC_ACT_OK;
+    struct nm_config *cfg = nm_config.lookup(&cookie);
+    if (!cfg)
+        return TC_ACT_OK;
+    u32 saddr[4], daddr[4];
+    __builtin_memcpy(saddr, &ip6.saddr, sizeof(saddr));
+    __builtin_memcpy(daddr, &ip6.daddr, sizeof(daddr));
+    if (th.dest == cfg->hbone_port || ip6_equal(saddr, cfg->probe_ip6) ||
+        port_listed(cfg->exclude_in_ports, cfg->n_in_ports, th.dest))
+        return TC_ACT_OK;
+    struct nm_stats *st = stats_of(cookie);
+    struct bpf_sock_tuple tuple = {};
+    __builtin_memcpy(tuple.ipv6.saddr, saddr, sizeof(saddr));
+    __builtin_memcpy(tuple.ipv6.daddr, daddr, sizeof(daddr));
+    tuple.ipv6.sport = th.source;
+    tuple.ipv6.dport = th.dest;
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+    if (sk) {
+        u32 state = sk->state;
+        bpf_sk_release(sk);
+        if (state != NM_TCP_LISTEN && state != NM_TCP_TIME_WAIT)
+            return TC_ACT_OK;  // as for IPv4
+    }
+    tuple.ipv6.dport = cfg->inbound_port;
+    sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        goto drop6;
+    if (sk->state != NM_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        goto drop6;
+    }
+    struct nm_flow6 flow = {};
+    __builtin_memcpy(flow.client_ip, saddr, sizeof(saddr));
+    __builtin_memcpy(flow.pod_ip, daddr, sizeof(daddr));
+    flow.client_port = th.source;
+    flow.port = th.dest;
+    u32 one = 1;
+    nm_inbound6.update(&flow, &one);
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        goto drop6;
+    if (st)
+        __sync_fetch_and_add(&st->inbound, 1);
+    return TC_ACT_OK;
+drop6:
+    if (st)
+        __sync_fetch_and_add(&st->inbound_dropped, 1);
+    return TC_ACT_SHOT;
+drop_unparsed:
+    st = stats_of(cookie);
+    if (st)
+        __sync_fetch_and_add(&st->inbound_dropped, 1);
+    return TC_ACT_SHOT;
+}
+
 int nm_tc_inbound(struct __sk_buff *skb) {
     struct iphdr iph;
     struct tcphdr th;
+    if (skb->protocol == bpf_htons(ETH_P_IPV6))
+        return tc_inbound6(skb);
     if (skb->protocol != bpf_htons(ETH_P_IP))
         return TC_ACT_OK;
     // Loaded bytes, not packet pointers: headers outside the linear part (or with IP options) must be

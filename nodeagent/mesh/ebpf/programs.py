@@ -63,9 +63,9 @@ __all__ = [
     "remove_pins", "source", "tunnel_state",
 ]
 
-LAYOUT = 2  # 2: IPv6 in struct nm_config, nm_pending6 and nm_orig6
+LAYOUT = 2  # 2: IPv6 in struct nm_config, and the IPv6 maps
 MAPS = {"nm_config": (8, 152), "nm_pod_ips": (4, 8), "nm_stats": (8, 40), "nm_pending": (24, 8), "nm_inbound": (12, 4),
-        "nm_pending6": (48, 20)}
+        "nm_pending6": (48, 20), "nm_pod_ips6": (16, 8), "nm_inbound6": (36, 4)}
 KERNEL_ONLY_MAPS = ("nm_orig", "nm_orig6")
 
 
@@ -144,8 +144,14 @@ def _read_pod(programs: MeshPrograms, pod: PodTarget, cookie: int) -> PodLive:
     tc = tuple(tc_ours(pod.netns, pod.interface))
     cgroup = tuple(a for a, _ in on_cgroup(pod.cgroup) if BY_NAME[a.name].on == "pod")
     cookie_of_ip = programs.maps["nm_pod_ips"].lookup(socket.inet_aton(pod.ip))
+    cookie_of_ip6 = programs.maps["nm_pod_ips6"].lookup(_ip6_key(pod.ip6)) if pod.ip6 else None
     return PodLive(cgroup + tc, programs.maps["nm_config"].lookup(cookie_key(cookie)),
-                   int.from_bytes(cookie_of_ip, sys.byteorder) if cookie_of_ip is not None else None)
+                   int.from_bytes(cookie_of_ip, sys.byteorder) if cookie_of_ip is not None else None,
+                   int.from_bytes(cookie_of_ip6, sys.byteorder) if cookie_of_ip6 is not None else None)
+
+
+def _ip6_key(address: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, address)
 
 
 def _pod_gone(pod: PodTarget) -> str | None:
@@ -162,7 +168,7 @@ def live_state(programs: MeshPrograms, pod: PodTarget, options: CaptureOptions =
         return gone(pod.netns, what)
     try:
         cookie = netns_cookie(pod.netns)
-        desired = PodDesired(programs.program_ids, encode_config(pod.ip, options, pod.ip6), cookie)
+        desired = PodDesired(programs.program_ids, encode_config(pod.ip, options, pod.ip6), cookie, bool(pod.ip6))
         return assess_pod(desired, _read_pod(programs, pod, cookie), netns=pod.netns)
     except (OSError, CommandError, BpfError):
         if (what := _pod_gone(pod)) is not None:
@@ -180,8 +186,8 @@ def apply_capture(programs: MeshPrograms, pod: PodTarget, options: CaptureOption
         return gone(pod.netns, what)
     try:
         cookie = netns_cookie(pod.netns)
-        before = assess_pod(PodDesired(programs.program_ids, config, cookie), _read_pod(programs, pod, cookie),
-                            netns=pod.netns)
+        before = assess_pod(PodDesired(programs.program_ids, config, cookie, bool(pod.ip6)),
+                            _read_pod(programs, pod, cookie), netns=pod.netns)
         if before.status is CaptureStatus.INSTALLED and not force:
             return before
         ip_key = socket.inet_aton(pod.ip)
@@ -190,6 +196,8 @@ def apply_capture(programs: MeshPrograms, pod: PodTarget, options: CaptureOption
             programs.maps["nm_config"].delete(previous)  # the address's former namespace (a recreated pod)
         programs.maps["nm_config"].update(cookie_key(cookie), config)
         programs.maps["nm_pod_ips"].update(ip_key, cookie_key(cookie))
+        if pod.ip6:
+            programs.maps["nm_pod_ips6"].update(_ip6_key(pod.ip6), cookie_key(cookie))
         changed = attach_tc(programs.directory, programs.program_ids["nm_tc_inbound"], pod.netns, pod.interface)
         changed += attach_cgroup(programs.directory, programs.program_ids, pod.cgroup,
                                  tuple(p.name for p in POD_PROGRAMS if p.on == "pod"))
@@ -231,6 +239,8 @@ def remove_capture(programs: MeshPrograms, pod: PodTarget) -> CaptureState:
             programs.maps["nm_config"].delete(cookie)
             programs.maps["nm_stats"].delete(cookie)
         programs.maps["nm_pod_ips"].delete(ip_key)
+        if pod.ip6:
+            programs.maps["nm_pod_ips6"].delete(_ip6_key(pod.ip6))
     except (OSError, CommandError, BpfError) as exc:
         if (what := _pod_gone(pod)) is not None:
             return gone(pod.netns, what)

@@ -151,6 +151,7 @@ class PodLive:
     attached: tuple[Attached, ...]
     config: bytes | None  # nm_config[netns cookie]
     cookie_of_ip: int | None  # nm_pod_ips[pod ip]
+    cookie_of_ip6: int | None = None  # nm_pod_ips6[pod IPv6 address]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,7 @@ class PodDesired:
     program_ids: Mapping[str, int]  # program name -> id of the program pinned now
     config: bytes
     cookie: int
+    ipv6: bool = False  # the pod has an IPv6 address: nm_pod_ips6 must lead it to its namespace too
 
     @property
     def fingerprint(self) -> str:
@@ -209,7 +211,12 @@ def assess_pod(desired: PodDesired, live: PodLive, *, netns: str) -> CaptureStat
         missing.append(f"pod address -> netns cookie {desired.cookie}")
         if live.cookie_of_ip is not None:
             unexpected.append(f"pod address -> netns cookie {live.cookie_of_ip} (another namespace)")
-    present = bool(live.attached) or live.config is not None or live.cookie_of_ip is not None
+    if desired.ipv6 and live.cookie_of_ip6 != desired.cookie:
+        missing.append(f"pod IPv6 address -> netns cookie {desired.cookie}")
+        if live.cookie_of_ip6 is not None:
+            unexpected.append(f"pod IPv6 address -> netns cookie {live.cookie_of_ip6} (another namespace)")
+    present = (bool(live.attached) or live.config is not None or live.cookie_of_ip is not None
+               or live.cookie_of_ip6 is not None)
     status = _status(present, missing, unexpected, stale)
     return CaptureState(status, netns, BACKEND, desired.fingerprint, (), tuple(missing), tuple(unexpected))
 
