@@ -102,3 +102,19 @@ def test_a_pod_reached_at_its_ipv6_address_across_nodes(lab: labs.Lab, mode: str
     assert answer["pod"] == "demo/echo-1"
     assert peer_ip(answer) == expected_peer(lab, mode, "demo/client", "demo/echo-1", 6)
     assert mtls_out(lab) - before >= 1
+
+
+def test_plaintext_to_a_pods_ipv6_address_is_captured_inbound(lab: labs.Lab, mode: str) -> None:
+    """A client outside the mesh (plain/outsider, node1) dials echo-1's IPv6 address: the capture on echo-1's side
+    (ip6tables' REDIRECT, or the tc program's IPv6 branch) hands it to node2's tunnel on 15006, which carries it
+    to the app as plaintext (PERMISSIVE by default) and counts it."""
+    server = lab.plan.pod("demo/echo-1").pod
+
+    def plaintext_in() -> float:
+        return sample(metrics(lab, "node2"), "istio_tcp_connections_opened_total", reporter="destination",
+                      connection_security_policy="none")
+
+    before = plaintext_in()
+    answer = request_from(lab, "plain/outsider", target(str(server.ip6), 8080))
+    assert answer["pod"] == "demo/echo-1"
+    assert plaintext_in() - before >= 1, "the IPv6 connection reached the app around the tunnel"
