@@ -24,7 +24,15 @@ from nodeagent.cluster.decode import decode
 from nodeagent.cluster.model import AuthorizationPolicy
 from nodeagent.kernel.netns import command_in
 from nodeagent.mesh.capture import CaptureStatus
-from nodeagent.mesh.iptables.apply import apply_capture, live_state, remove_capture, rule_counters
+from nodeagent.mesh.iptables.apply import (
+    apply_capture,
+    apply_probe_snat,
+    live_state,
+    probe_snat_state,
+    remove_capture,
+    remove_probe_snat,
+    rule_counters,
+)
 from nodeagent.mesh.iptables.render import pod_capture
 from nodeagent.tunnel.proxy.node import NodeTunnel
 from nodeagent.tunnel.proxy.sockets import client_socket as kernel_client_socket
@@ -238,3 +246,12 @@ async def test_an_ipv6_ipblock_policy_admits_one_client_and_refuses_the_other(po
             refused = b""
         assert refused == b""
         assert _sample(node2, "nodeagent_tunnel_policy_denials_total", destination_workload_namespace="demo") == 1
+
+
+def test_an_ipv6_only_pod_does_not_stop_the_ipv4_pods_probe_snat(netns: str) -> None:
+    state = apply_probe_snat(netns, ["10.244.1.5", "fd00:10:244:1::9"], backend="nft")
+    assert state.status is CaptureStatus.INSTALLED, state.missing + state.unexpected
+    rules = [line for line in ns(netns, "iptables-nft-save", "-t", "nat").splitlines() if "NODEAGENT_POSTRT" in line]
+    assert any("-d 10.244.1.5/32" in line for line in rules)
+    assert probe_snat_state(netns, ["10.244.1.5", "fd00:10:244:1::9"], backend="nft").status is CaptureStatus.INSTALLED
+    assert remove_probe_snat(netns, backend="nft").status is CaptureStatus.ABSENT

@@ -223,7 +223,7 @@ def remove_capture(netns: str, *, backend: str, pod: str = "", ipv6: bool | None
 def probe_snat_state(netns: str | None, pod_ips: Iterable[str], *, backend: str,
                      probe_address: str = PROBE_ADDRESS) -> CaptureState:
     """The node's probe SNAT (in the node namespace at `netns`; None: our own) against `pod_ips`."""
-    desired = node_probe_snat(pod_ips, probe_address)
+    desired = node_probe_snat(_ipv4_only(pod_ips), probe_address)
     if not netns_present(netns):
         return missing_netns(_label(netns), backend, desired)
     try:
@@ -235,8 +235,16 @@ def probe_snat_state(netns: str | None, pod_ips: Iterable[str], *, backend: str,
 def apply_probe_snat(netns: str | None, pod_ips: Iterable[str], *, backend: str,
                      probe_address: str = PROBE_ADDRESS, force: bool = False) -> CaptureState:
     """SNAT connections from the node's own processes to `pod_ips` (the node's enrolled pods) to the
-    probe address, in the node namespace at `netns` (None: the agent's own)."""
-    return _ensure(netns, node_probe_snat(pod_ips, probe_address), backend=backend, who="node", force=force)
+    probe address, in the node namespace at `netns` (None: the agent's own). IPv4 pods only: an IPv6-only
+    pod's probes (from the node to its IPv6 address) are not SNATed yet, and reach it through its capture."""
+    return _ensure(netns, node_probe_snat(_ipv4_only(pod_ips), probe_address), backend=backend, who="node",
+                   force=force)
+
+
+def _ipv4_only(pod_ips: Iterable[str]) -> list[str]:
+    # An IPv6-only pod is served by its IPv6 address; one such address must not make the IPv4 rule set
+    # unrenderable (and so every IPv4 pod's probes unSNATed).
+    return [ip for ip in pod_ips if ":" not in ip]
 
 
 def remove_probe_snat(netns: str | None, *, backend: str) -> CaptureState:
