@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, CaptureOptions, CaptureOptionsError
+from nodeagent.tunnel.dns.annotations import dns_capture_enabled
 
 EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
 EXCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/excludeInboundPorts"
@@ -70,8 +71,10 @@ _SETTERS: tuple[tuple[str, Callable[[CaptureOptions, str], CaptureOptions]], ...
 
 def capture_options(pod: str, annotations: Mapping[str, str], base: CaptureOptions = DEFAULT_OPTIONS
                     ) -> tuple[CaptureOptions, list[AnnotationRejection]]:
-    """`base` with the pod's exclusion annotations applied; the ones that cannot be used are returned."""
-    options, rejected = base, []
+    """`base` with the pod's exclusion annotations and its DNS opt-out applied; the ones that cannot be used
+    are returned."""
+    options = base if dns_capture_enabled(annotations) else dataclasses.replace(base, dns_port=None)
+    rejected: list[AnnotationRejection] = []
     for annotation, setter in _SETTERS:
         value = annotations.get(annotation)
         if value is None:

@@ -13,7 +13,7 @@ import pytest
 
 from nodeagent.lab import lab as labs
 from tests.integration.conftest import wait_for
-from tests.support.agent_labs import lab_with_agents
+from tests.support.agent_labs import OUTSIDER, lab_with_agents
 from tests.support.netns import netns_run
 from tests.support.tunnel import metrics, sample
 
@@ -31,7 +31,7 @@ print(json.dumps([[dns.rcode.to_text(m.rcode()), [rr.to_text() for rs in m.answe
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
-    with lab_with_agents(tmp_path_factory.mktemp("dns"), "", "iptables", mesh=True, tunnel_workers=2) as lab:
+    with lab_with_agents(tmp_path_factory.mktemp("dns"), OUTSIDER, "iptables", mesh=True, tunnel_workers=2) as lab:
         yield lab
 
 
@@ -65,3 +65,37 @@ def test_served_pods_answer_service_names(lab: labs.Lab) -> None:
     node = pods[0].pod.node
     values = metrics(lab, node)
     assert sample(values, "nodeagent_tunnel_dns_requests_total", outcome="local", type="A", protocol="udp") > 0
+
+
+# A query to wherever the pod's resolver is (here a cluster DNS address nothing serves): the capture sends it
+# to the tunnel, and the answer comes back from the address asked (dnspython checks the source).
+ASK_AT = """
+import json, sys
+import dns.message, dns.query
+query = dns.message.make_query(sys.argv[1], "A")
+udp = dns.query.udp(query, sys.argv[2], port=53, timeout=3)
+tcp = dns.query.tcp(query, sys.argv[2], port=53, timeout=3)
+print(json.dumps([[dns.rcode.to_text(m.rcode()), [rr.to_text() for rs in m.answer for rr in rs]] for m in (udp, tcp)]))
+"""
+
+
+def test_an_enrolled_pods_dns_is_captured_and_answered_with_the_cluster_dns_absent(lab: labs.Lab) -> None:
+    """The agents' capture redirects port 53 (UDP and TCP) to the tunnel's proxy: the search-path name a pod's
+    resolver would send first resolves with nothing listening at the resolver's address."""
+    expected = _cluster_ip(lab, "demo", "echo")
+    resolver = str(next(iter(lab.topology.service_cidr.hosts())) + 9)  # .10 of the Service range: no Service
+    client = lab.plan.pod("demo/client")
+
+    def answered() -> Any:
+        try:
+            return json.loads(netns_run(client.netns, sys.executable, "-c", ASK_AT, "echo.demo.svc.cluster.local.",
+                                        resolver))
+        except Exception:  # the capture lands once the tunnel serves the pod
+            return None
+
+    wait_for(lambda: answered() is not None, "the pod's captured DNS answered", timeout=60)
+    assert answered() == [["NOERROR", [expected]]] * 2
+    # A pod outside the mesh is not captured: nothing answers there.
+    outsider = lab.plan.pod("plain/outsider")
+    with pytest.raises(Exception):  # noqa: B017 - any failure to get an answer: a timeout or a refusal
+        json.loads(netns_run(outsider.netns, sys.executable, "-c", ASK_AT, "echo.demo.svc.cluster.local.", resolver))

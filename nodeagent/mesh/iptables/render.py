@@ -6,7 +6,9 @@ The rules mirror Istio ambient's in-pod rules (istio/istio cni/pkg/iptables/ipta
 chain names (`NODEAGENT_PRERT`, `NODEAGENT_OUTPUT`, `NODEAGENT_POSTRT`) in place of `ISTIO_*`, the
 same marks (0x539 on the tunnel's sockets, 0x111 on connections the tunnel made into the pod) and the
 same probe address. Every rule carries the reason it exists (`Rule.reason`; `inspect` can show it).
-Differences: no DNS capture (UDP is left alone for now); optional exclusions, as the sidecar
+DNS (UDP and TCP port 53, Istio's `RedirectDNS` rules) goes to the tunnel's DNS proxy unless the pod opts out
+(`dns_port` None; the tunnel forwards what it does not answer, with its mark, which the rules skip).
+Differences: optional exclusions, as the sidecar
 annotations `traffic.sidecar.istio.io/exclude*` did, are RETURN rules placed before the REDIRECTs;
 the probe SNAT matches the pod addresses one rule each instead of an ipset.
 
@@ -41,6 +43,7 @@ from nodeagent.mesh.iptables.rules import (
 
 # The tunnel's side of the contract (docs/ports-and-names.md); tests check these equal nodeagent.tunnel's.
 OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT = 15001, 15006, 15008
+DNS_PORT = 15053  # the tunnel's DNS proxy in every served pod (ztunnel's)
 TUNNEL_MARK = 0x539  # SO_MARK on every socket the tunnel opens (Istio's InpodMark, 1337)
 MARK_MASK = 0xFFF  # only our bits: other marks (kube-proxy's 0x4000, CNI bits) pass through
 CONNECTION_MARK = 0x111  # connections the tunnel made into the pod (Istio's InpodTProxyMark)
@@ -80,6 +83,7 @@ class CaptureOptions:
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_inbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
+    dns_port: int | None = DNS_PORT  # None: the pod's DNS is not captured (it opted out)
 
     def __post_init__(self) -> None:
         for name in ("outbound_port", "inbound_plaintext_port", "hbone_port"):
@@ -87,6 +91,10 @@ class CaptureOptions:
         ports = (self.outbound_port, self.inbound_plaintext_port, self.hbone_port)
         if len(set(ports)) != 3:
             raise CaptureOptionsError("tunnel ports", ports, "the three tunnel ports must differ")
+        if self.dns_port is not None:
+            _port("dns_port", self.dns_port)
+            if self.dns_port in ports:
+                raise CaptureOptionsError("dns_port", self.dns_port, "must differ from the tunnel's other ports")
         for name in ("mark", "connection_mark"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 < value <= MARK_MASK:
@@ -163,6 +171,13 @@ def pod_capture(options: CaptureOptions = DEFAULT_OPTIONS, family: int = 4) -> R
              "connections toward the probe address (the answers to probes) are never captured"),
         Rule("nat", OUTPUT, f"-p tcp -m mark --mark {conn} -j ACCEPT",
              "traffic of connections the tunnel made into the pod is never captured again"),
+        *((Rule("nat", OUTPUT, f"! -o lo -p udp -m mark ! --mark {mark} -m udp --dport 53 -j REDIRECT --to-ports "
+                f"{o.dns_port}",
+                "DNS queries (UDP) go to the tunnel's DNS proxy, which answers Service names and forwards the rest; "
+                "its own forwards carry the tunnel's mark and pass"),
+           Rule("nat", OUTPUT, f"! -d {loopback} -p tcp -m tcp --dport 53 -m mark ! --mark {mark} -j REDIRECT "
+                f"--to-ports {o.dns_port}", "DNS queries over TCP go to the tunnel's DNS proxy too"))
+          if o.dns_port is not None else ()),
         Rule("nat", OUTPUT, f"! -d {loopback} -o lo -j ACCEPT",
              "the app calling itself (its own pod address goes over lo) is not captured; 127.0.0.1 is "
              "left alone by the REDIRECT below"),

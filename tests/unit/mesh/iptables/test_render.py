@@ -25,7 +25,7 @@ FP = DEFAULT.fingerprint
 
 
 def test_default_pod_capture_is_istios_inpod_rule_set_with_our_chains() -> None:
-    # Istio's AppendInpodRules (non-TPROXY, no DNS capture), ISTIO_PRERT/ISTIO_OUTPUT renamed; each
+    # Istio's AppendInpodRules (non-TPROXY, with RedirectDNS), ISTIO_PRERT/ISTIO_OUTPUT renamed; each
     # line as iptables-save prints it on both backends (checked in tests/integration/test_redirect_kernel.py).
     assert render_pod_capture() == dedent(f"""\
         *mangle
@@ -45,6 +45,8 @@ def test_default_pod_capture_is_istios_inpod_rule_set_with_our_chains() -> None:
         -A NODEAGENT_PRERT ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
         -A NODEAGENT_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
         -A NODEAGENT_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+        -A NODEAGENT_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-ports 15053
+        -A NODEAGENT_OUTPUT ! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053
         -A NODEAGENT_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
         -A NODEAGENT_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
         COMMIT
@@ -62,16 +64,23 @@ def test_every_rule_says_why_it_exists() -> None:
         assert len(rule.reason) > 20, rule
 
 
-def test_no_rule_matches_udp_so_dns_and_other_udp_are_left_alone() -> None:
+def test_udp_is_captured_for_dns_only_and_a_pod_may_opt_out() -> None:
     nat = [r.spec for r in DEFAULT.rules if r.table == "nat"]
-    assert not any("udp" in spec for spec in nat)
+    assert [spec for spec in nat if "udp" in spec] == [
+        "! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-ports 15053"]
     # the only protocol-agnostic nat rule lets traffic out of lo through, it captures nothing
-    assert [s for s in nat if "-p tcp" not in s] == ["! -d 127.0.0.1/32 -o lo -j ACCEPT"]
+    assert [s for s in nat if "-p tcp" not in s and "-p udp" not in s] == ["! -d 127.0.0.1/32 -o lo -j ACCEPT"]
+    opted_out = [r.spec for r in pod_capture(CaptureOptions(dns_port=None)).rules]
+    assert not any("--dport 53" in spec for spec in opted_out)
+    from nodeagent.mesh.annotations import capture_options
+    options, rejected = capture_options("demo/a", {"nodeagent.io/dns-capture": "false"})
+    assert options.dns_port is None and not rejected
+    assert capture_options("demo/a", {})[0].dns_port == 15053
 
 
 def test_both_redirects_skip_the_tunnels_own_mark_and_inbound_skips_hbone() -> None:
     redirects = [r.spec for r in DEFAULT.rules if "REDIRECT" in r.spec]
-    assert len(redirects) == 2
+    assert len(redirects) == 4  # inbound, DNS over UDP and TCP, outbound
     assert all("-m mark ! --mark 0x539/0xfff" in s for s in redirects)
     assert "! --dport 15008" in redirects[0]
 
@@ -87,6 +96,10 @@ def test_exclusions_return_before_the_redirects() -> None:
         "-j REDIRECT --to-ports 15006",
         "-A NODEAGENT_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT",
         "-A NODEAGENT_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT",
+        "-A NODEAGENT_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT "
+        "--to-ports 15053",
+        "-A NODEAGENT_OUTPUT ! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT "
+        "--to-ports 15053",
         "-A NODEAGENT_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT",
         "-A NODEAGENT_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN",
         "-A NODEAGENT_OUTPUT -p tcp -m tcp --dport 6379 -j RETURN",

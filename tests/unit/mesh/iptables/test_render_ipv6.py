@@ -35,6 +35,8 @@ def test_ipv6_pod_capture_is_istios_inpod_rule_set_for_ip6tables() -> None:
         -A NODEAGENT_PRERT ! -d ::1/128 -p tcp -m tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
         -A NODEAGENT_OUTPUT -d fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128 -p tcp -m tcp -j ACCEPT
         -A NODEAGENT_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+        -A NODEAGENT_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-ports 15053
+        -A NODEAGENT_OUTPUT ! -d ::1/128 -p tcp -m tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053
         -A NODEAGENT_OUTPUT ! -d ::1/128 -o lo -j ACCEPT
         -A NODEAGENT_OUTPUT ! -d ::1/128 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
         COMMIT
