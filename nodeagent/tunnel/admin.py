@@ -54,6 +54,11 @@ class TunnelView(Protocol):
         ...
 
 
+def _address(sockname: Any) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def config_dump(tunnel: NodeTunnel) -> dict[str, Any]:
     """What the tunnel serves now, as JSON-able data."""
     pods = []
@@ -61,7 +66,10 @@ def config_dump(tunnel: NodeTunnel) -> dict[str, Any]:
         leaf = pod.certificate.leaf
         pods.append({
             "ip": ip, "identity": str(pod.workload.identity), "node": pod.workload.node,
-            "listeners": [s.sockets[0].getsockname()[1] for s in pod.servers if s.sockets],
+            # the ports (each may be open in both families: one socket per family, see NodeTunnel.add_pod)...
+            "listeners": sorted({s.sockets[0].getsockname()[1] for s in pod.servers if s.sockets}),
+            # ...and every listening socket's address
+            "listen_addresses": sorted(_address(s.sockets[0].getsockname()) for s in pod.servers if s.sockets),
             "certificate": None if leaf is None else {
                 "serial": f"{leaf.serial_number:x}", "not_after": leaf.not_valid_after_utc.isoformat(),
                 "renewals": pod.certificate.renewals},
