@@ -211,7 +211,10 @@ class MeshReconciler:
         for pod, assignment in desired.items():
             self._capture_if_served(pod, assignment, local[pod], snapshot)
         try:
-            self.capture.probe_snat(sorted(desired[pod].ip for pod in self.captured if pod in desired))
+            # every address of each captured pod: kubelet probes a pod at its primary IP, which is the IPv6 one
+            # in an IPv6-only or IPv6-primary cluster
+            self.capture.probe_snat(sorted({ip for pod in self.captured if pod in desired
+                                            for ip in (local[pod].ips or (local[pod].ip,))}))
         except Exception as exc:  # the probe SNAT failing must not undo pods' captures
             log.warning("probe SNAT not applied", node=self.node, reason=str(exc))
         self.decisions, self.decided_generation = dict(table.decisions), snapshot.generation

@@ -41,7 +41,7 @@ from nodeagent.mesh.capture import (
     parse_ip_routes,
     parse_ip_rules,
 )
-from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, PROBE_ADDRESS, CaptureOptions, node_probe_snat, pod_capture
+from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, CaptureOptions, node_probe_snat, pod_capture
 from nodeagent.mesh.iptables.rules import LiveRules, PolicyRoute, RuleSet, cleanup_payload, parse_save, restore_payload
 
 log = structlog.get_logger("nodeagent.mesh.iptables.apply")
@@ -107,7 +107,7 @@ def _legacy_tables_exist(path: str | None, ipv6: bool = False) -> bool:
 
 
 def _ipv6(desired: RuleSet) -> bool:
-    return desired.routing is not None and desired.routing.family == 6
+    return desired.family == 6
 
 
 def _read(path: str | None, backend: str, desired: RuleSet) -> LiveRules:
@@ -220,10 +220,19 @@ def remove_capture(netns: str, *, backend: str, pod: str = "", ipv6: bool | None
     return combine(*states) if len(states) == 2 else states[0]
 
 
+def _split(pod_ips: Iterable[str]) -> dict[int, list[str]]:
+    """The pods' addresses by IP family (each family's probe SNAT is its own rule set)."""
+    out: dict[int, list[str]] = {4: [], 6: []}
+    for ip in pod_ips:
+        out[6 if ":" in ip else 4].append(ip)
+    return out
+
+
 def probe_snat_state(netns: str | None, pod_ips: Iterable[str], *, backend: str,
-                     probe_address: str = PROBE_ADDRESS) -> CaptureState:
-    """The node's probe SNAT (in the node namespace at `netns`; None: our own) against `pod_ips`."""
-    desired = node_probe_snat(_ipv4_only(pod_ips), probe_address)
+                     probe_address: str | None = None, family: int = 4) -> CaptureState:
+    """The node's probe SNAT of one family (in the node namespace at `netns`; None: our own) against the
+    `pod_ips` of that family."""
+    desired = node_probe_snat(_split(pod_ips)[family], probe_address, family)
     if not netns_present(netns):
         return missing_netns(_label(netns), backend, desired)
     try:
@@ -233,23 +242,29 @@ def probe_snat_state(netns: str | None, pod_ips: Iterable[str], *, backend: str,
 
 
 def apply_probe_snat(netns: str | None, pod_ips: Iterable[str], *, backend: str,
-                     probe_address: str = PROBE_ADDRESS, force: bool = False) -> CaptureState:
-    """SNAT connections from the node's own processes to `pod_ips` (the node's enrolled pods) to the
-    probe address, in the node namespace at `netns` (None: the agent's own). IPv4 pods only: an IPv6-only
-    pod's probes (from the node to its IPv6 address) are not SNATed yet, and reach it through its capture."""
-    return _ensure(netns, node_probe_snat(_ipv4_only(pod_ips), probe_address), backend=backend, who="node",
-                   force=force)
-
-
-def _ipv4_only(pod_ips: Iterable[str]) -> list[str]:
-    # An IPv6-only pod is served by its IPv6 address; one such address must not make the IPv4 rule set
-    # unrenderable (and so every IPv4 pod's probes unSNATed).
-    return [ip for ip in pod_ips if ":" not in ip]
+                     probe_address: str | None = None, force: bool = False) -> CaptureState:
+    """SNAT connections from the node's own processes to `pod_ips` (the node's enrolled pods' addresses, of
+    either family) to the probe address of their family, in the node namespace at `netns` (None: the
+    agent's own). The IPv6 set is written only while some pod has an IPv6 address (and removed after), so an
+    IPv4-only node never gets ip6tables rules of ours."""
+    split = _split(pod_ips)
+    first = _ensure(netns, node_probe_snat(split[4], probe_address), backend=backend,
+                    who="node", force=force)
+    if first.status is CaptureStatus.NETNS_MISSING:
+        return first
+    if split[6]:
+        return combine(first, _ensure(netns, node_probe_snat(split[6], None, 6), backend=backend, who="node",
+                                      force=force))
+    _remove(netns, node_probe_snat((), None, 6), backend=backend, who="node")
+    return first
 
 
 def remove_probe_snat(netns: str | None, *, backend: str) -> CaptureState:
-    """Remove the node's probe SNAT chain and its jump."""
-    return _remove(netns, node_probe_snat(()), backend=backend, who="node")
+    """Remove the node's probe SNAT chains and their jumps (both families)."""
+    first = _remove(netns, node_probe_snat(()), backend=backend, who="node")
+    if first.status is CaptureStatus.NETNS_MISSING:
+        return first
+    return combine(first, _remove(netns, node_probe_snat((), None, 6), backend=backend, who="node"))
 
 
 def _ensure(netns: str | None, desired: RuleSet, *, backend: str, who: str, force: bool) -> CaptureState:

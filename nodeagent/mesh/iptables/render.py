@@ -192,7 +192,7 @@ def pod_capture(options: CaptureOptions = DEFAULT_OPTIONS, family: int = 4) -> R
     hooks = (Hook("mangle", "PREROUTING", PRERT), Hook("mangle", "OUTPUT", OUTPUT),
              Hook("nat", "PREROUTING", PRERT), Hook("nat", "OUTPUT", OUTPUT))
     return RuleSet("capture", POD_CHAINS, tuple(rules), hooks,
-                   PolicyRoute(o.connection_mark, MARK_MASK, o.route_table, o.rule_priority, family))
+                   PolicyRoute(o.connection_mark, MARK_MASK, o.route_table, o.rule_priority, family), family)
 
 
 def render_pod_capture(options: CaptureOptions = DEFAULT_OPTIONS, live: LiveRules | None = None,
@@ -208,23 +208,36 @@ def render_pod_cleanup(live: LiveRules) -> str:
     return cleanup_payload(live)
 
 
-def node_probe_snat(pod_ips: Iterable[str], probe_address: str = PROBE_ADDRESS) -> RuleSet:
+def node_probe_snat(pod_ips: Iterable[str], probe_address: str | None = None, family: int = 4) -> RuleSet:
     """The rule set in the node's namespace: connections from the node's own processes (kubelet) to its
-    enrolled pods leave with the probe address as source, which the pods' capture lets through."""
-    _ipv4("probe_address", probe_address)
-    ips = set(pod_ips)
-    for ip in ips:
-        _ipv4("pod_ips", ip)
-    addresses = sorted(ipaddress.IPv4Address(ip) for ip in ips)
+    enrolled pods leave with the probe address as source, which the pods' capture lets through. One set per
+    IP family (`family` 6: the pods' IPv6 addresses, Istio's HostProbeV6SNATAddress, ip6tables), so a pod
+    probed at its IPv6 address (an IPv6-only pod, or an IPv6-primary cluster) is let through too."""
+    if family not in FAMILIES:
+        raise ValueError(f"IP family {family!r}: 4 or 6")
+    address = probe_address or (PROBE_ADDRESS if family == 4 else PROBE_ADDRESS_V6)
+    parse = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    try:
+        probe = parse(address)
+    except ValueError as exc:
+        raise CaptureOptionsError("probe_address", address, f"not an IPv{family} address") from exc
+    addresses = set()
+    for ip in pod_ips:
+        try:
+            addresses.add(parse(ip))
+        except ValueError as exc:
+            raise CaptureOptionsError("pod_ips", ip, f"not an IPv{family} address") from exc
+    prefix = 32 if family == 4 else 128
     rules = tuple(
-        Rule("nat", POSTRT, f"-d {ip}/32 -p tcp -m owner --socket-exists -j SNAT --to-source {probe_address}",
+        Rule("nat", POSTRT, f"-d {ip}/{prefix} -p tcp -m owner --socket-exists -j SNAT --to-source {probe}",
              "a connection from a process of the node (a socket exists: not forwarded traffic) to an enrolled "
              "pod is a probe; the pod lets this source through uncaptured")
-        for ip in addresses)
-    return RuleSet("probe-snat", NODE_CHAINS, rules, (Hook("nat", "POSTROUTING", POSTRT),))
+        for ip in sorted(addresses))
+    return RuleSet("probe-snat", NODE_CHAINS, rules, (Hook("nat", "POSTROUTING", POSTRT),), family=family)
 
 
-def render_node_probe_snat(pod_ips: Iterable[str], probe_address: str = PROBE_ADDRESS,
-                           live: LiveRules | None = None) -> str:
-    """iptables-restore `--noflush` input for the node's probe SNAT, given what of it is `live`."""
-    return restore_payload(node_probe_snat(pod_ips, probe_address), live)
+def render_node_probe_snat(pod_ips: Iterable[str], probe_address: str | None = None,
+                           live: LiveRules | None = None, family: int = 4) -> str:
+    """iptables-restore (ip6tables-restore for `family` 6) `--noflush` input for the node's probe SNAT,
+    given what of it is `live`."""
+    return restore_payload(node_probe_snat(pod_ips, probe_address, family), live)

@@ -91,6 +91,7 @@ class RuleSet:
     rules: tuple[Rule, ...]
     hooks: tuple[Hook, ...]
     routing: PolicyRoute | None = None
+    family: int = 4  # 6: written with ip6tables
 
     @property
     def fingerprint(self) -> str:

@@ -210,6 +210,19 @@ def test_node_probe_snat_matches_each_enrolled_pod_for_local_sockets_only() -> N
         node_probe_snat([], "nope")
 
 
+
+def test_ipv6_pods_get_the_ipv6_probe_snat_with_istios_ipv6_probe_address() -> None:
+    """kubelet probes a pod at its primary IP: an IPv6-only pod (or an IPv6-primary cluster's) is probed over
+    IPv6, and its capture lets only the IPv6 probe address through."""
+    snat = node_probe_snat(["fd00:10:244:1::3"], family=6)
+    assert [r.line for r in snat.rules] == [
+        "-A NODEAGENT_POSTRT -d fd00:10:244:1::3/128 -p tcp -m owner --socket-exists -j SNAT --to-source "
+        "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"]
+    assert snat.family == 6 and node_probe_snat(["10.244.1.2"]).family == 4
+    with pytest.raises(CaptureOptionsError, match=r"pod_ips='10\.244\.1\.2'"):
+        node_probe_snat(["10.244.1.2"], family=6)
+
+
 def test_the_tunnel_and_the_rules_agree_on_ports_and_mark() -> None:
     from nodeagent.mesh.iptables import render
     from nodeagent.tunnel.hbone import limits as hbone
