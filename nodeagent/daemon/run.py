@@ -76,12 +76,14 @@ class ChosenDatapath:
     reason: str
     backend: str  # the iptables backend (eBPF mode keeps iptables for what it does not translate)
     # the IPv6 proxier (ip6tables, same backend), run beside `proxier` once the node has IPv6 to serve, as
-    # kube-proxy's metaproxier runs one proxier per family; in eBPF mode too (its programs translate IPv4 only)
-    ipv6: IptablesProxier | NftablesProxier | None = None
+    # kube-proxy's metaproxier runs one proxier per family; in eBPF mode the eBPF proxier's IPv6 side, whose
+    # ip6tables proxier serves IPv6 traffic from outside (tc translates IPv4 only)
+    ipv6: IptablesProxier | EbpfProxier | NftablesProxier | None = None
 
 
-# eBPF mode serves IPv6 Services with ip6tables: said in the mode reason (/proxyMode's metric, /healthz, inspect)
-EBPF_IPV6_REASON = "; IPv6 Services: iptables (ip6tables), the eBPF programs translate IPv4 only"
+# eBPF mode serves IPv6 traffic from outside with ip6tables: said in the mode reason (/proxyMode's metric, /healthz)
+EBPF_IPV6_REASON = ("; IPv6 Services: cgroup connect6/sendmsg6/recvmsg6/getpeername6, from outside the node "
+                    "ip6tables (tc translates IPv4 only)")
 
 
 def nftables_unsupported() -> str | None:
@@ -122,7 +124,7 @@ def choose_datapath(options: RunOptions) -> ChosenDatapath:
         log.warning("falling back to iptables", reason=str(exc), nftables=refused)
         return ChosenDatapath(iptables, "iptables", f"eBPF unavailable, fell back to iptables: {exc} "
                               f"(nftables unavailable: {refused})", backend, ipv6)
-    return ChosenDatapath(ebpf, "ebpf", ebpf.mode_detail + EBPF_IPV6_REASON, backend, ipv6)
+    return ChosenDatapath(ebpf, "ebpf", ebpf.mode_detail + EBPF_IPV6_REASON, backend, ebpf.ipv6_side(ipv6))
 
 
 def clear_ebpf(scope: str, cgroup: Path | None) -> None:
