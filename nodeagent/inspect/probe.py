@@ -65,13 +65,21 @@ def tunnel_metric(node_netns: str, address: str, name: str, having: str = "") ->
 DENIALS = "nodeagent_tunnel_policy_denials_total"
 
 
+def _opened_or_none(node_netns: str, address: str) -> int | None:
+    """`tunnel_opened`, or None when the tunnel's metrics do not answer (no tunnel runs: the mesh is off)."""
+    try:
+        return tunnel_opened(node_netns, address)
+    except OSError:
+        return None
+
+
 def probe(trace: Trace, send: Callable[[], dict[str, str]], node_netns: str, node_address: str,
           mode: str, node_of: Callable[[str], tuple[str, str]] | None = None) -> ProbeResult:
     """Send one connection with `send` (raises on failure) and compare. `node_of` gives a node's (netns, address):
     a predicted denial is then confirmed by the destination tunnels' policy denials counter."""
     watch_sep = not trace.captured and mode == "iptables"
     before_sep = sep_counters(node_netns) if watch_sep else {}
-    before_tunnel = tunnel_opened(node_netns, node_address) if trace.captured else 0
+    before_tunnel = _opened_or_none(node_netns, node_address) if trace.captured else 0
     denying = sorted({h.node for h in trace.hops if not h.allowed and h.node}) if node_of is not None else []
     before_denials = {n: tunnel_metric(*node_of(n), DENIALS) for n in denying} if node_of is not None else {}
     try:
@@ -83,8 +91,13 @@ def probe(trace: Trace, send: Callable[[], dict[str, str]], node_netns: str, nod
         after = sep_counters(node_netns)
         counters = {chain: after[chain] - before_sep.get(chain, 0) for chain in after
                     if after[chain] != before_sep.get(chain, 0)}
+    unread = False
     if trace.captured:
-        counters["tunnel connections opened"] = tunnel_opened(node_netns, node_address) - before_tunnel
+        after_tunnel = _opened_or_none(node_netns, node_address)
+        if before_tunnel is None or after_tunnel is None:
+            unread = True
+        else:
+            counters["tunnel connections opened"] = after_tunnel - before_tunnel
     if node_of is not None:
         for node in denying:
             counters[f"policy denials on {node}"] = tunnel_metric(*node_of(node), DENIALS) - before_denials[node]
@@ -101,7 +114,9 @@ def probe(trace: Trace, send: Callable[[], dict[str, str]], node_netns: str, nod
             reasons.append(f"the counter of {hop.via} did not move")
     elif answer:
         reasons.append(f"predicted {trace.outcome}, but {by or 'something'} answered")
-    if trace.outcome == CONNECTED and trace.captured and counters.get("tunnel connections opened", 0) < 1:
+    if unread:
+        reasons.append(f"the source tunnel's metrics (http://{node_address}:15020) did not answer: is the mesh on?")
+    elif trace.outcome == CONNECTED and trace.captured and counters.get("tunnel connections opened", 0) < 1:
         reasons.append("the source tunnel counted no new connection")
     if trace.outcome == DENIED and denying and sum(counters.get(f"policy denials on {n}", 0) for n in denying) < 1:
         reasons.append(f"no policy denial counted by the tunnel on {', '.join(denying)}")

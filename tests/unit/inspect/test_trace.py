@@ -116,3 +116,14 @@ def test_the_verdict_sees_the_source_address_and_the_destination_address() -> No
     verdicts = {h.address: (h.allowed, h.verdict) for h in trace.hops}
     assert verdicts["10.244.2.2:8080"] == (False, "denied by DENY policy shop/deny-shop rule 0")
     assert verdicts["10.244.1.2:8080"][0]
+
+
+def test_a_probe_without_a_tunnel_says_so_instead_of_failing() -> None:
+    """A captured prediction probed where no tunnel answers (the mesh off): not confirmed, with the reason."""
+    from nodeagent.inspect.probe import probe
+
+    state = snapshot()
+    captured = predict(state, "node1", given(state, "10.96.0.10", 80))
+    assert captured.captured
+    result = probe(captured, lambda: {"pod": "shop/web-1"}, "/nonexistent/netns", "127.0.0.1", "iptables")
+    assert not result.confirmed and any("did not answer: is the mesh on?" in r for r in result.reasons)
