@@ -175,7 +175,8 @@ def service_paths(target: Target, mode: str) -> list[ServicePath]:
     return _services(target, mode, False, None)
 
 
-def _services(target: Target, mode: str, enrolled: bool, only: str | None) -> list[ServicePath]:
+def _services(target: Target, mode: str, enrolled: bool, only: str | None, dns_port: int | None = None
+              ) -> list[ServicePath]:
     from nodeagent.service.addresses import local_addresses
     from nodeagent.service.config import ProxySettings, proxy_config, served_families
 
@@ -198,7 +199,7 @@ def _services(target: Target, mode: str, enrolled: bool, only: str | None) -> li
                           None if live is None or live6 is None else live | live6)
     if only is not None:
         paths = [p for p in paths if p.service == only or p.service.startswith(f"{only}:")]
-    return captured_by_tunnel(paths) if enrolled else paths
+    return captured_by_tunnel(paths, dns_port) if enrolled else paths
 
 
 def inspect_pod(target: Target, ref: str, namespace: str | None = None, service: str | None = None) -> PodReport:
@@ -236,7 +237,9 @@ def inspect_pod(target: Target, ref: str, namespace: str | None = None, service:
     relevant = decision.enrolled or state.status is not CaptureStatus.ABSENT
     dump, dump_error = read_dump(target.node_netns)
     tunnel = tunnel_part(dump, ips[0], dump_error)
-    services = _services(target, mode, decision.enrolled, service)
+    # The iptables capture takes the pod's DNS into the tunnel's proxy (the eBPF capture does not, yet).
+    services = _services(target, mode, decision.enrolled, service,
+                         options.dns_port if capture.mechanism == "iptables" else None)
     drift = compute_drift(enrolled=decision.enrolled, capture=capture,
                           missing=state.missing if relevant else (), unexpected=state.unexpected if relevant else (),
                           agent_state=agent_state or None, tunnel=tunnel, services=services)

@@ -163,12 +163,18 @@ def ebpf_paths(service_ports: Mapping[ServicePortName, ServicePortInfo],
     return paths
 
 
-def captured_by_tunnel(paths: Iterable[ServicePath]) -> list[ServicePath]:
+def captured_by_tunnel(paths: Iterable[ServicePath], dns_port: int | None = None) -> list[ServicePath]:
     """An enrolled pod's TCP never reaches the node's translation: its capture sends it to the node tunnel,
-    which balances over the same endpoints (weighted, healthy only)."""
+    which balances over the same endpoints (weighted, healthy only). With `dns_port` (the iptables capture,
+    the pod not opted out), port 53 over UDP and TCP goes to the tunnel's DNS proxy, which answers itself."""
     out = []
     for path in paths:
-        if path.frontend.endswith("/TCP") and path.endpoints:
+        if dns_port is not None and path.frontend.rsplit("/", 1)[0].endswith(":53"):
+            path = ServicePath(path.service, path.frontend, path.kind, f"capture -> tunnel DNS proxy {dns_port} "
+                               f"(node: {path.via})", path.endpoints,
+                               "captured (the tunnel's DNS proxy answers; the Service's port 53 is not reached)",
+                               path.live)
+        elif path.frontend.endswith("/TCP") and path.endpoints:
             path = ServicePath(path.service, path.frontend, path.kind, f"capture -> tunnel 15001 (node: {path.via})",
                                path.endpoints, "captured (the node tunnel balances)", path.live)
         out.append(path)

@@ -96,6 +96,20 @@ def _captured(source: Workload | None, ip: str, port: int, proto: str, options: 
     return True, f"captured: to the node tunnel at 127.0.0.1:{options.outbound_port} (original destination kept)"
 
 
+def _dns_captured(source: Workload, given: TraceInput) -> str | None:
+    """Why this connection goes to the tunnel's DNS proxy (the in-pod rules' port 53 capture), or None. The
+    iptables capture holds those rules; the eBPF capture (the eBPF datapath's, in the lab and the DaemonSet)
+    does not capture DNS yet."""
+    if not source.enrolled or given.port != 53 or given.options.dns_port is None or given.mode == "ebpf":
+        return None
+    address = ipaddress.ip_address(given.ip)
+    own = any(address == ipaddress.ip_address(a) for a in source.addresses)
+    if address.is_loopback or (given.proto == "udp" and own):  # UDP: `! -o lo`; TCP: `! -d 127.0.0.1`
+        return None
+    return (f"captured: DNS ({given.proto.upper()} 53) to the node tunnel's DNS proxy at 127.0.0.1:"
+            f"{given.options.dns_port} (the pod opts out with nodeagent.io/dns-capture: \"false\")")
+
+
 def _node_path(paths: Sequence[ServicePath], ip: str, port: int, proto: str, node_ips: Sequence[str]
                ) -> ServicePath | None:
     """The frontend the kernel translates this destination by, if any (a NodePort: the one of the address's
@@ -119,9 +133,18 @@ def predict(snapshot: Snapshot, node: str, given: TraceInput) -> Trace:
         raise TraceError(f"pod {given.source}: no such pod with an address")
     authorizer = Authorizer.from_snapshot(snapshot)
     dest = host_port(given.ip, given.port)
-    captured, why = _captured(source, given.ip, given.port, given.proto, given.options)
     steps = [f"source {given.source} ({source.ip}, {source.identity}, "
-             f"{'enrolled' if source.enrolled else 'not enrolled'}) on node {node}", why]
+             f"{'enrolled' if source.enrolled else 'not enrolled'}) on node {node}"]
+    dns = _dns_captured(source, given)
+    if dns is not None:
+        steps.append(dns)
+        proxy = f"127.0.0.1:{given.options.dns_port}"
+        hop = Hop(proxy, 1.0, "", node, "the node tunnel's DNS proxy in the pod: Service names answered from its "
+                  "tables, other names forwarded to the tunnel's resolvers", True, "no policy: DNS")
+        steps.append(f"  -> {proxy} p=1 (the tunnel's DNS proxy) on {node}: {hop.transport}")
+        return Trace(given.source, dest, given.proto, True, tuple(steps), (hop,), CONNECTED)
+    captured, why = _captured(source, given.ip, given.port, given.proto, given.options)
+    steps.append(why)
     candidates: list[tuple[str, int, float, str]] = []  # (ip, port, probability, via)
     if captured:
         target = service_table(snapshot).lookup(given.ip, given.port)

@@ -86,6 +86,17 @@ def test_an_enrolled_pods_tcp_is_captured_and_live_chains_are_checked() -> None:
     assert with_live([cluster], None)[0].live == "unknown"
 
 
+
+def test_an_enrolled_pods_port_53_goes_to_the_tunnels_dns_proxy_under_the_iptables_capture() -> None:
+    paths = [ServicePath("shop/dns:dns", "10.96.0.53:53/UDP", "ClusterIP", "KUBE-SVC-X", (), "translated"),
+             ServicePath("shop/dns:dns-tcp", "10.96.0.53:53/TCP", "ClusterIP", "KUBE-SVC-Y", (), "translated")]
+    captured = by_frontend(captured_by_tunnel(paths, dns_port=15053))
+    assert all(p.verdict.startswith("captured (the tunnel's DNS proxy") for p in captured.values())
+    assert all("DNS proxy 15053" in p.via for p in captured.values())
+    plain = by_frontend(captured_by_tunnel(paths))  # the eBPF capture, or a pod that opted out
+    assert plain["10.96.0.53:53/UDP"].verdict == "translated"
+
+
 CAPTURE = Capture("iptables", "nft", "drifted", "/run/netns/p",
                   rules=(RuleLine("nat", "-A NODEAGENT_OUTPUT -p tcp -j NODEAGENT_REDIRECT", 7),))
 SERVED = Tunnel(True, served=True, state="served", listeners=(15001, 15006, 15008),

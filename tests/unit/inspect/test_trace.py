@@ -127,3 +127,18 @@ def test_a_probe_without_a_tunnel_says_so_instead_of_failing() -> None:
     assert captured.captured
     result = probe(captured, lambda: {"pod": "shop/web-1"}, "/nonexistent/netns", "127.0.0.1", "iptables")
     assert not result.confirmed and any("did not answer: is the mesh on?" in r for r in result.reasons)
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_an_enrolled_pods_dns_goes_to_its_tunnels_dns_proxy_unless_it_opts_out(proto: str) -> None:
+    """The in-pod rules capture port 53 (UDP and TCP) into the tunnel's DNS proxy, which answers it itself."""
+    state = snapshot()
+    trace = predict(state, "node1", given(state, "10.96.0.10", 53, proto=proto))
+    assert trace.captured and trace.outcome == CONNECTED
+    assert [h.address for h in trace.hops] == ["127.0.0.1:15053"] and trace.pods() == set()
+    assert f"captured: DNS ({proto.upper()} 53)" in to_text(trace)
+    opted_out = predict(state, "node1", given(state, "10.96.0.10", 53, proto=proto, dns_port=None))
+    assert all(h.address != "127.0.0.1:15053" for h in opted_out.hops)
+    # the eBPF capture does not capture DNS (yet): the node's translation decides
+    ebpf = predict(state, "node1", given(state, "10.96.0.10", 53, proto=proto, mode="ebpf"))
+    assert all(h.address != "127.0.0.1:15053" for h in ebpf.hops)
