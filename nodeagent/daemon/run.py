@@ -117,7 +117,7 @@ def choose_datapath(options: RunOptions) -> ChosenDatapath:
     except (NodeAgentError, OSError) as exc:
         if options.mode is ModeRequest.EBPF:
             raise StartError(f"eBPF datapath unavailable: {exc}. `nodeagent doctor` says what this machine "
-                             "lacks; `--mode auto` falls back to iptables") from exc
+                             "lacks; `--mode auto` falls back to nftables or iptables") from exc
         if (refused := nftables_unsupported()) is None:
             log.warning("falling back to nftables", reason=str(exc))
             return _nftables(options, f"eBPF unavailable, fell back to nftables: {exc}", backend)

@@ -259,7 +259,8 @@ def test_cleanup_leaves_no_program_attachment_or_pin(lab: labs.Lab) -> None:
         assert shown.returncode != 0, f"program {program} still exists"
 
 
-def test_auto_mode_falls_back_to_iptables_when_bcc_cannot_compile(tmp_path: Path) -> None:
+def test_auto_mode_falls_back_to_nftables_when_bcc_cannot_compile(tmp_path: Path) -> None:
+    """This kernel has nftables, so `auto` without eBPF picks nftables (the unit tests cover iptables)."""
     name = unique_lab_name()
     empty = tmp_path / "no-headers"
     empty.mkdir()
@@ -274,10 +275,10 @@ def test_auto_mode_falls_back_to_iptables_when_bcc_cannot_compile(tmp_path: Path
                                  f"http://{node.node.address}"]), capture_output=True, text=True, timeout=20,
                                 check=True)
         mode, health, metrics = json.loads(result.stdout)
-        assert mode == "iptables"
-        assert "eBPF unavailable, fell back to iptables" in json.loads(health)["proxyModeReason"]
+        assert mode == "nftables"
+        assert "eBPF unavailable, fell back to nftables" in json.loads(health)["proxyModeReason"]
         info = [line for line in metrics.splitlines() if line.startswith("nodeagent_proxy_mode_info{")]
-        assert len(info) == 1 and 'mode="iptables"' in info[0] and "fell back" in info[0], info
+        assert len(info) == 1 and 'mode="nftables"' in info[0] and "fell back" in info[0], info
         assert 'kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}' in metrics
         assert request_from(lab, "demo/client", f"{lab.cluster_ip('echo')}:80")["pod"].startswith("demo/echo-")
     finally:
