@@ -28,6 +28,7 @@ import itertools
 import math
 import os
 import pickle
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -92,25 +93,57 @@ Spawn = Callable[[int], Awaitable[Channel]]
 def process_spawner(node: str, trust_domain: str, log_level: str = "info") -> Spawn:
     """Start worker `index` as `python -m nodeagent.daemon.tunnel_worker` with one end of a new socketpair
     (the only descriptor it inherits). Spawned from the event loop's thread: PR_SET_PDEATHSIG follows the
-    thread that forked, so a worker forked from a short-lived thread would be killed with that thread."""
+    thread that forked, so a worker forked from a short-lived thread would be killed with that thread.
+
+    With `subprocess.Popen` (vfork and exec in C), not the loop's `create_subprocess_exec`: uvloop's runs
+    `PyOS_AfterFork_Child` and `uv_loop_fork` in the child between fork and exec, and in the coordinator, which
+    has other threads (certificate calls run in the default executor), that child sometimes died of SIGSEGV
+    before it reached exec (seen as a restarted worker exiting with -11 after 0.0 s)."""
     import socket
 
     async def spawn(index: int) -> Channel:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "nodeagent.daemon.tunnel_worker", "--fd", str(child.fileno()),
-                "--parent", str(os.getpid()), "--index", str(index), "--node", node, "--trust-domain", trust_domain,
-                "--log-level", log_level, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "nodeagent.daemon.tunnel_worker", "--fd", str(child.fileno()),
+                 "--parent", str(os.getpid()), "--index", str(index), "--node", node, "--trust-domain", trust_domain,
+                 "--log-level", log_level], pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         except BaseException:
             parent.close()
             raise
         finally:
             child.close()
-        reader, writer = await asyncio.open_unix_connection(sock=parent)
-        return Channel(process.pid, reader, writer, process.wait, process.kill)
+        try:
+            wait = exit_waiter(process)
+            reader, writer = await asyncio.open_unix_connection(sock=parent)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        return Channel(process.pid, reader, writer, wait, process.kill)
 
     return spawn
+
+
+def exit_waiter(process: subprocess.Popen[bytes]) -> Callable[[], Awaitable[int | None]]:
+    """An awaitable for `process`'s exit status (negative: the signal), from a pidfd the event loop watches:
+    no thread and no SIGCHLD handler. Call it on the loop's thread."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[int | None] = loop.create_future()
+    pidfd = os.pidfd_open(process.pid)
+
+    def readable() -> None:  # a pidfd is readable once its process has exited
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        if not exited.done():
+            exited.set_result(process.wait())
+
+    loop.add_reader(pidfd, readable)
+
+    async def wait() -> int | None:
+        return await asyncio.shield(exited)
+
+    return wait
 
 
 @dataclass

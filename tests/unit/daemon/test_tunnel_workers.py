@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
+import uvloop
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
@@ -48,6 +50,7 @@ from nodeagent.daemon.workers import (
     WorkerSet,
     cgroup_cpu_limit,
     cpu_quota,
+    exit_waiter,
     process_spawner,
     tables_since,
     worker_count,
@@ -470,3 +473,22 @@ def test_histograms_sum_bucket_by_bucket_and_created_is_the_earliest() -> None:
     created = [s.value for r in registries for f in r.collect() for s in f.samples if s.name.endswith("_created")]
     assert samples[("nodeagent_tunnel_connect_seconds_created", None)] == min(created)
     assert b"nodeagent_tunnel_connect_seconds_bucket" in exposition(Families(merged))
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_exit_waiter_reports_the_status_of_a_process_it_did_not_start_under_the_loop(
+        loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """The worker's exit status comes from a pidfd the loop watches (the process is started by Popen, outside
+    the loop): a clean exit, an exit code, and a signal are each reported, and waiting twice is allowed."""
+
+    async def statuses() -> list[int | None]:
+        found = []
+        for argv in (["true"], ["sh", "-c", "exit 3"], ["sh", "-c", "kill -9 $$"]):
+            process = subprocess.Popen(argv)
+            wait = exit_waiter(process)
+            found.append(await asyncio.wait_for(wait(), 10))
+            assert await wait() == found[-1]
+        return found
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        assert runner.run(statuses()) == [0, 3, -9]
