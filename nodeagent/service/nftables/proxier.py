@@ -37,6 +37,10 @@ from nodeagent.service.nftables.ruleset import Table
 from nodeagent.service.nftables.transaction import KernelState, Plan, plan
 from nodeagent.state.tracker import Snapshot
 
+# A sync that changes Services deletes the stale chains only once this many wait (see transaction.py); the
+# periodic sync, which changes none, deletes them whatever their number.
+STALE_DELETE_LIMIT = 1000
+
 log = structlog.get_logger("nodeagent.service.nftables.proxier")
 
 
@@ -148,7 +152,8 @@ class NftablesProxier:
             sets = self.nft.list_names("set", family, n.TABLE)
         planned = plan(rendered, self._known, full=full, changed=changed,
                        existing_chains=chains, existing_sets=sets, stale=self._stale, now=started,
-                       recreate_base=full and not self._base_recreated)
+                       recreate_base=full and not self._base_recreated,
+                       delete_stale=not changed or len(self._stale) >= STALE_DELETE_LIMIT)
         try:
             if planned.lines:  # (an idle periodic sync has nothing to write)
                 self.nft.run(planned.text())

@@ -2,10 +2,12 @@
 
 The text is what knftables writes and kube-proxy's tests compare (`add chain ip kube-proxy NAME`, `add rule ip
 kube-proxy CHAIN RULE`, `add element ip kube-proxy MAP { KEY comment "C" : VALUE }`), which is also `nft -f`
-input. `Table.dump` prints a table in the order of kube-proxy's `sortNFTablesTransaction`
-(pkg/proxy/nftables/helpers_test.go): table, chains, rules, sets, maps, elements; names sorted, each chain's
-rules in their order. `Table.apply` runs a transaction of those commands on the data, as knftables' Fake does;
-the proxier's tests use it as the kernel.
+input. What is sent to nft groups each run of rules for one chain into a chain block (`wire_text`), which nft
+evaluates without fetching the table's chains first (see the function). `Table.dump` prints a table in the
+order of kube-proxy's `sortNFTablesTransaction` (pkg/proxy/nftables/helpers_test.go): table, chains, rules,
+sets, maps, elements; names sorted, each chain's rules in their order. `Table.apply` runs a transaction of
+those commands (or their wire form) on the data, as knftables' Fake does; the proxier's tests use it as the
+kernel.
 """
 
 from __future__ import annotations
@@ -99,16 +101,31 @@ class Table:
             yield from sorted(lines)
 
     def apply(self, transaction: str) -> int:
-        """Run `transaction` (our commands, one a line) on the table, all or nothing; returns the number of
-        operations. Raises TransactionError where nft would refuse it (the table is then unchanged)."""
+        """Run `transaction` (our commands, one a line, or `wire_text`'s chain blocks) on the table, all or
+        nothing; returns the number of operations (a rule in a chain block is one, as an `add rule` line).
+        Raises TransactionError where nft would refuse it (the table is then unchanged)."""
         work = self.copy()
         count = 0
+        block: str | None = None  # the `add chain ... {` line of the block being read
         for line in transaction.splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
+            if block is not None:
+                if line == "}":
+                    block = None
+                    continue
+                work._apply(f"add rule {work.prefix} {block} {line}")
+                count += 1
+                continue
+            if line.startswith("add chain ") and line.endswith(" {"):
+                work._apply(line[:-2])  # nft adds the chain when it is missing; not an operation of ours
+                block = line[:-2].rsplit(" ", 1)[1]
+                continue
             work._apply(line)
             count += 1
+        if block is not None:
+            raise TransactionError(f"unterminated chain block: {block}")
         self.comment, self.chains, self.containers = work.comment, work.chains, work.containers
         self.exists = work.exists
         return count
@@ -226,6 +243,36 @@ def parse_element(body: str) -> tuple[str, Element]:
     if match is None:
         raise TransactionError(f"malformed element: {body}")
     return match["key"], Element(match["value"] or "", match["comment"])
+
+
+def wire_text(lines: Iterable[str]) -> str:
+    """The transaction as sent to nft: `lines` with each run of `add rule FAMILY TABLE CHAIN RULE` lines for one
+    chain written as one chain block (`add chain FAMILY TABLE CHAIN {`, the rules a line each, `}`); the same
+    operations, in the same order.
+
+    Why: nft 1.0 fetches every chain of the table from the kernel before it evaluates an `add rule` command
+    (the cache flags of `evaluate_cache_add` in nftables' src/cache.c), but only the table for an `add chain`
+    command, with or without rules in its block. At 10,000 Services that fetch is ~100,000 chains on every
+    partial sync, and it was most of an endpoint change's time."""
+    out: list[str] = []
+    current: tuple[str, str, str] | None = None  # (family, table, chain) of the open block
+    for line in lines:
+        if line.startswith("add rule "):
+            _, _, family, table, chain, rule = line.split(" ", 5)
+            if current != (family, table, chain):
+                if current is not None:
+                    out.append("}\n")
+                current = (family, table, chain)
+                out.append(f"add chain {family} {table} {chain} {{\n")
+            out.append(f"\t{rule}\n")
+            continue
+        if current is not None:
+            out.append("}\n")
+            current = None
+        out.append(line + "\n")
+    if current is not None:
+        out.append("}\n")
+    return "".join(out)
 
 
 def _references(text: str, chain: str) -> bool:

@@ -19,6 +19,7 @@ from nodeagent.cluster.model import Kind, ObjectRef
 from nodeagent.service.config import ProxyConfig
 from nodeagent.service.conntrack import ConntrackReconciler, Filter
 from nodeagent.service.datapath import Datapath, DatapathMode
+from nodeagent.service.nftables import proxier as proxier_module
 from nodeagent.service.nftables.proxier import NftablesProxier
 from nodeagent.service.nftables.ruleset import Table, TransactionError, sort_transaction
 from tests.support.services import ep, service, slice_, snapshot_of
@@ -150,7 +151,7 @@ SVC4_RULES = """
 
 def test_sync_proxy_rules_repeated() -> None:
     """TestSyncProxyRulesRepeated: partial syncs write only what changed; stale chains are flushed, then deleted
-    once a second old."""
+    once a second old by a sync that changes no Service."""
     nft, clock = FakeNft(), Clock()
     p = proxier(nft, clock)
 
@@ -164,6 +165,9 @@ def test_sync_proxy_rules_repeated() -> None:
     sync(SVC1, SVC2, SVC3, EPS1, EPS2, EPS3, changed={svc("ns3", "svc3")})
     assert_table(nft, SVC1_RULES + SVC2_RULES + SVC3_RULES)
     assert nft.last_operations == 10
+    # sent to nft as chain blocks (no `add rule`: nft would fetch every chain of the table before it)
+    assert "add rule" not in nft.transactions[-1]
+    assert "add chain ip kube-proxy endpoint-2OCDJSZQ-ns3/svc3/tcp/p80__10.0.3.1/80 {\n" in nft.transactions[-1]
 
     # delete a Service: its chains are flushed, not deleted yet; 2 element deletions, 2 flushes
     sync(SVC1, SVC3, EPS1, EPS3, changed={svc("ns2", "svc2")})
@@ -205,11 +209,19 @@ def test_sync_proxy_rules_repeated() -> None:
     """)
     assert nft.last_operations == 9
 
-    # add an endpoint once the old chain is a second stale: it goes, 3 chains rewritten (+1 deletion)
+    # add an endpoint once the old chain is a second stale: 3 chains rewritten; kube-proxy would delete the
+    # stale chain now, here a sync that changes Services leaves it (nft fetches every chain for a deletion)...
     clock.now += 2
     sync(SVC1, SVC3, SVC4, EPS1, EPS3_UPDATE2, EPS4, changed={svc("ns3", "svc3")})
+    assert_table(nft, SVC1_RULES + SVC3_TWO_ENDPOINTS + SVC4_RULES + """
+        add chain ip kube-proxy endpoint-2OCDJSZQ-ns3/svc3/tcp/p80__10.0.3.1/80
+    """)
+    assert nft.last_operations == 12
+    assert "delete" not in nft.transactions[-1]
+    # ... and the next sync that changes none (the periodic one) deletes it
+    sync(SVC1, SVC3, SVC4, EPS1, EPS3_UPDATE2, EPS4)
     assert_table(nft, SVC1_RULES + SVC3_TWO_ENDPOINTS + SVC4_RULES)
-    assert nft.last_operations == 12 + 1
+    assert nft.transactions[-1] == "delete chain ip kube-proxy endpoint-2OCDJSZQ-ns3/svc3/tcp/p80__10.0.3.1/80\n"
 
     # empty a Service's endpoints: 2 elements, 3 chains flushed and now stale
     sync(SVC1, SVC3, SVC4, EPS1, EPS3_EMPTY, EPS4, changed={svc("ns3", "svc3")})
@@ -240,7 +252,23 @@ def test_sync_proxy_rules_repeated() -> None:
     clock.now += 7200
     sync(SVC1, SVC3, SVC4, EPS1, EPS3_UPDATE2, EPS4)
     assert_table(nft, SVC1_RULES + SVC3_TWO_ENDPOINTS + SVC4_RULES)
-    assert len(nft.transactions) == 12  # one transaction per sync that had something to write
+    assert len(nft.transactions) == 13  # one transaction per sync that had something to write
+
+
+def test_a_changing_sync_deletes_stale_chains_once_many_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deferring deletions to the periodic sync is bounded: at the limit a sync that changes Services deletes."""
+    monkeypatch.setattr(proxier_module, "STALE_DELETE_LIMIT", 3)
+    nft, clock = FakeNft(), Clock()
+    p = proxier(nft, clock)
+    p.sync(snapshot_of(SVC1, SVC3, EPS1, EPS3), FAKE_PROXIER, set())
+    p.sync(snapshot_of(SVC1, SVC3, EPS1, EPS3_UPDATE), FAKE_PROXIER, {svc("ns3", "svc3")})  # 1 stale chain
+    clock.now += 2
+    p.sync(snapshot_of(SVC1, SVC3, EPS1, EPS3_EMPTY), FAKE_PROXIER, {svc("ns3", "svc3")})  # 3 stale, 1 aged
+    assert "delete chain" not in nft.transactions[-1] and len(p._stale) == 3
+    clock.now += 2
+    p.sync(snapshot_of(SVC1, SVC3, EPS1, EPS3_UPDATE2), FAKE_PROXIER, {svc("ns3", "svc3")})
+    assert "delete chain ip kube-proxy endpoint-2OCDJSZQ-ns3/svc3/tcp/p80__10.0.3.1/80\n" in nft.transactions[-1]
+    assert_table(nft, SVC1_RULES + SVC3_TWO_ENDPOINTS)
 
 
 def test_sync_proxy_rules_startup() -> None:
