@@ -65,6 +65,26 @@ def test_iptables_benchmark_runs_on_both_backends() -> None:
 
 
 @pytest.mark.root
+def test_nftables_benchmarks_run_and_clean_up(tmp_path: Path) -> None:
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    result = subprocess.run([sys.executable, "bench/nftables_sync.py", "--services", "40", "--changes", "3",
+                             "--repeats", "1", "--skip-legacy", "--json"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["full_sync_s"] > 0 and report["bare_nft_f_s"] > 0 and report["change_ms_nft_binary"]["n"] == 3
+    out = tmp_path / "change.json"
+    result = subprocess.run([sys.executable, "bench/nftables_change.py", "--services", "40", "--changes", "3",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    series = json.loads(out.read_text())["ms"]
+    assert set(series) == {"product", "lines", "blocks", "floor_counter_rule", "floor_dnat_rule"}
+    assert all(s["n"] == 3 and s["p50"] > 0 for s in series.values())
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not {name for name in after - before if name.startswith("bench-nft")}
+
+
+@pytest.mark.root
 @pytest.mark.bcc
 def test_ebpf_benchmark_runs() -> None:
     result = subprocess.run([sys.executable, "bench/ebpf_connect.py", "--services", "50", "--connects", "40",
