@@ -35,17 +35,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from iptables_sync import tracker_for  # noqa: E402
-from nftables_sync import empty_tables_nft, summary  # noqa: E402
+from nftables_sync import empty_tables_nft, endpoint_change, summary  # noqa: E402
 
-from nodeagent.cluster.decode import decode, object_ref  # noqa: E402
-from nodeagent.cluster.events import Upserted  # noqa: E402
-from nodeagent.cluster.model import Kind  # noqa: E402
 from nodeagent.kernel.nftables import Nft  # noqa: E402
 from nodeagent.observability.logs import configure_logging  # noqa: E402
 from nodeagent.service.config import ProxyConfig  # noqa: E402
 from nodeagent.service.nftables.proxier import NftablesProxier  # noqa: E402
 from nodeagent.service.nftables.ruleset import wire_text  # noqa: E402
-from tests.support.objects import scale_slice  # noqa: E402
 
 SCRATCH = "bench-scratch"
 
@@ -80,15 +76,9 @@ def inside(args: argparse.Namespace) -> dict[str, Any]:
     Nft().run(f"add chain {prefix} {SCRATCH}\n")
     for i in range(args.changes):
         load.append(os.getloadavg()[0])
-        changed = scale_slice((i * 7919) % args.services, args.endpoints)
-        changed["endpoints"][0]["addresses"] = [f"10.99.{(i >> 8) & 255}.{i & 255}"]
-        started = time.perf_counter()
-        tracker.apply(Upserted(Kind.ENDPOINT_SLICE, object_ref(changed), decode(changed), f"change-{i}"))
-        changed_snapshot = tracker.snapshot()
-        assert changed_snapshot is not None
-        report = proxier.sync(changed_snapshot, config, changed_snapshot.changed_services)
-        series["product"].append(time.perf_counter() - started)
-        assert not report.full and f"dnat to 10.99.{(i >> 8) & 255}.{i & 255}:" in report.transaction
+        seconds, report = endpoint_change(tracker, proxier, config, (i * 7919) % args.services, args.endpoints, i)
+        series["product"].append(seconds)
+        assert f"dnat to 10.99.{(i >> 8) & 255}.{i & 255}:" in report.transaction
         # a replay: the chain deletions already happened (the rest is idempotent: add, flush, refill)
         replay = [line for line in report.plan.lines if not line.startswith("delete chain ")]
         series["lines"].append(nft_f("".join(line + "\n" for line in replay)))

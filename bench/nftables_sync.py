@@ -92,21 +92,26 @@ def timed(work: Any) -> float:
     return time.perf_counter() - started
 
 
+def endpoint_change(tracker: ChangeTracker, proxier: NftablesProxier, config: ProxyConfig, index: int,
+                    endpoints: int, k: int) -> tuple[float, Any]:
+    """Service `index`'s first endpoint moved to 10.99.x.y (from `k`): the EndpointSlice update folded into the
+    tracker, the snapshot built, the partial sync loaded. Returns the seconds and the sync's report."""
+    changed = scale_slice(index, endpoints)
+    changed["endpoints"][0]["addresses"] = [f"10.99.{(k >> 8) & 255}.{k & 255}"]
+    started = time.perf_counter()
+    tracker.apply(Upserted(Kind.ENDPOINT_SLICE, object_ref(changed), decode(changed), f"change-{k}"))
+    snapshot = tracker.snapshot()
+    assert snapshot is not None
+    report = proxier.sync(snapshot, config, snapshot.changed_services)
+    seconds = time.perf_counter() - started
+    assert not report.full
+    return seconds, report
+
+
 def change_latencies(tracker: ChangeTracker, proxier: NftablesProxier, config: ProxyConfig, services: int,
                      endpoints: int, changes: int, seed: int) -> list[float]:
-    latencies = []
-    for i in range(changes):
-        index = (i * 7919 + seed) % services
-        changed = scale_slice(index, endpoints)
-        k = seed + i
-        changed["endpoints"][0]["addresses"] = [f"10.99.{(k >> 8) & 255}.{k & 255}"]
-        started = time.perf_counter()
-        tracker.apply(Upserted(Kind.ENDPOINT_SLICE, object_ref(changed), decode(changed), f"{seed}-{i}"))
-        snapshot = tracker.snapshot()
-        assert snapshot is not None
-        report = proxier.sync(snapshot, config, snapshot.changed_services)
-        latencies.append(time.perf_counter() - started)
-        assert not report.full
+    latencies = [endpoint_change(tracker, proxier, config, (i * 7919 + seed) % services, endpoints, seed + i)[0]
+                 for i in range(changes)]
     listing = Nft().list_table("ip", "kube-proxy") or ""
     k = seed + changes - 1
     assert not changes or f"dnat to 10.99.{(k >> 8) & 255}.{k & 255}:" in listing, "the last change is in the kernel"
