@@ -21,6 +21,22 @@
 //                   but ::1, ::, the pod's own IPv6 address or the IPv6 probe address goes to [::1]:<outbound
 //                   port> (what ip6tables' REDIRECT does in iptables mode), its destination kept in nm_orig6.
 //   nm_sockops      (IPv6: files it under the IPv6 4-tuple in nm_pending6.)
+// DNS (the same programs, plus sendmsg and recvmsg; the iptables capture's RedirectDNS rules, Istio's): a
+// question to port 53 of anything but loopback or the pod itself goes to the tunnel's DNS proxy in the pod,
+// 127.0.0.1 (or [::1]) at nm_config.dns_port, unless the pod opted out (dns_port 0):
+//   nm_connect4/6   TCP, and connected UDP (glibc connects a UDP socket per nameserver); the resolver asked
+//                   is kept in nm_orig(6) with via_port = the DNS port, so getpeername shows it, and a TCP
+//                   question's resolver reaches the proxy through nm_sockops and nm_getsockopt like any
+//                   captured connection's original destination (the proxy forwards to it).
+//   nm_sendmsg4/6   unconnected UDP (musl and dnspython send with sendto): the same rewrite per datagram, the
+//                   last resolver asked kept in the socket's storage. A v4-mapped sendto from an IPv6 socket
+//                   arrives at sendmsg4 (net/ipv6/udp.c hands it to udp_sendmsg).
+//   nm_recvmsg4/6   the answer's source (the proxy, 127.0.0.1:<dns port>) is shown as the resolver asked:
+//                   stub resolvers drop answers from an address they did not ask (glibc res_send's
+//                   res_ourserver_p, musl, dnspython). recvmsg6 sees an IPv4 answer v4-mapped.
+//                   The tunnel's own forwards are made from its cgroup (and carry its mark), never passing
+//                   these. Cilium's socket LB keeps the same reverse view for UDP (bpf/bpf_sock.c,
+//                   sock4_xlate_rev).
 // Original destination (program on the TUNNEL's cgroup):
 //   nm_getsockopt   the tunnel keeps calling getsockopt(SOL_IP, SO_ORIGINAL_DST) as in iptables mode. The
 //                   hook runs in the cgroup of the *socket* (kernel/bpf/cgroup.c uses sk->sk_cgrp_data),
@@ -71,6 +87,8 @@
 #define NM_TCP_TIME_WAIT 6
 #define NM_TCP_LISTEN 10
 #define NM_SOCK_STREAM 1
+#define NM_SOCK_DGRAM 2
+#define NM_DNS_PORT 53
 
 // Where a sock_addr program's context holds its IPv4 destination: a constant per program (see
 // v4_destination).
@@ -84,6 +102,7 @@ enum nm_family {
 // tests/integration/test_bpf_layouts.py compares them with what bcc compiles. A layout change here bumps the
 // capture's LAYOUT in programs.py (the maps are pinned and outlive the agent).
 struct nm_cidr { u32 net; u32 mask; };
+struct nm_cidr6 { u32 net[4]; u32 mask[4]; };
 struct nm_config {
     u32 pod_ip;
     u32 probe_ip;
@@ -94,15 +113,17 @@ struct nm_config {
     u8 n_out_ports;
     u8 n_in_ports;
     u8 n_out_cidrs;
-    u8 pad[3];
+    u8 n_out_cidrs6;
+    u16 dns_port;              // the tunnel's DNS proxy in the pod (network order); 0: DNS not captured
     u16 exclude_out_ports[NM_MAX_EXCLUDE];
     u16 exclude_in_ports[NM_MAX_EXCLUDE];
     struct nm_cidr exclude_out_cidrs[NM_MAX_EXCLUDE];
     u32 pod_ip6[4];            // the pod's IPv6 address (all zero: none, real IPv6 is then not captured)
     u32 probe_ip6[4];          // the IPv6 probe address
+    struct nm_cidr6 exclude_out_cidrs6[NM_MAX_EXCLUDE];  // excluded IPv6 destinations (n_out_cidrs6 of them)
 };
-struct nm_stats { u64 outbound; u64 outbound_skipped; u64 inbound; u64 inbound_dropped; u64 answered; };
-struct nm_orig { u32 ip; u16 port; u16 via_port; };  // via_port: where connect4 sent it (0: an answer)
+struct nm_stats { u64 outbound; u64 outbound_skipped; u64 inbound; u64 inbound_dropped; u64 answered; u64 dns; };
+struct nm_orig { u32 ip; u16 port; u16 via_port; };  // via_port: where connect4/sendmsg4 sent it (0: an answer)
 struct nm_pending_key { u64 netns; u32 client_ip; u32 server_ip; u16 client_port; u16 server_port; u32 pad; };
 struct nm_flow { u32 client_ip; u32 pod_ip; u16 client_port; u16 port; };
 struct nm_orig6 { u32 ip[4]; u16 port; u16 via_port; };
@@ -181,10 +202,26 @@ static __always_inline void set_v4_destination(struct bpf_sock_addr *ctx, const 
     ctx->user_port = (u32)port;
 }
 
+// TCP, or UDP to the DNS port (the only UDP captured, as in iptables mode); 0 for anything else.
+static __always_inline int captured_kind(struct bpf_sock_addr *ctx, int *tcp) {
+    *tcp = ctx->type == NM_SOCK_STREAM && ctx->protocol == IPPROTO_TCP;
+    return *tcp || (ctx->type == NM_SOCK_DGRAM && ctx->protocol == IPPROTO_UDP &&
+                    (u16)ctx->user_port == bpf_htons(NM_DNS_PORT));
+}
+
+// A DNS question the in-pod rules' RedirectDNS would not take either: the tunnel's own socket, loopback
+// (`! -o lo`), the pod asking itself.
+static __always_inline int dns_exempt(struct nm_config *cfg, struct bpf_sock *sk, u32 ip) {
+    return !cfg->dns_port || (sk->mark & NM_MARK_MASK) == cfg->mark || (bpf_ntohl(ip) >> 24) == 127 || ip == 0 ||
+           ip == cfg->pod_ip;
+}
+
+// connect4, sendmsg4 and (v4-mapped) connect6: TCP to the tunnel's outbound listener, DNS to its DNS proxy.
 static __always_inline int capture_connect(struct bpf_sock_addr *ctx, const enum nm_family family) {
     u32 ip = 0;
-    if (ctx->type != NM_SOCK_STREAM || ctx->protocol != IPPROTO_TCP || !v4_destination(ctx, family, &ip))
-        return CGROUP_PROCEED;  // UDP (connected or not) is left alone, as in iptables mode; so is real IPv6
+    int tcp = 0;
+    if (!captured_kind(ctx, &tcp) || !v4_destination(ctx, family, &ip))
+        return CGROUP_PROCEED;  // other UDP is left alone, as in iptables mode; so is real IPv6 here
     u64 netns = bpf_get_netns_cookie(ctx);
     struct nm_config *cfg = nm_config.lookup(&netns);
     if (!cfg)
@@ -194,6 +231,20 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx, const enum
         return CGROUP_PROCEED;
     u16 port = (u16)ctx->user_port;
     struct nm_stats *st = stats_of(netns);
+    if (port == bpf_htons(NM_DNS_PORT) && !dns_exempt(cfg, sk, ip)) {
+        struct nm_orig *asked = nm_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+        if (!asked)
+            return CGROUP_REFUSE;  // as below: never let a question bypass the capture
+        asked->ip = ip;
+        asked->port = port;
+        asked->via_port = cfg->dns_port;
+        set_v4_destination(ctx, family, bpf_htonl(NM_LOCALHOST), cfg->dns_port);
+        if (st)
+            __sync_fetch_and_add(&st->dns, 1);
+        return CGROUP_PROCEED;
+    }
+    if (!tcp)
+        return CGROUP_PROCEED;  // DNS over UDP that is exempt (or not captured): as it was sent
     if (outbound_exempt(cfg, sk, ip, port)) {
         if (st)
             __sync_fetch_and_add(&st->outbound_skipped, 1);
@@ -238,8 +289,7 @@ static __always_inline int v6_destination(struct bpf_sock_addr *ctx, u32 *ip) {
 }
 
 // 1 when ip6tables' in-pod rules would not redirect this connect either (nodeagent/mesh/iptables/render.py,
-// family 6): the tunnel's mark, ::1 and ::, the pod itself, the probe address, an excluded port. Excluded
-// IPv6 ranges are not held by nm_config (IPv4 ranges only).
+// family 6): the tunnel's mark, ::1 and ::, the pod itself, the probe address, an excluded port or IPv6 range.
 static __always_inline int outbound_exempt6(struct nm_config *cfg, struct bpf_sock *sk, const u32 *ip, u16 port) {
     if ((sk->mark & NM_MARK_MASK) == cfg->mark)
         return 1;
@@ -247,22 +297,66 @@ static __always_inline int outbound_exempt6(struct nm_config *cfg, struct bpf_so
         return 1;  // :: and ::1
     if (ip6_equal(ip, cfg->pod_ip6) || ip6_equal(ip, cfg->probe_ip6))
         return 1;
-    return port_listed(cfg->exclude_out_ports, cfg->n_out_ports, port);
+    if (port_listed(cfg->exclude_out_ports, cfg->n_out_ports, port))
+        return 1;
+#pragma unroll
+    for (int i = 0; i < NM_MAX_EXCLUDE; i++) {
+        struct nm_cidr6 *c = &cfg->exclude_out_cidrs6[i];
+        if (i < cfg->n_out_cidrs6 && (ip[0] & c->mask[0]) == c->net[0] && (ip[1] & c->mask[1]) == c->net[1] &&
+            (ip[2] & c->mask[2]) == c->net[2] && (ip[3] & c->mask[3]) == c->net[3])
+            return 1;
+    }
+    return 0;
+}
+
+// dns_exempt for IPv6: the tunnel's socket, :: and ::1, the pod's own IPv6 address.
+static __always_inline int dns_exempt6(struct nm_config *cfg, struct bpf_sock *sk, const u32 *ip) {
+    return !cfg->dns_port || (sk->mark & NM_MARK_MASK) == cfg->mark ||
+           (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 0 || ip[3] == bpf_htonl(1))) ||
+           ip6_equal(ip, cfg->pod_ip6);
+}
+
+static __always_inline void set_v6_loopback(struct bpf_sock_addr *ctx, u16 port) {
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = 0;
+    ctx->user_ip6[3] = bpf_htonl(1);
+    ctx->user_port = (u32)port;
 }
 
 static __always_inline int capture_connect6(struct bpf_sock_addr *ctx) {
     u32 ip[4] = {};
-    if (ctx->type != NM_SOCK_STREAM || ctx->protocol != IPPROTO_TCP || !v6_destination(ctx, ip))
+    int tcp = 0;
+    if (!captured_kind(ctx, &tcp) || !v6_destination(ctx, ip))
         return CGROUP_PROCEED;
     u64 netns = bpf_get_netns_cookie(ctx);
     struct nm_config *cfg = nm_config.lookup(&netns);
-    if (!cfg || (cfg->pod_ip6[0] | cfg->pod_ip6[1] | cfg->pod_ip6[2] | cfg->pod_ip6[3]) == 0)
-        return CGROUP_PROCEED;  // not configured, or a pod without IPv6
+    if (!cfg)
+        return CGROUP_PROCEED;
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
         return CGROUP_PROCEED;
     u16 port = (u16)ctx->user_port;
     struct nm_stats *st = stats_of(netns);
+    // DNS to an IPv6 resolver is taken whether or not the pod has an IPv6 address (the proxy listens on
+    // [::1] in every served pod), as ip6tables' RedirectDNS rules would.
+    if (port == bpf_htons(NM_DNS_PORT) && !dns_exempt6(cfg, sk, ip)) {
+        struct nm_orig6 *asked = nm_orig6.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+        if (!asked)
+            return CGROUP_REFUSE;
+        asked->ip[0] = ip[0];
+        asked->ip[1] = ip[1];
+        asked->ip[2] = ip[2];
+        asked->ip[3] = ip[3];
+        asked->port = port;
+        asked->via_port = cfg->dns_port;
+        set_v6_loopback(ctx, cfg->dns_port);
+        if (st)
+            __sync_fetch_and_add(&st->dns, 1);
+        return CGROUP_PROCEED;
+    }
+    if (!tcp || (cfg->pod_ip6[0] | cfg->pod_ip6[1] | cfg->pod_ip6[2] | cfg->pod_ip6[3]) == 0)
+        return CGROUP_PROCEED;  // other UDP; or a pod without IPv6, whose IPv6 connections are not captured
     if (outbound_exempt6(cfg, sk, ip, port)) {
         if (st)
             __sync_fetch_and_add(&st->outbound_skipped, 1);
@@ -277,11 +371,7 @@ static __always_inline int capture_connect6(struct bpf_sock_addr *ctx) {
     orig->ip[3] = ip[3];
     orig->port = port;
     orig->via_port = cfg->outbound_port;
-    ctx->user_ip6[0] = 0;
-    ctx->user_ip6[1] = 0;
-    ctx->user_ip6[2] = 0;
-    ctx->user_ip6[3] = bpf_htonl(1);
-    ctx->user_port = (u32)cfg->outbound_port;
+    set_v6_loopback(ctx, cfg->outbound_port);
     if (st)
         __sync_fetch_and_add(&st->outbound, 1);
     return CGROUP_PROCEED;
@@ -304,18 +394,27 @@ static __always_inline int show_dialed6(struct bpf_sock_addr *ctx) {
     return CGROUP_PROCEED;
 }
 
-int nm_connect4(struct bpf_sock_addr *ctx) { return capture_connect(ctx, NM_IPV4); }
-int nm_connect6(struct bpf_sock_addr *ctx) {
+static __always_inline int capture6(struct bpf_sock_addr *ctx) {
     if (ctx->user_family == AF_INET6 && ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
         ctx->user_ip6[2] == bpf_htonl(0xffff))
         return capture_connect(ctx, NM_IPV4_MAPPED);
     return capture_connect6(ctx);
 }
-int nm_getpeername4(struct bpf_sock_addr *ctx) { return show_dialed(ctx, NM_IPV4); }
-int nm_getpeername6(struct bpf_sock_addr *ctx) {
+
+static __always_inline int show_dialed_any6(struct bpf_sock_addr *ctx) {
     show_dialed(ctx, NM_IPV4_MAPPED);
     return show_dialed6(ctx);
 }
+
+int nm_connect4(struct bpf_sock_addr *ctx) { return capture_connect(ctx, NM_IPV4); }
+int nm_connect6(struct bpf_sock_addr *ctx) { return capture6(ctx); }
+int nm_sendmsg4(struct bpf_sock_addr *ctx) { return capture_connect(ctx, NM_IPV4); }
+// (The kernel hands a v4-mapped sendto to sendmsg4; capture6 covers it all the same.)
+int nm_sendmsg6(struct bpf_sock_addr *ctx) { return capture6(ctx); }
+int nm_getpeername4(struct bpf_sock_addr *ctx) { return show_dialed(ctx, NM_IPV4); }
+int nm_getpeername6(struct bpf_sock_addr *ctx) { return show_dialed_any6(ctx); }
+int nm_recvmsg4(struct bpf_sock_addr *ctx) { return show_dialed(ctx, NM_IPV4); }
+int nm_recvmsg6(struct bpf_sock_addr *ctx) { return show_dialed_any6(ctx); }
 
 int nm_sockops(struct bpf_sock_ops *skops) {
     if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)

@@ -237,9 +237,8 @@ def inspect_pod(target: Target, ref: str, namespace: str | None = None, service:
     relevant = decision.enrolled or state.status is not CaptureStatus.ABSENT
     dump, dump_error = read_dump(target.node_netns)
     tunnel = tunnel_part(dump, ips[0], dump_error)
-    # The iptables capture takes the pod's DNS into the tunnel's proxy (the eBPF capture does not, yet).
-    services = _services(target, mode, decision.enrolled, service,
-                         options.dns_port if capture.mechanism == "iptables" else None)
+    # Both captures take the pod's DNS into the tunnel's proxy (unless the pod opted out: dns_port None).
+    services = _services(target, mode, decision.enrolled, service, options.dns_port)
     drift = compute_drift(enrolled=decision.enrolled, capture=capture,
                           missing=state.missing if relevant else (), unexpected=state.unexpected if relevant else (),
                           agent_state=agent_state or None, tunnel=tunnel, services=services)

@@ -165,8 +165,8 @@ def ebpf_paths(service_ports: Mapping[ServicePortName, ServicePortInfo],
 
 def captured_by_tunnel(paths: Iterable[ServicePath], dns_port: int | None = None) -> list[ServicePath]:
     """An enrolled pod's TCP never reaches the node's translation: its capture sends it to the node tunnel,
-    which balances over the same endpoints (weighted, healthy only). With `dns_port` (the iptables capture,
-    the pod not opted out), port 53 over UDP and TCP goes to the tunnel's DNS proxy, which answers itself."""
+    which balances over the same endpoints (weighted, healthy only). With `dns_port` (the pod not opted
+    out of the DNS capture), port 53 over UDP and TCP goes to the tunnel's DNS proxy, which answers itself."""
     out = []
     for path in paths:
         if dns_port is not None and path.frontend.rsplit("/", 1)[0].endswith(":53"):

@@ -97,14 +97,15 @@ def _captured(source: Workload | None, ip: str, port: int, proto: str, options: 
 
 
 def _dns_captured(source: Workload, given: TraceInput) -> str | None:
-    """Why this connection goes to the tunnel's DNS proxy (the in-pod rules' port 53 capture), or None. The
-    iptables capture holds those rules; the eBPF capture (the eBPF datapath's, in the lab and the DaemonSet)
-    does not capture DNS yet."""
-    if not source.enrolled or given.port != 53 or given.options.dns_port is None or given.mode == "ebpf":
+    """Why this connection goes to the tunnel's DNS proxy (the capture's port 53 part), or None. Both captures
+    take it: the in-pod rules' RedirectDNS (iptables) and connect/sendmsg (eBPF)."""
+    if not source.enrolled or given.port != 53 or given.options.dns_port is None:
         return None
     address = ipaddress.ip_address(given.ip)
     own = any(address == ipaddress.ip_address(a) for a in source.addresses)
-    if address.is_loopback or (given.proto == "udp" and own):  # UDP: `! -o lo`; TCP: `! -d 127.0.0.1`
+    # iptables: UDP `! -o lo` (loopback and the pod itself), TCP `! -d 127.0.0.1`; eBPF: loopback and the pod
+    # itself for both
+    if address.is_loopback or (own and (given.proto == "udp" or given.mode == "ebpf")):
         return None
     return (f"captured: DNS ({given.proto.upper()} 53) to the node tunnel's DNS proxy at 127.0.0.1:"
             f"{given.options.dns_port} (the pod opts out with nodeagent.io/dns-capture: \"false\")")

@@ -37,8 +37,8 @@ from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
 from nodeagent.mesh.ebpf.state import MAX_EXCLUDE, encode_config
 from nodeagent.mesh.iptables.apply import apply_probe_snat, remove_probe_snat
 from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, PROBE_ADDRESS, CaptureOptions, CaptureOptionsError
-from tests.support.agent_labs import lab_with_agents
-from tests.support.tunnel import admin_dump
+from tests.support.agent_labs import lab_with_agents, unserved_resolver
+from tests.support.tunnel import admin_dump, ask_dns
 
 pytestmark = [pytest.mark.root, pytest.mark.bcc]
 
@@ -225,6 +225,38 @@ def test_udp_is_not_captured(lab: labs.Lab, programs: dict[str, mesh.MeshProgram
         assert answer["proto"] == "udp" and peer_ip(answer) == ip(lab, "demo/client")
         assert delta(client, counters(lab, programs, "demo/client")) == {}
         assert delta(server, counters(lab, programs, "demo/echo-1")) == {}
+
+
+def test_dns_is_answered_by_the_tunnels_proxy_with_the_resolver_shown(
+        lab: labs.Lab, programs: dict[str, mesh.MeshPrograms]) -> None:
+    """The capture's DNS part (connect4/6, sendmsg4, recvmsg4/6): every way a stub resolver asks reaches the
+    node tunnel's DNS proxy in the pod, the answer comes from the address asked, and a TCP question's
+    resolver is the proxy's original destination (nm_getsockopt answers it)."""
+    resolver, vip = unserved_resolver(lab), lab.cluster_ip("echo")
+    with captured(lab, programs, "demo/client"):
+        before = counters(lab, programs, "demo/client")
+        answers = ask_dns(lab, "demo/client", "echo.demo.svc.cluster.local.", resolver)
+        assert answers == {"udp": ["NOERROR", [vip]], "udp-connected": ["NOERROR", [vip], f"{resolver}:53"],
+                           "udp-mapped": ["NOERROR", [vip]], "tcp": ["NOERROR", [vip]]}
+        # one per sendto (2), one per connect (2); the TCP question's original destination answered once
+        assert delta(before, counters(lab, programs, "demo/client")) == {"dns": 4, "answered": 1}
+
+
+def test_dns_of_a_pod_that_opted_out_and_of_the_tunnels_sockets_is_not_captured(
+        lab: labs.Lab, programs: dict[str, mesh.MeshPrograms]) -> None:
+    resolver = unserved_resolver(lab)
+    with captured(lab, programs, "demo/client"):
+        before = counters(lab, programs, "demo/client")
+        answers = ask_dns(lab, "demo/client", "echo.demo.svc.cluster.local.", resolver, mark=0x539, timeout=1)
+        assert answers["udp-marked"] == "TimeoutError", "the tunnel's mark: sent to the resolver itself, unanswered"
+        assert delta(before, counters(lab, programs, "demo/client")) == {"dns": 4, "answered": 1}
+    with captured(lab, programs, "demo/client", options=CaptureOptions(dns_port=None)):
+        before = counters(lab, programs, "demo/client")
+        answers = ask_dns(lab, "demo/client", "echo.demo.svc.cluster.local.", resolver, timeout=1)
+        assert (answers["udp"], answers["udp-connected"], answers["udp-mapped"]) == (
+            "Timeout", "TimeoutError", "Timeout"), answers
+        assert answers["tcp"] != ["NOERROR", [lab.cluster_ip("echo")]], "TCP 53 goes to the outbound listener"
+        assert "dns" not in delta(before, counters(lab, programs, "demo/client"))
 
 
 def test_a_process_outside_the_pod_cgroup_is_not_captured(lab: labs.Lab, programs: dict[str, mesh.MeshPrograms]
@@ -460,7 +492,8 @@ def test_compile_check_verifies_the_mesh_programs() -> None:
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("mesh capture programs (nm_sockops, nm_getpeername4, nm_getpeername6, "
-                                    "nm_connect6, nm_connect4, nm_getsockopt, nm_tc_inbound) compiled and verified in")
+                                    "nm_recvmsg4, nm_recvmsg6, nm_sendmsg6, nm_sendmsg4, nm_connect6, nm_connect4, "
+                                    "nm_getsockopt, nm_tc_inbound) compiled and verified in")
 
 
 def test_cleanup_leaves_no_attachment_and_no_pin(lab: labs.Lab) -> None:

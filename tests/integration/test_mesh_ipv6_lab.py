@@ -17,8 +17,9 @@ from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import captured
 from nodeagent.lab.demo import request_from
 from nodeagent.lab.manifests import DUAL_STACK_CONFIG
-from tests.support.agent_labs import OUTSIDER, lab_with_agents
-from tests.support.tunnel import metrics, sample
+from tests.integration.conftest import wait_for
+from tests.support.agent_labs import OUTSIDER, lab_with_agents, unserved_resolver
+from tests.support.tunnel import ask_dns, metrics, sample
 
 pytestmark = pytest.mark.root
 
@@ -118,3 +119,36 @@ def test_plaintext_to_a_pods_ipv6_address_is_captured_inbound(lab: labs.Lab, mod
     answer = request_from(lab, "plain/outsider", target(str(server.ip6), 8080))
     assert answer["pod"] == "demo/echo-1"
     assert plaintext_in() - before >= 1, "the IPv6 connection reached the app around the tunnel"
+
+
+def test_dns_to_an_ipv6_resolver_is_answered_by_the_tunnels_proxy(lab: labs.Lab) -> None:
+    """ip6tables' RedirectDNS rules, or the eBPF capture's sendmsg6/connect6/recvmsg6: a question to an IPv6
+    resolver nothing serves gets the dual-stack Service's IPv6 address from the node tunnel, from the address
+    asked, over UDP (unconnected and connected) and TCP."""
+    resolver = unserved_resolver(lab, 6)
+    address6 = next(ip for ip in cluster_ips(lab, "dual") if ":" in ip)
+    answers = ask_dns(lab, "demo/client", "dual.demo.svc.cluster.local.", resolver, rdtype="AAAA")
+    assert answers == {"udp": ["NOERROR", [address6]], "udp-connected": ["NOERROR", [address6], f"{resolver}:53"],
+                       "tcp": ["NOERROR", [address6]]}
+
+
+def test_an_excluded_ipv6_range_is_left_uncaptured(lab: labs.Lab) -> None:
+    """Istio's excludeOutboundIPRanges with an IPv6 range: ip6tables' RETURN, or the eBPF capture's IPv6 ranges
+    in nm_config: connections to it go direct (no HBONE); the rest of the pod's IPv6 traffic stays captured."""
+    server = lab.plan.pod("demo/echo-1").pod
+    excluded = target(str(server.ip6), 8080)
+
+    def hbone_for_one_request(to: str) -> bool:
+        before = mtls_out(lab)
+        assert request_from(lab, "demo/client", to)["pod"] == "demo/echo-1"
+        return mtls_out(lab) > before
+
+    annotation = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
+    labs.kubectl(lab.record.name, ["annotate", "pod", "client", "-n", "demo", "--overwrite",
+                                   f"{annotation}={server.ip6}/128"], capture=True)
+    try:
+        wait_for(lambda: not hbone_for_one_request(excluded), "the excluded IPv6 address reached directly", 30)
+        assert hbone_for_one_request(target(str(server.ip), 8080)), "IPv4 to the same pod is still captured"
+    finally:
+        labs.kubectl(lab.record.name, ["annotate", "pod", "client", "-n", "demo", f"{annotation}-"], capture=True)
+    wait_for(lambda: hbone_for_one_request(excluded), "captured again once the annotation is gone", 30)

@@ -13,7 +13,7 @@ import pytest
 
 from nodeagent.lab import lab as labs
 from tests.integration.conftest import wait_for
-from tests.support.agent_labs import OUTSIDER, lab_with_agents
+from tests.support.agent_labs import OUTSIDER, lab_with_agents, unserved_resolver
 from tests.support.netns import netns_run
 from tests.support.tunnel import metrics, sample
 
@@ -83,7 +83,7 @@ def test_an_enrolled_pods_dns_is_captured_and_answered_with_the_cluster_dns_abse
     """The agents' capture redirects port 53 (UDP and TCP) to the tunnel's proxy: the search-path name a pod's
     resolver would send first resolves with nothing listening at the resolver's address."""
     expected = _cluster_ip(lab, "demo", "echo")
-    resolver = str(next(iter(lab.topology.service_cidr.hosts())) + 9)  # .10 of the Service range: no Service
+    resolver = unserved_resolver(lab)
     client = lab.plan.pod("demo/client")
 
     def answered() -> Any:

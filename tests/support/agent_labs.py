@@ -51,6 +51,19 @@ def lab_with_agents(directory: Path, extra_yaml: str, mode: str, agent_args: Seq
         labs.down(name)
 
 
+def unserved_resolver(lab: labs.Lab, family: int = 4) -> str:
+    """An address of the Service range (of `family`) that no Service holds: what a pod's resolver would be with
+    the cluster DNS absent (not the range's .10: the default lab's `echo` Service may hold it, with a UDP
+    port 53)."""
+    cidr = lab.topology.service_cidr if family == 4 else lab.topology.service_cidr6
+    assert cidr is not None, "the lab has no IPv6 Service range"
+    address = str(cidr.broadcast_address - 1)
+    held = {str(ip) for d in lab.topology.documents if d.get("kind") == "Service"
+            for ip in (d["spec"].get("clusterIP"), *d["spec"].get("clusterIPs", ()))}
+    assert address not in held
+    return address
+
+
 def api_fault(lab: labs.Lab, action: str, body: dict[str, Any] | None = None) -> None:
     """POST /admin/<action> (fault injection: delay, refuse, drop-watches, compact, restart, ...) to the lab's
     API server, from inside the namespace its address lives in, with its admin token."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.kernel.netns import in_netns
+from nodeagent.lab import cgroups, processes
 from nodeagent.lab import lab as labs
 from tests.support.netns import netns_run
 
@@ -35,6 +38,65 @@ def metrics(lab: labs.Lab, node: str) -> dict[tuple[str, tuple[tuple[str, str], 
 def sample(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     """Sum of the samples named `name` whose labels include `labels`."""
     return sum(v for (n, ls), v in values.items() if n == name and labels.items() <= dict(ls).items())
+
+
+# DNS questions from inside a pod: over unconnected UDP (sendto, as musl and dnspython send; dnspython refuses an
+# answer from another address than the one asked), connected UDP (glibc connects a socket per nameserver;
+# getpeername must show the resolver), a dual-stack socket to the v4-mapped resolver (IPv4 resolvers), TCP,
+# and with a mark a UDP socket carrying it. Prints each answer's rcode and addresses, or the error's type.
+ASK_DNS = r"""
+import json, socket, sys
+import dns.message, dns.query, dns.rcode
+name, rdtype, resolver, mark, timeout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+query = dns.message.make_query(name, rdtype)
+family = socket.AF_INET6 if ":" in resolver else socket.AF_INET
+
+def show(message):
+    return [dns.rcode.to_text(message.rcode()), sorted(rr.to_text() for rs in message.answer for rr in rs)]
+
+def connected():
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    s.connect((resolver, 53))
+    peer = s.getpeername()
+    s.send(query.to_wire())
+    return show(dns.message.from_wire(s.recv(4096))) + [f"{peer[0]}:{peer[1]}"]
+
+def marked():
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    s.settimeout(timeout)
+    s.sendto(query.to_wire(), (resolver, 53))
+    return show(dns.message.from_wire(s.recv(4096)))
+
+answers = {}
+for how, ask in (("udp", lambda: show(dns.query.udp(query, resolver, port=53, timeout=timeout))),
+                 ("udp-connected", connected),
+                 ("udp-mapped", lambda: show(dns.query.udp(query, "::ffff:" + resolver, port=53, timeout=timeout))),
+                 ("tcp", lambda: show(dns.query.tcp(query, resolver, port=53, timeout=timeout))),
+                 ("udp-marked", marked)):
+    if (how == "udp-marked" and not mark) or (how == "udp-mapped" and family == socket.AF_INET6):
+        continue
+    try:
+        answers[how] = ask()
+    except Exception as exc:
+        answers[how] = type(exc).__name__
+print(json.dumps(answers))
+"""
+
+
+def ask_dns(lab: labs.Lab, pod: str, name: str, resolver: str, *, rdtype: str = "A", mark: int = 0,
+            timeout: float = 3.0) -> dict[str, Any]:
+    """`ASK_DNS` run by a process inside `pod` (its namespace and its cgroup, as a runtime places it):
+    {"udp" | "udp-connected" | "udp-mapped" | "tcp" | "udp-marked": [rcode, sorted answers(, peer)] or error}."""
+    plan = lab.plan.pod(pod)
+    argv = processes.enter_argv(plan.netns, cgroups.path_of(plan.cgroup),
+                                [sys.executable, "-c", ASK_DNS, name, rdtype, resolver, str(mark), str(timeout)])
+    result = subprocess.run(argv, env=processes.child_env({}), capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    answers: dict[str, Any] = json.loads(result.stdout)
+    return answers
 
 
 class Capture:

@@ -4,7 +4,7 @@ and its interface), install the tunnel's original-destination hook, read the liv
 Where each program goes, and why:
 - the pod's cgroup (`PodTarget.cgroup`; in a cluster the pod-level `kubepods…/pod<uid>`, whose
   containers inherit it): connect4/6, sock_ops, getpeername4/6 (6: IPv6 where the pod has an IPv6 address,
-  and IPv4-mapped addresses). Only
+  and IPv4-mapped addresses), and for DNS sendmsg4/6 and recvmsg4/6. Only
   sockets created by the pod's own processes pass them; the tunnel creates its sockets in the pod's
   namespace from its own process, so they belong to the tunnel's cgroup and are never captured (mark
   0x539 is checked too).
@@ -41,8 +41,10 @@ from nodeagent.mesh.capture import CaptureState, CaptureStatus
 from nodeagent.mesh.ebpf.hooks import attach_cgroup, attach_tc, detach_cgroup, detach_tc, on_cgroup, tc_ours
 from nodeagent.mesh.ebpf.state import (
     BY_NAME,
+    CAPTURING,
     POD_PROGRAMS,
     PROGRAMS,
+    STATS,
     TUNNEL_PROGRAMS,
     PodDesired,
     PodLive,
@@ -63,8 +65,8 @@ __all__ = [
     "remove_pins", "source", "tunnel_state",
 ]
 
-LAYOUT = 2  # 2: IPv6 in struct nm_config, and the IPv6 maps
-MAPS = {"nm_config": (8, 152), "nm_pod_ips": (4, 8), "nm_stats": (8, 40), "nm_pending": (24, 8), "nm_inbound": (12, 4),
+LAYOUT = 3  # 2: IPv6 in struct nm_config, and the IPv6 maps; 3: DNS capture (dns_port, the dns counter), IPv6 ranges
+MAPS = {"nm_config": (8, 408), "nm_pod_ips": (4, 8), "nm_stats": (8, 48), "nm_pending": (24, 8), "nm_inbound": (12, 4),
         "nm_pending6": (48, 20), "nm_pod_ips6": (16, 8), "nm_inbound6": (36, 4)}
 KERNEL_ONLY_MAPS = ("nm_orig", "nm_orig6")
 
@@ -227,7 +229,7 @@ def remove_capture(programs: MeshPrograms, pod: PodTarget) -> CaptureState:
     """Detach everything of ours from the pod and forget its configuration; returns `absent`, or
     `netns-missing` when the pod is gone (its configuration is forgotten all the same)."""
     try:
-        removed = detach_cgroup(pod.cgroup, ("nm_connect4", "nm_connect6"))  # first: no new capture from here on
+        removed = detach_cgroup(pod.cgroup, CAPTURING)  # first: no new capture from here on
         removed += detach_cgroup(pod.cgroup, tuple(p.name for p in POD_PROGRAMS))
         if netns_present(pod.netns):
             removed += detach_tc(pod.netns, pod.interface)
@@ -256,7 +258,7 @@ def capture_counters(programs: MeshPrograms, pod: PodTarget) -> dict[str, int]:
     """What the programs counted for the pod's namespace (outbound captured/skipped, inbound assigned/
     dropped, original destinations answered); zeros when nothing was counted."""
     value = programs.maps["nm_stats"].lookup(cookie_key(netns_cookie(pod.netns)))
-    return decode_stats(value if value is not None else bytes(40))
+    return decode_stats(value if value is not None else bytes(STATS.size))
 
 
 def tunnel_state(programs: MeshPrograms, cgroup: Path) -> CaptureState:

@@ -31,14 +31,16 @@ BACKEND = "ebpf"
 MAX_EXCLUDE = 8  # must match bpf-src/mesh_capture.c NM_MAX_EXCLUDE
 # must match `struct nm_config` in bpf-src/mesh_capture.c, field by field: pod_ip, probe_ip (network order),
 # mark (host order: compared with the socket's mark), outbound_port, inbound_port, hbone_port (network order,
-# as bytes), n_out_ports, n_in_ports, n_out_cidrs, pad[3], exclude_out_ports, exclude_in_ports (network order),
-# exclude_out_cidrs (net, mask pairs, network order), pod_ip6, probe_ip6 (network order; pod_ip6 all zero: the
-# pod has no IPv6 address and its IPv6 connections are not captured)
-CONFIG = struct.Struct(f"=4s4sI2s2s2sBBB3x{2 * MAX_EXCLUDE}s{2 * MAX_EXCLUDE}s{8 * MAX_EXCLUDE}s16s16s")
-CONFIG_SIZE = CONFIG.size  # 152
+# as bytes), n_out_ports, n_in_ports, n_out_cidrs, n_out_cidrs6, dns_port (network order; 0: the pod's DNS is not
+# captured), exclude_out_ports, exclude_in_ports (network order), exclude_out_cidrs (net, mask pairs, network
+# order), pod_ip6, probe_ip6 (network order; pod_ip6 all zero: the pod has no IPv6 address and its IPv6
+# connections are not captured), exclude_out_cidrs6 (net, mask pairs of 16 bytes each)
+CONFIG = struct.Struct(f"=4s4sI2s2s2sBBBB2s{2 * MAX_EXCLUDE}s{2 * MAX_EXCLUDE}s{8 * MAX_EXCLUDE}s16s16s"
+                       f"{32 * MAX_EXCLUDE}s")
+CONFIG_SIZE = CONFIG.size  # 408
 _PORTS = struct.Struct(f">{MAX_EXCLUDE}H")  # exclude_out_ports, exclude_in_ports
 _PORT = struct.Struct(">H")
-STATS_FIELDS = ("outbound", "outbound_skipped", "inbound", "inbound_dropped", "answered")
+STATS_FIELDS = ("outbound", "outbound_skipped", "inbound", "inbound_dropped", "answered", "dns")
 # must match `struct nm_stats` in bpf-src/mesh_capture.c: one u64 per name in STATS_FIELDS, in that order
 STATS = struct.Struct(f"={len(STATS_FIELDS)}Q")
 
@@ -59,7 +61,11 @@ PROGRAMS = (
     Program("nm_sockops", 13, 3, "sock_ops", "cgroup_sock_ops", "pod"),
     Program("nm_getpeername4", 18, 29, "getpeername4", "cgroup_inet4_getpeername", "pod"),
     Program("nm_getpeername6", 18, 30, "getpeername6", "cgroup_inet6_getpeername", "pod"),  # IPv6, IPv4-mapped
-    # the connects last: once they capture, sock_ops is there to file the destination
+    Program("nm_recvmsg4", 18, 19, "recvmsg4", "cgroup_udp4_recvmsg", "pod"),  # a DNS answer's source
+    Program("nm_recvmsg6", 18, 20, "recvmsg6", "cgroup_udp6_recvmsg", "pod"),
+    # the capturing programs last: once they capture, sock_ops and the reverse views are there
+    Program("nm_sendmsg6", 18, 15, "sendmsg6", "cgroup_udp6_sendmsg", "pod"),  # DNS over unconnected UDP
+    Program("nm_sendmsg4", 18, 14, "sendmsg4", "cgroup_udp4_sendmsg", "pod"),
     Program("nm_connect6", 18, 11, "connect6", "cgroup_inet6_connect", "pod"),  # IPv6, IPv4-mapped
     Program("nm_connect4", 18, 10, "connect4", "cgroup_inet4_connect", "pod"),
     Program("nm_getsockopt", 25, 21, "getsockopt", "cgroup_getsockopt", "tunnel"),
@@ -67,6 +73,7 @@ PROGRAMS = (
 )
 BY_NAME = {p.name: p for p in PROGRAMS}
 POD_PROGRAMS = tuple(p for p in PROGRAMS if p.on in ("pod", "interface"))
+CAPTURING = ("nm_connect4", "nm_connect6", "nm_sendmsg4", "nm_sendmsg6")  # removal detaches these first
 TUNNEL_PROGRAMS = tuple(p for p in PROGRAMS if p.on == "tunnel")
 
 
@@ -84,9 +91,10 @@ def _ip6(field: str, value: str) -> bytes:
         raise CaptureOptionsError(field, value, "not an IPv6 address") from exc
 
 
-def _bounded(field: str, values: tuple[object, ...]) -> None:
+def _bounded(field: str, values: tuple[object, ...], what: str = "") -> None:
     if len(values) > MAX_EXCLUDE:
-        raise CaptureOptionsError(field, values, f"the eBPF capture holds at most {MAX_EXCLUDE} (has {len(values)})")
+        raise CaptureOptionsError(field, values,
+                                  f"the eBPF capture holds at most {MAX_EXCLUDE}{what} (has {len(values)})")
 
 
 def encode_config(pod_ip: str, options: CaptureOptions = DEFAULT_OPTIONS, pod_ip6: str | None = None) -> bytes:
@@ -95,27 +103,32 @@ def encode_config(pod_ip: str, options: CaptureOptions = DEFAULT_OPTIONS, pod_ip
     o = options
     _bounded("exclude_outbound_ports", o.exclude_outbound_ports)
     _bounded("exclude_inbound_ports", o.exclude_inbound_ports)
-    v4_cidrs = o.cidrs(4)  # IPv6 ranges are the IPv6 capture's (struct nm_config holds IPv4 ones)
-    _bounded("exclude_outbound_cidrs", v4_cidrs)
+    v4_cidrs, v6_cidrs = o.cidrs(4), o.cidrs(6)  # each family's programs read their own
+    _bounded("exclude_outbound_cidrs", v4_cidrs, " IPv4 ranges")
+    _bounded("exclude_outbound_cidrs", v6_cidrs, " IPv6 ranges")
     cidrs = b"".join(net.network_address.packed + net.netmask.packed
                      for net in (ipaddress.IPv4Network(c) for c in v4_cidrs))
+    cidrs6 = b"".join(net.network_address.packed + net.netmask.packed
+                      for net in (ipaddress.IPv6Network(c) for c in v6_cidrs))
 
     def ports(values: tuple[int, ...]) -> bytes:
         return _PORTS.pack(*values, *([0] * (MAX_EXCLUDE - len(values))))
 
     return CONFIG.pack(_ip("pod_ip", pod_ip), _ip("probe_address", o.probe_address), o.mark,
                        _PORT.pack(o.outbound_port), _PORT.pack(o.inbound_plaintext_port), _PORT.pack(o.hbone_port),
-                       len(o.exclude_outbound_ports), len(o.exclude_inbound_ports), len(v4_cidrs),
+                       len(o.exclude_outbound_ports), len(o.exclude_inbound_ports), len(v4_cidrs), len(v6_cidrs),
+                       _PORT.pack(o.dns_port) if o.dns_port is not None else bytes(2),
                        ports(o.exclude_outbound_ports), ports(o.exclude_inbound_ports), cidrs,
-                       _ip6("pod_ip6", pod_ip6) if pod_ip6 else bytes(16), _ip6("probe_address_v6", o.probe_address_v6))
+                       _ip6("pod_ip6", pod_ip6) if pod_ip6 else bytes(16), _ip6("probe_address_v6", o.probe_address_v6),
+                       cidrs6)
 
 
 def describe_config(value: bytes) -> str:
     """A readable line for a `struct nm_config` (what the state's missing/unexpected lines show)."""
     if len(value) != CONFIG_SIZE:
         return f"config of {len(value)} bytes (not ours)"
-    (pod_ip, probe_ip, mark, out_port, in_port, hbone_port, n_out, n_in, n_cidr, out_list, in_list, cidr_list,
-     pod_ip6, _) = CONFIG.unpack(value)
+    (pod_ip, probe_ip, mark, out_port, in_port, hbone_port, n_out, n_in, n_cidr, n_cidr6, dns_port, out_list,
+     in_list, cidr_list, pod_ip6, _, cidr6_list) = CONFIG.unpack(value)
     pod, probe = socket.inet_ntoa(pod_ip), socket.inet_ntoa(probe_ip)
     (out,), (inbound,), (hbone,) = _PORT.unpack(out_port), _PORT.unpack(in_port), _PORT.unpack(hbone_port)
     out_ports = _PORTS.unpack(out_list)[:n_out]
@@ -123,11 +136,15 @@ def describe_config(value: bytes) -> str:
     cidrs = [str(ipaddress.IPv4Network((socket.inet_ntoa(cidr_list[8 * i:8 * i + 4]),
                                         socket.inet_ntoa(cidr_list[8 * i + 4:8 * i + 8])), strict=False))
              for i in range(min(n_cidr, MAX_EXCLUDE))]
+    cidrs += [str(ipaddress.IPv6Network((int.from_bytes(cidr6_list[32 * i:32 * i + 16], "big"),
+                                         bin(int.from_bytes(cidr6_list[32 * i + 16:32 * i + 32], "big")).count("1"))))
+              for i in range(min(n_cidr6, MAX_EXCLUDE))]
+    (dns,) = _PORT.unpack(dns_port)
     if any(pod_ip6):
         pod += f" {ipaddress.IPv6Address(pod_ip6)}"
     return (f"pod {pod}: outbound -> 127.0.0.1:{out}, inbound -> {inbound} except {hbone}, mark {mark:#x}, "
             f"probe {probe}, exclude outbound ports {list(out_ports)}, inbound ports {list(in_ports)}, "
-            f"outbound cidrs {cidrs}")
+            f"outbound cidrs {cidrs}, DNS {'-> ' + str(dns) if dns else 'not captured'}")
 
 
 def decode_stats(value: bytes) -> dict[str, int]:

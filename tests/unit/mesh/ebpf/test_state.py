@@ -50,14 +50,15 @@ def installed() -> tuple[Attached, ...]:
 
 def test_config_layout_matches_struct_nm_config() -> None:
     options = CaptureOptions(exclude_outbound_ports=(53, 8443), exclude_inbound_ports=(9090,),
-                             exclude_outbound_cidrs=("10.96.0.0/12",))
+                             exclude_outbound_cidrs=("10.96.0.0/12", "fd00:96::/108"))
     value = encode_config(POD_IP, options)
-    assert len(value) == CONFIG_SIZE == 152
+    assert len(value) == CONFIG_SIZE == 408
     assert value[0:4] == socket.inet_aton(POD_IP)
     assert value[4:8] == socket.inet_aton("169.254.7.127")
     assert struct.unpack("=I", value[8:12]) == (0x539,)  # compared with sk->mark: host order
     assert value[12:18] == struct.pack(">HHH", 15001, 15006, 15008)  # compared with ports: network order
-    assert value[18:24] == bytes([2, 1, 1, 0, 0, 0])
+    assert value[18:22] == bytes([2, 1, 1, 1])  # counts: outbound ports, inbound ports, IPv4 and IPv6 ranges
+    assert value[22:24] == struct.pack(">H", 15053)  # the DNS proxy, network order
     assert struct.unpack(">8H", value[24:40]) == (53, 8443, 0, 0, 0, 0, 0, 0)
     assert struct.unpack(">8H", value[40:56]) == (9090, 0, 0, 0, 0, 0, 0, 0)
     assert value[56:64] == socket.inet_aton("10.96.0.0") + socket.inet_aton("255.240.0.0")
@@ -65,9 +66,21 @@ def test_config_layout_matches_struct_nm_config() -> None:
     # IPv6: no pod address (not captured), the IPv6 probe address
     assert value[120:136] == bytes(16)
     assert value[136:152] == socket.inet_pton(socket.AF_INET6, "fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+    assert value[152:184] == (socket.inet_pton(socket.AF_INET6, "fd00:96::")
+                              + socket.inet_pton(socket.AF_INET6, "ffff:ffff:ffff:ffff:ffff:ffff:fff0:0"))
+    assert value[184:408] == bytes(224)
     with_v6 = encode_config(POD_IP, options, "fd00:10:244:1::5")
     assert with_v6[:120] == value[:120] and with_v6[120:136] == socket.inet_pton(socket.AF_INET6, "fd00:10:244:1::5")
+    assert with_v6[136:] == value[136:]
     assert "fd00:10:244:1::5" in describe_config(with_v6)
+    assert "fd00:96::/108" in describe_config(with_v6) and "DNS -> 15053" in describe_config(with_v6)
+
+
+def test_a_pod_that_opts_out_of_dns_capture_has_dns_port_zero() -> None:
+    value = encode_config(POD_IP, CaptureOptions(dns_port=None))
+    assert value[22:24] == bytes(2)
+    assert value[:22] == CONFIG[:22] and value[24:] == CONFIG[24:]
+    assert "DNS not captured" in describe_config(value)
 
 
 def test_the_iptables_only_options_do_not_change_the_config() -> None:
@@ -77,18 +90,22 @@ def test_the_iptables_only_options_do_not_change_the_config() -> None:
 ports = st.lists(st.integers(1, 65535), max_size=MAX_EXCLUDE).map(tuple)
 cidrs = st.lists(st.builds(lambda a, p: str(ipaddress.IPv4Network((a, p), strict=False)),
                            st.integers(0, 2**32 - 1), st.integers(0, 32)), max_size=MAX_EXCLUDE).map(tuple)
+cidrs6 = st.lists(st.builds(lambda a, p: str(ipaddress.IPv6Network((a, p), strict=False)),
+                            st.integers(0, 2**128 - 1), st.integers(0, 128)), max_size=MAX_EXCLUDE).map(tuple)
 
 
-@given(ports, ports, cidrs, st.integers(1, 0xFFF), st.ip_addresses(v=4).map(str))
+@given(ports, ports, cidrs, cidrs6, st.integers(1, 0xFFF), st.ip_addresses(v=4).map(str))
 def test_describe_reads_back_what_was_encoded(out: tuple[int, ...], inbound: tuple[int, ...],
-                                              nets: tuple[str, ...], mark: int, pod: str) -> None:
+                                              nets: tuple[str, ...], nets6: tuple[str, ...], mark: int, pod: str
+                                              ) -> None:
     options = CaptureOptions(mark=mark, connection_mark=0x111 if mark != 0x111 else 0x112,
-                             exclude_outbound_ports=out, exclude_inbound_ports=inbound, exclude_outbound_cidrs=nets)
+                             exclude_outbound_ports=out, exclude_inbound_ports=inbound,
+                             exclude_outbound_cidrs=nets + nets6)
     text = describe_config(encode_config(pod, options))
     assert text.startswith(f"pod {pod}: ")
     assert f"mark {mark:#x}" in text
     assert f"exclude outbound ports {list(out)}, inbound ports {list(inbound)}" in text
-    assert f"outbound cidrs {[str(ipaddress.IPv4Network(n)) for n in nets]}" in text
+    assert f"outbound cidrs {[str(ipaddress.IPv4Network(n)) for n in nets] + list(nets6)}" in text
 
 
 @pytest.mark.parametrize("field", ["exclude_outbound_ports", "exclude_inbound_ports", "exclude_outbound_cidrs"])
@@ -100,14 +117,22 @@ def test_more_exclusions_than_the_program_holds_are_refused_by_name(field: str) 
         encode_config(POD_IP, options)
 
 
+def test_each_family_holds_its_own_excluded_ranges() -> None:
+    v4 = tuple(f"10.{i}.0.0/16" for i in range(MAX_EXCLUDE))
+    v6 = tuple(f"fd00:{i}::/64" for i in range(MAX_EXCLUDE))
+    assert len(encode_config(POD_IP, CaptureOptions(exclude_outbound_cidrs=v4 + v6))) == CONFIG_SIZE
+    with pytest.raises(CaptureOptionsError, match=f"exclude_outbound_cidrs=.*at most {MAX_EXCLUDE} IPv6 ranges"):
+        encode_config(POD_IP, CaptureOptions(exclude_outbound_cidrs=v4 + v6 + ("fd00:ff::/64",)))
+
+
 def test_a_bad_pod_address_is_refused_by_name() -> None:
     with pytest.raises(CaptureOptionsError, match=r"pod_ip='10\.244\.1'"):
         encode_config("10.244.1")
 
 
 def test_stats_decode() -> None:
-    assert decode_stats(struct.pack("=5Q", 1, 2, 3, 4, 5)) == {
-        "outbound": 1, "outbound_skipped": 2, "inbound": 3, "inbound_dropped": 4, "answered": 5}
+    assert decode_stats(struct.pack("=6Q", 1, 2, 3, 4, 5, 6)) == {
+        "outbound": 1, "outbound_skipped": 2, "inbound": 3, "inbound_dropped": 4, "answered": 5, "dns": 6}
 
 
 CASES = {
