@@ -53,15 +53,13 @@ from nodeagent.cli.options import (
 @click.option("--netns-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/run/netns"),
               show_default=True, help="where the container runtime binds pod network namespaces (with --mesh)")
 @click.option("--netns-prefix", default="", help="only namespaces whose names start with this (with --mesh)")
-@click.option("--pod-cgroup-parent", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="eBPF-mode capture: pods' cgroups are <DIR>/<netns name minus --netns-prefix> (the lab's "
-                   "layout); without it the mesh captures with iptables in every mode")
 @click.option("--tunnel-cgroup", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="eBPF-mode capture: the node tunnel's cgroup, where the original-destination hook goes "
                    "(default: this process's cgroup, as in the lab)")
 @click.option("--kubelet-cgroup-root", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="eBPF-mode capture on a real node: the host's cgroup v2 root as mounted here; pods' cgroups are "
-                   "found where the kubelet makes them, by pod UID (systemd or cgroupfs driver)")
+              help="eBPF-mode capture: the cgroup v2 root under which the kubelet makes pods' cgroups (the host's "
+                   "as mounted here; a lab node's cgroup); pods' cgroups are found by pod UID (systemd or cgroupfs "
+                   "driver). Without it the mesh captures with iptables in every mode")
 @click.option("--cni-socket", default=None,
               help="serve nodeagent-cni on this unix socket (with --mesh): the plugin announces each pod sandbox "
                    "at creation and waits until the pod is captured, so its first connection already is")
@@ -71,7 +69,7 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
         localhost_nodeports: bool, nodeport_addresses: str, bind_address: str, random_fully: bool | None,
         tcp_be_liberal: bool, iptables_backend: str, healthz_bind_address: str, metrics_bind_address: str, mesh: bool,
         control_socket: str, netns_dir: Path,
-        netns_prefix: str, pod_cgroup_parent: Path | None, tunnel_cgroup: Path | None,
+        netns_prefix: str, tunnel_cgroup: Path | None,
         kubelet_cgroup_root: Path | None, cni_socket: str | None) -> None:
     """Run the node agent: watch the source, keep this node's datapath in sync, until SIGTERM."""
     from nodeagent.daemon import run as agent_daemon
@@ -96,7 +94,7 @@ def run(mode: str, cgroup_path: Path | None, bpf_scope: str, kubeconfig: str | N
         random_fully=random_fully, conntrack_tcp_be_liberal=tcp_be_liberal,
         healthz=parse_host_port(healthz_bind_address),
         metrics=parse_host_port(metrics_bind_address),
-        mesh=MeshOptions(control_socket, netns_dir, netns_prefix, pod_cgroup_parent, tunnel_cgroup, cni_socket,
+        mesh=MeshOptions(control_socket, netns_dir, netns_prefix, tunnel_cgroup, cni_socket,
                          kubelet_cgroup_root) if mesh else None)
     daemon_logging()
     with reported():

@@ -30,13 +30,13 @@ if TYPE_CHECKING:
 @click.option("--netns-prefix", default="", help="only pod namespaces whose names start with this")
 @click.option("--bpf-scope", default="host", show_default=True,
               help="the agent's --bpf-scope (a lab node's with --lab)")
-@click.option("--pod-cgroup-parent", type=click.Path(path_type=Path, file_okay=False), default=None,
+@click.option("--kubelet-cgroup-root", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="as the agent's (eBPF-mode capture; a lab node's cgroup with --lab)")
 @click.option("-o", "--output", type=click.Choice(["human", "json", "yaml"]), default="human", show_default=True)
 def inspect(pod_ref: str | None, namespace: str | None, service: str | None, kubeconfig: str | None,
             context: str | None, manifests: Path | None, source_lab: str | None, node_name: str | None,
             control_socket: str | None, netns_dir: Path, netns_prefix: str, bpf_scope: str,
-            pod_cgroup_parent: Path | None, output: str) -> None:
+            kubelet_cgroup_root: Path | None, output: str) -> None:
     """Show one pod as its node sees it: identity, enrollment, datapath, capture as installed (rules with
     counters, or eBPF programs and map entries), the tunnel's view, the Services' translation paths, and every
     difference between desired and live state (marked !!; exit 3 when there is any). Without --pod: a Service's
@@ -46,7 +46,7 @@ def inspect(pod_ref: str | None, namespace: str | None, service: str | None, kub
     from nodeagent.inspect.output import render as render_report
 
     target, _ = _inspect_target(pod_ref, namespace, kubeconfig, context, manifests, source_lab, node_name,
-                                control_socket, netns_dir, netns_prefix, bpf_scope, pod_cgroup_parent)
+                                control_socket, netns_dir, netns_prefix, bpf_scope, kubelet_cgroup_root)
     try:
         if pod_ref is None and service is not None:
             paths = inspect_service(target, service)
@@ -65,7 +65,7 @@ def inspect(pod_ref: str | None, namespace: str | None, service: str | None, kub
 
 def _inspect_target(pod_ref: str | None, namespace: str | None, kubeconfig: str | None, context: str | None,
                     manifests: Path | None, source_lab: str | None, node_name: str | None, control_socket: str | None,
-                    netns_dir: Path, netns_prefix: str, bpf_scope: str, pod_cgroup_parent: Path | None
+                    netns_dir: Path, netns_prefix: str, bpf_scope: str, kubelet_cgroup_root: Path | None
                     ) -> tuple[Target, str]:
     """Where the pod's node keeps its parts (a lab's node: the pod's own unless --node), and the node's address."""
     from nodeagent.inspect.gather import Target, find_pod
@@ -82,10 +82,10 @@ def _inspect_target(pod_ref: str | None, namespace: str | None, kubeconfig: str 
             view = views.node_view(source_lab, node_name)
         node_netns, cidrs, address = view.netns, view.cluster_cidr, view.address
         control_socket = control_socket or str(view.control_socket)
-        netns_prefix, bpf_scope, pod_cgroup_parent = view.pod_netns_prefix, view.bpf_scope, view.pod_cgroup_parent
+        netns_prefix, bpf_scope, kubelet_cgroup_root = view.pod_netns_prefix, view.bpf_scope, view.kubelet_cgroup_root
     state = read_snapshot(kubeconfig, context, manifests, source_lab, node_name)
     return Target(state, state.node_name, node_netns, control_socket or "/run/nodeagent/control.sock", bpf_scope,
-                  netns_dir, netns_prefix, pod_cgroup_parent, parse_cidrs(cidrs)), address
+                  netns_dir, netns_prefix, kubelet_cgroup_root, parse_cidrs(cidrs)), address
 
 
 @click.command()

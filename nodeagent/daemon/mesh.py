@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import structlog
 
@@ -85,11 +84,10 @@ class MeshOptions:
     control_socket: str = "/run/nodeagent/control.sock"
     netns_dir: Path = Path("/run/netns")
     netns_prefix: str = ""
-    # eBPF-mode capture: pods' cgroups are <dir>/<netns name minus the prefix>; None: iptables in every mode.
-    pod_cgroup_parent: Path | None = None
     tunnel_cgroup: Path | None = None  # where the original-destination hook goes (None: this process's cgroup)
     cni_socket: str | None = None  # nodeagent-cni announces sandboxes here (None: pods are found by scanning)
-    # eBPF-mode capture on a real node: the host's cgroup v2 root, where the kubelet makes pods' cgroups
+    # eBPF-mode capture: the cgroup v2 root under which the kubelet makes pods' cgroups (the host's, or a lab
+    # node's); None: iptables in every mode
     kubelet_cgroup_root: Path | None = None
 
 
@@ -97,21 +95,19 @@ def mesh_capture(ebpf_datapath: bool, backend: str, bpf_scope: str, options: Mes
                  ) -> IptablesCapture | EbpfCapture:
     """How pods are captured: eBPF on their cgroups when the datapath is eBPF and their cgroups can be
     found, else iptables in their namespaces (`backend`)."""
-    if not ebpf_datapath or (options.pod_cgroup_parent is None and options.kubelet_cgroup_root is None):
+    if not ebpf_datapath or options.kubelet_cgroup_root is None:
         return IptablesCapture(backend)
     from nodeagent.kernel.bpf.loader import own_cgroup
     from nodeagent.mesh.ebpf import programs as bpf_mesh
-    from nodeagent.mesh.ebpf.capture import CgroupBesideNetns
 
-    # The lab's layout (a cgroup named like the namespace) or kubelet's (by pod UID; `start_mesh` connects it
-    # to the reconciler, which knows the UIDs).
-    locate = (CgroupBesideNetns(options.pod_cgroup_parent, options.netns_prefix)
-              if options.pod_cgroup_parent is not None else KubeletCgroups(cast(Path, options.kubelet_cgroup_root)))
+    # Pods are found in the kubelet's layout by UID; `start_mesh` connects the locator to the reconciler,
+    # which knows the UIDs.
+    locate = KubeletCgroups(options.kubelet_cgroup_root)
     try:
         programs = bpf_mesh.load(bpf_scope)
         return EbpfCapture(programs, locate, backend, options.tunnel_cgroup or own_cgroup())
     except (NodeAgentError, OSError) as exc:
-        raise StartError(f"eBPF mesh capture unavailable: {exc}; drop --pod-cgroup-parent/--kubelet-cgroup-root "
+        raise StartError(f"eBPF mesh capture unavailable: {exc}; drop --kubelet-cgroup-root "
                          "to capture with iptables") from exc
 
 

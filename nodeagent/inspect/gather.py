@@ -53,7 +53,7 @@ class Target:
     bpf_scope: str
     netns_dir: Path
     netns_prefix: str
-    pod_cgroup_parent: Path | None = None
+    kubelet_cgroup_root: Path | None = None  # where the kubelet makes pods' cgroups (eBPF capture)
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     trust_domain: str = "cluster.local"
 
@@ -105,16 +105,18 @@ def _iptables_capture(netns: str, options: CaptureOptions) -> tuple[CaptureState
 
 def _ebpf_capture(target: Target, netns: str, key: str, options: CaptureOptions) -> tuple[CaptureState, Capture] | None:
     """The eBPF capture of the pod, when the node's mesh programs are pinned and its cgroup can be found."""
-    if target.pod_cgroup_parent is None:
+    if target.kubelet_cgroup_root is None:
         return None
     from nodeagent.kernel.bpf.loader import BpfError
     from nodeagent.kernel.netns import cookie_key, netns_cookie
     from nodeagent.mesh.ebpf import programs as bpf_mesh
-    from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
+    from nodeagent.mesh.ebpf.capture import EbpfCapture
     from nodeagent.mesh.ebpf.hooks import on_cgroup, tc_ours
+    from nodeagent.mesh.ebpf.kubelet import KubeletCgroups
     from nodeagent.mesh.ebpf.state import describe_config
 
-    locate = CgroupBesideNetns(target.pod_cgroup_parent, target.netns_prefix)
+    found = find_pod(target.snapshot, key, None)
+    locate = KubeletCgroups(target.kubelet_cgroup_root, lambda _netns, _pod: (found.uid, found.qos_class))
     try:
         with bpf_mesh.load(target.bpf_scope, compile_if_missing=False) as programs:
             state = EbpfCapture(programs, locate, "nft").state(netns, options)

@@ -248,6 +248,15 @@ def ipv4_address(netns: str, interface: str = "eth0") -> str | None:
                 None)
 
 
+def ipv6_address(netns: str, interface: str = "eth0") -> str | None:
+    """The first global IPv6 address on `interface` inside `netns` (None: none, or gone)."""
+    shown = run_in(netns, ["ip", "-j", "-6", "addr", "show", "dev", interface, "scope", "global"])
+    if shown.returncode != 0:
+        return None
+    return next((str(a["local"]) for link in json.loads(shown.stdout or "[]") for a in link.get("addr_info", [])),
+                None)
+
+
 IP_TRANSPARENT, IP_FREEBIND = 19, 15
 
 

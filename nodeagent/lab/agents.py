@@ -231,12 +231,13 @@ def control_socket(lab: labs.Lab, node: str) -> Path:
 def mesh_agent_args(lab: labs.Lab, node: str, capture: bool = True) -> list[str]:
     """The agent flags that (with `capture`) enroll the node's pods: assign them to the tunnel and capture
     their traffic (on the pods' cgroups where the datapath is eBPF: the lab's pod cgroups sit under the
-    node's, where agent and tunnel run). The agent holds no CA: the lab's CA is its own process."""
+    node's, where agent and tunnel run, in the kubelet's layout, so the agent finds them by pod UID as on a
+    real node). The agent holds no CA: the lab's CA is its own process."""
     if not capture:
         return []
     node_cgroup = str(cgroups.path_of(lab.plan.node(node).cgroup))
     return ["--mesh", "--control-socket", str(control_socket(lab, node)), "--netns-dir", "/run/netns",
-            "--netns-prefix", f"{lab.record.name}-pod-", "--pod-cgroup-parent", node_cgroup,
+            "--netns-prefix", f"{lab.record.name}-pod-", "--kubelet-cgroup-root", node_cgroup,
             "--tunnel-cgroup", node_cgroup]
 
 
@@ -308,13 +309,15 @@ def captured(lab: labs.Lab, pod: str) -> bool:
         return True
     from nodeagent.kernel.bpf.loader import BpfError
     from nodeagent.mesh.ebpf import programs as bpf_mesh
-    from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
+    from nodeagent.mesh.ebpf.capture import EbpfCapture
+    from nodeagent.mesh.ebpf.kubelet import KubeletCgroups
 
-    node = lab.plan.node(lab.plan.pod(pod).pod.node)
+    planned = lab.plan.pod(pod).pod
+    node = lab.plan.node(planned.node)
     try:
         with bpf_mesh.load(f"{lab.record.name}-{node.node.name}", compile_if_missing=False) as programs:
-            capture = EbpfCapture(programs, CgroupBesideNetns(cgroups.path_of(node.cgroup),
-                                                              f"{lab.record.name}-pod-"), "nft")
+            locate = KubeletCgroups(cgroups.path_of(node.cgroup), lambda _n, _p: (planned.uid, planned.qos_class))
+            capture = EbpfCapture(programs, locate, "nft")
             return capture.state(netns, CaptureOptions()).status is CaptureStatus.INSTALLED
     except (BpfError, OSError):
         return False  # nothing pinned (yet): not captured with eBPF

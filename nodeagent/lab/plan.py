@@ -3,7 +3,8 @@
 Every name carries the lab's name as prefix so labs can live side by side and `lab down` can find
 what belongs to it even without its state file:
   netns   <lab>-fabric, <lab>-node-<node>, <lab>-pod-<namespace>.<pod>   (namespaces have no dots)
-  cgroup  <cgroup2 mount>/<lab>-lab/<node>/<namespace>.<pod>
+  cgroup  <cgroup2 mount>/<lab>-lab/<node>/ for the node, and below it each pod's where the kubelet (systemd
+          driver) makes it: kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid with _>.slice
 Interface names are unique only inside their namespace: `br0` and one `n<hash>` port per node on
 the fabric, `eth0` inside every node and pod, `lxc<hash>` on the node for each pod (as Cilium names them).
 """
@@ -14,7 +15,9 @@ import hashlib
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import PurePosixPath
 
+from nodeagent.cluster import kubelet
 from nodeagent.lab.errors import LabError
 from nodeagent.lab.topology import LabNode, LabPod, LabTopology
 
@@ -110,6 +113,12 @@ def netns_prefix(lab: str) -> str:
     return f"{lab}-"
 
 
+def pod_cgroup(node_cgroup: str, pod: LabPod) -> str:
+    """The pod's cgroup (relative to the cgroup2 mount) under its node's, named as the kubelet with the systemd
+    cgroup driver names it: the agents find it by the pod's UID and QoS class, as on a real node."""
+    return str(kubelet.pod_cgroup(PurePosixPath(node_cgroup), kubelet.CgroupDriver.SYSTEMD, pod.uid, pod.qos_class))
+
+
 def plan_lab(name: str, topology: LabTopology) -> LabPlan:
     """Name and address every kernel object of the lab described by `topology`."""
     check_lab_name(name)
@@ -143,7 +152,7 @@ def plan_lab(name: str, topology: LabTopology) -> LabPlan:
             pod=pod,
             netns=f"{name}-pod-{pod.namespace}.{pod.name}",
             node_netns=f"{name}-node-{node.name}",
-            cgroup=f"{cgroup_root}/{node.name}/{pod.namespace}.{pod.name}",
+            cgroup=pod_cgroup(f"{cgroup_root}/{node.name}", pod),
             host_ifname=f"lxc{_short_hash(pod.key, 11)}",
             routes=(
                 Route(dst=IPv4Network(f"{node.gateway}/32"), dev=UPLINK),

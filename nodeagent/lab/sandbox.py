@@ -20,7 +20,7 @@ from typing import Any
 from nodeagent.cni.install import copy_plugin_to
 from nodeagent.lab import cgroups, netns, processes
 from nodeagent.lab import lab as labs
-from nodeagent.lab.plan import UPLINK, PodPlan, Route
+from nodeagent.lab.plan import UPLINK, PodPlan, Route, pod_cgroup
 from nodeagent.lab.state import Process, locked
 from nodeagent.lab.topology import LabPod
 
@@ -62,13 +62,13 @@ def _free_ip(lab: labs.Lab, node: str) -> IPv4Address:
     return ip
 
 
-def sandbox_plan(lab: labs.Lab, namespace: str, name: str, node: str, ip: IPv4Address) -> PodPlan:
-    """The plan of a pod made after `lab up` (IPv4), named and routed as `lab up` names and routes its pods, so
-    the agents and tunnels find it under the lab's prefixes."""
+def sandbox_plan(lab: labs.Lab, namespace: str, name: str, node: str, ip: IPv4Address, uid: str) -> PodPlan:
+    """The plan of a pod made after `lab up` (IPv4, BestEffort), named and routed as `lab up` names and routes its
+    pods, so the agents and tunnels find it under the lab's prefixes and its cgroup by `uid`."""
     lab_node = lab.topology.node(node)
-    pod = LabPod(namespace=namespace, name=name, node=node, ip=ip, labels={}, containers=())
+    pod = LabPod(namespace=namespace, name=name, node=node, ip=ip, labels={}, containers=(), uid=uid)
     return PodPlan(pod=pod, netns=f"{lab.record.name}-pod-{namespace}.{name}", node_netns=lab.plan.node(node).netns,
-                   cgroup=f"{lab.plan.cgroup_root}/{node}/{namespace}.{name}",
+                   cgroup=pod_cgroup(lab.plan.node(node).cgroup, pod),
                    host_ifname=f"lxc{hashlib.sha256(pod.key.encode()).hexdigest()[:11]}",  # as lab up names them
                    routes=(Route(dst=IPv4Network(f"{lab_node.gateway}/32"), dev=UPLINK),
                            Route(dst=IPv4Network("0.0.0.0/0"), dev=UPLINK, gateway=lab_node.gateway)))
@@ -107,10 +107,12 @@ def run_plugin(lab: labs.Lab, plan: PodPlan, command: str, config: dict[str, Any
 def create(lab: labs.Lab, namespace: str, name: str, node: str, config: dict[str, Any], uid: str = ""
            ) -> tuple[PodPlan, ChainOutcome]:
     """Make the pod's sandbox and run the CNI chain for it (ADD); the pod's process is the caller's to
-    start with `start`, and only when the chain succeeded."""
+    start with `start`, and only when the chain succeeded. The pod's cgroup is made first, in the kubelet's
+    layout by `uid` (a new one when not given), as the kubelet makes it before the sandbox."""
+    uid = uid or str(uuid.uuid4())
     with locked(lab.record.name):
         record = labs.load(lab.record.name).record
-        plan = sandbox_plan(lab, namespace, name, node, _free_ip(lab, node))
+        plan = sandbox_plan(lab, namespace, name, node, _free_ip(lab, node), uid)
         record.netns.append(plan.netns)
         record.cgroups.append(plan.cgroup)
         record.save()

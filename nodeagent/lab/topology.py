@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from nodeagent.cluster.decode import decode, object_ref
+from nodeagent.cluster.kubelet import QuantityError, qos_class
 from nodeagent.lab.endpoints import derive_endpoint_slices
 from nodeagent.lab.errors import LabManifestError, ManifestProblem
 from nodeagent.lab.families import ServiceCIDRs, allocate_cluster_ips, init_ip_families, used_cluster_ips
@@ -38,6 +40,9 @@ PROTOCOLS = ("TCP", "UDP", "SCTP")
 BUILT_KINDS = ("Node", "Namespace", "Pod", "Service", "EndpointSlice", "LabConfig")
 CARRIED_KINDS = ("AuthorizationPolicy", "PeerAuthentication", "ConfigMap")
 
+# A pod's UID names its cgroup (a path part): UUID-like, lower case. Derived UIDs are UUIDv5 under LAB_UIDS.
+_UID = re.compile(r"^[0-9a-f]([-0-9a-f]{0,62}[0-9a-f])?$")
+LAB_UIDS = uuid.UUID("6c0e4b1e-7a5d-5d2e-9a43-1d0c5e9f2b11")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
@@ -104,6 +109,10 @@ class LabPod:
     labels: Mapping[str, str]
     containers: tuple[Container, ...]
     ip6: IPv6Address | None = None
+    # metadata.uid (given, or one derived from the pod's name: the lab makes the pod's cgroup before the API server
+    # holds the pod, as the kubelet makes it by the UID the API server gave) and status.qosClass
+    uid: str = ""
+    qos_class: str = "BestEffort"
 
     @property
     def ips(self) -> tuple[IPv4Address | IPv6Address, ...]:
@@ -611,10 +620,19 @@ def _pods(
             else:
                 claimed[ip] = doc
         ip6 = _pod_ip6(doc, node, claimed6, problems)
-        wanted.append((doc, namespace, node, ip, ip6, _labels(doc, problems), _containers(doc, problems)))
+        uid = meta.get("uid") or str(uuid.uuid5(LAB_UIDS, f"{namespace}/{meta['name']}"))
+        if not isinstance(uid, str) or not _UID.match(uid):
+            problems.add(doc, "metadata.uid", f"not a UID: {uid!r}")
+        try:
+            qos = qos_class(spec)
+        except QuantityError as exc:
+            problems.add(doc, "spec.containers[].resources", str(exc))
+            qos = "BestEffort"
+        wanted.append((doc, namespace, node, ip, ip6, _labels(doc, problems), _containers(doc, problems), str(uid),
+                       qos))
 
     pods = []
-    for doc, namespace, node, ip, ip6, labels, containers in wanted:
+    for doc, namespace, node, ip, ip6, labels, containers, uid, qos in wanted:
         if node is None:
             continue
         if ip is None:
@@ -630,7 +648,7 @@ def _pods(
                 ip6 += 1
             claimed6[ip6] = doc
         pods.append((LabPod(namespace=namespace, name=_meta(doc.body)["name"], node=node.name, ip=ip,
-                            labels=labels, containers=containers, ip6=ip6), doc))
+                            labels=labels, containers=containers, ip6=ip6, uid=uid, qos_class=qos), doc))
     return pods
 
 
@@ -756,7 +774,8 @@ def _resolved_node(node: LabNode, docs: Iterable[Document]) -> Mapping[str, Any]
 def _resolved_pod(pod: LabPod, doc: Document, node: LabNode) -> Mapping[str, Any]:
     body: dict[str, Any] = copy.deepcopy(dict(doc.body))
     body["metadata"].setdefault("namespace", pod.namespace)
-    body["status"] = {**(body.get("status") or {}), "phase": "Running", "podIP": str(pod.ip),
+    body["metadata"]["uid"] = pod.uid
+    body["status"] = {**(body.get("status") or {}), "phase": "Running", "qosClass": pod.qos_class, "podIP": str(pod.ip),
                       "podIPs": [{"ip": str(ip)} for ip in pod.ips], "hostIP": str(node.address),
                       "hostIPs": [{"ip": str(ip)} for ip in node.addresses]}
     return body

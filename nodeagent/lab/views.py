@@ -42,7 +42,7 @@ class LabNodeView:
     control_socket: Path
     pod_netns_prefix: str
     bpf_scope: str
-    pod_cgroup_parent: Path
+    kubelet_cgroup_root: Path  # the node's cgroup: its pods' are below, in the kubelet's layout
 
 
 def node_view(lab_name: str, node: str) -> LabNodeView:
@@ -51,7 +51,7 @@ def node_view(lab_name: str, node: str) -> LabNodeView:
     plan = lab.plan.node(node)
     return LabNodeView(node=node, netns=plan.netns, address=str(plan.node.address), cluster_cidr=cluster_cidr(lab),
                        control_socket=control_socket(lab, node), pod_netns_prefix=pod_netns_prefix(lab_name),
-                       bpf_scope=bpf_scope(lab_name, node), pod_cgroup_parent=cgroups.path_of(plan.cgroup))
+                       bpf_scope=bpf_scope(lab_name, node), kubelet_cgroup_root=cgroups.path_of(plan.cgroup))
 
 
 def node_locator(lab_name: str) -> Callable[[str], tuple[str, str]]:

@@ -94,8 +94,7 @@ def pod_netns(lab: labs.Lab, pod: str) -> str:
 
 
 def pod_cgroup(lab: labs.Lab, pod: str) -> Path:
-    plan = lab.plan.pod(pod)
-    return cgroups.path_of(lab.plan.node(plan.pod.node).cgroup) / plan.netns[len(f"{lab.record.name}-pod-"):]
+    return cgroups.path_of(lab.plan.pod(pod).cgroup)
 
 
 def saved_rules(lab: labs.Lab, pod: str, backend: str) -> set[tuple[str, str]]:
@@ -147,9 +146,9 @@ def test_an_enrolled_pod_shows_its_identity_capture_tunnel_and_paths(lab: labs.L
     cluster = paths["10.96.0.10:80/TCP"]
     assert cluster["verdict"].startswith("captured") and len(cluster["endpoints"]) == 2
     assert abs(sum(e["probability"] for e in cluster["endpoints"]) - 1) < 1e-6
-    # Port 53 is DNS for the iptables capture (the tunnel's proxy answers); the eBPF capture leaves it alone.
+    # Port 53 is DNS for both captures (the tunnel's proxy answers).
     dns = paths["10.96.0.10:53/UDP"]["verdict"]
-    assert dns.startswith("captured (the tunnel's DNS proxy") if mode == "iptables" else dns == "translated", dns
+    assert dns.startswith("captured (the tunnel's DNS proxy"), dns
 
 
 def test_a_pod_outside_the_mesh_has_no_capture_and_no_drift(lab: labs.Lab) -> None:

@@ -33,7 +33,8 @@ from nodeagent.lab import lab as labs
 from nodeagent.lab.agents import TUNNEL_OWNER
 from nodeagent.mesh.capture import CaptureStatus
 from nodeagent.mesh.ebpf import programs as mesh
-from nodeagent.mesh.ebpf.capture import CgroupBesideNetns, EbpfCapture
+from nodeagent.mesh.ebpf.capture import EbpfCapture
+from nodeagent.mesh.ebpf.kubelet import KubeletCgroups
 from nodeagent.mesh.ebpf.state import MAX_EXCLUDE, encode_config
 from nodeagent.mesh.iptables.apply import apply_probe_snat, remove_probe_snat
 from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, PROBE_ADDRESS, CaptureOptions, CaptureOptionsError
@@ -466,8 +467,11 @@ def test_the_pins_sit_beside_the_agents_datapath(lab: labs.Lab, programs: dict[s
 
 def test_the_agents_capture_protocol_in_ebpf_mode(lab: labs.Lab, programs: dict[str, mesh.MeshPrograms]) -> None:
     """`EbpfCapture` as `nodeagent.mesh.reconciler.MeshReconciler` would drive it: pods named by namespace path, found
-    by the lab's layout (pod cgroups beside the node's namespace names)."""
-    capture = EbpfCapture(programs["node1"], CgroupBesideNetns(node_cgroup(lab, "node1"), f"{lab.record.name}-pod-"),
+    in the kubelet's layout under the node's cgroup by their UID (the reconciler's key, here the lab's)."""
+    planned = {f"/run/netns/{p.netns}": (p.pod.uid, p.pod.qos_class) for p in lab.plan.pods}
+    locate = KubeletCgroups(node_cgroup(lab, "node1"), lambda netns, _pod: planned.get(netns))
+    assert locate.cgroup_of(target(lab, "demo/client").netns, "") == target(lab, "demo/client").cgroup
+    capture = EbpfCapture(programs["node1"], locate,
                           backend=detect_backend(lab.plan.node("node1").netns),
                           tunnel_cgroup=node_cgroup(lab, "node1"))
     client = target(lab, "demo/client")

@@ -1,22 +1,20 @@
 """The eBPF mesh capture as the agent's mesh reconciler drives a capture (`nodeagent.mesh.reconciler.Capture`: a pod is
 named by its network namespace path), and how a pod's cgroup and address are found from that path.
 
-The eBPF capture needs more than the namespace: the pod's cgroup (its programs attach there) and its address
-(inbound is matched by it). `locate` supplies both; `CgroupBesideNetns` is the lab's layout. Kubelet's
-layout (`kubepods…/pod<uid>`) needs the pod's UID, which the reconciler knows and the protocol does not
-pass; that locator is the agent's to provide.
+The eBPF capture needs more than the namespace: the pod's cgroup (its programs attach there) and its addresses
+(inbound is matched by them). `locate` supplies both: `nodeagent.mesh.ebpf.kubelet.KubeletCgroups` finds the
+cgroup in the kubelet's layout by the pod's UID, which the agent's reconciler knows (the lab makes its pods'
+cgroups in that layout too).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent.kernel.bpf.loader import BpfError
-from nodeagent.kernel.netns import ipv4_address, run_in
 from nodeagent.mesh.capture import CaptureState, CaptureStatus
 from nodeagent.mesh.ebpf.programs import (
     MeshPrograms,
@@ -28,41 +26,10 @@ from nodeagent.mesh.ebpf.programs import (
     tunnel_state,
 )
 from nodeagent.mesh.ebpf.state import gone
-from nodeagent.mesh.iptables.apply import CaptureError, netns_present
+from nodeagent.mesh.iptables.apply import CaptureError
 from nodeagent.mesh.iptables.render import CaptureOptions
 
 UNLOCATED = "the pod (its namespace, address or cgroup)"
-
-
-@dataclass(frozen=True)
-class CgroupBesideNetns:
-    """Finds a pod whose cgroup is named like its namespace: `<parent>/<namespace name minus prefix>`, as in
-    the lab (`/run/netns/<lab>-pod-<ns>.<pod>` beside `<node cgroup>/<ns>.<pod>`)."""
-
-    parent: Path
-    netns_prefix: str
-    interface: str = "eth0"
-
-    def __call__(self, netns: str, pod: str) -> PodTarget | None:
-        """The pod at `netns` (None: not one of ours, or its namespace or address is gone)."""
-        name = Path(netns).name
-        if not name.startswith(self.netns_prefix) or not netns_present(netns):
-            return None
-        address = ipv4_address(netns, self.interface)
-        if address is None:
-            return None
-        return PodTarget(pod or name, netns, self.parent / name[len(self.netns_prefix):], address, self.interface,
-                         ipv6_address(netns, self.interface))
-
-
-def ipv6_address(netns: str, interface: str = "eth0") -> str | None:
-    """The first global IPv6 address on `interface` inside `netns` (None: none, or gone): the address the pod's
-    IPv6 connections leave from, which its capture must not redirect (the pod calling itself)."""
-    shown = run_in(netns, ["ip", "-j", "-6", "addr", "show", "dev", interface, "scope", "global"])
-    if shown.returncode != 0:
-        return None
-    return next((str(a["local"]) for link in json.loads(shown.stdout or "[]") for a in link.get("addr_info", [])),
-                None)
 
 
 @dataclass

@@ -1,67 +1,22 @@
-"""Finding a pod's cgroup where the kubelet makes it, for the eBPF capture on a real node (cgroup v2).
-
-The kubelet names a pod's cgroup after its UID under its QoS class's (`pkg/kubelet/cm`: the pod container
-name is `pod<uid>` under `kubepods[/burstable|/besteffort]`, Guaranteed pods directly under `kubepods`). With
-the systemd cgroup driver each part becomes a slice whose name repeats its parents' and escapes `-` as `_`
-(`cgroup_manager_linux.go`, `escapeSystemdCgroupName`):
-
-    systemd:  <root>/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid with _>.slice
-              <root>/kubepods.slice/kubepods-pod<uid with _>.slice                         (Guaranteed)
-    cgroupfs: <root>/kubepods/burstable/pod<uid>
-              <root>/kubepods/pod<uid>                                                      (Guaranteed)
+"""Finding a pod's cgroup where the kubelet makes it, for the eBPF capture on a real node (cgroup v2); the names
+are `nodeagent.cluster.kubelet`'s.
 
 The pod's cgroup exists before its sandbox is created (the kubelet makes it first), so it can be found at
 CNI time, before any process of the pod is in it; programs attached to it apply to every container cgroup
-below it. The lab makes its pods' cgroups in the cgroupfs layout, so the same code runs there.
+below it. The lab makes its pods' cgroups in the systemd driver's layout under each node's cgroup, so the
+same code runs there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
-from nodeagent.kernel.netns import ipv4_address
+from nodeagent.cluster.kubelet import POD_CGROUP_PATTERNS, PodCgroupKey, candidates
+from nodeagent.kernel.netns import ipv4_address, ipv6_address
 from nodeagent.mesh.ebpf.programs import PodTarget
 from nodeagent.mesh.iptables.apply import netns_present
-
-QOS_PARENTS = {"Guaranteed": "", "Burstable": "burstable", "BestEffort": "besteffort"}
-
-
-class CgroupDriver(StrEnum):
-    """The kubelet's --cgroup-driver."""
-
-    SYSTEMD = "systemd"
-    CGROUPFS = "cgroupfs"
-
-
-@dataclass(frozen=True)
-class PodCgroupKey:
-    """What names a pod's cgroup: its UID and QoS class ("" when not known: every class is tried)."""
-
-    uid: str
-    qos_class: str = ""
-
-
-def pod_cgroup(root: Path, driver: CgroupDriver, uid: str, qos_class: str) -> Path:
-    """The cgroup the kubelet makes for a pod of `qos_class` (pure)."""
-    parent = QOS_PARENTS[qos_class]
-    if driver is CgroupDriver.CGROUPFS:
-        base = root / "kubepods"
-        return (base / parent if parent else base) / f"pod{uid}"
-    escaped = uid.replace("-", "_")
-    base = root / "kubepods.slice"
-    if not parent:
-        return base / f"kubepods-pod{escaped}.slice"
-    return base / f"kubepods-{parent}.slice" / f"kubepods-{parent}-pod{escaped}.slice"
-
-
-def candidates(root: Path, key: PodCgroupKey) -> list[Path]:
-    """Every place the pod's cgroup may be, its known QoS class first, both drivers (pure)."""
-    classes = [key.qos_class] if key.qos_class in QOS_PARENTS else []
-    classes += [c for c in QOS_PARENTS if c not in classes]
-    return [pod_cgroup(root, driver, key.uid, qos) for qos in classes for driver in CgroupDriver]
 
 
 @dataclass
@@ -93,17 +48,14 @@ class KubeletCgroups:
         address = ipv4_address(netns, self.interface) if cgroup is not None else None
         if cgroup is None or address is None:
             return None
-        return PodTarget(pod or Path(netns).name, netns, cgroup, address, self.interface)
+        return PodTarget(pod or Path(netns).name, netns, cgroup, address, self.interface,
+                         ipv6_address(netns, self.interface))
 
 
 def pod_cgroups(root: Path) -> list[Path]:
     """Every pod cgroup the kubelet has under `root`, in either driver's layout (what `cleanup` detaches the
     capture from on a real node)."""
-    patterns = ("kubepods/pod*", "kubepods/burstable/pod*", "kubepods/besteffort/pod*",
-                "kubepods.slice/kubepods-pod*.slice",
-                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod*.slice",
-                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod*.slice")
-    return sorted(path for pattern in patterns for path in root.glob(pattern) if path.is_dir())
+    return sorted(path for pattern in POD_CGROUP_PATTERNS for path in root.glob(pattern) if path.is_dir())
 
 
 def detach_from_pods(root: Path) -> list[str]:

@@ -89,7 +89,7 @@ def test_start_errors_are_nodeagent_errors() -> None:
 
 
 def test_the_mesh_captures_with_iptables_unless_ebpf_and_pod_cgroups_are_known() -> None:
-    assert isinstance(mesh_capture(False, "nft", "host", MeshOptions(pod_cgroup_parent=Path("/x"))), IptablesCapture)
+    assert isinstance(mesh_capture(False, "nft", "host", MeshOptions(kubelet_cgroup_root=Path("/x"))), IptablesCapture)
     assert isinstance(mesh_capture(True, "nft", "host", MeshOptions()), IptablesCapture)
 
 

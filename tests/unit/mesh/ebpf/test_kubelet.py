@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.mesh.ebpf.kubelet import CgroupDriver, KubeletCgroups, PodCgroupKey, candidates, pod_cgroup, pod_cgroups
+from nodeagent.cluster.kubelet import CgroupDriver, PodCgroupKey, candidates, pod_cgroup
+from nodeagent.mesh.ebpf.kubelet import KubeletCgroups, pod_cgroups
 
 UID = "5f1c2a3b-7d8e-4f90-a1b2-c3d4e5f60718"
 ROOT = Path("/sys/fs/cgroup")
