@@ -39,7 +39,7 @@ from nodeagent.mesh.ebpf.state import MAX_EXCLUDE, encode_config
 from nodeagent.mesh.iptables.apply import apply_probe_snat, remove_probe_snat
 from nodeagent.mesh.iptables.render import DEFAULT_OPTIONS, PROBE_ADDRESS, CaptureOptions, CaptureOptionsError
 from tests.support.agent_labs import lab_with_agents, unserved_resolver
-from tests.support.tunnel import admin_dump, ask_dns
+from tests.support.tunnel import admin_dump, ask_dns, dns_responder
 
 pytestmark = [pytest.mark.root, pytest.mark.bcc]
 
@@ -241,6 +241,21 @@ def test_dns_is_answered_by_the_tunnels_proxy_with_the_resolver_shown(
                            "udp-mapped": ["NOERROR", [vip]], "tcp": ["NOERROR", [vip]]}
         # one per sendto (2), one per connect (2); the TCP question's original destination answered once
         assert delta(before, counters(lab, programs, "demo/client")) == {"dns": 4, "answered": 1}
+
+
+def test_an_external_name_over_tcp_is_forwarded_to_the_resolver_the_pod_dialled(
+        lab: labs.Lab, programs: dict[str, mesh.MeshPrograms]) -> None:
+    """A name the tables do not hold, asked over TCP at a resolver outside the cluster (on node2's address): the
+    proxy forwards it to the connection's original destination, which the tunnel's getsockopt hook gives, and
+    the resolver's answer comes back to the pod."""
+    node2 = lab.plan.node("node2")
+    with dns_responder(node2.netns, str(node2.node.address), "192.0.2.53") as asked:
+        with captured(lab, programs, "demo/client"):
+            before = counters(lab, programs, "demo/client")
+            answers = ask_dns(lab, "demo/client", "external.example.", str(node2.node.address), ways="tcp")
+            assert answers == {"tcp": ["NOERROR", ["192.0.2.53"]]}
+            assert delta(before, counters(lab, programs, "demo/client")) == {"dns": 1, "answered": 1}
+    assert asked == ["external.example. tcp"], "asked by the proxy, once"
 
 
 def test_dns_of_a_pod_that_opted_out_and_of_the_tunnels_sockets_is_not_captured(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -48,6 +50,7 @@ ASK_DNS = r"""
 import json, socket, sys
 import dns.message, dns.query, dns.rcode
 name, rdtype, resolver, mark, timeout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+ways = sys.argv[6].split(",")
 query = dns.message.make_query(name, rdtype)
 family = socket.AF_INET6 if ":" in resolver else socket.AF_INET
 
@@ -75,7 +78,8 @@ for how, ask in (("udp", lambda: show(dns.query.udp(query, resolver, port=53, ti
                  ("udp-mapped", lambda: show(dns.query.udp(query, "::ffff:" + resolver, port=53, timeout=timeout))),
                  ("tcp", lambda: show(dns.query.tcp(query, resolver, port=53, timeout=timeout))),
                  ("udp-marked", marked)):
-    if (how == "udp-marked" and not mark) or (how == "udp-mapped" and family == socket.AF_INET6):
+    if (how == "udp-marked" and not mark) or (how == "udp-mapped" and family == socket.AF_INET6) or (
+            how not in ways and ways != ["all"]):
         continue
     try:
         answers[how] = ask()
@@ -86,17 +90,79 @@ print(json.dumps(answers))
 
 
 def ask_dns(lab: labs.Lab, pod: str, name: str, resolver: str, *, rdtype: str = "A", mark: int = 0,
-            timeout: float = 3.0) -> dict[str, Any]:
-    """`ASK_DNS` run by a process inside `pod` (its namespace and its cgroup, as a runtime places it):
-    {"udp" | "udp-connected" | "udp-mapped" | "tcp" | "udp-marked": [rcode, sorted answers(, peer)] or error}."""
+            timeout: float = 3.0, ways: str = "all") -> dict[str, Any]:
+    """`ASK_DNS` run by a process inside `pod` (its namespace and its cgroup, as a runtime places it), each way
+    of `ways` (comma-separated, or "all"): {"udp" | "udp-connected" | "udp-mapped" | "tcp" | "udp-marked":
+    [rcode, sorted answers(, peer)] or the error's type}."""
     plan = lab.plan.pod(pod)
     argv = processes.enter_argv(plan.netns, cgroups.path_of(plan.cgroup),
-                                [sys.executable, "-c", ASK_DNS, name, rdtype, resolver, str(mark), str(timeout)])
+                                [sys.executable, "-c", ASK_DNS, name, rdtype, resolver, str(mark), str(timeout), ways])
     result = subprocess.run(argv, env=processes.child_env({}), capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 0, result.stderr
     answers: dict[str, Any] = json.loads(result.stdout)
     return answers
+
+
+# A resolver outside the cluster: answers every A question with one address, over UDP and TCP, and prints one line
+# per question it was asked ("<name> <udp|tcp>"), so a test sees what reached it.
+RESPONDER = r"""
+import socket, sys, threading
+import dns.message, dns.rrset
+host, address = sys.argv[1], sys.argv[2]
+
+def reply(data):
+    query = dns.message.from_wire(data)
+    answer = dns.message.make_response(query)
+    question = query.question[0]
+    answer.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", address))
+    return question.name.to_text(), answer.to_wire()
+
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind((host, 53))
+tcp = socket.socket()
+tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind((host, 53))
+tcp.listen(16)
+
+def serve_udp():
+    while True:
+        data, peer = udp.recvfrom(4096)
+        name, wire = reply(data)
+        print(name, "udp", flush=True)
+        udp.sendto(wire, peer)
+
+threading.Thread(target=serve_udp, daemon=True).start()
+print("ready", flush=True)
+while True:
+    conn, _ = tcp.accept()
+    with conn:
+        size = int.from_bytes(conn.recv(2), "big")
+        data = b""
+        while len(data) < size:
+            data += conn.recv(size - len(data))
+        name, wire = reply(data)
+        print(name, "tcp", flush=True)
+        conn.sendall(len(wire).to_bytes(2, "big") + wire)
+"""
+
+
+@contextlib.contextmanager
+def dns_responder(netns: str, host: str, address: str) -> Iterator[list[str]]:
+    """`RESPONDER` on host:53 in the namespace `netns` (a name under /run/netns) for the block; yields the lines
+    it printed so far (filled when the block ends: "<name> <udp|tcp>" per question)."""
+    process = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", RESPONDER, host, address],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    asked: list[str] = []
+    try:
+        assert process.stdout is not None
+        ready = process.stdout.readline().strip()
+        assert ready == "ready", process.stderr.read() if process.stderr else ready
+        yield asked
+    finally:
+        process.kill()
+        out, _ = process.communicate(timeout=10)
+        asked.extend(line for line in out.splitlines() if line)
 
 
 class Capture:
