@@ -24,8 +24,8 @@
 //
 // IPv6 has maps of its own, the same roles with 16-byte addresses (as Cilium keeps lb4_* and lb6_* maps apart):
 //   na_services6, na_slots6, na_backends6 (written by the agent's IPv6 side), na_reverse6, na_affinity6,
-//   na_sk_reverse6 (sock_lb.c's). A v4-mapped address (::ffff:a.b.c.d) dialed from an IPv6 socket is an IPv4
-//   Service's: it is looked up in the IPv4 maps (see sock_lb.c). The tc programs translate IPv4 only.
+//   na_sk_reverse6 (sock_lb.c's), na_ct6 (nodeport_tc.c's). A v4-mapped address (::ffff:a.b.c.d) dialed from an
+//   IPv6 socket is an IPv4 Service's: it is looked up in the IPv4 maps (see sock_lb.c).
 
 #ifndef NA_LIB_MAPS_H
 #define NA_LIB_MAPS_H
@@ -78,5 +78,8 @@ enum na_ct_dir {
 };
 struct ct_key { u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; u8 dir; u16 pad; };
 struct ct_val { u32 ip1; u16 port1; u16 pad1; u32 ip2; u16 port2; u16 pad2; };
+// na_ct6: the same for IPv6 (nodeport_tc.c's IPv6 path), with 16-byte addresses.
+struct ct_key6 { u32 saddr[4]; u32 daddr[4]; u16 sport; u16 dport; u8 proto; u8 dir; u16 pad; };
+struct ct_val6 { u32 ip1[4]; u16 port1; u16 pad1; u32 ip2[4]; u16 port2; u16 pad2; };
 
 #endif

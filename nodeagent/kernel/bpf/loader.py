@@ -33,7 +33,7 @@ from nodeagent.kernel.bpf.syscall import MapHandle, obj_pin
 
 log = structlog.get_logger("nodeagent.kernel.bpf.loader")
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4  # 4: nodeport_tc.c's IPv6 flow map na_ct6 (and its IPv6 Service maps shared)
 # enum bpf_prog_type values (bcc's BPF.<NAME> constants, without importing bcc to name them)
 PROG_TYPE_SCHED_CLS = 3
 PROG_TYPE_CGROUP_SOCK_ADDR = 18

@@ -1,15 +1,19 @@
-"""tc's flow map read as a conntrack table: the reconciler deletes the UDP flows tc keeps towards removed endpoints,
-each with its reply entry, and leaves live ones, TCP and reply entries of others alone."""
+"""tc's flow maps read as conntrack tables: the reconciler deletes the UDP flows tc keeps towards removed endpoints,
+each with its reply entry, and leaves live ones, TCP and reply entries of others alone; na_ct for IPv4, na_ct6
+(16-byte addresses) for IPv6, each read only by its family's reconciler."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from nodeagent.cluster.model import ObjectRef
 from nodeagent.service.conntrack import ConntrackReconciler
 from nodeagent.service.ebpf.flows import (
     CT_KEY,
+    CT_KEY6,
     CT_VALUE,
+    CT_VALUE6,
+    LAYOUTS,
     NA_CT_FORWARD,
     NA_CT_REPLY_LOCAL,
     NA_CT_REPLY_SNAT,
@@ -91,6 +95,74 @@ def test_stale_udp_flows_go_with_their_replies_and_live_ones_stay() -> None:
 
 def test_only_ipv4_is_read() -> None:
     assert TcFlowTable(flow_map()).flows(6) == []
+
+
+NODE6 = "fd00:172:18::2"
+
+
+def a6(ip: str) -> bytes:
+    return IPv6Address(ip).packed
+
+
+def key6(src: str, dst: str, sport: int, dport: int, proto: int, direction: int) -> bytes:
+    return CT_KEY6.pack(a6(src), a6(dst), sport, dport, proto, direction)
+
+
+def value6(ip1: str, port1: int, ip2: str = "::", port2: int = 0) -> bytes:
+    return CT_VALUE6.pack(a6(ip1), port1, a6(ip2), port2)
+
+
+def flow_map6() -> MemoryMap:
+    """What nodeport_tc.c's IPv6 path writes in na_ct6 for the same three flows over IPv6."""
+    m = MemoryMap()
+    m.entries[key6("2001:db8::1", NODE6, 40000, 30053, UDP, NA_CT_FORWARD)] = value6("fd00:10:1::5", 53)
+    m.entries[key6("fd00:10:1::5", "2001:db8::1", 53, 40000, UDP, NA_CT_REPLY_LOCAL)] = value6(NODE6, 30053)
+    m.entries[key6("2001:db8::2", NODE6, 40001, 30053, UDP, NA_CT_FORWARD)] = value6("fd00:10:2::7", 53, NODE6, 40001)
+    m.entries[key6("fd00:10:2::7", NODE6, 53, 40001, UDP, NA_CT_REPLY_SNAT)] = value6("2001:db8::2", 40001,
+                                                                                     NODE6, 30053)
+    m.entries[key6("2001:db8::3", NODE6, 40002, 30080, TCP, NA_CT_FORWARD)] = value6("fd00:10:1::9", 8080)
+    return m
+
+
+def test_the_ipv6_layouts_are_the_c_structs() -> None:
+    assert CT_KEY6.size == CT_VALUE6.size == 40, "struct ct_key6 / ct_val6: two 16-byte addresses, ports, pads"
+    assert key6("::1", "::2", 1, 2, UDP, NA_CT_REPLY_SNAT)[32:] == bytes([0, 1, 0, 2, UDP, NA_CT_REPLY_SNAT, 0, 0])
+    assert (LAYOUTS[6].map_name, LAYOUTS[4].map_name) == ("na_ct6", "na_ct")
+
+
+def test_ipv6_forward_entries_read_as_flows_with_their_reply_keys() -> None:
+    flows = {str(f.reply_src): f for f in tc_flows(flow_map6().entries, 6) if f.protocol == "udp"}
+    assert sorted(flows) == ["fd00:10:1::5", "fd00:10:2::7"]
+    assert {(f.orig_dst, f.orig_dst_port, f.reply_src_port) for f in flows.values()} == {
+        (IPv6Address(NODE6), 30053, 53)}
+    assert flows["fd00:10:1::5"].reply_key == key6("fd00:10:1::5", "2001:db8::1", 53, 40000, UDP, NA_CT_REPLY_LOCAL)
+    assert flows["fd00:10:2::7"].reply_key == key6("fd00:10:2::7", NODE6, 53, 40001, UDP, NA_CT_REPLY_SNAT)
+
+
+def test_stale_ipv6_udp_flows_go_with_their_replies_and_live_ones_stay() -> None:
+    snapshot = snapshot_of(
+        service("kube-system", "dns", "fd00:96::10", type_="NodePort", node_port=30053, port_name="dns", port=53,
+                protocol="UDP", ipFamilies=["IPv6"]),
+        dict(slice_("kube-system", "dns", ep("fd00:10:2::7", node="node2"), port=53, port_name="dns", protocol="UDP"),
+             addressType="IPv6"),
+        service("demo", "web", "fd00:96::20", type_="NodePort", node_port=30080, port_name="http", port=8080,
+                ipFamilies=["IPv6"]),
+        dict(slice_("demo", "web", ep("fd00:10:2::8", node="node2"), port=8080, port_name="http"), addressType="IPv6"),
+        node="node1")
+    m = flow_map6()
+    reconciler = ConntrackReconciler(TcFlowTable(m, family=6), family=6)
+    done = reconciler.after_sync(snapshot.service_ports, snapshot.endpoints, set[ObjectRef]())
+    assert done is not None and done.deleted == 1 and done.complete and done.ip_family == "IPv6"
+    assert key6("2001:db8::1", NODE6, 40000, 30053, UDP, NA_CT_FORWARD) not in m.entries
+    assert key6("fd00:10:1::5", "2001:db8::1", 53, 40000, UDP, NA_CT_REPLY_LOCAL) not in m.entries
+    assert key6("2001:db8::2", NODE6, 40001, 30053, UDP, NA_CT_FORWARD) in m.entries
+    assert key6("fd00:10:2::7", NODE6, 53, 40001, UDP, NA_CT_REPLY_SNAT) in m.entries
+    assert key6("2001:db8::3", NODE6, 40002, 30080, TCP, NA_CT_FORWARD) in m.entries
+
+
+def test_each_family_s_table_answers_for_its_family_only() -> None:
+    assert TcFlowTable(flow_map6(), family=6).flows(4) == []
+    assert len(TcFlowTable(flow_map6(), family=6).flows(6)) == 2
 
 
 def test_the_directions_are_the_c_enums() -> None:
