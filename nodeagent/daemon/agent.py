@@ -22,7 +22,7 @@ from nodeagent.cluster.events import Deleted, Event, Listed, Sink, Upserted
 from nodeagent.cluster.model import IPAddress, Kind, ObjectRef
 from nodeagent.kernel import nfacct
 from nodeagent.kernel.netfilter import IptablesError
-from nodeagent.observability.health import HEALTH_HEADERS, IPV6, HealthState, health_routes, node_eligible
+from nodeagent.observability.health import HEALTH_HEADERS, IPV4, IPV6, HealthState, health_routes, node_eligible
 from nodeagent.observability.http import RouteServer
 from nodeagent.observability.metrics import (
     CT_STATE_INVALID_DROPPED_PACKETS,
@@ -244,12 +244,12 @@ class Agent:
                                 partial=isinstance(exc, PartialRestoreError), ip_family=IPV6)
             raise
         gauges = report.gauges()
-        # eBPF mode: the IPv6 maps' entries (na_services6, ...) and the IPv6 ports ip6tables serves from outside
-        # (lacks="IPv6"), beside the IPv4 ones (the labels never collide)
+        # eBPF mode: the IPv6 maps' entries (na_services6, ...; their own names) and the IPv6 ports ip6tables serves
+        # from outside by gap (under ip_family IPv6), beside the IPv4 ones
         for map_name, entries in gauges.map_entries.items():
             self.metrics.map_entries.labels(map_name).set(entries)
         for lacks, count in gauges.external_on_iptables.items():
-            self.metrics.external_on_iptables.labels(lacks).set(count)
+            self.metrics.external_on_iptables.labels(lacks, IPV6).set(count)
         # what the IPv6 proxier serves: the ports with an IPv6 cluster IP, with their IPv6 endpoints
         ports = {name: info for name, info in snapshot.service_ports.items() if 6 in info.families}
         endpoints = {name: tuple(endpoints_of_family(eps, 6)) for name, eps in snapshot.endpoints.items()
@@ -272,7 +272,7 @@ class Agent:
         for map_name, entries in gauges.map_entries.items():
             self.metrics.map_entries.labels(map_name).set(entries)
         for lacks, ports in gauges.external_on_iptables.items():
-            self.metrics.external_on_iptables.labels(lacks).set(ports)
+            self.metrics.external_on_iptables.labels(lacks, IPV4).set(ports)
         self.metrics.synced(time.monotonic() - started, report.full, gauges.rules,
                             no_local_endpoints(snapshot.service_ports, snapshot.endpoints), written=gauges.written)
         self.metrics.service_ports.set(len(snapshot.service_ports))

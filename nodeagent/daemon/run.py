@@ -77,13 +77,14 @@ class ChosenDatapath:
     backend: str  # the iptables backend (eBPF mode keeps iptables for what it does not translate)
     # the IPv6 proxier (ip6tables, same backend), run beside `proxier` once the node has IPv6 to serve, as
     # kube-proxy's metaproxier runs one proxier per family; in eBPF mode the eBPF proxier's IPv6 side, whose
-    # ip6tables proxier serves IPv6 traffic from outside (tc translates IPv4 only)
+    # ip6tables proxier serves the IPv6 traffic from outside that tc leaves to the stack
     ipv6: IptablesProxier | EbpfProxier | NftablesProxier | None = None
 
 
-# eBPF mode serves IPv6 traffic from outside with ip6tables: said in the mode reason (/proxyMode's metric, /healthz)
+# How eBPF mode serves IPv6 traffic from outside: said in the mode reason (/proxyMode's metric, /healthz)
 EBPF_IPV6_REASON = ("; IPv6 Services: cgroup connect6/sendmsg6/recvmsg6/getpeername6, from outside the node "
-                    "ip6tables (tc translates IPv4 only)")
+                    "the same path as IPv4's, ip6tables kept for what tc leaves to the stack (extension headers, "
+                    "fragments)")
 
 
 def nftables_unsupported() -> str | None:

@@ -202,7 +202,8 @@ class AgentMetrics:
                                  "sync, by map", ["map"], registry=r)
         self.external_on_iptables = Gauge(
             "nodeagent_ebpf_external_on_iptables_service_ports", "eBPF mode with tc: Service ports whose traffic "
-            "from outside kube-proxy's iptables rules serve, by what tc lacks for them", ["lacks"], registry=r)
+            "from outside kube-proxy's iptables rules serve, by what tc lacks for them and IP family",
+            ["lacks", "ip_family"], registry=r)
 
     def observe_health(self, health: MeasuresHealth) -> None:
         """Record every sync's network programming duration, which `health` measures, and count its answers."""

@@ -34,7 +34,9 @@ NODE_NOTES = (
     "flows); iptables DNATs every packet in the kernel. Applications see the same addresses (getpeername "
     "and UDP replies show the Service address).",
     "from outside, tc-served ports: flows are tracked in the na_ct map, not the kernel's conntrack table "
-    "(`conntrack -L` does not show them); IP fragments and packets with IP options are left to the stack.",
+    "(`conntrack -L` does not show them); IPv4 fragments and packets with IP options are left to the stack (no "
+    "iptables rule serves them there), IPv6 fragments and packets with extension headers to the ip6tables rules "
+    "kept for every IPv6 external frontend (na_ct6 for what tc translates).",
     "the comparison assumes tc loads; without it eBPF mode serves all external traffic with iptables "
     "(`/proxyMode` says which).",
 )
@@ -74,13 +76,12 @@ def compare_modes(service_ports: Mapping[ServicePortName, ServicePortInfo],
         external = tuple(str(f) for f in sorted(frontends.get(str(name), ()))
                          if not (f.ip in cluster_ips and f.port == info.port))
         gaps = planned.external_stack.get(name, ())
-        # tc serves a port's IPv4 external frontends unless an IPv4 gap keeps them on iptables; its IPv6 ones are
-        # always ip6tables' (the IPv6 gap, said below), so an IPv6-only port is on iptables from outside
-        ipv4_gaps = tuple(g for g in gaps if g is not TcGap.IPV6)
+        # tc serves a port's external frontends of both families unless a gap (of either family: the plan of both
+        # merges them) keeps them on iptables
         if not externally_accessible(info):
             path = ExternalPath.NONE
         else:
-            path = ExternalPath.IPTABLES if ipv4_gaps or 4 not in info.families else ExternalPath.TC
+            path = ExternalPath.IPTABLES if gaps else ExternalPath.TC
         out.append(PortComparison(name, external, path, gaps, _differences(info, path, gaps)))
     return out
 
@@ -92,8 +93,9 @@ def _differences(info: ServicePortInfo, path: ExternalPath, gaps: tuple[TcGap, .
                      "host as one client), iptables by source address")
     if any(ip.version == 6 for ip in (*info.cluster_ips, *info.external_ips, *info.load_balancer_ips)):
         found.append("IPv6 addresses: from pods and host the eBPF programs translate them at connect()/sendmsg() "
-                     "(connect6, sendmsg6), ip6tables DNATs in iptables mode; from outside ip6tables serves them in "
-                     "both modes (tc translates IPv4 only)")
+                     "(connect6, sendmsg6), ip6tables DNATs in iptables mode; from outside tc translates them as IPv4 "
+                     "(its na_ct6 map), the ip6tables rules kept for the packets tc leaves to the stack (extension "
+                     "headers, fragments)")
     if path is not ExternalPath.NONE and not info.external_policy_local:
         found.append("source IP from pods and host dialling an external frontend: the endpoint sees the pod's "
                      "address with eBPF (translated at connect()), a node address with iptables (externalTraffic"

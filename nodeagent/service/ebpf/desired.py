@@ -18,9 +18,11 @@ Nothing kube-proxy would do is lost silently; `external_split` names the ports a
 Each family is planned on its own (`plan(..., family=6)`), as kube-proxy runs one proxier per family: a port is
 seen through `ServicePortInfo.for_family` (skipped without a cluster IP of the family; its external and
 load-balancer IPs of the family only), with the endpoints of the family, and NodePorts on the node addresses of
-the family. IPv6 frontends go to their own maps (na_services6, `Frontend.key`). tc translates IPv4 only, so
-every IPv6 port with an external frontend has the gap `TcGap.IPV6`: its traffic from outside is served by
-kube-proxy's ip6tables rules, and reported like any other gap.
+the family. IPv6 frontends go to their own maps (na_services6, `Frontend.key`). tc translates both families, so
+a port's gaps are the same in each (an IPv6 port needs what an IPv4 one would); a port of both families may still
+differ per family through its endpoints (no endpoints of one family). For IPv6 the agent keeps kube-proxy's
+ip6tables rules for every external frontend all the same: they serve the packets tc leaves to the stack (extension
+headers, fragments), see the eBPF proxier.
 """
 
 from __future__ import annotations
@@ -108,17 +110,15 @@ class TcGap(StrEnum):
     SCTP = "SCTP"  # tc parses TCP and UDP only
     NO_ENDPOINTS = "no endpoints (reject)"  # kube-proxy answers ICMP port unreachable; tc would drop
     MASQUERADE_ALL = "masquerade-all"  # kube-proxy SNATs every Service packet; tc keeps the client IP locally
-    IPV6 = "IPv6"  # tc parses IPv4 only: ip6tables serves every IPv6 port's traffic from outside
 
 
-def tc_gaps(info: ServicePortInfo, backends: Sequence[Backend], *, masquerade_all: bool = False,
-            family: int = 4) -> tuple[TcGap, ...]:
+def tc_gaps(info: ServicePortInfo, backends: Sequence[Backend], *, masquerade_all: bool = False) -> tuple[TcGap, ...]:
     """What `info`'s external frontends need that tc lacks (empty: tc serves them as kube-proxy would).
-    `backends` are those its external frontends would use (`info` as the proxier of `family` sees it). A port
-    with no external frontend needs nothing."""
+    `backends` are those its external frontends would use (`info` as the proxier of one family sees it, the same
+    rules for IPv4 and IPv6). A port with no external frontend needs nothing."""
     if not externally_accessible(info):
         return ()
-    gaps = [TcGap.IPV6] if family == 6 else []
+    gaps: list[TcGap] = []
     if info.external_policy_local:
         gaps.append(TcGap.EXTERNAL_POLICY_LOCAL)
     if info.load_balancer_source_ranges and info.load_balancer_ips:  # the ranges filter LB IPs only
@@ -195,7 +195,7 @@ def plan(service_ports: Mapping[ServicePortName, ServicePortInfo],
             return tuple(Backend(str(e.ip), e.port, w) for e, w in members if w > 0)
 
         external_backends = backends_of(external)
-        gaps = tc_gaps(info, external_backends, masquerade_all=masquerade_all, family=family)
+        gaps = tc_gaps(info, external_backends, masquerade_all=masquerade_all)
         if gaps:
             stack[name] = gaps
         internal_entry = ServiceEntry(label, backends_of(internal), affinity)

@@ -14,9 +14,11 @@
   split is logged when it changes, published as a gauge and shown in `/proxyMode`.
 - IPv6: the agent runs one proxier per family (kube-proxy's metaproxier), and `ipv6_side` is this proxier's
   IPv6 one: same programs, cgroup and pins, its own maps (na_services6, ...; `family=6`), fed the IPv6
-  configuration. tc translates IPv4 only, so its iptables side (ip6tables, `external_only`) serves every IPv6
-  NodePort, externalIP and load-balancer IP from outside, as the IPv4 side serves what tc lacks: each such port
-  is in `split` with the gap `TcGap.IPV6`, logged when it changes, in its report and `mode_detail`.
+  configuration. tc translates IPv6 too (na_ct6 its flows, reconciled like na_ct), with the same gaps per port as
+  IPv4, reported the same way. Its iptables side (ip6tables, `external_only`) is fed every IPv6 port's external
+  paths all the same, not only the gaps': tc leaves IPv6 packets with extension headers or fragments to the stack
+  (as it leaves IPv4 options and fragments), and kube-proxy serves those (its conntrack reassembles fragments), so
+  the rules stay for them. They never see what tc translated (DNATed before netfilter, or sent past it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from nodeagent.service.config import ProxyConfig
 from nodeagent.service.conntrack import ConntrackReconciler, Reconciled
 from nodeagent.service.datapath import DatapathMode, Gauges
 from nodeagent.service.ebpf.desired import TcGap, plan
-from nodeagent.service.ebpf.flows import CT_KEY, CT_VALUE, TcFlowTable
+from nodeagent.service.ebpf.flows import LAYOUTS, TcFlowTable
 from nodeagent.service.ebpf.maps import FAMILY_MAPS, MapSync, SyncStats
 from nodeagent.service.iptables import cleanup as iptables_cleanup
 from nodeagent.service.iptables.proxier import IptablesProxier
@@ -48,7 +50,9 @@ from nodeagent.state.translation import ServicePortName
 log = structlog.get_logger("nodeagent.service.ebpf.proxier")
 EXTERNAL_PATHS = "iptables (NodePort, externalIPs and load-balancer IPs from outside the node)"
 IPV6_DETAIL = ("ebpf (IPv6): cgroup connect6/sendmsg6/recvmsg6/getpeername6 (v4-mapped addresses to IPv4 Services "
-               "too); external: ip6tables (tc translates IPv4 only)")
+               "too); external: ip6tables (tc unavailable)")
+# the IPv6 side with tc: what ip6tables keeps besides the ports tc lacks something for
+IPV6_FALLBACK = "ip6tables kept for the packets tc leaves to the stack (extension headers, fragments)"
 
 
 @dataclass(frozen=True)
@@ -66,21 +70,16 @@ class EbpfSyncReport:
     family: int = 4
 
     def gauges(self) -> Gauges:
-        """Entries of ours per map after the sync (IPv6: the IPv6 maps), and the ports kept on iptables by gap
-        (IPv6: under `TcGap.IPV6` alone, so both families' gauges can be published side by side)."""
+        """Entries of ours per map after the sync (IPv6: the IPv6 maps), and with tc the ports kept on iptables
+        by gap (the agent publishes each family's under its `ip_family`)."""
         names = FAMILY_MAPS[self.family]
-        by_gap = ({str(gap): count for gap, count in self.external_on_iptables_by_gap().items()}
-                  if self.tc or self.family == 6 else {})
+        by_gap = {str(gap): count for gap, count in self.external_on_iptables_by_gap().items()} if self.tc else {}
         return Gauges(map_entries={names.services: self.services, names.backends: self.backends},
                       external_on_iptables=by_gap)
 
     def external_on_iptables_by_gap(self) -> dict[TcGap, int]:
-        """Service ports kept on iptables for their external traffic, per gap (every gap of the family, zeros
-        included; IPv6 has the one gap, IPv6 itself)."""
-        if self.family == 6:
-            return {TcGap.IPV6: len(self.external_on_iptables)}
-        return {gap: sum(gap in gaps for gaps in self.external_on_iptables.values()) for gap in TcGap
-                if gap is not TcGap.IPV6}
+        """Service ports kept on iptables for their external traffic, per gap (every gap, zeros included)."""
+        return {gap: sum(gap in gaps for gaps in self.external_on_iptables.values()) for gap in TcGap}
 
 
 @dataclass
@@ -117,19 +116,42 @@ class EbpfProxier:
 
     def ipv6_side(self, external: IptablesProxier | None) -> EbpfProxier:
         """This started proxier's IPv6 counterpart: the same programs (connect6, sendmsg6, recvmsg6,
-        getpeername6 are loaded and attached with the IPv4 ones), the IPv6 maps, and `external` (an ip6tables
-        proxier) for all IPv6 traffic from outside the node, which tc does not translate."""
+        getpeername6 are loaded and attached with the IPv4 ones; the tc programs parse both families), the IPv6
+        maps, tc's IPv6 flow map (na_ct6) when tc serves, and `external` (an ip6tables proxier) for every IPv6
+        external path: the ports tc lacks something for, and the packets tc leaves to the stack."""
         assert self.datapath is not None, "start() first"
         side = EbpfProxier(self.scope, self.cgroup, external=external, sync_period=self.sync_period, clock=self.clock,
                            datapath=self.datapath, _maps=MapSync(self.datapath.maps, family=6), family=6,
-                           conntrack=ConntrackReconciler(Conntrack()))
-        side.mode_detail = IPV6_DETAIL
+                           conntrack=ConntrackReconciler(Conntrack(), family=6), tc_interfaces=list(self.tc_interfaces),
+                           tc_active=self.tc_active)
+        if side.tc_active:
+            side.tc_flows = side._open_tc_flows()
+        side.mode_detail = side._ipv6_detail()
         return side
 
     @property
     def _reports_split(self) -> bool:
-        """Whether this proxier's external traffic is split between tc and iptables (IPv6: all on ip6tables)."""
-        return self.tc_active or self.family == 6
+        """Whether this proxier's external traffic is split between tc and iptables (else iptables serves all)."""
+        return self.tc_active
+
+    @property
+    def _external_fed_all(self) -> bool:
+        """Whether the iptables side is fed every port's external paths: without tc; and on the IPv6 side always,
+        as its rules serve the IPv6 packets tc leaves to the stack (extension headers, fragments)."""
+        return not self.tc_active or self.family == 6
+
+    def _open_tc_flows(self) -> ConntrackReconciler | None:
+        """The reconciler of tc's flow map of this family (na_ct, na_ct6), or None when it cannot be opened."""
+        assert self.datapath is not None
+        layout = LAYOUTS[self.family]
+        try:
+            return ConntrackReconciler(TcFlowTable(MapHandle.pinned(
+                str(self.datapath.directory / layout.map_name), layout.key.size, layout.value.size), self.family),
+                family=self.family, observers=list(self._conntrack_observers))
+        except OSError as exc:  # tc serves all the same; only its stale UDP flows wait for eviction
+            log.warning("tc's flow map unreadable; its stale UDP flows are not reconciled", map=layout.map_name,
+                        reason=str(exc))
+            return None
 
     def start(self) -> EbpfProxier:
         """Load (or adopt) and attach; raises loader.BpfError when this kernel or bcc cannot.
@@ -154,12 +176,7 @@ class EbpfProxier:
                 return self
             # The iptables rules stay until the first sync has decided which Service ports still need them.
             self.tc_active = True
-            try:
-                self.tc_flows = ConntrackReconciler(TcFlowTable(MapHandle.pinned(
-                    str(self.datapath.directory / "na_ct"), CT_KEY.size, CT_VALUE.size)),
-                    observers=list(self._conntrack_observers))
-            except OSError as exc:  # tc serves all the same; only its stale UDP flows wait for eviction
-                log.warning("tc's flow map unreadable; its stale UDP flows are not reconciled", reason=str(exc))
+            self.tc_flows = self._open_tc_flows()
             self.mode_detail = self._tc_detail()
         return self
 
@@ -233,16 +250,16 @@ class EbpfProxier:
         else:
             stats = self._maps.apply(planned.entries, only=labels)
         self._record_split(split)
-        if self.tc_active and frozenset(split) != self._external_ports:
+        if not self._external_fed_all and frozenset(split) != self._external_ports:
             self._sync_external(snapshot, config, changed, frozenset(split))
-        if self.tc_active or self.external is None:
-            # tc serves (some) external traffic: the whole snapshot's stale UDP flows are reconciled here (the
-            # iptables side sees only its own ports), and only now that the maps hold no removed backend: a
-            # datagram between a deletion and the maps' update would make a new flow to the removed backend that
-            # nothing deletes (kube-proxy, too, cleans conntrack after iptables-restore, not before)
+        # Stale UDP flows are reconciled only now that the maps hold no removed backend: a datagram between a
+        # deletion and the maps' update would make a new flow to the removed backend that nothing deletes
+        # (kube-proxy, too, cleans conntrack after iptables-restore, not before).
+        if self.external is None or not self._external_fed_all:
+            # the kernel's table for the whole snapshot here: the iptables side sees only its own ports
             self.conntrack.after_sync(snapshot.service_ports, snapshot.endpoints, changed)
-            if self.tc_flows is not None:
-                self.tc_flows.after_sync(snapshot.service_ports, snapshot.endpoints, changed)
+        if self.tc_flows is not None:  # tc's own flows (na_ct, na_ct6), which the kernel's table never sees
+            self.tc_flows.after_sync(snapshot.service_ports, snapshot.endpoints, changed)
         self._need_full = False
         self._config = config
         if full:
@@ -268,16 +285,20 @@ class EbpfProxier:
         self.mode_detail = self._tc_detail() if self.family == 4 else self._ipv6_detail()
 
     def _ipv6_detail(self) -> str:
-        if not self.split:
+        if not self.tc_active:
             return IPV6_DETAIL
-        return IPV6_DETAIL + "; external on ip6tables: " + "; ".join(
+        detail = IPV6_DETAIL.replace("ip6tables (tc unavailable)", "tc on " + ", ".join(self.tc_interfaces)
+                                     + f" ({IPV6_FALLBACK})")
+        if not self.split:
+            return detail
+        return detail + "; external on ip6tables (tc lacks what they need): " + "; ".join(
             f"{name} ({', '.join(gaps)})" for name, gaps in sorted(self.split.items(), key=lambda i: str(i[0])))
 
     def _sync_external(self, snapshot: Snapshot, config: ProxyConfig, changed: AbstractSet[ObjectRef],
                        ports: frozenset[ServicePortName]) -> None:
         """Program the iptables side: every external path without tc; with tc, exactly `ports` (the rules are
         removed altogether when no port needs them)."""
-        if self.external is not None and not self.tc_active:
+        if self.external is not None and self._external_fed_all:
             self.external.sync(snapshot, replace(config, external_only=True), changed)  # (reconciles conntrack)
             return
         if self.external is None:

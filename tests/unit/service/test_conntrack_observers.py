@@ -80,7 +80,7 @@ def test_tcs_reconciler_made_at_start_reports_to_those_already_observing(monkeyp
     monkeypatch.setattr(tc, "load_tc", lambda datapath: None)
     monkeypatch.setattr(tc, "attach_tc", lambda datapath, interfaces: None)
     monkeypatch.setattr(MapHandle, "pinned", staticmethod(lambda path, key, value: object()))
-    monkeypatch.setattr("nodeagent.service.ebpf.proxier.TcFlowTable", lambda handle: stale_table())
+    monkeypatch.setattr("nodeagent.service.ebpf.proxier.TcFlowTable", lambda handle, family: stale_table())
     node = EbpfProxier("scope", Path("/sys/fs/cgroup/test"), tc_interfaces=["eth0"],
                        conntrack=ConntrackReconciler(FakeTable([])))
     seen: list[Reconciled] = []

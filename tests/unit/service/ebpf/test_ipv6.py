@@ -1,6 +1,7 @@
 """The eBPF datapath's IPv6 side, pure: which IPv6 frontends a Service gets and with which backends
-(`desired.plan(..., family=6)`), the bytes of the IPv6 maps (`MapSync(family=6)`), and the proxier's IPv6 side
-leaving every IPv6 path from outside to ip6tables, reported as the split with the gap IPv6."""
+(`desired.plan(..., family=6)`), the bytes of the IPv6 maps (`MapSync(family=6)`), and the proxier's IPv6 side:
+tc serves IPv6 from outside with the same gaps per port as IPv4, tc's IPv6 flows (na_ct6) are reconciled under
+ip_family IPv6, and ip6tables is still fed every IPv6 external path (for the packets tc leaves to the stack)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from typing import Any
 import pytest
 
 from nodeagent.kernel.bpf import loader
+from nodeagent.kernel.bpf.syscall import MapHandle
 from nodeagent.service.config import ProxyConfig
-from nodeagent.service.conntrack import ConntrackReconciler
+from nodeagent.service.conntrack import ConntrackReconciler, Reconciled
 from nodeagent.service.ebpf.desired import SERVICE_KEY6, Backend, Frontend, ServiceEntry, TcGap, plan
+from nodeagent.service.ebpf.flows import CT_KEY6, CT_VALUE6, NA_CT_FORWARD, NA_CT_REPLY_LOCAL
 from nodeagent.service.ebpf.maps import BACKEND_VALUE6, SERVICE_VALUE, SLOT_KEY, SLOT_VALUE, MapSync
-from nodeagent.service.ebpf.proxier import EbpfProxier
+from nodeagent.service.ebpf.proxier import IPV6_FALLBACK, EbpfProxier
 from nodeagent.state.tracker import Snapshot
 from tests.support.services import ep, service, slice_, snapshot_of
 from tests.unit.service.ebpf.test_maps import MemoryMap
@@ -87,15 +90,52 @@ def test_affinity_and_weights_as_for_ipv4() -> None:
                                                                   Backend("fd00:10::6", 80, 1))
 
 
-def test_tc_leaves_every_ipv6_external_frontend_to_ip6tables_and_says_why() -> None:
+def test_tc_serves_ipv6_external_frontends_that_lack_nothing() -> None:
     result = planned(6)
     flagged = {f for f, e in result.entries.items() if e.external_stack}
-    assert flagged == {Frontend("fd00:192::2", 30080, TCP), Frontend("fd00:99::1", 80, TCP),
-                       Frontend("fd00:192::2", 30046, TCP)}
+    assert flagged == {Frontend("fd00:192::2", 30046, TCP)}, "only the IPv6-only NodePort without endpoints"
+    assert not result.entries[Frontend("fd00:192::2", 30080, TCP)].external_stack
+    assert not result.entries[Frontend("fd00:99::1", 80, TCP)].external_stack
     gaps = {str(name): found for name, found in result.external_stack.items()}
-    assert gaps == {"ns/web:p80": (TcGap.IPV6,), "ns/only6:p80": (TcGap.IPV6, TcGap.NO_ENDPOINTS)}
+    assert gaps == {"ns/only6:p80": (TcGap.NO_ENDPOINTS,)}
     assert not planned(4).external_stack, "the IPv4 side of the same port stays on tc"
     assert {str(n): g for n, g in planned(None).external_stack.items()} == gaps
+    assert "IPv6" not in {str(g) for g in TcGap}, "IPv6 itself is no longer something tc lacks"
+
+
+NO_ENDPOINT = object()  # the case's v6 slice is left out
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ({"externalTrafficPolicy": "Local"}, (TcGap.EXTERNAL_POLICY_LOCAL,)),
+    ({"type_": "LoadBalancer", "loadBalancerSourceRanges": ["192.0.2.0/24", "2001:db8::/64"]},
+     (TcGap.SOURCE_RANGES,)),
+    ({"sessionAffinity": "ClientIP"}, (TcGap.SESSION_AFFINITY,)),
+    ({"protocol": "SCTP"}, (TcGap.SCTP,)),
+    ({"masquerade_all": True}, (TcGap.MASQUERADE_ALL,)),
+    ({NO_ENDPOINT: True}, (TcGap.NO_ENDPOINTS,)),
+    ({}, ()),
+], ids=["local", "source-ranges", "affinity", "sctp", "masquerade-all", "no-endpoints", "plain"])
+def test_each_family_has_the_same_gaps(spec: dict[Any, Any], expected: tuple[TcGap, ...]) -> None:
+    """A dual-stack NodePort (load-balancer IPs of both families for the LoadBalancer case): each family's plan
+    names exactly the gaps of the other."""
+    options = dict(spec)
+    masquerade_all = bool(options.pop("masquerade_all", False))
+    no_endpoints = bool(options.pop(NO_ENDPOINT, False))
+    protocol = options.pop("protocol", "TCP")
+    kind = options.pop("type_", "NodePort")
+    made = dual("gap", "172.30.0.61", "fd00:172:30::61", type_=kind, node_port=30061, protocol=protocol, **options)
+    if kind == "LoadBalancer":
+        made["status"] = {"loadBalancer": {"ingress": [{"ip": "192.168.99.9"}, {"ip": "fd00:99::9"}]}}
+    slices = () if no_endpoints else (slice_("ns", "gap", ep("10.0.0.1", NODE), protocol=protocol),
+                                      v6_slice("gap", ep("fd00:10::1", NODE)))
+    for made_slice in slices:
+        made_slice["ports"][0]["protocol"] = protocol
+    current = snapshot_of(made, *slices, node=NODE)
+    gaps = {family: plan(current.service_ports, current.endpoints, node_ips=[NODE_V4, NODE_V6],
+                         masquerade_all=masquerade_all, family=family).external_stack for family in (4, 6)}
+    assert {str(n): g for n, g in gaps[6].items()} == {str(n): g for n, g in gaps[4].items()}
+    assert tuple(g for found in gaps[6].values() for g in found) == expected
 
 
 def test_an_ipv6_frontend_is_the_c_struct_svc_key6() -> None:
@@ -143,22 +183,78 @@ def ipv6_side(external: RecordingIptables) -> tuple[EbpfProxier, dict[str, Memor
     return side, maps
 
 
-def test_the_ipv6_side_leaves_all_external_traffic_to_ip6tables_and_reports_it(cleaned: list[object]) -> None:
+def test_the_ipv6_side_with_tc_reports_only_real_gaps_and_keeps_ip6tables_fed(cleaned: list[object]) -> None:
     external = RecordingIptables()
     side, maps = ipv6_side(external)
+    assert side.tc_active and side.tc_interfaces == ["eth0"], "tc's state is the IPv4 side's: one program set"
     config = ProxyConfig(node_name=NODE, node_ip=NODE_V6, family=6)
     report = side.sync(snapshot(), config, set())
+    # every port's external paths, not only the gaps': the rules serve what tc leaves to the stack
     assert external.fed == [({str(n) for n in snapshot().service_ports}, True)], "ip6tables: external paths only"
-    assert {str(n): g for n, g in report.external_on_iptables.items()} == {
-        "ns/web:p80": (TcGap.IPV6,), "ns/only6:p80": (TcGap.IPV6, TcGap.NO_ENDPOINTS)}
+    assert {str(n): g for n, g in report.external_on_iptables.items()} == {"ns/only6:p80": (TcGap.NO_ENDPOINTS,)}
     gauges = report.gauges()
-    assert gauges.external_on_iptables == {"IPv6": 2}, "one gauge of its own beside IPv4's"
+    assert gauges.external_on_iptables[str(TcGap.NO_ENDPOINTS)] == 1
+    assert gauges.external_on_iptables[str(TcGap.EXTERNAL_POLICY_LOCAL)] == 0, "every gap, zeros included"
+    assert "IPv6" not in gauges.external_on_iptables
     assert set(gauges.map_entries) == {"na_services6", "na_backends6"}
-    assert "ns/web:p80 (IPv6)" in side.mode_detail and "connect6" in side.mode_detail
+    assert "tc on eth0" in side.mode_detail and IPV6_FALLBACK in side.mode_detail and "connect6" in side.mode_detail
+    assert "ns/only6:p80 (no endpoints (reject))" in side.mode_detail
     written = MapSync(maps, family=6).contents()  # type: ignore[arg-type]
     assert Frontend("fd00:172:30::41", 80, TCP) in written and all(f.family == 6 for f in written)
-    assert written[Frontend("fd00:192::2", 30080, TCP)].external_stack
-    assert not cleaned, "the ip6tables rules are never removed: tc serves no IPv6"
+    assert not written[Frontend("fd00:192::2", 30080, TCP)].external_stack, "tc serves the IPv6 NodePort"
+    assert written[Frontend("fd00:192::2", 30046, TCP)].external_stack
+    side.sync(snapshot(), config, set())
+    assert len(external.fed) == 2, "one ip6tables sync per sync (no second pass for a changed split)"
+    assert not cleaned, "the ip6tables rules are never removed"
+
+
+def test_the_ipv6_side_without_tc_leaves_all_external_traffic_to_ip6tables(cleaned: list[object]) -> None:
+    external = RecordingIptables()
+    four = EbpfProxier("scope", Path("/sys/fs/cgroup/test"), tc_active=False, tc_interfaces=["eth0"],
+                       datapath=loader.ServicePrograms("scope", Path("/nonexistent"), memory_maps6(), True),  # type: ignore[arg-type]
+                       conntrack=ConntrackReconciler(NoFlows()))
+    side = four.ipv6_side(external)  # type: ignore[arg-type]
+    side.conntrack = ConntrackReconciler(NoFlows())
+    report = side.sync(snapshot(), ProxyConfig(node_name=NODE, node_ip=NODE_V6, family=6), set())
+    assert side.tc_flows is None and external.fed == [({str(n) for n in snapshot().service_ports}, True)]
+    assert report.external_on_iptables == {} and report.gauges().external_on_iptables == {}, "nothing split"
+    assert "ip6tables (tc unavailable)" in side.mode_detail
+
+
+def test_the_ipv6_side_deletes_tc_s_ipv6_flows_to_a_removed_endpoint(cleaned: list[object],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """na_ct6 is opened with its own layout and reconciled by the IPv6 side, reported under ip_family IPv6."""
+    client, gone, live = "2001:db8::1", "fd00:10::9", "fd00:10::1"
+    flows = MemoryMap("na_ct6", [])
+    forward = CT_KEY6.pack(ipaddress.ip_address(client).packed, NODE_V6.packed, 40000, 30080, 17, NA_CT_FORWARD)
+    reply = CT_KEY6.pack(ipaddress.ip_address(gone).packed, ipaddress.ip_address(client).packed, 80, 40000, 17,
+                         NA_CT_REPLY_LOCAL)
+    flows.data = {forward: CT_VALUE6.pack(ipaddress.ip_address(gone).packed, 80, bytes(16), 0),
+                  reply: CT_VALUE6.pack(NODE_V6.packed, 30080, bytes(16), 0)}
+    opened: list[tuple[str, int, int]] = []
+
+    def pinned(path: str, key: int, value: int) -> MemoryMap:
+        opened.append((Path(path).name, key, value))
+        return flows
+
+    class Observed(RecordingIptables):
+        def observe_conntrack(self, observer: object) -> None:
+            pass
+
+    monkeypatch.setattr(MapHandle, "pinned", staticmethod(pinned))
+    side, _ = ipv6_side(Observed())
+    assert opened == [("na_ct6", 40, 40)]
+    seen: list[Reconciled] = []
+    side.observe_conntrack(seen.append)
+    dns = service("ns", "dns", "fd00:172:30::53", ipFamilies=["IPv6"], type_="NodePort", node_port=30080,
+                  protocol="UDP")
+    endpoints = v6_slice("dns", ep(live))
+    endpoints["ports"][0]["protocol"] = "UDP"
+    current = snapshot_of(dns, endpoints, node=NODE)
+    assert [{str(e.ip) for e in found} for found in current.endpoints.values()] == [{live}]
+    side.sync(current, ProxyConfig(node_name=NODE, node_ip=NODE_V6, family=6), set())
+    assert flows.data == {}, "the flow to the removed endpoint went, with its reply entry"
+    assert [(r.ip_family, r.deleted) for r in seen] == [("IPv6", 1)]
 
 
 def test_the_agent_publishes_the_ipv6_side_s_maps_and_split_beside_the_ipv4_ones(cleaned: list[object]) -> None:
@@ -179,6 +275,7 @@ def test_the_agent_publishes_the_ipv6_side_s_maps_and_split_beside_the_ipv4_ones
                        conntrack=ConntrackReconciler(NoFlows()))
     six = four.ipv6_side(Observed())  # type: ignore[arg-type]
     six.conntrack = ConntrackReconciler(NoFlows())
+    six.tc_flows = None  # no pinned na_ct6 here
 
     class NoSource:
         def start(self) -> NoSource:
@@ -194,8 +291,7 @@ def test_the_agent_publishes_the_ipv6_side_s_maps_and_split_beside_the_ipv4_ones
     web = dual("web", "172.30.0.41", "fd00:172:30::41", type_="NodePort", node_port=30080)
     agent._received(listed(Kind.NODE, [node], "1"))
     agent._received(listed(Kind.SERVICE, [web], "1"))
-    agent._received(listed(Kind.ENDPOINT_SLICE, [slice_("ns", "web", ep("10.0.0.1")),
-                                                 v6_slice("web", ep("fd00:10::1"))], "1"))
+    agent._received(listed(Kind.ENDPOINT_SLICE, [slice_("ns", "web", ep("10.0.0.1"))], "1"))  # none of IPv6
     agent._sync()
 
     def value(name: str, **labels: str) -> float | None:
@@ -203,17 +299,20 @@ def test_the_agent_publishes_the_ipv6_side_s_maps_and_split_beside_the_ipv4_ones
 
     assert value("nodeagent_sync_proxy_map_entries", map="na_services6") == 2  # cluster IP and NodePort
     assert value("nodeagent_sync_proxy_map_entries", map="na_services") == 2
-    assert value("nodeagent_ebpf_external_on_iptables_service_ports", lacks="IPv6") == 1
+    # each family's gaps under its own ip_family: the IPv6 NodePort has no IPv6 endpoint, the IPv4 one has one
+    gauge = "nodeagent_ebpf_external_on_iptables_service_ports"
+    assert value(gauge, lacks=str(TcGap.NO_ENDPOINTS), ip_family="IPv6") == 1
+    assert value(gauge, lacks=str(TcGap.NO_ENDPOINTS), ip_family="IPv4") == 0
 
 
-def test_compare_modes_keeps_a_dual_stack_port_s_ipv4_on_tc_and_names_ip6tables_for_ipv6() -> None:
+def test_compare_modes_puts_both_families_of_a_port_on_tc() -> None:
     from nodeagent.service.compare import ExternalPath, compare_modes
 
     current = snapshot()
     ports = {str(p.port): p for p in compare_modes(current.service_ports, current.endpoints,
                                                    node_ips=[NODE_V4, NODE_V6])}
     web, only6 = ports["ns/web:p80"], ports["ns/only6:p80"]
-    assert web.external_path is ExternalPath.TC and web.gaps == (TcGap.IPV6,)
+    assert web.external_path is ExternalPath.TC and web.gaps == ()
     assert "[fd00:192::2]:30080/TCP" in web.external_frontends and "192.168.0.2:30080/TCP" in web.external_frontends
-    assert any("connect6" in d and "tc translates IPv4 only" in d for d in web.differences)
-    assert only6.external_path is ExternalPath.IPTABLES
+    assert any("connect6" in d and "na_ct6" in d for d in web.differences)
+    assert only6.external_path is ExternalPath.IPTABLES and only6.gaps == (TcGap.NO_ENDPOINTS,)

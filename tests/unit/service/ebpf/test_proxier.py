@@ -138,7 +138,7 @@ def test_the_split_is_a_gauge_per_missing_feature() -> None:
     from nodeagent.observability.metrics import AgentMetrics
 
     metrics = AgentMetrics()
-    metrics.external_on_iptables.labels(str(TcGap.SOURCE_RANGES)).set(2)
+    metrics.external_on_iptables.labels(str(TcGap.SOURCE_RANGES), "IPv4").set(2)
     value = metrics.registry.get_sample_value("nodeagent_ebpf_external_on_iptables_service_ports",
-                                              {"lacks": "loadBalancerSourceRanges"})
+                                              {"lacks": "loadBalancerSourceRanges", "ip_family": "IPv4"})
     assert value == 2

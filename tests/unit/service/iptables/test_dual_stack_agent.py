@@ -193,4 +193,5 @@ def test_run_builds_an_ip6tables_proxier_of_the_same_backend_in_either_mode(monk
     assert ebpf.mode == "ebpf" and ebpf.ipv6 is not None and ebpf.ipv6.ipt.ipv6
     # never silently: the mode reason says who serves IPv6 Services
     assert ebpf.reason == ("ebpf: cgroup connect4; IPv6 Services: cgroup connect6/sendmsg6/recvmsg6/getpeername6, "
-                           "from outside the node ip6tables (tc translates IPv4 only)")
+                           "from outside the node the same path as IPv4's, ip6tables kept for what tc leaves to the "
+                           "stack (extension headers, fragments)")
