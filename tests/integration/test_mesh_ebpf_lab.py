@@ -249,12 +249,12 @@ def test_an_external_name_over_tcp_is_forwarded_to_the_resolver_the_pod_dialled(
     proxy forwards it to the connection's original destination, which the tunnel's getsockopt hook gives, and
     the resolver's answer comes back to the pod."""
     node2 = lab.plan.node("node2")
-    with dns_responder(node2.netns, str(node2.node.address), "192.0.2.53") as asked:
-        with captured(lab, programs, "demo/client"):
-            before = counters(lab, programs, "demo/client")
-            answers = ask_dns(lab, "demo/client", "external.example.", str(node2.node.address), ways="tcp")
-            assert answers == {"tcp": ["NOERROR", ["192.0.2.53"]]}
-            assert delta(before, counters(lab, programs, "demo/client")) == {"dns": 1, "answered": 1}
+    with dns_responder(node2.netns, str(node2.node.address), "192.0.2.53") as asked, \
+            captured(lab, programs, "demo/client"):
+        before = counters(lab, programs, "demo/client")
+        answers = ask_dns(lab, "demo/client", "external.example.", str(node2.node.address), ways="tcp")
+        assert answers == {"tcp": ["NOERROR", ["192.0.2.53"]]}
+        assert delta(before, counters(lab, programs, "demo/client")) == {"dns": 1, "answered": 1}
     assert asked == ["external.example. tcp"], "asked by the proxy, once"
 
 

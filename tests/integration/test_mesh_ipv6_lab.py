@@ -3,7 +3,8 @@ in both families, or eBPF capture with connect6), the tunnels carry a dual-stack
 cluster IPs and a pod reached at its IPv6 address, over HBONE, each in the family the client asked in.
 
 One lab (the default one plus `DUAL_STACK_CONFIG` and a PreferDualStack Service) per capture mode, as
-tests/integration/test_mesh_lab.py; the client pod is on node1, the echo pods on node1 and node2.
+tests/integration/test_mesh_lab.py, its tunnels with two workers each; the client pod is on node1, the echo
+pods on node1 and node2.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from nodeagent.lab.demo import request_from
 from nodeagent.lab.manifests import DUAL_STACK_CONFIG
 from tests.integration.conftest import wait_for
 from tests.support.agent_labs import OUTSIDER, lab_with_agents, unserved_resolver
-from tests.support.tunnel import ask_dns, metrics, sample
+from tests.support.netns import netns_run
+from tests.support.tunnel import admin_dump, ask_dns, metrics, sample
 
 pytestmark = pytest.mark.root
 
@@ -42,7 +44,8 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[labs.Lab]:
-    with lab_with_agents(tmp_path_factory.mktemp("mesh6"), EXTRA, mode, mesh=True) as built:
+    # Two tunnel workers per node: every listener exists once per family in each worker (SO_REUSEPORT).
+    with lab_with_agents(tmp_path_factory.mktemp("mesh6"), EXTRA, mode, mesh=True, tunnel_workers=2) as built:
         yield built
 
 
@@ -152,3 +155,21 @@ def test_an_excluded_ipv6_range_is_left_uncaptured(lab: labs.Lab) -> None:
     finally:
         labs.kubectl(lab.record.name, ["annotate", "pod", "client", "-n", "demo", f"{annotation}-"], capture=True)
     wait_for(lambda: hbone_for_one_request(excluded), "captured again once the annotation is gone", 30)
+
+
+def test_both_tunnel_workers_listen_and_carry_connections_over_ipv6(lab: labs.Lab) -> None:
+    """Each worker holds its own IPv6 listeners in a served pod (SO_REUSEPORT, per family), and the kernel spreads
+    the client's IPv6 connections over both."""
+    client = lab.plan.pod("demo/client")
+    workers = {w["pid"] for w in admin_dump(lab, "node1")["workers"]}
+    assert len(workers) == 2
+    for port in (15001, 15006, 15008):
+        out = netns_run(client.netns, "ss", "-H6ltnp", f"sport = :{port}")
+        pids = {int(part.split("=", 1)[1]) for line in out.splitlines()
+                for part in line.replace(",", " ").split() if part.startswith("pid=")}
+        assert pids == workers, (port, out)
+    before = {w["worker"]: w["connections_opened"] for w in admin_dump(lab, "node1")["workers"]}
+    server = target(str(lab.plan.pod("demo/echo-1").pod.ip6), 8080)
+    assert all(request_from(lab, "demo/client", server)["pod"] == "demo/echo-1" for _ in range(24))
+    carried = {w["worker"]: w["connections_opened"] - before[w["worker"]] for w in admin_dump(lab, "node1")["workers"]}
+    assert all(count > 0 for count in carried.values()) and sum(carried.values()) >= 24, carried

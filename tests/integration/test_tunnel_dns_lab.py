@@ -15,7 +15,7 @@ from nodeagent.lab import lab as labs
 from tests.integration.conftest import wait_for
 from tests.support.agent_labs import OUTSIDER, lab_with_agents, unserved_resolver
 from tests.support.netns import netns_run
-from tests.support.tunnel import metrics, sample
+from tests.support.tunnel import ask_dns, dns_responder, metrics, sample
 
 pytestmark = pytest.mark.root
 
@@ -99,3 +99,16 @@ def test_an_enrolled_pods_dns_is_captured_and_answered_with_the_cluster_dns_abse
     outsider = lab.plan.pod("plain/outsider")
     with pytest.raises(Exception):  # noqa: B017 - any failure to get an answer: a timeout or a refusal
         json.loads(netns_run(outsider.netns, sys.executable, "-c", ASK_AT, "echo.demo.svc.cluster.local.", resolver))
+
+
+def test_an_external_name_is_forwarded_to_the_resolver_the_pod_dialled(lab: labs.Lab) -> None:
+    """A name the tables do not hold, asked over TCP at a resolver outside the cluster (on node2's address): the
+    capture's REDIRECT keeps the original destination, the proxy forwards there, the answer comes back."""
+    node2 = lab.plan.node("node2")
+    before = sample(metrics(lab, "node1"), "nodeagent_tunnel_dns_requests_total", outcome="forwarded", protocol="tcp")
+    with dns_responder(node2.netns, str(node2.node.address), "192.0.2.53") as asked:
+        answers = ask_dns(lab, "demo/client", "external.example.", str(node2.node.address), ways="tcp")
+    assert answers == {"tcp": ["NOERROR", ["192.0.2.53"]]}
+    assert asked == ["external.example. tcp"], "asked by the proxy, once"
+    after = sample(metrics(lab, "node1"), "nodeagent_tunnel_dns_requests_total", outcome="forwarded", protocol="tcp")
+    assert after == before + 1
