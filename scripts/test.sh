@@ -4,4 +4,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh" --check 2>/dev/null || "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m pytest "$@"
+# Two workers, whole modules each (a module's lab fixture lives on one worker); NODEAGENT_TEST_WORKERS=0 runs
+# everything in this process.
+workers="${NODEAGENT_TEST_WORKERS:-2}"
+if [ "$workers" = 0 ]; then exec "$ROOT/.venv/bin/python" -m pytest "$@"; fi
+exec "$ROOT/.venv/bin/python" -m pytest -n "$workers" --dist loadfile "$@"

@@ -69,13 +69,14 @@ DENY_INTRUDER = {"apiVersion": f"{MESH_GROUP}/v1", "kind": "AuthorizationPolicy"
                           "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/intruder"]}}]}]}}
 WEIGHTS = "nodeagent.io/endpoint-weights"
 
-# Connections from inside a pod, one every `gap` seconds for `seconds`: [started, ok, answering pod or error].
+# Connections from inside a pod, one every `gap` seconds for `seconds` or until the file `stop` exists:
+# [started, ok, answering pod or error].
 LOOP = r"""
-import json, socket, sys, time
-target, seconds, gap = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+import json, os, socket, sys, time
+target, seconds, gap, stop = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 host, port = target.rsplit(":", 1)
 out, end = [], time.monotonic() + seconds
-while time.monotonic() < end:
+while time.monotonic() < end and not os.path.exists(stop):
     started = time.monotonic()
     try:
         with socket.create_connection((host, int(port)), timeout=3) as s:
@@ -99,8 +100,9 @@ class Loop:
         self.out: list[list[Any]] = []
         self.error = ""
         plan = lab.plan.pod(pod)
+        self.stop_file = Path(lab.record.directory) / f"loop-stop-{id(self)}"
         argv = processes.enter_argv(plan.netns, cgroups.path_of(plan.cgroup),
-                                    ["python3", "-c", LOOP, target, str(seconds), str(gap)])
+                                    ["python3", "-c", LOOP, target, str(seconds), str(gap), str(self.stop_file)])
 
         def run() -> None:
             result = subprocess.run(argv, env=processes.child_env({}), capture_output=True, text=True,
@@ -112,6 +114,10 @@ class Loop:
 
         self.thread = threading.Thread(target=run, name=f"loop-{pod}-{target}")
         self.thread.start()
+
+    def stop(self) -> None:
+        """End the loop after its current connection (before its `seconds` are up)."""
+        self.stop_file.touch()
 
     def results(self) -> list[list[Any]]:
         self.thread.join()
@@ -254,9 +260,11 @@ def test_agent_restarted_into_adversarial_orders_loses_nothing_and_healthz_claim
     held = {"pods": 1.0, "namespaces": 2.5, "endpointslices": 0.0, "services": 2.5, "nodes": 3.5,
             "authorizationpolicies": 4.5, "peerauthentications": 4.5}  # seconds each kind is held
     run_before = admin_dump(lab, "node1")["control"]["agent_run"]
-    loops = [Loop(lab, "demo/client", vip(lab), 14.0), Loop(lab, "demo/client", f"{ip_of(lab, 'demo/echo-1')}:8080",
-                                                            14.0),
-             Loop(lab, "plain/outsider", vip(lab), 14.0)]
+    # The loops run until the restart has settled (stopped then), bounded at 90 s: a fixed length would end
+    # them before a slow restart does.
+    loops = [Loop(lab, "demo/client", vip(lab), 90.0), Loop(lab, "demo/client", f"{ip_of(lab, 'demo/echo-1')}:8080",
+                                                            90.0),
+             Loop(lab, "plain/outsider", vip(lab), 90.0)]
     time.sleep(1.0)  # let the loops run before the kill (a workload pause, not a readiness wait)
     kill(lab, AGENT_OWNER + "node1")
     for plural, seconds in held.items():
@@ -273,9 +281,13 @@ def test_agent_restarted_into_adversarial_orders_loses_nothing_and_healthz_claim
         # Until every held kind has been served (the policies last) and the run has settled.
         wait_for(lambda: time.time() > spawned + held["peerauthentications"] + 1
                  and agent_healthz(lab, "node1")[1].get("oldestQueued") == "", "the run settles", timeout=30)
+        outlasted = all(loop.thread.is_alive() for loop in loops)
+        time.sleep(2.0)  # traffic a moment past the settled restart (a workload pause, not a readiness wait)
     finally:
         samples = health.stop()
-    assert all(loop.thread.is_alive() for loop in loops), "the loops must outlast the restart to prove anything"
+        for loop in loops:
+            loop.stop()
+    assert outlasted, "the loops must outlast the restart to prove anything"
     for loop in loops:
         assert loop.failures() == [], (loop.pod, loop.target, loop.failures())
     assert {p for _, _, p in loops[0].results()} == {"demo/echo-0", "demo/echo-1"}
