@@ -19,6 +19,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -100,7 +101,7 @@ class Loop:
         self.out: list[list[Any]] = []
         self.error = ""
         plan = lab.plan.pod(pod)
-        self.stop_file = Path(lab.record.directory) / f"loop-stop-{id(self)}"
+        self.stop_file = Path(lab.record.directory) / f"loop-stop-{uuid.uuid4().hex}"  # this loop's alone
         argv = processes.enter_argv(plan.netns, cgroups.path_of(plan.cgroup),
                                     ["python3", "-c", LOOP, target, str(seconds), str(gap), str(self.stop_file)])
 
