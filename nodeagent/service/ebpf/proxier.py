@@ -24,7 +24,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -321,19 +321,33 @@ class EbpfProxier:
         self._external_ports = ports
 
 def external_interfaces() -> list[str]:
-    """Interfaces of this network namespace that traffic from other hosts arrives on: those with a
-    non-loopback address that is not a /32 pod-gateway address (the lab's and Calico-style pod links)."""
-    import ipaddress
-
+    """Interfaces of this network namespace that traffic from other hosts arrives on (`choose_external`
+    over the namespace's addresses)."""
     import psutil
 
+    return choose_external({name: [(a.family.name, a.address, a.netmask) for a in addrs]
+                            for name, addrs in psutil.net_if_addrs().items()})
+
+
+def choose_external(addresses: Mapping[str, Sequence[tuple[str, str, str | None]]]) -> list[str]:
+    """The interfaces, of `addresses` (name -> (family name, address, netmask)), with a routable address of
+    either family: not loopback, not IPv6 link-local, and on a network wider than one host (a /32 or /128 is a
+    pod-gateway address, the lab's and Calico-style pod links). An IPv6-only node's uplink counts too."""
+    import ipaddress
+
     found = []
-    for name, addrs in psutil.net_if_addrs().items():
-        for addr in addrs:
-            if addr.family.name != "AF_INET" or not addr.netmask:
+    for name, addrs in addresses.items():
+        for family, address, netmask in addrs:
+            if family not in ("AF_INET", "AF_INET6") or not netmask:
                 continue
-            network = ipaddress.ip_interface(f"{addr.address}/{addr.netmask}")
-            if not network.ip.is_loopback and network.network.prefixlen < 32:
-                found.append(name)
-                break
+            try:  # psutil gives IPv6 masks as addresses (ffff:ffff:...::), which ipaddress reads only as lengths
+                mask = ipaddress.ip_address(netmask)
+                length = bin(int(mask)).count("1") if mask.version == 6 else netmask
+                network = ipaddress.ip_interface(f"{address.split('%', 1)[0]}/{length}")
+            except ValueError:
+                continue
+            if network.ip.is_loopback or network.ip.is_link_local or network.network.prefixlen >= network.max_prefixlen:
+                continue
+            found.append(name)
+            break
     return sorted(found)

@@ -17,7 +17,7 @@ from nodeagent.service.conntrack import ConntrackReconciler, Filter, Flow
 from nodeagent.service.ebpf import proxier as ebpf_proxier
 from nodeagent.service.ebpf.desired import Frontend, TcGap
 from nodeagent.service.ebpf.maps import MapSync
-from nodeagent.service.ebpf.proxier import EbpfProxier
+from nodeagent.service.ebpf.proxier import EbpfProxier, choose_external
 from nodeagent.state.tracker import Snapshot
 from tests.support.services import ep, service, slice_, snapshot_of
 from tests.unit.service.ebpf.test_maps import memory_maps
@@ -142,3 +142,17 @@ def test_the_split_is_a_gauge_per_missing_feature() -> None:
     value = metrics.registry.get_sample_value("nodeagent_ebpf_external_on_iptables_service_ports",
                                               {"lacks": "loadBalancerSourceRanges", "ip_family": "IPv4"})
     assert value == 2
+
+
+def test_tc_goes_on_every_interface_with_a_routable_address_of_either_family() -> None:
+    addresses = {
+        "lo": [("AF_INET", "127.0.0.1", "255.0.0.0"), ("AF_INET6", "::1", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")],
+        "eth0": [("AF_INET", "192.0.2.2", "255.255.255.0"), ("AF_PACKET", "02:fc:00:00:00:01", None)],
+        "eth1": [("AF_INET6", "fe80::1%eth1", "ffff:ffff:ffff:ffff::"),  # an IPv6-only uplink
+                 ("AF_INET6", "2001:db8::5", "ffff:ffff:ffff:ffff::")],
+        "lxc1": [("AF_INET", "10.244.1.1", "255.255.255.255"),  # a pod gateway: /32 and /128
+                 ("AF_INET6", "fd00:10:244:1::1", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")],
+        "veth9": [("AF_INET6", "fe80::9%veth9", "ffff:ffff:ffff:ffff::")],  # link-local only
+        "odd": [("AF_INET6", "2001:db8::7", "not-a-mask")],
+    }
+    assert choose_external(addresses) == ["eth0", "eth1"]
