@@ -147,6 +147,22 @@ static __always_inline struct nm_stats *stats_of(u64 netns) {
     return nm_stats.lookup_or_try_init(&netns, &zero);
 }
 
+// What a redirect counts as (the counter is chosen after the map value's null check: the verifier refuses a field
+// address taken from a pointer that may be null).
+enum nm_counted {
+    NM_COUNT_OUTBOUND = 0,
+    NM_COUNT_DNS = 1,
+};
+
+static __always_inline void count_redirect(struct nm_stats *st, const enum nm_counted what) {
+    if (!st)
+        return;
+    if (what == NM_COUNT_DNS)
+        __sync_fetch_and_add(&st->dns, 1);
+    else
+        __sync_fetch_and_add(&st->outbound, 1);
+}
+
 // Unrolled: constant offsets into the map value, whatever the compiler makes of the loop otherwise.
 static __always_inline int port_listed(const u16 *ports, u8 count, u16 port) {
 #pragma unroll
@@ -216,6 +232,22 @@ static __always_inline int dns_exempt(struct nm_config *cfg, struct bpf_sock *sk
            ip == cfg->pod_ip;
 }
 
+// Sends the call to 127.0.0.1:`via` (the tunnel's listener or DNS proxy in the pod), keeping what was dialled in
+// the socket's storage for getpeername, recvmsg and sock_ops; counts it as `what` in `st`. Out of memory:
+// refused (EPERM) rather than let the connection or question bypass the mesh.
+static __always_inline int redirect4(struct bpf_sock_addr *ctx, const enum nm_family family, struct bpf_sock *sk,
+                                     u32 ip, u16 port, u16 via, struct nm_stats *st, const enum nm_counted what) {
+    struct nm_orig *orig = nm_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!orig)
+        return CGROUP_REFUSE;
+    orig->ip = ip;
+    orig->port = port;
+    orig->via_port = via;
+    set_v4_destination(ctx, family, bpf_htonl(NM_LOCALHOST), via);
+    count_redirect(st, what);
+    return CGROUP_PROCEED;
+}
+
 // connect4, sendmsg4 and (v4-mapped) connect6: TCP to the tunnel's outbound listener, DNS to its DNS proxy.
 static __always_inline int capture_connect(struct bpf_sock_addr *ctx, const enum nm_family family) {
     u32 ip = 0;
@@ -231,18 +263,8 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx, const enum
         return CGROUP_PROCEED;
     u16 port = (u16)ctx->user_port;
     struct nm_stats *st = stats_of(netns);
-    if (port == bpf_htons(NM_DNS_PORT) && !dns_exempt(cfg, sk, ip)) {
-        struct nm_orig *asked = nm_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-        if (!asked)
-            return CGROUP_REFUSE;  // as below: never let a question bypass the capture
-        asked->ip = ip;
-        asked->port = port;
-        asked->via_port = cfg->dns_port;
-        set_v4_destination(ctx, family, bpf_htonl(NM_LOCALHOST), cfg->dns_port);
-        if (st)
-            __sync_fetch_and_add(&st->dns, 1);
-        return CGROUP_PROCEED;
-    }
+    if (port == bpf_htons(NM_DNS_PORT) && !dns_exempt(cfg, sk, ip))
+        return redirect4(ctx, family, sk, ip, port, cfg->dns_port, st, NM_COUNT_DNS);
     if (!tcp)
         return CGROUP_PROCEED;  // DNS over UDP that is exempt (or not captured): as it was sent
     if (outbound_exempt(cfg, sk, ip, port)) {
@@ -250,16 +272,7 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx, const enum
             __sync_fetch_and_add(&st->outbound_skipped, 1);
         return CGROUP_PROCEED;
     }
-    struct nm_orig *orig = nm_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-    if (!orig)
-        return CGROUP_REFUSE;  // out of memory: refuse (EPERM) rather than let the connection bypass the mesh
-    orig->ip = ip;
-    orig->port = port;
-    orig->via_port = cfg->outbound_port;
-    set_v4_destination(ctx, family, bpf_htonl(NM_LOCALHOST), cfg->outbound_port);
-    if (st)
-        __sync_fetch_and_add(&st->outbound, 1);
-    return CGROUP_PROCEED;
+    return redirect4(ctx, family, sk, ip, port, cfg->outbound_port, st, NM_COUNT_OUTBOUND);
 }
 
 static __always_inline int show_dialed(struct bpf_sock_addr *ctx, const enum nm_family family) {
@@ -324,6 +337,23 @@ static __always_inline void set_v6_loopback(struct bpf_sock_addr *ctx, u16 port)
     ctx->user_port = (u32)port;
 }
 
+// redirect4 for IPv6: to [::1]:`via`, what was dialled kept in nm_orig6.
+static __always_inline int redirect6(struct bpf_sock_addr *ctx, struct bpf_sock *sk, const u32 *ip, u16 port, u16 via,
+                                     struct nm_stats *st, const enum nm_counted what) {
+    struct nm_orig6 *orig = nm_orig6.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!orig)
+        return CGROUP_REFUSE;
+    orig->ip[0] = ip[0];
+    orig->ip[1] = ip[1];
+    orig->ip[2] = ip[2];
+    orig->ip[3] = ip[3];
+    orig->port = port;
+    orig->via_port = via;
+    set_v6_loopback(ctx, via);
+    count_redirect(st, what);
+    return CGROUP_PROCEED;
+}
+
 static __always_inline int capture_connect6(struct bpf_sock_addr *ctx) {
     u32 ip[4] = {};
     int tcp = 0;
@@ -340,21 +370,8 @@ static __always_inline int capture_connect6(struct bpf_sock_addr *ctx) {
     struct nm_stats *st = stats_of(netns);
     // DNS to an IPv6 resolver is taken whether or not the pod has an IPv6 address (the proxy listens on
     // [::1] in every served pod), as ip6tables' RedirectDNS rules would.
-    if (port == bpf_htons(NM_DNS_PORT) && !dns_exempt6(cfg, sk, ip)) {
-        struct nm_orig6 *asked = nm_orig6.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-        if (!asked)
-            return CGROUP_REFUSE;
-        asked->ip[0] = ip[0];
-        asked->ip[1] = ip[1];
-        asked->ip[2] = ip[2];
-        asked->ip[3] = ip[3];
-        asked->port = port;
-        asked->via_port = cfg->dns_port;
-        set_v6_loopback(ctx, cfg->dns_port);
-        if (st)
-            __sync_fetch_and_add(&st->dns, 1);
-        return CGROUP_PROCEED;
-    }
+    if (port == bpf_htons(NM_DNS_PORT) && !dns_exempt6(cfg, sk, ip))
+        return redirect6(ctx, sk, ip, port, cfg->dns_port, st, NM_COUNT_DNS);
     if (!tcp || (cfg->pod_ip6[0] | cfg->pod_ip6[1] | cfg->pod_ip6[2] | cfg->pod_ip6[3]) == 0)
         return CGROUP_PROCEED;  // other UDP; or a pod without IPv6, whose IPv6 connections are not captured
     if (outbound_exempt6(cfg, sk, ip, port)) {
@@ -362,19 +379,7 @@ static __always_inline int capture_connect6(struct bpf_sock_addr *ctx) {
             __sync_fetch_and_add(&st->outbound_skipped, 1);
         return CGROUP_PROCEED;
     }
-    struct nm_orig6 *orig = nm_orig6.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-    if (!orig)
-        return CGROUP_REFUSE;  // as for IPv4: never let the connection bypass the mesh
-    orig->ip[0] = ip[0];
-    orig->ip[1] = ip[1];
-    orig->ip[2] = ip[2];
-    orig->ip[3] = ip[3];
-    orig->port = port;
-    orig->via_port = cfg->outbound_port;
-    set_v6_loopback(ctx, cfg->outbound_port);
-    if (st)
-        __sync_fetch_and_add(&st->outbound, 1);
-    return CGROUP_PROCEED;
+    return redirect6(ctx, sk, ip, port, cfg->outbound_port, st, NM_COUNT_OUTBOUND);
 }
 
 static __always_inline int show_dialed6(struct bpf_sock_addr *ctx) {

@@ -71,6 +71,31 @@ static long (*na_redirect_neigh)(u32 ifindex, void *params, int plen, u64 flags)
 
 struct flow { u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; u32 csum_off; };
 
+// The ports and the checksum's offset of the TCP or UDP header at `l4` (`l4_off` into the frame), for both
+// families; -1 for another protocol or a header cut short.
+static __always_inline int parse_ports(void *l4, void *end, u8 proto, u32 l4_off, u16 *sport, u16 *dport,
+                                       u32 *csum_off) {
+    if (proto == IPPROTO_TCP) {
+        struct tcphdr *th = l4;
+        if ((void *)(th + 1) > end)
+            return -1;
+        *sport = th->source;
+        *dport = th->dest;
+        *csum_off = l4_off + offsetof(struct tcphdr, check);
+        return 0;
+    }
+    if (proto == IPPROTO_UDP) {
+        struct udphdr *uh = l4;
+        if ((void *)(uh + 1) > end)
+            return -1;
+        *sport = uh->source;
+        *dport = uh->dest;
+        *csum_off = l4_off + offsetof(struct udphdr, check);
+        return 0;
+    }
+    return -1;
+}
+
 static __always_inline int parse4(struct __sk_buff *skb, struct flow *f) {
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
@@ -83,24 +108,7 @@ static __always_inline int parse4(struct __sk_buff *skb, struct flow *f) {
     f->saddr = ip->saddr;
     f->daddr = ip->daddr;
     f->proto = ip->protocol;
-    if (ip->protocol == IPPROTO_TCP) {
-        struct tcphdr *th = (void *)(ip + 1);
-        if ((void *)(th + 1) > end)
-            return -1;
-        f->sport = th->source;
-        f->dport = th->dest;
-        f->csum_off = L4_OFF + offsetof(struct tcphdr, check);
-    } else if (ip->protocol == IPPROTO_UDP) {
-        struct udphdr *uh = (void *)(ip + 1);
-        if ((void *)(uh + 1) > end)
-            return -1;
-        f->sport = uh->source;
-        f->dport = uh->dest;
-        f->csum_off = L4_OFF + offsetof(struct udphdr, check);
-    } else {
-        return -1;
-    }
-    return 0;
+    return parse_ports(ip + 1, end, ip->protocol, L4_OFF, &f->sport, &f->dport, &f->csum_off);
 }
 
 static __always_inline void set_addr4(struct __sk_buff *skb, struct flow *f, enum na_side side, u32 new_ip,
@@ -264,24 +272,7 @@ static __always_inline int parse6(struct __sk_buff *skb, struct flow6 *f) {
     f->proto = ip6->nexthdr;
     // Anything else behind the fixed header (an extension header, a fragment header, ICMPv6) is the stack's: the
     // agent's ip6tables rules serve those packets to an external frontend.
-    if (ip6->nexthdr == IPPROTO_TCP) {
-        struct tcphdr *th = (void *)(ip6 + 1);
-        if ((void *)(th + 1) > end)
-            return -1;
-        f->sport = th->source;
-        f->dport = th->dest;
-        f->csum_off = L4_OFF6 + offsetof(struct tcphdr, check);
-    } else if (ip6->nexthdr == IPPROTO_UDP) {
-        struct udphdr *uh = (void *)(ip6 + 1);
-        if ((void *)(uh + 1) > end)
-            return -1;
-        f->sport = uh->source;
-        f->dport = uh->dest;
-        f->csum_off = L4_OFF6 + offsetof(struct udphdr, check);
-    } else {
-        return -1;
-    }
-    return 0;
+    return parse_ports(ip6 + 1, end, ip6->nexthdr, L4_OFF6, &f->sport, &f->dport, &f->csum_off);
 }
 
 // Rewrites one address and port of the packet (and `f`). Only the L4 checksum changes: by the 16-byte difference

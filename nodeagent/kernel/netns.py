@@ -241,16 +241,16 @@ def cookie_key(cookie: int) -> bytes:
 
 def ipv4_address(netns: str, interface: str = "eth0") -> str | None:
     """The first IPv4 address on `interface` inside the namespace `netns` (None: none, or gone)."""
-    shown = run_in(netns, ["ip", "-j", "-4", "addr", "show", "dev", interface])
-    if shown.returncode != 0:
-        return None
-    return next((str(a["local"]) for link in json.loads(shown.stdout or "[]") for a in link.get("addr_info", [])),
-                None)
+    return _first_address(netns, ["-4", "addr", "show", "dev", interface])
 
 
 def ipv6_address(netns: str, interface: str = "eth0") -> str | None:
     """The first global IPv6 address on `interface` inside `netns` (None: none, or gone)."""
-    shown = run_in(netns, ["ip", "-j", "-6", "addr", "show", "dev", interface, "scope", "global"])
+    return _first_address(netns, ["-6", "addr", "show", "dev", interface, "scope", "global"])
+
+
+def _first_address(netns: str, arguments: list[str]) -> str | None:
+    shown = run_in(netns, ["ip", "-j", *arguments])
     if shown.returncode != 0:
         return None
     return next((str(a["local"]) for link in json.loads(shown.stdout or "[]") for a in link.get("addr_info", [])),
